@@ -1,0 +1,154 @@
+"""Settings: one TOML file, overridden by `OHD_*` environment variables, then by flags.
+
+The file is `--config`, else `$OHD_CONFIG`, else `<user config dir>/ohd/config.toml`
+(platformdirs). Every key can be set as `OHD_<KEY>` (lists as JSON or comma-separated).
+The API key is read from the environment variable named by `api_key_env`
+(default `OPENROUTER_API_KEY`), held as a `SecretStr`, and never logged or stored.
+Only `cli` and `daemon` import this module; everything below gets plain values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from ohd.errors import ConfigError
+
+APP = "ohd"
+OPENROUTER_URL = "https://openrouter.ai/api/v1"
+# Free models tried in order when a task says `models: [auto]`; override with `models`.
+DEFAULT_MODELS = (
+    "meta-llama/llama-3.3-70b-instruct:free",
+    "qwen/qwen-2.5-coder-32b-instruct:free",
+    "mistralai/mistral-small-3.1-24b-instruct:free",
+    "google/gemma-3-27b-it:free",
+)
+_LIST_KEYS = {"models", "repos"}
+
+
+class Settings(BaseModel):
+    """Validated configuration; unknown keys are errors so typos do not pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: str = OPENROUTER_URL
+    api_key_env: str = "OPENROUTER_API_KEY"
+    api_key: SecretStr | None = Field(default=None, exclude=True)
+    models: list[str] = Field(default_factory=lambda: list(DEFAULT_MODELS))
+    offline: bool = False
+    workers: int = Field(default=4, ge=1, le=256)
+    database_url: str = ""
+    state_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_state_dir(APP)))
+    runtime_dir: Path = Field(default_factory=lambda: _runtime_dir())
+    repos: list[Path] = Field(default_factory=list)
+    lease_s: float = Field(default=60.0, gt=0)
+    grace_s: float = Field(default=30.0, ge=0)
+    request_timeout_s: float = Field(default=120.0, gt=0)
+    settle_s: float = Field(default=0.3, ge=0)
+    max_tokens: int = Field(default=4096, ge=1)
+    temperature: float = Field(default=0.2, ge=0, le=2)
+    app_url: str = "https://github.com/ohd-dev/ohd"
+    app_title: str = "ohd"
+    log_level: str = "INFO"
+
+    @field_validator("repos")
+    @classmethod
+    def _absolute_repos(cls, repos: list[Path]) -> list[Path]:
+        return [Path(r).expanduser().resolve() for r in repos]
+
+    @property
+    def socket_path(self) -> Path:
+        return self.runtime_dir / "ohd.sock"
+
+    @property
+    def database(self) -> str:
+        """The database URL; the default is a SQLite file in the state directory."""
+        return self.database_url or f"sqlite:///{self.state_dir / 'ohd.db'}"
+
+    @property
+    def use_offline(self) -> bool:
+        """True when no API key is configured (or `offline = true`): the offline provider answers."""
+        return self.offline or self.api_key is None
+
+
+def _runtime_dir() -> Path:
+    # Without XDG_RUNTIME_DIR (cron, su, CI) platformdirs falls back to /tmp/runtime-<uid>
+    # and warns; the fallback is what we want, the warning is noise.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Path(platformdirs.user_runtime_dir(APP))
+
+
+def default_config_path(env: Mapping[str, str]) -> Path:
+    if env.get("OHD_CONFIG"):
+        return Path(env["OHD_CONFIG"]).expanduser()
+    return Path(platformdirs.user_config_dir(APP)) / "config.toml"
+
+
+def load(config_file: Path | None = None, env: Mapping[str, str] | None = None,
+         **overrides: Any) -> Settings:
+    """Build the settings: TOML file < `OHD_*` environment < explicit overrides (flags)."""
+    env = os.environ if env is None else env
+    path = config_file or default_config_path(env)
+    values: dict[str, Any] = _read_toml(path, required=config_file is not None)
+    values.update(_from_env(env))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    key_env = str(values.get("api_key_env", "OPENROUTER_API_KEY"))
+    if env.get(key_env):
+        values["api_key"] = env[key_env]
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid configuration ({path}): {problems}") from None
+
+
+def _read_toml(path: Path, required: bool) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"config file not found: {path}") from None
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if "api_key" in data:
+        raise ConfigError(f"{path}: do not put the API key in the config file; "
+                          "set OPENROUTER_API_KEY (or the variable named by api_key_env)")
+    return data
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    fields = set(Settings.model_fields) - {"api_key"}
+    values: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith("OHD_") or name == "OHD_CONFIG":
+            continue
+        key = name[4:].lower()
+        if key not in fields:
+            continue
+        values[key] = _split_list(raw) if key in _LIST_KEYS else raw
+    return values
+
+
+def _split_list(raw: str) -> list[str]:
+    raw = raw.strip()
+    if raw.startswith("["):
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"not a JSON list: {raw!r} ({exc.msg})") from None
+        return [str(item) for item in parsed]
+    return [part.strip() for part in raw.split(",") if part.strip()]

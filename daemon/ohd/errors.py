@@ -1,0 +1,157 @@
+"""The exception tree: everything ohd raises on purpose derives from `OhdError`.
+
+Exceptions carry data (the path, the field, the model, the reset instant), never a
+message to be parsed. Classification of model failures happens once, in `llm.py`;
+`cli.main()` maps `OhdError` to stderr and an exit code in one place.
+`ShutdownRequested` is a `BaseException` so `except Exception` never swallows it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+
+class OhdError(Exception):
+    """Base of every error ohd raises on purpose."""
+
+
+class ConfigError(OhdError):
+    """A bad configuration file or environment value (CLI exit 2; the daemon refuses to start)."""
+
+
+class TaskFileError(OhdError):
+    """A task file that does not parse or validate; written to `.rejected/<name>.error.txt`."""
+
+    def __init__(self, path: str, message: str, field: str | None = None, line: int | None = None) -> None:
+        self.path = path
+        self.field = field
+        self.line = line
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = self.path
+        if self.line is not None:
+            where += f":{self.line}"
+        if self.field:
+            where += f": field '{self.field}'"
+        return f"{where}: {self.message}"
+
+
+class TargetError(OhdError):
+    """A path that is outside the repo, missing, binary or otherwise unusable."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class NotFound(OhdError):
+    """An unknown id (CLI exit 1, HTTP 404)."""
+
+    def __init__(self, kind: str, ident: object) -> None:
+        self.kind = kind
+        self.ident = ident
+        super().__init__(f"no {kind} {ident}")
+
+
+class InvalidTransition(OhdError):
+    """A state change that the task's current state does not allow (e.g. retry a running task)."""
+
+    def __init__(self, task_id: int, status: str, action: str) -> None:
+        self.task_id = task_id
+        self.status = status
+        self.action = action
+        super().__init__(f"task {task_id} is {status}; cannot {action} it")
+
+
+class DaemonNotRunning(OhdError):
+    """No socket, or nobody listening on it (CLI exit 3)."""
+
+    def __init__(self, socket_path: str, reason: str = "") -> None:
+        self.socket_path = socket_path
+        self.reason = reason
+        detail = f" ({reason})" if reason else ""
+        super().__init__(f"the ohd daemon is not running: no answer on {socket_path}{detail}")
+
+
+class DaemonAlreadyRunning(OhdError):
+    """A second daemon on the same state/runtime directory."""
+
+    def __init__(self, lock_path: str, pid: int | None) -> None:
+        self.lock_path = lock_path
+        self.pid = pid
+        who = f" (pid {pid})" if pid else ""
+        super().__init__(f"another ohd daemon{who} already holds {lock_path}; stop it first")
+
+
+class ModelError(OhdError):
+    """A model call failed. `retryable` says whether the same model may be asked again."""
+
+    retryable = False
+    error_class = "error"
+
+    def __init__(self, model: str, message: str = "") -> None:
+        self.model = model
+        self.message = message
+        super().__init__(f"{model}: {self.error_class}: {message}" if message else f"{model}: {self.error_class}")
+
+
+class RateLimited(ModelError):
+    """429: the model cools down until `reset_at`; the task moves on without spending an attempt."""
+
+    error_class = "rate_limited"
+
+    def __init__(self, model: str, reset_at: datetime, message: str = "") -> None:
+        self.reset_at = reset_at
+        super().__init__(model, message)
+
+
+class AuthFailed(ModelError):
+    """401/402/403: the key is invalid, out of credits, or the request was blocked; not retried."""
+
+    error_class = "auth"
+
+
+class BadRequest(ModelError):
+    """400/413/422: the request itself is wrong; the same body is not sent again."""
+
+    error_class = "bad_request"
+
+
+class ModelGone(ModelError):
+    """404 / "No endpoints found": the model is retired."""
+
+    error_class = "not_found"
+
+
+class ServerError(ModelError):
+    """5xx, 408, a dropped connection, or an error inside a 200 body: transient."""
+
+    retryable = True
+    error_class = "server"
+
+
+class ModelTimeout(ServerError):
+    """The model did not answer within the timeout: transient."""
+
+    error_class = "timeout"
+
+
+class MalformedAnswer(ModelError):
+    """The answer is not JSON, has no choices, or holds no usable code block; counts as an attempt."""
+
+    error_class = "malformed"
+
+
+class OutputConflict(OhdError):
+    """The user edited the output since ohd wrote it; the new content goes to `<output>.ohd-new`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(f"{path} was edited since ohd last wrote it")
+
+
+class ShutdownRequested(BaseException):
+    """Stop the loop; a BaseException so that `except Exception` never catches it."""

@@ -1,0 +1,1 @@
+"""Fakes that implement ohd's real interfaces, and helpers shared by the tests."""
