@@ -1,0 +1,256 @@
+"""The task-file room: the schema of a task file and its parser.
+
+Pure: text in, a frozen `TaskSpec` out, or a `TaskFileError` that names the field and
+the 1-based line of the offending key. Invariant: every `TaskSpec` that exists holds
+repo-relative, normalised POSIX paths that cannot lexically leave the repo or enter
+`.git/` (symlinks are resolved later, at the edge, by `outputs.resolve_inside`).
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any
+
+import pydantic
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from ohd.errors import TaskFileError
+
+log = logging.getLogger(__name__)
+
+
+class TaskType(StrEnum):
+    """What a task asks a model to produce."""
+
+    UNIT_TEST = "unit_test"
+    DOCSTRING = "docstring"
+    REVIEW = "review"
+    CUSTOM = "custom"
+
+
+class Priority(StrEnum):
+    """Queue priority; higher `rank` runs first, FIFO within one rank."""
+
+    CRITICAL = "critical"
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        """critical 3, high 2, normal 1, low 0."""
+        return {"critical": 3, "high": 2, "normal": 1, "low": 0}[self.value]
+
+
+def check_relpath(value: str) -> str:
+    """Return `value` as a normalised repo-relative POSIX path, or raise ValueError.
+
+    Lexical only: rejects empty, absolute, `..` escaping the repo and anything under `.git/`.
+    """
+    if "\x00" in value:
+        raise ValueError("the path contains a NUL byte")
+    raw = value.strip()
+    if not raw:
+        raise ValueError("the path is empty")
+    if raw.startswith("/"):
+        raise ValueError(f"'{raw}' is absolute; give a path relative to the repo root")
+    norm = posixpath.normpath(raw)
+    if norm == ".":
+        raise ValueError(f"'{raw}' names the repo root, not a file")
+    if norm == ".." or norm.startswith("../"):
+        raise ValueError(f"'{raw}' leaves the repo")
+    if norm.split("/", 1)[0] == ".git":
+        raise ValueError(f"'{raw}' is inside .git/")
+    return norm
+
+
+def missing_for_type(task_type: TaskType, prompt: str | None, output: str | None) -> list[str]:
+    """The fields a task type requires that are absent (type custom needs prompt and output)."""
+    if task_type is not TaskType.CUSTOM:
+        return []
+    return [name for name, value in (("output", output), ("prompt", prompt)) if not value]
+
+
+class TaskSpec(pydantic.BaseModel, extra="forbid", frozen=True):
+    """A validated task (one-shot) or standing rule (`schedule` / `on_change`)."""
+
+    type: TaskType = Field(description="unit_test | docstring | review | custom")
+    target: str = Field(description="source file, relative to the repo root")
+    description: str = ""
+    priority: Priority = Priority.NORMAL
+    output: str | None = Field(default=None, description="output file, relative to the repo root")
+    models: list[str] = Field(default_factory=lambda: ["auto"], min_length=1)
+    min_quality: float = Field(default=0.7, ge=0.0, le=1.0, strict=True)
+    max_attempts: int = Field(default=3, ge=1, le=10, strict=True)
+    timeout_s: float = Field(default=120.0, gt=0.0, le=3600.0, strict=True)
+    prompt: str | None = None
+    schedule: str | None = Field(default=None, description="cron expression, 5 fields")
+    on_change: list[str] | None = Field(default=None, min_length=1)
+
+    @field_validator("target", "output")
+    @classmethod
+    def _relative_inside(cls, value: str | None) -> str | None:
+        return None if value is None else check_relpath(value)
+
+    @field_validator("models")
+    @classmethod
+    def _model_ids(cls, value: list[str]) -> list[str]:
+        if any(not m.strip() for m in value):
+            raise ValueError("model ids must be non-empty strings")
+        return [m.strip() for m in value]
+
+    @field_validator("on_change")
+    @classmethod
+    def _globs(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not g.strip() for g in value):
+            raise ValueError("glob patterns must be non-empty strings")
+        return value
+
+    @field_validator("schedule")
+    @classmethod
+    def _five_fields(cls, value: str | None) -> str | None:
+        if value is not None and len(value.split()) != 5:
+            raise ValueError(f"'{value}' is not a cron expression of 5 space-separated fields")
+        return value
+
+    @model_validator(mode="after")
+    def _type_requirements(self) -> TaskSpec:
+        missing = missing_for_type(self.type, self.prompt, self.output)
+        if missing:
+            raise ValueError(f"type {self.type.value} requires {' and '.join(missing)}")
+        return self
+
+    @property
+    def is_rule(self) -> bool:
+        """A standing rule (stays in tasks.d) rather than a one-shot task."""
+        return self.schedule is not None or self.on_change is not None
+
+
+class _Problem(pydantic.BaseModel, frozen=True):
+    message: str
+    field: str | None = None
+    line: int | None = None
+
+    def describe(self) -> str:
+        where = f"line {self.line}" if self.line is not None else ""
+        if self.field:
+            where = f"{where} field '{self.field}'".strip()
+        return f"{where}: {self.message}" if where else self.message
+
+
+def parse(text: str, source: str = "<task>") -> TaskSpec:
+    """Parse a YAML task file; raise TaskFileError naming the first problem (and listing all)."""
+    try:
+        data = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, source) from exc
+    if data is None:
+        raise TaskFileError(source, "the file is empty")
+    if not isinstance(data, dict) or not isinstance(root, yaml.MappingNode):
+        kind = type(data).__name__
+        raise TaskFileError(source, f"the top level must be a mapping of keys to values, not a {kind}", line=1)
+    problems = _key_problems(root) + _type_problems(data, root)
+    try:
+        spec = TaskSpec.model_validate(data)
+    except pydantic.ValidationError as exc:
+        found = _pydantic_problems(exc, root)
+        problems += [p for p in found if p.field or not problems]
+    else:
+        if not problems:
+            return spec
+    raise _as_error(problems, source)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a task file (for `ohd schema` and editors)."""
+    return TaskSpec.model_json_schema()
+
+
+def _yaml_error(exc: yaml.YAMLError, source: str) -> TaskFileError:
+    mark = getattr(exc, "problem_mark", None)
+    line = mark.line + 1 if mark is not None else None
+    problem = getattr(exc, "problem", None) or str(exc)
+    return TaskFileError(source, f"invalid YAML: {problem}", line=line)
+
+
+def _key_lines(root: yaml.MappingNode) -> dict[str, int]:
+    """First line of each top-level key (1-based)."""
+    lines: dict[str, int] = {}
+    for key_node, _ in root.value:
+        lines.setdefault(str(key_node.value), key_node.start_mark.line + 1)
+    return lines
+
+
+def _key_problems(root: yaml.MappingNode) -> list[_Problem]:
+    """Duplicate top-level keys (yaml.safe_load silently keeps the last one)."""
+    seen: set[str] = set()
+    problems: list[_Problem] = []
+    for key_node, _ in root.value:
+        key = str(key_node.value)
+        if key in seen:
+            problems.append(_Problem(message="duplicate key", field=key, line=key_node.start_mark.line + 1))
+        seen.add(key)
+    return problems
+
+
+def _type_problems(data: Mapping[Any, Any], root: yaml.MappingNode) -> list[_Problem]:
+    """What a task type requires beyond the schema, reported on the field (with a line)."""
+    lines = _key_lines(root)
+    problems: list[_Problem] = []
+    try:
+        task_type = TaskType(str(data.get("type")))
+    except ValueError:
+        return problems
+    prompt, output = data.get("prompt"), data.get("output")
+    for name in missing_for_type(task_type, prompt if isinstance(prompt, str) else None,
+                                 output if isinstance(output, str) else None):
+        problems.append(_Problem(message=f"type {task_type.value} requires '{name}'", field=name,
+                                 line=lines.get(name, lines.get("type"))))
+    return problems
+
+
+def _pydantic_problems(exc: pydantic.ValidationError, root: yaml.MappingNode) -> list[_Problem]:
+    problems = []
+    for err in exc.errors():
+        loc = err["loc"]
+        field = ".".join(str(part) for part in loc) if loc else None
+        problems.append(_Problem(message=_message(err), field=field, line=_line_of(root, loc)))
+    return problems
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    if err["type"] == "extra_forbidden":
+        allowed = ", ".join(TaskSpec.model_fields)
+        return f"unknown field (allowed: {allowed})"
+    if err["type"] == "missing":
+        return "this field is required"
+    msg = str(err["msg"])
+    return msg.removeprefix("Value error, ")
+
+
+def _line_of(root: yaml.MappingNode, loc: tuple[int | str, ...]) -> int | None:
+    """The line of the node at `loc`: the list item for `models.1`, else the top-level key."""
+    if not loc:
+        return None
+    for key_node, value_node in root.value:
+        if str(key_node.value) != str(loc[0]):
+            continue
+        if len(loc) > 1 and isinstance(value_node, yaml.SequenceNode) and isinstance(loc[1], int):
+            items = value_node.value
+            if 0 <= loc[1] < len(items):
+                return int(items[loc[1]].start_mark.line) + 1
+        return int(key_node.start_mark.line) + 1
+    return None
+
+
+def _as_error(problems: list[_Problem], source: str) -> TaskFileError:
+    first = problems[0]
+    message = first.message
+    if len(problems) > 1:
+        message += "; also " + "; ".join(p.describe() for p in problems[1:])
+    return TaskFileError(source, message, field=first.field, line=first.line)
