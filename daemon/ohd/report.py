@@ -1,0 +1,128 @@
+"""The report room: render a task's outcome as JSON (for tools) and Markdown (for people).
+
+Pure: a plain dict in, text out; no clock, no files. Invariant: the same data always
+renders to the same bytes (sorted JSON keys, fixed table columns), so re-applying a
+report after a crash rewrites identical files.
+
+`data` holds: `task` (a `Task.as_dict()`-like dict), `verdict` (`Verdict.as_dict()` or
+None when no candidate was validated), `attempts` ([{attempt, model, outcome,
+latency_ms, tokens, error}]), `decision` ("written" | "written_as_ohd_new" |
+"unchanged" | "rejected" | "failed") and `output_path`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_OHD_NEW = ".ohd-new"
+
+
+def render_json(data: Mapping[str, Any]) -> str:
+    """Stable, indented JSON with sorted keys and a final newline."""
+    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
+
+
+def render_markdown(data: Mapping[str, Any]) -> str:
+    """A readable page: title, decision, rules, score, attempts."""
+    task: Mapping[str, Any] = data.get("task") or {}
+    verdict: Mapping[str, Any] | None = data.get("verdict")
+    parts = [
+        _title(task),
+        decision_sentence(data),
+        _task_facts(task),
+        _rules_section(verdict),
+        _score_line(verdict, task),
+        _attempts_section(data.get("attempts") or []),
+    ]
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def decision_sentence(data: Mapping[str, Any]) -> str:
+    """One sentence saying what ohd did with the output."""
+    task: Mapping[str, Any] = data.get("task") or {}
+    decision = data.get("decision")
+    path = data.get("output_path") or task.get("output_path") or task.get("output") or "the output"
+    if decision == "written":
+        return f"Wrote {path}."
+    if decision == "written_as_ohd_new":
+        intended = data.get("intended") or (path[: -len(_OHD_NEW)] if path.endswith(_OHD_NEW) else path)
+        return (f"{intended} was edited by you since ohd last wrote it; "
+                f"the new content is in {path}.")
+    if decision == "unchanged":
+        return f"{path} already holds this content; nothing was written."
+    if decision == "rejected":
+        return "Nothing was written: no candidate passed validation."
+    if decision == "failed":
+        reason = task.get("error") or "every attempt failed"
+        return f"Nothing was written: {reason}."
+    return f"Decision: {decision}."
+
+
+def _title(task: Mapping[str, Any]) -> str:
+    ident = task.get("id", "?")
+    return f"# ohd task {ident}: {task.get('type', '?')} of {task.get('target', '?')}"
+
+
+def _task_facts(task: Mapping[str, Any]) -> str:
+    facts = [
+        ("status", task.get("status")),
+        ("priority", task.get("priority")),
+        ("description", task.get("description")),
+        ("source", task.get("source")),
+        ("finished", task.get("finished_at")),
+    ]
+    return "\n".join(f"- {name}: {_cell(value)}" for name, value in facts if value)
+
+
+def _rules_section(verdict: Mapping[str, Any] | None) -> str:
+    if not verdict:
+        return "## Validation\n\nNo candidate was validated."
+    rows = [
+        (r.get("rule"), r.get("level"), "pass" if r.get("passed") else "FAIL", r.get("message"))
+        for r in verdict.get("rules", [])
+    ]
+    return "## Validation\n\n" + _table(("rule", "level", "verdict", "message"), rows)
+
+
+def _score_line(verdict: Mapping[str, Any] | None, task: Mapping[str, Any]) -> str:
+    if not verdict:
+        return ""
+    score = float(verdict.get("score", 0.0))
+    needed = task.get("min_quality")
+    need = f" (needed {float(needed):.2f})" if needed is not None else ""
+    outcome = "accepted" if verdict.get("accepted") else "rejected"
+    return f"Score: {score:.2f}{need}, {outcome}."
+
+
+def _attempts_section(attempts: Sequence[Mapping[str, Any]]) -> str:
+    if not attempts:
+        return "## Attempts\n\nNo model was called."
+    rows = [
+        (a.get("attempt"), a.get("model"), a.get("outcome"), _latency(a.get("latency_ms")),
+         a.get("tokens"), a.get("error"))
+        for a in attempts
+    ]
+    return "## Attempts\n\n" + _table(("attempt", "model", "outcome", "latency", "tokens", "error"), rows)
+
+
+def _latency(value: Any) -> str:
+    return "" if value is None else f"{value} ms"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    """A value fit for one Markdown table cell: no pipes, no line breaks."""
+    if value is None:
+        return ""
+    text = str(value).replace("|", "\\|")
+    return " ".join(text.split())
