@@ -87,3 +87,17 @@ def test_other_decisions() -> None:
 
 def test_markdown_is_deterministic() -> None:
     assert render_markdown(sample()) == render_markdown(sample())
+
+
+def test_worker_shaped_data() -> None:
+    """The worker passes Execution.as_dict() rows, `intended_output` and a top-level `error`."""
+    data = sample("written_as_ohd_new", "tests/test_auth.py.ohd-new")
+    data["intended_output"] = "tests/test_auth.py"
+    data["attempts"] = [{"attempt": 1, "model": "m", "outcome": "accepted", "latency_ms": 5,
+                         "prompt_tokens": 100, "completion_tokens": 23, "error": None}]
+    page = render_markdown(data)
+    assert "| 1 | m | accepted | 5 ms | 123 |  |" in page
+    assert "tests/test_auth.py was edited by you" in page
+    rejected = sample("rejected", "")
+    rejected["error"] = "rejected after 3 attempt(s): no tests"
+    assert decision_sentence(rejected) == "Nothing was written: rejected after 3 attempt(s): no tests."

@@ -6,8 +6,9 @@ report after a crash rewrites identical files.
 
 `data` holds: `task` (a `Task.as_dict()`-like dict), `verdict` (`Verdict.as_dict()` or
 None when no candidate was validated), `attempts` ([{attempt, model, outcome,
-latency_ms, tokens, error}]), `decision` ("written" | "written_as_ohd_new" |
-"unchanged" | "rejected" | "failed") and `output_path`.
+latency_ms, tokens, error}]; `Execution.as_dict()` rows with prompt/completion tokens are
+fine too), `decision` ("written" | "written_as_ohd_new" | "unchanged" | "rejected" |
+"failed"), `output_path`, and optionally `intended_output` and `error`.
 """
 
 from __future__ import annotations
@@ -50,16 +51,16 @@ def decision_sentence(data: Mapping[str, Any]) -> str:
     if decision == "written":
         return f"Wrote {path}."
     if decision == "written_as_ohd_new":
-        intended = data.get("intended") or (path[: -len(_OHD_NEW)] if path.endswith(_OHD_NEW) else path)
+        intended = data.get("intended_output") or (path.removesuffix(_OHD_NEW))
         return (f"{intended} was edited by you since ohd last wrote it; "
                 f"the new content is in {path}.")
     if decision == "unchanged":
         return f"{path} already holds this content; nothing was written."
+    reason = str(data.get("error") or task.get("error") or "").rstrip(".")
     if decision == "rejected":
-        return "Nothing was written: no candidate passed validation."
+        return f"Nothing was written: {reason or 'no candidate passed validation'}."
     if decision == "failed":
-        reason = task.get("error") or "every attempt failed"
-        return f"Nothing was written: {reason}."
+        return f"Nothing was written: {reason or 'every attempt failed'}."
     return f"Decision: {decision}."
 
 
@@ -104,10 +105,18 @@ def _attempts_section(attempts: Sequence[Mapping[str, Any]]) -> str:
         return "## Attempts\n\nNo model was called."
     rows = [
         (a.get("attempt"), a.get("model"), a.get("outcome"), _latency(a.get("latency_ms")),
-         a.get("tokens"), a.get("error"))
+         _tokens(a), a.get("error"))
         for a in attempts
     ]
     return "## Attempts\n\n" + _table(("attempt", "model", "outcome", "latency", "tokens", "error"), rows)
+
+
+def _tokens(attempt: Mapping[str, Any]) -> Any:
+    """`tokens`, or prompt + completion tokens of an `Execution.as_dict()` row."""
+    if attempt.get("tokens") is not None:
+        return attempt["tokens"]
+    parts = [attempt.get("prompt_tokens"), attempt.get("completion_tokens")]
+    return sum(int(p) for p in parts if p is not None) if any(p is not None for p in parts) else None
 
 
 def _latency(value: Any) -> str:
