@@ -51,7 +51,7 @@ def event_path(event: FileSystemEvent) -> Path | None:
 
 
 class _TasksDirHandler(FileSystemEventHandler):
-    def __init__(self, repo: Path, tasks_dir: Path, callback: Callable[[Path, Path], None]) -> None:
+    def __init__(self, repo: Path, tasks_dir: Path, callback: Callable[[Path, Path], object]) -> None:
         super().__init__()
         self.repo = repo
         self.tasks_dir = tasks_dir
@@ -70,7 +70,7 @@ class _TasksDirHandler(FileSystemEventHandler):
 class TasksDirWatcher:
     """A watchdog Observer on the top level of each watched repo's `tasks.d/`."""
 
-    def __init__(self, callback: Callable[[Path, Path], None]) -> None:
+    def __init__(self, callback: Callable[[Path, Path], object]) -> None:
         self.callback = callback
         self.observer = Observer()
         self.watched: set[Path] = set()
