@@ -153,5 +153,15 @@ class OutputConflict(OhdError):
         super().__init__(f"{path} was edited since ohd last wrote it")
 
 
+class ApiError(OhdError):
+    """The socket API refused a request (a 4xx/5xx answer): the status, the message, the error kind."""
+
+    def __init__(self, status: int, message: str, kind: str | None = None) -> None:
+        self.status = status
+        self.message = message
+        self.kind = kind
+        super().__init__(message)
+
+
 class ShutdownRequested(BaseException):
     """Stop the loop; a BaseException so that `except Exception` never catches it."""

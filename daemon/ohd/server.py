@@ -1,0 +1,401 @@
+"""The socket API: HTTP/1.1 over the daemon's Unix socket, a route table of small handlers.
+
+Built on the standard library's server classes (`ThreadingMixIn` + `UnixStreamServer` +
+`BaseHTTPRequestHandler`); every answer is JSON (or Prometheus text for `/metrics`) with
+a Content-Length. The server reads and changes the queue only through the `Store`; live
+facts (version, workers, models) come from callables the daemon hands in, and `wake` is
+the only way it reaches the event loop.
+
+Invariants: the socket file is mode 0600 before anyone can connect; a live socket is
+never taken over (DaemonAlreadyRunning), a stale one is replaced; no request, however
+bad, stops the server — unexpected failures become a logged 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import socketserver
+import stat
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pydantic
+
+from ohd.clock import Clock
+from ohd.errors import ApiError, DaemonAlreadyRunning, InvalidTransition, NotFound, OhdError, TargetError
+from ohd.outputs import resolve_inside
+from ohd.store import Store, Task, TaskStatus
+from ohd.taskfile import TaskSpec
+
+log = logging.getLogger(__name__)
+
+JSON_TYPE = "application/json"
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MAX_BODY = 1_000_000
+MAX_LIMIT = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One parsed request as a handler sees it: path parameters, query, raw body."""
+
+    params: tuple[str, ...]
+    query: dict[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    body: bytes
+    content_type: str = JSON_TYPE
+
+
+Handler = Callable[[Request], Reply]
+
+
+def json_reply(status: int, data: Any) -> Reply:
+    return Reply(status, json.dumps(data, default=str).encode())
+
+
+def error_reply(code: int, message: str, kind: str, /, **data: Any) -> Reply:
+    return json_reply(code, {"error": message, "kind": kind, **data})
+
+
+def classify(exc: Exception) -> Reply:
+    """An exception raised by a handler → its error answer (500 for the unexpected)."""
+    if isinstance(exc, ApiError):
+        return error_reply(exc.status, exc.message, exc.kind or type(exc).__name__)
+    if isinstance(exc, NotFound):
+        return error_reply(404, str(exc), type(exc).__name__, what=exc.kind, id=str(exc.ident))
+    if isinstance(exc, InvalidTransition):
+        return error_reply(409, str(exc), type(exc).__name__, task_id=exc.task_id, status=exc.status,
+                           action=exc.action)
+    if isinstance(exc, TargetError):
+        return error_reply(400, str(exc), type(exc).__name__, path=exc.path)
+    if isinstance(exc, pydantic.ValidationError):
+        problems = [(".".join(str(p) for p in err["loc"]) or "task", str(err["msg"]).removeprefix("Value error, "))
+                    for err in exc.errors()]
+        text = "; ".join(f"{field}: {msg}" for field, msg in problems)
+        return error_reply(400, f"invalid task: {text}", "ValidationError", fields=[f for f, _ in problems])
+    if isinstance(exc, OhdError):
+        return error_reply(400, str(exc), type(exc).__name__)
+    log.exception("socket API: unexpected failure")
+    return error_reply(500, f"internal error: {type(exc).__name__}: {exc}", type(exc).__name__)
+
+
+def prometheus_counts(counts: dict[str, int]) -> str:
+    """Minimal Prometheus exposition of the queue: one gauge per task status."""
+    lines = ["# HELP ohd_tasks Tasks in the store, by status.", "# TYPE ohd_tasks gauge"]
+    lines += [f'ohd_tasks{{status="{status}"}} {count}' for status, count in sorted(counts.items())]
+    return "\n".join(lines) + "\n"
+
+
+class ApiServer:
+    """The route table and its handlers, served on `socket_path` from a daemon thread."""
+
+    def __init__(self, socket_path: Path, store: Store, *, repos: list[Path], clock: Clock,
+                 status: Callable[[], dict[str, Any]], wake: Callable[[], object],
+                 models: Callable[[], list[dict[str, Any]]],
+                 metrics: Callable[[], str] | None = None) -> None:
+        self.socket_path = socket_path
+        self.store = store
+        self.repos = list(repos)
+        self.clock = clock
+        self.status = status
+        self.wake = wake
+        self.models = models
+        self.metrics = metrics
+        self.routes: tuple[tuple[str, re.Pattern[str], Handler], ...] = (
+            ("GET", re.compile(r"/status"), self.get_status),
+            ("GET", re.compile(r"/tasks"), self.list_tasks),
+            ("POST", re.compile(r"/tasks"), self.submit),
+            ("GET", re.compile(r"/tasks/(\d+)"), self.show),
+            ("POST", re.compile(r"/tasks/(\d+)/cancel"), self.cancel),
+            ("POST", re.compile(r"/tasks/(\d+)/retry"), self.retry),
+            ("GET", re.compile(r"/metrics"), self.get_metrics),
+            ("GET", re.compile(r"/models"), self.get_models),
+        )
+        self._httpd: _UnixHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._inode: int | None = None
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Replace a stale socket file, bind, chmod 0600, listen, serve in a daemon thread."""
+        remove_stale_socket(self.socket_path)
+        httpd = _UnixHTTPServer(str(self.socket_path), _RequestHandler, bind_and_activate=False)
+        httpd.api = self
+        try:
+            httpd.server_bind()
+            os.chmod(self.socket_path, 0o600)
+            self._inode = self.socket_path.stat().st_ino
+            httpd.server_activate()
+        except BaseException:
+            httpd.server_close()
+            raise
+        self._httpd = httpd
+        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="ohd-api", daemon=True)
+        self._thread.start()
+        log.info("socket API listening on %s", self.socket_path)
+
+    def stop(self) -> None:
+        """Stop serving, close the socket and remove its file (only if it is still ours)."""
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        httpd.server_close()
+        try:
+            if self.socket_path.stat().st_ino == self._inode:
+                self.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+        log.info("socket API stopped")
+
+    # -- dispatch -----------------------------------------------------------------
+
+    def dispatch(self, method: str, target: str, body: bytes) -> Reply:
+        """Route one request; never raises."""
+        parts = urlsplit(target)
+        path = parts.path.rstrip("/") or "/"
+        query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+        allowed = []
+        for route_method, pattern, handler in self.routes:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            if route_method != method:
+                allowed.append(route_method)
+                continue
+            try:
+                return handler(Request(match.groups(), query, body))
+            except Exception as exc:  # the catch-all at the top of a request: never kills the server
+                return classify(exc)
+        if allowed:
+            return error_reply(405, f"{method} is not allowed on {path} (allowed: {', '.join(allowed)})",
+                               "MethodNotAllowed")
+        return error_reply(404, f"no route {method} {path}", "NotFound", what="route", id=f"{method} {path}")
+
+    # -- handlers -----------------------------------------------------------------
+
+    def get_status(self, request: Request) -> Reply:
+        data = dict(self.status())
+        data["queue"] = self.store.counts()
+        data["repos"] = [str(repo) for repo in self.repos]
+        data["running"] = [running_entry(task) for task in self.store.running()]
+        return json_reply(200, data)
+
+    def list_tasks(self, request: Request) -> Reply:
+        status = request.query.get("status") or None
+        if status is not None and status not in {s.value for s in TaskStatus}:
+            raise ApiError(400, f"unknown status {status!r} (one of: {', '.join(s.value for s in TaskStatus)})")
+        limit = parse_limit(request.query.get("limit"))
+        return json_reply(200, {"tasks": [task.as_dict() for task in self.store.list_tasks(status, limit)]})
+
+    def show(self, request: Request) -> Reply:
+        task_id = int(request.params[0])
+        data = self.store.get_task(task_id).as_dict()
+        data["executions"] = [execution.as_dict() for execution in self.store.executions(task_id)]
+        return json_reply(200, data)
+
+    def submit(self, request: Request) -> Reply:
+        data = json_object(request.body)
+        repo = self.repo_for(data.pop("repo", None))
+        if data.get("schedule") is not None or data.get("on_change") is not None:
+            raise ApiError(400, "standing rules (schedule, on_change) belong in a file in tasks.d/, not the API")
+        spec = TaskSpec.model_validate(data)
+        check_paths(repo, spec)
+        task_id = self.store.enqueue(str(repo), spec, self.clock.now(), source="api")
+        log.info("task %d queued over the socket: %s %s", task_id, spec.type.value, spec.target)
+        self.notify()
+        return json_reply(201, {"id": task_id, "status": TaskStatus.QUEUED.value})
+
+    def cancel(self, request: Request) -> Reply:
+        task = self.store.cancel(int(request.params[0]), self.clock.now())
+        return json_reply(200, task.as_dict())
+
+    def retry(self, request: Request) -> Reply:
+        task = self.store.retry(int(request.params[0]), self.clock.now())
+        self.notify()
+        return json_reply(200, task.as_dict())
+
+    def get_metrics(self, request: Request) -> Reply:
+        text = self.metrics() if self.metrics is not None else prometheus_counts(self.store.counts())
+        return Reply(200, text.encode(), METRICS_TYPE)
+
+    def get_models(self, request: Request) -> Reply:
+        return json_reply(200, {"models": self.models()})
+
+    # -- helpers ------------------------------------------------------------------
+
+    def repo_for(self, value: Any) -> Path:
+        """The configured repo a request names (or the only one, when it names none)."""
+        names = ", ".join(str(repo) for repo in self.repos) or "(none configured)"
+        if value is None:
+            if len(self.repos) == 1:
+                return self.repos[0]
+            raise ApiError(400, f"give 'repo': the daemon serves several repos: {names}")
+        if not isinstance(value, str) or not value:
+            raise ApiError(400, "'repo' must be a path string")
+        wanted = Path(value).resolve()
+        for repo in self.repos:
+            if repo.resolve() == wanted:
+                return repo
+        raise ApiError(400, f"{value} is not a repo this daemon serves (serving: {names})")
+
+    def notify(self) -> None:
+        """Wake the pool; the task is already committed, so a failure here is only logged."""
+        try:
+            self.wake()
+        except Exception:
+            log.exception("socket API: waking the worker pool failed")
+
+
+def running_entry(task: Task) -> dict[str, Any]:
+    data = task.as_dict()
+    return {key: data.get(key) for key in ("id", "type", "target", "started_at")}
+
+
+def parse_limit(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return 100
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise ApiError(400, f"limit must be an integer, not {raw!r}") from None
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ApiError(400, f"limit must be between 1 and {MAX_LIMIT}")
+    return limit
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        raise ApiError(400, "the request body is empty; send a JSON object")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the request body must be a JSON object, not {type(data).__name__}")
+    return data
+
+
+def check_paths(repo: Path, spec: TaskSpec) -> None:
+    """The target is an existing file inside the repo; the output (if given) lands inside it."""
+    target = resolve_inside(repo, spec.target)
+    if not target.is_file():
+        what = "is a directory" if target.is_dir() else "does not exist"
+        raise TargetError(spec.target, f"{what} in the repo {repo} (the target must be an existing file)")
+    if spec.output is not None:
+        resolve_inside(repo, spec.output)
+
+
+def remove_stale_socket(path: Path) -> None:
+    """Remove a socket file nobody answers on; DaemonAlreadyRunning if somebody does."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OhdError(f"{path} exists and is not a socket; remove it or choose another runtime dir")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.info("removing stale socket %s", path)
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise DaemonAlreadyRunning(str(path), None)
+
+
+# -- the standard-library plumbing ---------------------------------------------------
+
+
+class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    block_on_close = False
+    api: ApiServer
+
+
+class _RequestHandler(BaseHTTPRequestHandler):
+    """Reads one request, hands it to `ApiServer.dispatch`, writes the reply."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "ohd"
+    timeout = 60  # idle keep-alive connections are dropped
+    server: _UnixHTTPServer
+
+    def do_GET(self) -> None:
+        body = self._read_body()
+        if body is not None:
+            self._send(self.server.api.dispatch(self.command, self.path, body))
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_GET
+
+    def do_HEAD(self) -> None:
+        self._send(self.server.api.dispatch("GET", self.path, b""))  # `_send` leaves the body out
+
+    def _read_body(self) -> bytes | None:
+        """The request body, or None after answering 400/411/413 (the connection is then closed)."""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            self._refuse(error_reply(411, "send a Content-Length; chunked bodies are not accepted", "ApiError"))
+            return None
+        raw = self.headers.get("Content-Length") or "0"
+        try:
+            length = int(raw)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self._refuse(error_reply(400, f"bad Content-Length {raw!r}", "ApiError"))
+            return None
+        if length > MAX_BODY:
+            self._refuse(error_reply(413, f"the body is larger than {MAX_BODY} bytes", "ApiError"))
+            return None
+        return self.rfile.read(length) if length else b""
+
+    def _refuse(self, reply: Reply) -> None:
+        self.close_connection = True
+        self._send(reply)
+
+    def _send(self, reply: Reply) -> None:
+        try:
+            self.send_response(reply.status)
+            self.send_header("Content-Type", reply.content_type)
+            self.send_header("Content-Length", str(len(reply.body)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(reply.body)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client went away; nothing to tell it
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Protocol-level errors (bad request line, unsupported method) as JSON too."""
+        self.close_connection = True
+        text = message or HTTPStatus(code).phrase
+        self._send(error_reply(code, text, "HTTPError"))
+
+    def address_string(self) -> str:
+        return "unix"  # client_address is empty for AF_UNIX
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("socket API: " + format, *args)
