@@ -1,0 +1,178 @@
+"""The schema's history: named migration functions, applied once each, in order.
+
+Invariant: `migrate(db)` brings any database (SQLite or PostgreSQL) to the newest
+schema and records every applied name in `schema_migrations`, each migration in the
+same transaction as its record, so a crash leaves a migration either applied and
+recorded or neither. Migrations describe the tables as they were at that step (their
+own snapshot models), never through `store`'s query models, so old steps never
+change meaning. Add a step by appending a function to `MIGRATIONS`; never edit one
+that has shipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, cast
+
+import peewee
+
+log = logging.getLogger(__name__)
+
+Migration = Callable[[peewee.Database], None]
+_LOCK_KEY = 0x6F6864  # "ohd": the advisory lock taken while migrating PostgreSQL
+
+
+def initial_schema(db: peewee.Database) -> None:
+    """Tables task, execution, ingested_file, written_file, model_state."""
+
+    class Base(peewee.Model):
+        class Meta:
+            database = db
+
+    class Task(Base):
+        repo = peewee.TextField()
+        type = peewee.CharField(max_length=32)
+        target = peewee.TextField()
+        description = peewee.TextField(default="")
+        priority = peewee.CharField(max_length=16)
+        rank = peewee.IntegerField()
+        output = peewee.TextField(null=True)
+        models = peewee.TextField()                      # JSON list of model ids
+        min_quality = peewee.FloatField()
+        max_attempts = peewee.IntegerField()
+        timeout_s = peewee.FloatField()
+        prompt = peewee.TextField(null=True)
+        source = peewee.TextField(null=True)
+        status = peewee.CharField(max_length=16)
+        attempts = peewee.IntegerField(default=0)
+        error = peewee.TextField(null=True)
+        output_path = peewee.TextField(null=True)
+        report_path = peewee.TextField(null=True)
+        created_at = peewee.DateTimeField()
+        updated_at = peewee.DateTimeField()
+        started_at = peewee.DateTimeField(null=True)
+        finished_at = peewee.DateTimeField(null=True)
+        not_before = peewee.DateTimeField(null=True)
+        lease_owner = peewee.CharField(max_length=128, null=True)
+        lease_until = peewee.DateTimeField(null=True)
+        cancel_requested = peewee.BooleanField(default=False)
+
+        class Meta:
+            table_name = "task"
+            indexes = ((("status", "rank", "id"), False), (("status", "lease_until"), False))
+
+    class Execution(Base):
+        task = peewee.ForeignKeyField(Task, column_name="task_id", on_delete="CASCADE", index=True)
+        attempt = peewee.IntegerField()
+        model = peewee.CharField(max_length=255)
+        started_at = peewee.DateTimeField(index=True)
+        finished_at = peewee.DateTimeField()
+        latency_ms = peewee.IntegerField()
+        prompt_tokens = peewee.IntegerField()
+        completion_tokens = peewee.IntegerField()
+        cost = peewee.FloatField(null=True)
+        outcome = peewee.CharField(max_length=32)
+        error_class = peewee.CharField(max_length=64, null=True)
+        error = peewee.TextField(null=True)
+
+        class Meta:
+            table_name = "execution"
+
+    class IngestedFile(Base):
+        repo = peewee.TextField()
+        relpath = peewee.TextField()
+        sha256 = peewee.CharField(max_length=64)
+        task = peewee.ForeignKeyField(Task, column_name="task_id", null=True, on_delete="CASCADE")
+        ingested_at = peewee.DateTimeField()
+        # repo + sha256 while the file still waits for its move to .done/, NULL after:
+        # one pending row per content, yet the same content dropped again later is new.
+        pending_key = peewee.TextField(null=True, unique=True)
+
+        class Meta:
+            table_name = "ingested_file"
+            indexes = ((("repo", "sha256"), False),)
+
+    class WrittenFile(Base):
+        repo = peewee.TextField()
+        path = peewee.TextField()
+        sha256 = peewee.CharField(max_length=64)
+        task = peewee.ForeignKeyField(Task, column_name="task_id", null=True, on_delete="SET NULL")
+        written_at = peewee.DateTimeField()
+
+        class Meta:
+            table_name = "written_file"
+            indexes = ((("repo", "path"), True),)
+
+    class ModelState(Base):
+        model = peewee.CharField(max_length=255, primary_key=True)
+        state = peewee.CharField(max_length=16, default="ready")
+        cooldown_until = peewee.DateTimeField(null=True)
+        dead = peewee.BooleanField(default=False)
+        failures = peewee.IntegerField(default=0)
+        updated_at = peewee.DateTimeField(null=True)
+
+        class Meta:
+            table_name = "model_state"
+
+    db.create_tables([Task, Execution, IngestedFile, WrittenFile, ModelState], safe=False)
+
+
+# The history, oldest first. Append only.
+MIGRATIONS: tuple[tuple[str, Migration], ...] = (
+    ("0001_initial_schema", initial_schema),
+)
+
+
+class SchemaMigration(peewee.Model):
+    """The ledger of applied migrations (unbound; `_ledger` binds a copy to one database)."""
+
+    name = peewee.CharField(max_length=255, primary_key=True)
+    applied_at = peewee.DateTimeField(constraints=[peewee.SQL("DEFAULT CURRENT_TIMESTAMP")])
+
+
+def _ledger(db: peewee.Database) -> type[SchemaMigration]:
+    meta = type("Meta", (), {"database": db, "table_name": "schema_migrations"})
+    return type("SchemaMigration", (SchemaMigration,), {"Meta": meta, "__module__": __name__})
+
+
+def applied(db: peewee.Database) -> list[str]:
+    """Names already recorded, in the order they were applied."""
+    db.connect(reuse_if_open=True)
+    if not db.table_exists("schema_migrations"):
+        return []
+    ledger = _ledger(db)
+    return [row.name for row in ledger.select(ledger.name).order_by(ledger.applied_at, ledger.name)]
+
+
+def migrate(db: peewee.Database, steps: Sequence[tuple[str, Migration]] = MIGRATIONS) -> list[str]:
+    """Apply every migration not yet recorded; returns the names applied now (idempotent).
+
+    `steps` is the history (`MIGRATIONS`); tests pass a longer one to prove atomicity.
+    """
+    db.connect(reuse_if_open=True)
+    ledger = _ledger(db)
+    done_now: list[str] = []
+    for name, step in steps:
+        with _exclusive(db):
+            ledger.create_table(safe=True)
+            if ledger.select().where(ledger.name == name).exists():
+                continue
+            step(db)
+            ledger.insert(name=name).execute()
+        log.info("schema migration %s applied", name)
+        done_now.append(name)
+    return done_now
+
+
+@contextmanager
+def _exclusive(db: peewee.Database) -> Iterator[None]:
+    """A transaction that holds the writer lock, so two processes never migrate at once."""
+    if isinstance(db, peewee.SqliteDatabase):
+        with db.atomic("IMMEDIATE"):
+            yield
+        return
+    with db.atomic():
+        cast(Any, db).execute_sql("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        yield

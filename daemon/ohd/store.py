@@ -1,0 +1,353 @@
+"""The store: tasks, executions, ingested and written files — the truth of ohd.
+
+The only code that writes SQL (with `migrations`). Invariant: every state change is
+one committed transaction before anything acts on it; a claim moves exactly one
+`queued` task to `running` under a lease (SQLite: `BEGIN IMMEDIATE`; PostgreSQL:
+`FOR UPDATE SKIP LOCKED`), so two workers never run the same task and an expired
+lease returns the task to the queue. Datetimes are stored as naive UTC and returned
+timezone-aware UTC. Query models are bound per `Store` to the database it was given
+(no module-level database); every call connects its own thread if needed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import peewee
+
+from ohd import migrations
+from ohd.errors import ConfigError, InvalidTransition, NotFound
+from ohd.records import (
+    TERMINAL,
+    Claim,
+    Execution,
+    Task,
+    TaskStatus,
+    bind_models,
+    dict_rows,
+    pending_key,
+    task_from_row,
+    tuple_rows,
+)
+from ohd.taskfile import TaskSpec
+
+__all__ = ["Claim", "Execution", "Store", "Task", "TaskStatus", "open_database"]
+
+log = logging.getLogger(__name__)
+
+
+def open_database(url: str) -> peewee.Database:
+    """`sqlite:///abs/path.db` (WAL, busy timeout, foreign keys) or `postgresql://...`."""
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
+        rest = unquote(url[len("sqlite://"):].split("?", 1)[0])
+        path = Path(rest[1:]).expanduser() if rest.startswith("/~") else Path("/" + rest.lstrip("/"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pragmas = {"journal_mode": "wal", "busy_timeout": 5000, "foreign_keys": 1, "synchronous": "normal"}
+        return peewee.SqliteDatabase(str(path), pragmas=pragmas, timeout=5)
+    if parts.scheme in ("postgresql", "postgres"):
+        params: dict[str, Any] = {"user": parts.username, "password": parts.password,
+                                  "host": parts.hostname, "port": parts.port}
+        params = {k: unquote(v) if isinstance(v, str) else v for k, v in params.items() if v is not None}
+        params.update(parse_qsl(parts.query))
+        return peewee.PostgresqlDatabase(unquote(parts.path.lstrip("/")), **params)
+    raise ConfigError(f"unsupported database URL {parts.scheme}://... (use sqlite:/// or postgresql://)")
+
+
+
+class Store:
+    """All reads and writes of ohd's state; safe to call from any thread."""
+
+    def __init__(self, db: peewee.Database) -> None:
+        self.db = db
+        self.m = bind_models(db)
+        self._sqlite = isinstance(db, peewee.SqliteDatabase)
+
+    def migrate(self) -> None:
+        """Bring the schema up to date (idempotent)."""
+        migrations.migrate(self.db)
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        if not self.db.is_closed():
+            self.db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """One transaction holding the writer lock from its first statement (SQLite)."""
+        self.db.connect(reuse_if_open=True)
+        with self.db.atomic("IMMEDIATE") if self._sqlite else self.db.atomic():
+            yield
+
+    def _read(self) -> None:
+        self.db.connect(reuse_if_open=True)
+
+    # -- creating tasks --------------------------------------------------------------
+
+    def enqueue(self, repo: str, spec: TaskSpec, now: datetime, source: str | None = None) -> int:
+        """Queue one task from a spec; returns its id."""
+        with self._write():
+            return self._insert_task(repo, spec, now, source)
+
+    def _insert_task(self, repo: str, spec: TaskSpec, now: datetime, source: str | None) -> int:
+        row = {"repo": repo, "type": spec.type.value, "target": spec.target, "description": spec.description,
+               "priority": spec.priority.value, "rank": spec.priority.rank, "output": spec.output,
+               "models": json.dumps(list(spec.models)), "min_quality": spec.min_quality,
+               "max_attempts": spec.max_attempts, "timeout_s": spec.timeout_s, "prompt": spec.prompt,
+               "source": source, "status": TaskStatus.QUEUED.value, "attempts": 0, "created_at": now,
+               "updated_at": now, "cancel_requested": False}
+        return int(self.m.task.insert(**row).execute())
+
+    def ingest_file(self, repo: str, relpath: str, sha256: str, spec: TaskSpec, now: datetime) -> int:
+        """The ingested_file row and its task in one transaction; a pending duplicate returns its task."""
+        try:
+            return self._ingest(repo, relpath, sha256, spec, now)
+        except peewee.IntegrityError:      # another process ingested the same content just now
+            existing = self.pending_ingest(repo, sha256)
+            if existing is None:
+                raise
+            return existing
+
+    def _ingest(self, repo: str, relpath: str, sha256: str, spec: TaskSpec, now: datetime) -> int:
+        files, key = self.m.ingested_file, pending_key(repo, sha256)
+        with self._write():
+            existing = files.select(files.task_id).where(files.pending_key == key).first()
+            if existing is not None and existing.task_id is not None:
+                return int(existing.task_id)
+            file_id = files.insert(repo=repo, relpath=relpath, sha256=sha256, ingested_at=now,
+                                   pending_key=key).execute()
+            task_id = self._insert_task(repo, spec, now, relpath)
+            files.update(task_id=task_id).where(files.id == file_id).execute()
+            return task_id
+
+    def pending_ingest(self, repo: str, sha256: str) -> int | None:
+        """The task id of this content if its file has not been moved to .done/ yet."""
+        self._read()
+        files = self.m.ingested_file
+        row = files.select(files.task_id).where(files.pending_key == pending_key(repo, sha256)).first()
+        return None if row is None else row.task_id
+
+    def mark_moved(self, repo: str, sha256: str) -> None:
+        """The file went to .done/: the same content dropped again is a new task."""
+        files = self.m.ingested_file
+        with self._write():
+            files.update(pending_key=None).where(files.pending_key == pending_key(repo, sha256)).execute()
+
+    # -- the lease cycle -------------------------------------------------------------
+
+    def claim_next(self, worker_id: str, now: datetime, lease: timedelta) -> Claim | None:
+        """Take the highest-priority, oldest ready task and lease it to `worker_id`."""
+        t = self.m.task
+        with self._write():
+            ready = (t.select(t.id)
+                     .where((t.status == TaskStatus.QUEUED.value) & (t.not_before.is_null() | (t.not_before <= now)))
+                     .order_by(t.rank.desc(), t.id).limit(1))
+            if not self._sqlite:
+                ready = ready.for_update(skip_locked=True)
+            row = ready.first()
+            if row is None:
+                return None
+            until = now + lease
+            t.update(status=TaskStatus.RUNNING.value, lease_owner=worker_id, lease_until=until,
+                     started_at=now, updated_at=now).where(t.id == row.id).execute()
+            return Claim(self.get_task(row.id), worker_id, until)
+
+    def renew(self, task_id: int, worker_id: str, now: datetime, lease: timedelta) -> bool:
+        """Extend our lease; False if it is no longer ours or the task was cancelled."""
+        t = self.m.task
+        with self._write():
+            changed = (t.update(lease_until=now + lease, updated_at=now)
+                       .where((t.id == task_id) & (t.status == TaskStatus.RUNNING.value)
+                              & (t.lease_owner == worker_id) & (t.cancel_requested == False))
+                       .execute())
+        return bool(changed)
+
+    def reap(self, now: datetime) -> list[int]:
+        """Running tasks whose lease expired go back to queued (cancelled if asked); their ids."""
+        t = self.m.task
+        expired = (t.status == TaskStatus.RUNNING.value) & (t.lease_until < now)
+        with self._write():
+            query = t.select(t.id, t.cancel_requested).where(expired).order_by(t.id)
+            rows = list(query if self._sqlite else query.for_update())
+            for row in rows:
+                self._leave_running(row.id, now, TaskStatus.QUEUED, row.cancel_requested)
+        for row in rows:
+            log.warning("task %d: lease expired; %s", row.id,
+                        "cancelled as requested" if row.cancel_requested else "back to the queue")
+        return [row.id for row in rows]
+
+    def promote_due(self, now: datetime) -> int:
+        """Pending tasks whose not_before has come become queued; how many."""
+        t = self.m.task
+        with self._write():
+            return int(t.update(status=TaskStatus.QUEUED.value, not_before=None, updated_at=now)
+                       .where((t.status == TaskStatus.PENDING.value) & (t.not_before <= now)).execute())
+
+    def defer(self, task_id: int, worker_id: str, not_before: datetime, now: datetime, reason: str) -> None:
+        """Running → pending until `not_before` (every model cools down); lease released."""
+        self._give_back(task_id, worker_id, now, TaskStatus.PENDING, not_before=not_before, error=reason)
+
+    def release(self, task_id: int, worker_id: str, now: datetime) -> None:
+        """Running → queued (graceful stop); cancelled instead if a cancel was requested."""
+        self._give_back(task_id, worker_id, now, TaskStatus.QUEUED)
+
+    def finish(self, task_id: int, worker_id: str | None, status: TaskStatus, now: datetime,
+               error: str | None = None, output_path: str | None = None,
+               report_path: str | None = None) -> None:
+        """Record a terminal state and clear the lease (only ours, when `worker_id` is given)."""
+        if status not in TERMINAL:
+            raise ValueError(f"finish needs a terminal status, not {status}")
+        t = self.m.task
+        where = (t.id == task_id) & t.status.not_in([s.value for s in TERMINAL])
+        if worker_id is not None:
+            where &= (t.status == TaskStatus.RUNNING.value) & (t.lease_owner == worker_id)
+        with self._write():
+            changed = (t.update(status=status.value, error=error, output_path=output_path,
+                                report_path=report_path, finished_at=now, updated_at=now,
+                                lease_owner=None, lease_until=None).where(where).execute())
+        if not changed:
+            log.warning("task %d: not finished as %s; it is no longer held by %s", task_id, status, worker_id)
+
+    def _give_back(self, task_id: int, worker_id: str, now: datetime, status: TaskStatus,
+                   **changes: Any) -> None:
+        t = self.m.task
+        with self._write():
+            row = (t.select(t.cancel_requested)
+                   .where((t.id == task_id) & (t.status == TaskStatus.RUNNING.value) & (t.lease_owner == worker_id))
+                   .first())
+            if row is None:
+                log.warning("task %d: %s by %s ignored; the lease is not theirs", task_id, status, worker_id)
+                return
+            self._leave_running(task_id, now, status, row.cancel_requested, **changes)
+
+    def _leave_running(self, task_id: int, now: datetime, status: TaskStatus, cancel_requested: bool,
+                       **changes: Any) -> None:
+        if cancel_requested:
+            status, changes = TaskStatus.CANCELLED, {"finished_at": now, "error": "cancelled by the user"}
+        t = self.m.task
+        t.update(status=status.value, lease_owner=None, lease_until=None, updated_at=now,
+                 **changes).where(t.id == task_id).execute()
+
+    def add_attempt(self, task_id: int, now: datetime) -> int:
+        """attempts += 1; returns the new count."""
+        t = self.m.task
+        with self._write():
+            t.update(attempts=t.attempts + 1, updated_at=now).where(t.id == task_id).execute()
+            return self.get_task(task_id).attempts
+
+    def record_execution(self, task_id: int, attempt: int, model: str, started_at: datetime,
+                         finished_at: datetime, prompt_tokens: int, completion_tokens: int,
+                         cost: float | None, outcome: str, error_class: str | None = None,
+                         error: str | None = None) -> int:
+        """One model call, successful or not; latency derived from the two instants."""
+        latency_ms = max(0, round((finished_at - started_at).total_seconds() * 1000))
+        with self._write():
+            return int(self.m.execution.insert(
+                task_id=task_id, attempt=attempt, model=model, started_at=started_at,
+                finished_at=finished_at, latency_ms=latency_ms, prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens, cost=cost, outcome=outcome,
+                error_class=error_class, error=error).execute())
+
+    # -- user actions ----------------------------------------------------------------
+
+    def cancel(self, task_id: int, now: datetime) -> Task:
+        """pending/queued → cancelled; running → cancel_requested; terminal → InvalidTransition."""
+        t = self.m.task
+        with self._write():
+            task = self.get_task(task_id)
+            if task.status in (TaskStatus.PENDING, TaskStatus.QUEUED):
+                changes: dict[str, Any] = {"status": TaskStatus.CANCELLED.value, "finished_at": now,
+                                           "error": "cancelled by the user"}
+            elif task.status == TaskStatus.RUNNING:
+                changes = {"cancel_requested": True}
+            else:
+                raise InvalidTransition(task_id, task.status, "cancel")
+            t.update(updated_at=now, **changes).where(t.id == task_id).execute()
+            return self.get_task(task_id)
+
+    def retry(self, task_id: int, now: datetime) -> Task:
+        """failed/cancelled → queued with a clean slate; anything else → InvalidTransition."""
+        t = self.m.task
+        with self._write():
+            task = self.get_task(task_id)
+            if task.status not in (TaskStatus.FAILED, TaskStatus.CANCELLED):
+                raise InvalidTransition(task_id, task.status, "retry")
+            t.update(status=TaskStatus.QUEUED.value, attempts=0, error=None, cancel_requested=False,
+                     not_before=None, started_at=None, finished_at=None, lease_owner=None,
+                     lease_until=None, updated_at=now).where(t.id == task_id).execute()
+            return self.get_task(task_id)
+
+    # -- reading ---------------------------------------------------------------------
+
+    def get_task(self, task_id: int) -> Task:
+        self._read()
+        t = self.m.task
+        rows = dict_rows(t.select().where(t.id == task_id))
+        if not rows:
+            raise NotFound("task", task_id)
+        return task_from_row(rows[0])
+
+    def list_tasks(self, status: str | None = None, limit: int = 100) -> list[Task]:
+        """Newest first."""
+        self._read()
+        t = self.m.task
+        query = t.select().order_by(t.id.desc()).limit(limit)
+        if status is not None:
+            query = query.where(t.status == status)
+        return [task_from_row(row) for row in dict_rows(query)]
+
+    def running(self) -> list[Task]:
+        self._read()
+        t = self.m.task
+        query = t.select().where(t.status == TaskStatus.RUNNING.value).order_by(t.id)
+        return [task_from_row(row) for row in dict_rows(query)]
+
+    def executions(self, task_id: int) -> list[Execution]:
+        self._read()
+        e = self.m.execution
+        return [Execution(**row) for row in dict_rows(e.select().where(e.task_id == task_id).order_by(e.id))]
+
+    def counts(self) -> dict[str, int]:
+        """Tasks per status; every status present."""
+        self._read()
+        t = self.m.task
+        counts = {status.value: 0 for status in TaskStatus}
+        for status, count in tuple_rows(t.select(t.status, peewee.fn.COUNT(t.id)).group_by(t.status)):
+            counts[status] = int(count)
+        return counts
+
+    def totals_today(self, now: datetime) -> dict[str, Any]:
+        """Model calls, tokens and cost since UTC midnight of `now`."""
+        self._read()
+        e = self.m.execution
+        midnight = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        fn = peewee.fn
+        [(calls, prompt, completion, cost)] = tuple_rows(
+            e.select(fn.COUNT(e.id), fn.SUM(e.prompt_tokens), fn.SUM(e.completion_tokens), fn.SUM(e.cost))
+            .where(e.started_at >= midnight))
+        return {"calls": int(calls), "prompt_tokens": int(prompt or 0),
+                "completion_tokens": int(completion or 0), "cost": float(cost or 0.0)}
+
+    # -- files ohd wrote -------------------------------------------------------------
+
+    def written_hash(self, repo: str, path: str) -> str | None:
+        """sha256 of what ohd last wrote at `path` in `repo`, if it ever did."""
+        self._read()
+        w = self.m.written_file
+        row = w.select(w.sha256).where((w.repo == repo) & (w.path == path)).first()
+        return None if row is None else row.sha256
+
+    def record_written(self, repo: str, path: str, sha256: str, task_id: int, now: datetime) -> None:
+        w = self.m.written_file
+        with self._write():
+            (w.insert(repo=repo, path=path, sha256=sha256, task_id=task_id, written_at=now)
+             .on_conflict(conflict_target=[w.repo, w.path],
+                          update={w.sha256: sha256, w.task_id: task_id, w.written_at: now})
+             .execute())

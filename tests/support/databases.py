@@ -1,0 +1,41 @@
+"""Database URLs for tests: a SQLite file in tmp_path, and PostgreSQL when configured.
+
+Set `OHD_TEST_POSTGRES_URL` (e.g. `postgresql://postgres@127.0.0.1:5432/test`) to run
+the store tests against PostgreSQL too; each test gets a fresh schema, dropped after.
+The variable is read at import (collection) time because the autouse fixture in
+conftest clears `OHD_*` variables before each test runs.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import quote
+
+POSTGRES_URL = os.environ.get("OHD_TEST_POSTGRES_URL", "")
+BACKENDS = ("sqlite", "postgresql") if POSTGRES_URL else ("sqlite",)
+
+
+@contextmanager
+def database_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """A URL for an empty database of `backend`, removed afterwards."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'state' / 'ohd.db'}"
+        return
+    import psycopg2
+
+    schema = f"ohd_test_{uuid.uuid4().hex[:12]}"
+    admin = psycopg2.connect(POSTGRES_URL)
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f'CREATE SCHEMA "{schema}"')
+        sep = "&" if "?" in POSTGRES_URL else "?"
+        yield f"{POSTGRES_URL}{sep}options={quote(f'-c search_path={schema}')}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        admin.close()

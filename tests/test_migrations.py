@@ -1,0 +1,81 @@
+"""Migrations: the final schema, idempotence, one transaction per step, no drift from the store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import peewee
+import pytest
+from ohd import migrations
+from ohd.records import bind_models
+from ohd.store import open_database
+
+from tests.support.databases import BACKENDS, database_url
+
+SCHEMA = {
+    "task": {"id", "repo", "type", "target", "description", "priority", "rank", "output", "models",
+             "min_quality", "max_attempts", "timeout_s", "prompt", "source", "status", "attempts",
+             "error", "output_path", "report_path", "created_at", "updated_at", "started_at",
+             "finished_at", "not_before", "lease_owner", "lease_until", "cancel_requested"},
+    "execution": {"id", "task_id", "attempt", "model", "started_at", "finished_at", "latency_ms",
+                  "prompt_tokens", "completion_tokens", "cost", "outcome", "error_class", "error"},
+    "ingested_file": {"id", "repo", "relpath", "sha256", "task_id", "ingested_at", "pending_key"},
+    "written_file": {"id", "repo", "path", "sha256", "task_id", "written_at"},
+    "model_state": {"model", "state", "cooldown_until", "dead", "failures", "updated_at"},
+    "schema_migrations": {"name", "applied_at"},
+}
+
+
+@pytest.fixture(params=BACKENDS)
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[peewee.Database]:
+    with database_url(request.param, tmp_path) as url:
+        database = open_database(url)
+        yield database
+        database.close()
+
+
+def columns(db: peewee.Database) -> dict[str, set[str]]:
+    return {table: {c.name for c in db.get_columns(table)} for table in db.get_tables()}
+
+
+def test_migrate_builds_the_final_schema(db: peewee.Database) -> None:
+    assert migrations.migrate(db) == [name for name, _ in migrations.MIGRATIONS]
+    assert columns(db) == SCHEMA
+
+
+def test_migrate_is_idempotent_and_records_each_name(db: peewee.Database) -> None:
+    migrations.migrate(db)
+    assert migrations.migrate(db) == []
+    assert migrations.applied(db) == [name for name, _ in migrations.MIGRATIONS]
+    assert columns(db) == SCHEMA
+
+
+def test_a_fresh_database_has_nothing_applied(db: peewee.Database) -> None:
+    assert migrations.applied(db) == []
+
+
+def test_a_failing_step_leaves_neither_its_changes_nor_its_record(db: peewee.Database) -> None:
+    def broken(database: peewee.Database) -> None:
+        database.execute_sql("CREATE TABLE half_done (x INTEGER)")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        migrations.migrate(db, (*migrations.MIGRATIONS, ("0099_broken", broken)))
+    assert "half_done" not in db.get_tables()
+    assert migrations.applied(db) == [name for name, _ in migrations.MIGRATIONS]
+    assert columns(db) == SCHEMA
+
+
+def test_the_store_query_models_name_exactly_the_migrated_columns(db: peewee.Database) -> None:
+    migrations.migrate(db)
+    models = bind_models(db)
+    for model in (models.task, models.execution, models.ingested_file, models.written_file,
+                  models.model_state):
+        table = model._meta.table_name
+        assert {f.column_name for f in model._meta.sorted_fields} == SCHEMA[table], table
+
+
+def test_migration_names_are_unique_and_ordered() -> None:
+    names = [name for name, _ in migrations.MIGRATIONS]
+    assert names == sorted(set(names))
