@@ -1,0 +1,177 @@
+"""End-to-end figures for the spine, against the fake OpenRouter with 200 ms answers.
+
+    python bench/e2e.py [--quick]
+
+Prints:
+- tasks/s of a real `ohd daemon` process with 1, 8 and 32 workers, and the ratio to the
+  ideal (workers / latency: a worker can finish at most one task per model answer);
+- drop-to-queued latency p50/p99 over 200 task files dropped into tasks.d/ one at a
+  time (includes the settle window that guards against half-written files; printed
+  separately);
+- the daemon's RSS when idle and after 10,000 completed tasks.
+Every number comes from this run; the machine is noisy, so compare ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.support.fake_openrouter import FakeOpenRouter, ok  # noqa: E402
+from tests.support.gitrepo import make_repo  # noqa: E402
+
+LATENCY_S = 0.2
+SETTLE_S = 0.05
+ANSWER = """```python
+from shop.pricing import total
+
+
+def test_total() -> None:
+    assert total([1.0, 2.0]) == 3.0
+```"""
+TASK = "type: unit_test\ntarget: shop/pricing.py\ndescription: {n}\noutput: tests/test_{n}.py\n"
+
+
+class Daemon:
+    def __init__(self, base: Path, repo: Path, url: str, workers: int) -> None:
+        self.base = base
+        self.runtime = Path(tempfile.mkdtemp(prefix="ohd-bench-"))
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("OHD_")},
+                    "OHD_STATE_DIR": str(base / "state"), "OHD_RUNTIME_DIR": str(self.runtime),
+                    "OHD_CONFIG": str(base / "none.toml"), "OHD_BASE_URL": url, "OHD_MODELS": "bench/model:free",
+                    "OPENROUTER_API_KEY": "sk-bench", "OHD_WORKERS": str(workers), "OHD_SETTLE_S": str(SETTLE_S),
+                    "OHD_LOG_LEVEL": "WARNING"}
+        self.repo = repo
+        self.proc = subprocess.Popen([sys.executable, "-m", "ohd", "daemon", "--repo", str(repo)], env=self.env,
+                                     stdout=subprocess.DEVNULL, stderr=open(base / "daemon.log", "ab"))
+        self.db = base / "state" / "ohd.db"
+        _wait(lambda: self.request("GET", "/status") is not None, 30)
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        import http.client
+        import socket
+
+        class Conn(http.client.HTTPConnection):
+            def connect(inner) -> None:  # noqa: N805
+                inner.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                inner.sock.connect(str(self.runtime / "ohd.sock"))
+
+        try:
+            conn = Conn("localhost", timeout=30)
+            conn.request(method, path, json.dumps(body) if body else None, {"Content-Type": "application/json"})
+            return json.loads(conn.getresponse().read())
+        except OSError:
+            return None
+
+    def counts(self) -> dict[str, int]:
+        with sqlite3.connect(self.db, timeout=30) as conn:
+            return dict(conn.execute("select status, count(*) from task group by status").fetchall())
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=120)
+
+
+def _wait(predicate: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit("timed out")
+        time.sleep(0.01)
+
+
+def throughput(base: Path, url: str, workers: int, tasks: int) -> float:
+    repo = make_repo(base / f"repo-{workers}")
+    daemon = Daemon(base / f"w{workers}", repo, url, workers)
+    try:
+        start = time.monotonic()
+        for n in range(tasks):
+            daemon.request("POST", "/tasks", {"type": "unit_test", "target": "shop/pricing.py",
+                                              "output": f"tests/test_{n % 50}.py", "repo": str(repo)})
+        _wait(lambda: daemon.counts().get("completed", 0) + daemon.counts().get("failed", 0) >= tasks, 600)
+        elapsed = time.monotonic() - start
+        failed = daemon.counts().get("failed", 0)
+        if failed:
+            print(f"  ({failed} failed)")
+        return tasks / elapsed
+    finally:
+        daemon.stop()
+
+
+def drop_latency(base: Path, url: str, drops: int) -> list[float]:
+    repo = make_repo(base / "repo-drop")
+    daemon = Daemon(base / "drop", repo, url, 4)
+    latencies = []
+    try:
+        for n in range(drops):
+            before = sum(daemon.counts().values())
+            start = time.monotonic()
+            (repo / "tasks.d" / f"t{n}.yaml").write_text(TASK.format(n=n))
+            _wait(lambda: sum(daemon.counts().values()) > before, 30)
+            latencies.append(time.monotonic() - start)
+    finally:
+        daemon.stop()
+    return latencies
+
+
+def rss(base: Path, url: str, tasks: int) -> tuple[int, int]:
+    repo = make_repo(base / "repo-rss")
+    daemon = Daemon(base / "rss", repo, url, 32)
+    try:
+        time.sleep(1.0)
+        idle = daemon.rss_kib()
+        for n in range(tasks):
+            daemon.request("POST", "/tasks", {"type": "unit_test", "target": "shop/pricing.py",
+                                              "output": f"tests/test_{n % 50}.py", "repo": str(repo)})
+        _wait(lambda: daemon.counts().get("completed", 0) + daemon.counts().get("failed", 0) >= tasks, 3600)
+        return idle, daemon.rss_kib()
+    finally:
+        daemon.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer tasks (a smoke run)")
+    args = parser.parse_args()
+    scale = 0.2 if args.quick else 1.0
+    base = Path(tempfile.mkdtemp(prefix="ohd-bench-e2e-"))
+    with FakeOpenRouter(latency_s=LATENCY_S) as server:
+        server.default = ok(ANSWER)
+        print(f"fake OpenRouter at {server.url}, {LATENCY_S * 1000:.0f} ms per answer")
+        for workers in (1, 8, 32):
+            tasks = max(10, int(workers * 25 * scale))
+            rate = throughput(base, server.url, workers, tasks)
+            ideal = workers / LATENCY_S
+            print(f"workers={workers:2d}: {tasks} tasks, {rate:6.1f} tasks/s, ideal {ideal:5.1f}, ratio {rate / ideal:.2f}")
+        drops = int(200 * scale)
+        lat = sorted(drop_latency(base, server.url, drops))
+        p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        print(f"drop-to-queued over {drops} drops: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms "
+              f"(settle window {SETTLE_S * 1000:.0f} ms included)")
+        total = int(10_000 * scale)
+        idle, after = rss(base, server.url, total)
+        print(f"daemon RSS: idle {idle / 1024:.1f} MiB, after {total} completed tasks {after / 1024:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()

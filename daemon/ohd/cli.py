@@ -1,0 +1,234 @@
+"""The `ohd` command: parse arguments, call one library function or the socket client, print.
+
+Exit codes: 0 ok, 1 error, 2 usage (and bad configuration), 3 daemon not running.
+Errors become messages and exit codes in `main()` only. Heavy rooms are imported
+inside the commands that need them, so `ohd status` loads little more than `client`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ohd import __version__
+from ohd.errors import ConfigError, DaemonNotRunning, OhdError, TaskFileError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+PRIORITIES = ("critical", "high", "normal", "low")
+TYPES = ("unit_test", "docstring", "review", "custom")
+STATUSES = ("pending", "queued", "running", "completed", "failed", "cancelled")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        result: int = args.func(args)
+        return result
+    except ConfigError as exc:
+        print(f"ohd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except DaemonNotRunning as exc:
+        print(f"ohd: {exc}\n  start it with: ohd daemon --repo PATH", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except OhdError as exc:
+        print(f"ohd: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ohd", description="Development chores done by LLMs in the background.")
+    parser.add_argument("--version", action="version", version=f"ohd {__version__}")
+    parser.add_argument("--config", type=Path, help="TOML config file (default: $OHD_CONFIG, then the user config dir)")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str,
+                json_flag: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="print JSON")
+        return p
+
+    p = command("daemon", cmd_daemon, "run the daemon in the foreground", json_flag=False)
+    p.add_argument("--repo", action="append", type=Path, help="a repo to serve (repeatable; default: the current dir)")
+    p.add_argument("--workers", type=int, help="number of concurrent tasks")
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING")
+    command("status", cmd_status, "what the daemon is doing (over its socket)")
+    p = command("submit", cmd_submit, "queue a task through the daemon; prints its id")
+    p.add_argument("--type", required=True, choices=TYPES)
+    p.add_argument("--target", required=True, help="the source file, relative to the repo")
+    p.add_argument("--repo", type=Path, help="the repo (default: the current dir)")
+    p.add_argument("--priority", choices=PRIORITIES, default="normal")
+    p.add_argument("--description", default="")
+    p.add_argument("--output", help="where the result goes (default per type)")
+    p.add_argument("--model", action="append", dest="models", help="a model id (repeatable; default: auto)")
+    p.add_argument("--prompt", help="the prompt (type custom)")
+    p = command("tasks", cmd_tasks, "list tasks (reads the store; works while the daemon is down)")
+    p.add_argument("--status", choices=STATUSES)
+    p.add_argument("--limit", type=int, default=50)
+    p = command("show", cmd_show, "one task with its model calls (reads the store)")
+    p.add_argument("id", type=int)
+    for name, func, text in (("cancel", cmd_cancel, "cancel a queued or running task"),
+                             ("retry", cmd_retry, "queue a failed or cancelled task again")):
+        command(name, func, text).add_argument("id", type=int)
+    command("models", cmd_models, "the models and their state (over the socket)")
+    p = command("metrics", cmd_metrics, "metrics in Prometheus text (over the socket)", json_flag=False)
+    p.add_argument("--prometheus", action="store_true", help="Prometheus text (the default)")
+    p = command("init", cmd_init, "prepare a repo: tasks.d/, examples, .git/info/exclude", json_flag=False)
+    p.add_argument("--repo", type=Path, default=Path("."))
+    p = command("validate", cmd_validate, "check task files without submitting them")
+    p.add_argument("files", nargs="+", type=Path)
+    command("schema", cmd_schema, "print the task-file JSON Schema", json_flag=False)
+    p = command("demo", cmd_demo, "run ohd on a small temp repo and show what happened", json_flag=False)
+    p.add_argument("--keep", action="store_true", help="keep the temp repo")
+    return parser
+
+
+def settings(args: argparse.Namespace, **overrides: Any) -> Any:
+    from ohd import config
+
+    return config.load(args.config, **overrides)
+
+
+def client(args: argparse.Namespace) -> Any:
+    from ohd.client import Client
+
+    return Client(settings(args).socket_path)
+
+
+def emit(data: Any, as_json: bool, text: Callable[[Any], str]) -> None:
+    print(json.dumps(data, indent=2, default=str) if as_json else text(data))
+
+
+# -- commands -----------------------------------------------------------------
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from ohd import daemon
+
+    repos = [p.resolve() for p in args.repo] if args.repo else None
+    conf = settings(args, repos=repos, workers=args.workers, log_level=args.log_level)
+    logging.basicConfig(level=conf.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    daemon.serve(conf)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ohd import views
+
+    emit(client(args).get("/status"), args.json, views.status_text)
+    return EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    body = {"type": args.type, "target": args.target, "repo": str((args.repo or Path.cwd()).resolve()),
+            "priority": args.priority, "description": args.description}
+    for key in ("output", "models", "prompt"):
+        if getattr(args, key):
+            body[key] = getattr(args, key)
+    answer = client(args).post("/tasks", body)
+    emit(answer, args.json, lambda a: str(a["id"]))
+    return EXIT_OK
+
+
+def open_store(args: argparse.Namespace) -> Any:
+    from ohd.store import Store, open_database
+
+    store = Store(open_database(settings(args).database))
+    store.migrate()
+    return store
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from ohd import views
+
+    tasks = [t.as_dict() for t in open_store(args).list_tasks(args.status, args.limit)]
+    emit(tasks, args.json, views.tasks_text)
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from ohd import views
+
+    store = open_store(args)
+    data = store.get_task(args.id).as_dict()
+    data["executions"] = [e.as_dict() for e in store.executions(args.id)]
+    emit(data, args.json, views.task_text)
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from ohd import views
+
+    emit(client(args).post(f"/tasks/{args.id}/cancel"), args.json, views.task_text)
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from ohd import views
+
+    emit(client(args).post(f"/tasks/{args.id}/retry"), args.json, views.task_text)
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ohd import views
+
+    emit(client(args).get("/models")["models"], args.json, views.models_text)
+    return EXIT_OK
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    print(client(args).get_text("/metrics"), end="")
+    return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from ohd import gitrepo
+
+    for line in gitrepo.init_repo(args.repo.resolve()):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from ohd import taskfile
+
+    results = []
+    for path in args.files:
+        try:
+            spec = taskfile.parse(path.read_text(encoding="utf-8"), source=str(path))
+            results.append({"file": str(path), "ok": True, "type": spec.type.value, "target": spec.target})
+        except TaskFileError as exc:
+            results.append({"file": str(path), "ok": False, "error": str(exc)})
+        except OSError as exc:
+            results.append({"file": str(path), "ok": False, "error": f"{path}: {exc.strerror}"})
+    emit(results, args.json, lambda rs: "\n".join(
+        f"ok    {r['file']} ({r['type']} {r['target']})" if r["ok"] else f"error {r['error']}" for r in rs))
+    return EXIT_OK if all(r["ok"] for r in results) else EXIT_ERROR
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from ohd import taskfile
+
+    print(json.dumps(taskfile.json_schema(), indent=2))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ohd import demo
+    from ohd.client import Client
+
+    return demo.run(lambda socket: Client(socket).get("/status"), keep=args.keep, out=print)

@@ -1,0 +1,198 @@
+"""The daemon's wiring: build every object from `Settings`, start them, stop them well.
+
+Start-up: take the single-instance lock, migrate the store, return expired leases to
+the queue, scan each repo's `tasks.d/` (files dropped while we were down), start the
+observers, the workers and the socket. SIGTERM/SIGINT only set a flag: the pool stops
+claiming, running tasks get `grace_s` to finish, the rest go back to `queued`.
+Threads (watchdog, the socket server) reach the event loop only through
+`call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+from contextlib import AsyncExitStack
+from datetime import timedelta
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+from ohd import __version__
+from ohd.clock import Clock, SystemClock
+from ohd.config import Settings
+from ohd.errors import DaemonAlreadyRunning
+from ohd.ingest import Ingestor
+from ohd.llm import Completion, ModelClient, OfflineProvider
+from ohd.server import ApiServer
+from ohd.store import Store, open_database
+from ohd.tasktypes import Job
+from ohd.watch import TasksDirWatcher
+from ohd.worker import Caller, Pool
+
+log = logging.getLogger(__name__)
+
+OFFLINE_MODEL = "offline"
+
+
+class InstanceLock:
+    """An exclusive `flock` on `<state_dir>/ohd.lock`, holding our pid; released on exit."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle: IO[str] | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            text = handle.read().strip()
+            handle.close()
+            raise DaemonAlreadyRunning(str(self.path), int(text) if text.isdigit() else None) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self.handle = handle
+
+    def release(self) -> None:
+        if self.handle is not None:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
+
+
+def repos_of(settings: Settings) -> list[Path]:
+    """The repos to serve: those configured, else the current directory."""
+    return list(settings.repos) or [Path.cwd().resolve()]
+
+
+class Daemon:
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock: Clock = clock or SystemClock()
+        self.repos = repos_of(settings)
+        self.store = Store(open_database(settings.database))
+        self.stop_event = asyncio.Event()
+        self.started = self.clock.monotonic()
+        self.pool: Pool | None = None
+
+    def request_stop(self) -> None:
+        """Signal-safe: only sets the flag (called on the loop thread)."""
+        if not self.stop_event.is_set():
+            log.info("stopping: no new tasks are claimed; running tasks get %gs", self.settings.grace_s)
+        self.stop_event.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        async with AsyncExitStack() as stack:
+            call, models = await self._models(stack)
+            self.store.migrate()
+            for task_id in self.store.reap(self.clock.now()):
+                log.info("task %d: lease expired; back in the queue", task_id)
+            pool = Pool(self.store, call, self.clock, models=models, size=self.settings.workers,
+                        lease=timedelta(seconds=self.settings.lease_s))
+            self.pool = pool
+            ingestor = Ingestor(self.store, self.clock, settle_s=self.settings.settle_s)
+            for repo in self.repos:
+                ingestor.scan(repo)
+            watcher = TasksDirWatcher(lambda repo, path: loop.call_soon_threadsafe(ingestor.submit_path, repo, path))
+            for repo in self.repos:
+                watcher.watch(repo)
+            watcher.start()
+            stack.callback(watcher.stop)
+            server = ApiServer(self.settings.socket_path, self.store, repos=self.repos, clock=self.clock,
+                               status=self.status, wake=lambda: loop.call_soon_threadsafe(pool.wake),
+                               models=pool.model_states)
+            server.start()
+            stack.callback(server.stop)
+            log.info("ohd %s ready: pid %d, %d worker(s), models %s, repos %s, socket %s", __version__,
+                     os.getpid(), pool.size, ", ".join(models), ", ".join(map(str, self.repos)),
+                     self.settings.socket_path)
+            await asyncio.gather(
+                pool.run(self.stop_event, grace_s=self.settings.grace_s),
+                ingestor.run(self.stop_event, on_task=lambda _id: pool.wake()),
+                self._housekeeping(pool),
+            )
+        self.store.close()
+        log.info("stopped")
+
+    async def _models(self, stack: AsyncExitStack) -> tuple[Caller, list[str]]:
+        """The caller and model list: OpenRouter (or any OpenAI-compatible server), or offline."""
+        if self.settings.use_offline:
+            offline = OfflineProvider(self.clock)
+            log.warning("no API key (%s is not set): using the offline provider; results are "
+                        "reported as model 'offline'", self.settings.api_key_env)
+
+            async def call_offline(model: str, messages: list[dict[str, str]], timeout_s: float,
+                                   job: Job) -> Completion:
+                return await offline.complete(model, messages, timeout_s, job)
+
+            return call_offline, [OFFLINE_MODEL]
+        http = await stack.enter_async_context(httpx.AsyncClient())
+        key = self.settings.api_key.get_secret_value() if self.settings.api_key else None
+        client = ModelClient(http, self.settings.base_url, key, self.clock, app_url=self.settings.app_url,
+                             app_title=self.settings.app_title, max_tokens=self.settings.max_tokens,
+                             temperature=self.settings.temperature)
+
+        async def call_model(model: str, messages: list[dict[str, str]], timeout_s: float,
+                             job: Job) -> Completion:
+            return await client.complete(model, messages, timeout_s)
+
+        return call_model, list(self.settings.models)
+
+    async def _housekeeping(self, pool: Pool) -> None:
+        """Periodically return expired leases and wake tasks whose `not_before` passed."""
+        interval = max(0.5, min(5.0, self.settings.lease_s / 2))
+        while not self.stop_event.is_set():
+            try:
+                await asyncio.wait_for(self.stop_event.wait(), timeout=interval)
+            except TimeoutError:
+                pass
+            now = self.clock.now()
+            reaped = await asyncio.to_thread(self.store.reap, now)
+            promoted = await asyncio.to_thread(self.store.promote_due, now)
+            if reaped or promoted:
+                log.info("housekeeping: %d lease(s) expired, %d task(s) due again", len(reaped), promoted)
+                pool.wake()
+
+    def status(self) -> dict[str, Any]:
+        pool = self.pool
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(self.clock.monotonic() - self.started, 1),
+            "workers": pool.snapshot() if pool else {"size": 0, "busy": 0},
+            "models": pool.model_states() if pool else [],
+            "offline": self.settings.use_offline,
+            "database": _redact(self.settings.database),
+        }
+
+
+def _redact(url: str) -> str:
+    """A database URL without its password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
+    return url
+
+
+def serve(settings: Settings) -> None:
+    """Run the daemon in the foreground until SIGTERM/SIGINT (the `ohd daemon` command)."""
+    lock = InstanceLock(settings.state_dir / "ohd.lock")
+    lock.acquire()
+    try:
+        settings.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        asyncio.run(Daemon(settings).run())
+    finally:
+        lock.release()

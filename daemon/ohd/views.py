@@ -1,0 +1,89 @@
+"""Plain-text views of the JSON that the CLI prints: status, task lists, one task, models.
+
+Pure: dicts in, strings out. The CLI prints them; `--json` prints the dicts instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+QUEUE_ORDER = ("pending", "queued", "running", "completed", "failed", "cancelled")
+
+
+def status_text(status: dict[str, Any]) -> str:
+    queue = status.get("queue", {})
+    workers = status.get("workers", {})
+    lines = [
+        f"ohd {status.get('version', '?')}  pid {status.get('pid', '?')}  up {_duration(status.get('uptime_s', 0))}"
+        + ("  (offline provider: no API key)" if status.get("offline") else ""),
+        "repos:   " + ", ".join(status.get("repos", [])),
+        "queue:   " + "  ".join(f"{name} {queue.get(name, 0)}" for name in QUEUE_ORDER),
+        f"workers: {workers.get('busy', 0)}/{workers.get('size', 0)} busy",
+    ]
+    for task in status.get("running", []):
+        lines.append(f"  running #{task['id']} {task['type']} {task['target']} since {task.get('started_at', '?')}")
+    models = status.get("models", [])
+    if models:
+        lines.append("models:")
+        lines.extend("  " + _model_line(m) for m in models)
+    return "\n".join(lines)
+
+
+def tasks_text(tasks: Sequence[dict[str, Any]]) -> str:
+    if not tasks:
+        return "no tasks"
+    rows = [("ID", "STATUS", "PRIORITY", "TYPE", "TARGET", "ATTEMPTS", "UPDATED")]
+    rows += [(str(t["id"]), t["status"], t["priority"], t["type"], t["target"], str(t["attempts"]),
+              str(t.get("updated_at", ""))[:19]) for t in tasks]
+    return _table(rows)
+
+
+def task_text(task: dict[str, Any]) -> str:
+    lines = [f"task {task['id']}: {task['type']} {task['target']} ({task['repo']})",
+             f"  status:   {task['status']}" + (f" (not before {task['not_before']})" if task.get("not_before") else ""),
+             f"  priority: {task['priority']}   attempts: {task['attempts']}/{task['max_attempts']}",
+             f"  source:   {task.get('source') or '-'}"]
+    if task.get("description"):
+        lines.append(f"  about:    {task['description']}")
+    for key, label in (("output_path", "output"), ("report_path", "report"), ("error", "error")):
+        if task.get(key):
+            lines.append(f"  {label + ':':9} {task[key]}")
+    executions = task.get("executions", [])
+    if executions:
+        lines.append("  calls:")
+        lines.extend("    " + _execution_line(e) for e in executions)
+    return "\n".join(lines)
+
+
+def models_text(models: Sequence[dict[str, Any]]) -> str:
+    return "\n".join(_model_line(m) for m in models) if models else "no models"
+
+
+def _model_line(model: dict[str, Any]) -> str:
+    line = f"{model['id']}: {model.get('state', '?')}"
+    if model.get("cooldown_until"):
+        line += f" until {model['cooldown_until']}"
+    return line
+
+
+def _execution_line(e: dict[str, Any]) -> str:
+    cost = e.get("cost")
+    line = (f"#{e.get('attempt', '?')} {e['model']}: {e['outcome']}, {e.get('latency_ms', 0)} ms, "
+            f"{e.get('prompt_tokens', 0)}+{e.get('completion_tokens', 0)} tokens"
+            + (f", ${cost:.6f}" if isinstance(cost, (int, float)) else ""))
+    if e.get("error"):
+        line += f" ({e['error']})"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)

@@ -1,0 +1,386 @@
+"""The worker pool: claim -> choose a model -> call -> extract -> validate -> write -> record.
+
+A task is claimed with a lease that a running worker renews; every model call becomes
+an execution row before the next step; the output and its report are written only
+after the decision is committed, and writing is idempotent. A 429 cools the model
+down and moves the task to the next model without spending an attempt; when every
+model is cooling the task goes back to `pending` until the earliest reset.
+
+The pool talks to models through one `Caller` (the daemon builds it from the
+OpenRouter client or the offline provider) and never reads configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ohd import outputs, report, tasktypes, validate
+from ohd.clock import Clock
+from ohd.errors import (
+    AuthFailed,
+    BadRequest,
+    MalformedAnswer,
+    ModelError,
+    OhdError,
+    RateLimited,
+    TargetError,
+)
+from ohd.llm import Completion
+from ohd.store import Claim, Store, Task, TaskStatus
+from ohd.taskfile import TaskType
+from ohd.tasktypes import Job
+
+log = logging.getLogger(__name__)
+
+Caller = Callable[[str, list[dict[str, str]], float, Job], Awaitable[Completion]]
+T = TypeVar("T")
+
+
+@dataclass
+class Outcome:
+    """How one task ended, as the pool decided it."""
+
+    status: TaskStatus
+    error: str | None = None
+    output_path: str | None = None
+    report_path: str | None = None
+    not_before: datetime | None = None
+
+
+@dataclass
+class Run:
+    """The working state of one claimed task while it runs."""
+
+    task: Task
+    repo: Path
+    job: Job
+    attempts: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    verdict: validate.Verdict | None = None
+
+
+class Pool:
+    """`size` worker coroutines over one store; `run_until_idle` steps it in tests."""
+
+    def __init__(self, store: Store, call: Caller, clock: Clock, *, models: Sequence[str],
+                 size: int = 4, lease: timedelta = timedelta(seconds=60), name: str = "w") -> None:
+        self.store = store
+        self.call = call
+        self.clock = clock
+        self.models = list(models)
+        self.size = size
+        self.lease = lease
+        self.name = name
+        self.cooldowns: dict[str, datetime] = {}
+        self.busy: dict[str, int] = {}
+        self.wake_event = asyncio.Event()
+
+    # -- running -------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Tell idle workers that a task may be ready (call on the loop thread)."""
+        self.wake_event.set()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"size": self.size, "busy": len(self.busy), "running": sorted(self.busy.values())}
+
+    def model_states(self) -> list[dict[str, Any]]:
+        now = self.clock.now()
+        states = []
+        for model in self.models:
+            until = self.cooldowns.get(model)
+            cooling = until is not None and until > now
+            states.append({"id": model, "state": "cooldown" if cooling else "ready",
+                           "cooldown_until": until.isoformat() if cooling and until else None})
+        return states
+
+    async def run(self, stop: asyncio.Event, grace_s: float = 30.0) -> None:
+        """Run `size` workers until `stop` is set, then give running tasks `grace_s` to finish."""
+        workers = [asyncio.create_task(self._worker(f"{self.name}{i}", stop)) for i in range(self.size)]
+        await stop.wait()
+        self.wake_event.set()
+        done, pending = await asyncio.wait(workers, timeout=grace_s)
+        for job in pending:
+            job.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def run_until_idle(self, worker_id: str = "w-test") -> int:
+        """Run tasks one at a time until none is ready; returns how many ran (tests)."""
+        count = 0
+        while await self.run_once(worker_id, renew=False):
+            count += 1
+        return count
+
+    async def run_once(self, worker_id: str, renew: bool = True) -> bool:
+        now = self.clock.now()
+        await self._store(self.store.promote_due, now)
+        claim = await self._store(self.store.claim_next, worker_id, now, self.lease)
+        if claim is None:
+            return False
+        await self.execute(claim, renew=renew)
+        return True
+
+    async def _worker(self, worker_id: str, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                if await self.run_once(worker_id):
+                    continue
+            except Exception:
+                log.exception("worker %s: iteration failed", worker_id)
+            self.wake_event.clear()
+            try:
+                await asyncio.wait_for(self.wake_event.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
+
+    # -- one task --------------------------------------------------------------
+
+    async def execute(self, claim: Claim, renew: bool = True) -> None:
+        """Run one claimed task to an outcome and commit it; never raises for task errors.
+
+        With `renew` a watcher extends the lease and stops the work when the task was
+        cancelled or its lease was lost (`run_until_idle` steps tasks without it).
+        """
+        task = claim.task
+        self.busy[claim.worker_id] = task.id
+        log.info("task %d running: %s %s (worker %s)", task.id, task.type, task.target, claim.worker_id)
+        work = asyncio.create_task(self._outcome(claim))
+        watcher = asyncio.create_task(self._watch(claim, work)) if renew else None
+        try:
+            outcome = await self._await_work(claim, work)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            self.busy.pop(claim.worker_id, None)
+        if outcome is not None:
+            await self._commit(claim, outcome)
+
+    async def _await_work(self, claim: Claim, work: asyncio.Task[Outcome]) -> Outcome | None:
+        current = asyncio.current_task()
+        try:
+            async with asyncio.timeout(claim.task.timeout_s):
+                return await work
+        except TimeoutError:
+            return Outcome(TaskStatus.FAILED, error=f"timed out after {claim.task.timeout_s:g}s")
+        except asyncio.CancelledError:
+            if current is not None and current.cancelling():
+                work.cancel()
+                await self._release(claim)     # the pool is stopping: back to the queue
+                raise
+            return await self._after_watch(claim)
+
+    async def _after_watch(self, claim: Claim) -> Outcome | None:
+        """The watcher stopped the work: cancelled by the user, or the lease went elsewhere."""
+        task = await self._store(self.store.get_task, claim.task.id)
+        if task.cancel_requested:
+            log.info("task %d cancelled while running", task.id)
+            return Outcome(TaskStatus.CANCELLED, error="cancelled by the user while running")
+        log.warning("task %d: lease lost; leaving it to its new owner", task.id)
+        return None
+
+    async def _outcome(self, claim: Claim) -> Outcome:
+        try:
+            run = await asyncio.to_thread(self._prepare, claim.task)
+        except OhdError as exc:
+            return Outcome(TaskStatus.FAILED, error=str(exc))
+        return await self._attempts(run)
+
+    def _prepare(self, task: Task) -> Run:
+        """Read the target and decide what to ask for (file reads happen here)."""
+        repo = Path(task.repo)
+        source = outputs.read_source(repo, task.target)
+        task_type = TaskType(task.type)
+        is_package = lambda rel: (repo / rel / "__init__.py").is_file()  # noqa: E731
+        output = task.output or tasktypes.default_output(task_type, task.target, (repo / "tests").is_dir())
+        outputs.resolve_inside(repo, output)
+        context = _related(repo, output) if task_type is TaskType.UNIT_TEST else ()
+        job = Job(task_type=task_type, target=task.target, source=source,
+                  module=tasktypes.module_name(task.target, is_package), output=output,
+                  description=task.description, prompt=task.prompt, context=context)
+        return Run(task=task, repo=repo, job=job, attempts=task.attempts)
+
+    async def _attempts(self, run: Run) -> Outcome:
+        candidates = self._candidates(run.task)
+        while run.attempts < run.task.max_attempts:
+            ready = [m for m in candidates if not self._cooling(m)]
+            if not ready:
+                return self._defer(candidates)
+            outcome = await self._try_models(run, ready, candidates)
+            if outcome is not None:
+                return outcome
+        return await self._give_up(run)
+
+    async def _try_models(self, run: Run, ready: list[str], candidates: list[str]) -> Outcome | None:
+        """One attempt: the first ready model that answers; None means attempt again."""
+        for model in ready:
+            try:
+                content = await self._ask(run, model)
+            except RateLimited as exc:
+                self.cooldowns[model] = exc.reset_at
+                log.info("task %d: %s rate limited until %s; next model", run.task.id, model, exc.reset_at)
+                continue
+            except (AuthFailed, BadRequest) as exc:
+                return Outcome(TaskStatus.FAILED, error=str(exc))
+            except MalformedAnswer as exc:
+                run.job = _with_feedback(run.job, (f"Your previous answer was unusable: {exc.message}",))
+                return None
+            except ModelError as exc:
+                log.warning("task %d: %s failed (%s); next model", run.task.id, model, exc.error_class)
+                candidates.remove(model)
+                continue
+            return await self._judge(run, model, content)
+        if not candidates:
+            return Outcome(TaskStatus.FAILED, error="every model failed; see the executions")
+        return None
+
+    async def _ask(self, run: Run, model: str) -> str:
+        """Call one model and record the execution; returns the extracted candidate."""
+        started = self.clock.now()
+        try:
+            completion = await self.call(model, tasktypes.messages(run.job), run.task.timeout_s, run.job)
+        except ModelError as exc:
+            await self._record(run, model, started, None, _outcome_of(exc), exc)
+            raise
+        run.attempts = await self._store(self.store.add_attempt, run.task.id, self.clock.now())
+        try:
+            content = tasktypes.extract(run.job.task_type, completion.content)
+        except MalformedAnswer as exc:
+            exc.model = completion.model or model
+            await self._record(run, model, started, completion, "malformed", exc)
+            raise
+        run.history.append({"model": completion.model or model, "completion": completion})
+        return content
+
+    async def _judge(self, run: Run, model: str, content: str) -> Outcome | None:
+        started = self.clock.now()
+        verdict = validate.check(run.job.task_type, run.job.output, content, target_exists=True,
+                                 module=run.job.module, min_quality=run.task.min_quality)
+        run.verdict = verdict
+        completion: Completion = run.history[-1]["completion"]
+        outcome = "accepted" if verdict.accepted else "rejected"
+        await self._record(run, model, started, completion, outcome, None, verdict)
+        if not verdict.accepted:
+            run.job = _with_feedback(run.job, verdict.feedback())
+            return None
+        return await asyncio.to_thread(self._write, run, content)
+
+    def _write(self, run: Run, content: str) -> Outcome:
+        """Write the accepted output (never over the user's edits) and the report."""
+        intended = outputs.resolve_inside(run.repo, run.job.output)
+        written = self.store.written_hash(run.task.repo, run.job.output)
+        plan = outputs.plan(intended, content, outputs.current_sha(intended), written)
+        if not plan.unchanged and not plan.conflict:
+            self.store.record_written(run.task.repo, run.job.output, plan.sha256, run.task.id, self.clock.now())
+        if not plan.unchanged:
+            outputs.apply(plan)
+        decision = "written_as_ohd_new" if plan.conflict else "written"
+        rel = plan.path.relative_to(run.repo.resolve()).as_posix()
+        report_rel = self._write_report(run, decision, rel)
+        log.info("task %d completed: model=%s, attempts=%d, score=%.2f, output=%s",
+                 run.task.id, run.history[-1]["model"], run.attempts,
+                 run.verdict.score if run.verdict else 0.0, rel)
+        return Outcome(TaskStatus.COMPLETED, output_path=rel, report_path=report_rel)
+
+    async def _give_up(self, run: Run) -> Outcome:
+        messages = "; ".join(run.verdict.feedback()) if run.verdict else "no usable answer"
+        error = f"rejected after {run.attempts} attempt(s): {messages}"
+        report_rel = await asyncio.to_thread(self._write_report, run, "rejected", None, error)
+        return Outcome(TaskStatus.FAILED, error=error, report_path=report_rel)
+
+    def _write_report(self, run: Run, decision: str, output: str | None, error: str | None = None) -> str:
+        json_path, md_path = outputs.report_paths(run.repo, run.task.target, run.task.type)
+        data = {
+            "task": {**run.task.as_dict(), "attempts": run.attempts},
+            "verdict": run.verdict.as_dict() if run.verdict else None,
+            "attempts": [e.as_dict() for e in self.store.executions(run.task.id)],
+            "decision": decision,
+            "output_path": output,
+            "intended_output": run.job.output,
+            "error": error,
+        }
+        outputs.atomic_write(json_path, report.render_json(data))
+        outputs.atomic_write(md_path, report.render_markdown(data))
+        return json_path.relative_to(run.repo.resolve()).as_posix()
+
+    # -- models ----------------------------------------------------------------
+
+    def _candidates(self, task: Task) -> list[str]:
+        chosen: list[str] = []
+        for model in task.models or ("auto",):
+            for m in (self.models if model == "auto" else [model]):
+                if m not in chosen:
+                    chosen.append(m)
+        return chosen
+
+    def _cooling(self, model: str) -> bool:
+        until = self.cooldowns.get(model)
+        return until is not None and until > self.clock.now()
+
+    def _defer(self, candidates: list[str]) -> Outcome:
+        resume = min(self.cooldowns[m] for m in candidates)
+        return Outcome(TaskStatus.PENDING, error=f"every model is cooling down; resumes at {resume.isoformat()}",
+                       not_before=resume)
+
+    # -- store -----------------------------------------------------------------
+
+    async def _commit(self, claim: Claim, outcome: Outcome) -> None:
+        task, now = claim.task, self.clock.now()
+        if outcome.status is TaskStatus.PENDING and outcome.not_before is not None:
+            await self._store(self.store.defer, task.id, claim.worker_id, outcome.not_before, now,
+                              outcome.error or "waiting")
+            log.info("task %d pending until %s", task.id, outcome.not_before.isoformat())
+            return
+        await self._store(self.store.finish, task.id, claim.worker_id, outcome.status, now,
+                          outcome.error, outcome.output_path, outcome.report_path)
+        if outcome.status is TaskStatus.FAILED:
+            log.info("task %d failed: %s", task.id, outcome.error)
+
+    async def _record(self, run: Run, model: str, started: datetime, completion: Completion | None,
+                      outcome: str, exc: ModelError | None, verdict: validate.Verdict | None = None) -> None:
+        await self._store(
+            self.store.record_execution, run.task.id, run.attempts, model, started, self.clock.now(),
+            completion.prompt_tokens if completion else 0, completion.completion_tokens if completion else 0,
+            completion.cost if completion else None, outcome,
+            exc.error_class if exc else None, str(exc) if exc else None)
+
+    async def _watch(self, claim: Claim, work: asyncio.Task[Outcome]) -> None:
+        """Extend the lease while the task runs; stop the work if it was cancelled or lost."""
+        interval = min(1.0, self.lease.total_seconds() / 3)
+        while not work.done():
+            await self.clock.sleep(interval)
+            ok = await self._store(self.store.renew, claim.task.id, claim.worker_id, self.clock.now(), self.lease)
+            if not ok:
+                work.cancel()
+                return
+
+    async def _release(self, claim: Claim) -> None:
+        await self._store(self.store.release, claim.task.id, claim.worker_id, self.clock.now())
+        log.info("task %d released back to the queue", claim.task.id)
+
+    async def _store(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a store call in a thread so a busy SQLite lock never stalls the loop."""
+        return await asyncio.to_thread(fn, *args)
+
+
+def _outcome_of(exc: ModelError) -> str:
+    return "rate_limited" if isinstance(exc, RateLimited) else "malformed" if isinstance(exc, MalformedAnswer) else "error"
+
+
+def _with_feedback(job: Job, feedback: Sequence[str]) -> Job:
+    from dataclasses import replace
+
+    return replace(job, feedback=tuple(feedback))
+
+
+def _related(repo: Path, output: str) -> tuple[tuple[str, str], ...]:
+    """An existing file at the output path is context for the model (what the user has)."""
+    try:
+        return ((output, outputs.read_source(repo, output)),)
+    except TargetError:
+        return ()

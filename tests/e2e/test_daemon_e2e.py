@@ -1,0 +1,119 @@
+"""A real `ohd daemon` process, a real fake OpenRouter on 127.0.0.1, a real git repo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.helpers import DaemonProcess, daemon_env, fake_openrouter
+from tests.support.waiting import wait_for
+
+TASK = """type: unit_test
+target: shop/pricing.py
+description: Cover total and the Cart
+priority: high
+"""
+
+
+@pytest.fixture
+def runtime() -> Path:
+    return Path(os.environ["OHD_RUNTIME_DIR"])
+
+
+def _task_done(daemon: DaemonProcess, task_id: int) -> dict[str, object] | None:
+    task = daemon.json("show", str(task_id))
+    return task if task["status"] in ("completed", "failed", "cancelled") else None
+
+
+def test_dropped_task_file_is_completed_with_output_and_report(repo: Path, tmp_path: Path, runtime: Path) -> None:
+    with fake_openrouter("--latency-ms", "50") as url:
+        env = daemon_env(tmp_path, runtime, OPENROUTER_API_KEY="sk-test-secret", OHD_BASE_URL=url,
+                         OHD_MODELS="fake/model-a:free,fake/model-b:free")
+        daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
+        try:
+            (repo / "tasks.d" / "auth-tests.yaml").write_text(TASK)
+            task = wait_for(lambda: _task_done(daemon, 1), timeout=60, what="task 1 to finish")
+            status = daemon.json("status")
+        finally:
+            assert daemon.stop() == 0
+    assert task["status"] == "completed", task
+    for key in ("id", "status", "type", "target", "priority", "attempts", "output_path", "report_path",
+                "error", "executions"):
+        assert key in task
+    assert task["output_path"] == "tests/test_pricing.py"
+    assert (repo / "tests" / "test_pricing.py").read_text().count("def test_") >= 1
+    report = json.loads((repo / task["report_path"]).read_text())
+    assert report["decision"] == "written"
+    assert (repo / "shop" / ".ohd" / "pricing.py.unit_test.md").exists()
+    execution = task["executions"][0]
+    assert execution["model"] == "fake/model-a:free" and execution["outcome"] == "accepted"
+    assert execution["prompt_tokens"] > 0 and execution["latency_ms"] >= 0
+    assert (repo / "tasks.d" / ".done" / "auth-tests.yaml").exists()
+    for key in ("version", "pid", "uptime_s", "repos", "queue", "workers", "models"):
+        assert key in status
+    assert status["queue"]["completed"] == 1
+    assert "sk-test-secret" not in (tmp_path / "daemon.log").read_text()
+
+
+def test_files_dropped_while_down_are_ingested_at_start(repo: Path, tmp_path: Path, runtime: Path) -> None:
+    (repo / "tasks.d" / "good.yaml").write_text(TASK)
+    (repo / "tasks.d" / "bad.yaml").write_text("type: unit_test\ntarget: shop/pricing.py\ncolour: blue\n")
+    env = daemon_env(tmp_path, runtime)          # no API key: the offline provider
+    daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
+    try:
+        task = wait_for(lambda: _task_done(daemon, 1), timeout=60, what="task 1 to finish")
+    finally:
+        daemon.stop()
+    assert task["status"] == "completed", task
+    assert task["executions"][0]["model"] == "offline"
+    error = (repo / "tasks.d" / ".rejected" / "bad.yaml.error.txt").read_text()
+    assert "colour" in error and ":3" in error
+    assert (repo / "tasks.d" / ".rejected" / "bad.yaml").exists()
+
+
+def test_tasks_and_show_work_while_the_daemon_is_down_and_status_exits_3(
+        repo: Path, tmp_path: Path, runtime: Path) -> None:
+    env = daemon_env(tmp_path, runtime)
+    daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
+    (repo / "tasks.d" / "t.yaml").write_text(TASK)
+    wait_for(lambda: _task_done(daemon, 1), timeout=60, what="task 1 to finish")
+    daemon.stop()
+    assert daemon.ohd("status").returncode == 3
+    listed = daemon.json("tasks")
+    assert [t["id"] for t in listed] == [1]
+    assert daemon.ohd("show", "99").returncode == 1
+
+
+def test_second_daemon_on_the_same_state_refuses(repo: Path, tmp_path: Path, runtime: Path) -> None:
+    env = daemon_env(tmp_path, runtime)
+    daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
+    try:
+        second = daemon.ohd("daemon", "--repo", str(repo))
+    finally:
+        daemon.stop()
+    assert second.returncode == 1
+    assert "already" in second.stderr
+
+
+def test_kill_9_mid_task_then_restart_completes_the_task_once(repo: Path, tmp_path: Path, runtime: Path) -> None:
+    with fake_openrouter("--latency-ms", "3000") as url:
+        env = daemon_env(tmp_path, runtime, OPENROUTER_API_KEY="k", OHD_BASE_URL=url,
+                         OHD_MODELS="fake/slow:free", OHD_LEASE_S="2")
+        daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
+        (repo / "tasks.d" / "t.yaml").write_text(TASK)
+        wait_for(lambda: daemon.json("show", "1")["status"] == "running", timeout=30, what="task 1 running")
+        daemon.stop(signal.SIGKILL)
+        restarted = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
+        try:
+            task = wait_for(lambda: _task_done(restarted, 1), timeout=60, what="task 1 to finish")
+            listed = restarted.json("tasks")
+        finally:
+            restarted.stop()
+    assert task["status"] == "completed"
+    assert len(listed) == 1
+    accepted = [e for e in task["executions"] if e["outcome"] == "accepted"]
+    assert len(accepted) == 1

@@ -1,0 +1,207 @@
+"""The pool against a real SQLite store, the real ModelClient and the fake OpenRouter server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from ohd.clock import SystemClock
+from ohd.llm import Completion, ModelClient
+from ohd.store import Store, TaskStatus, open_database
+from ohd.taskfile import TaskSpec
+from ohd.tasktypes import Job
+from ohd.worker import Pool
+from tests.support.clock import FakeClock
+from tests.support.fake_openrouter import FakeOpenRouter, garbage, ok, rate_limited
+
+GOOD = """```python
+from shop.pricing import total
+
+
+def test_total_sums() -> None:
+    assert total([1.0, 2.0]) == 3.0
+```"""
+BROKEN = "```python\ndef test_x(:\n    pass\n```"
+
+
+@pytest.fixture
+def server() -> Iterator[FakeOpenRouter]:
+    with FakeOpenRouter() as fake:
+        fake.default = ok(GOOD)
+        yield fake
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    st = Store(open_database(f"sqlite:///{tmp_path / 'ohd.db'}"))
+    st.migrate()
+    yield st
+    st.close()
+
+
+def spec(**fields: Any) -> TaskSpec:
+    return TaskSpec.model_validate({"type": "unit_test", "target": "shop/pricing.py", **fields})
+
+
+def run_pool(store: Store, server: FakeOpenRouter, clock: Any, models: list[str], size: int = 1,
+             until_idle: bool = True, stop_after: int = 0) -> Pool:
+    """Build a pool over a real httpx client and run it until no task is ready."""
+
+    async def main() -> Pool:
+        async with httpx.AsyncClient() as http:
+            client = ModelClient(http, server.url, "sk-test", clock, retries=0)
+
+            async def call(model: str, messages: list[dict[str, str]], timeout_s: float, job: Job) -> Completion:
+                return await client.complete(model, messages, timeout_s)
+
+            pool = Pool(store, call, clock, models=models, size=size)
+            if until_idle:
+                await pool.run_until_idle()
+            else:
+                await _run_until_done(pool, store, stop_after)
+            return pool
+
+    return asyncio.run(main())
+
+
+async def _run_until_done(pool: Pool, store: Store, expected: int) -> None:
+    stop = asyncio.Event()
+    runner = asyncio.create_task(pool.run(stop, grace_s=5))
+    for _ in range(2000):
+        counts = store.counts()
+        if counts["completed"] + counts["failed"] >= expected:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await runner
+
+
+def test_priority_order_then_fifo_with_one_worker(repo: Path, store: Store, server: FakeOpenRouter,
+                                                  clock: FakeClock) -> None:
+    for name, priority in (("low-1", "low"), ("high-1", "high"), ("normal-1", "normal"),
+                           ("high-2", "high"), ("critical-1", "critical")):
+        store.enqueue(str(repo), spec(priority=priority, description=name, output=f"tests/test_{name[:3]}{name[-1]}.py"),
+                      clock.now())
+    run_pool(store, server, clock, ["m"])
+    order = [_description(r.body) for r in server.completions()]
+    assert order == ["critical-1", "high-1", "high-2", "normal-1", "low-1"]
+
+
+def _description(body: Any) -> str:
+    text = " ".join(m["content"] for m in body["messages"])
+    for name in ("critical-1", "high-1", "high-2", "normal-1", "low-1"):
+        if name in text:
+            return name
+    raise AssertionError("no description in the prompt")
+
+
+def test_accepted_answer_is_written_with_report_and_execution(repo: Path, store: Store,
+                                                              server: FakeOpenRouter, clock: FakeClock) -> None:
+    task_id = store.enqueue(str(repo), spec(), clock.now())
+    run_pool(store, server, clock, ["model-a"])
+    task = store.get_task(task_id)
+    assert task.status == "completed", task.error
+    assert task.output_path == "tests/test_pricing.py"
+    assert "from shop.pricing import total" in (repo / "tests" / "test_pricing.py").read_text()
+    report = json.loads((repo / task.report_path).read_text())
+    assert report["decision"] == "written" and report["verdict"]["accepted"]
+    [execution] = store.executions(task_id)
+    assert (execution.model, execution.outcome, execution.prompt_tokens) == ("model-a", "accepted", 100)
+
+
+def test_429_moves_to_the_next_model_without_spending_an_attempt(repo: Path, store: Store,
+                                                                 server: FakeOpenRouter, clock: FakeClock) -> None:
+    server.script("model-a", [rate_limited(retry_after=60)])
+    task_id = store.enqueue(str(repo), spec(), clock.now())
+    pool = run_pool(store, server, clock, ["model-a", "model-b"])
+    task = store.get_task(task_id)
+    assert task.status == "completed" and task.attempts == 1
+    assert [e.outcome for e in store.executions(task_id)] == ["rate_limited", "accepted"]
+    assert pool.cooldowns["model-a"] == clock.now() + timedelta(seconds=60)
+
+
+def test_every_model_cooling_defers_the_task_until_the_earliest_reset(repo: Path, store: Store,
+                                                                      server: FakeOpenRouter,
+                                                                      clock: FakeClock) -> None:
+    server.script("model-a", [rate_limited(retry_after=120)])
+    server.script("model-b", [rate_limited(retry_after=30)])
+    task_id = store.enqueue(str(repo), spec(), clock.now())
+    start = clock.now()
+    run_pool(store, server, clock, ["model-a", "model-b"])
+    task = store.get_task(task_id)
+    assert task.status == "pending" and task.attempts == 0
+    assert task.not_before == start + timedelta(seconds=30)
+
+
+def test_a_rejected_answer_feeds_the_next_attempt_and_failing_all_attempts_fails(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    server.default = ok(BROKEN)
+    task_id = store.enqueue(str(repo), spec(max_attempts=2), clock.now())
+    run_pool(store, server, clock, ["m"])
+    task = store.get_task(task_id)
+    assert task.status == "failed" and task.attempts == 2
+    assert "valid_python" in (task.error or "") or "syntax" in (task.error or "").lower()
+    second_prompt = server.completions()[1].body["messages"][-1]["content"]
+    assert "line" in second_prompt.lower() and "previous" in second_prompt.lower()
+    assert not (repo / "tests" / "test_pricing.py").exists()
+    assert json.loads((repo / task.report_path).read_text())["decision"] == "rejected"
+
+
+def test_a_garbled_answer_costs_an_attempt_then_the_next_one_is_used(repo: Path, store: Store,
+                                                                     server: FakeOpenRouter,
+                                                                     clock: FakeClock) -> None:
+    server.script("m", [ok("I cannot help with that."), garbage()])
+    task_id = store.enqueue(str(repo), spec(max_attempts=3), clock.now())
+    run_pool(store, server, clock, ["m"])
+    task = store.get_task(task_id)
+    assert task.status == "completed" and task.attempts == 3
+    assert [e.outcome for e in store.executions(task_id)] == ["malformed", "malformed", "accepted"]
+
+
+def test_a_file_the_user_edited_is_not_overwritten(repo: Path, store: Store, server: FakeOpenRouter,
+                                                   clock: FakeClock) -> None:
+    mine = repo / "tests" / "test_pricing.py"
+    mine.write_text("# my own tests\n")
+    task_id = store.enqueue(str(repo), spec(), clock.now())
+    run_pool(store, server, clock, ["m"])
+    task = store.get_task(task_id)
+    assert mine.read_text() == "# my own tests\n"
+    assert task.output_path == "tests/test_pricing.py.ohd-new"
+    assert json.loads((repo / task.report_path).read_text())["decision"] == "written_as_ohd_new"
+
+
+def test_ohd_overwrites_its_own_previous_output(repo: Path, store: Store, server: FakeOpenRouter,
+                                                clock: FakeClock) -> None:
+    first = store.enqueue(str(repo), spec(), clock.now())
+    run_pool(store, server, clock, ["m"])
+    server.default = ok(GOOD.replace("3.0", "3.0  # again"))
+    second = store.enqueue(str(repo), spec(), clock.now())
+    run_pool(store, server, clock, ["m"])
+    assert store.get_task(first).output_path == store.get_task(second).output_path == "tests/test_pricing.py"
+    assert "# again" in (repo / "tests" / "test_pricing.py").read_text()
+
+
+def test_a_missing_target_fails_with_a_clear_error(repo: Path, store: Store, server: FakeOpenRouter,
+                                                   clock: FakeClock) -> None:
+    (repo / "shop" / "pricing.py").unlink()
+    task_id = store.enqueue(str(repo), spec(), clock.now())
+    run_pool(store, server, clock, ["m"])
+    task = store.get_task(task_id)
+    assert task.status == "failed" and "shop/pricing.py" in (task.error or "")
+    assert server.completions() == []
+
+
+def test_many_workers_run_each_task_exactly_once(repo: Path, store: Store, server: FakeOpenRouter) -> None:
+    server.latency_s = 0.01
+    ids = [store.enqueue(str(repo), spec(output=f"tests/test_p{i}.py"), SystemClock().now()) for i in range(24)]
+    run_pool(store, server, SystemClock(), ["m"], size=6, until_idle=False, stop_after=len(ids))
+    assert all(store.get_task(i).status == "completed" for i in ids)
+    assert len(server.completions()) == len(ids)
+    assert sorted(e.task_id for i in ids for e in store.executions(i)) == sorted(ids)
