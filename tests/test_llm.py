@@ -28,7 +28,7 @@ from ohd.errors import (
     RateLimited,
     ServerError,
 )
-from ohd.llm import Completion, ModelClient, reset_at
+from ohd.llm import Completion, ModelClient, OfflineProvider, reset_at
 
 from tests.support.clock import FakeClock
 from tests.support.fake_openrouter import (
@@ -435,3 +435,25 @@ def test_fake_server_runs_as_a_process() -> None:
         _, stderr = process.communicate(timeout=10)
     assert process.returncode == 0
     assert "served 3 completion request(s)" in stderr
+
+
+# --- offline provider --------------------------------------------------------------------
+
+
+def test_offline_provider_answers_from_the_job_without_network(clock: FakeClock) -> None:
+    from ohd import offline
+    from ohd.taskfile import TaskType
+    from ohd.tasktypes import Job
+
+    job = Job(task_type=TaskType.UNIT_TEST, target="app/calc.py", source='def add(a, b):\n    return a + b\n',
+              module="app.calc", output="tests/test_calc.py")
+    result = asyncio.run(OfflineProvider(clock).complete(MODEL, MESSAGES, 5.0, job))
+    assert result.content == offline.answer(job)
+    assert (result.model, result.cost, result.latency_ms, result.finish_reason) == ("offline", 0.0, 0, "stop")
+    assert result.prompt_tokens == sum(len(message["content"].split()) for message in MESSAGES)
+    assert result.completion_tokens == len(result.content.split()) > 0
+
+
+def test_offline_provider_needs_the_job(clock: FakeClock) -> None:
+    with pytest.raises(BadRequest):
+        asyncio.run(OfflineProvider(clock).complete(MODEL, MESSAGES, 5.0))
