@@ -133,6 +133,20 @@ def test_a_crash_between_insert_and_move_leaves_one_task_and_moves_the_file(
     assert store.pending_ingest(str(repo.resolve()), sha) is None
 
 
+def test_a_crash_after_the_move_before_it_was_recorded_still_lets_a_redrop_be_new(
+        ingestor: Ingestor, store: Store, clock: FakeClock, repo: Path) -> None:
+    path = drop(repo, "t.yaml", VALID)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    store.ingest_file(str(repo.resolve()), "tasks.d/t.yaml", sha, parse(VALID), clock.now())
+    (repo / "tasks.d" / ".done").mkdir()
+    path.rename(repo / "tasks.d" / ".done" / "t.yaml")
+    # ... the daemon died before mark_moved; at restart the scan records the move
+    ingestor.scan(repo)
+    assert store.pending_ingest(str(repo.resolve()), sha) is None
+    assert submit_and_run(ingestor, clock, repo, drop(repo, "t.yaml", VALID)) == 1
+    assert len(store.list_tasks()) == 2
+
+
 def test_a_failed_move_is_retried_without_a_second_task(
         ingestor: Ingestor, store: Store, clock: FakeClock, repo: Path,
         caplog: pytest.LogCaptureFixture) -> None:

@@ -78,9 +78,21 @@ class Ingestor:
         tasks_dir = repo / TASKS_DIR
         if not tasks_dir.is_dir():
             return
+        self._settle_moves(repo.resolve())
         for path in sorted(tasks_dir.iterdir()):
             if path.is_file() and is_candidate(path):
                 self.submit_path(repo, path)
+
+    def _settle_moves(self, repo: Path) -> None:
+        """A crash after the move to .done/ but before it was recorded: record it now.
+
+        Otherwise the same content dropped again later would be taken for the
+        unmoved file and only moved, not queued as the new task the user meant.
+        """
+        for relpath, sha256 in self.store.pending_files(str(repo)):
+            if not (repo / relpath).exists():
+                self.store.mark_moved(str(repo), sha256)
+                log.info("%s: its move to %s/ was not recorded before a stop; recorded now", relpath, DONE_DIR)
 
     def submit_path(self, repo: Path, path: Path) -> None:
         """Note that `path` (in `repo/tasks.d/`) appeared or changed; it is ingested once settled."""

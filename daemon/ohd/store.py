@@ -134,6 +134,13 @@ class Store:
         row = files.select(files.task_id).where(files.pending_key == pending_key(repo, sha256)).first()
         return None if row is None else row.task_id
 
+    def pending_files(self, repo: str) -> list[tuple[str, str]]:
+        """(relpath, sha256) of every ingested file of `repo` not yet marked moved."""
+        self._read()
+        files = self.m.ingested_file
+        rows = files.select(files.relpath, files.sha256).where(files.pending_key.is_null(False), files.repo == repo)
+        return [(row.relpath, row.sha256) for row in rows]
+
     def mark_moved(self, repo: str, sha256: str) -> None:
         """The file went to .done/: the same content dropped again is a new task."""
         files = self.m.ingested_file
