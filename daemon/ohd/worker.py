@@ -245,6 +245,8 @@ class Pool:
         try:
             completion = await self.call(model, tasktypes.messages(run.job), run.task.timeout_s, run.job)
         except ModelError as exc:
+            if isinstance(exc, MalformedAnswer):       # an answer, if a useless one: it costs an attempt
+                run.attempts = await self._store(self.store.add_attempt, run.task.id, self.clock.now())
             await self._record(run, model, started, None, _outcome_of(exc), exc)
             raise
         run.attempts = await self._store(self.store.add_attempt, run.task.id, self.clock.now())

@@ -12,6 +12,23 @@ import pytest
 from tests.e2e.helpers import DaemonProcess, daemon_env, fake_openrouter
 from tests.support.waiting import wait_for
 
+ANSWER = """Here are the tests:
+
+```python
+import pytest
+
+from shop.pricing import Cart, total
+
+
+def test_total_applies_the_discount() -> None:
+    assert total([100.0], discount=0.25) == 75.0
+
+
+def test_cart_refuses_negative_prices() -> None:
+    with pytest.raises(ValueError):
+        Cart().add(-1.0)
+```
+"""
 TASK = """type: unit_test
 target: shop/pricing.py
 description: Cover total and the Cart
@@ -30,7 +47,8 @@ def _task_done(daemon: DaemonProcess, task_id: int) -> dict[str, object] | None:
 
 
 def test_dropped_task_file_is_completed_with_output_and_report(repo: Path, tmp_path: Path, runtime: Path) -> None:
-    with fake_openrouter("--latency-ms", "50") as url:
+    (tmp_path / "answer.md").write_text(ANSWER)
+    with fake_openrouter("--latency-ms", "50", "--content-file", str(tmp_path / "answer.md")) as url:
         env = daemon_env(tmp_path, runtime, OPENROUTER_API_KEY="sk-test-secret", OHD_BASE_URL=url,
                          OHD_MODELS="fake/model-a:free,fake/model-b:free")
         daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
@@ -45,7 +63,7 @@ def test_dropped_task_file_is_completed_with_output_and_report(repo: Path, tmp_p
                 "error", "executions"):
         assert key in task
     assert task["output_path"] == "tests/test_pricing.py"
-    assert (repo / "tests" / "test_pricing.py").read_text().count("def test_") >= 1
+    assert (repo / "tests" / "test_pricing.py").read_text().count("def test_") == 2
     report = json.loads((repo / task["report_path"]).read_text())
     assert report["decision"] == "written"
     assert (repo / "shop" / ".ohd" / "pricing.py.unit_test.md").exists()
