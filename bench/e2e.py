@@ -43,12 +43,13 @@ from shop.pricing import total
 def test_total() -> None:
     assert total([1.0, 2.0]) == 3.0
 ```"""
-TASK = "type: unit_test\ntarget: shop/pricing.py\ndescription: {n}\noutput: tests/test_{n}.py\n"
+TASK = "type: unit_test\ntarget: shop/pricing.py\ndescription: drop {n}\noutput: tests/test_{n}.py\n"
 
 
 class Daemon:
     def __init__(self, base: Path, repo: Path, url: str, workers: int) -> None:
         self.base = base
+        base.mkdir(parents=True, exist_ok=True)
         self.runtime = Path(tempfile.mkdtemp(prefix="ohd-bench-"))
         self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("OHD_")},
                     "OHD_STATE_DIR": str(base / "state"), "OHD_RUNTIME_DIR": str(self.runtime),

@@ -152,10 +152,12 @@ class Store:
     def claim_next(self, worker_id: str, now: datetime, lease: timedelta) -> Claim | None:
         """Take the highest-priority, oldest ready task and lease it to `worker_id`."""
         t = self.m.task
+        is_ready = (t.status == TaskStatus.QUEUED.value) & (t.not_before.is_null() | (t.not_before <= now))
+        self._read()
+        if not t.select(t.id).where(is_ready).exists():
+            return None            # a plain read: idle workers never queue for the writer lock
         with self._write():
-            ready = (t.select(t.id)
-                     .where((t.status == TaskStatus.QUEUED.value) & (t.not_before.is_null() | (t.not_before <= now)))
-                     .order_by(t.rank.desc(), t.id).limit(1))
+            ready = t.select(t.id).where(is_ready).order_by(t.rank.desc(), t.id).limit(1)
             if not self._sqlite:
                 ready = ready.for_update(skip_locked=True)
             row = ready.first()
@@ -193,9 +195,13 @@ class Store:
     def promote_due(self, now: datetime) -> int:
         """Pending tasks whose not_before has come become queued; how many."""
         t = self.m.task
+        due = (t.status == TaskStatus.PENDING.value) & (t.not_before <= now)
+        self._read()
+        if not t.select(t.id).where(due).exists():
+            return 0
         with self._write():
             return int(t.update(status=TaskStatus.QUEUED.value, not_before=None, updated_at=now)
-                       .where((t.status == TaskStatus.PENDING.value) & (t.not_before <= now)).execute())
+                       .where(due).execute())
 
     def defer(self, task_id: int, worker_id: str, not_before: datetime, now: datetime, reason: str) -> None:
         """Running → pending until `not_before` (every model cools down); lease released."""

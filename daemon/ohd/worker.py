@@ -113,14 +113,13 @@ class Pool:
     async def run_until_idle(self, worker_id: str = "w-test") -> int:
         """Run tasks one at a time until none is ready; returns how many ran (tests)."""
         count = 0
+        await self._store(self.store.promote_due, self.clock.now())
         while await self.run_once(worker_id, renew=False):
             count += 1
         return count
 
     async def run_once(self, worker_id: str, renew: bool = True) -> bool:
-        now = self.clock.now()
-        await self._store(self.store.promote_due, now)
-        claim = await self._store(self.store.claim_next, worker_id, now, self.lease)
+        claim = await self._store(self.store.claim_next, worker_id, self.clock.now(), self.lease)
         if claim is None:
             return False
         await self.execute(claim, renew=renew)
