@@ -112,6 +112,7 @@ def test_accepted_answer_is_written_with_report_and_execution(repo: Path, store:
     assert "from shop.pricing import total" in (repo / "tests" / "test_pricing.py").read_text()
     report = json.loads((repo / task.report_path).read_text())
     assert report["decision"] == "written" and report["verdict"]["accepted"]
+    assert report["task"]["status"] == "completed"
     [execution] = store.executions(task_id)
     assert (execution.model, execution.outcome, execution.prompt_tokens) == ("model-a", "accepted", 100)
 

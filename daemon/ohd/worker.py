@@ -297,7 +297,8 @@ class Pool:
     def _write_report(self, run: Run, decision: str, output: str | None, error: str | None = None) -> str:
         json_path, md_path = outputs.report_paths(run.repo, run.task.target, run.task.type)
         data = {
-            "task": {**run.task.as_dict(), "attempts": run.attempts},
+            "task": {**run.task.as_dict(), "attempts": run.attempts,
+                     "status": TaskStatus.FAILED.value if decision == "rejected" else TaskStatus.COMPLETED.value},
             "verdict": run.verdict.as_dict() if run.verdict else None,
             "attempts": [e.as_dict() for e in self.store.executions(run.task.id)],
             "decision": decision,

@@ -135,3 +135,52 @@ def test_kill_9_mid_task_then_restart_completes_the_task_once(repo: Path, tmp_pa
     assert len(listed) == 1
     accepted = [e for e in task["executions"] if e["outcome"] == "accepted"]
     assert len(accepted) == 1
+
+
+def test_submit_cancel_running_and_retry_through_the_cli(repo: Path, tmp_path: Path, runtime: Path) -> None:
+    with fake_openrouter("--latency-ms", "1500") as url:
+        env = daemon_env(tmp_path, runtime, OPENROUTER_API_KEY="k", OHD_BASE_URL=url, OHD_MODELS="fake/slow:free")
+        daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
+        try:
+            submitted = daemon.ohd("submit", "--type", "unit_test", "--target", "shop/pricing.py",
+                                   "--repo", str(repo), "--priority", "critical")
+            assert submitted.returncode == 0, submitted.stderr
+            task_id = submitted.stdout.strip()
+            wait_for(lambda: daemon.json("show", task_id)["status"] == "running", timeout=30, what="running")
+            assert daemon.ohd("cancel", task_id).returncode == 0
+            cancelled = wait_for(lambda: _task_done(daemon, int(task_id)), timeout=30, what="cancelled")
+            again = daemon.ohd("cancel", task_id)
+            assert daemon.ohd("retry", task_id).returncode == 0
+            retried = wait_for(lambda: _task_done(daemon, int(task_id)), timeout=30, what="retried task")
+            outside = daemon.ohd("submit", "--type", "unit_test", "--target", "../etc/passwd", "--repo", str(repo))
+        finally:
+            daemon.stop()
+    assert cancelled["status"] == "cancelled"
+    assert again.returncode == 1 and "cancelled" in again.stderr
+    assert retried["status"] == "completed"
+    assert outside.returncode == 1 and "target" in outside.stderr
+
+
+def test_sigterm_lets_a_running_task_finish_within_the_grace_period(repo: Path, tmp_path: Path,
+                                                                    runtime: Path) -> None:
+    with fake_openrouter("--latency-ms", "1500") as url:
+        env = daemon_env(tmp_path, runtime, OPENROUTER_API_KEY="k", OHD_BASE_URL=url, OHD_MODELS="fake/slow:free",
+                         OHD_GRACE_S="20")
+        daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
+        (repo / "tasks.d" / "t.yaml").write_text(TASK)
+        wait_for(lambda: daemon.json("show", "1")["status"] == "running", timeout=30, what="task 1 running")
+        assert daemon.stop(signal.SIGTERM) == 0
+    assert daemon.json("show", "1")["status"] == "completed"
+
+
+def test_sigterm_past_the_grace_period_puts_the_task_back_in_the_queue(repo: Path, tmp_path: Path,
+                                                                       runtime: Path) -> None:
+    with fake_openrouter("--latency-ms", "5000") as url:
+        env = daemon_env(tmp_path, runtime, OPENROUTER_API_KEY="k", OHD_BASE_URL=url, OHD_MODELS="fake/slow:free",
+                         OHD_GRACE_S="0.5")
+        daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
+        (repo / "tasks.d" / "t.yaml").write_text(TASK)
+        wait_for(lambda: daemon.json("show", "1")["status"] == "running", timeout=30, what="task 1 running")
+        assert daemon.stop(signal.SIGTERM) == 0
+    task = daemon.json("show", "1")
+    assert task["status"] == "queued" and task["executions"] == []
