@@ -1,7 +1,7 @@
 """watchdog observers on each repo's `tasks.d/`: file events → `callback(repo, path)`.
 
-One Observer thread watches the top level of every registered `tasks.d/` (never its
-subdirectories: `.done/`, `.rejected/`, `examples/`). Created, modified, closed and
+One Observer thread watches every registered `tasks.d/`; only its top level counts
+(never its subdirectories: `.done/`, `.rejected/`, `examples/`). Created, modified, closed and
 moved-into events for task-file names reach the callback, called on the observer
 thread; the daemon hands them to the event loop with `call_soon_threadsafe`. This room
 only filters and forwards: settling, parsing and the store belong to `ingest`.
@@ -82,7 +82,10 @@ class TasksDirWatcher:
             return
         tasks_dir.mkdir(parents=True, exist_ok=True)
         handler = _TasksDirHandler(repo, tasks_dir, self.callback)
-        self.observer.schedule(handler, str(tasks_dir), recursive=False)
+        # Recursive although only the top level counts (the handler filters): ingest moves
+        # files into .done/ and .rejected/, and a move whose destination is not watched
+        # is held back 0.5 s by watchdog's move grouping, delaying every event after it.
+        self.observer.schedule(handler, str(tasks_dir), recursive=True)
         self.watched.add(tasks_dir)
         log.info("watching %s", tasks_dir)
 
