@@ -119,7 +119,7 @@ def _show(base: Path, repo: Path, out: Callable[[str], None]) -> int:
     out(f"$ python -m pytest -q {task.output_path}")
     tested = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", task.output_path],
                             cwd=repo, capture_output=True, text=True)
-    out(tested.stdout.strip() + "\n")
+    out((tested.stdout.strip() or tested.stderr.strip()) + "\n")
     return 0 if tested.returncode == 0 else 1
 
 
