@@ -3,34 +3,11 @@
 from __future__ import annotations
 
 import subprocess
+from importlib import resources
 from pathlib import Path
 
-PRICING = '''"""Prices for a small shop."""
-
-
-def total(prices: list[float], discount: float = 0.0) -> float:
-    """Sum the prices and apply a fractional discount."""
-    if not 0.0 <= discount < 1.0:
-        raise ValueError("discount must be in [0, 1)")
-    return round(sum(prices) * (1.0 - discount), 2)
-
-
-def is_free(price: float) -> bool:
-    return price == 0
-
-
-class Cart:
-    def __init__(self) -> None:
-        self.items: list[float] = []
-
-    def add(self, price: float) -> None:
-        if price < 0:
-            raise ValueError("negative price")
-        self.items.append(price)
-
-    def total(self) -> float:
-        return total(self.items)
-'''
+# The same small real module that `ohd demo` uses, shipped inside the package.
+PRICING = resources.files("ohd").joinpath("examples", "pricing.py").read_text(encoding="utf-8")
 
 
 def git(repo: Path, *args: str) -> str:
