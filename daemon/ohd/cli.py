@@ -82,9 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (("cancel", cmd_cancel, "cancel a queued or running task"),
                              ("retry", cmd_retry, "queue a failed or cancelled task again")):
         command(name, func, text).add_argument("id", type=int)
-    command("models", cmd_models, "the models and their state (over the socket)")
-    p = command("metrics", cmd_metrics, "metrics in Prometheus text (over the socket)", json_flag=False)
-    p.add_argument("--prometheus", action="store_true", help="Prometheus text (the default)")
+    command("models", cmd_models, "the models, their state and measured stats (over the socket)")
+    p = command("metrics", cmd_metrics, "metrics: Prometheus text, or JSON (over the socket)", json_flag=False)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="the JSON snapshot")
+    fmt.add_argument("--prometheus", action="store_true", help="Prometheus text (the default)")
     p = command("init", cmd_init, "prepare a repo: tasks.d/, examples, .git/info/exclude", json_flag=False)
     p.add_argument("--repo", type=Path, default=Path("."))
     p = command("validate", cmd_validate, "check task files without submitting them")
@@ -191,7 +193,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    print(client(args).get_text("/metrics"), end="")
+    if args.json:
+        emit(client(args).get("/metrics.json"), True, str)
+    else:
+        print(client(args).get_text("/metrics"), end="")
     return EXIT_OK
 
 

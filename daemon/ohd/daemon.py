@@ -26,8 +26,10 @@ from ohd import __version__
 from ohd.clock import Clock, SystemClock
 from ohd.config import Settings
 from ohd.errors import DaemonAlreadyRunning
+from ohd.history import History
 from ohd.ingest import Ingestor
 from ohd.llm import Completion, ModelClient, OfflineProvider
+from ohd.metrics import Metrics, collect, prometheus, with_stats
 from ohd.server import ApiServer
 from ohd.store import Store, open_database
 from ohd.tasktypes import Job
@@ -111,6 +113,9 @@ class Daemon:
             watcher.start()
             stack.callback(watcher.stop)
             server = ApiServer(self.settings.socket_path, self.store, repos=self.repos, clock=self.clock,
+                               metrics=lambda: prometheus(self.metrics()),
+                               metrics_json=lambda: self.metrics().as_dict(),
+                               annotate_models=lambda states: with_stats(states, self.metrics()),
                                status=self.status, wake=lambda: loop.call_soon_threadsafe(pool.wake),
                                models=pool.model_states)
             server.start()
@@ -164,6 +169,11 @@ class Daemon:
             if reaped or promoted:
                 log.info("housekeeping: %d lease(s) expired, %d task(s) due again", len(reaped), promoted)
                 pool.wake()
+
+    def metrics(self) -> Metrics:
+        """A metrics snapshot now, read from the store (called on the socket server's threads)."""
+        return collect(History(self.store.db, self.store.m), self.clock.now(),
+                       self.clock.monotonic() - self.started)
 
     def status(self) -> dict[str, Any]:
         pool = self.pool

@@ -107,7 +107,9 @@ class ApiServer:
     def __init__(self, socket_path: Path, store: Store, *, repos: list[Path], clock: Clock,
                  status: Callable[[], dict[str, Any]], wake: Callable[[], object],
                  models: Callable[[], list[dict[str, Any]]],
-                 metrics: Callable[[], str] | None = None) -> None:
+                 metrics: Callable[[], str] | None = None,
+                 metrics_json: Callable[[], dict[str, Any]] | None = None,
+                 annotate_models: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None) -> None:
         self.socket_path = socket_path
         self.store = store
         self.repos = list(repos)
@@ -116,6 +118,8 @@ class ApiServer:
         self.wake = wake
         self.models = models
         self.metrics = metrics
+        self.metrics_json = metrics_json
+        self.annotate_models = annotate_models  # adds measured stats to the model states
         self.routes: tuple[tuple[str, re.Pattern[str], Handler], ...] = (
             ("GET", re.compile(r"/status"), self.get_status),
             ("GET", re.compile(r"/tasks"), self.list_tasks),
@@ -124,6 +128,7 @@ class ApiServer:
             ("POST", re.compile(r"/tasks/(\d+)/cancel"), self.cancel),
             ("POST", re.compile(r"/tasks/(\d+)/retry"), self.retry),
             ("GET", re.compile(r"/metrics"), self.get_metrics),
+            ("GET", re.compile(r"/metrics\.json"), self.get_metrics_json),
             ("GET", re.compile(r"/models"), self.get_models),
         )
         self._httpd: _UnixHTTPServer | None = None
@@ -238,8 +243,12 @@ class ApiServer:
         text = self.metrics() if self.metrics is not None else prometheus_counts(self.store.counts())
         return Reply(200, text.encode(), METRICS_TYPE)
 
+    def get_metrics_json(self, request: Request) -> Reply:
+        return json_reply(200, self.metrics_json() if self.metrics_json is not None else {"tasks": self.store.counts()})
+
     def get_models(self, request: Request) -> Reply:
-        return json_reply(200, {"models": self.models()})
+        models = self.models()
+        return json_reply(200, {"models": self.annotate_models(models) if self.annotate_models else models})
 
     # -- helpers ------------------------------------------------------------------
 

@@ -64,6 +64,13 @@ def _model_line(model: dict[str, Any]) -> str:
     line = f"{model['id']}: {model.get('state', '?')}"
     if model.get("cooldown_until"):
         line += f" until {model['cooldown_until']}"
+    stats = model.get("stats")
+    if stats and stats.get("calls"):
+        line += (f"  calls {stats['calls']}, accepted {stats.get('accepted', 0)}, "
+                 f"success {stats.get('success_rate') or 0:.0%}, 429s {stats.get('rate_limited', 0)}, "
+                 f"p50 {stats.get('latency_p50_ms') or '-'} ms, p95 {stats.get('latency_p95_ms') or '-'} ms")
+    elif stats is not None:
+        line += "  no calls yet"
     return line
 
 
