@@ -119,6 +119,28 @@ def server_counts(server: FakeOpenRouter) -> tuple[int, int, dict[str, tuple[int
     return len(completions), sum(limited.values()), per_model
 
 
+def timeline(server: FakeOpenRouter, start: float, work: Workload) -> str:
+    """When requests went out, and how long a model's window stayed free before it was used again.
+
+    The reuse lag: for each model, its (rpm+1)-th admitted request arrived this long after
+    its first admitted request left the window (first + window); the worst model is shown.
+    Zero is perfect pacing; the margin a governor keeps shows up here.
+    """
+    completions = server.completions()
+    if not completions:
+        return "no requests"
+    arrivals = [r.at - start for r in completions]
+    text = f"requests went out from +{min(arrivals):.2f} s to +{max(arrivals):.2f} s"
+    lags = []
+    for model in {r.model for r in completions}:
+        admitted = sorted(r.at for r in completions if r.model == model and r.status != 429)
+        if len(admitted) > work.rpm:
+            lags.append(admitted[work.rpm] - (admitted[0] + work.window_s))
+    if lags:
+        text += f"; window reuse lag (worst model) {max(lags) * 1000:.0f} ms"
+    return text
+
+
 # --- ohd ----------------------------------------------------------------------------------
 
 
@@ -238,8 +260,9 @@ def run_ohd(work: Workload, base: Path, timeout_s: float, log_level: str) -> Res
         finally:
             daemon.stop()
         requests, limited, per_model = server_counts(server)
+        when = timeline(server, start, work)
     written = sum(1 for n in range(work.tasks) if (repo / "tests" / f"test_bench_{n}.py").is_file())
-    note = (f"outputs written: {written}; {work.tasks} POSTs took {submitted:.2f} s (inside the time); "
+    note = (f"{when}\n  outputs written: {written}; {work.tasks} POSTs took {submitted:.2f} s (inside the time); "
             f"daemon log {daemon.log}")
     return Result("ohd", elapsed, counts.get("completed", 0), counts.get("failed", 0), requests, limited,
                   timed_out, per_model, note)
@@ -299,6 +322,7 @@ def run_litellm(work: Workload, timeout_s: float) -> Result:
         completed, failed = asyncio.run(main())
         elapsed = time.monotonic() - start
         requests, limited, per_model = server_counts(server)
+        when = timeline(server, start, work)
     version = getattr(litellm, "__version__", None)
     if version is None:
         try:
@@ -306,7 +330,7 @@ def run_litellm(work: Workload, timeout_s: float) -> Result:
             version = dist_version("litellm")
         except Exception:  # noqa: BLE001
             version = "?"
-    note = f"litellm {version}; client-side errors retried: {dict(errors) or 'none'}"
+    note = f"{when}\n  litellm {version}; client-side errors retried: {dict(errors) or 'none'}"
     return Result("LiteLLM Router (rpm-aware + retry loop)", elapsed, completed, failed, requests, limited,
                   False, per_model, note)
 
