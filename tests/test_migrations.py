@@ -22,7 +22,9 @@ SCHEMA = {
                   "prompt_tokens", "completion_tokens", "cost", "outcome", "error_class", "error"},
     "ingested_file": {"id", "repo", "relpath", "sha256", "task_id", "ingested_at", "pending_key"},
     "written_file": {"id", "repo", "path", "sha256", "task_id", "written_at"},
-    "model_state": {"model", "state", "cooldown_until", "dead", "failures", "updated_at"},
+    "model_state": {"model", "state", "cooldown_until", "dead", "failures", "updated_at", "opened_at",
+                    "rpm_limit"},
+    "model_request": {"id", "model", "key_id", "free", "at"},
     "schema_migrations": {"name", "applied_at"},
 }
 

@@ -125,7 +125,7 @@ def test_429_moves_to_the_next_model_without_spending_an_attempt(repo: Path, sto
     task = store.get_task(task_id)
     assert task.status == "completed" and task.attempts == 1
     assert [e.outcome for e in store.executions(task_id)] == ["rate_limited", "accepted"]
-    assert pool.cooldowns["model-a"] == clock.now() + timedelta(seconds=60)
+    assert pool.governor.state("model-a").cooldown_until == clock.now() + timedelta(seconds=60)
 
 
 def test_every_model_cooling_defers_the_task_until_the_earliest_reset(repo: Path, store: Store,

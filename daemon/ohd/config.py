@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr, ValidationError, field_validator
 
 from ohd.errors import ConfigError
 
@@ -32,6 +32,7 @@ DEFAULT_MODELS = (
     "google/gemma-3-27b-it:free",
 )
 _LIST_KEYS = {"models", "repos"}
+_DICT_KEYS = {"rate_limits", "daily_limits"}   # JSON objects in OHD_* variables
 
 
 class Settings(BaseModel):
@@ -58,6 +59,15 @@ class Settings(BaseModel):
     app_url: str = "https://github.com/ohd-dev/ohd"
     app_title: str = "ohd"
     log_level: str = "INFO"
+    # the model governor (issue 3): known limits are paced, never hit; 0 = no such limit
+    free_rpm: int = Field(default=20, ge=0)          # requests per minute per `:free` model
+    free_rpd: int = Field(default=50, ge=0)          # requests per UTC day per key, all `:free` models
+    rate_limits: dict[str, PositiveInt] = Field(default_factory=dict)   # model -> requests per minute
+    daily_limits: dict[str, PositiveInt] = Field(default_factory=dict)  # model -> requests per UTC day
+    quota_margin_s: float = Field(default=0.25, ge=0, le=10)            # added to the 60 s window
+    breaker_failures: int = Field(default=3, ge=1)   # consecutive failures that open a model's breaker
+    breaker_reset_s: float = Field(default=60.0, gt=0)   # open breaker -> one probe after this long
+
 
     @field_validator("repos")
     @classmethod
@@ -139,8 +149,15 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         key = name[4:].lower()
         if key not in fields:
             continue
-        values[key] = _split_list(raw) if key in _LIST_KEYS else raw
+        values[key] = _split_list(raw) if key in _LIST_KEYS else _json_object(raw) if key in _DICT_KEYS else raw
     return values
+
+
+def _json_object(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"not a JSON object: {raw!r} ({exc.msg})") from None
 
 
 def _split_list(raw: str) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from ohd.errors import DaemonAlreadyRunning
 from ohd.history import History
 from ohd.ingest import Ingestor
 from ohd.llm import Completion, ModelClient, OfflineProvider
+from ohd.routing import Policy
 from ohd.metrics import Metrics, collect, prometheus, with_stats
 from ohd.server import ApiServer
 from ohd.store import Store, open_database
@@ -76,6 +78,22 @@ def repos_of(settings: Settings) -> list[Path]:
     return list(settings.repos) or [Path.cwd().resolve()]
 
 
+def policy_of(settings: Settings) -> Policy:
+    """The governor's limits and breaker settings as plain values."""
+    return Policy(free_rpm=settings.free_rpm or None, free_rpd=settings.free_rpd or None,
+                  rpm=dict(settings.rate_limits), rpd=dict(settings.daily_limits),
+                  breaker_failures=settings.breaker_failures,
+                  breaker_reset=timedelta(seconds=settings.breaker_reset_s),
+                  margin=timedelta(seconds=settings.quota_margin_s))
+
+
+def key_id_of(settings: Settings) -> str:
+    """A label for the API key's daily quota: a short digest, never the key itself."""
+    if settings.api_key is None:
+        return "default"
+    return "key-" + hashlib.sha256(settings.api_key.get_secret_value().encode()).hexdigest()[:12]
+
+
 class Daemon:
     def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
         self.settings = settings
@@ -102,7 +120,8 @@ class Daemon:
             for task_id in self.store.reap(self.clock.now()):
                 log.info("task %d: lease expired; back in the queue", task_id)
             pool = Pool(self.store, call, self.clock, models=models, size=self.settings.workers,
-                        lease=timedelta(seconds=self.settings.lease_s))
+                        lease=timedelta(seconds=self.settings.lease_s), policy=policy_of(self.settings),
+                        key_id=key_id_of(self.settings))
             self.pool = pool
             ingestor = Ingestor(self.store, self.clock, settle_s=self.settings.settle_s)
             for repo in self.repos:

@@ -99,12 +99,16 @@ class ModelError(OhdError):
 
 
 class RateLimited(ModelError):
-    """429: the model cools down until `reset_at`; the task moves on without spending an attempt."""
+    """429: the model cools down until `reset_at`; the task moves on without spending an attempt.
+
+    `limit` is the server's `X-RateLimit-Limit` when it sent one (requests per window).
+    """
 
     error_class = "rate_limited"
 
-    def __init__(self, model: str, reset_at: datetime, message: str = "") -> None:
+    def __init__(self, model: str, reset_at: datetime, message: str = "", limit: int | None = None) -> None:
         self.reset_at = reset_at
+        self.limit = limit
         super().__init__(model, message)
 
 

@@ -90,6 +90,13 @@ def reset_at(headers: Mapping[str, str], body: Any, now: datetime, attempt: int 
     return min(max(until, now + MIN_COOLDOWN), now + MAX_COOLDOWN)
 
 
+def rate_limit(headers: Mapping[str, str], body: Any) -> int | None:
+    """`X-RateLimit-Limit` of a 429 (headers, else `error.metadata.headers`); None if absent or garbage."""
+    value = (_lowered(_metadata_headers(body)) | _lowered(headers)).get("x-ratelimit-limit")
+    number = _finite(value) if value else None
+    return int(number) if number is not None and 1 <= number <= 1_000_000 else None
+
+
 def _lowered(headers: Mapping[str, Any]) -> dict[str, str]:
     return {str(name).lower(): str(value).strip() for name, value in headers.items()}
 
@@ -232,7 +239,7 @@ class ModelClient:
             self._rate_limit_streak[model] = streak
             until = reset_at(response.headers, body, self.clock.now(), attempt=streak)
             log.info("model %s rate limited until %s (%s)", model, until.isoformat(), message)
-            raise RateLimited(model, until, message)
+            raise RateLimited(model, until, message, limit=rate_limit(response.headers, body))
         raise _status_error(status)(model, message)
 
 

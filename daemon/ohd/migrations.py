@@ -119,9 +119,33 @@ def initial_schema(db: peewee.Database) -> None:
     db.create_tables([Task, Execution, IngestedFile, WrittenFile, ModelState], safe=False)
 
 
+def governor_state(db: peewee.Database) -> None:
+    """model_state gains opened_at (breaker) and rpm_limit (learned); model_request: one row per request."""
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as alter
+
+    migrator = SchemaMigrator.from_database(db)
+    alter(migrator.add_column("model_state", "opened_at", peewee.DateTimeField(null=True)),
+          migrator.add_column("model_state", "rpm_limit", peewee.IntegerField(null=True)))
+
+    class ModelRequest(peewee.Model):
+        model = peewee.CharField(max_length=255)
+        key_id = peewee.CharField(max_length=64)
+        free = peewee.BooleanField(default=False)
+        at = peewee.DateTimeField(index=True)
+
+        class Meta:
+            database = db
+            table_name = "model_request"
+            indexes = ((("model", "at"), False), (("key_id", "at"), False))
+
+    db.create_tables([ModelRequest], safe=False)
+
+
 # The history, oldest first. Append only.
 MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     ("0001_initial_schema", initial_schema),
+    ("0002_governor_state", governor_state),
 )
 
 

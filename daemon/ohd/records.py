@@ -200,6 +200,8 @@ class ModelStateRow(peewee.Model):
     dead = peewee.BooleanField()
     failures = peewee.IntegerField()
     updated_at = UtcDateTimeField(null=True)
+    opened_at = UtcDateTimeField(null=True)
+    rpm_limit = peewee.IntegerField(null=True)
 
 
 M = TypeVar("M", bound=peewee.Model)

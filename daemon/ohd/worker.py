@@ -2,9 +2,12 @@
 
 A task is claimed with a lease that a running worker renews; every model call becomes
 an execution row before the next step; the output and its report are written only
-after the decision is committed, and writing is idempotent. A 429 cools the model
-down and moves the task to the next model without spending an attempt; when every
-model is cooling the task goes back to `pending` until the earliest reset.
+after the decision is committed, and writing is idempotent. Before each call the
+store-backed governor (`quotas.Governor`) reserves a request slot on the first model
+that is not cooling, open, dead or over a known limit; a 429 cools the model down (in
+the store) and moves the task to the next model without spending an attempt; when no
+model can be sent now the task goes back to `pending` until the earliest instant one
+can, and a loop timer wakes the pool precisely then.
 
 The pool talks to models through one `Caller` (the daemon builds it from the
 OpenRouter client or the offline provider) and never reads configuration.
@@ -20,18 +23,21 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ohd import outputs, report, tasktypes, validate
+from ohd import outputs, report, routing, tasktypes, validate
 from ohd.clock import Clock
 from ohd.errors import (
     AuthFailed,
     BadRequest,
     MalformedAnswer,
     ModelError,
+    ModelGone,
     OhdError,
     RateLimited,
     TargetError,
 )
 from ohd.llm import Completion
+from ohd.quotas import Governor
+from ohd.routing import Policy
 from ohd.store import Claim, Store, Task, TaskStatus
 from ohd.taskfile import TaskType
 from ohd.tasktypes import Job
@@ -69,7 +75,8 @@ class Pool:
     """`size` worker coroutines over one store; `run_until_idle` steps it in tests."""
 
     def __init__(self, store: Store, call: Caller, clock: Clock, *, models: Sequence[str],
-                 size: int = 4, lease: timedelta = timedelta(seconds=60), name: str = "w") -> None:
+                 size: int = 4, lease: timedelta = timedelta(seconds=60), name: str = "w",
+                 policy: Policy | None = None, key_id: str = "default", hold_s: float = 1.0) -> None:
         self.store = store
         self.call = call
         self.clock = clock
@@ -77,9 +84,14 @@ class Pool:
         self.size = size
         self.lease = lease
         self.name = name
-        self.cooldowns: dict[str, datetime] = {}
+        self.governor = Governor(store, policy, key_id)
+        self.hold_s = hold_s        # a slot this close is waited for in place instead of deferring
         self.busy: dict[str, int] = {}
         self.wake_event = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: datetime | None = None
+        self._timed = False         # wake timers only while `run` runs (tests step the pool)
+        self._jobs: set[asyncio.Task[None]] = set()
 
     # -- running -------------------------------------------------------------
 
@@ -91,19 +103,18 @@ class Pool:
         return {"size": self.size, "busy": len(self.busy), "running": sorted(self.busy.values())}
 
     def model_states(self) -> list[dict[str, Any]]:
-        now = self.clock.now()
-        states = []
-        for model in self.models:
-            until = self.cooldowns.get(model)
-            cooling = until is not None and until > now
-            states.append({"id": model, "state": "cooldown" if cooling else "ready",
-                           "cooldown_until": until.isoformat() if cooling and until else None})
-        return states
+        """State, cooldown and requests left of each configured model, from the store (any thread)."""
+        return [view.as_dict() for view in self.governor.views(self.models, self.clock.now())]
 
     async def run(self, stop: asyncio.Event, grace_s: float = 30.0) -> None:
         """Run `size` workers until `stop` is set, then give running tasks `grace_s` to finish."""
         workers = [asyncio.create_task(self._worker(f"{self.name}{i}", stop)) for i in range(self.size)]
+        self._timed = True
+        await self._promote()       # and tasks deferred before a restart resume on time
         await stop.wait()
+        self._timed = False
+        if self._timer is not None:
+            self._timer.cancel()
         self.wake_event.set()
         done, pending = await asyncio.wait(workers, timeout=grace_s)
         for job in pending:
@@ -205,38 +216,47 @@ class Pool:
         return Run(task=task, repo=repo, job=job, attempts=task.attempts)
 
     async def _attempts(self, run: Run) -> Outcome:
-        candidates = self._candidates(run.task)
+        candidates = routing.candidates(run.task.models, self.models)
         while run.attempts < run.task.max_attempts:
-            ready = [m for m in candidates if not self._cooling(m)]
-            if not ready:
-                return self._defer(candidates)
-            outcome = await self._try_models(run, ready, candidates)
-            if outcome is not None:
+            if not candidates:
+                return Outcome(TaskStatus.FAILED, error="every model failed; see the executions")
+            choice = await self._store(self.governor.acquire, candidates, self.clock.now())
+            if choice.model is None:
+                if choice.at is None:
+                    return Outcome(TaskStatus.FAILED, error="no usable model: every candidate is gone")
+                wait = (choice.at - self.clock.now()).total_seconds()
+                if wait > self.hold_s:
+                    return Outcome(TaskStatus.PENDING, not_before=choice.at, error=(
+                        f"no model can take a request now (cooling, over quota or breaker open); "
+                        f"resumes at {choice.at.isoformat()}"))
+                await self.clock.sleep(max(0.0, wait))
+                continue
+            if outcome := await self._try_model(run, choice.model, candidates):
                 return outcome
         return await self._give_up(run)
 
-    async def _try_models(self, run: Run, ready: list[str], candidates: list[str]) -> Outcome | None:
-        """One attempt: the first ready model that answers; None means attempt again."""
-        for model in ready:
-            try:
-                content = await self._ask(run, model)
-            except RateLimited as exc:
-                self.cooldowns[model] = exc.reset_at
-                log.info("task %d: %s rate limited until %s; next model", run.task.id, model, exc.reset_at)
-                continue
-            except (AuthFailed, BadRequest) as exc:
-                return Outcome(TaskStatus.FAILED, error=str(exc))
-            except MalformedAnswer as exc:
-                run.job = _with_feedback(run.job, (f"Your previous answer was unusable: {exc.message}",))
-                return None
-            except ModelError as exc:
-                log.warning("task %d: %s failed (%s); next model", run.task.id, model, exc.error_class)
-                candidates.remove(model)
-                continue
-            return await self._judge(run, model, content)
-        if not candidates:
-            return Outcome(TaskStatus.FAILED, error="every model failed; see the executions")
-        return None
+    async def _try_model(self, run: Run, model: str, candidates: list[str]) -> Outcome | None:
+        """One request to `model` (its slot is reserved); None: choose a model again."""
+        try:
+            content = await self._ask(run, model)
+        except RateLimited as exc:
+            await self._store(self.governor.rate_limited, model, exc.reset_at, exc.limit, self.clock.now())
+            log.info("task %d: %s rate limited until %s; next model", run.task.id, model, exc.reset_at)
+            return None
+        except (AuthFailed, BadRequest) as exc:
+            return Outcome(TaskStatus.FAILED, error=str(exc))
+        except MalformedAnswer as exc:
+            await self._store(self.governor.succeeded, model, self.clock.now())   # it did answer
+            run.job = _with_feedback(run.job, (f"Your previous answer was unusable: {exc.message}",))
+            return None
+        except ModelError as exc:
+            note = self.governor.gone if isinstance(exc, ModelGone) else self.governor.failed
+            await self._store(note, model, self.clock.now())
+            log.warning("task %d: %s failed (%s); next model", run.task.id, model, exc.error_class)
+            candidates.remove(model)
+            return None
+        await self._store(self.governor.succeeded, model, self.clock.now())
+        return await self._judge(run, model, content)
 
     async def _ask(self, run: Run, model: str) -> str:
         """Call one model and record the execution; returns the extracted candidate."""
@@ -312,22 +332,30 @@ class Pool:
 
     # -- models ----------------------------------------------------------------
 
-    def _candidates(self, task: Task) -> list[str]:
-        chosen: list[str] = []
-        for model in task.models or ("auto",):
-            for m in (self.models if model == "auto" else [model]):
-                if m not in chosen:
-                    chosen.append(m)
-        return chosen
+    def _wake_at(self, at: datetime) -> None:
+        """Wake the pool at `at` (a deferred task's not_before) by a loop timer, not by polling."""
+        if not self._timed or (self._timer_at is not None and self._timer_at <= at):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        delay = max(0.0, (at - self.clock.now()).total_seconds())
+        self._timer_at = at
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
 
-    def _cooling(self, model: str) -> bool:
-        until = self.cooldowns.get(model)
-        return until is not None and until > self.clock.now()
+    def _on_timer(self) -> None:
+        job = asyncio.create_task(self._promote())
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)
 
-    def _defer(self, candidates: list[str]) -> Outcome:
-        resume = min(self.cooldowns[m] for m in candidates)
-        return Outcome(TaskStatus.PENDING, error=f"every model is cooling down; resumes at {resume.isoformat()}",
-                       not_before=resume)
+    async def _promote(self) -> None:
+        """Due tasks back to the queue, workers woken, the timer set for the next deferred task."""
+        self._timer = self._timer_at = None
+        now = self.clock.now()
+        await self._store(self.store.promote_due, now)
+        self.wake_event.set()
+        due = await self._store(self.governor.next_due, now)
+        if due is not None:
+            self._wake_at(due)
 
     # -- store -----------------------------------------------------------------
 
@@ -337,6 +365,7 @@ class Pool:
             await self._store(self.store.defer, task.id, claim.worker_id, outcome.not_before, now,
                               outcome.error or "waiting")
             log.info("task %d pending until %s", task.id, outcome.not_before.isoformat())
+            self._wake_at(outcome.not_before)
             return
         await self._store(self.store.finish, task.id, claim.worker_id, outcome.status, now,
                           outcome.error, outcome.output_path, outcome.report_path)
