@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--prometheus", action="store_true", help="Prometheus text (the default)")
     p = command("init", cmd_init, "prepare a repo: tasks.d/, examples, .git/info/exclude", json_flag=False)
     p.add_argument("--repo", type=Path, default=Path("."))
+    p = command("hooks", cmd_hooks, "install or remove ohd's git hooks (pre-commit, post-commit)",
+                json_flag=False)
+    p.add_argument("action", choices=("install", "uninstall"))
+    p.add_argument("--repo", type=Path, default=Path("."))
     p = command("validate", cmd_validate, "check task files without submitting them")
     p.add_argument("files", nargs="+", type=Path)
     command("schema", cmd_schema, "print the task-file JSON Schema", json_flag=False)
@@ -204,6 +208,15 @@ def cmd_init(args: argparse.Namespace) -> int:
     from ohd import gitrepo
 
     for line in gitrepo.init_repo(args.repo.resolve()):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_hooks(args: argparse.Namespace) -> int:
+    from ohd import gitrepo
+
+    act = gitrepo.install_hooks if args.action == "install" else gitrepo.uninstall_hooks
+    for line in act(args.repo.resolve()):
         print(line)
     return EXIT_OK
 

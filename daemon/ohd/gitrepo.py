@@ -2,12 +2,17 @@
 
 `init_repo` is idempotent: it creates `tasks.d/` with example task files (never
 overwriting one that exists), and adds ohd's own paths to `.git/info/exclude` once.
+`install_hooks`/`uninstall_hooks` put ohd's git hooks in the folder git runs hooks
+from (`core.hooksPath` respected), chaining a user's hook rather than replacing it, and
+put the user's hook back exactly on uninstall.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -90,3 +95,145 @@ def _exclude(repo: Path) -> list[str]:
     with open(exclude, "a", encoding="utf-8") as handle:
         handle.write(block)
     return [f"added {', '.join(missing)} to {exclude}"]
+
+
+# -- git hooks (`ohd hooks install|uninstall`) --------------------------------------------
+
+HOOK_NAMES = ("pre-commit", "post-commit")
+HOOK_MARKER = b"\n# ohd-hook "       # the second line of ohd's hook scripts
+CHAINED_SUFFIX = ".ohd-chained"       # the user's own hook, moved aside; ours runs it first
+SPOOL_PARTS = ("ohd", "inbox")
+
+
+def hook_script(name: str) -> str:
+    """The text of ohd's hook `name` (the files of the top-level `hooks/` folder)."""
+    return resources.files("ohd").joinpath("githooks", name).read_text(encoding="utf-8")
+
+
+def hooks_dir(repo: Path) -> Path:
+    """Where git runs this repo's hooks from: `core.hooksPath` (relative to the work tree)
+    or `<common git dir>/hooks`; OhdError outside a git repo or in a bare one."""
+    if git_dir(repo) is None:
+        raise OhdError(f"{repo} is not a git repository")
+    if git(repo, "rev-parse", "--is-bare-repository") == "true":
+        raise OhdError(f"{repo} is a bare repository: nothing is committed there, so no hooks")
+    return (repo / git(repo, "rev-parse", "--git-path", "hooks")).resolve()
+
+
+def is_ohd_hook(path: Path) -> bool:
+    """A hook file written by `install_hooks` (it carries the `# ohd-hook` line)."""
+    try:
+        with open(path, "rb") as handle:
+            return HOOK_MARKER in handle.read(200)
+    except OSError:
+        return False
+
+
+def install_hooks(repo: Path) -> list[str]:
+    """Install ohd's pre-commit and post-commit hooks; one line per thing done.
+
+    Idempotent. A hook that is not ohd's is moved to `<hook>.ohd-chained` (a rename: mode,
+    symlink and content kept) and ohd's hook runs it first. Nothing is changed when a hook
+    is not ohd's and a `.ohd-chained` file is already there (OhdError says what to move).
+    """
+    folder = hooks_dir(repo)
+    for name in HOOK_NAMES:
+        path, chained = folder / name, folder / (name + CHAINED_SUFFIX)
+        if _present(path) and not is_ohd_hook(path) and _present(chained):
+            raise OhdError(f"{path} is not ohd's and {chained.name} exists already; "
+                           "move one of them away and run `ohd hooks install` again")
+    folder.mkdir(parents=True, exist_ok=True)
+    done = [f"hooks folder: {folder}"]
+    done.extend(_install_hook(folder / name, hook_script(name)) for name in HOOK_NAMES)
+    common = git_dir(repo)
+    if common is not None:
+        common.joinpath(*SPOOL_PARTS).mkdir(parents=True, exist_ok=True)
+    return done
+
+
+def uninstall_hooks(repo: Path) -> list[str]:
+    """Remove ohd's hooks and rename each chained user hook back, exactly as it was.
+    Hooks that are not ohd's are left alone; the spool and its events are kept."""
+    folder = hooks_dir(repo)
+    done = [f"hooks folder: {folder}"]
+    for name in HOOK_NAMES:
+        path, chained = folder / name, folder / (name + CHAINED_SUFFIX)
+        if is_ohd_hook(path):
+            path.unlink()
+            if _present(chained):
+                os.rename(chained, path)
+                done.append(f"{name}: removed ohd's hook; your hook is back")
+            else:
+                done.append(f"{name}: removed")
+        elif _present(path):
+            done.append(f"{name}: not ohd's; left alone")
+        elif _present(chained):
+            os.rename(chained, path)
+            done.append(f"{name}: your hook is back")
+        else:
+            done.append(f"{name}: not installed")
+    return done
+
+
+def _present(path: Path) -> bool:
+    """The path exists, or is a symlink (even a dangling one)."""
+    return path.is_symlink() or path.exists()
+
+
+def _install_hook(path: Path, script: str) -> str:
+    name = path.name
+    if is_ohd_hook(path):
+        if path.read_text(encoding="utf-8") == script and os.access(path, os.X_OK):
+            return f"{name}: already installed"
+        _write_executable(path, script)
+        return f"{name}: updated"
+    if _present(path):
+        os.rename(path, path.with_name(name + CHAINED_SUFFIX))
+        _write_executable(path, script)
+        return f"{name}: installed; your hook is now {name}{CHAINED_SUFFIX} and runs first"
+    _write_executable(path, script)
+    return f"{name}: installed"
+
+
+def _write_executable(path: Path, text: str) -> None:
+    """Write `text` to `path` as an executable script, atomically (temp file, rename)."""
+    temp = path.with_name(f".{path.name}.ohd-tmp")
+    temp.write_text(text, encoding="utf-8")
+    temp.chmod(0o755)
+    os.replace(temp, path)
+
+
+def ignored_paths(repo: Path, relpaths: Sequence[str]) -> set[str]:
+    """The paths among `relpaths` that git ignores (one `git check-ignore --stdin` call).
+
+    Nested `.gitignore` files, `.git/info/exclude` and the global excludes all count;
+    tracked files are never reported. Outside a repo (or without git) nothing is ignored.
+    """
+    if not relpaths:
+        return set()
+    try:
+        done = subprocess.run(["git", "check-ignore", "-z", "--stdin"], cwd=repo, capture_output=True,
+                              input="".join(f"{p}\0" for p in relpaths).encode(), timeout=30)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return set()
+    if done.returncode not in (0, 1):      # 1: none ignored; 128: not a repo
+        return set()
+    return {p for p in done.stdout.decode(errors="surrogateescape").split("\0") if p}
+
+
+def commit_paths(repo: Path, commit: str) -> list[str]:
+    """The paths `commit` changed against its first parent (every path of a root commit);
+    OhdError when git does not know the commit."""
+    args = ["git", "-c", "core.quotePath=false", "diff-tree", "-r", "--root", "--name-only", "-z",
+            "--no-commit-id", "--diff-merges=first-parent", commit, "--"]
+    try:
+        done = subprocess.run(args, cwd=repo, capture_output=True, timeout=60)
+        if done.returncode != 0 and b"diff-merges" in done.stderr:   # git before 2.31
+            done = subprocess.run([a for a in args if a != "--diff-merges=first-parent"], cwd=repo,
+                                  capture_output=True, timeout=60)
+    except FileNotFoundError:
+        raise OhdError("git is not installed") from None
+    if done.returncode != 0:
+        message = done.stderr.decode("utf-8", "replace").strip()
+        raise OhdError(f"cannot list the paths of commit {commit[:12]} in {repo}: {message}")
+    return [p for p in done.stdout.decode("utf-8", "surrogateescape").split("\0") if p]

@@ -97,3 +97,55 @@ class TasksDirWatcher:
         if self.observer.is_alive():
             self.observer.stop()
             self.observer.join(timeout=STOP_TIMEOUT_S)
+
+
+# -- the git-hook spool ---------------------------------------------------------------------
+
+SPOOL_EVENT_SUFFIX = ".event"
+
+
+class _SpoolHandler(FileSystemEventHandler):
+    def __init__(self, repo: Path, spool: Path, callback: Callable[[Path, Path], object]) -> None:
+        super().__init__()
+        self.repo = repo
+        self.spool = spool
+        self.callback = callback
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        path = event_path(event)
+        if (path is None or path.parent != self.spool or path.name.startswith(".")
+                or not path.name.endswith(SPOOL_EVENT_SUFFIX)):
+            return
+        try:
+            self.callback(self.repo, path)
+        except Exception:   # the observer thread must survive one bad callback
+            log.exception("watch: spool callback for %s failed", path)
+
+
+class SpoolWatcher:
+    """A watchdog Observer on each repo's hook spool (`<git dir>/ohd/inbox`, top level only):
+    a finished event file (`*.event`, renamed in by a hook) → `callback(repo, path)`,
+    on the observer thread. A file may be reported more than once; the reader copes."""
+
+    def __init__(self, callback: Callable[[Path, Path], object]) -> None:
+        self.callback = callback
+        self.observer = Observer()
+        self.watched: set[Path] = set()
+
+    def watch(self, repo: Path, spool: Path) -> None:
+        """Watch `spool` (created if missing) for `repo`; before or after `start`."""
+        if spool in self.watched:
+            return
+        spool.mkdir(parents=True, exist_ok=True)
+        self.observer.schedule(_SpoolHandler(repo, spool, self.callback), str(spool), recursive=False)
+        self.watched.add(spool)
+        log.info("watching the hook spool %s", spool)
+
+    def start(self) -> None:
+        self.observer.start()
+
+    def stop(self) -> None:
+        """Stop the observer thread and wait (bounded) for it to end."""
+        if self.observer.is_alive():
+            self.observer.stop()
+            self.observer.join(timeout=STOP_TIMEOUT_S)
