@@ -277,7 +277,8 @@ def served(store: Store, clock: FakeClock, repo: Path) -> Iterator[ApiServer]:
     fill(store, clock)
 
     def models() -> list[dict[str, Any]]:
-        return [{"id": MODEL_A, "state": "ready", "cooldown_until": None}]
+        return [{"id": MODEL_A, "state": "ready", "cooldown_until": None, "requests_left_minute": 19,
+                 "requests_left_today": 180}]
 
     server = ApiServer(Path(os.environ["OHD_RUNTIME_DIR"]) / "ohd.sock", store, repos=[repo], clock=clock,
                        status=dict, wake=lambda: None, models=models,
@@ -324,7 +325,8 @@ def test_ohd_models_shows_measured_stats(served: ApiServer, capsys: pytest.Captu
     assert (model["id"], model["state"], model["stats"]["calls"], model["stats"]["rate_limited"]) == (MODEL_A, "ready", 26, 3)
     assert main(["models"]) == 0
     line = capsys.readouterr().out
-    assert line.startswith(f"{MODEL_A}: ready") and "calls 26" in line and "p50 1100 ms" in line
+    assert line.startswith(f"{MODEL_A}: ready  requests left: 19 this minute, 180 today")
+    assert "calls 26, accepted 14, success 54%, 429s 3, p50 1100 ms, p95 5000 ms" in line
 
 
 def test_the_daemon_serves_metrics_of_its_own_work(repo: Path, tmp_path: Path) -> None:

@@ -154,7 +154,8 @@ def call_stats(rows: Iterable[Usage], sorted_latencies: Sequence[int]) -> CallSt
         prompt += row.prompt_tokens
         completion += row.completion_tokens
         cost += row.cost
-    return CallStats(outcomes=outcomes, prompt_tokens=prompt, completion_tokens=completion, cost=cost,
+    # rounded: a float SUM drifts in the last digits (0.020000000000000004)
+    return CallStats(outcomes=outcomes, prompt_tokens=prompt, completion_tokens=completion, cost=round(cost, 10),
                      latency_p50_ms=percentile(sorted_latencies, 0.5),
                      latency_p95_ms=percentile(sorted_latencies, 0.95))
 

@@ -64,6 +64,11 @@ def _model_line(model: dict[str, Any]) -> str:
     line = f"{model['id']}: {model.get('state', '?')}"
     if model.get("cooldown_until"):
         line += f" until {model['cooldown_until']}"
+    left = [f"{model[key]} {label}" for key, label in (("requests_left_minute", "this minute"),
+                                                        ("requests_left_today", "today"))
+            if model.get(key) is not None]
+    if left:
+        line += "  requests left: " + ", ".join(left)
     stats = model.get("stats")
     if stats and stats.get("calls"):
         line += (f"  calls {stats['calls']}, accepted {stats.get('accepted', 0)}, "
