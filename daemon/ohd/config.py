@@ -64,10 +64,10 @@ class Settings(BaseModel):
     free_rpd: int = Field(default=50, ge=0)          # requests per UTC day per key, all `:free` models
     rate_limits: dict[str, PositiveInt] = Field(default_factory=dict)   # model -> requests per minute
     daily_limits: dict[str, PositiveInt] = Field(default_factory=dict)  # model -> requests per UTC day
-    quota_margin_s: float = Field(default=0.25, ge=0, le=10)            # added to the 60 s window
+    quota_window_s: float = Field(default=60.0, gt=0)                   # the sliding window of `*_rpm`
+    quota_margin_s: float = Field(default=0.25, ge=0, le=10)            # added to the window
     breaker_failures: int = Field(default=3, ge=1)   # consecutive failures that open a model's breaker
     breaker_reset_s: float = Field(default=60.0, gt=0)   # open breaker -> one probe after this long
-
 
     @field_validator("repos")
     @classmethod

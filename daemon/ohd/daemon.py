@@ -84,6 +84,7 @@ def policy_of(settings: Settings) -> Policy:
                   rpm=dict(settings.rate_limits), rpd=dict(settings.daily_limits),
                   breaker_failures=settings.breaker_failures,
                   breaker_reset=timedelta(seconds=settings.breaker_reset_s),
+                  window=timedelta(seconds=settings.quota_window_s),
                   margin=timedelta(seconds=settings.quota_margin_s))
 
 
