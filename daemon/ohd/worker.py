@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ohd import outputs, report, routing, tasktypes, validate
+from ohd.alarm import Alarm
 from ohd.clock import Clock
 from ohd.errors import (
     AuthFailed,
@@ -88,10 +89,7 @@ class Pool:
         self.hold_s = hold_s        # a slot this close is waited for in place instead of deferring
         self.busy: dict[str, int] = {}
         self.wake_event = asyncio.Event()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: datetime | None = None
-        self._timed = False         # wake timers only while `run` runs (tests step the pool)
-        self._jobs: set[asyncio.Task[None]] = set()
+        self.alarm: Alarm | None = None   # wakes the pool when a deferred task is due (in `run`)
 
     # -- running -------------------------------------------------------------
 
@@ -109,12 +107,11 @@ class Pool:
     async def run(self, stop: asyncio.Event, grace_s: float = 30.0) -> None:
         """Run `size` workers until `stop` is set, then give running tasks `grace_s` to finish."""
         workers = [asyncio.create_task(self._worker(f"{self.name}{i}", stop)) for i in range(self.size)]
-        self._timed = True
+        self.alarm = Alarm(self.clock, self._promote)
         await self._promote()       # and tasks deferred before a restart resume on time
         await stop.wait()
-        self._timed = False
-        if self._timer is not None:
-            self._timer.cancel()
+        self.alarm.cancel()
+        self.alarm = None
         self.wake_event.set()
         done, pending = await asyncio.wait(workers, timeout=grace_s)
         for job in pending:
@@ -332,30 +329,14 @@ class Pool:
 
     # -- models ----------------------------------------------------------------
 
-    def _wake_at(self, at: datetime) -> None:
-        """Wake the pool at `at` (a deferred task's not_before) by a loop timer, not by polling."""
-        if not self._timed or (self._timer_at is not None and self._timer_at <= at):
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        delay = max(0.0, (at - self.clock.now()).total_seconds())
-        self._timer_at = at
-        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
-
-    def _on_timer(self) -> None:
-        job = asyncio.create_task(self._promote())
-        self._jobs.add(job)
-        job.add_done_callback(self._jobs.discard)
-
     async def _promote(self) -> None:
-        """Due tasks back to the queue, workers woken, the timer set for the next deferred task."""
-        self._timer = self._timer_at = None
+        """Due tasks back to the queue, workers woken, the alarm set for the next deferred task."""
         now = self.clock.now()
         await self._store(self.store.promote_due, now)
         self.wake_event.set()
         due = await self._store(self.governor.next_due, now)
-        if due is not None:
-            self._wake_at(due)
+        if due is not None and self.alarm is not None:
+            self.alarm.set(due)
 
     # -- store -----------------------------------------------------------------
 
@@ -365,7 +346,8 @@ class Pool:
             await self._store(self.store.defer, task.id, claim.worker_id, outcome.not_before, now,
                               outcome.error or "waiting")
             log.info("task %d pending until %s", task.id, outcome.not_before.isoformat())
-            self._wake_at(outcome.not_before)
+            if self.alarm is not None:
+                self.alarm.set(outcome.not_before)
             return
         await self._store(self.store.finish, task.id, claim.worker_id, outcome.status, now,
                           outcome.error, outcome.output_path, outcome.report_path)
