@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from ohd.clock import Clock, SystemClock
+from ohd.errors import RateLimited
 from ohd.llm import Completion, ModelClient
 from ohd.routing import Health, Policy
 from ohd.store import Store, open_database
@@ -248,3 +249,25 @@ def test_the_pool_wakes_itself_at_the_deferral_instant(repo: Path, store: Store,
     assert task.finished_at is not None
     assert 1.0 <= time.monotonic() - started < 3.0
     assert [r.status for r in server.completions()] == [429, 200]
+
+
+
+def test_headerless_429s_in_flight_together_do_not_grow_the_cooldown_but_a_later_repeat_does(
+        server: FakeOpenRouter, clock: FakeClock) -> None:
+    server.script("m", [rate_limited(), rate_limited(), rate_limited(), rate_limited()])
+
+    async def main() -> list[timedelta]:
+        async with httpx.AsyncClient() as http:
+            client = ModelClient(http, server.url, "sk-test", clock, retries=0)
+
+            async def ask() -> timedelta:
+                try:
+                    await client.complete("m", [{"role": "user", "content": "hi"}], 5)
+                except RateLimited as exc:
+                    return exc.reset_at - clock.now()
+                raise AssertionError("expected a 429")
+
+            together = await asyncio.gather(ask(), ask(), ask())    # in flight at the same time
+            return [*together, await ask()]                        # sent after they came back
+
+    assert asyncio.run(main()) == [60 * S, 60 * S, 60 * S, 120 * S]

@@ -162,6 +162,7 @@ class ModelClient:
         self.retries = max(0, retries)
         self._headers = _request_headers(api_key, app_url, app_title)
         self._rate_limit_streak: dict[str, int] = {}
+        self._rate_limits_seen: dict[str, int] = {}   # 429s received per model, ever
 
     def __repr__(self) -> str:  # never show the headers (they hold the key)
         return f"ModelClient(base_url={self.base_url!r})"
@@ -193,11 +194,11 @@ class ModelClient:
     async def _complete_once(self, model: str, messages: list[dict[str, str]], timeout_s: float) -> Completion:
         body = {"model": model, "messages": messages, "max_tokens": self.max_tokens,
                 "temperature": self.temperature, "usage": {"include": True}}
-        started = self.clock.monotonic()
+        started, seen = self.clock.monotonic(), self._rate_limits_seen.get(model, 0)
         response = await self._send(model, "POST", "/chat/completions", timeout_s, body)
         latency_ms = max(0, round((self.clock.monotonic() - started) * 1000))
         log.debug("model %s answered HTTP %d in %d ms", model, response.status_code, latency_ms)
-        self._raise_for_status(model, response)
+        self._raise_for_status(model, response, seen)
         self._rate_limit_streak.pop(model, None)
         return _completion(model, response, latency_ms)
 
@@ -228,14 +229,20 @@ class ModelClient:
         except httpx.RequestError as exc:
             raise ServerError(model, f"connection failed: {type(exc).__name__}") from exc
 
-    def _raise_for_status(self, model: str, response: httpx.Response) -> None:
+    def _raise_for_status(self, model: str, response: httpx.Response, seen: int | None = None) -> None:
+        """Raise the classified error; `seen` = the model's 429 count when the request was sent."""
         status = response.status_code
         if 200 <= status < 300:
             return
         body = _json(response)
         message = f"HTTP {status}: {_error_message(body, response)}"
         if status == 429:
-            streak = self._rate_limit_streak.get(model, 0) + 1
+            count = self._rate_limits_seen.get(model, 0)
+            self._rate_limits_seen[model] = count + 1
+            streak = self._rate_limit_streak.get(model, 0)
+            # Only a 429 to a request sent after the previous 429 arrived is a repeat: requests
+            # in flight together must not double the default wait once each.
+            streak += 1 if seen is None or seen == count or streak == 0 else 0
             self._rate_limit_streak[model] = streak
             until = reset_at(response.headers, body, self.clock.now(), attempt=streak)
             log.info("model %s rate limited until %s (%s)", model, until.isoformat(), message)
