@@ -91,15 +91,17 @@ class Governor:
         Returns the choice; when none can be sent, `Choice(None, at)` with the earliest
         instant one can (None: every candidate is dead).
         """
+        earliest: datetime | None = None
         with self._tx():
-            candidates = [(self._state(m), self._usage(m, now)) for m in models]
-            choice = routing.choose(candidates, now, self.policy)
-            if choice.model is not None:
-                self._record(choice.model, now)
-                if choice.probe:
-                    self._save(routing.after_probe(self._state(choice.model), now), now)
-                    log.info("model %s: breaker half-open; one probe request", choice.model)
-        return choice
+            for model in models:        # in order, and no further than the first that can go
+                state = self._state(model)
+                choice = routing.choose([(state, self._usage(state, now))], now, self.policy)
+                if choice.model is not None:
+                    self._take(choice, state, now)
+                    return choice
+                if choice.at is not None:
+                    earliest = choice.at if earliest is None else min(earliest, choice.at)
+        return Choice(None, earliest)
 
     def reserve(self, model: str, now: datetime) -> datetime | None:
         """Record one request to `model` if the limits allow it now (None); else when they will."""
@@ -108,20 +110,27 @@ class Governor:
             return None
         return choice.at if choice.at is not None else routing.next_utc_midnight(now)
 
-    def _record(self, model: str, now: datetime) -> None:
-        r = self.request
+    def _take(self, choice: Choice, state: ModelState, now: datetime) -> None:
+        """Record the request (and re-arm a half-open breaker for its probe)."""
+        model, r = state.model, self.request
         r.insert(model=model, key_id=self.key_id, free=routing.is_free(model), at=now).execute()
         r.delete().where(r.at < now - KEEP).execute()
+        if choice.probe:
+            self._save(routing.after_probe(state, now), now)
+            log.info("model %s: breaker half-open; one probe request", model)
 
-    def _usage(self, model: str, now: datetime) -> Usage:
-        r = self.request
-        since = now - self.policy.window - self.policy.margin
-        rows = r.select(r.at).where((r.model == model) & (r.at > since)).order_by(r.at)
-        recent = tuple(row.at for row in rows if row.at is not None)
+    def _usage(self, state: ModelState, now: datetime) -> Usage:
+        """The counts that this model's known limits need (no query for a limit it does not have)."""
+        r, model, known = self.request, state.model, routing.limits(state, self.policy)
+        recent: tuple[datetime, ...] = ()
+        if known.rpm is not None:
+            since = now - self.policy.window - self.policy.margin
+            rows = r.select(r.at).where((r.model == model) & (r.at > since)).order_by(r.at)
+            recent = tuple(row.at for row in rows if row.at is not None)
         midnight = routing.utc_midnight(now)
-        today = r.select().where((r.model == model) & (r.at >= midnight)).count()
+        today = r.select().where((r.model == model) & (r.at >= midnight)).count() if known.rpd else 0
         key_today = 0
-        if routing.is_free(model):
+        if known.key_rpd:
             key_today = r.select().where((r.key_id == self.key_id) & (r.free == True)  # noqa: E712
                                          & (r.at >= midnight)).count()
         return Usage(recent=recent, today=today, key_today=key_today)
@@ -178,7 +187,8 @@ class Governor:
         self.db.connect(reuse_if_open=True)
         views = []
         for model in models:
-            state, usage = self._state(model), self._usage(model, now)
+            state = self._state(model)
+            usage = self._usage(state, now)
             minute, today = routing.remaining(state, usage, now, self.policy)
             health = routing.health(state, now, self.policy)
             views.append(ModelView(model, health, state.cooldown_until if health is routing.Health.COOLDOWN
