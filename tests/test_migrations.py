@@ -25,6 +25,8 @@ SCHEMA = {
     "model_state": {"model", "state", "cooldown_until", "dead", "failures", "updated_at", "opened_at",
                     "rpm_limit"},
     "model_request": {"id", "model", "key_id", "free", "at"},
+    "rule_firing": {"id", "repo", "rule", "path", "sha256", "task_id", "origin", "fired_at"},
+    "rule_clock": {"repo", "rule", "last_fire"},
     "schema_migrations": {"name", "applied_at"},
 }
 

@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("validate", cmd_validate, "check task files without submitting them")
     p.add_argument("files", nargs="+", type=Path)
     command("schema", cmd_schema, "print the task-file JSON Schema", json_flag=False)
+    p = command("rules", cmd_rules, "standing rules with their next firing and last task (reads the store)")
+    p.add_argument("--repo", action="append", type=Path, help="a repo (repeatable; default: the configured ones)")
     p = command("demo", cmd_demo, "run ohd on a small temp repo and show what happened", json_flag=False)
     p.add_argument("--keep", action="store_true", help="keep the temp repo")
     return parser
@@ -236,6 +238,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
     emit(results, args.json, lambda rs: "\n".join(
         f"ok    {r['file']} ({r['type']} {r['target']})" if r["ok"] else f"error {r['error']}" for r in rs))
     return EXIT_OK if all(r["ok"] for r in results) else EXIT_ERROR
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    from ohd.clock import SystemClock
+    from ohd.daemon import repos_of, rulebook_for
+    from ohd.rules import listing_text, read_rules
+
+    conf = settings(args)
+    clock = SystemClock()
+    book = rulebook_for(conf, open_store(args), clock)
+    for repo in [p.resolve() for p in args.repo] if args.repo else repos_of(conf):
+        for relpath, spec in read_rules(repo):
+            try:
+                book.register(repo, relpath, spec)
+            except TaskFileError as exc:
+                print(f"ohd: {exc}", file=sys.stderr)
+    emit(book.listing(clock.now()), args.json, listing_text)
+    return EXIT_OK
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

@@ -54,6 +54,9 @@ class Settings(BaseModel):
     grace_s: float = Field(default=30.0, ge=0)
     request_timeout_s: float = Field(default=120.0, gt=0)
     settle_s: float = Field(default=0.3, ge=0)
+    quiet_s: float = Field(default=2.0, ge=0)               # working-tree debounce (standing rules)
+    schedule_grace_s: float = Field(default=3600.0, ge=0)   # a missed cron firing runs once if this recent
+    timezone: str | None = None                             # of cron schedules; None: local time
     max_tokens: int = Field(default=4096, ge=1)
     temperature: float = Field(default=0.2, ge=0, le=2)
     app_url: str = "https://github.com/ohd-dev/ohd"

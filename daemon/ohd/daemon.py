@@ -20,22 +20,26 @@ from contextlib import AsyncExitStack
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
 
 from ohd import __version__
 from ohd.clock import Clock, SystemClock
 from ohd.config import Settings
-from ohd.errors import DaemonAlreadyRunning
+from ohd.errors import ConfigError, DaemonAlreadyRunning
 from ohd.history import History
 from ohd.ingest import Ingestor
 from ohd.llm import Completion, ModelClient, OfflineProvider
 from ohd.routing import Policy
 from ohd.metrics import Metrics, collect, prometheus, with_stats
+from ohd.rules import RuleBook
 from ohd.server import ApiServer
 from ohd.store import Store, open_database
+from ohd.taskfile import TaskSpec
 from ohd.tasktypes import Job
 from ohd.watch import TasksDirWatcher
+from ohd.watch import TreeWatcher
 from ohd.worker import Caller, Pool
 
 log = logging.getLogger(__name__)
@@ -73,6 +77,17 @@ class InstanceLock:
             self.handle = None
 
 
+def rulebook_for(settings: Settings, store: Store, clock: Clock) -> RuleBook:
+    """The standing rules, with the cron timezone (None: local) and grace from the settings."""
+    zone = None
+    if settings.timezone:
+        try:
+            zone = ZoneInfo(settings.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"unknown timezone {settings.timezone!r} (use an IANA name)") from None
+    return RuleBook(store, clock, timezone=zone, grace=timedelta(seconds=settings.schedule_grace_s))
+
+
 def repos_of(settings: Settings) -> list[Path]:
     """The repos to serve: those configured, else the current directory."""
     return list(settings.repos) or [Path.cwd().resolve()]
@@ -104,6 +119,7 @@ class Daemon:
         self.stop_event = asyncio.Event()
         self.started = self.clock.monotonic()
         self.pool: Pool | None = None
+        self.rulebook: RuleBook | None = None
 
     def request_stop(self) -> None:
         """Signal-safe: only sets the flag (called on the loop thread)."""
@@ -124,7 +140,9 @@ class Daemon:
                         lease=timedelta(seconds=self.settings.lease_s), policy=policy_of(self.settings),
                         key_id=key_id_of(self.settings))
             self.pool = pool
-            ingestor = Ingestor(self.store, self.clock, settle_s=self.settings.settle_s)
+            rulebook = self.rulebook = rulebook_for(self.settings, self.store, self.clock)
+            ingestor = Ingestor(self.store, self.clock, settle_s=self.settings.settle_s,
+                                on_rule=lambda repo, rel, spec: self._on_rule(loop, rulebook, repo, rel, spec))
             for repo in self.repos:
                 ingestor.scan(repo)
             watcher = TasksDirWatcher(lambda repo, path: loop.call_soon_threadsafe(ingestor.submit_path, repo, path))
@@ -132,6 +150,11 @@ class Daemon:
                 watcher.watch(repo)
             watcher.start()
             stack.callback(watcher.stop)
+            tree = TreeWatcher(self.clock, quiet_s=self.settings.quiet_s)
+            for repo in self.repos:
+                tree.watch(repo)
+            tree.start(loop)
+            stack.callback(tree.stop)
             server = ApiServer(self.settings.socket_path, self.store, repos=self.repos, clock=self.clock,
                                metrics=lambda: prometheus(self.metrics()),
                                metrics_json=lambda: self.metrics().as_dict(),
@@ -147,6 +170,8 @@ class Daemon:
                 pool.run(self.stop_event, grace_s=self.settings.grace_s),
                 ingestor.run(self.stop_event, on_task=lambda _id: pool.wake()),
                 self._housekeeping(pool),
+                rulebook.run(self.stop_event, on_tasks=lambda _ids: pool.wake()),
+                tree.run(self.stop_event, lambda repo, paths: self._tree_changed(rulebook, pool, repo, paths)),
             )
         self.store.close()
         log.info("stopped")
@@ -174,6 +199,19 @@ class Daemon:
             return await client.complete(model, messages, timeout_s)
 
         return call_model, list(self.settings.models)
+
+    @staticmethod
+    def _on_rule(loop: asyncio.AbstractEventLoop, rulebook: RuleBook, repo: Path, relpath: str,
+                 spec: TaskSpec) -> None:
+        """Ingest found a rule file (ingest's thread): register it, re-plan the schedule loop."""
+        rulebook.register(repo, relpath, spec)
+        loop.call_soon_threadsafe(rulebook.wake)
+
+    @staticmethod
+    async def _tree_changed(rulebook: RuleBook, pool: Pool, repo: Path, paths: list[str]) -> None:
+        """Quiet, not ignored working-tree paths → the on_change rules."""
+        if await asyncio.to_thread(rulebook.changed, repo, paths, "watch"):
+            pool.wake()
 
     async def _housekeeping(self, pool: Pool) -> None:
         """Periodically return expired leases and wake tasks whose `not_before` passed."""

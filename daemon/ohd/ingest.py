@@ -63,10 +63,14 @@ class _Settling:
 
 
 class Ingestor:
-    def __init__(self, store: Store, clock: Clock, settle_s: float = 0.3) -> None:
+    def __init__(self, store: Store, clock: Clock, settle_s: float = 0.3,
+                 on_rule: Callable[[Path, str, TaskSpec], object] | None = None) -> None:
         self.store = store
         self.clock = clock
         self.settle_s = settle_s
+        # Rule files go to `on_rule(repo, relpath, spec)` (the daemon wires the RuleBook);
+        # a TaskFileError it raises (e.g. an invalid cron) rejects the file like a parse error.
+        self.on_rule = on_rule
         self._settling: dict[Path, _Settling] = {}
         self._wakeup = asyncio.Event()
         self._rules_logged: set[str] = set()   # content hashes of rule files already logged
@@ -209,7 +213,7 @@ class Ingestor:
             reject(path, str(exc))
             return None
         if spec.is_rule:
-            self._note_rule(relpath, sha)
+            self._take_rule(repo, path, relpath, spec, sha)
             return None
         try:
             check_target(repo, spec.target)
@@ -217,6 +221,15 @@ class Ingestor:
             reject(path, f"{relpath}: field 'target': {exc}")
             return None
         return spec
+
+    def _take_rule(self, repo: Path, path: Path, relpath: str, spec: TaskSpec, sha: str) -> None:
+        if self.on_rule is None:
+            self._note_rule(relpath, sha)
+            return
+        try:
+            self.on_rule(repo, relpath, spec)
+        except TaskFileError as exc:
+            reject(path, str(exc))
 
     def _note_rule(self, relpath: str, sha: str) -> None:
         if sha not in self._rules_logged:

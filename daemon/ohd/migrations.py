@@ -142,10 +142,43 @@ def governor_state(db: peewee.Database) -> None:
     db.create_tables([ModelRequest], safe=False)
 
 
+def standing_rules(db: peewee.Database) -> None:
+    """rule_firing: one row per task a standing rule created; rule_clock: a schedule's last firing."""
+
+    class Base(peewee.Model):
+        class Meta:
+            database = db
+
+    class RuleFiring(Base):
+        repo = peewee.TextField()
+        rule = peewee.TextField()
+        path = peewee.TextField()
+        sha256 = peewee.CharField(max_length=64, null=True)
+        task_id = peewee.IntegerField()
+        origin = peewee.CharField(max_length=32)
+        fired_at = peewee.DateTimeField()
+
+        class Meta:
+            table_name = "rule_firing"
+            indexes = ((("repo", "rule", "path"), False),)
+
+    class RuleClock(Base):
+        repo = peewee.TextField()
+        rule = peewee.TextField()
+        last_fire = peewee.DateTimeField()
+
+        class Meta:
+            table_name = "rule_clock"
+            primary_key = peewee.CompositeKey("repo", "rule")
+
+    db.create_tables([RuleFiring, RuleClock], safe=False)
+
+
 # The history, oldest first. Append only.
 MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     ("0001_initial_schema", initial_schema),
     ("0002_governor_state", governor_state),
+    ("0003_standing_rules", standing_rules),
 )
 
 

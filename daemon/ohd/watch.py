@@ -9,9 +9,10 @@ only filters and forwards: settling, parsing and the store belong to `ingest`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from watchdog.events import (
@@ -23,6 +24,9 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
+
+from ohd.clock import Clock
+from ohd.gitrepo import ignored_paths
 
 log = logging.getLogger(__name__)
 
@@ -149,3 +153,145 @@ class SpoolWatcher:
         if self.observer.is_alive():
             self.observer.stop()
             self.observer.join(timeout=STOP_TIMEOUT_S)
+
+
+# -- the working tree (standing rules, issue 4) ------------------------------------------
+
+TREE_SKIPPED_DIRS = frozenset({".git", ".ohd", ".venv", "venv", "__pycache__"})
+TREE_EVENTS = frozenset({EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED, EVENT_TYPE_MOVED})
+
+
+class _TreeHandler(FileSystemEventHandler):
+    """Observer-thread side: drop ignored directories, hand repo-relative paths to `sink`."""
+
+    def __init__(self, repo: Path, sink: Callable[[Path, str], object]) -> None:
+        super().__init__()
+        self.repo = repo
+        self.sink = sink
+        self.venvs: set[Path] = set()   # directories known to hold a pyvenv.cfg
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory or event.event_type not in TREE_EVENTS:
+            return
+        raw = event.dest_path if event.event_type == EVENT_TYPE_MOVED else event.src_path
+        relpath = self.relevant(Path(os.fsdecode(raw)))
+        if relpath is None:
+            return
+        try:
+            self.sink(self.repo, relpath)
+        except Exception:   # the observer thread must survive one bad callback
+            log.exception("watch: tree callback for %s failed", relpath)
+
+    def relevant(self, path: Path) -> str | None:
+        """The repo-relative POSIX path, or None for ignored places (.git, .ohd, tasks.d, venvs)."""
+        try:
+            parts = path.relative_to(self.repo).parts
+        except ValueError:
+            return None
+        if not parts or parts[0] == TASKS_DIR or any(p in TREE_SKIPPED_DIRS for p in parts[:-1]):
+            return None
+        for depth in range(1, len(parts)):
+            folder = self.repo.joinpath(*parts[:depth])
+            if folder in self.venvs or (folder / "pyvenv.cfg").is_file():
+                self.venvs.add(folder)
+                return None
+        return "/".join(parts)
+
+
+class TreeWatcher:
+    """A recursive watchdog observer on each repo root; changed files, debounced, in batches.
+
+    The observer thread only filters and hands `(repo, relpath)` to the event loop
+    (`call_soon_threadsafe`); the debounce lives on the loop and is timed by the Clock:
+    a path is delivered once it has had no event for `quiet_s`, however often it was
+    saved before. Paths git ignores (nested `.gitignore` files included) are dropped at
+    delivery, one `git check-ignore` call per batch.
+    """
+
+    def __init__(self, clock: Clock, quiet_s: float = 2.0) -> None:
+        self.clock = clock
+        self.quiet_s = quiet_s
+        self.observer = Observer()
+        self.watched: set[Path] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[tuple[Path, str], float] = {}   # (repo, relpath) → last event (monotonic)
+        self._wakeup = asyncio.Event()
+
+    def watch(self, repo: Path) -> None:
+        repo = repo.resolve()
+        if repo in self.watched:
+            return
+        self.observer.schedule(_TreeHandler(repo, self._from_thread), str(repo), recursive=True)
+        self.watched.add(repo)
+        log.info("watching the working tree of %s", repo)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the observer; its events reach `loop` (the loop that runs `run`)."""
+        self._loop = loop
+        self.observer.start()
+
+    def stop(self) -> None:
+        if self.observer.is_alive():
+            self.observer.stop()
+            self.observer.join(timeout=STOP_TIMEOUT_S)
+
+    def _from_thread(self, repo: Path, relpath: str) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.note, repo, relpath)
+
+    # -- loop side ------------------------------------------------------------------
+
+    def note(self, repo: Path, relpath: str) -> None:
+        """An event for `relpath` now: (re)start its quiet period."""
+        self._pending[(repo, relpath)] = self.clock.monotonic()
+        self._wakeup.set()
+
+    def noted(self, relpath: str) -> bool:
+        """Whether `relpath` waits for its quiet period (tests)."""
+        return any(rel == relpath for _, rel in self._pending)
+
+    def take_quiet(self) -> dict[Path, list[str]]:
+        """Remove and return the paths whose quiet period has passed, per repo."""
+        now = self.clock.monotonic()
+        batches: dict[Path, list[str]] = {}
+        for (repo, relpath), last in list(self._pending.items()):
+            if now - last >= self.quiet_s:
+                del self._pending[(repo, relpath)]
+                batches.setdefault(repo, []).append(relpath)
+        return batches
+
+    async def flush(self) -> list[tuple[Path, list[str]]]:
+        """The quiet paths that git does not ignore, per repo."""
+        found = []
+        for repo, paths in self.take_quiet().items():
+            ignored = await asyncio.to_thread(ignored_paths, repo, paths)
+            kept = sorted(p for p in paths if p not in ignored)
+            if kept:
+                found.append((repo, kept))
+        return found
+
+    async def run(self, stop: asyncio.Event,
+                  on_change: Callable[[Path, list[str]], Awaitable[object]]) -> None:
+        """Deliver quiet paths to `on_change(repo, relpaths)` until `stop` is set."""
+        while not stop.is_set():
+            self._wakeup.clear()
+            try:
+                for repo, paths in await self.flush():
+                    await on_change(repo, paths)
+            except Exception:
+                log.exception("watch: tree iteration failed")
+            await self._wait(stop)
+
+    async def _wait(self, stop: asyncio.Event) -> None:
+        """Until the earliest quiet period ends, or (nothing pending) a new event, or `stop`."""
+        waiters: list[asyncio.Task[object]] = [asyncio.create_task(stop.wait())]
+        if self._pending:
+            left = min(self._pending.values()) + self.quiet_s - self.clock.monotonic()
+            waiters.append(asyncio.create_task(self.clock.sleep(max(0.01, left))))
+        else:
+            waiters.append(asyncio.create_task(self._wakeup.wait()))
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()

@@ -1,0 +1,82 @@
+"""Cron schedules of standing rules: validation, next firing, the missed-firing policy.
+
+The only room that imports APScheduler, and it never runs APScheduler's scheduler
+thread: a `CronTrigger` is only asked for firing times at an injected `now`
+(`get_next_fire_time`). Invariant of the policy (`decide`): however many firings passed
+since the last one acted on, at most ONE runs, and only if the latest of them is
+within `grace` of `now`; older ones are skipped (logged by the caller), so a daemon
+that was down for a week does not wake up to a week of nightly tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta, tzinfo
+
+from apscheduler.triggers.cron import CronTrigger
+
+from ohd.errors import TaskFileError
+
+log = logging.getLogger(__name__)
+
+Trigger = CronTrigger     # what other rooms name, so that only this room imports APScheduler
+ONE_US = timedelta(microseconds=1)
+MAX_WALK = 100_000   # bound on firings walked inside one grace window
+
+
+def compile_cron(expr: str, tz: tzinfo | None, source: str) -> CronTrigger:
+    """A trigger for a 5-field cron expression in `tz` (None: local time).
+
+    An invalid expression is a `TaskFileError` naming the `schedule` field, so the
+    rule file can be rejected into `.rejected/` with that message.
+    """
+    if len(expr.split()) != 5:
+        raise TaskFileError(source, f"'{expr}' is not a cron expression of 5 space-separated fields",
+                            field="schedule")
+    try:
+        return CronTrigger.from_crontab(expr, timezone=tz)
+    except (ValueError, TypeError) as exc:
+        raise TaskFileError(source, f"'{expr}' is not a valid cron expression: {exc}",
+                            field="schedule") from None
+
+
+def next_fire(trigger: CronTrigger, after: datetime) -> datetime | None:
+    """The first firing strictly after `after` (None when the trigger has ended)."""
+    return at_or_after(trigger, after + ONE_US)
+
+
+def at_or_after(trigger: CronTrigger, moment: datetime) -> datetime | None:
+    """The first firing at or after `moment`."""
+    fire: datetime | None = trigger.get_next_fire_time(None, moment)
+    return fire
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do about the firings since `last`: run `fire` (or nothing), then remember `mark`.
+
+    `mark` is None when nothing is due yet; `skipped` tells the caller that firings
+    older than the grace period were dropped.
+    """
+
+    fire: datetime | None
+    mark: datetime | None
+    skipped: bool = False
+
+
+def decide(trigger: CronTrigger, last: datetime, now: datetime, grace: timedelta) -> Decision:
+    """Apply the missed-firing policy to the firings after `last`, up to `now`."""
+    due = next_fire(trigger, last)
+    if due is None or due > now:
+        return Decision(fire=None, mark=None)
+    in_window = at_or_after(trigger, max(due, now - grace))
+    if in_window is None or in_window > now:
+        return Decision(fire=None, mark=now, skipped=True)
+    latest = in_window
+    for _ in range(MAX_WALK):
+        following = next_fire(trigger, latest)
+        if following is None or following > now:
+            break
+        latest = following
+    return Decision(fire=latest, mark=latest, skipped=latest != due)

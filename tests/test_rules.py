@@ -1,0 +1,418 @@
+"""Standing rules: registration through ingest, on_change firing and dedupe, schedules with an
+injected clock, and the working-tree watcher with real watchdog events in a real git repo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from ohd.cli import main
+from ohd.clock import SystemClock
+from ohd.ingest import Ingestor
+from ohd.outputs import atomic_write, sha256_text
+from ohd.records import TaskStatus
+from ohd.rules import RuleBook, compile_globs, is_ohd_file
+from ohd.store import Store, open_database
+from ohd.taskfile import parse
+from ohd.watch import TreeWatcher, _TreeHandler
+from tests.support.clock import FakeClock
+
+SETTLE = 0.3
+DOCS_RULE = "type: docstring\ntarget: src/app.py\non_change: ['src/**/*.py']\n"
+NIGHTLY_RULE = "type: review\ntarget: shop/pricing.py\nschedule: '0 3 * * *'\n"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    store = Store(open_database(f"sqlite:///{tmp_path}/ohd.db"))
+    store.migrate()
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def book(store: Store, clock: FakeClock) -> RuleBook:
+    return RuleBook(store, clock, timezone=UTC, grace=timedelta(hours=1))
+
+
+@pytest.fixture
+def ingestor(store: Store, clock: FakeClock, book: RuleBook) -> Ingestor:
+    return Ingestor(store, clock, settle_s=SETTLE, on_rule=book.register)
+
+
+@pytest.fixture
+def src(repo: Path) -> Path:
+    (repo / "src" / "pkg").mkdir(parents=True)
+    (repo / "src" / "app.py").write_text("def run() -> int:\n    return 1\n")
+    (repo / "src" / "pkg" / "mod.py").write_text("X = 1\n")
+    return repo
+
+
+def put_rule(ingestor: Ingestor, clock: FakeClock, repo: Path, name: str, text: str) -> Path:
+    """Write a rule file into tasks.d/ and let ingest hand it to the RuleBook."""
+    path = repo / "tasks.d" / name
+    path.write_text(text, encoding="utf-8")
+    ingestor.submit_path(repo, path)
+    clock.advance(SETTLE + 0.01)
+    assert asyncio.run(ingestor.run_once()) == 0
+    return path
+
+
+def edit(repo: Path, relpath: str, text: str) -> None:
+    (repo / relpath).write_text(text, encoding="utf-8")
+
+
+def finish(store: Store, task_id: int, status: TaskStatus, clock: FakeClock) -> None:
+    store.finish(task_id, None, status, clock.now())
+
+
+# -- globs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    ("src/app.py", True), ("src/pkg/mod.py", True), ("src/a/b/c.py", True),
+    ("lib/src/app.py", False), ("src/app.txt", False), ("app.py", False)])
+def test_double_star_globs_follow_gitignore_semantics(path: str, expected: bool) -> None:
+    assert compile_globs(["src/**/*.py"], "r.yaml").match_file(path) is expected
+
+
+def test_a_pattern_without_a_slash_matches_at_any_depth_and_negation_works() -> None:
+    spec = compile_globs(["*.py", "!vendor/**"], "r.yaml")
+    assert spec.match_file("a.py") and spec.match_file("x/y/b.py")
+    assert not spec.match_file("vendor/lib/c.py")
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    (".ohd/x.review.md", True), ("src/.ohd/app.py.unit_test.json", True), ("src/app.py.ohd-new", True),
+    ("tasks.d/r.yaml", True), (".git/HEAD", True), ("src/app.py", False), ("ohd.py", False)])
+def test_ohd_files_are_recognised(path: str, expected: bool) -> None:
+    assert is_ohd_file(path) is expected
+
+
+# -- registration and changes --------------------------------------------------------
+
+
+def test_a_change_queues_one_task_per_matching_path_with_the_rules_spec(
+        src: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
+    put_rule(ingestor, clock, src, "docs.yaml", DOCS_RULE)
+    assert (src / "tasks.d" / "docs.yaml").exists()           # a rule stays in place
+    ids = book.changed(src, ["src/app.py", "src/pkg/mod.py", "shop/pricing.py"], "post-commit")
+    tasks = [store.get_task(i) for i in ids]
+    assert [(t.target, t.type, t.source, t.output) for t in tasks] == [
+        ("src/app.py", "docstring", "rule:tasks.d/docs.yaml", None),
+        ("src/pkg/mod.py", "docstring", "rule:tasks.d/docs.yaml", None)]
+
+
+def test_one_open_task_per_rule_and_path_and_one_rerun_after_a_running_one(
+        src: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
+    put_rule(ingestor, clock, src, "docs.yaml", DOCS_RULE)
+    [first] = book.changed(src, ["src/app.py"], "watch")
+    edit(src, "src/app.py", "def run() -> int:\n    return 2\n")
+    assert book.changed(src, ["src/app.py"], "watch") == []              # still queued
+    claim = store.claim_next("w1", clock.now(), timedelta(minutes=1))
+    assert claim is not None and claim.task.id == first
+    assert book.changed(src, ["src/app.py"], "watch") == []              # running, same content
+    edit(src, "src/app.py", "def run() -> int:\n    return 3\n")
+    [rerun] = book.changed(src, ["src/app.py"], "watch")                 # running, newer content
+    assert book.changed(src, ["src/app.py"], "watch") == []              # the re-run is queued
+    assert rerun != first
+
+
+def test_no_task_when_the_content_is_the_one_of_the_last_accepted_run(
+        src: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
+    put_rule(ingestor, clock, src, "docs.yaml", DOCS_RULE)
+    [first] = book.changed(src, ["src/app.py"], "watch")
+    finish(store, first, TaskStatus.COMPLETED, clock)
+    (src / "src" / "app.py").touch()
+    assert book.changed(src, ["src/app.py"], "watch") == []              # a touch
+    edit(src, "src/app.py", "changed = True\n")
+    [second] = book.changed(src, ["src/app.py"], "watch")
+    finish(store, second, TaskStatus.FAILED, clock)
+    assert len(book.changed(src, ["src/app.py"], "watch")) == 1          # failed runs do not count
+
+
+def test_ohd_files_and_what_ohd_wrote_never_fire(
+        src: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
+    put_rule(ingestor, clock, src, "all.yaml", "type: docstring\ntarget: src/app.py\non_change: ['**']\n")
+    (src / "src" / ".ohd").mkdir()
+    edit(src, "src/.ohd/app.py.docstring.md", "report")
+    edit(src, "src/app.py.ohd-new", "x = 1\n")
+    assert book.changed(src, ["src/.ohd/app.py.docstring.md", "src/app.py.ohd-new",
+                              "tasks.d/all.yaml", "src/gone.py"], "watch") == []
+    [first] = book.changed(src, ["src/app.py"], "watch")
+    finish(store, first, TaskStatus.COMPLETED, clock)
+    written = '"""Documented."""\ndef run() -> int:\n    return 1\n'
+    store.record_written(str(src), "src/app.py", sha256_text(written), first, clock.now())
+    atomic_write(src / "src" / "app.py", written)                        # what the worker does
+    assert book.changed(src, ["src/app.py"], "watch") == []
+
+
+def test_a_rule_that_targets_its_own_output_does_not_loop(
+        src: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
+    put_rule(ingestor, clock, src, "tests.yaml", "type: unit_test\ntarget: shop/pricing.py\non_change: ['*.py']\n")
+    put_rule(ingestor, clock, src, "notes.yaml",
+             "type: custom\ntarget: src/app.py\noutput: docs/notes.md\nprompt: sum up\non_change: ['docs/**', 'src/*.py']\n")
+    [test_task, notes_task] = book.changed(src, ["src/app.py"], "watch")
+    assert store.get_task(notes_task).output == "docs/notes.md"
+    (src / "docs").mkdir()
+    edit(src, "docs/notes.md", "notes by ohd\n")
+    edit(src, "tests/test_app.py", "def test_run() -> None:\n    assert True\n")
+    assert book.changed(src, ["docs/notes.md", "tests/test_app.py"], "watch") == []
+    assert test_task != notes_task
+
+
+def test_an_edited_rule_takes_effect_without_a_restart(
+        src: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
+    put_rule(ingestor, clock, src, "docs.yaml", DOCS_RULE)
+    assert len(book.changed(src, ["src/app.py"], "watch")) == 1
+    put_rule(ingestor, clock, src, "docs.yaml", "type: review\ntarget: shop/pricing.py\non_change: ['shop/*.py']\n")
+    edit(src, "src/app.py", "edited = 1\n")
+    assert book.changed(src, ["src/app.py"], "watch") == []
+    [task_id] = book.changed(src, ["shop/pricing.py"], "watch")
+    assert store.get_task(task_id).type == "review"
+
+
+def test_a_deleted_rule_is_forgotten(
+        src: Path, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
+    path = put_rule(ingestor, clock, src, "docs.yaml", DOCS_RULE)
+    put_rule(ingestor, clock, src, "nightly.yaml", NIGHTLY_RULE)
+    assert len(book.rules(src)) == 2
+    path.unlink()
+    assert [r.relpath for r in book.rules(src)] == ["tasks.d/nightly.yaml"]
+    assert book.changed(src, ["src/app.py"], "watch") == []
+    assert [row["rule"] for row in book.listing(clock.now())] == ["tasks.d/nightly.yaml"]
+
+
+def test_an_invalid_cron_string_ends_in_rejected_with_a_clear_error(
+        repo: Path, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
+    put_rule(ingestor, clock, repo, "bad.yaml", "type: review\ntarget: shop/pricing.py\nschedule: '61 * * * *'\n")
+    rejected = repo / "tasks.d" / ".rejected"
+    assert not (repo / "tasks.d" / "bad.yaml").exists() and (rejected / "bad.yaml").exists()
+    error = (rejected / "bad.yaml.error.txt").read_text()
+    assert error.startswith("tasks.d/bad.yaml: field 'schedule': '61 * * * *' is not a valid cron expression")
+    assert book.rules() == []
+
+
+# -- schedules -----------------------------------------------------------------------
+
+
+def test_a_cron_rule_fires_with_an_injected_clock(
+        repo: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
+    put_rule(ingestor, clock, repo, "nightly.yaml", NIGHTLY_RULE)       # clock: 2026-01-01 12:00 UTC
+    assert book.due(clock.now()) == []
+    assert book.next_firing(clock.now()) == datetime(2026, 1, 2, 3, 0, tzinfo=UTC)
+    clock.advance(15 * 3600)                                             # 03:00 next day
+    [task_id] = book.due(clock.now())
+    task = store.get_task(task_id)
+    assert (task.type, task.target, task.source) == ("review", "shop/pricing.py", "rule:tasks.d/nightly.yaml")
+    assert book.due(clock.now()) == []
+    [row] = book.listing(clock.now())
+    assert row["next_fire"] == "2026-01-03T03:00:00+00:00" and row["last_task"]["id"] == task_id
+
+
+def test_missed_firings_within_grace_run_once_at_start_up(
+        repo: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
+    put_rule(ingestor, clock, repo, "hourly.yaml",
+             "type: review\ntarget: shop/pricing.py\nschedule: '0 * * * *'\n")
+    assert book.due(clock.now()) == []                                   # seen at 12:00
+    clock.advance(5 * 3600 + 600)                                        # down until 17:10: 5 firings missed
+    restarted = RuleBook(store, clock, timezone=UTC, grace=timedelta(hours=1))
+    Ingestor(store, clock, settle_s=SETTLE, on_rule=restarted.register).ingest_file(
+        repo.resolve(), repo / "tasks.d" / "hourly.yaml")
+    [task_id] = restarted.due(clock.now())
+    assert restarted.due(clock.now()) == []
+    assert store.counts()["queued"] == 1 and store.get_task(task_id).type == "review"
+
+
+def test_missed_firings_beyond_grace_are_skipped(
+        repo: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
+    put_rule(ingestor, clock, repo, "nightly.yaml", NIGHTLY_RULE)
+    assert book.due(clock.now()) == []
+    clock.advance(3 * 86400)                                             # 12:00, 9 h after 03:00
+    assert book.due(clock.now()) == []
+    clock.advance(15 * 3600)
+    assert len(book.due(clock.now())) == 1
+
+
+def test_the_schedule_loop_fires_at_the_firing_time(
+        repo: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
+    put_rule(ingestor, clock, repo, "nightly.yaml", NIGHTLY_RULE)
+    fired: list[int] = []
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        runner = asyncio.create_task(book.run(stop, on_tasks=fired.extend))
+        while not fired:                      # the FakeClock's sleep advances time instantly
+            await asyncio.sleep(0.01)
+        stop.set()
+        await runner
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=10))
+    assert len(fired) == 1 and clock.now() >= datetime(2026, 1, 2, 3, 0, tzinfo=UTC)
+
+
+def test_rules_command_lists_rules_with_next_firing(
+        repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (repo / "tasks.d" / "nightly.yaml").write_text(NIGHTLY_RULE)
+    (repo / "tasks.d" / "once.yaml").write_text("type: review\ntarget: shop/pricing.py\n")
+    assert main(["rules", "--json", "--repo", str(repo)]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["rule"] == "tasks.d/nightly.yaml" and row["next_fire"] and row["last_task"] is None
+    assert main(["rules", "--repo", str(repo)]) == 0
+    assert "tasks.d/nightly.yaml  review  schedule '0 3 * * *'" in capsys.readouterr().out
+
+
+# -- the working-tree watcher (real watchdog events) ----------------------------------
+
+
+async def until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    """Bounded polling while a real observer thread delivers events to this loop."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for watchdog events")
+        await asyncio.sleep(0.01)
+
+
+def watched(repo: Path, clock: FakeClock | SystemClock, quiet_s: float = 2.0) -> TreeWatcher:
+    tree = TreeWatcher(clock, quiet_s=quiet_s)
+    tree.watch(repo)
+    tree.start(asyncio.get_running_loop())
+    return tree
+
+
+def mark(repo: Path, tree: TreeWatcher, name: str) -> Callable[[], bool]:
+    """Write a marker file; every event before it has reached the loop once it is noted."""
+    (repo / "markers").mkdir(exist_ok=True)
+    (repo / "markers" / name).write_text(name)
+    return lambda: tree.noted(f"markers/{name}")
+
+
+def test_twenty_saves_in_one_second_queue_one_task(
+        src: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
+    put_rule(ingestor, clock, src, "docs.yaml", DOCS_RULE)
+    target = src / "src" / "app.py"
+
+    async def scenario() -> list[tuple[Path, list[str]]]:
+        tree = watched(src, clock)
+        try:
+            for i in range(10):
+                target.write_text(f"x = {i}\n")
+            await until(mark(src, tree, "a"))
+            clock.advance(1.0)                                       # 10 saves, then 1 s later 10 more
+            assert await tree.flush() == []
+            for i in range(10, 20):
+                target.write_text(f"x = {i}\n")
+            await until(mark(src, tree, "b"))
+            clock.advance(1.5)                                       # 1.5 s after the last save: not quiet
+            early = await tree.flush()
+            assert all("src/app.py" not in paths for _, paths in early)
+            clock.advance(0.5)
+            return await tree.flush()
+        finally:
+            tree.stop()
+
+    batches = asyncio.run(scenario())
+    assert [(repo, [p for p in paths if not p.startswith("markers/")]) for repo, paths in batches] == [
+        (src.resolve(), ["src/app.py"])]
+    assert len(book.changed(src, batches[0][1], "watch")) == 1
+    assert store.counts()["queued"] == 1
+
+
+def test_git_ignored_files_and_ignored_directories_queue_none(
+        src: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
+    put_rule(ingestor, clock, src, "py.yaml", "type: docstring\ntarget: src/app.py\non_change: ['*.py']\n")
+    (src / ".gitignore").write_text("build/\n*.log\n")
+    (src / "src" / ".gitignore").write_text("generated_*.py\n")                 # nested
+    for folder in ("build", "env", ".venv", "src/.ohd"):
+        (src / folder).mkdir()
+    (src / "env" / "pyvenv.cfg").write_text("home = /usr\n")
+
+    async def scenario() -> list[tuple[Path, list[str]]]:
+        tree = watched(src, clock)
+        try:
+            for relpath in ("build/out.py", "src/generated_x.py", "debug.log", "env/site.py",
+                            ".venv/lib.py", "src/.ohd/app.py.json", "tasks.d/notes.py", "src/app.py"):
+                edit(src, relpath, "y = 2\n")
+            await until(mark(src, tree, "a"))
+            clock.advance(2.0)
+            return await tree.flush()
+        finally:
+            tree.stop()
+
+    [(_, paths)] = asyncio.run(scenario())
+    assert paths == ["markers/a", "src/app.py"]
+    assert [store.get_task(i).target for i in book.changed(src, paths, "watch")] == ["src/app.py"]
+
+
+def test_ohd_writing_its_output_queues_none_but_a_user_edit_does(
+        src: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
+    put_rule(ingestor, clock, src, "docs.yaml", DOCS_RULE)
+    [first] = book.changed(src, ["src/app.py"], "watch")
+    finish(store, first, TaskStatus.COMPLETED, clock)
+    written = '"""Run."""\ndef run() -> int:\n    return 1\n'
+
+    async def after(change: Callable[[], None]) -> list[int]:
+        tree = watched(src, clock)
+        try:
+            change()
+            await until(lambda: tree.noted("src/app.py"))
+            clock.advance(2.0)
+            ids: list[int] = []
+            for repo, paths in await tree.flush():
+                ids += await asyncio.to_thread(book.changed, repo, paths, "watch")
+            return ids
+        finally:
+            tree.stop()
+
+    def ohd_writes() -> None:                                   # as the worker's _write does
+        store.record_written(str(src.resolve()), "src/app.py", sha256_text(written), first, clock.now())
+        atomic_write(src / "src" / "app.py", written)
+
+    assert asyncio.run(after(ohd_writes)) == []
+    assert len(asyncio.run(after(lambda: edit(src, "src/app.py", written + "# mine\n")))) == 1
+
+
+def test_the_tree_watcher_runs_with_the_system_clock(src: Path, store: Store) -> None:
+    book = RuleBook(store, SystemClock(), timezone=UTC)
+    (src / "tasks.d" / "docs.yaml").write_text(DOCS_RULE)
+    book.register(src, "tasks.d/docs.yaml", parse(DOCS_RULE))
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        tree = watched(src, SystemClock(), quiet_s=0.2)
+
+        async def on_change(repo: Path, paths: list[str]) -> None:
+            await asyncio.to_thread(book.changed, repo, paths, "watch")
+
+        runner = asyncio.create_task(tree.run(stop, on_change))
+        try:
+            for i in range(20):
+                edit(src, "src/pkg/mod.py", f"X = {i}\n")
+            await until(lambda: store.counts()["queued"] >= 1)
+            await until(mark(src, tree, "z"))
+            await until(lambda: not tree.noted("markers/z"))      # quiet again, delivered
+        finally:
+            stop.set()
+            await runner
+            tree.stop()
+
+    asyncio.run(scenario())
+    assert [t.target for t in store.list_tasks()] == ["src/pkg/mod.py"]
+
+
+def test_the_handler_skips_git_ohd_tasks_and_virtualenv_directories(repo: Path) -> None:
+    (repo / "tools" / "env").mkdir(parents=True)
+    (repo / "tools" / "env" / "pyvenv.cfg").write_text("")
+    handler = _TreeHandler(repo, lambda _repo, _rel: None)
+    for relpath in (".git/index", "src/.ohd/x.json", "tasks.d/a.yaml", "venv/a.py", ".venv/b.py",
+                    "tools/env/lib/c.py", "pkg/__pycache__/m.pyc"):
+        assert handler.relevant(repo / relpath) is None, relpath
+    assert handler.relevant(repo / "tools" / "run.py") == "tools/run.py"
+    assert handler.relevant(repo.parent / "elsewhere.py") is None

@@ -1,0 +1,61 @@
+"""schedule: cron validation, next firing at an injected `now`, the missed-firing policy."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from ohd.errors import TaskFileError
+from ohd.schedule import compile_cron, decide, next_fire
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+NIGHTLY = compile_cron("0 3 * * *", UTC, "tasks.d/nightly.yaml")
+
+
+@pytest.mark.parametrize("expr", ["61 * * * *", "* * * *", "* * * * * *", "0 3 * * funday", "a b c d e"])
+def test_an_invalid_cron_is_a_task_file_error_naming_the_schedule_field(expr: str) -> None:
+    with pytest.raises(TaskFileError) as caught:
+        compile_cron(expr, UTC, "tasks.d/bad.yaml")
+    assert caught.value.field == "schedule"
+    assert str(caught.value).startswith("tasks.d/bad.yaml: field 'schedule': ")
+    assert expr in str(caught.value)
+
+
+def test_next_fire_is_strictly_after_the_given_time() -> None:
+    assert next_fire(NIGHTLY, T0) == datetime(2026, 1, 2, 3, 0, tzinfo=UTC)
+    at_three = datetime(2026, 1, 2, 3, 0, tzinfo=UTC)
+    assert next_fire(NIGHTLY, at_three) == datetime(2026, 1, 3, 3, 0, tzinfo=UTC)
+
+
+def test_the_timezone_of_the_schedule_is_honoured() -> None:
+    paris = compile_cron("0 3 * * *", ZoneInfo("Europe/Paris"), "r.yaml")
+    assert next_fire(paris, T0) == datetime(2026, 1, 2, 2, 0, tzinfo=UTC)   # 03:00 CET
+
+
+def test_nothing_is_due_before_the_next_firing() -> None:
+    decision = decide(NIGHTLY, T0, T0 + timedelta(hours=14), timedelta(hours=1))
+    assert decision.fire is None and decision.mark is None
+
+
+def test_a_firing_on_time_runs() -> None:
+    due = datetime(2026, 1, 2, 3, 0, tzinfo=UTC)
+    decision = decide(NIGHTLY, T0, due, timedelta(seconds=1))
+    assert decision.fire == due and decision.mark == due and not decision.skipped
+
+
+def test_many_missed_firings_within_grace_run_once_the_latest() -> None:
+    every_minute = compile_cron("* * * * *", UTC, "r.yaml")
+    now = T0 + timedelta(minutes=30, seconds=20)
+    decision = decide(every_minute, T0, now, timedelta(hours=1))
+    assert decision.fire == T0 + timedelta(minutes=30)
+    assert decision.skipped
+    assert decide(every_minute, decision.fire, now, timedelta(hours=1)).fire is None
+
+
+def test_a_missed_firing_beyond_grace_is_skipped_and_remembered() -> None:
+    now = datetime(2026, 1, 4, 6, 0, tzinfo=UTC)   # three nights missed, the last 3 h ago
+    decision = decide(NIGHTLY, T0, now, timedelta(hours=1))
+    assert decision.fire is None and decision.skipped and decision.mark == now
+    assert decide(NIGHTLY, now, now, timedelta(hours=1)).mark is None
