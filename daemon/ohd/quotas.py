@@ -104,7 +104,10 @@ class Governor:
         return Choice(None, earliest)
 
     def reserve(self, model: str, now: datetime) -> datetime | None:
-        """Record one request to `model` if the limits allow it now (None); else when they will."""
+        """Record one request to `model` if the limits allow it now (None); else when they will.
+
+        A dead model answers the next UTC midnight (it has no instant; `acquire` says None).
+        """
         choice = self.acquire([model], now)
         if choice.model is not None:
             return None

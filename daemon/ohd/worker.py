@@ -135,12 +135,12 @@ class Pool:
 
     async def _worker(self, worker_id: str, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            self.wake_event.clear()     # before the claim: a wake during it is not lost
             try:
                 if await self.run_once(worker_id):
                     continue
             except Exception:
                 log.exception("worker %s: iteration failed", worker_id)
-            self.wake_event.clear()
             try:
                 await asyncio.wait_for(self.wake_event.wait(), timeout=1.0)
             except TimeoutError:
