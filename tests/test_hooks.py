@@ -12,6 +12,8 @@ import shutil
 import stat
 import subprocess
 import threading
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,12 @@ from ohd import cli
 from ohd.gitrepo import (CHAINED_SUFFIX, commit_paths, hook_script, hooks_dir, install_hooks, is_ohd_hook,
                          uninstall_hooks)
 from ohd.spool import EventError, SpoolEvent, SpoolReader, parse_event, read_event, spool_dir, unquote
+from ohd.rules import RuleBook
+from ohd.store import Store, open_database
+from ohd.taskfile import parse
 from ohd.watch import SpoolWatcher
+from tests.e2e.helpers import DaemonProcess, daemon_env
+from tests.support.clock import FakeClock
 from tests.support.gitrepo import git, make_repo
 from tests.support.waiting import wait_for
 
@@ -100,6 +107,19 @@ def test_commit_all_reports_the_modified_tracked_file(repo: Path) -> None:
     (repo / "shop" / "pricing.py").write_text("# changed\n")
     git(repo, "commit", "-q", "-a", "-m", "edit")
     assert [e.paths for e in events(repo)] == [("shop/pricing.py",), ("shop/pricing.py",)]
+
+
+def test_a_commit_from_a_subdirectory_and_with_git_dir_is_recorded(repo: Path) -> None:
+    install_hooks(repo)
+    (repo / "shop" / "sub.py").write_text("")
+    git(repo / "shop", "add", "sub.py")
+    git(repo / "shop", "commit", "-q", "-m", "from a subdirectory")
+    (repo / "top.py").write_text("")
+    outside = repo.parent
+    git(outside, f"--git-dir={repo / '.git'}", f"--work-tree={repo}", "add", "top.py")
+    git(outside, f"--git-dir={repo / '.git'}", f"--work-tree={repo}", "commit", "-q", "-m", "with --git-dir")
+    assert sorted(e.paths or () for e in events(repo)) == [("shop/sub.py",), ("shop/sub.py",),
+                                                            ("top.py",), ("top.py",)]
 
 
 def test_the_first_commit_of_a_new_repo_is_recorded(tmp_path: Path) -> None:
@@ -368,6 +388,18 @@ def test_a_garbage_spool_file_is_rejected_with_an_error_file(repo: Path) -> None
     assert (spool / ".half-written.tmp").exists()  # a temp file is not an event
 
 
+def test_a_scan_removes_temp_files_that_killed_hooks_left(repo: Path) -> None:
+    spool = spool_dir(repo)
+    spool.mkdir(parents=True)
+    old, fresh = spool / ".pre-commit-11.tmp", spool / ".pre-commit-12.tmp"
+    old.write_text("ohd-event 1\n")
+    fresh.write_text("ohd-event 1\n")
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    assert SpoolReader(Recorder()).scan(repo, now=datetime.now(UTC)) == 0
+    assert not old.exists() and fresh.exists()
+
+
 def test_a_failing_callback_leaves_the_event_for_the_next_scan(repo: Path) -> None:
     install_hooks(repo)
     commit(repo, {"a.py": ""})
@@ -437,3 +469,44 @@ def test_the_pre_commit_framework_manifest_points_at_the_hooks() -> None:
     for hook in manifest:
         assert os.access(ROOT / hook["entry"], os.X_OK)
         assert hook["language"] == "script" and hook["pass_filenames"] is False and hook["always_run"]
+
+
+# -- with the standing rules and the daemon -----------------------------------------------
+
+DOCS_RULE = "type: docstring\ntarget: shop/pricing.py\non_change: ['shop/**/*.py']\n"
+
+
+def test_a_commit_of_two_matching_files_queues_two_tasks_through_the_rules(repo: Path, tmp_path: Path,
+                                                                         clock: FakeClock) -> None:
+    store = Store(open_database(f"sqlite:///{tmp_path}/ohd.db"))
+    store.migrate()
+    book = RuleBook(store, clock)
+    (repo / "tasks.d" / "docs.yaml").write_text(DOCS_RULE)
+    book.register(repo, "tasks.d/docs.yaml", parse(DOCS_RULE))
+    install_hooks(repo)
+    commit(repo, {"shop/a.py": "A = 1\n", "shop/b.py": "B = 2\n", "notes.md": "no rule\n"})
+    assert SpoolReader(book.changed).scan(repo) == 2          # pre-commit and post-commit
+    tasks = store.list_tasks()
+    assert sorted(t.target for t in tasks) == ["shop/a.py", "shop/b.py"]   # deduped: one each
+    assert {t.type for t in tasks} == {"docstring"}
+    store.close()
+
+
+def test_commits_made_while_the_daemon_is_down_are_handled_after_it_starts(repo: Path, tmp_path: Path) -> None:
+    (repo / "tasks.d" / "docs.yaml").write_text(DOCS_RULE)
+    install_hooks(repo)
+    commit(repo, {"shop/a.py": "A = 1\n", "shop/b.py": "B = 2\n", "notes.md": "no rule\n"})
+    runtime = Path(os.environ["OHD_RUNTIME_DIR"])
+    daemon = DaemonProcess(daemon_env(tmp_path, runtime), repo, tmp_path / "daemon.log").start()
+    try:
+        tasks = wait_for(lambda: [t for t in daemon.json("tasks") if t["target"] != "shop/pricing.py"]
+                         if not list(spool_dir(repo).glob("*.event")) else None,
+                         timeout=60, what="the spool to be handled")
+        commit(repo, {"shop/c.py": "C = 3\n"})                  # and a commit while it runs
+        wait_for(lambda: any(t["target"] == "shop/c.py" for t in daemon.json("tasks"))
+                 and not list(spool_dir(repo).glob("*.event")), timeout=60,
+                 what="the events of a commit made while the daemon runs to be handled")
+    finally:
+        assert daemon.stop() == 0
+    assert sorted(t["target"] for t in tasks) == ["shop/a.py", "shop/b.py"]
+    assert not (spool_dir(repo) / "rejected").exists()

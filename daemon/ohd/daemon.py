@@ -2,7 +2,8 @@
 
 Start-up: take the single-instance lock, migrate the store, return expired leases to
 the queue, scan each repo's `tasks.d/` (files dropped while we were down), start the
-observers, the workers and the socket. SIGTERM/SIGINT only set a flag: the pool stops
+observers, the workers and the socket; git-hook events waiting in each repo's spool go to
+the on_change rules once the rule files are read. SIGTERM/SIGINT only set a flag: the pool stops
 claiming, running tasks get `grace_s` to finish, the rest go back to `queued`.
 Threads (watchdog, the socket server) reach the event loop only through
 `call_soon_threadsafe`.
@@ -27,19 +28,20 @@ import httpx
 from ohd import __version__
 from ohd.clock import Clock, SystemClock
 from ohd.config import Settings
-from ohd.errors import ConfigError, DaemonAlreadyRunning
+from ohd.errors import ConfigError, DaemonAlreadyRunning, TaskFileError
 from ohd.history import History
 from ohd.ingest import Ingestor
 from ohd.llm import Completion, ModelClient, OfflineProvider
 from ohd.routing import Policy
 from ohd.metrics import Metrics, collect, prometheus, with_stats
-from ohd.rules import RuleBook
+from ohd.rules import RuleBook, read_rules
 from ohd.server import ApiServer
+from ohd.spool import SpoolReader, find_spool
 from ohd.store import Store, open_database
 from ohd.taskfile import TaskSpec
 from ohd.tasktypes import Job
 from ohd.watch import TasksDirWatcher
-from ohd.watch import TreeWatcher
+from ohd.watch import SpoolWatcher, TreeWatcher
 from ohd.worker import Caller, Pool
 
 log = logging.getLogger(__name__)
@@ -155,6 +157,14 @@ class Daemon:
                 tree.watch(repo)
             tree.start(loop)
             stack.callback(tree.stop)
+            spool = SpoolReader(lambda repo, paths, origin: self._hook_paths(loop, rulebook, pool, repo, paths,
+                                                                            origin))
+            spool_watcher = SpoolWatcher(spool.process)   # events are handled on its thread
+            for repo in self.repos:
+                if (inbox := find_spool(repo)) is not None:
+                    spool_watcher.watch(repo, inbox)
+            spool_watcher.start()
+            stack.callback(spool_watcher.stop)
             server = ApiServer(self.settings.socket_path, self.store, repos=self.repos, clock=self.clock,
                                metrics=lambda: prometheus(self.metrics()),
                                metrics_json=lambda: self.metrics().as_dict(),
@@ -172,6 +182,7 @@ class Daemon:
                 self._housekeeping(pool),
                 rulebook.run(self.stop_event, on_tasks=lambda _ids: pool.wake()),
                 tree.run(self.stop_event, lambda repo, paths: self._tree_changed(rulebook, pool, repo, paths)),
+                self._scan_spools(spool, rulebook),
             )
         self.store.close()
         log.info("stopped")
@@ -212,6 +223,24 @@ class Daemon:
         """Quiet, not ignored working-tree paths → the on_change rules."""
         if await asyncio.to_thread(rulebook.changed, repo, paths, "watch"):
             pool.wake()
+
+    async def _scan_spools(self, spool: SpoolReader, rulebook: RuleBook) -> None:
+        """Hook events left while the daemon was down, once the rules of tasks.d/ are known
+        (read here: ingest registers them only after they settle)."""
+        for repo in self.repos:
+            for relpath, spec in await asyncio.to_thread(read_rules, repo):
+                try:
+                    rulebook.register(repo, relpath, spec)
+                except TaskFileError:
+                    pass   # ingest rejects the file and says why
+            await asyncio.to_thread(spool.scan, repo, self.clock.now())
+
+    @staticmethod
+    def _hook_paths(loop: asyncio.AbstractEventLoop, rulebook: RuleBook, pool: Pool, repo: Path,
+                    paths: list[str], origin: str) -> None:
+        """Paths from a git-hook event (a worker or observer thread) → the on_change rules."""
+        if rulebook.changed(repo, paths, origin):
+            loop.call_soon_threadsafe(pool.wake)
 
     async def _housekeeping(self, pool: Pool) -> None:
         """Periodically return expired leases and wake tasks whose `not_before` passed."""

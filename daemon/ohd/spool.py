@@ -5,9 +5,10 @@ The hooks write one event file per hook run, atomically (temp file, then `mv`), 
 `parse_event` (pure) turns a file's text into a `SpoolEvent`; `SpoolReader.process`
 completes it (a post-commit event names only its commit: the changed paths are read
 from git here, so the hook itself runs no git), hands the paths to
-`on_paths(repo, paths, origin)` and deletes the file once the callback has returned. Invariant: an event is handed on exactly once in normal running
-(delete after the callback; a crash in between hands it on again at the next scan, so the
-callback must be idempotent — rules dedupe the tasks they create). A file that does not
+`on_paths(repo, paths, origin)` and deletes the file once the callback has returned.
+Invariant: an event is handed on exactly once in normal running (delete after the
+callback; a crash in between hands it on again at the next scan, so the callback must be
+idempotent — rules dedupe the tasks they create). A file that does not
 parse goes to `<spool>/rejected/` with `<name>.error.txt` beside it: no crash, no loop.
 A callback that raises leaves the event in place; the next `scan` (start-up) retries it.
 Only names ending in `.event` at the top of the spool are read (the hooks' temp files are
@@ -21,7 +22,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
 
 from ohd.errors import OhdError
@@ -34,6 +35,7 @@ EVENT_SUFFIX = ".event"
 MAGIC = "ohd-event 1"
 KINDS = frozenset({"pre-commit", "post-commit"})
 MAX_EVENT_BYTES = 64 * 1024 * 1024
+STALE_TEMP = timedelta(hours=1)        # a hook's temp file this old was left by a killed hook
 # git's C-style quoting (core.quotePath=false still quotes control characters, '"' and '\').
 ESCAPES = {"a": 7, "b": 8, "t": 9, "n": 10, "v": 11, "f": 12, "r": 13, '"': 34, "\\": 92}
 
@@ -65,6 +67,15 @@ def spool_dir(repo: Path) -> Path:
     if common is None:
         raise OhdError(f"{repo} is not a git repository: no hook spool")
     return common.joinpath(*SPOOL_PARTS)
+
+
+def find_spool(repo: Path) -> Path | None:
+    """`spool_dir(repo)`, or None (logged) when `repo` is not a git repository."""
+    try:
+        return spool_dir(repo)
+    except OhdError as exc:
+        log.info("hooks: %s", exc)
+        return None
 
 
 # -- parsing (pure) ------------------------------------------------------------------------
@@ -181,16 +192,15 @@ class SpoolReader:
         self.resolve = resolve
         self._lock = threading.Lock()
 
-    def scan(self, repo: Path) -> int:
-        """Process every event waiting in `repo`'s spool, oldest name first; returns how many
-        were handed on. A repo that is not a git repo has no spool (logged, 0)."""
-        try:
-            spool = spool_dir(repo)
-        except OhdError as exc:
-            log.info("hooks: %s", exc)
+    def scan(self, repo: Path, now: datetime | None = None) -> int:
+        """Process every event waiting in `repo`'s spool, oldest first; returns how many were
+        handed on. With `now`, hook temp files older than an hour (a hook killed mid-write)
+        are deleted. A repo that is not a git repo has no spool (logged, 0)."""
+        spool = find_spool(repo)
+        if spool is None or not spool.is_dir():
             return 0
-        if not spool.is_dir():
-            return 0
+        if now is not None:
+            remove_stale_temp_files(spool, now)
         found = [(_mtime(p), p.name) for p in spool.iterdir() if is_event_name(p.name)]
         return sum(self.process(repo, spool / name) for _when, name in sorted(found))
 
@@ -239,6 +249,18 @@ def read_event(path: Path) -> SpoolEvent:
     if len(data) > MAX_EVENT_BYTES:
         raise EventError(f"larger than {MAX_EVENT_BYTES} bytes")
     return parse_event(data.decode("utf-8", "surrogateescape"), received)
+
+
+def remove_stale_temp_files(spool: Path, now: datetime) -> int:
+    """Delete the hooks' temp files (`.<kind>-<pid>.tmp`) older than STALE_TEMP; how many."""
+    removed = 0
+    for path in spool.glob(".*.tmp"):
+        if now.timestamp() - _mtime(path) > STALE_TEMP.total_seconds():
+            path.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        log.info("hooks: removed %d stale temp file(s) from %s", removed, spool)
+    return removed
 
 
 def _mtime(path: Path) -> float:
