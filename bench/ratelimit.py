@@ -20,9 +20,9 @@ to a flat 60 s; against this ideal they would read 97.8% and 95.9%.)
 
 The daemon is told the limits through its settings (OHD_FREE_RPM = --rpm, OHD_FREE_RPD
 high enough never to bind; only keys config.py has are set, and the run prints them).
-The governor's window is 60 s unless config.py grows a setting for it (one of
-WINDOW_KEYS); until then --quick uses a 60 s window (~1 min) instead of 10 s (~15 s),
-since a 10 s server window would measure the mismatch, not the governor.
+The window goes to OHD_QUOTA_WINDOW_S; with a daemon that has no such setting (it then
+assumes 60 s) --quick uses a 60 s window (~1 min) instead of 10 s (~15 s), since a 10 s
+server window would measure the mismatch, not the governor.
 
 Goals: every task completed, ideal/actual >= 97%, at most 5 wasted 429s (every 429
 the server sent is one request that did no work). Exit status 0 on PASS, 1 on FAIL.
@@ -144,7 +144,7 @@ def timeline(server: FakeOpenRouter, start: float, work: Workload) -> str:
 # --- ohd ----------------------------------------------------------------------------------
 
 
-WINDOW_KEYS = ("rate_window_s", "free_window_s", "quota_window_s", "window_s")  # none exists yet
+WINDOW_KEYS = ("quota_window_s",)  # the daemon setting(s) for the window, first found is used
 DAEMON_WINDOW_S = 60.0  # what the governor assumes (ohd.routing.WINDOW) when it cannot be told
 
 
@@ -157,6 +157,14 @@ def daemon_fields() -> set[str]:
 def window_key() -> str | None:
     """The daemon setting for the rate-limit window, if config.py has one."""
     return next((key for key in WINDOW_KEYS if key in daemon_fields()), None)
+
+
+def margin_s() -> float | None:
+    """The daemon's default safety margin on the window, if it has one (for the printout)."""
+    from ohd.config import Settings
+
+    spec = Settings.model_fields.get("quota_margin_s")
+    return float(spec.default) if spec is not None and isinstance(spec.default, (int, float)) else None
 
 
 def governor_env(work: Workload) -> dict[str, str]:
@@ -395,6 +403,10 @@ def main() -> int:
     if min(work.tasks, work.models, work.rpm, work.workers) < 1 or work.window_s <= 0:
         parser.error("--tasks, --models, --rpm, --workers and --window must be positive")
     ideal = work.ideal_s()
+    margin = margin_s()
+    if work.window_s < DAEMON_WINDOW_S and margin:
+        print(f"note: fixed delays weigh more against a {work.window_s:g} s window: the governor's safety "
+              f"margin (quota_margin_s = {margin:g} s) alone is {margin / ideal * 100:.1f}% of this ideal")
     timeout_s = max(120.0, 10 * ideal)
     per_window = work.models * work.rpm
     print(f"workload: {work.describe()}")
