@@ -271,3 +271,27 @@ def test_headerless_429s_in_flight_together_do_not_grow_the_cooldown_but_a_later
             return [*together, await ask()]                        # sent after they came back
 
     assert asyncio.run(main()) == [60 * S, 60 * S, 60 * S, 120 * S]
+
+
+def test_retries_inside_one_call_are_paced_too(repo: Path, store: Store, server: FakeOpenRouter,
+                                               clock: FakeClock) -> None:
+    """A 5xx retry is one more request: with 2/min left for A, the second retry is not sent."""
+    server.script("model-a", [server_error(500), server_error(500)])
+    policy = Policy(rpm={"model-a": 2})
+    [task_id] = submit(store, repo, clock)
+
+    async def main() -> None:
+        async with httpx.AsyncClient() as http:
+            client = ModelClient(http, server.url, "sk-test", clock, retries=2)
+
+            async def call(model: str, messages: list[dict[str, str]], timeout_s: float, job: Job) -> Completion:
+                return await client.complete(model, messages, timeout_s)
+
+            pool = Pool(store, call, clock, models=AB, policy=policy)
+            client.before_retry = pool.pace
+            await pool.run_until_idle()
+
+    asyncio.run(main())
+    assert store.get_task(task_id).status == "completed"
+    assert [r.status for r in server.requests_for("model-a")] == [500, 500]
+    assert models_used(store, task_id) == [("model-a", "rate_limited"), ("model-b", "accepted")]

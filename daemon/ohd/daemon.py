@@ -121,6 +121,7 @@ class Daemon:
         self.stop_event = asyncio.Event()
         self.started = self.clock.monotonic()
         self.pool: Pool | None = None
+        self.model_client: ModelClient | None = None
         self.rulebook: RuleBook | None = None
 
     def request_stop(self) -> None:
@@ -142,6 +143,8 @@ class Daemon:
                         lease=timedelta(seconds=self.settings.lease_s), policy=policy_of(self.settings),
                         key_id=key_id_of(self.settings))
             self.pool = pool
+            if self.model_client is not None:
+                self.model_client.before_retry = pool.pace   # retries count against the quotas too
             rulebook = self.rulebook = rulebook_for(self.settings, self.store, self.clock)
             ingestor = Ingestor(self.store, self.clock, settle_s=self.settings.settle_s,
                                 on_rule=lambda repo, rel, spec: self._on_rule(loop, rulebook, repo, rel, spec))
@@ -204,6 +207,7 @@ class Daemon:
         client = ModelClient(http, self.settings.base_url, key, self.clock, app_url=self.settings.app_url,
                              app_title=self.settings.app_title, max_tokens=self.settings.max_tokens,
                              temperature=self.settings.temperature)
+        self.model_client = client
 
         async def call_model(model: str, messages: list[dict[str, str]], timeout_s: float,
                              job: Job) -> Completion:

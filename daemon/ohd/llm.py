@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -163,6 +163,8 @@ class ModelClient:
         self._headers = _request_headers(api_key, app_url, app_title)
         self._rate_limit_streak: dict[str, int] = {}
         self._rate_limits_seen: dict[str, int] = {}   # 429s received per model, ever
+        # awaited before each retry (e.g. the pool reserving a request slot); may raise a ModelError
+        self.before_retry: Callable[[str], Awaitable[None]] | None = None
 
     def __repr__(self) -> str:  # never show the headers (they hold the key)
         return f"ModelClient(base_url={self.base_url!r})"
@@ -171,6 +173,8 @@ class ModelClient:
         """Ask `model`; transient failures are retried `retries` times, then raised."""
         async for attempt in self._retrying():
             with attempt:
+                if attempt.retry_state.attempt_number > 1 and self.before_retry is not None:
+                    await self.before_retry(model)      # a retry is one more request to the server
                 return await self._complete_once(model, messages, timeout_s)
         raise AssertionError("unreachable: tenacity re-raises the last failure")
 

@@ -100,6 +100,12 @@ class Pool:
     def snapshot(self) -> dict[str, Any]:
         return {"size": self.size, "busy": len(self.busy), "running": sorted(self.busy.values())}
 
+    async def pace(self, model: str) -> None:
+        """Reserve a slot for a retry inside one model call (llm's `before_retry`); none left: a 429."""
+        at = await self._store(self.governor.reserve, model, self.clock.now())
+        if at is not None:
+            raise RateLimited(model, at, "no request left within the known limits for a retry")
+
     def model_states(self) -> list[dict[str, Any]]:
         """State, cooldown and requests left of each configured model, from the store (any thread)."""
         return [view.as_dict() for view in self.governor.views(self.models, self.clock.now())]
