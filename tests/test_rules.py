@@ -416,3 +416,48 @@ def test_the_handler_skips_git_ohd_tasks_and_virtualenv_directories(repo: Path) 
         assert handler.relevant(repo / relpath) is None, relpath
     assert handler.relevant(repo / "tools" / "run.py") == "tools/run.py"
     assert handler.relevant(repo.parent / "elsewhere.py") is None
+
+
+# -- the real daemon -----------------------------------------------------------------
+
+
+def test_the_daemon_runs_rules_from_saves_without_looping_on_its_own_output(
+        repo: Path, tmp_path: Path) -> None:
+    """20 saves give one docstring task; ohd writing the docstrings back gives none; an
+    edited rule applies without a restart."""
+    from tests.e2e.helpers import DaemonProcess, daemon_env
+    from tests.support.waiting import wait_for
+
+    (repo / "tasks.d" / "docs.yaml").write_text(
+        "type: docstring\ntarget: shop/pricing.py\non_change: ['shop/**/*.py']\n")
+    runtime = tmp_path / "run"
+    env = daemon_env(tmp_path, runtime, OHD_QUIET_S="0.3", OHD_WORKERS="1")
+    daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
+
+    def tasks(target: str) -> list[dict[str, object]]:
+        return [t for t in daemon.json("tasks") if t["target"] == target]
+
+    try:
+        wait_for(lambda: "rule tasks.d/docs.yaml registered" in (tmp_path / "daemon.log").read_text(),
+                 timeout=30, what="the rule to be registered")
+        pricing = repo / "shop" / "pricing.py"
+        text = pricing.read_text()
+        for i in range(20):
+            pricing.write_text(text + f"\nLAST_SAVE = {i}\n")
+        wait_for(lambda: [t for t in tasks("shop/pricing.py") if t["status"] == "completed"], timeout=60,
+                 what="the docstring task to complete")
+        assert '"""' in pricing.read_text().split("def is_free", 1)[1]      # ohd wrote its output
+        (repo / "shop" / "zz.py").write_text("def later() -> None:\n    pass\n")   # after ohd's write
+        wait_for(lambda: tasks("shop/zz.py"), timeout=30, what="the task of a later save")
+        assert len(tasks("shop/pricing.py")) == 1
+        (repo / "tasks.d" / "docs.yaml").write_text(
+            "type: review\ntarget: shop/pricing.py\non_change: ['lib/*.py']\n")
+        wait_for(lambda: "rule tasks.d/docs.yaml re-read" in (tmp_path / "daemon.log").read_text(),
+                 timeout=30, what="the edited rule to be re-read")
+        (repo / "lib").mkdir()
+        (repo / "lib" / "x.py").write_text("X = 1\n")
+        wait_for(lambda: [t for t in tasks("lib/x.py") if t["type"] == "review"], timeout=30,
+                 what="the edited rule to fire")
+        assert len(tasks("shop/pricing.py")) == 1 and len(tasks("shop/zz.py")) == 1
+    finally:
+        assert daemon.stop() == 0, (tmp_path / "daemon.log").read_text()[-3000:]
