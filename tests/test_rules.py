@@ -153,6 +153,16 @@ def test_ohd_files_and_what_ohd_wrote_never_fire(
     assert book.changed(src, ["src/app.py"], "watch") == []
 
 
+def test_paths_that_are_not_files_inside_the_repo_queue_nothing_and_do_not_raise(
+        src: Path, tmp_path: Path, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
+    put_rule(ingestor, clock, src, "all.yaml", "type: review\ntarget: src/app.py\non_change: ['**']\n")
+    (tmp_path / "outside.py").write_text("secret = 1\n")
+    (src / "src" / "link.py").symlink_to(tmp_path / "outside.py")
+    assert book.changed(src, ["src/pkg", "src/link.py", "../outside.py", "/etc/passwd", "src/none.py"],
+                        "post-commit") == []
+    assert len(book.changed(src, ["./src/app.py"], "post-commit")) == 1
+
+
 def test_a_rule_that_targets_its_own_output_does_not_loop(
         src: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
     put_rule(ingestor, clock, src, "tests.yaml", "type: unit_test\ntarget: shop/pricing.py\non_change: ['*.py']\n")

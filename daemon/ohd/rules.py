@@ -26,9 +26,9 @@ from typing import Any
 import pathspec
 
 from ohd.clock import Clock
-from ohd.errors import OhdError, TaskFileError
+from ohd.errors import OhdError, TargetError, TaskFileError
 from ohd.gitrepo import git
-from ohd.outputs import current_sha
+from ohd.outputs import current_sha, resolve_inside
 from ohd.rulestore import RuleStore
 from ohd.schedule import Trigger, compile_cron, decide, next_fire
 from ohd.store import Store
@@ -85,6 +85,18 @@ def is_ohd_file(relpath: str) -> bool:
     parts = relpath.split("/")
     return (parts[0] in (TASKS_DIR, ".git") or OHD_DIR in parts[:-1]
             or relpath.endswith(CONFLICT_SUFFIX))
+
+
+def file_sha(repo: Path, relpath: str) -> str | None:
+    """The content hash of a regular file inside the repo; None for anything else
+    (gone, a directory or submodule, a symlink leading out, unreadable, outside)."""
+    if relpath.startswith("/") or relpath == ".." or relpath.startswith("../"):
+        return None
+    try:
+        path = resolve_inside(repo, relpath)
+        return current_sha(path) if path.is_file() else None
+    except (OSError, TargetError):
+        return None
 
 
 def read_rules(repo: Path) -> list[tuple[str, TaskSpec]]:
@@ -173,7 +185,7 @@ class RuleBook:
             matching = [r for r in rules if r.matches(relpath)]
             if not matching or is_ohd_file(relpath):
                 continue
-            sha = current_sha(repo / relpath)
+            sha = file_sha(repo, relpath)
             if sha is None or sha == self.store.written_hash(str(repo), relpath):
                 continue   # gone, not a file, or exactly what ohd wrote: no loop
             for rule in matching:
