@@ -87,6 +87,9 @@ class Client:
             raise self._not_running("permission denied on the socket (another user's daemon?)") from None
         except TimeoutError:
             raise self._not_running(f"no answer within {self.timeout:g}s") from None
+        except BlockingIOError:     # the listen backlog is full: the daemon is overloaded
+            raise ApiError(503, f"the daemon on {self.socket_path} is too busy to accept a connection; "
+                                "try again") from None
         except (ConnectionResetError, BrokenPipeError):  # includes http.client.RemoteDisconnected
             raise self._not_running("the connection closed before an answer") from None
         except http.client.HTTPException as exc:

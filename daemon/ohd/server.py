@@ -340,6 +340,10 @@ def remove_stale_socket(path: Path) -> None:
 
 class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    # The listen backlog (socketserver's default is 5): a Unix socket whose backlog is
+    # full refuses a connect with EAGAIN instead of queueing it, so bursts of clients
+    # (hooks, scripts, `ohd status --watch`) would see errors.
+    request_queue_size = 128
     block_on_close = False
     api: ApiServer
 
