@@ -120,8 +120,12 @@ def test_one_open_task_per_rule_and_path_and_one_rerun_after_a_running_one(
     assert book.changed(src, ["src/app.py"], "watch") == []              # running, same content
     edit(src, "src/app.py", "def run() -> int:\n    return 3\n")
     [rerun] = book.changed(src, ["src/app.py"], "watch")                 # running, newer content
-    assert book.changed(src, ["src/app.py"], "watch") == []              # the re-run is queued
-    assert rerun != first
+    assert book.changed(src, ["src/app.py"], "watch") == []              # the re-run is waiting
+    held = store.get_task(rerun)
+    assert held.status == "pending" and held.not_before == claim.task.started_at + timedelta(seconds=125)
+    assert store.claim_next("w2", clock.now(), timedelta(minutes=1)) is None   # not beside the first
+    clock.advance(126)
+    assert store.promote_due(clock.now()) == 1                           # it follows the first
 
 
 def test_no_task_when_the_content_is_the_one_of_the_last_accepted_run(

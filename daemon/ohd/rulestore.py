@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from ohd.taskfile import TaskSpec
 log = logging.getLogger(__name__)
 
 OPEN = (TaskStatus.PENDING.value, TaskStatus.QUEUED.value)
+HOLD_MARGIN_S = 5.0   # after a running task's time limit, before its re-run may start
 
 
 class RuleFiringRow(peewee.Model):
@@ -125,7 +126,7 @@ class RuleStore:
         nothing running, the last accepted run was for this content.
         """
         with self._write():
-            open_, running = self._open(repo, rule, spec.target)
+            open_, running, running_until = self._open(repo, rule, spec.target)
             if open_:
                 # The queued task will read the newest content: remember that one for it.
                 self.firing.update(sha256=sha256).where(self.firing.id.in_(open_)).execute()
@@ -137,20 +138,32 @@ class RuleStore:
                 return None
             task_id = self.store.enqueue(str(repo), spec, now, source=source_of(rule))
             self._record(repo, rule, spec.target, sha256, task_id, origin, now)
+            if running_until is not None:
+                self._hold(task_id, running_until, now)
         return task_id
 
-    def _open(self, repo: Path, rule: str, path: str) -> tuple[list[int], str | None]:
-        """(firings whose task is pending/queued, the content hash of a running one or None)."""
+    def _hold(self, task_id: int, until: datetime, now: datetime) -> None:
+        """The re-run waits (pending) until the running task's time limit has surely passed,
+        so it follows that task instead of running beside it; `promote_due` queues it then."""
+        t = self.store.m.task
+        (t.update(status=TaskStatus.PENDING.value, not_before=max(until, now), updated_at=now)
+         .where(t.id == task_id).execute())
+
+    def _open(self, repo: Path, rule: str, path: str) -> tuple[list[int], str | None, datetime | None]:
+        """(firings whose task is pending/queued, the content hash of a running one, the time
+        by which that one has ended: started_at + its time limit)."""
         rows = self._firings(repo, rule, path).where(
             self.store.m.task.status.in_([*OPEN, TaskStatus.RUNNING.value]))
         open_: list[int] = []
-        running = None
+        running, until = None, None
         for row in dict_rows(rows):
             if row["status"] in OPEN:
                 open_.append(row["id"])
             else:
                 running = row["sha256"] or ""
-        return open_, running
+                started = _aware(row["started_at"]) if row["started_at"] else None
+                until = None if started is None else started + timedelta(seconds=row["timeout_s"] + HOLD_MARGIN_S)
+        return open_, running, until
 
     def _last_accepted(self, repo: Path, rule: str, path: str) -> str | None:
         t = self.store.m.task
@@ -160,7 +173,7 @@ class RuleStore:
 
     def _firings(self, repo: Path, rule: str, path: str) -> Any:
         f, t = self.firing, self.store.m.task
-        return (f.select(f.id, f.sha256, t.status).join(t, on=(f.task_id == t.id))
+        return (f.select(f.id, f.sha256, t.status, t.started_at, t.timeout_s).join(t, on=(f.task_id == t.id))
                 .where((f.repo == str(repo)) & (f.rule == rule) & (f.path == path)))
 
     def _record(self, repo: Path, rule: str, path: str, sha256: str | None, task_id: int,
