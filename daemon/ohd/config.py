@@ -31,7 +31,7 @@ DEFAULT_MODELS = (
     "mistralai/mistral-small-3.1-24b-instruct:free",
     "google/gemma-3-27b-it:free",
 )
-_LIST_KEYS = {"models", "repos"}
+_LIST_KEYS = {"models", "repos", "paid_models"}
 _DICT_KEYS = {"rate_limits", "daily_limits"}   # JSON objects in OHD_* variables
 
 
@@ -71,6 +71,13 @@ class Settings(BaseModel):
     quota_margin_s: float = Field(default=0.25, ge=0, le=10)            # added to the window
     breaker_failures: int = Field(default=3, ge=1)   # consecutive failures that open a model's breaker
     breaker_reset_s: float = Field(default=60.0, gt=0)   # open breaker -> one probe after this long
+    # the catalogue and budgets: `discover` (or models = ["auto"]) takes the free models of GET /models
+    discover: bool = False
+    catalogue_refresh_s: float = Field(default=3600.0, gt=0)   # GET /models again after this long
+    allow_paid: bool = False                             # strict free-only mode unless true
+    paid_models: list[str] = Field(default_factory=list)   # paid models allowed in strict mode
+    daily_request_cap: int = Field(default=0, ge=0)      # requests per UTC day, every model; 0 = none
+    daily_cost_cap_usd: float = Field(default=0.0, ge=0)   # USD per UTC day (execution costs); 0 = none
 
     @field_validator("repos")
     @classmethod

@@ -27,7 +27,8 @@ import httpx
 
 from ohd import __version__
 from ohd.clock import Clock, SystemClock
-from ohd.config import Settings
+from ohd.catalogue import Catalogue
+from ohd.config import DEFAULT_MODELS, Settings
 from ohd.errors import ConfigError, DaemonAlreadyRunning, TaskFileError
 from ohd.history import History
 from ohd.ingest import Ingestor
@@ -102,7 +103,21 @@ def policy_of(settings: Settings) -> Policy:
                   breaker_failures=settings.breaker_failures,
                   breaker_reset=timedelta(seconds=settings.breaker_reset_s),
                   window=timedelta(seconds=settings.quota_window_s),
-                  margin=timedelta(seconds=settings.quota_margin_s))
+                  margin=timedelta(seconds=settings.quota_margin_s),
+                  allow_paid=settings.allow_paid or settings.use_offline,   # offline costs nothing
+                  paid_models=frozenset(settings.paid_models),
+                  request_cap=settings.daily_request_cap or None,
+                  cost_cap=settings.daily_cost_cap_usd or None)
+
+
+def discovers(settings: Settings) -> bool:
+    """Models come from the server's catalogue: `discover = true` or `models = ["auto"]`."""
+    return settings.discover or list(settings.models) == ["auto"]
+
+
+def models_of(settings: Settings) -> list[str]:
+    """The configured models; with `models = ["auto"]` the built-in free list until the first refresh."""
+    return list(DEFAULT_MODELS) if list(settings.models) == ["auto"] else list(settings.models)
 
 
 def key_id_of(settings: Settings) -> str:
@@ -143,6 +158,7 @@ class Daemon:
                         lease=timedelta(seconds=self.settings.lease_s), policy=policy_of(self.settings),
                         key_id=key_id_of(self.settings))
             self.pool = pool
+            catalogue = self._catalogue(pool)
             if self.model_client is not None:
                 self.model_client.before_retry = pool.pace   # retries count against the quotas too
             rulebook = self.rulebook = rulebook_for(self.settings, self.store, self.clock)
@@ -183,6 +199,7 @@ class Daemon:
                 pool.run(self.stop_event, grace_s=self.settings.grace_s),
                 ingestor.run(self.stop_event, on_task=lambda _id: pool.wake()),
                 self._housekeeping(pool),
+                *([catalogue.run(self.stop_event)] if catalogue is not None else []),
                 rulebook.run(self.stop_event, on_tasks=lambda _ids: pool.wake()),
                 tree.run(self.stop_event, lambda repo, paths: self._tree_changed(rulebook, pool, repo, paths)),
                 self._scan_spools(spool, rulebook),
@@ -213,7 +230,14 @@ class Daemon:
                              job: Job) -> Completion:
             return await client.complete(model, messages, timeout_s)
 
-        return call_model, list(self.settings.models)
+        return call_model, models_of(self.settings)
+
+    def _catalogue(self, pool: Pool) -> Catalogue | None:
+        """Online only: GET /models for prices, revivals of relisted models and (discovery) the list."""
+        if self.model_client is None:
+            return None
+        return Catalogue(self.model_client.list_models, pool.governor, self.clock, pool,
+                         discover=discovers(self.settings), refresh_s=self.settings.catalogue_refresh_s)
 
     @staticmethod
     def _on_rule(loop: asyncio.AbstractEventLoop, rulebook: RuleBook, repo: Path, relpath: str,

@@ -12,7 +12,7 @@ live only in the database: a new `Store` on the same file sees them (restarts).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -70,6 +70,8 @@ class Governor:
         self.request = cast(type[RequestRow], type("RequestRow", (RequestRow,),
                                                    {"Meta": meta, "__module__": __name__}))
         self._sqlite = isinstance(self.db, peewee.SqliteDatabase)
+        self.priced: Mapping[str, bool] = {}   # model -> has a price, per the catalogue (swapped whole)
+        self._refusals_logged: set[str] = set()
 
     @contextmanager
     def _tx(self) -> Iterator[None]:
@@ -92,8 +94,14 @@ class Governor:
         instant one can (None: every candidate is dead).
         """
         earliest: datetime | None = None
+        allowed = self._permitted(models)
+        if models and not allowed:
+            return Choice(None, None, reason=f"no allowed model: every candidate has a price ({', '.join(models)}) "
+                          "and strict free-only mode is on (set allow_paid = true or list them in paid_models)")
         with self._tx():
-            for model in models:        # in order, and no further than the first that can go
+            if (held := self._over_budget(now)) is not None:
+                return held
+            for model in allowed:       # in order, and no further than the first that can go
                 state = self._state(model)
                 choice = routing.choose([(state, self._usage(state, now))], now, self.policy)
                 if choice.model is not None:
@@ -102,6 +110,33 @@ class Governor:
                 if choice.at is not None:
                     earliest = choice.at if earliest is None else min(earliest, choice.at)
         return Choice(None, earliest)
+
+    def _permitted(self, models: Sequence[str]) -> list[str]:
+        """The models that budgets allow; each refused one is logged (warning once, then debug)."""
+        allowed = []
+        for model in models:
+            if not routing.refused(model, self.policy, self.priced):
+                allowed.append(model)
+                continue
+            first = model not in self._refusals_logged
+            self._refusals_logged.add(model)
+            log.log(logging.WARNING if first else logging.DEBUG,
+                    "model %s refused: it has a price and strict free-only mode is on "
+                    "(set allow_paid = true or add it to paid_models)", model)
+        return allowed
+
+    def _over_budget(self, now: datetime) -> Choice | None:
+        """A reached daily cap (requests of every model, cost of today's executions), in the lock."""
+        policy = self.policy
+        if policy.request_cap is None and policy.cost_cap is None:
+            return None
+        r, midnight = self.request, routing.utc_midnight(now)
+        sent = r.select().where(r.at >= midnight).count() if policy.request_cap is not None else 0
+        cost = float(self.store.totals_today(now)["cost"]) if policy.cost_cap is not None else 0.0
+        held = routing.over_budget(sent, cost, now, policy)
+        if held is not None:
+            log.warning("budget: %s", held.reason)
+        return held
 
     def reserve(self, model: str, now: datetime) -> datetime | None:
         """Record one request to `model` if the limits allow it now (None); else when they will.
@@ -173,6 +208,12 @@ class Governor:
         with self._tx():
             self._save(routing.after_gone(self._state(model)), now)
         log.warning("model %s: gone (404); skipped from now on", model)
+
+    def dead_models(self) -> list[str]:
+        """The models marked gone (404), for the catalogue to revive when listed again."""
+        ms = self.store.m.model_state
+        self.db.connect(reuse_if_open=True)
+        return [row.model for row in ms.select(ms.model).where(ms.dead == True)]  # noqa: E712
 
     def revive(self, model: str, now: datetime) -> None:
         with self._tx():

@@ -5,7 +5,9 @@ Invariant: a model is never offered before its cooldown ends, while its breaker 
 (a half-open breaker allows one probe), when it is dead, or when one more request would
 exceed a known limit: requests per sliding window (plus a small safety margin, so our
 count is never behind the server's), per UTC day per model, and per UTC day per key for
-`:free` models. When no candidate can be sent now, the answer is the earliest instant
+`:free` models. Budgets: in strict free-only mode a model with a price is never offered
+unless allowed, and a reached daily cap (requests, cost) holds every model until the next
+UTC midnight. When no candidate can be sent now, the answer is the earliest instant
 one can, so the caller waits exactly that long. The arithmetic of a 429's reset hints
 lives in `llm.reset_at`; here a cooldown is only kept or extended, never shortened.
 """
@@ -42,6 +44,11 @@ class Policy:
     breaker_reset: timedelta = timedelta(seconds=60)
     window: timedelta = WINDOW
     margin: timedelta = MARGIN
+    # budgets (the configuration's default is strict free-only; these plain defaults refuse nothing)
+    allow_paid: bool = True
+    paid_models: frozenset[str] = frozenset()  # allowed despite a price when `allow_paid` is off
+    request_cap: int | None = None             # requests per UTC day, every model
+    cost_cap: float | None = None              # USD per UTC day, summed over executions
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +86,7 @@ class Choice:
     model: str | None
     at: datetime | None = None
     probe: bool = False
+    reason: str | None = None     # why nothing can be sent (a budget), for the task's error text
 
 
 def is_free(model: str) -> bool:
@@ -163,6 +171,29 @@ def choose(candidates: Sequence[tuple[ModelState, Usage]], now: datetime, policy
             return Choice(state.model, probe=health(state, now, policy) is Health.HALF_OPEN)
         earliest = at if earliest is None else min(earliest, at)
     return Choice(None, earliest)
+
+
+def paid(model: str, priced: Mapping[str, bool]) -> bool:
+    """Has a price: as the catalogue says when it lists the model, else any id without `:free`."""
+    known = priced.get(model)
+    return not is_free(model) if known is None else known
+
+
+def refused(model: str, policy: Policy, priced: Mapping[str, bool]) -> bool:
+    """Strict free-only mode: a paid model is refused unless paid models or this one are allowed."""
+    return not policy.allow_paid and model not in policy.paid_models and paid(model, priced)
+
+
+def over_budget(requests_today: int, cost_today: float, now: datetime, policy: Policy) -> Choice | None:
+    """A daily cap reached: nothing is sent until the next UTC midnight (None: within budget)."""
+    until = next_utc_midnight(now)
+    if policy.request_cap is not None and requests_today >= policy.request_cap:
+        spent = f"daily_request_cap reached ({requests_today} of {policy.request_cap} requests today)"
+    elif policy.cost_cap is not None and cost_today >= policy.cost_cap:
+        spent = f"daily_cost_cap_usd reached (${cost_today:.4f} of ${policy.cost_cap:g} spent today)"
+    else:
+        return None
+    return Choice(None, until, reason=f"{spent}; waits until {until.isoformat()} (the next UTC day)")
 
 
 def remaining(state: ModelState, usage: Usage, now: datetime, policy: Policy) -> tuple[int | None, int | None]:

@@ -226,10 +226,10 @@ class Pool:
             choice = await self._store(self.governor.acquire, candidates, self.clock.now())
             if choice.model is None:
                 if choice.at is None:
-                    return Outcome(TaskStatus.FAILED, error="no usable model: every candidate is gone")
+                    return Outcome(TaskStatus.FAILED, error=choice.reason or "no usable model: every candidate is gone")
                 wait = (choice.at - self.clock.now()).total_seconds()
                 if wait > self.hold_s:
-                    return Outcome(TaskStatus.PENDING, not_before=choice.at, error=(
+                    return Outcome(TaskStatus.PENDING, not_before=choice.at, error=choice.reason or (
                         f"no model can take a request now (cooling, over quota or breaker open); "
                         f"resumes at {choice.at.isoformat()}"))
                 await self.clock.sleep(max(0.0, wait))

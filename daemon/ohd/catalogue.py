@@ -1,0 +1,159 @@
+"""The model catalogue: which models exist, which are free, and what the others cost.
+
+A service room over a fetch of `GET /models` (`llm.ModelClient.list_models`) and the
+store-backed governor. Each refresh reads the server's list and, only when it has the
+expected shape, (1) gives the governor the models' prices (the budget's "has a price"),
+(2) revives every model the governor marked dead (404) that is listed again, and (3) in
+discovery mode replaces the pool's model list, in place, by the free models it lists.
+Invariant: a refresh that fails or returns garbage changes nothing (logged; the previous
+list stays), and the pool's list is never emptied by a refresh. Refreshes run every
+`refresh_s` seconds on the injected clock (a plain loop; no scheduler thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any, Protocol
+
+from ohd import routing
+from ohd.clock import Clock
+from ohd.errors import OhdError
+from ohd.quotas import Governor
+
+log = logging.getLogger(__name__)
+
+Fetch = Callable[[], Awaitable[Any]]
+ZERO = Decimal(0)
+
+
+class HasModels(Protocol):
+    """What holds the model list `auto` expands to (the pool): read at each use, changed in place."""
+
+    models: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """One model of the server's list; prices in USD per token, None when not given or garbage."""
+
+    model: str
+    prompt: Decimal | None = None
+    completion: Decimal | None = None
+
+    @property
+    def free(self) -> bool:
+        """Free: a `:free` id, or a zero prompt AND completion price."""
+        return routing.is_free(self.model) or (self.prompt == ZERO and self.completion == ZERO)
+
+
+def price(value: Any) -> Decimal | None:
+    """A price as OpenRouter sends it (a decimal string; a number is accepted); None if not one."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    try:
+        amount = Decimal(str(value).strip())
+    except InvalidOperation:
+        return None
+    return amount if amount.is_finite() and amount >= ZERO else None
+
+
+def parse(data: Any) -> list[Listing] | None:
+    """The listings of a `/models` `data` array; None when it is not that shape at all.
+
+    Entries without a string `id` are skipped; a missing or garbled `pricing` leaves the
+    prices unknown (then only a `:free` id makes the model free). A list in which no entry
+    has an id is garbage (None), so a broken answer never empties the catalogue.
+    """
+    if not isinstance(data, list):
+        return None
+    listings: list[Listing] = []
+    for entry in data:
+        model = entry.get("id") if isinstance(entry, dict) else None
+        if not isinstance(model, str) or not model.strip():
+            continue
+        pricing = entry.get("pricing")
+        pricing = pricing if isinstance(pricing, dict) else {}
+        listings.append(Listing(model.strip(), price(pricing.get("prompt")), price(pricing.get("completion"))))
+    if data and not listings:
+        return None
+    skipped = len(data) - len(listings)
+    if skipped:
+        log.warning("catalogue: %d entr%s without a model id skipped", skipped, "y" if skipped == 1 else "ies")
+    return listings
+
+
+class Catalogue:
+    """Keeps the pool's model list and the governor's prices in step with the server."""
+
+    def __init__(self, fetch: Fetch, governor: Governor, clock: Clock, pool: HasModels, *,
+                 discover: bool = False, refresh_s: float = 3600.0) -> None:
+        self.fetch = fetch
+        self.governor = governor
+        self.clock = clock
+        self.pool = pool                # its `models` list is updated in place
+        self.discover = discover
+        self.refresh_s = refresh_s
+        self.listings: tuple[Listing, ...] = ()
+        self.refreshed_at: datetime | None = None
+
+    async def refresh(self) -> bool:
+        """Fetch and apply the server's list; False (and nothing changed) when it failed."""
+        try:
+            data = await self.fetch()
+        except OhdError as exc:
+            log.warning("catalogue: GET /models failed (%s); keeping the previous list", exc)
+            return False
+        listings = parse(data)
+        if listings is None:
+            log.warning("catalogue: GET /models answered an unexpected shape (%s); keeping the previous list",
+                        type(data).__name__)
+            return False
+        await asyncio.to_thread(self.apply, listings, self.clock.now())
+        return True
+
+    def apply(self, listings: Sequence[Listing], now: datetime) -> None:
+        """Prices to the governor, relisted dead models revived, the discovered list (store: a thread)."""
+        self.listings = tuple(listings)
+        self.refreshed_at = now
+        self.governor.priced = {entry.model: not entry.free for entry in listings}  # one swap
+        listed = {entry.model for entry in listings}
+        for model in self.governor.dead_models():
+            if model in listed:
+                self.governor.revive(model, now)
+                log.info("catalogue: model %s is listed again; revived", model)
+        if self.discover:
+            self._discovered([entry.model for entry in listings if entry.free])
+
+    def _discovered(self, free: list[str]) -> None:
+        models = self.pool.models
+        if not free:
+            log.warning("catalogue: the server lists no free model; keeping %d model(s)", len(models))
+            return
+        if free != models:
+            added, dropped = set(free) - set(models), set(models) - set(free)
+            models[:] = free            # one slice assignment: readers see the old or the new list
+            log.info("catalogue: %d free model(s) (+%d, -%d)", len(free), len(added), len(dropped))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Refresh now, then every `refresh_s` on the clock, until `stop` is set; never raises."""
+        while not stop.is_set():
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("catalogue: refresh failed; retrying in %g s", self.refresh_s)
+            await self._wait(stop)
+
+    async def _wait(self, stop: asyncio.Event) -> None:
+        sleeper = asyncio.ensure_future(self.clock.sleep(self.refresh_s))
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (sleeper, stopper):
+                waiter.cancel()
+            await asyncio.gather(sleeper, stopper, return_exceptions=True)
