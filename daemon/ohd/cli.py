@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                              ("retry", cmd_retry, "queue a failed or cancelled task again")):
         command(name, func, text).add_argument("id", type=int)
     command("models", cmd_models, "the models, their state and measured stats (over the socket)")
+    p = command("select-model", cmd_select_model,
+                "how `auto` ranks the models for a task type, with each score component (reads the store)")
+    p.add_argument("--type", required=True, choices=TYPES)
     p = command("metrics", cmd_metrics, "metrics: Prometheus text, or JSON (over the socket)", json_flag=False)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="the JSON snapshot")
@@ -195,6 +198,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     from ohd import views
 
     emit(client(args).get("/models")["models"], args.json, views.models_text)
+    return EXIT_OK
+
+
+def cmd_select_model(args: argparse.Namespace) -> int:
+    from ohd import selection
+    from ohd.daemon import OFFLINE_MODEL, selection_of
+    from ohd.history import History
+
+    conf = settings(args)
+    store = open_store(args)
+    models = [OFFLINE_MODEL] if conf.use_offline else list(conf.models)
+    ranking = selection.rank(models, args.type, History(store.db, store.m).measured(args.type), selection_of(conf))
+    data = {"task_type": args.type, "enabled": conf.model_selection, "weights": dict(selection.WEIGHTS),
+            "ranking": [r.as_dict() for r in ranking]}
+    emit(data, args.json, lambda d: selection.ranking_text(d["task_type"], d["ranking"]))
     return EXIT_OK
 
 

@@ -32,7 +32,17 @@ DEFAULT_MODELS = (
     "google/gemma-3-27b-it:free",
 )
 _LIST_KEYS = {"models", "repos", "paid_models"}
-_DICT_KEYS = {"rate_limits", "daily_limits"}   # JSON objects in OHD_* variables
+_DICT_KEYS = {"rate_limits", "daily_limits", "model_priors", "model_tags"}   # JSON objects in OHD_* variables
+
+
+class ModelPrior(BaseModel):
+    """What model selection assumes of a model before it has history (`model_priors`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    quality: float = Field(default=0.5, ge=0, le=1)       # expected validation score
+    success: float = Field(default=0.5, ge=0, le=1)       # expected accepted / calls
+    latency_ms: float | None = Field(default=None, gt=0)  # expected p50; None: neutral
 
 
 class Settings(BaseModel):
@@ -78,6 +88,13 @@ class Settings(BaseModel):
     paid_models: list[str] = Field(default_factory=list)   # paid models allowed in strict mode
     daily_request_cap: int = Field(default=0, ge=0)      # requests per UTC day, every model; 0 = none
     daily_cost_cap_usd: float = Field(default=0.0, ge=0)   # USD per UTC day (execution costs); 0 = none
+    # model selection (issue 3 item 5): `auto` tries the models best first per task type
+    model_selection: bool = True                      # false: `auto` keeps the order of `models`
+    model_priors: dict[str, ModelPrior] = Field(default_factory=dict)   # model -> prior before history
+    model_tags: dict[str, list[str]] = Field(default_factory=dict)      # model -> speed/balanced/quality/...
+    selection_epsilon: float = Field(default=0.05, ge=0, le=1)          # chance to try a less measured model
+    selection_prior_calls: float = Field(default=5.0, ge=0)             # the prior weighs this many calls
+    selection_latency_ref_ms: float = Field(default=10_000.0, gt=0)     # the p50 that scores 0.5
 
     @field_validator("repos")
     @classmethod

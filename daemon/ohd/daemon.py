@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import random
 import signal
 from contextlib import AsyncExitStack
 from datetime import timedelta
@@ -25,7 +26,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
 
-from ohd import __version__
+from ohd import __version__, selection
 from ohd.clock import Clock, SystemClock
 from ohd.catalogue import Catalogue
 from ohd.config import DEFAULT_MODELS, Settings
@@ -127,6 +128,20 @@ def key_id_of(settings: Settings) -> str:
     return "key-" + hashlib.sha256(settings.api_key.get_secret_value().encode()).hexdigest()[:12]
 
 
+def selection_of(settings: Settings) -> selection.Config:
+    """Model selection's priors, tags and knobs as plain values."""
+    priors = {model: selection.Prior(p.quality, p.success, p.latency_ms) for model, p in settings.model_priors.items()}
+    return selection.Config(priors=priors, tags={m: tuple(tags) for m, tags in settings.model_tags.items()},
+                            epsilon=settings.selection_epsilon, prior_calls=settings.selection_prior_calls,
+                            latency_ref_ms=settings.selection_latency_ref_ms)
+
+
+def ranker(history: History, config: selection.Config,
+           rng: random.Random | None = None) -> selection.Rank:
+    """The pool's `rank`: (task type, models) -> best first by measured history (explores with `rng`)."""
+    return lambda kind, models: selection.order(selection.rank(models, kind, history.measured(kind), config, rng))
+
+
 class Daemon:
     def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
         self.settings = settings
@@ -156,7 +171,9 @@ class Daemon:
                 log.info("task %d: lease expired; back in the queue", task_id)
             pool = Pool(self.store, call, self.clock, models=models, size=self.settings.workers,
                         lease=timedelta(seconds=self.settings.lease_s), policy=policy_of(self.settings),
-                        key_id=key_id_of(self.settings))
+                        key_id=key_id_of(self.settings),
+                        rank=ranker(History(self.store.db, self.store.m), selection_of(self.settings),
+                                    random.Random()) if self.settings.model_selection else None)
             self.pool = pool
             catalogue = self._catalogue(pool)
             if self.model_client is not None:

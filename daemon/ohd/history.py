@@ -1,4 +1,4 @@
-"""History: read-only SQL aggregates over the execution and task tables, for metrics.
+"""History: read-only SQL aggregates over the execution and task tables, for metrics and selection.
 
 Takes the database and the query models a `Store` was built with (`History(store.db,
 store.m)`); it is a sibling of `store` in the edge layer, so it does not import it.
@@ -18,6 +18,7 @@ from datetime import datetime
 import peewee
 
 from ohd.records import Models, TaskStatus, tuple_rows
+from ohd.selection import Measured
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,34 @@ class History:
         for model, kind, latency in tuple_rows(query):
             found.setdefault((str(model), str(kind or UNKNOWN_TYPE)), []).append(int(latency))
         return {key: sorted(values) for key, values in found.items()}
+
+    def measured(self, task_type: str) -> dict[str, Measured]:
+        """Per model, its history on `task_type` as model selection weighs it (429s left out)."""
+        self._read()
+        e, t, fn = self.m.execution, self.m.task, peewee.fn
+        query = (e.select(e.model, e.outcome, fn.COUNT(e.id), fn.COUNT(e.score), fn.SUM(e.score))
+                 .join(t, on=(e.task_id == t.id))
+                 .where((t.type == task_type) & (e.outcome != "rate_limited"))
+                 .group_by(e.model, e.outcome))
+        rows: dict[str, list[tuple[str, int, int, float]]] = {}
+        for model, outcome, calls, scored, total in tuple_rows(query):
+            rows.setdefault(str(model), []).append((str(outcome), int(calls), int(scored), float(total or 0.0)))
+        latencies = self._latencies_of(task_type)
+        return {model: Measured(calls=sum(r[1] for r in found),
+                                accepted=sum(r[1] for r in found if r[0] == "accepted"),
+                                scored=sum(r[2] for r in found), score_sum=sum(r[3] for r in found),
+                                answered=len(latencies.get(model, ())),
+                                latency_p50_ms=percentile(latencies.get(model, ()), 0.5))
+                for model, found in rows.items()}
+
+    def _latencies_of(self, task_type: str) -> dict[str, list[int]]:
+        e, t = self.m.execution, self.m.task
+        query = (e.select(e.model, e.latency_ms).join(t, on=(e.task_id == t.id))
+                 .where((t.type == task_type) & e.outcome.in_(ANSWERED)))
+        found: dict[str, list[int]] = {}
+        for model, latency in tuple_rows(query):
+            found.setdefault(str(model), []).append(int(latency))
+        return {model: sorted(values) for model, values in found.items()}
 
     def task_counts(self) -> dict[str, int]:
         """Tasks per status; every status present."""

@@ -174,11 +174,20 @@ def standing_rules(db: peewee.Database) -> None:
     db.create_tables([RuleFiring, RuleClock], safe=False)
 
 
+def execution_score(db: peewee.Database) -> None:
+    """execution gains score: the validation score of the result (NULL when there was no verdict)."""
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as alter
+
+    alter(SchemaMigrator.from_database(db).add_column("execution", "score", peewee.FloatField(null=True)))
+
+
 # The history, oldest first. Append only.
 MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     ("0001_initial_schema", initial_schema),
     ("0002_governor_state", governor_state),
     ("0003_standing_rules", standing_rules),
+    ("0004_execution_score", execution_score),
 )
 
 

@@ -64,6 +64,14 @@ def read_source(repo: Path, rel: str, max_bytes: int = 1_000_000) -> str:
     return _decode(rel, raw, max_bytes)
 
 
+def related(repo: Path, output: str) -> tuple[tuple[str, str], ...]:
+    """An existing file at the output path, as context for the model (what the user has); else ()."""
+    try:
+        return ((output, read_source(repo, output)),)
+    except TargetError:
+        return ()
+
+
 def _decode(rel: str, raw: bytes, max_bytes: int) -> str:
     if len(raw) > max_bytes:
         raise TargetError(rel, f"is larger than the limit of {max_bytes} bytes")

@@ -95,6 +95,7 @@ class Execution:
     outcome: str
     error_class: str | None
     error: str | None
+    score: float | None = None        # the validation score, when the result got a verdict
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: _iso(getattr(self, f.name)) for f in fields(self)}
@@ -172,6 +173,7 @@ class ExecutionRow(peewee.Model):
     outcome = peewee.CharField()
     error_class = peewee.CharField(null=True)
     error = peewee.TextField(null=True)
+    score = peewee.FloatField(null=True)
 
 
 class IngestedFileRow(peewee.Model):

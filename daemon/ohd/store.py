@@ -258,15 +258,16 @@ class Store:
     def record_execution(self, task_id: int, attempt: int, model: str, started_at: datetime,
                          finished_at: datetime, prompt_tokens: int, completion_tokens: int,
                          cost: float | None, outcome: str, error_class: str | None = None,
-                         error: str | None = None) -> int:
-        """One model call, successful or not; latency derived from the two instants."""
+                         error: str | None = None, score: float | None = None) -> int:
+        """One model call, successful or not; latency derived from the two instants; `score`
+        is the validation score of its result (None when it got no verdict)."""
         latency_ms = max(0, round((finished_at - started_at).total_seconds() * 1000))
         with self._write():
             return int(self.m.execution.insert(
                 task_id=task_id, attempt=attempt, model=model, started_at=started_at,
                 finished_at=finished_at, latency_ms=latency_ms, prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens, cost=cost, outcome=outcome,
-                error_class=error_class, error=error).execute())
+                error_class=error_class, error=error, score=score).execute())
 
     # -- user actions ----------------------------------------------------------------
 

@@ -13,8 +13,8 @@ import ast
 import logging
 import posixpath
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 from ohd.errors import MalformedAnswer, TaskFileError
 from ohd.taskfile import TaskType
@@ -106,6 +106,11 @@ _SYSTEM = {
                      "they matter; you do not pad the review.",
     TaskType.CUSTOM: "You are a careful software engineer. You do exactly what the task asks.",
 }
+
+
+def with_feedback(job: Job, feedback: Sequence[str]) -> Job:
+    """The same job, with the validator's (or extraction's) messages for the next attempt."""
+    return replace(job, feedback=tuple(feedback))
 
 
 def messages(job: Job) -> list[dict[str, str]]:

@@ -34,7 +34,6 @@ from ohd.errors import (
     ModelGone,
     OhdError,
     RateLimited,
-    TargetError,
 )
 from ohd.llm import Completion
 from ohd.quotas import Governor
@@ -77,7 +76,8 @@ class Pool:
 
     def __init__(self, store: Store, call: Caller, clock: Clock, *, models: Sequence[str],
                  size: int = 4, lease: timedelta = timedelta(seconds=60), name: str = "w",
-                 policy: Policy | None = None, key_id: str = "default", hold_s: float = 1.0) -> None:
+                 policy: Policy | None = None, key_id: str = "default", hold_s: float = 1.0,
+                 rank: Callable[[str, list[str]], list[str]] | None = None) -> None:
         self.store = store
         self.call = call
         self.clock = clock
@@ -87,6 +87,7 @@ class Pool:
         self.name = name
         self.governor = Governor(store, policy, key_id)
         self.hold_s = hold_s        # a slot this close is waited for in place instead of deferring
+        self.rank = rank            # (task type, models) -> best first (`auto`); None: configured order
         self.busy: dict[str, int] = {}
         self.wake_event = asyncio.Event()
         self.alarm: Alarm | None = None   # wakes the pool when a deferred task is due (in `run`)
@@ -212,14 +213,14 @@ class Pool:
         is_package = lambda rel: (repo / rel / "__init__.py").is_file()  # noqa: E731
         output = task.output or tasktypes.default_output(task_type, task.target, (repo / "tests").is_dir())
         outputs.resolve_inside(repo, output)
-        context = _related(repo, output) if task_type is TaskType.UNIT_TEST else ()
+        context = outputs.related(repo, output) if task_type is TaskType.UNIT_TEST else ()
         job = Job(task_type=task_type, target=task.target, source=source,
                   module=tasktypes.module_name(task.target, is_package), output=output,
                   description=task.description, prompt=task.prompt, context=context)
         return Run(task=task, repo=repo, job=job, attempts=task.attempts)
 
     async def _attempts(self, run: Run) -> Outcome:
-        candidates = routing.candidates(run.task.models, self.models)
+        candidates = routing.candidates(run.task.models, await self._auto_models(run.task))
         while run.attempts < run.task.max_attempts:
             if not candidates:
                 return Outcome(TaskStatus.FAILED, error="every model failed; see the executions")
@@ -250,7 +251,7 @@ class Pool:
             return Outcome(TaskStatus.FAILED, error=str(exc))
         except MalformedAnswer as exc:
             await self._store(self.governor.succeeded, model, self.clock.now())   # it did answer
-            run.job = _with_feedback(run.job, (f"Your previous answer was unusable: {exc.message}",))
+            run.job = tasktypes.with_feedback(run.job, (f"Your previous answer was unusable: {exc.message}",))
             return None
         except ModelError as exc:
             note = self.governor.gone if isinstance(exc, ModelGone) else self.governor.failed
@@ -290,7 +291,7 @@ class Pool:
         outcome = "accepted" if verdict.accepted else "rejected"
         await self._record(run, model, started, completion, outcome, None, verdict)
         if not verdict.accepted:
-            run.job = _with_feedback(run.job, verdict.feedback())
+            run.job = tasktypes.with_feedback(run.job, verdict.feedback())
             return None
         return await asyncio.to_thread(self._write, run, content)
 
@@ -335,6 +336,12 @@ class Pool:
 
     # -- models ----------------------------------------------------------------
 
+    async def _auto_models(self, task: Task) -> list[str]:
+        """What `auto` expands to: the configured models, ranked for the task type if a ranking is set."""
+        if self.rank is None or "auto" not in (task.models or ("auto",)):
+            return self.models
+        return await self._store(self.rank, task.type, self.models)
+
     async def _promote(self) -> None:
         """Due tasks back to the queue, workers woken, the alarm set for the next deferred task."""
         now = self.clock.now()
@@ -366,7 +373,7 @@ class Pool:
             self.store.record_execution, run.task.id, run.attempts, model, started, self.clock.now(),
             completion.prompt_tokens if completion else 0, completion.completion_tokens if completion else 0,
             completion.cost if completion else None, outcome,
-            exc.error_class if exc else None, str(exc) if exc else None)
+            exc.error_class if exc else None, str(exc) if exc else None, verdict.score if verdict else None)
 
     async def _watch(self, claim: Claim, work: asyncio.Task[Outcome]) -> None:
         """Extend the lease while the task runs; stop the work if it was cancelled or lost."""
@@ -390,16 +397,3 @@ class Pool:
 def _outcome_of(exc: ModelError) -> str:
     return "rate_limited" if isinstance(exc, RateLimited) else "malformed" if isinstance(exc, MalformedAnswer) else "error"
 
-
-def _with_feedback(job: Job, feedback: Sequence[str]) -> Job:
-    from dataclasses import replace
-
-    return replace(job, feedback=tuple(feedback))
-
-
-def _related(repo: Path, output: str) -> tuple[tuple[str, str], ...]:
-    """An existing file at the output path is context for the model (what the user has)."""
-    try:
-        return ((output, outputs.read_source(repo, output)),)
-    except TargetError:
-        return ()
