@@ -253,3 +253,14 @@ def test_selection_settings_become_the_config(tmp_path: Path) -> None:
     assert config.epsilon == 0.1 and config.prior_calls == 3
     assert config.priors["model-a"] == Prior(quality=0.8, success=0.5, latency_ms=2000)
     assert config.tags["model-a"] == ("quality",)
+
+
+def test_select_model_with_a_discovered_list_ranks_the_measured_models(
+        repo: Path, store: Store, clock: FakeClock, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("OPENROUTER_API_KEY", "sk-test")
+    monkeypatch.setenv("OHD_MODELS", '["auto"]')
+    record(store, repo, clock, "found-b", "rejected", 0.3)
+    record(store, repo, clock, "found-a", "accepted", 0.95)
+    assert main(["select-model", "--type", "unit_test", "--json"]) == 0
+    assert [row["model"] for row in json.loads(capsys.readouterr().out)["ranking"]] == ["found-a", "found-b"]

@@ -203,13 +203,16 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_select_model(args: argparse.Namespace) -> int:
     from ohd import selection
-    from ohd.daemon import OFFLINE_MODEL, selection_of
+    from ohd.daemon import OFFLINE_MODEL, discovers, selection_of
     from ohd.history import History
 
     conf = settings(args)
     store = open_store(args)
-    models = [OFFLINE_MODEL] if conf.use_offline else list(conf.models)
-    ranking = selection.rank(models, args.type, History(store.db, store.m).measured(args.type), selection_of(conf))
+    measured = History(store.db, store.m).measured(args.type)
+    models = [OFFLINE_MODEL] if conf.use_offline else [m for m in conf.models if m != "auto"]
+    if not conf.use_offline and discovers(conf):     # the discovered list lives in the daemon: add the measured
+        models += sorted(set(measured) - set(models))
+    ranking = selection.rank(models, args.type, measured, selection_of(conf))
     data = {"task_type": args.type, "enabled": conf.model_selection, "weights": dict(selection.WEIGHTS),
             "ranking": [r.as_dict() for r in ranking]}
     emit(data, args.json, lambda d: selection.ranking_text(d["task_type"], d["ranking"]))
