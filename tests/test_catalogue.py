@@ -187,3 +187,24 @@ def test_auto_in_the_config_means_discovery(tmp_path: Path) -> None:
     plain = load(None, env={})
     assert not discovers(plain) and models_of(plain) == list(DEFAULT_MODELS)
     assert plain.catalogue_refresh_s == 3600
+
+
+def test_a_real_daemon_with_models_auto_takes_the_free_models_the_server_lists(
+        repo: Path, tmp_path: Path) -> None:
+    """`ohd daemon` with OHD_MODELS=auto against the fake server as a process: `ohd models`
+    shows the discovered free models (the wiring of the refresh loop in daemon.py)."""
+    import os
+
+    from tests.e2e.helpers import DaemonProcess, daemon_env, fake_openrouter
+    from tests.support.waiting import wait_for
+
+    runtime = Path(os.environ["OHD_RUNTIME_DIR"])
+    with fake_openrouter("--model", "fake/x:free", "--model", "fake/y:free") as url:
+        env = daemon_env(tmp_path, runtime, OPENROUTER_API_KEY="k", OHD_BASE_URL=url, OHD_MODELS="auto")
+        daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
+        try:
+            ids = wait_for(lambda: [m["id"] for m in daemon.json("models")] == ["fake/x:free", "fake/y:free"],
+                           timeout=30, what="the discovered models")
+        finally:
+            assert daemon.stop() == 0
+    assert ids
