@@ -239,6 +239,7 @@ def test_select_model_prints_the_ranking_with_each_component(
     assert a["total"] == pytest.approx(0.4 * a["quality"] + 0.3 * a["success"] + 0.2 * a["latency"]
                                        + 0.1 * a["specialization"], abs=1e-3)
     assert data["ranking"][1]["specialization"] == 0.0
+    assert {row["state"] for row in data["ranking"]} == {"ready"}
     assert main(["select-model", "--type", "unit_test"]) == 0
     text = capsys.readouterr().out
     assert "quality" in text and text.index("model-a") < text.index("model-b")

@@ -203,8 +203,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_select_model(args: argparse.Namespace) -> int:
     from ohd import selection
-    from ohd.daemon import OFFLINE_MODEL, discovers, selection_of
+    from ohd.clock import SystemClock
+    from ohd.daemon import OFFLINE_MODEL, discovers, key_id_of, policy_of, selection_of
     from ohd.history import History
+    from ohd.quotas import Governor
 
     conf = settings(args)
     store = open_store(args)
@@ -213,8 +215,10 @@ def cmd_select_model(args: argparse.Namespace) -> int:
     if not conf.use_offline and discovers(conf):     # the discovered list lives in the daemon: add the measured
         models += sorted(set(measured) - set(models))
     ranking = selection.rank(models, args.type, measured, selection_of(conf))
+    views = Governor(store, policy_of(conf), key_id_of(conf)).views(models, SystemClock().now())
+    states = {view.model: view.health.value for view in views}    # the governor skips all but ready
     data = {"task_type": args.type, "enabled": conf.model_selection, "weights": dict(selection.WEIGHTS),
-            "ranking": [r.as_dict() for r in ranking]}
+            "ranking": [{**r.as_dict(), "state": states.get(r.model)} for r in ranking]}
     emit(data, args.json, lambda d: selection.ranking_text(d["task_type"], d["ranking"]))
     return EXIT_OK
 

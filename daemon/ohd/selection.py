@@ -157,11 +157,12 @@ def order(ranking: Sequence[Ranked]) -> list[str]:
 
 def ranking_text(task_type: str, ranking: Sequence[Mapping[str, Any]]) -> str:
     """The ranking as `ohd select-model` prints it (from `Ranked.as_dict` rows)."""
-    header = f"{'model':<44} {'total':>6} {'quality':>7} {'success':>7} {'latency':>7} {'special':>7} {'calls':>5}"
+    header = (f"{'model':<44} {'total':>6} {'quality':>7} {'success':>7} {'latency':>7} {'special':>7} "
+              f"{'calls':>5}  state")
     lines = [f"task type {task_type}: score = 0.40 quality + 0.30 success + 0.20 latency + 0.10 specialization",
              header]
     for row in ranking:
         lines.append(f"{row['model']:<44} {row['total']:>6.3f} {row['quality']:>7.3f} {row['success']:>7.3f} "
-                     f"{row['latency']:>7.3f} {row['specialization']:>7.3f} {row['calls']:>5}"
-                     + ("  (exploring)" if row.get("explored") else ""))
+                     f"{row['latency']:>7.3f} {row['specialization']:>7.3f} {row['calls']:>5}  "
+                     f"{row.get('state') or '-'}" + ("  (exploring)" if row.get("explored") else ""))
     return "\n".join(lines)
