@@ -235,13 +235,16 @@ class Daemon:
                 self.proc.wait()
 
 
-def run_ohd(work: Workload, base: Path, timeout_s: float, log_level: str) -> Result:
+def run_ohd(work: Workload, base: Path, timeout_s: float, log_level: str, more_env: dict[str, str]) -> Result:
     with FakeOpenRouter(latency_s=work.latency_s, models=work.model_ids) as server:
         server.default = ok(ANSWER)
         server.rate_limit(work.rpm, work.window_s)
         extra = governor_env(work)
         print(f"fake OpenRouter at {server.url}")
         print(f"daemon settings for the governor: {' '.join(f'{k}={v}' for k, v in extra.items()) or '(none)'}")
+        if more_env:
+            print(f"extra daemon settings (--daemon-env): {' '.join(f'{k}={v}' for k, v in more_env.items())}")
+            extra = {**extra, **more_env}
         repo = make_repo(base / "repo")
         daemon = Daemon(base / "ohd", repo, server.url, work, {**extra, "OHD_LOG_LEVEL": log_level})
         try:
@@ -385,6 +388,8 @@ def main() -> int:
                         help="a smoke run: 40 tasks, 2 models x 10 per 10 s window (~15 s), or per 60 s "
                              "(~1 min) while the daemon cannot be told the window")
     parser.add_argument("--log-level", default="WARNING", help="the daemon's log level (its log path is printed)")
+    parser.add_argument("--daemon-env", action="append", default=[], metavar="OHD_KEY=VALUE",
+                        help="an extra daemon setting (repeatable), e.g. to switch a validation step off; printed")
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM comparison even if installed")
     args = parser.parse_args()
     settable = window_key() is not None
@@ -413,7 +418,13 @@ def main() -> int:
     print(f"ideal: ({math.ceil(work.tasks / per_window)} - 1) windows x {work.window_s:g} s + last batch "
           f"through {work.workers} workers at {work.latency_s * 1000:.0f} ms = {ideal:.1f} s")
     base = Path(tempfile.mkdtemp(prefix="ohd-bench-ratelimit-"))
-    passed = report(run_ohd(work, base, timeout_s, args.log_level), work, ideal)
+    more_env = {}
+    for item in args.daemon_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("OHD_"):
+            parser.error(f"--daemon-env wants OHD_KEY=VALUE, not {item!r}")
+        more_env[key] = value
+    passed = report(run_ohd(work, base, timeout_s, args.log_level, more_env), work, ideal)
     if args.no_litellm:
         print("LiteLLM comparison skipped (--no-litellm)")
     else:
