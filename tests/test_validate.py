@@ -7,7 +7,8 @@ import ast
 import pytest
 
 from ohd.taskfile import TaskType
-from ohd.validate import Level, RuleResult, Verdict, check, count_assertions, decide, imports_module
+from ohd.validate import (Level, PytestRun, RuleResult, RunStatus, Verdict, check, count_assertions, decide,
+                          imports_module, levels_for)
 
 GOOD_TESTS = """\
 import pytest
@@ -35,9 +36,9 @@ def rules_of(verdict: Verdict) -> dict[str, RuleResult]:
 
 
 def unit(content: str, output: str = "tests/test_auth.py", *, exists: bool = True,
-         min_quality: float = 0.7) -> Verdict:
+         min_quality: float = 0.7, run: PytestRun | None = None) -> Verdict:
     return check(TaskType.UNIT_TEST, output, content, target_exists=exists,
-                 module="app.auth", min_quality=min_quality)
+                 module="app.auth", min_quality=min_quality, test_run=run)
 
 
 def test_good_unit_test_is_accepted_with_full_score() -> None:
@@ -46,7 +47,7 @@ def test_good_unit_test_is_accepted_with_full_score() -> None:
     assert verdict.score == 1.0
     assert verdict.feedback() == ()
     assert set(rules_of(verdict)) == {"file_exists", "content_not_empty", "valid_python", "test_naming",
-                                      "has_assertions", "test_count", "imports_target"}
+                                      "has_assertions", "test_count", "imports_target", "not_vacuous"}
     assert rules_of(verdict)["has_assertions"].message == "3 assertion(s)"
 
 
@@ -92,23 +93,25 @@ def test_async_and_class_methods_count_as_tests() -> None:
     assert not rules_of(unit(nested))["test_naming"].passed
 
 
-def test_no_assertions_is_a_warning_not_a_rejection() -> None:
+def test_no_assertions_is_a_warning_and_the_vacuous_tests_reject() -> None:
     src = "from app.auth import login\n\ndef test_a():\n    login('a', 'b')\n\ndef test_b():\n    pass\n\ndef test_c():\n    pass\n"
     verdict = unit(src)
     rule = rules_of(verdict)["has_assertions"]
     assert not rule.passed and rule.level is Level.WARNING
-    assert verdict.accepted
-    assert verdict.score == pytest.approx(4.75 / 5.25, abs=1e-4)
-    assert verdict.feedback() == (rule.message,)
+    vacuous = rules_of(verdict)["not_vacuous"]
+    assert not vacuous.passed and vacuous.level is Level.ERROR
+    assert "test_a asserts nothing" in vacuous.message and "test_c asserts nothing" in vacuous.message
+    assert not verdict.accepted
+    assert verdict.feedback() == (rule.message, vacuous.message)
 
 
 def test_score_below_min_quality_rejects_even_without_errors() -> None:
-    src = "def test_a():\n    pass\n"  # no import, no assert, one test
-    verdict = unit(src, min_quality=0.9)
+    src = "from app.auth import login\n\ndef test_a():\n    assert login('a', 'b')\n"  # one test only
+    verdict = unit(src, min_quality=0.99)
     assert all(r.passed for r in verdict.rules if r.level is Level.ERROR)
-    assert verdict.score < 0.9
+    assert verdict.score < 0.99
     assert not verdict.accepted
-    assert len(verdict.feedback()) == 3
+    assert verdict.feedback() == (rules_of(verdict)["test_count"].message,)
 
 
 def test_imports_target_forms() -> None:
@@ -159,3 +162,125 @@ def test_as_dict_is_json_ready() -> None:
     assert data["accepted"] is True and data["score"] == 1.0
     assert data["rules"][0] == {"rule": "file_exists", "level": "error", "passed": True,
                                 "message": "the target file exists"}
+
+
+# -- the ladder: not_vacuous, runs_green, docstring_only, levels -------------------------------
+
+PASSED = PytestRun(RunStatus.PASSED, (RunStatus.PASSED, RunStatus.PASSED), "2 passed")
+
+
+@pytest.mark.parametrize("src", [
+    "import app.auth as a\n\ndef test_x():\n    result = a.login('u', 'p')\n    assert result is None\n",
+    "from app import auth\n\ndef test_x():\n    with pytest.raises(ValueError):\n        auth.login('', '')\n",
+    "import doctest\nimport app.auth as t\n\ndef test_x():\n    r = doctest.testmod(t)\n    assert r.failed == 0\n",
+    "from app.auth import User\n\n@pytest.fixture\ndef user():\n    return User()\n\n"
+    "def test_x(user):\n    assert user.name == ''\n",
+    "from app.auth import login\n\ndef test_x(conftest_thing):\n    assert conftest_thing\n",
+    "from app.auth import login\n\ndef check(v):\n    assert v\n\ndef test_x():\n    check(login('a', 'b'))\n",
+    "import app.auth\n\nclass TestX:\n    def setup_method(self):\n        self.u = app.auth.User()\n\n"
+    "    def test_x(self):\n        assert self.u\n",
+    "from app.auth import login\n\ndef test_x():\n    pytest.raises(ValueError, login, '', '')\n",
+])
+def test_tests_that_check_the_target_are_not_vacuous(src: str) -> None:
+    rule = rules_of(unit(src))["not_vacuous"]
+    assert rule.passed, rule.message
+
+
+@pytest.mark.parametrize(("src", "says"), [
+    ("from app.auth import login\n\ndef test_x():\n    assert True\n", "can never fail"),
+    ("from app.auth import login\n\ndef test_x():\n    login('a', 'b')\n", "test_x asserts nothing"),
+    ("from app.auth import login\n\ndef test_x():\n    assert 1 + 1 == 2\n", "never checks anything from app.auth"),
+    ("from app.auth import login\n\n@pytest.mark.parametrize('n', [1, 2])\ndef test_x(n):\n    assert n > 0\n",
+     "never checks anything from app.auth"),
+    ("from app.auth import login\n\ndef test_x(tmp_path):\n    assert tmp_path.exists()\n",
+     "never checks anything"),
+    ("from app.auth import login\n\ndef test_x():\n    with pytest.raises(ValueError):\n        int('x')\n",
+     "never checks anything"),
+])
+def test_vacuous_tests_are_an_error_with_a_reason(src: str, says: str) -> None:
+    verdict = unit(src)
+    rule = rules_of(verdict)["not_vacuous"]
+    assert not rule.passed and rule.level is Level.ERROR and says in rule.message
+    assert not verdict.accepted
+
+
+def test_a_test_that_never_imports_the_target_is_rejected() -> None:
+    verdict = unit("def test_a():\n    assert 1 + 1 == 2\n")
+    assert rules_of(verdict)["imports_target"].level is Level.ERROR
+    assert not verdict.accepted
+
+
+def test_runs_green_decides_and_feeds_back_pytest_output() -> None:
+    assert unit(GOOD_TESTS, run=PASSED).accepted
+    assert rules_of(unit(GOOD_TESTS, run=PASSED))["runs_green"].passed
+    failed = PytestRun(RunStatus.FAILED, (RunStatus.FAILED,) * 2, "E   assert 3 == 4\n1 failed",
+                       ("tests/test_auth.py::test_x",))
+    verdict = unit(GOOD_TESTS, run=failed)
+    assert not verdict.accepted and verdict.possible_bug()
+    assert "tests/test_auth.py::test_x" in rules_of(verdict)["runs_green"].message
+    assert "assert 3 == 4" in verdict.prompt_feedback()[-1]
+    assert all("assert 3 == 4" not in m for m in verdict.feedback())
+    assert verdict.as_dict()["test_run"]["status"] == "failed"
+    flaky = unit(GOOD_TESTS, run=PytestRun(RunStatus.FLAKY, (RunStatus.PASSED, RunStatus.FAILED), "1 failed"))
+    assert not flaky.accepted and not flaky.possible_bug()
+    assert "flaky" in rules_of(flaky)["runs_green"].message
+    for status in (RunStatus.ERROR, RunStatus.TIMEOUT):
+        verdict = unit(GOOD_TESTS, run=PytestRun(status, (status,), "boom", timeout_s=5))
+        assert not verdict.accepted and not verdict.possible_bug()
+
+
+def test_a_failing_but_vacuous_test_is_no_possible_bug() -> None:
+    failed = PytestRun(RunStatus.FAILED, (RunStatus.FAILED,) * 2, "1 failed")
+    verdict = unit("from app.auth import login\n\ndef test_x():\n    assert 1 == 2\n", run=failed)
+    assert not verdict.possible_bug()
+
+
+def test_levels_are_configurable_per_check() -> None:
+    src = "def test_a():\n    assert 1 + 1 == 2\n"
+    relaxed = check(TaskType.UNIT_TEST, "tests/test_auth.py", src, target_exists=True, module="app.auth",
+                    min_quality=0.0, levels={"imports_target": Level.WARNING, "not_vacuous": Level.INFO})
+    assert relaxed.accepted
+    assert levels_for("unit_test")["runs_green"] is Level.ERROR
+    assert levels_for("docstring")["docstring_only"] is Level.ERROR
+
+
+MODULE = '''"""Shop."""
+
+
+def total(prices, discount=0.0):
+    if discount:
+        return sum(prices) * (1 - discount)
+    return sum(prices)
+
+
+class Cart:
+    def add(self, price):
+        pass
+'''
+
+
+def docstring(content: str) -> Verdict:
+    return check(TaskType.DOCSTRING, "shop.py", content, target_exists=True, module="shop",
+                 min_quality=0.7, original=MODULE)
+
+
+def test_a_docstring_answer_may_only_change_docstrings() -> None:
+    documented = MODULE.replace("def total(prices, discount=0.0):\n",
+                                'def total(prices, discount=0.0):\n    """Sum, less a discount."""\n')
+    documented = documented.replace("    def add(self, price):\n        pass\n",
+                                    '    def add(self, price):\n        """Add one price."""\n')
+    documented = documented.replace('"""Shop."""', '"""A small shop.\n\nWith prices."""\n# a comment')
+    verdict = docstring(documented)
+    assert rules_of(verdict)["docstring_only"].passed and verdict.accepted
+
+
+@pytest.mark.parametrize(("change", "where"), [
+    (("return sum(prices)\n\n\nclass", "return sum(prices) + 1\n\n\nclass"), "def total"),
+    (("    def add(self, price):\n        pass\n", "    def add(self, price):\n        return price\n"), "class Cart"),
+    (("class Cart:", "def extra():\n    pass\n\n\nclass Cart:"), "extra"),
+])
+def test_a_docstring_answer_that_changes_code_is_refused(change: tuple[str, str], where: str) -> None:
+    verdict = docstring(MODULE.replace(*change))
+    rule = rules_of(verdict)["docstring_only"]
+    assert not rule.passed and rule.level is Level.ERROR and where in rule.message
+    assert not verdict.accepted

@@ -41,6 +41,7 @@ from ohd.server import ApiServer
 from ohd.spool import SpoolReader, find_spool
 from ohd.store import Store, open_database
 from ohd.taskfile import TaskSpec
+from ohd.testrun import Options as TestRunOptions
 from ohd.tasktypes import Job
 from ohd.watch import TasksDirWatcher
 from ohd.watch import SpoolWatcher, TreeWatcher
@@ -175,6 +176,7 @@ class Daemon:
                         rank=ranker(History(self.store.db, self.store.m), selection_of(self.settings),
                                     random.Random()) if self.settings.model_selection else None)
             self.pool = pool
+            pool.tests = TestRunOptions(secret_env=(self.settings.api_key_env,))   # no key in pytest runs
             catalogue = self._catalogue(pool)
             if self.model_client is not None:
                 self.model_client.before_retry = pool.pace   # retries count against the quotas too

@@ -8,7 +8,8 @@ report after a crash rewrites identical files.
 None when no candidate was validated), `attempts` ([{attempt, model, outcome,
 latency_ms, tokens, error}]; `Execution.as_dict()` rows with prompt/completion tokens are
 fine too), `decision` ("written" | "written_as_ohd_new" | "unchanged" | "rejected" |
-"failed"), `output_path`, and optionally `intended_output` and `error`.
+"failed" | "quarantined"), `output_path`, and optionally `intended_output`, `error` and
+`possible_bug` (the test file kept, not written, because it fails against the code).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+from ohd.tasktypes import fence
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,8 @@ def render_markdown(data: Mapping[str, Any]) -> str:
         _task_facts(task),
         _rules_section(verdict),
         _score_line(verdict, task),
+        _possible_bug_section(data, verdict),
+        _pytest_section(verdict, data.get("decision")),
         _attempts_section(data.get("attempts") or []),
     ]
     return "\n\n".join(p for p in parts if p) + "\n"
@@ -56,12 +61,36 @@ def decision_sentence(data: Mapping[str, Any]) -> str:
                 f"the new content is in {path}.")
     if decision == "unchanged":
         return f"{path} already holds this content; nothing was written."
+    if decision == "quarantined":
+        intended = data.get("intended_output") or task.get("output") or "the output"
+        return (f"Possible bug: the generated tests fail against the current code of "
+                f"{task.get('target', 'the target')} in every run, so they were NOT written to {intended}. "
+                "Either the code or the tests are wrong; the tests and pytest's output are below.")
     reason = str(data.get("error") or task.get("error") or "").rstrip(".")
     if decision == "rejected":
         return f"Nothing was written: {reason or 'no candidate passed validation'}."
     if decision == "failed":
         return f"Nothing was written: {reason or 'every attempt failed'}."
     return f"Decision: {decision}."
+
+
+def _possible_bug_section(data: Mapping[str, Any], verdict: Mapping[str, Any] | None) -> str:
+    code = data.get("possible_bug")
+    if data.get("decision") != "quarantined" or not code:
+        return ""
+    run: Mapping[str, Any] = (verdict or {}).get("test_run") or {}
+    failing = ", ".join(run.get("failed_tests") or []) or "see pytest's output"
+    return f"## Possible bug\n\nFailing tests: {_cell(failing)}\n\nThe quarantined tests:\n\n{fence(str(code), 'python')}"
+
+
+def _pytest_section(verdict: Mapping[str, Any] | None, decision: Any) -> str:
+    run: Mapping[str, Any] | None = (verdict or {}).get("test_run")
+    if not run:
+        return ""
+    head = f"## pytest\n\n{run.get('status')} ({', '.join(str(o) for o in run.get('outcomes') or [])})"
+    if run.get("status") == "passed" and decision != "quarantined":
+        return head + "."
+    return f"{head}:\n\n{fence(str(run.get('output') or ''), 'text')}"
 
 
 def _title(task: Mapping[str, Any]) -> str:

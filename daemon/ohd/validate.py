@@ -11,14 +11,19 @@ import ast
 import fnmatch
 import logging
 import posixpath
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
+
+from ohd import astrules
 
 log = logging.getLogger(__name__)
 
 _UNIT_TEST = "unit_test"
+_DOCSTRING = "docstring"
 _MIN_TESTS = 3  # below this a unit_test output earns a little less (info rule test_count)
+FEEDBACK_OUTPUT_CHARS = 3000   # pytest output sent back to the model
 
 
 class Level(StrEnum):
@@ -32,6 +37,54 @@ class Level(StrEnum):
     def weight(self) -> float:
         """Share of the score: error 1.0, warning 0.5, info 0.25."""
         return {"error": 1.0, "warning": 0.5, "info": 0.25}[self.value]
+
+
+E, W, I = Level.ERROR, Level.WARNING, Level.INFO
+# The level of each rule per task type ("*": every type); `check(levels=...)` overrides entries.
+LEVELS: dict[str, dict[str, Level]] = {
+    "*": {"file_exists": E, "content_not_empty": E, "valid_python": E},
+    _UNIT_TEST: {"test_naming": E, "imports_target": E, "not_vacuous": E, "runs_green": E,
+                 "has_assertions": W, "test_count": I},
+    _DOCSTRING: {"docstring_only": E},
+}
+
+
+def levels_for(task_type: str, overrides: Mapping[str, Level] | None = None) -> dict[str, Level]:
+    """The level of every rule for `task_type`, with `overrides` (rule -> level) applied."""
+    return {**LEVELS["*"], **LEVELS.get(task_type, {}), **(overrides or {})}
+
+
+class RunStatus(StrEnum):
+    """How a pytest run (or a series of runs) of a candidate ended."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+    FLAKY = "flaky"      # some runs passed, some failed
+    ERROR = "error"      # pytest could not collect or run the file (exit code 2..5)
+    TIMEOUT = "timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class PytestRun:
+    """The candidate test file run N times with pytest in the user's repo (from `ohd.testrun`)."""
+
+    status: RunStatus
+    outcomes: tuple[RunStatus, ...]   # one per run
+    output: str                       # the most telling run's output (the first that did not pass), cut
+    failed_tests: tuple[str, ...] = ()
+    timeout_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"status": self.status.value, "outcomes": [o.value for o in self.outcomes],
+                "output": self.output, "failed_tests": list(self.failed_tests), "timeout_s": self.timeout_s}
+
+
+def cut(text: str, limit: int) -> str:
+    """`text` within about `limit` characters: its head and its tail (pytest's summary)."""
+    if len(text) <= limit:
+        return text
+    head, tail = limit // 3, limit - limit // 3
+    return f"{text[:head]}\n[... {len(text) - head - tail} characters cut ...]\n{text[-tail:]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,40 +107,69 @@ class Verdict:
     rules: tuple[RuleResult, ...]
     score: float
     accepted: bool
+    test_run: PytestRun | None = None
 
     def feedback(self) -> tuple[str, ...]:
         """Messages of the failed rules, for the next prompt."""
         return tuple(r.message for r in self.rules if not r.passed)
 
+    def prompt_feedback(self) -> tuple[str, ...]:
+        """The failed rules' messages and, when the tests did not pass, pytest's output (cut)."""
+        run = self.test_run
+        if run is None or run.status is RunStatus.PASSED:
+            return self.feedback()
+        return (*self.feedback(), f"pytest's output:\n```text\n{cut(run.output, FEEDBACK_OUTPUT_CHARS)}\n```")
+
+    def errors_passed(self, *, but: str = "") -> bool:
+        """Whether every error-level rule (except `but`) passed."""
+        return all(r.passed for r in self.rules if r.level is Level.ERROR and r.rule != but)
+
+    def possible_bug(self) -> bool:
+        """Quarantine: all else holds, but the tests fail against the current code in every run."""
+        run = self.test_run
+        return (run is not None and run.status is RunStatus.FAILED and self.errors_passed(but="runs_green")
+                and any(r.rule == "runs_green" and not r.passed for r in self.rules))
+
     def as_dict(self) -> dict[str, Any]:
-        return {"rules": [r.as_dict() for r in self.rules], "score": self.score, "accepted": self.accepted}
+        return {"rules": [r.as_dict() for r in self.rules], "score": self.score, "accepted": self.accepted,
+                "test_run": self.test_run.as_dict() if self.test_run else None}
 
 
 def check(task_type: str, output: str, content: str, *, target_exists: bool,
-          module: str, min_quality: float) -> Verdict:
+          module: str, min_quality: float, original: str | None = None,
+          test_run: PytestRun | None = None, levels: Mapping[str, Level] | None = None) -> Verdict:
     """Apply the rules that fit this task type and output, and decide.
 
     `task_type` is a `taskfile.TaskType` value (a str); taskfile is a sibling room, not imported.
+    `original` is the target's text (docstring: the code must stay the same); `test_run` the
+    result of running a unit_test candidate (None: not run, so `runs_green` is left out);
+    `levels` overrides the table `LEVELS` for this check.
     """
     rules = [_file_exists(target_exists), _content_not_empty(output, content)]
     tree: ast.Module | None = None
-    if output.endswith(".py") or task_type == _UNIT_TEST:
+    if output.endswith(".py") or task_type in (_UNIT_TEST, _DOCSTRING):
         parsed = _parse(content)
         if output.endswith(".py"):
             rules.append(_valid_python(output, parsed))
         tree = parsed if isinstance(parsed, ast.Module) else None
     if task_type == _UNIT_TEST:
         rules.extend(_unit_test_rules(output, tree, module))
-    return decide(tuple(rules), min_quality)
+        if test_run is not None:
+            rules.append(_runs_green(test_run))
+    if task_type == _DOCSTRING and original is not None and tree is not None:
+        rules.append(_docstring_only(original, tree))
+    table = levels_for(task_type, levels)
+    leveled = tuple(replace(r, level=table[r.rule]) if r.rule in table else r for r in rules)
+    return decide(leveled, min_quality, test_run)
 
 
-def decide(rules: tuple[RuleResult, ...], min_quality: float) -> Verdict:
+def decide(rules: tuple[RuleResult, ...], min_quality: float, test_run: PytestRun | None = None) -> Verdict:
     """Score = weighted share of passed rules; accepted = no failed error and score >= min_quality."""
     total = sum(r.level.weight for r in rules)
     earned = sum(r.level.weight for r in rules if r.passed)
     score = round(earned / total, 4) if total else 0.0
     no_errors = all(r.passed for r in rules if r.level is Level.ERROR)
-    return Verdict(rules=rules, score=score, accepted=no_errors and score >= min_quality)
+    return Verdict(rules=rules, score=score, accepted=no_errors and score >= min_quality, test_run=test_run)
 
 
 def _file_exists(target_exists: bool) -> RuleResult:
@@ -126,7 +208,51 @@ def _unit_test_rules(output: str, tree: ast.Module | None, module: str) -> list[
     rules = [_test_naming(output, tests), _has_assertions(tree), _test_count(tests)]
     if module:
         rules.append(_imports_target(tree, module))
+        rules.append(_not_vacuous(tree, module))
     return rules
+
+
+def _not_vacuous(tree: ast.Module, module: str) -> RuleResult:
+    checks = astrules.test_checks(tree, module)
+    problems = [f"{c.name} asserts nothing" for c in checks if not c.checks]
+    problems += [f"{c.name} never checks anything from {module}" for c in checks if c.checks and not c.uses_target]
+    problems += [f"`assert <constant>` at line {line} can never fail" for line in astrules.trivial_asserts(tree)]
+    if not problems:
+        return RuleResult("not_vacuous", Level.ERROR, True, f"each of the {len(checks)} test(s) checks {module}")
+    return RuleResult("not_vacuous", Level.ERROR, False,
+                      "vacuous tests: " + "; ".join(problems) + ". Every test must assert on what the code "
+                      "under test returns, raises or changes (assert ... or pytest.raises)")
+
+
+def _runs_green(run: PytestRun) -> RuleResult:
+    n = len(run.outcomes)
+    names = f": {', '.join(run.failed_tests[:10])}" if run.failed_tests else ""
+    if run.status is RunStatus.PASSED:
+        return RuleResult("runs_green", Level.ERROR, True, f"pytest passed in each of {n} run(s)")
+    messages = {
+        RunStatus.FAILED: f"the tests fail against the current code in every run ({n} of {n}){names}. "
+                          "Fix the expected values to what the code really does; if you are sure the code "
+                          "is wrong, keep the test (it is reported as a possible bug, not written)",
+        RunStatus.FLAKY: f"the tests are flaky: the runs gave {', '.join(o.value for o in run.outcomes)}{names}; "
+                         "remove any dependence on order, time, randomness or leftover files",
+        RunStatus.ERROR: "pytest could not collect or run the file (an import error, a fixture that does "
+                         "not exist, or no tests); see pytest's output",
+        RunStatus.TIMEOUT: f"the tests did not finish within {run.timeout_s:g}s; no sleeping, "
+                           "no network, no endless loops",
+    }
+    return RuleResult("runs_green", Level.ERROR, False, messages[run.status])
+
+
+def _docstring_only(original: str, tree: ast.Module) -> RuleResult:
+    before = _parse(original)
+    if not isinstance(before, ast.Module):
+        return RuleResult("docstring_only", Level.ERROR, True, "the original does not parse; code not compared")
+    where = astrules.first_difference(astrules.code_shape(before), astrules.code_shape(tree))
+    if where is None:
+        return RuleResult("docstring_only", Level.ERROR, True, "only docstrings changed; the code is the same")
+    return RuleResult("docstring_only", Level.ERROR, False,
+                      f"the code changed outside docstrings (first at {where}); add or change docstrings "
+                      "only and return the rest of the module exactly as it was")
 
 
 def collected_tests(tree: ast.Module) -> list[str]:

@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ohd import outputs, report, routing, tasktypes, validate
+from ohd import outputs, report, routing, tasktypes, testrun, validate
 from ohd.alarm import Alarm
 from ohd.clock import Clock
 from ohd.errors import (
@@ -69,6 +69,8 @@ class Run:
     attempts: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     verdict: validate.Verdict | None = None
+    quarantined: tuple[str, validate.Verdict] | None = None    # the last candidate that is a possible bug
+    last_error: tuple[str, tuple[str, ...]] | None = None      # (model, failed rules) of the last rejection
 
 
 class Pool:
@@ -87,6 +89,7 @@ class Pool:
         self.name = name
         self.governor = Governor(store, policy, key_id)
         self.hold_s = hold_s        # a slot this close is waited for in place instead of deferring
+        self.tests = testrun.Options()   # how unit_test candidates are run with pytest (daemon may replace)
         self.rank = rank            # (task type, models) -> best first (`auto`); None: configured order
         self.busy: dict[str, int] = {}
         self.wake_event = asyncio.Event()
@@ -260,7 +263,7 @@ class Pool:
             candidates.remove(model)
             return None
         await self._store(self.governor.succeeded, model, self.clock.now())
-        return await self._judge(run, model, content)
+        return await self._judge(run, model, content, candidates)
 
     async def _ask(self, run: Run, model: str) -> str:
         """Call one model and record the execution; returns the extracted candidate."""
@@ -282,16 +285,21 @@ class Pool:
         run.history.append({"model": completion.model or model, "completion": completion})
         return content
 
-    async def _judge(self, run: Run, model: str, content: str) -> Outcome | None:
+    async def _judge(self, run: Run, model: str, content: str, candidates: list[str]) -> Outcome | None:
+        """Validate (a unit_test candidate is run with pytest); a rejection feeds the next prompt,
+        a possible bug is kept for the report, the same error twice moves on to the next model."""
         started = self.clock.now()
-        verdict = validate.check(run.job.task_type, run.job.output, content, target_exists=True,
-                                 module=run.job.module, min_quality=run.task.min_quality)
-        run.verdict = verdict
+        verdict = run.verdict = await asyncio.to_thread(
+            testrun.judge, run.repo, run.job, content, run.task.min_quality, self.tests)
         completion: Completion = run.history[-1]["completion"]
         outcome = "accepted" if verdict.accepted else "rejected"
         await self._record(run, model, started, completion, outcome, None, verdict)
         if not verdict.accepted:
-            run.job = tasktypes.with_feedback(run.job, verdict.feedback())
+            run.quarantined = (content, verdict) if verdict.possible_bug() else run.quarantined
+            run.job = tasktypes.with_feedback(run.job, verdict.prompt_feedback())
+            if run.last_error == (model, verdict.feedback()) and len(candidates) > 1:
+                candidates.append(candidates.pop(candidates.index(model)))
+            run.last_error = (model, verdict.feedback())
             return None
         return await asyncio.to_thread(self._write, run, content)
 
@@ -313,6 +321,11 @@ class Pool:
         return Outcome(TaskStatus.COMPLETED, output_path=rel, report_path=report_rel)
 
     async def _give_up(self, run: Run) -> Outcome:
+        if run.quarantined is not None:   # tests that fail against the code: a possible bug, reported
+            run.verdict = run.quarantined[1]
+            report_rel = await asyncio.to_thread(self._write_report, run, "quarantined", None)
+            return Outcome(TaskStatus.COMPLETED, report_path=report_rel, error="quarantined: the tests fail "
+                           "against the current code (a possible bug); see the report")
         messages = "; ".join(run.verdict.feedback()) if run.verdict else "no usable answer"
         error = f"rejected after {run.attempts} attempt(s): {messages}"
         report_rel = await asyncio.to_thread(self._write_report, run, "rejected", None, error)
@@ -329,6 +342,7 @@ class Pool:
             "output_path": output,
             "intended_output": run.job.output,
             "error": error,
+            "possible_bug": run.quarantined[0] if decision == "quarantined" and run.quarantined else None,
         }
         outputs.atomic_write(json_path, report.render_json(data))
         outputs.atomic_write(md_path, report.render_markdown(data))

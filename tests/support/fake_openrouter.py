@@ -43,8 +43,9 @@ MODEL = "$MODEL"  # replaced by the requested model id when an answer is sent
 GEN = "$GEN"  # replaced by a fresh generation id
 DEFAULT_CONTENT = (
     "```python\n"
+    "from shop.pricing import total\n\n\n"   # the test repos' module: the ladder runs this answer
     "def test_answer_from_fake_openrouter() -> None:\n"
-    "    assert 1 + 1 == 2\n"
+    "    assert total([1.0, 1.0]) == 2.0\n"
     "```\n"
 )
 DEFAULT_MODELS = ("meta-llama/llama-3.3-70b-instruct:free", "qwen/qwen-2.5-coder-32b-instruct:free",

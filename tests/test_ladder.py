@@ -1,0 +1,263 @@
+"""The validation ladder: scripted answers from the fake server, a real SQLite store, a real git
+repo and real pytest subprocesses. Broken, vacuous, failing (quarantined), flaky and passing
+tests; the feedback loop; a docstring answer that changes code; testrun's own guarantees."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from ohd import testrun
+from ohd.llm import Completion, ModelClient
+from ohd.store import Store, Task, open_database
+from ohd.taskfile import TaskSpec, TaskType
+from ohd.tasktypes import Job
+from ohd.validate import RunStatus
+from ohd.worker import Pool
+from tests.support.clock import FakeClock
+from tests.support.fake_openrouter import FakeOpenRouter, ok
+
+PASSING = """```python
+import pytest
+
+from shop.pricing import Cart, total
+
+
+def test_total_applies_the_discount() -> None:
+    assert total([100.0], discount=0.25) == 75.0
+
+
+def test_cart_refuses_negative_prices() -> None:
+    with pytest.raises(ValueError):
+        Cart().add(-1.0)
+```"""
+NOT_COMPILING = "```python\nfrom shop.pricing import total\n\ndef test_x(:\n    assert total([1.0])\n```"
+NO_ASSERTS = """```python
+from shop.pricing import total
+
+
+def test_total_runs() -> None:
+    total([1.0, 2.0])
+```"""
+FAILING = """```python
+from shop.pricing import total
+
+
+def test_total_adds_a_service_charge() -> None:
+    assert total([1.0, 2.0]) == 4.0
+```"""
+FLAKY = """```python
+from pathlib import Path
+
+from shop.pricing import total
+
+
+def test_total_every_other_run() -> None:
+    counter = Path("flaky-counter.txt")
+    n = int(counter.read_text()) if counter.exists() else 0
+    counter.write_text(str(n + 1))
+    assert total([1.0]) == (1.0 if n % 2 == 0 else 2.0)
+```"""
+DOCSTRING_CHANGING_CODE = """```python
+def total(prices, discount=0.0):
+    \"\"\"Sum the prices.\"\"\"
+    return sum(prices)
+```"""
+
+
+@pytest.fixture
+def server() -> Iterator[FakeOpenRouter]:
+    with FakeOpenRouter() as fake:
+        fake.default = ok(PASSING)
+        yield fake
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    st = Store(open_database(f"sqlite:///{tmp_path / 'ohd.db'}"))
+    st.migrate()
+    yield st
+    st.close()
+
+
+def run_task(repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock, models: list[str] | None = None,
+             **fields: Any) -> Task:
+    """Enqueue one task, run a pool over the fake server until idle, return the task."""
+    spec = TaskSpec.model_validate({"type": "unit_test", "target": "shop/pricing.py", **fields})
+    task_id = store.enqueue(str(repo), spec, clock.now())
+
+    async def main() -> None:
+        async with httpx.AsyncClient() as http:
+            client = ModelClient(http, server.url, "sk-test", clock, retries=0)
+
+            async def call(model: str, messages: list[dict[str, str]], timeout_s: float, job: Job) -> Completion:
+                return await client.complete(model, messages, timeout_s)
+
+            await Pool(store, call, clock, models=models or ["m"]).run_until_idle()
+
+    asyncio.run(main())
+    return store.get_task(task_id)
+
+
+def report_of(repo: Path, task: Task) -> dict[str, Any]:
+    assert task.report_path
+    data: dict[str, Any] = json.loads((repo / task.report_path).read_text())
+    return data
+
+
+def rule(report: dict[str, Any], name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(r for r in report["verdict"]["rules"] if r["rule"] == name)
+    return found
+
+
+def prompts(server: FakeOpenRouter) -> list[str]:
+    return [r.body["messages"][-1]["content"] for r in server.completions()]
+
+
+def leftovers(repo: Path) -> list[str]:
+    return sorted(p.name for p in repo.rglob("test_ohd_candidate_*")) + sorted(
+        str(p) for p in repo.rglob("__pycache__"))
+
+
+# -- the ladder through the pool ----------------------------------------------------------------
+
+
+def test_a_passing_test_is_run_green_and_written(repo: Path, store: Store, server: FakeOpenRouter,
+                                                  clock: FakeClock) -> None:
+    task = run_task(repo, store, server, clock)
+    assert task.status == "completed" and task.output_path == "tests/test_pricing.py", task.error
+    report = report_of(repo, task)
+    assert report["decision"] == "written"
+    assert rule(report, "runs_green")["passed"] and rule(report, "not_vacuous")["passed"]
+    assert report["verdict"]["test_run"]["outcomes"] == ["passed", "passed"]
+    assert leftovers(repo) == []
+    assert "## pytest" in (repo / task.report_path).with_suffix(".md").read_text()
+
+
+def test_a_test_that_does_not_compile_is_rejected_without_running(repo: Path, store: Store,
+                                                                  server: FakeOpenRouter, clock: FakeClock) -> None:
+    server.default = ok(NOT_COMPILING)
+    task = run_task(repo, store, server, clock, max_attempts=1)
+    assert task.status == "failed" and "not valid Python" in (task.error or "")
+    report = report_of(repo, task)
+    assert report["decision"] == "rejected" and report["verdict"]["test_run"] is None
+    assert not (repo / "tests" / "test_pricing.py").exists()
+
+
+def test_a_test_without_asserts_is_rejected_as_vacuous(repo: Path, store: Store, server: FakeOpenRouter,
+                                                       clock: FakeClock) -> None:
+    server.default = ok(NO_ASSERTS)
+    task = run_task(repo, store, server, clock, max_attempts=1)
+    assert task.status == "failed" and "test_total_runs asserts nothing" in (task.error or "")
+    report = report_of(repo, task)
+    assert not rule(report, "not_vacuous")["passed"] and report["verdict"]["test_run"] is None
+    assert not (repo / "tests" / "test_pricing.py").exists()
+
+
+def test_a_test_that_fails_against_the_code_is_quarantined_as_a_possible_bug(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    server.default = ok(FAILING)
+    task = run_task(repo, store, server, clock, max_attempts=2)
+    assert task.status == "completed" and task.output_path is None
+    assert "possible bug" in (task.error or "")
+    assert not (repo / "tests" / "test_pricing.py").exists()
+    report = report_of(repo, task)
+    assert report["decision"] == "quarantined"
+    assert "assert total([1.0, 2.0]) == 4.0" in report["possible_bug"]
+    assert report["verdict"]["test_run"]["failed_tests"] == [
+        "tests/test_pricing.py::test_total_adds_a_service_charge"]
+    assert "assert 3.0 == 4.0" in report["verdict"]["test_run"]["output"]
+    markdown = (repo / task.report_path).with_suffix(".md").read_text()
+    assert "Possible bug" in markdown and "NOT written to tests/test_pricing.py" in markdown
+    assert "assert 3.0 == 4.0" in markdown
+    assert "assert 3.0 == 4.0" in prompts(server)[1]        # the second attempt saw pytest's output
+    assert leftovers(repo) == []
+
+
+def test_a_flaky_test_is_rejected(repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    server.default = ok(FLAKY)
+    task = run_task(repo, store, server, clock, max_attempts=1)
+    assert task.status == "failed" and "flaky" in (task.error or "")
+    report = report_of(repo, task)
+    assert report["decision"] == "rejected"
+    assert report["verdict"]["test_run"]["outcomes"] == ["passed", "failed"]
+    assert not (repo / "tests" / "test_pricing.py").exists()
+
+
+def test_the_feedback_loop_carries_pytest_output_to_the_next_attempt(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    server.script("m", [ok(FAILING), ok(PASSING)])
+    task = run_task(repo, store, server, clock, max_attempts=3)
+    assert task.status == "completed" and task.output_path == "tests/test_pricing.py"
+    assert [e.outcome for e in store.executions(task.id)] == ["rejected", "accepted"]
+    second = prompts(server)[1]
+    assert "rejected for these reasons" in second and "fail against the current code" in second
+    assert "pytest's output" in second and "assert 3.0 == 4.0" in second
+
+
+def test_the_same_error_twice_moves_the_task_to_the_next_model(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    server.script("model-a", [ok(NO_ASSERTS), ok(NO_ASSERTS), ok(NO_ASSERTS)])
+    task = run_task(repo, store, server, clock, models=["model-a", "model-b"], max_attempts=3)
+    assert task.status == "completed", task.error
+    assert [(e.model, e.outcome) for e in store.executions(task.id)] == [
+        ("model-a", "rejected"), ("model-a", "rejected"), ("model-b", "accepted")]
+
+
+def test_a_docstring_answer_that_changes_code_is_refused(repo: Path, store: Store, server: FakeOpenRouter,
+                                                         clock: FakeClock) -> None:
+    before = (repo / "shop" / "pricing.py").read_text()
+    server.default = ok(DOCSTRING_CHANGING_CODE)
+    task = run_task(repo, store, server, clock, type="docstring", max_attempts=1)
+    assert task.status == "failed" and "the code changed outside docstrings" in (task.error or "")
+    assert (repo / "shop" / "pricing.py").read_text() == before
+
+
+# -- testrun itself -------------------------------------------------------------------------
+
+
+def test_the_run_never_sees_the_api_key_or_ohd_variables(repo: Path) -> None:
+    content = ("import os\n\n\ndef test_env() -> None:\n"
+               "    assert 'OPENROUTER_API_KEY' not in os.environ and 'MY_KEY' not in os.environ\n"
+               "    assert not [k for k in os.environ if k.startswith('OHD_')]\n")
+    environ = {**os.environ, "OPENROUTER_API_KEY": "sk-secret", "MY_KEY": "sk-mine", "OHD_STATE_DIR": "/x"}
+    result = testrun.run_candidate(repo, "tests/test_env.py", content, environ=environ,
+                                   options=testrun.Options(runs=1, secret_env=("MY_KEY",)))
+    assert result.status is RunStatus.PASSED, result.output
+    assert "MY_KEY" not in testrun.clean_env(environ, ("MY_KEY",), [])
+    assert leftovers(repo) == []
+
+
+def test_a_run_past_its_timeout_is_killed_and_leaves_nothing(repo: Path) -> None:
+    content = "import time\n\n\ndef test_slow() -> None:\n    time.sleep(60)\n"
+    result = testrun.run_candidate(repo, "tests/deep/er/test_slow.py", content,
+                                   options=testrun.Options(runs=2, timeout_s=2.0))
+    assert result.status is RunStatus.TIMEOUT and result.outcomes == (RunStatus.TIMEOUT,)
+    assert not (repo / "tests" / "deep").exists()
+    assert leftovers(repo) == []
+
+
+def test_an_import_error_is_an_error_not_a_failure(repo: Path) -> None:
+    content = "from shop.pricing import nothing_here\n\n\ndef test_x() -> None:\n    assert nothing_here()\n"
+    result = testrun.run_candidate(repo, "tests/test_pricing.py", content)
+    assert result.status is RunStatus.ERROR and result.outcomes == (RunStatus.ERROR,)
+    assert "nothing_here" in result.output and "test_ohd_candidate" not in result.output
+
+
+def test_a_src_layout_target_is_importable(tmp_path: Path) -> None:
+    repo = tmp_path / "proj"
+    (repo / "src" / "app").mkdir(parents=True)
+    (repo / "src" / "app" / "__init__.py").write_text("")
+    (repo / "src" / "app" / "mod.py").write_text("def double(x):\n    return 2 * x\n")
+    job = Job(task_type=TaskType.UNIT_TEST, target="src/app/mod.py", source="", module="app.mod",
+              output="src/app/test_mod.py")
+    content = "from app.mod import double\n\n\ndef test_double() -> None:\n    assert double(2) == 4\n"
+    verdict = testrun.judge(repo, job, content, 0.5, testrun.Options())
+    assert verdict.accepted and verdict.test_run is not None and verdict.test_run.status is RunStatus.PASSED
