@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +88,10 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 def run_task(repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock, models: list[str] | None = None,
-             **fields: Any) -> Task:
-    """Enqueue one task, run a pool over the fake server until idle, return the task."""
+             on_call: Callable[[int], None] = lambda n: None, **fields: Any) -> Task:
+    """Enqueue one task, run a pool over the fake server until idle, return the task.
+
+    `on_call(n)` runs before the n-th model call (1-based), e.g. to edit the target meanwhile."""
     spec = TaskSpec.model_validate({"type": "unit_test", "target": "shop/pricing.py", **fields})
     task_id = store.enqueue(str(repo), spec, clock.now())
 
@@ -97,7 +99,11 @@ def run_task(repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock,
         async with httpx.AsyncClient() as http:
             client = ModelClient(http, server.url, "sk-test", clock, retries=0)
 
+            calls: list[str] = []
+
             async def call(model: str, messages: list[dict[str, str]], timeout_s: float, job: Job) -> Completion:
+                calls.append(model)
+                on_call(len(calls))
                 return await client.complete(model, messages, timeout_s)
 
             await Pool(store, call, clock, models=models or ["m"]).run_until_idle()
@@ -261,3 +267,17 @@ def test_a_src_layout_target_is_importable(tmp_path: Path) -> None:
     content = "from app.mod import double\n\n\ndef test_double() -> None:\n    assert double(2) == 4\n"
     verdict = testrun.judge(repo, job, content, 0.5, testrun.Options())
     assert verdict.accepted and verdict.test_run is not None and verdict.test_run.status is RunStatus.PASSED
+
+
+def test_a_target_edited_during_the_run_is_run_again_on_the_new_content(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    target = repo / "shop" / "pricing.py"
+
+    def edit(n: int) -> None:
+        if n == 1:
+            target.write_text(target.read_text() + "\n\ndef added_meanwhile() -> int:\n    return 1\n")
+
+    task = run_task(repo, store, server, clock, on_call=edit)
+    assert task.status == "completed" and task.output_path == "tests/test_pricing.py", task.error
+    [first, second] = prompts(server)
+    assert "added_meanwhile" not in first and "added_meanwhile" in second

@@ -34,6 +34,7 @@ from ohd.errors import (
     ModelGone,
     OhdError,
     RateLimited,
+    TargetError,
 )
 from ohd.llm import Completion
 from ohd.quotas import Governor
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 Caller = Callable[[str, list[dict[str, str]], float, Job], Awaitable[Completion]]
 T = TypeVar("T")
+RERUNS = 3   # times a task runs again because its target changed while it ran
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Outcome:
     output_path: str | None = None
     report_path: str | None = None
     not_before: datetime | None = None
+    stale: bool = False     # the target changed while the task ran: run it again on the new text
 
 
 @dataclass
@@ -202,11 +205,16 @@ class Pool:
         return None
 
     async def _outcome(self, claim: Claim) -> Outcome:
-        try:
-            run = await asyncio.to_thread(self._prepare, claim.task)
-        except OhdError as exc:
-            return Outcome(TaskStatus.FAILED, error=str(exc))
-        return await self._attempts(run)
+        for _ in range(RERUNS + 1):
+            try:
+                run = await asyncio.to_thread(self._prepare, claim.task)
+            except OhdError as exc:
+                return Outcome(TaskStatus.FAILED, error=str(exc))
+            outcome = await self._attempts(run)
+            if not outcome.stale:
+                return outcome
+            log.info("task %d: %s changed while the task ran; running it again", claim.task.id, claim.task.target)
+        return Outcome(TaskStatus.FAILED, error=f"{claim.task.target} kept changing while the task ran")
 
     def _prepare(self, task: Task) -> Run:
         """Read the target and decide what to ask for (file reads happen here)."""
@@ -305,6 +313,8 @@ class Pool:
 
     def _write(self, run: Run, content: str) -> Outcome:
         """Write the accepted output (never over the user's edits) and the report."""
+        if _stale(run):
+            return Outcome(TaskStatus.RUNNING, stale=True)
         intended = outputs.resolve_inside(run.repo, run.job.output)
         written = self.store.written_hash(run.task.repo, run.job.output)
         plan = outputs.plan(intended, content, outputs.current_sha(intended), written)
@@ -411,3 +421,10 @@ class Pool:
 def _outcome_of(exc: ModelError) -> str:
     return "rate_limited" if isinstance(exc, RateLimited) else "malformed" if isinstance(exc, MalformedAnswer) else "error"
 
+
+def _stale(run: Run) -> bool:
+    """Whether the target's text is no longer what the model was shown (gone counts as changed)."""
+    try:
+        return outputs.read_source(run.repo, run.task.target) != run.job.source
+    except TargetError:
+        return True
