@@ -65,6 +65,8 @@ class Settings(BaseModel):
     request_timeout_s: float = Field(default=120.0, gt=0)
     settle_s: float = Field(default=0.3, ge=0)
     quiet_s: float = Field(default=2.0, ge=0)               # working-tree debounce (standing rules)
+    test_runs: int = Field(default=2, ge=0, le=10)          # pytest runs per unit_test candidate; 0 = none
+    test_timeout_s: float = Field(default=60.0, gt=0)         # each pytest run's time limit
     schedule_grace_s: float = Field(default=3600.0, ge=0)   # a missed cron firing runs once if this recent
     timezone: str | None = None                             # of cron schedules; None: local time
     max_tokens: int = Field(default=4096, ge=1)

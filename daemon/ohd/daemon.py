@@ -176,7 +176,8 @@ class Daemon:
                         rank=ranker(History(self.store.db, self.store.m), selection_of(self.settings),
                                     random.Random()) if self.settings.model_selection else None)
             self.pool = pool
-            pool.tests = TestRunOptions(secret_env=(self.settings.api_key_env,))   # no key in pytest runs
+            pool.tests = TestRunOptions(runs=self.settings.test_runs, timeout_s=self.settings.test_timeout_s,
+                                        secret_env=(self.settings.api_key_env,))   # no key in pytest runs
             catalogue = self._catalogue(pool)
             if self.model_client is not None:
                 self.model_client.before_retry = pool.pace   # retries count against the quotas too
