@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                 json_flag=False)
     p.add_argument("action", choices=("install", "uninstall"))
     p.add_argument("--repo", type=Path, default=Path("."))
+    p = command("service", cmd_service, "install or remove the systemd user unit (ohd.service)", json_flag=False)
+    p.add_argument("action", choices=("install", "uninstall"))
+    p.add_argument("--repo", action="append", type=Path, help="a repo the service serves (repeatable)")
     p = command("validate", cmd_validate, "check task files without submitting them")
     p.add_argument("files", nargs="+", type=Path)
     command("schema", cmd_schema, "print the task-file JSON Schema", json_flag=False)
@@ -132,7 +135,26 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     conf = settings(args, repos=repos, workers=args.workers, log_level=args.log_level)
     logging.basicConfig(level=conf.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    daemon.serve(conf)
+    daemon.serve(conf, reload=lambda: settings(args, repos=repos, workers=args.workers, log_level=args.log_level))
+    return EXIT_OK
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    import os
+
+    from ohd import service
+
+    directory = service.unit_dir(os.environ)
+    if args.action == "uninstall":
+        lines = service.uninstall(directory, service.find_systemctl())
+    else:
+        import shutil
+
+        program = service.executable(sys.argv[0], shutil.which("ohd"), sys.executable)
+        start = service.exec_start(program, args.repo or (), args.config)
+        lines = service.install(directory, start, service.find_systemctl())
+    for line in lines:
+        print(line)
     return EXIT_OK
 
 

@@ -7,6 +7,13 @@ the on_change rules once the rule files are read. SIGTERM/SIGINT only set a flag
 claiming, running tasks get `grace_s` to finish, the rest go back to `queued`.
 Threads (watchdog, the socket server) reach the event loop only through
 `call_soon_threadsafe`.
+
+Under systemd (`Type=notify`) the daemon says READY once the socket listens, STATUS (a
+one-line queue summary, at most once a second and only when it changed), STOPPING on
+SIGTERM, and WATCHDOG=1 at half of `WatchdogSec`. SIGHUP re-reads the configuration and
+the rules without dropping a task: `workers` resizes the pool (surplus workers finish
+their task first), `models`, `log_level` and the governor's limits apply at once; keys
+that cannot change live are named in a warning.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import logging
 import os
 import random
 import signal
+import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from datetime import timedelta
 from pathlib import Path
@@ -30,12 +39,14 @@ from ohd import __version__, selection
 from ohd.clock import Clock, SystemClock
 from ohd.catalogue import Catalogue
 from ohd.config import DEFAULT_MODELS, Settings
-from ohd.errors import ConfigError, DaemonAlreadyRunning, TaskFileError
+from ohd.errors import ConfigError, DaemonAlreadyRunning, OhdError, TaskFileError
 from ohd.history import History
 from ohd.ingest import Ingestor
 from ohd.llm import Completion, ModelClient, OfflineProvider
 from ohd.routing import Policy
 from ohd.metrics import Metrics, collect, prometheus, with_stats
+from ohd.notify import Notifier, watchdog_interval
+from ohd.supervision import POLICY_KEYS, first, live_changes, reread_rules, summary
 from ohd.rules import RuleBook, read_rules
 from ohd.server import ApiServer
 from ohd.spool import SpoolReader, find_spool
@@ -144,8 +155,14 @@ def ranker(history: History, config: selection.Config,
 
 
 class Daemon:
-    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+    def __init__(self, settings: Settings, clock: Clock | None = None, *,
+                 reload: Callable[[], Settings] | None = None, notifier: Notifier | None = None,
+                 watchdog_s: float | None = None) -> None:
         self.settings = settings
+        self.reloader = reload              # reads the configuration again (SIGHUP)
+        self.notifier = notifier or Notifier(None)
+        self.watchdog_s = watchdog_s
+        self.reload_event = asyncio.Event()
         self.clock: Clock = clock or SystemClock()
         self.repos = repos_of(settings)
         self.store = Store(open_database(settings.database))
@@ -159,12 +176,18 @@ class Daemon:
         """Signal-safe: only sets the flag (called on the loop thread)."""
         if not self.stop_event.is_set():
             log.info("stopping: no new tasks are claimed; running tasks get %gs", self.settings.grace_s)
+            self.notifier.stopping(f"stopping: running tasks get {self.settings.grace_s:g}s to finish")
         self.stop_event.set()
+
+    def request_reload(self) -> None:
+        """SIGHUP (on the loop thread): only sets the flag; `_reloads` does the work."""
+        self.reload_event.set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         async with AsyncExitStack() as stack:
             call, models = await self._models(stack)
             self.store.migrate()
@@ -215,7 +238,13 @@ class Daemon:
             log.info("ohd %s ready: pid %d, %d worker(s), models %s, repos %s, socket %s", __version__,
                      os.getpid(), pool.size, ", ".join(models), ", ".join(map(str, self.repos)),
                      self.settings.socket_path)
+            self.notifier.ready(await asyncio.to_thread(self.summary, pool.snapshot()))
+            extra = [self._report_status(pool)] if self.notifier.enabled else []
+            if self.watchdog_s is not None:
+                extra.append(self.notifier.keep_alive(self.stop_event, self.watchdog_s))
             await asyncio.gather(
+                *extra,
+                self._reloads(pool, rulebook),
                 pool.run(self.stop_event, grace_s=self.settings.grace_s),
                 ingestor.run(self.stop_event, on_task=lambda _id: pool.wake()),
                 self._housekeeping(pool),
@@ -305,6 +334,58 @@ class Daemon:
                 log.info("housekeeping: %d lease(s) expired, %d task(s) due again", len(reaped), promoted)
                 pool.wake()
 
+    # -- systemd: status line and SIGHUP ---------------------------------------------
+
+    def summary(self, workers: dict[str, Any]) -> str:
+        """The one-line STATUS (reads the store: call it in a thread)."""
+        return summary(self.store.counts(), workers)
+
+    async def _report_status(self, pool: Pool) -> None:
+        """STATUS=<summary> whenever it changed, at most once a second."""
+        last = ""
+        while not self.stop_event.is_set():
+            line = await asyncio.to_thread(self.summary, pool.snapshot())
+            if line != last:
+                self.notifier.status(line)
+                last = line
+            await first(self.stop_event, timeout=1.0)
+
+    async def _reloads(self, pool: Pool, rulebook: RuleBook) -> None:
+        while not self.stop_event.is_set():
+            await first(self.stop_event, self.reload_event)
+            if self.reload_event.is_set() and not self.stop_event.is_set():
+                self.reload_event.clear()
+                await self.reload(pool, rulebook)
+
+    async def reload(self, pool: Pool, rulebook: RuleBook) -> None:
+        """Read the configuration and the rule files again; running and queued tasks stay."""
+        self.notifier.reloading(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
+        log.info("reloading the configuration and the rules (SIGHUP)")
+        try:
+            if self.reloader is not None:
+                self._apply(await asyncio.to_thread(self.reloader), pool)
+        except OhdError as exc:
+            log.error("reload: keeping the running configuration: %s", exc)
+        await asyncio.to_thread(reread_rules, self.repos, rulebook)
+        rulebook.wake()
+        pool.wake()
+        self.notifier.ready(await asyncio.to_thread(self.summary, pool.snapshot()))
+
+    def _apply(self, new: Settings, pool: Pool) -> None:
+        """The live keys of `new` onto the running pool (see `supervision.LIVE_KEYS`)."""
+        live = live_changes(self.settings, new)
+        if "log_level" in live:
+            logging.getLogger().setLevel(new.log_level.upper())
+        if "workers" in live:
+            log.info("reload: workers %d -> %d", pool.size, new.workers)
+            pool.resize(new.workers)
+        if "models" in live and not self.settings.use_offline:
+            pool.models = list(new.models)
+        self.settings = self.settings.model_copy(update=live)
+        if POLICY_KEYS & live.keys():
+            pool.governor.policy = policy_of(self.settings)
+        log.info("reload: applied %s", ", ".join(sorted(live)) or "no configuration change")
+
     def metrics(self) -> Metrics:
         """A metrics snapshot now, read from the store (called on the socket server's threads)."""
         return collect(History(self.store.db, self.store.m), self.clock.now(),
@@ -332,12 +413,20 @@ def _redact(url: str) -> str:
     return url
 
 
-def serve(settings: Settings) -> None:
-    """Run the daemon in the foreground until SIGTERM/SIGINT (the `ohd daemon` command)."""
+def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
+    """Run the daemon in the foreground until SIGTERM/SIGINT (the `ohd daemon` command).
+
+    `reload` reads the configuration again on SIGHUP. systemd's NOTIFY_SOCKET,
+    WATCHDOG_USEC and WATCHDOG_PID are read here and removed from the environment, so
+    the processes ohd starts (git, pytest) do not talk to systemd in its name.
+    """
+    notifier = Notifier(os.environ.pop("NOTIFY_SOCKET", None))
+    watchdog_s = watchdog_interval(os.environ.pop("WATCHDOG_USEC", None), os.environ.pop("WATCHDOG_PID", None),
+                                   os.getpid())
     lock = InstanceLock(settings.state_dir / "ohd.lock")
     lock.acquire()
     try:
         settings.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        asyncio.run(Daemon(settings).run())
+        asyncio.run(Daemon(settings, reload=reload, notifier=notifier, watchdog_s=watchdog_s).run())
     finally:
         lock.release()

@@ -97,6 +97,10 @@ class Pool:
         self.busy: dict[str, int] = {}
         self.wake_event = asyncio.Event()
         self.alarm: Alarm | None = None   # wakes the pool when a deferred task is due (in `run`)
+        self.workers: dict[str, asyncio.Task[None]] = {}   # live worker coroutines (in `run`)
+        self.retiring: set[str] = set()   # surplus after a shrink: exit once their task is done
+        self.serial = 0
+        self.stop: asyncio.Event | None = None
 
     # -- running -------------------------------------------------------------
 
@@ -105,7 +109,30 @@ class Pool:
         self.wake_event.set()
 
     def snapshot(self) -> dict[str, Any]:
-        return {"size": self.size, "busy": len(self.busy), "running": sorted(self.busy.values())}
+        return {"size": self.size, "busy": len(self.busy), "running": sorted(self.busy.values()),
+                "retiring": len(self.retiring)}
+
+    def resize(self, size: int) -> None:
+        """Grow: start workers now. Shrink: the surplus (idle ones first) exit once their
+        current task is committed; nothing is cancelled or released (call on the loop thread)."""
+        if size < 1:
+            raise ValueError(f"a pool needs at least one worker, not {size}")
+        self.size = size
+        if self.stop is None or self.stop.is_set():
+            return
+        active = sorted((w for w in self.workers if w not in self.retiring),
+                        key=lambda w: (w in self.busy, -int(w.removeprefix(self.name))))
+        if size > len(active):
+            self._spawn(size - len(active))
+        else:
+            self.retiring.update(active[: len(active) - size])
+            self.wake_event.set()
+
+    def _spawn(self, count: int) -> None:
+        assert self.stop is not None
+        for _ in range(count):
+            worker_id, self.serial = f"{self.name}{self.serial}", self.serial + 1
+            self.workers[worker_id] = asyncio.create_task(self._worker(worker_id, self.stop))
 
     async def pace(self, model: str) -> None:
         """Reserve a slot for a retry inside one model call (llm's `before_retry`); none left: a 429."""
@@ -119,14 +146,16 @@ class Pool:
 
     async def run(self, stop: asyncio.Event, grace_s: float = 30.0) -> None:
         """Run `size` workers until `stop` is set, then give running tasks `grace_s` to finish."""
-        workers = [asyncio.create_task(self._worker(f"{self.name}{i}", stop)) for i in range(self.size)]
+        self.stop = stop
+        self._spawn(self.size)
         self.alarm = Alarm(self.clock, self._promote)
         await self._promote()       # and tasks deferred before a restart resume on time
         await stop.wait()
         self.alarm.cancel()
         self.alarm = None
         self.wake_event.set()
-        done, pending = await asyncio.wait(workers, timeout=grace_s)
+        workers = list(self.workers.values())
+        done, pending = await asyncio.wait(workers, timeout=grace_s) if workers else (set(), set())
         for job in pending:
             job.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
@@ -147,17 +176,23 @@ class Pool:
         return True
 
     async def _worker(self, worker_id: str, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            self.wake_event.clear()     # before the claim: a wake during it is not lost
-            try:
-                if await self.run_once(worker_id):
-                    continue
-            except Exception:
-                log.exception("worker %s: iteration failed", worker_id)
-            try:
-                await asyncio.wait_for(self.wake_event.wait(), timeout=1.0)
-            except TimeoutError:
-                pass
+        try:
+            while not stop.is_set() and worker_id not in self.retiring:
+                self.wake_event.clear()     # before the claim: a wake during it is not lost
+                try:
+                    if await self.run_once(worker_id):
+                        continue
+                except Exception:
+                    log.exception("worker %s: iteration failed", worker_id)
+                try:
+                    await asyncio.wait_for(self.wake_event.wait(), timeout=1.0)
+                except TimeoutError:
+                    pass
+        finally:
+            self.workers.pop(worker_id, None)
+            if worker_id in self.retiring:
+                self.retiring.discard(worker_id)
+                log.info("worker %s retired (the pool shrank to %d)", worker_id, self.size)
 
     # -- one task --------------------------------------------------------------
 

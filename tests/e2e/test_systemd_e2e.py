@@ -1,0 +1,144 @@
+"""A real `ohd daemon` under a stand-in for systemd: a real AF_UNIX datagram socket as
+NOTIFY_SOCKET, real signals (SIGTERM, SIGHUP), and `ohd service install` as a real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ohd import service
+from tests.e2e.helpers import DaemonProcess, daemon_env, fake_openrouter
+from tests.e2e.test_daemon_e2e import ANSWER
+from tests.support.waiting import wait_for
+
+
+@pytest.fixture
+def runtime() -> Path:
+    return Path(os.environ["OHD_RUNTIME_DIR"])
+
+
+@pytest.fixture
+def notify_socket(runtime: Path) -> Iterator[tuple[socket.socket, Path]]:
+    path = runtime / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(30)
+    try:
+        yield sock, path
+    finally:
+        sock.close()
+        path.unlink(missing_ok=True)
+
+
+def receive_until(sock: socket.socket, field: str, seen: list[str]) -> str:
+    """Read datagrams (appending them to `seen`) until one carries the line `field`."""
+    while True:
+        message = sock.recv(4096).decode()
+        seen.append(message)
+        if any(line == field or line.startswith(field) for line in message.split("\n")):
+            return message
+
+
+def test_ready_status_watchdog_then_stopping_on_sigterm(repo: Path, tmp_path: Path, runtime: Path,
+                                                        notify_socket: tuple[socket.socket, Path]) -> None:
+    sock, path = notify_socket
+    env = daemon_env(tmp_path, runtime, NOTIFY_SOCKET=str(path), WATCHDOG_USEC="400000")
+    daemon = DaemonProcess(env, repo, tmp_path / "daemon.log")
+    seen: list[str] = []
+    try:
+        daemon.start()
+        ready = receive_until(sock, "READY=1", seen)
+        status = receive_until(sock, "STATUS=", seen)
+        receive_until(sock, "WATCHDOG=1", seen)
+        receive_until(sock, "WATCHDOG=1", seen)     # and again: it keeps pinging
+    finally:
+        code = daemon.stop(signal.SIGTERM)
+    stopping = receive_until(sock, "STOPPING=1", seen)
+    assert code == 0, (tmp_path / "daemon.log").read_text()
+    assert "STATUS=0 queued, 0 running" in ready          # READY carries the first summary
+    assert "workers 0/4 busy" in status
+    assert "STATUS=stopping" in stopping
+    assert seen.index(ready) < seen.index(stopping)
+    assert not any("STOPPING=1" in m for m in seen[: seen.index(stopping)])
+
+
+def submit(daemon: DaemonProcess, repo: Path, n: int) -> int:
+    done = daemon.ohd("submit", "--type", "review", "--target", "shop/pricing.py", "--repo", str(repo),
+                      "--output", f"reviews/pricing_{n}.md")      # a review runs no pytest: quick under load
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.strip())
+
+
+def test_sighup_resizes_the_pool_without_losing_a_task(repo: Path, tmp_path: Path, runtime: Path,
+                                                       notify_socket: tuple[socket.socket, Path]) -> None:
+    sock, path = notify_socket
+    config = tmp_path / "config.toml"
+    config.write_text("workers = 1\n")
+    (tmp_path / "answer.md").write_text(ANSWER)
+    with fake_openrouter("--latency-ms", "700", "--content-file", str(tmp_path / "answer.md")) as url:
+        env = daemon_env(tmp_path, runtime, OPENROUTER_API_KEY="sk-test", OHD_BASE_URL=url,
+                         OHD_MODELS="fake/model-a:free", NOTIFY_SOCKET=str(path))
+        daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
+        seen: list[str] = []
+        try:
+            receive_until(sock, "READY=1", seen)
+            assert daemon.json("status")["workers"]["size"] == 1
+            ids = [submit(daemon, repo, n) for n in range(6)]
+            config.write_text("workers = 3\nlog_level = \"DEBUG\"\ndatabase_url = \"sqlite:////nowhere.db\"\n")
+            assert daemon.proc is not None
+            daemon.proc.send_signal(signal.SIGHUP)
+            receive_until(sock, "RELOADING=1", seen)
+            receive_until(sock, "READY=1", seen)        # the reload is done
+            assert daemon.json("status")["workers"]["size"] == 3
+            ids += [submit(daemon, repo, n) for n in range(6, 9)]
+            config.write_text("workers = 1\n")
+            daemon.proc.send_signal(signal.SIGHUP)
+            receive_until(sock, "RELOADING=1", seen)
+            receive_until(sock, "READY=1", seen)
+            assert daemon.json("status")["workers"]["size"] == 1
+            ids += [submit(daemon, repo, n) for n in range(9, 11)]
+            wait_for(lambda: all(daemon.json("show", str(i))["status"] in ("completed", "failed")
+                                 for i in ids), timeout=120, what="every task to finish")
+            tasks = [daemon.json("show", str(i)) for i in ids]
+            workers = daemon.json("status")["workers"]
+        finally:
+            assert daemon.stop() == 0
+    log = (tmp_path / "daemon.log").read_text()
+    assert [t["status"] for t in tasks] == ["completed"] * 11, [(t["id"], t["error"]) for t in tasks]
+    assert all(len(t["executions"]) == 1 for t in tasks)      # none was cut off and run again
+    spans = sorted((t["started_at"], t["finished_at"]) for t in tasks)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), "never two at once"
+    assert workers == {"size": 1, "busy": 0, "running": [], "retiring": 0}
+    assert "reload: workers 1 -> 3" in log and "reload: workers 3 -> 1" in log
+    assert "retired (the pool shrank to 1)" in log
+    assert "database_url changed but only take(s) effect after a restart" in log
+    assert "released back to the queue" not in log
+
+
+def test_service_install_writes_the_unit_with_the_real_executable(repo: Path, tmp_path: Path) -> None:
+    ohd = Path(sys.executable).parent / "ohd"
+    assert ohd.is_file(), "the venv has an `ohd` script (pip install -e .)"
+    env = {"PATH": str(ohd.parent), "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
+           "OHD_CONFIG": str(tmp_path / "config.toml")}    # no systemctl on this PATH
+    import subprocess
+
+    done = subprocess.run([str(ohd), "service", "install", "--repo", str(repo)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    unit = tmp_path / "xdg" / "systemd" / "user" / "ohd.service"
+    start = f"{ohd} daemon --repo {repo.resolve()}"
+    assert unit.read_text() == service.unit_text(start)
+    assert f"ExecStart={start}\n" in unit.read_text()
+    assert "  systemctl --user daemon-reload\n" in done.stdout
+    assert "  systemctl --user enable --now ohd.service\n" in done.stdout
+    done = subprocess.run([str(ohd), "service", "uninstall"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert not unit.exists()
+    assert "  systemctl --user disable --now ohd.service\n" in done.stdout

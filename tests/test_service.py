@@ -1,0 +1,168 @@
+"""The systemd unit (one source, verified by systemd-analyze), `ohd service`, and sd_notify."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ohd import service
+from ohd.notify import Notifier, one_line, watchdog_interval
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- the unit ---------------------------------------------------------------------
+
+
+def test_the_repo_unit_is_what_install_writes() -> None:
+    assert (ROOT / "systemd" / "ohd.service").read_text() == service.unit_text()
+
+
+def test_every_setting_of_the_unit_says_why() -> None:
+    lines = service.unit_text().splitlines()
+    for i, line in enumerate(lines):
+        if "=" in line and not line.startswith("#"):
+            assert lines[i - 1].startswith("#"), f"no comment above {line!r}"
+    text = service.unit_text()
+    for needed in ("Type=notify", "NotifyAccess=main", "ExecReload=/bin/kill -HUP $MAINPID",
+                   "Restart=on-failure", "TimeoutStopSec=45", "WatchdogSec=60", "ProtectSystem=full",
+                   "NoNewPrivileges=yes", "WantedBy=default.target"):
+        assert f"\n{needed}\n" in text
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze missing (.ci/run installs Debian's systemd)")
+@pytest.mark.parametrize("mode", [[], ["--user"]])
+def test_systemd_analyze_verify_passes(tmp_path: Path, mode: list[str]) -> None:
+    ohd = Path(sys.executable).parent / "ohd"      # the real executable, as install writes it
+    unit = tmp_path / "ohd.service"
+    unit.write_text(service.unit_text(f"{ohd} daemon"))
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
+    done = subprocess.run(["systemd-analyze", *mode, "verify", str(unit)], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 0 and "ohd.service" not in done.stderr, done.stderr
+
+
+# -- ExecStart ----------------------------------------------------------------------
+
+
+def test_exec_start_quotes_what_systemd_would_split_or_expand(tmp_path: Path) -> None:
+    assert service.quote("/usr/bin/ohd") == "/usr/bin/ohd"
+    assert service.quote("/home/a b/ohd") == '"/home/a b/ohd"'
+    assert service.quote("/srv/100%/$HOME") == "/srv/100%%/$$HOME"
+    assert service.quote('say "hi"') == '"say \\"hi\\""'
+    repo = tmp_path / "my repo"
+    start = service.exec_start(["/opt/ohd"], [repo], tmp_path / "c.toml")
+    assert start == f'/opt/ohd --config {tmp_path}/c.toml daemon --repo "{repo}"'
+
+
+def test_the_executable_is_the_running_script_then_path_then_python(tmp_path: Path) -> None:
+    script = tmp_path / "bin" / "ohd"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    assert service.executable(str(script), "/usr/bin/ohd", "/py") == [str(script)]
+    assert service.executable("/x/ohd/__main__.py", "/usr/bin/ohd", "/py") == ["/usr/bin/ohd"]
+    assert service.executable("/x/ohd/__main__.py", None, "/py") == ["/py", "-m", "ohd"]
+
+
+# -- install / uninstall ------------------------------------------------------------
+
+
+def test_install_without_a_user_manager_says_what_to_run(tmp_path: Path) -> None:
+    directory = service.unit_dir({"XDG_CONFIG_HOME": str(tmp_path / "cfg")})
+    assert directory == tmp_path / "cfg" / "systemd" / "user"
+    lines = service.install(directory, "/opt/ohd daemon", systemctl=None)
+    assert (directory / "ohd.service").read_text() == service.unit_text("/opt/ohd daemon")
+    assert "  systemctl --user daemon-reload" in lines
+    assert "  systemctl --user enable --now ohd.service" in lines
+    assert any(str(tmp_path / "cfg" / "ohd" / "env") in line for line in lines)
+    lines = service.uninstall(directory, systemctl=None)
+    assert not (directory / "ohd.service").exists()
+    assert "  systemctl --user disable --now ohd.service" in lines
+    assert service.uninstall(directory, systemctl=None)[0].endswith("nothing to remove")
+
+
+@pytest.fixture
+def systemctl(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A real executable that answers like a user manager and records its arguments."""
+    calls = tmp_path / "calls.txt"
+    script = tmp_path / "systemctl"
+    script.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\nexit 0\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    yield str(script), calls
+
+
+def test_install_and_uninstall_run_systemctl_where_it_works(tmp_path: Path,
+                                                            systemctl: tuple[str, Path]) -> None:
+    program, calls = systemctl
+    directory = tmp_path / "units"
+    lines = service.install(directory, "/opt/ohd daemon", program)
+    assert "ran: systemctl --user enable --now ohd.service" in lines
+    service.uninstall(directory, program)
+    assert calls.read_text().splitlines() == [
+        "--user show-environment", "--user daemon-reload", "--user enable --now ohd.service",
+        "--user show-environment", "--user disable --now ohd.service",
+        "--user daemon-reload"]
+
+
+# -- sd_notify ----------------------------------------------------------------------
+
+
+def test_notify_reaches_a_path_socket_and_an_abstract_one(tmp_path: Path) -> None:
+    abstract = f"@ohd-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as by_path, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as by_name:
+        path = Path(os.environ["OHD_RUNTIME_DIR"]) / "n.sock"
+        by_path.bind(str(path))
+        by_name.bind("\0" + abstract[1:])
+        for sock in (by_path, by_name):
+            sock.settimeout(5)
+        assert Notifier(str(path)).ready("2 queued\nsecond line")
+        assert by_path.recv(1024) == b"READY=1\nSTATUS=2 queued second line"
+        notifier = Notifier(abstract)
+        assert notifier.stopping() and notifier.watchdog() and notifier.status("x")
+        assert [by_name.recv(1024) for _ in range(3)] == [b"STOPPING=1", b"WATCHDOG=1", b"STATUS=x"]
+        path.unlink()
+
+
+def test_notify_without_a_socket_is_a_no_op_and_never_raises(tmp_path: Path) -> None:
+    assert not Notifier(None).enabled and not Notifier(None).ready()
+    gone = Notifier(str(tmp_path / "nobody-listens.sock"))
+    assert gone.enabled and not gone.ready() and not gone.status("still fine")
+
+
+def test_watchdog_interval_is_half_the_timeout_and_only_for_us() -> None:
+    assert watchdog_interval("60000000", None, 42) == 30.0
+    assert watchdog_interval("60000000", "42", 42) == 30.0
+    assert watchdog_interval("60000000", "43", 42) is None
+    for bad in (None, "", "0", "-5", "soon"):
+        assert watchdog_interval(bad, None, 42) is None
+    assert one_line("a\nb\tc") == "a b c" and len(one_line("x" * 500)) == 200
+
+
+# -- what a SIGHUP may change -------------------------------------------------------
+
+
+def test_a_reload_takes_the_live_keys_and_names_the_rest(caplog: pytest.LogCaptureFixture) -> None:
+    from ohd.config import Settings
+    from ohd.supervision import live_changes, summary
+
+    old = Settings()
+    new = old.model_copy(update={"workers": 2, "models": ["a/b"], "free_rpm": 5, "log_level": "LOUD",
+                                 "database_url": "sqlite:////elsewhere.db", "grace_s": 1.0})
+    with caplog.at_level("WARNING"):
+        assert live_changes(old, new) == {"workers": 2, "models": ["a/b"], "free_rpm": 5}
+    assert "database_url, grace_s changed but only take(s) effect after a restart" in caplog.text
+    assert "unknown log_level 'LOUD'" in caplog.text
+    assert live_changes(old, old) == {}
+    assert summary({"queued": 3, "running": 1}, {"size": 4, "busy": 1}) == (
+        "3 queued, 1 running, 0 pending, 0 completed, 0 failed; workers 1/4 busy")
