@@ -18,13 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ohd import outputs, report, routing, tasktypes, testrun, validate
+from ohd import delivery, outputs, routing, tasktypes, testrun, validate
 from ohd.alarm import Alarm
+from ohd.delivery import Outcome, Run
 from ohd.clock import Clock
 from ohd.errors import (
     AuthFailed,
@@ -34,7 +34,6 @@ from ohd.errors import (
     ModelGone,
     OhdError,
     RateLimited,
-    TargetError,
 )
 from ohd.llm import Completion
 from ohd.quotas import Governor
@@ -48,32 +47,6 @@ log = logging.getLogger(__name__)
 Caller = Callable[[str, list[dict[str, str]], float, Job], Awaitable[Completion]]
 T = TypeVar("T")
 RERUNS = 3   # times a task runs again because its target changed while it ran
-
-
-@dataclass
-class Outcome:
-    """How one task ended, as the pool decided it."""
-
-    status: TaskStatus
-    error: str | None = None
-    output_path: str | None = None
-    report_path: str | None = None
-    not_before: datetime | None = None
-    stale: bool = False     # the target changed while the task ran: run it again on the new text
-
-
-@dataclass
-class Run:
-    """The working state of one claimed task while it runs."""
-
-    task: Task
-    repo: Path
-    job: Job
-    attempts: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    verdict: validate.Verdict | None = None
-    quarantined: tuple[str, validate.Verdict] | None = None    # the last candidate that is a possible bug
-    last_error: tuple[str, tuple[str, ...]] | None = None      # (model, failed rules) of the last rejection
 
 
 class Pool:
@@ -344,54 +317,10 @@ class Pool:
                 candidates.append(candidates.pop(candidates.index(model)))
             run.last_error = (model, verdict.feedback())
             return None
-        return await asyncio.to_thread(self._write, run, content)
-
-    def _write(self, run: Run, content: str) -> Outcome:
-        """Write the accepted output (never over the user's edits) and the report."""
-        if _stale(run):
-            return Outcome(TaskStatus.RUNNING, stale=True)
-        intended = outputs.resolve_inside(run.repo, run.job.output)
-        written = self.store.written_hash(run.task.repo, run.job.output)
-        plan = outputs.plan(intended, content, outputs.current_sha(intended), written)
-        if not plan.unchanged and not plan.conflict:
-            self.store.record_written(run.task.repo, run.job.output, plan.sha256, run.task.id, self.clock.now())
-        if not plan.unchanged:
-            outputs.apply(plan)
-        decision = "written_as_ohd_new" if plan.conflict else "written"
-        rel = plan.path.relative_to(run.repo.resolve()).as_posix()
-        report_rel = self._write_report(run, decision, rel)
-        log.info("task %d completed: model=%s, attempts=%d, score=%.2f, output=%s",
-                 run.task.id, run.history[-1]["model"], run.attempts,
-                 run.verdict.score if run.verdict else 0.0, rel)
-        return Outcome(TaskStatus.COMPLETED, output_path=rel, report_path=report_rel)
+        return await asyncio.to_thread(delivery.deliver, self.store, run, content, self.clock.now())
 
     async def _give_up(self, run: Run) -> Outcome:
-        if run.quarantined is not None:   # tests that fail against the code: a possible bug, reported
-            run.verdict = run.quarantined[1]
-            report_rel = await asyncio.to_thread(self._write_report, run, "quarantined", None)
-            return Outcome(TaskStatus.COMPLETED, report_path=report_rel, error="quarantined: the tests fail "
-                           "against the current code (a possible bug); see the report")
-        messages = "; ".join(run.verdict.feedback()) if run.verdict else "no usable answer"
-        error = f"rejected after {run.attempts} attempt(s): {messages}"
-        report_rel = await asyncio.to_thread(self._write_report, run, "rejected", None, error)
-        return Outcome(TaskStatus.FAILED, error=error, report_path=report_rel)
-
-    def _write_report(self, run: Run, decision: str, output: str | None, error: str | None = None) -> str:
-        json_path, md_path = outputs.report_paths(run.repo, run.task.target, run.task.type)
-        data = {
-            "task": {**run.task.as_dict(), "attempts": run.attempts,
-                     "status": TaskStatus.FAILED.value if decision == "rejected" else TaskStatus.COMPLETED.value},
-            "verdict": run.verdict.as_dict() if run.verdict else None,
-            "attempts": [e.as_dict() for e in self.store.executions(run.task.id)],
-            "decision": decision,
-            "output_path": output,
-            "intended_output": run.job.output,
-            "error": error,
-            "possible_bug": run.quarantined[0] if decision == "quarantined" and run.quarantined else None,
-        }
-        outputs.atomic_write(json_path, report.render_json(data))
-        outputs.atomic_write(md_path, report.render_markdown(data))
-        return json_path.relative_to(run.repo.resolve()).as_posix()
+        return await asyncio.to_thread(delivery.give_up, self.store, run)
 
     # -- models ----------------------------------------------------------------
 
@@ -456,10 +385,3 @@ class Pool:
 def _outcome_of(exc: ModelError) -> str:
     return "rate_limited" if isinstance(exc, RateLimited) else "malformed" if isinstance(exc, MalformedAnswer) else "error"
 
-
-def _stale(run: Run) -> bool:
-    """Whether the target's text is no longer what the model was shown (gone counts as changed)."""
-    try:
-        return outputs.read_source(run.repo, run.task.target) != run.job.source
-    except TargetError:
-        return True

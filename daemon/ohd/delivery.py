@@ -1,0 +1,110 @@
+"""Delivering a task's result: the accepted output written, never over the user's edits,
+and the report (JSON for machines, Markdown for people) next to the source.
+
+Blocking file and store work, run by the pool in a worker thread. Writing is
+idempotent: what ohd writes is recorded in the store before the file is replaced, so a
+crash and a re-run give the same bytes, and a file whose hash ohd did not write is the
+user's (the new content goes to `<output>.ohd-new`). A target that changed while its
+task ran is not written against: the outcome says `stale` and the pool runs it again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ohd import outputs, report, validate
+from ohd.errors import TargetError
+from ohd.store import Store, Task, TaskStatus
+from ohd.tasktypes import Job
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """How one task ended, as the pool decided it."""
+
+    status: TaskStatus
+    error: str | None = None
+    output_path: str | None = None
+    report_path: str | None = None
+    not_before: datetime | None = None
+    stale: bool = False     # the target changed while the task ran: run it again on the new text
+
+
+@dataclass
+class Run:
+    """The working state of one claimed task while it runs."""
+
+    task: Task
+    repo: Path
+    job: Job
+    attempts: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    verdict: validate.Verdict | None = None
+    quarantined: tuple[str, validate.Verdict] | None = None    # the last candidate that is a possible bug
+    last_error: tuple[str, tuple[str, ...]] | None = None      # (model, failed rules) of the last rejection
+
+
+def deliver(store: Store, run: Run, content: str, now: datetime) -> Outcome:
+    """Write the accepted output (never over the user's edits) and the report."""
+    if is_stale(run):
+        return Outcome(TaskStatus.RUNNING, stale=True)
+    intended = outputs.resolve_inside(run.repo, run.job.output)
+    written = store.written_hash(run.task.repo, run.job.output)
+    plan = outputs.plan(intended, content, outputs.current_sha(intended), written)
+    if not plan.unchanged and not plan.conflict:
+        store.record_written(run.task.repo, run.job.output, plan.sha256, run.task.id, now)
+    if not plan.unchanged:
+        outputs.apply(plan)
+    decision = "written_as_ohd_new" if plan.conflict else "written"
+    rel = plan.path.relative_to(run.repo.resolve()).as_posix()
+    report_rel = write_report(store, run, decision, rel)
+    log.info("task %d completed: model=%s, attempts=%d, score=%.2f, output=%s",
+             run.task.id, run.history[-1]["model"], run.attempts,
+             run.verdict.score if run.verdict else 0.0, rel)
+    return Outcome(TaskStatus.COMPLETED, output_path=rel, report_path=report_rel)
+
+
+def give_up(store: Store, run: Run) -> Outcome:
+    """No accepted answer within max_attempts: a possible bug is reported, anything else fails."""
+    if run.quarantined is not None:   # tests that fail against the code: a possible bug, reported
+        run.verdict = run.quarantined[1]
+        report_rel = write_report(store, run, "quarantined", None)
+        return Outcome(TaskStatus.COMPLETED, report_path=report_rel, error="quarantined: the tests fail "
+                       "against the current code (a possible bug); see the report")
+    messages = "; ".join(run.verdict.feedback()) if run.verdict else "no usable answer"
+    error = f"rejected after {run.attempts} attempt(s): {messages}"
+    report_rel = write_report(store, run, "rejected", None, error)
+    return Outcome(TaskStatus.FAILED, error=error, report_path=report_rel)
+
+
+def write_report(store: Store, run: Run, decision: str, output: str | None, error: str | None = None) -> str:
+    """The report beside the source (`<dir>/.ohd/<file>.<type>.json|.md`); its repo-relative path."""
+    json_path, md_path = outputs.report_paths(run.repo, run.task.target, run.task.type)
+    data = {
+        "task": {**run.task.as_dict(), "attempts": run.attempts,
+                 "status": TaskStatus.FAILED.value if decision == "rejected" else TaskStatus.COMPLETED.value},
+        "verdict": run.verdict.as_dict() if run.verdict else None,
+        "attempts": [e.as_dict() for e in store.executions(run.task.id)],
+        "decision": decision,
+        "output_path": output,
+        "intended_output": run.job.output,
+        "error": error,
+        "possible_bug": run.quarantined[0] if decision == "quarantined" and run.quarantined else None,
+    }
+    outputs.atomic_write(json_path, report.render_json(data))
+    outputs.atomic_write(md_path, report.render_markdown(data))
+    return json_path.relative_to(run.repo.resolve()).as_posix()
+
+
+def is_stale(run: Run) -> bool:
+    """Whether the target's text is no longer what the model was shown (gone counts as changed)."""
+    try:
+        return outputs.read_source(run.repo, run.task.target) != run.job.source
+    except TargetError:
+        return True
