@@ -13,6 +13,7 @@ from ohd.quotas import Governor
 from ohd.routing import Health, Policy
 from ohd.store import Store, open_database
 from ohd.taskfile import TaskSpec
+from tests.support.databases import BACKENDS, database_url
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 S = timedelta(seconds=1)
@@ -30,11 +31,14 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "ohd.db"
 
 
-@pytest.fixture
-def store(db_path: Path) -> Iterator[Store]:
-    st = open_store(db_path)
-    yield st
-    st.close()
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """The same behaviour on SQLite and, when OHD_TEST_POSTGRES_URL is set, PostgreSQL."""
+    with database_url(request.param, tmp_path) as url:
+        st = Store(open_database(url))
+        st.migrate()
+        yield st
+        st.close()
 
 
 def test_reserve_allows_up_to_the_limit_then_names_the_instant_a_slot_frees(store: Store) -> None:
