@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", action="append", type=Path, help="a repo to serve (repeatable; default: the current dir)")
     p.add_argument("--workers", type=int, help="number of concurrent tasks")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING")
-    command("status", cmd_status, "what the daemon is doing (over its socket)")
+    p = command("status", cmd_status, "what the daemon is doing (over its socket)")
+    p.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2) until Ctrl-C")
     p = command("submit", cmd_submit, "queue a task through the daemon; prints its id")
     p.add_argument("--type", required=True, choices=TYPES)
     p.add_argument("--target", required=True, help="the source file, relative to the repo")
@@ -161,8 +163,20 @@ def cmd_service(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from ohd import views
 
-    emit(client(args).get("/status"), args.json, views.status_text)
-    return EXIT_OK
+    if args.watch is None:
+        emit(client(args).get("/status"), args.json, views.status_text)
+        return EXIT_OK
+    import time
+
+    try:
+        while True:
+            status = client(args).get("/status")
+            print("\033[H\033[2J", end="")     # clear the screen, cursor home
+            emit(status, args.json, views.status_text)
+            sys.stdout.flush()
+            time.sleep(max(0.2, args.watch))
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

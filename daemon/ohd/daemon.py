@@ -44,7 +44,7 @@ from ohd.history import History
 from ohd.ingest import Ingestor
 from ohd.llm import Completion, ModelClient, OfflineProvider
 from ohd.routing import Policy
-from ohd.metrics import Metrics, collect, prometheus, with_stats
+from ohd.metrics import DEFAULT_WINDOW, HOUR, Metrics, Throughput, collect, prometheus, with_stats
 from ohd.notify import Notifier, watchdog_interval
 from ohd.supervision import POLICY_KEYS, first, live_changes, reread_rules, summary
 from ohd.rules import RuleBook, read_rules
@@ -54,6 +54,7 @@ from ohd.store import Store, open_database
 from ohd.taskfile import TaskSpec
 from ohd.testrun import Options as TestRunOptions
 from ohd.tasktypes import Job
+from ohd.views import eta_seconds
 from ohd.watch import TasksDirWatcher
 from ohd.watch import SpoolWatcher, TreeWatcher
 from ohd.worker import Caller, Pool
@@ -401,7 +402,20 @@ class Daemon:
             "models": pool.model_states() if pool else [],
             "offline": self.settings.use_offline,
             "database": _redact(self.settings.database),
+            **self._progress(),
         }
+
+    def _progress(self) -> dict[str, Any]:
+        """Now, today's tokens and cost, recent throughput and the queue's ETA (`ohd status`)."""
+        now = self.clock.now()
+        history = History(self.store.db, self.store.m)
+        window = DEFAULT_WINDOW
+        throughput = Throughput(completed_last_hour=history.completed_between(now - HOUR, now),
+                                window_s=window.total_seconds(),
+                                completed_in_window=history.completed_between(now - window, now))
+        return {"now": now.isoformat(), "today": self.store.totals_today(now),
+                "throughput": throughput.as_dict(),
+                "eta_s": eta_seconds(self.store.counts(), throughput.per_minute)}
 
 
 def _redact(url: str) -> str:

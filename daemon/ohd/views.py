@@ -6,6 +6,7 @@ Pure: dicts in, strings out. The CLI prints them; `--json` prints the dicts inst
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 QUEUE_ORDER = ("pending", "queued", "running", "completed", "failed", "cancelled")
@@ -14,6 +15,7 @@ QUEUE_ORDER = ("pending", "queued", "running", "completed", "failed", "cancelled
 def status_text(status: dict[str, Any]) -> str:
     queue = status.get("queue", {})
     workers = status.get("workers", {})
+    now = _when(status.get("now"))
     lines = [
         f"ohd {status.get('version', '?')}  pid {status.get('pid', '?')}  up {_duration(status.get('uptime_s', 0))}"
         + ("  (offline provider: no API key)" if status.get("offline") else ""),
@@ -22,12 +24,35 @@ def status_text(status: dict[str, Any]) -> str:
         f"workers: {workers.get('busy', 0)}/{workers.get('size', 0)} busy",
     ]
     for task in status.get("running", []):
-        lines.append(f"  running #{task['id']} {task['type']} {task['target']} since {task.get('started_at', '?')}")
+        started = _when(task.get("started_at"))
+        since = (f"for {_duration((now - started).total_seconds())}" if now and started
+                 else f"since {task.get('started_at', '?')}")
+        lines.append(f"  running #{task['id']} {task['type']} {task['target']} {since}")
+    today = status.get("today")
+    if today is not None:
+        lines.append(f"today:   {today.get('calls', 0)} calls, {today.get('prompt_tokens', 0)}+"
+                     f"{today.get('completion_tokens', 0)} tokens, ${float(today.get('cost') or 0):.4f}")
+    throughput = status.get("throughput")
+    if throughput is not None:
+        eta = status.get("eta_s")
+        waiting = queue.get("queued", 0) + queue.get("pending", 0)
+        lines.append(f"rate:    {throughput.get('per_minute', 0):g} tasks/min over the last "
+                     f"{_duration(throughput.get('window_s', 0))}, {throughput.get('completed_last_hour', 0)} "
+                     f"in the last hour;  ETA for {waiting} waiting: "
+                     + ("none" if not waiting else _duration(eta) if eta is not None else "unknown"))
     models = status.get("models", [])
     if models:
         lines.append("models:")
-        lines.extend("  " + _model_line(m) for m in models)
+        lines.extend("  " + _model_line(m, now) for m in models)
     return "\n".join(lines)
+
+
+def eta_seconds(queue: dict[str, int], per_minute: float) -> float | None:
+    """Seconds until the queued and pending tasks are done at `per_minute`; None if unknown."""
+    waiting = queue.get("queued", 0) + queue.get("pending", 0)
+    if waiting == 0:
+        return 0.0
+    return round(waiting / per_minute * 60, 1) if per_minute > 0 else None
 
 
 def tasks_text(tasks: Sequence[dict[str, Any]]) -> str:
@@ -60,9 +85,12 @@ def models_text(models: Sequence[dict[str, Any]]) -> str:
     return "\n".join(_model_line(m) for m in models) if models else "no models"
 
 
-def _model_line(model: dict[str, Any]) -> str:
+def _model_line(model: dict[str, Any], now: datetime | None = None) -> str:
     line = f"{model['id']}: {model.get('state', '?')}"
-    if model.get("cooldown_until"):
+    until = _when(model.get("cooldown_until"))
+    if until and now:
+        line += f" (cooldown {_duration(max(0.0, (until - now).total_seconds()))} left)"
+    elif model.get("cooldown_until"):
         line += f" until {model['cooldown_until']}"
     left = [f"{model[key]} {label}" for key, label in (("requests_left_minute", "this minute"),
                                                         ("requests_left_today", "today"))
@@ -87,6 +115,14 @@ def _execution_line(e: dict[str, Any]) -> str:
     if e.get("error"):
         line += f" ({e['error']})"
     return line
+
+
+def _when(value: Any) -> datetime | None:
+    try:
+        when = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    return when.replace(tzinfo=UTC) if when is not None and when.tzinfo is None else when
 
 
 def _duration(seconds: float) -> str:

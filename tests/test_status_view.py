@@ -1,0 +1,48 @@
+"""`ohd status` as a person reads it: elapsed time, cooldown left, today's usage, throughput and ETA."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ohd.views import eta_seconds, status_text
+
+STATUS: dict[str, Any] = {
+    "version": "0.1", "pid": 42, "uptime_s": 3700, "offline": False, "repos": ["/r"],
+    "now": "2026-11-25T12:00:00+00:00",
+    "queue": {"pending": 1, "queued": 5, "running": 1, "completed": 30, "failed": 0, "cancelled": 0},
+    "workers": {"size": 2, "busy": 1},
+    "running": [{"id": 7, "type": "unit_test", "target": "a.py", "started_at": "2026-11-25T11:58:30+00:00"}],
+    "models": [{"id": "m/a:free", "state": "cooling", "cooldown_until": "2026-11-25T12:00:45+00:00",
+                "requests_left_minute": 3, "requests_left_today": 120},
+               {"id": "m/b:free", "state": "healthy", "cooldown_until": None,
+                "requests_left_minute": 20, "requests_left_today": None}],
+    "today": {"calls": 31, "prompt_tokens": 12000, "completion_tokens": 3400, "cost": 0.0123},
+    "throughput": {"per_minute": 2.0, "window_s": 600.0, "completed_last_hour": 30, "completed_in_window": 20},
+    "eta_s": 180.0,
+}
+
+
+def test_status_text_shows_elapsed_cooldown_today_and_eta() -> None:
+    text = status_text(STATUS)
+    assert "running #7 unit_test a.py for 1m30s" in text
+    assert "m/a:free: cooling (cooldown 0m45s left)  requests left: 3 this minute, 120 today" in text
+    assert "m/b:free: healthy  requests left: 20 this minute" in text
+    assert "today:   31 calls, 12000+3400 tokens, $0.0123" in text
+    assert "2 tasks/min" in text and "30 in the last hour" in text
+    assert "ETA for 6 waiting: 3m00s" in text
+
+
+def test_eta_is_unknown_without_recent_throughput_and_none_when_nothing_waits() -> None:
+    assert eta_seconds({"queued": 5, "pending": 1}, 2.0) == 180.0
+    assert eta_seconds({"queued": 5}, 0.0) is None
+    assert eta_seconds({"queued": 0, "pending": 0}, 0.0) == 0.0
+    text = status_text({**STATUS, "eta_s": None, "throughput": {**STATUS["throughput"], "per_minute": 0}})
+    assert "ETA for 6 waiting: unknown" in text
+    idle = status_text({**STATUS, "queue": {"completed": 3}, "eta_s": 0.0})
+    assert "ETA for 0 waiting: none" in idle
+
+
+def test_status_text_still_reads_an_old_status_without_the_new_fields() -> None:
+    old = {k: v for k, v in STATUS.items() if k not in ("now", "today", "throughput", "eta_s")}
+    text = status_text(old)
+    assert "since 2026-11-25T11:58:30+00:00" in text and "ETA" not in text
