@@ -28,6 +28,7 @@ SCHEMA = {
     "model_request": {"id", "model", "key_id", "free", "at"},
     "rule_firing": {"id", "repo", "rule", "path", "sha256", "task_id", "origin", "fired_at"},
     "rule_clock": {"repo", "rule", "last_fire"},
+    "model_call": {"id", "task_id", "model", "started_at", "prompt", "response"},
     "schema_migrations": {"name", "applied_at"},
 }
 

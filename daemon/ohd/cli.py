@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -64,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", action="append", type=Path, help="a repo to serve (repeatable; default: the current dir)")
     p.add_argument("--workers", type=int, help="number of concurrent tasks")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING")
+    p.add_argument("--log-format", default=None, choices=("text", "json"), help="text (default) or JSON lines")
+    p = command("logs", cmd_logs, "the daemon's recent log (the log file's tail, else the journalctl command)",
+                json_flag=False)
+    p.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default 50)")
     p = command("status", cmd_status, "what the daemon is doing (over its socket)")
     p.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
                    help="refresh every SECONDS (default 2) until Ctrl-C")
@@ -81,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p = command("show", cmd_show, "one task with its model calls (reads the store)")
     p.add_argument("id", type=int)
+    p.add_argument("--calls", action="store_true", help="also print each call's prompt and response")
     for name, func, text in (("cancel", cmd_cancel, "cancel a queued or running task"),
                              ("retry", cmd_retry, "queue a failed or cancelled task again")):
         command(name, func, text).add_argument("id", type=int)
@@ -134,10 +138,28 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     from ohd import daemon
 
     repos = [p.resolve() for p in args.repo] if args.repo else None
-    conf = settings(args, repos=repos, workers=args.workers, log_level=args.log_level)
-    logging.basicConfig(level=conf.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    conf = settings(args, repos=repos, workers=args.workers, log_level=args.log_level, log_format=args.log_format)
+    from ohd import logfmt
+
+    logfmt.setup(conf.log_level, conf.log_format, [conf.api_key.get_secret_value()] if conf.api_key else [],
+                 conf.log_file)
     daemon.serve(conf, reload=lambda: settings(args, repos=repos, workers=args.workers, log_level=args.log_level))
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from ohd import logfmt
+
+    conf = settings(args)
+    if conf.log_file is None:
+        print("no log_file is configured; the daemon logs to stderr. Under systemd run:\n"
+              "    journalctl --user -u ohd -f")
+        return EXIT_OK
+    if not conf.log_file.exists():
+        print(f"{conf.log_file} does not exist yet (the daemon creates it when it starts)")
+        return EXIT_OK
+    for line in logfmt.tail(conf.log_file, args.lines):
+        print(line)
     return EXIT_OK
 
 
@@ -212,6 +234,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     store = open_store(args)
     data = store.get_task(args.id).as_dict()
     data["executions"] = [e.as_dict() for e in store.executions(args.id)]
+    if args.calls:
+        from ohd.calls import CallHistory, calls_text
+
+        data["calls"] = CallHistory(store.db).for_task(args.id)
+        emit(data, args.json, lambda d: views.task_text(d) + "\n\n" + calls_text(d["calls"]))
+        return EXIT_OK
     emit(data, args.json, views.task_text)
     return EXIT_OK
 

@@ -74,6 +74,10 @@ class Settings(BaseModel):
     app_url: str = "https://github.com/ohd-dev/ohd"
     app_title: str = "ohd"
     log_level: str = "INFO"
+    log_format: str = Field(default="text", pattern="^(text|json)$")   # json: one JSON object a line
+    log_file: Path | None = None          # also log here (and `ohd logs` prints its tail)
+    call_history: bool = True                # store each model call's prompt and response (`ohd show ID --calls`)
+    call_history_max_bytes: int = Field(default=200_000, ge=1000)   # per prompt and per response; cut with a marker
     # the model governor (issue 3): known limits are paced, never hit; 0 = no such limit
     free_rpm: int = Field(default=20, ge=0)          # requests per minute per `:free` model
     free_rpd: int = Field(default=50, ge=0)          # requests per UTC day per key, all `:free` models

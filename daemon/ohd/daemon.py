@@ -37,6 +37,7 @@ import httpx
 
 from ohd import __version__, selection
 from ohd.clock import Clock, SystemClock
+from ohd.calls import CallHistory
 from ohd.catalogue import Catalogue
 from ohd.config import DEFAULT_MODELS, Settings
 from ohd.errors import ConfigError, DaemonAlreadyRunning, OhdError, TaskFileError
@@ -200,6 +201,7 @@ class Daemon:
                         rank=ranker(History(self.store.db, self.store.m), selection_of(self.settings),
                                     random.Random()) if self.settings.model_selection else None)
             self.pool = pool
+            pool.calls = CallHistory(self.store.db, self.settings.call_history_max_bytes, self.settings.call_history)
             pool.tests = TestRunOptions(runs=self.settings.test_runs, timeout_s=self.settings.test_timeout_s,
                                         secret_env=(self.settings.api_key_env,))   # no key in pytest runs
             catalogue = self._catalogue(pool)

@@ -182,12 +182,30 @@ def execution_score(db: peewee.Database) -> None:
     alter(SchemaMigrator.from_database(db).add_column("execution", "score", peewee.FloatField(null=True)))
 
 
+def model_call(db: peewee.Database) -> None:
+    """Table model_call: each model call's prompt and response (`ohd show ID --calls`)."""
+
+    class ModelCall(peewee.Model):
+        task_id = peewee.IntegerField(index=True)
+        model = peewee.CharField(max_length=255)
+        started_at = peewee.DateTimeField()
+        prompt = peewee.TextField()
+        response = peewee.TextField()
+
+        class Meta:
+            database = db
+            table_name = "model_call"
+
+    db.create_tables([ModelCall], safe=False)
+
+
 # The history, oldest first. Append only.
 MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     ("0001_initial_schema", initial_schema),
     ("0002_governor_state", governor_state),
     ("0003_standing_rules", standing_rules),
     ("0004_execution_score", execution_score),
+    ("0005_model_call", model_call),
 )
 
 

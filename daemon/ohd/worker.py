@@ -38,6 +38,7 @@ from ohd.errors import (
 from ohd.llm import Completion
 from ohd.quotas import Governor
 from ohd.routing import Policy
+from ohd.calls import CallHistory
 from ohd.store import Claim, Store, Task, TaskStatus
 from ohd.taskfile import TaskType
 from ohd.tasktypes import Job
@@ -67,6 +68,7 @@ class Pool:
         self.hold_s = hold_s        # a slot this close is waited for in place instead of deferring
         self.tests = testrun.Options()   # how unit_test candidates are run with pytest (daemon may replace)
         self.rank = rank            # (task type, models) -> best first (`auto`); None: configured order
+        self.calls = CallHistory(store.db)   # prompts and responses (the daemon applies call_history*)
         self.busy: dict[str, int] = {}
         self.wake_event = asyncio.Event()
         self.alarm: Alarm | None = None   # wakes the pool when a deferred task is due (in `run`)
@@ -285,13 +287,14 @@ class Pool:
         """Call one model and record the execution; returns the extracted candidate."""
         started = self.clock.now()
         try:
-            completion = await self.call(model, tasktypes.messages(run.job), run.task.timeout_s, run.job)
+            completion = await self.call(model, messages := tasktypes.messages(run.job), run.task.timeout_s, run.job)
         except ModelError as exc:
             if isinstance(exc, MalformedAnswer):       # an answer, if a useless one: it costs an attempt
                 run.attempts = await self._store(self.store.add_attempt, run.task.id, self.clock.now())
             await self._record(run, model, started, None, _outcome_of(exc), exc)
             raise
         run.attempts = await self._store(self.store.add_attempt, run.task.id, self.clock.now())
+        await self._store(self.calls.record, run.task.id, completion.model or model, started, messages, completion.content)
         try:
             content = tasktypes.extract(run.job.task_type, completion.content)
         except MalformedAnswer as exc:

@@ -1,0 +1,72 @@
+"""The local history of model calls: each call's prompt and response, size-capped.
+
+An edge room beside `store`, on the same database (table `model_call`, migration
+`0005_model_call`). The worker records a call right after the model answered; `ohd show
+ID --calls` reads them back (the daemon may be down). The prompt is the messages sent;
+the API key travels in a header, never in a message, so it is never stored here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import peewee
+
+DEFAULT_MAX_BYTES = 200_000
+MARKER = "\n[... truncated by ohd: {omitted} more bytes]"
+
+
+def cap(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` UTF-8 bytes, with a marker saying how much was cut."""
+    raw = text.encode("utf-8")
+    if len(raw) <= max_bytes:
+        return text
+    return raw[:max_bytes].decode("utf-8", "ignore") + MARKER.format(omitted=len(raw) - max_bytes)
+
+
+def render(messages: Sequence[dict[str, str]]) -> str:
+    """The chat messages as text: `[role]` then the content, a blank line between them."""
+    return "\n\n".join(f"[{m.get('role', '?')}]\n{m.get('content', '')}" for m in messages)
+
+
+class CallHistory:
+    """Writes and reads `model_call` rows; `enabled=False` records nothing."""
+
+    def __init__(self, db: peewee.Database, max_bytes: int = DEFAULT_MAX_BYTES, enabled: bool = True) -> None:
+        self.db = db
+        self.max_bytes = max_bytes
+        self.enabled = enabled
+        meta = type("Meta", (), {"database": db, "table_name": "model_call"})
+        self.row: Any = type("ModelCallRow", (peewee.Model,), {
+            "Meta": meta, "task_id": peewee.IntegerField(), "model": peewee.CharField(max_length=255),
+            "started_at": peewee.DateTimeField(), "prompt": peewee.TextField(), "response": peewee.TextField()})
+
+    def record(self, task_id: int, model: str, started: datetime, messages: Sequence[dict[str, str]],
+               response: str) -> None:
+        if not self.enabled:
+            return
+        self.db.connect(reuse_if_open=True)
+        with self.db.atomic():
+            self.row.insert(task_id=task_id, model=model, started_at=started,
+                            prompt=cap(render(messages), self.max_bytes),
+                            response=cap(response, self.max_bytes)).execute()
+
+    def for_task(self, task_id: int) -> list[dict[str, Any]]:
+        """The task's calls, oldest first."""
+        self.db.connect(reuse_if_open=True)
+        r = self.row
+        rows = r.select().where(r.task_id == task_id).order_by(r.started_at, r.id)
+        return [{"model": row.model, "started_at": str(row.started_at), "prompt": row.prompt,
+                 "response": row.response} for row in rows]
+
+
+def calls_text(calls: Sequence[dict[str, Any]]) -> str:
+    if not calls:
+        return "no recorded calls (call_history off, or the task made none)"
+    parts = []
+    for n, call in enumerate(calls, 1):
+        parts.append(f"=== call {n}: {call['model']} at {call['started_at']} ===\n--- prompt ---\n{call['prompt']}\n"
+                     f"--- response ---\n{call['response']}")
+    return "\n\n".join(parts)

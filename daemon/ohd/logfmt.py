@@ -1,0 +1,115 @@
+"""Log records as readable text or as JSON lines, with secrets redacted (stdlib only).
+
+`setup(level, fmt, secrets, log_file)` installs one handler on stderr (and one on
+`log_file` when given) on the root logger. Every record carries time, level, logger and
+message, plus `task_id` and `model` when a call passes them with `extra=` (a message
+that starts `task N` gives task_id N). The filter
+replaces each configured secret (the API key's value) and any `Bearer ...` token in the
+formatted message, its arguments and the exception text with `***`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("text", "json")
+CONTEXT = ("task_id", "model")
+BEARER = re.compile(r"Bearer\s+[^\s\"',;]+")
+MASK = "***"
+
+
+class Redactor(logging.Filter):
+    """Removes the secrets and `Bearer` tokens from a record before any handler formats it."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.secrets = tuple(s for s in secrets if s)
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, MASK)
+        return BEARER.sub("Bearer " + MASK, text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self.redact(record.getMessage())
+        record.args = None
+        if record.exc_info:
+            record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
+TASK_MESSAGE = re.compile(r"^task (\d+)\b")
+
+
+def _context(record: logging.LogRecord) -> dict[str, Any]:
+    """`task_id` and `model` from `extra=`; a message `task N ...` gives task_id N when extra does not."""
+    context = {key: getattr(record, key) for key in CONTEXT if getattr(record, key, None) is not None}
+    if "task_id" not in context and (match := TASK_MESSAGE.match(record.getMessage())):
+        context["task_id"] = int(match.group(1))
+    return {key: context[key] for key in CONTEXT if key in context}
+
+
+class TextFormatter(logging.Formatter):
+    """`2026-11-25T12:00:00.123+00:00 INFO ohd.worker: message [task_id=7 model=m]`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        context = " ".join(f"{k}={v}" for k, v in _context(record).items())
+        line = f"{when} {record.levelname} {record.name}: {record.getMessage()}" + (f" [{context}]" if context else "")
+        if record.exc_text:
+            line += "\n" + record.exc_text
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, task_id/model when given, exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {"time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+                                "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+                                **_context(record)}
+        if record.exc_text:
+            data["exc"] = record.exc_text
+        return json.dumps(data, default=str)
+
+
+def formatter(fmt: str) -> logging.Formatter:
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    return JsonFormatter() if fmt == "json" else TextFormatter()
+
+
+def setup(level: str, fmt: str = "text", secrets: Iterable[str] = (), log_file: Path | None = None,
+          stream: Any = None) -> list[logging.Handler]:
+    """Replace the root logger's handlers with stderr (and `log_file`), formatted and redacted."""
+    redactor = Redactor(secrets)
+    handlers: list[logging.Handler] = [logging.StreamHandler(stream or sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    for handler in handlers:
+        handler.addFilter(redactor)
+        handler.setFormatter(formatter(fmt))
+        root.addHandler(handler)
+    root.setLevel(level.upper())
+    return handlers
+
+
+def tail(path: Path, lines: int = 50) -> list[str]:
+    """The last `lines` lines of a log file."""
+    with path.open("rb") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        f.seek(max(0, size - 256 * 1024))
+        return f.read().decode("utf-8", "replace").splitlines()[-lines:]
