@@ -54,16 +54,20 @@ def event_path(event: FileSystemEvent) -> Path | None:
     return None
 
 
-class _TasksDirHandler(FileSystemEventHandler):
-    def __init__(self, repo: Path, tasks_dir: Path, callback: Callable[[Path, Path], object]) -> None:
+class _TopLevelHandler(FileSystemEventHandler):
+    """Forwards events for files directly in `folder` that `accepts` to `callback(repo, path)`."""
+
+    def __init__(self, repo: Path, folder: Path, accepts: Callable[[Path], bool],
+                 callback: Callable[[Path, Path], object]) -> None:
         super().__init__()
         self.repo = repo
-        self.tasks_dir = tasks_dir
+        self.folder = folder
+        self.accepts = accepts
         self.callback = callback
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         path = event_path(event)
-        if path is None or path.parent != self.tasks_dir or not looks_like_task_file(path):
+        if path is None or path.parent != self.folder or not self.accepts(path):
             return
         try:
             self.callback(self.repo, path)
@@ -71,13 +75,26 @@ class _TasksDirHandler(FileSystemEventHandler):
             log.exception("watch: callback for %s failed", path)
 
 
-class TasksDirWatcher:
-    """A watchdog Observer on the top level of each watched repo's `tasks.d/`."""
+class _ObserverOwner:
+    """One watchdog Observer thread: started, and stopped with a bounded join."""
 
     def __init__(self, callback: Callable[[Path, Path], object]) -> None:
         self.callback = callback
         self.observer = Observer()
         self.watched: set[Path] = set()
+
+    def start(self) -> None:
+        self.observer.start()
+
+    def stop(self) -> None:
+        """Stop the observer thread and wait (bounded) for it to end."""
+        if self.observer.is_alive():
+            self.observer.stop()
+            self.observer.join(timeout=STOP_TIMEOUT_S)
+
+
+class TasksDirWatcher(_ObserverOwner):
+    """A watchdog Observer on the top level of each watched repo's `tasks.d/`."""
 
     def watch(self, repo: Path) -> None:
         """Watch `repo/tasks.d/` (created if missing); before or after `start`."""
@@ -85,7 +102,7 @@ class TasksDirWatcher:
         if tasks_dir in self.watched:
             return
         tasks_dir.mkdir(parents=True, exist_ok=True)
-        handler = _TasksDirHandler(repo, tasks_dir, self.callback)
+        handler = _TopLevelHandler(repo, tasks_dir, looks_like_task_file, self.callback)
         # Recursive although only the top level counts (the handler filters): ingest moves
         # files into .done/ and .rejected/, and a move whose destination is not watched
         # is held back 0.5 s by watchdog's move grouping, delaying every event after it.
@@ -93,66 +110,30 @@ class TasksDirWatcher:
         self.watched.add(tasks_dir)
         log.info("watching %s", tasks_dir)
 
-    def start(self) -> None:
-        self.observer.start()
-
-    def stop(self) -> None:
-        """Stop the observer thread and wait (bounded) for it to end."""
-        if self.observer.is_alive():
-            self.observer.stop()
-            self.observer.join(timeout=STOP_TIMEOUT_S)
-
 
 # -- the git-hook spool ---------------------------------------------------------------------
 
 SPOOL_EVENT_SUFFIX = ".event"
 
 
-class _SpoolHandler(FileSystemEventHandler):
-    def __init__(self, repo: Path, spool: Path, callback: Callable[[Path, Path], object]) -> None:
-        super().__init__()
-        self.repo = repo
-        self.spool = spool
-        self.callback = callback
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        path = event_path(event)
-        if (path is None or path.parent != self.spool or path.name.startswith(".")
-                or not path.name.endswith(SPOOL_EVENT_SUFFIX)):
-            return
-        try:
-            self.callback(self.repo, path)
-        except Exception:   # the observer thread must survive one bad callback
-            log.exception("watch: spool callback for %s failed", path)
+def _is_spool_event(path: Path) -> bool:
+    return not path.name.startswith(".") and path.name.endswith(SPOOL_EVENT_SUFFIX)
 
 
-class SpoolWatcher:
+class SpoolWatcher(_ObserverOwner):
     """A watchdog Observer on each repo's hook spool (`<git dir>/ohd/inbox`, top level only):
     a finished event file (`*.event`, renamed in by a hook) → `callback(repo, path)`,
     on the observer thread. A file may be reported more than once; the reader copes."""
-
-    def __init__(self, callback: Callable[[Path, Path], object]) -> None:
-        self.callback = callback
-        self.observer = Observer()
-        self.watched: set[Path] = set()
 
     def watch(self, repo: Path, spool: Path) -> None:
         """Watch `spool` (created if missing) for `repo`; before or after `start`."""
         if spool in self.watched:
             return
         spool.mkdir(parents=True, exist_ok=True)
-        self.observer.schedule(_SpoolHandler(repo, spool, self.callback), str(spool), recursive=False)
+        self.observer.schedule(_TopLevelHandler(repo, spool, _is_spool_event, self.callback), str(spool),
+                               recursive=False)
         self.watched.add(spool)
         log.info("watching the hook spool %s", spool)
-
-    def start(self) -> None:
-        self.observer.start()
-
-    def stop(self) -> None:
-        """Stop the observer thread and wait (bounded) for it to end."""
-        if self.observer.is_alive():
-            self.observer.stop()
-            self.observer.join(timeout=STOP_TIMEOUT_S)
 
 
 # -- the working tree (standing rules, issue 4) ------------------------------------------
