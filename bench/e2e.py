@@ -9,28 +9,26 @@ Prints:
   time (includes the settle window that guards against half-written files; printed
   separately);
 - the daemon's RSS when idle and after 10,000 completed tasks.
+The validation ladder's pytest runs are off (`test_runs = 0`) and so is quota pacing
+(`free_rpm = free_rpd = 0`; bench/ratelimit.py measures the governor), so the figures measure
+the spine; `--with-test-runs` turns them on to show what they cost.
 Every number comes from this run; the machine is noisy, so compare ratios.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import signal
-import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.daemonproc import BenchDaemon  # noqa: E402
 from tests.support.fake_openrouter import FakeOpenRouter, ok  # noqa: E402
 from tests.support.gitrepo import make_repo  # noqa: E402
 
@@ -46,51 +44,14 @@ def test_total() -> None:
 TASK = "type: unit_test\ntarget: shop/pricing.py\ndescription: drop {n}\noutput: tests/test_{n}.py\n"
 
 
-class Daemon:
-    def __init__(self, base: Path, repo: Path, url: str, workers: int) -> None:
-        self.base = base
-        base.mkdir(parents=True, exist_ok=True)
-        self.runtime = Path(tempfile.mkdtemp(prefix="ohd-bench-"))
-        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("OHD_")},
-                    "OHD_STATE_DIR": str(base / "state"), "OHD_RUNTIME_DIR": str(self.runtime),
-                    "OHD_CONFIG": str(base / "none.toml"), "OHD_BASE_URL": url, "OHD_MODELS": "bench/model:free",
-                    "OPENROUTER_API_KEY": "sk-bench", "OHD_WORKERS": str(workers), "OHD_SETTLE_S": str(SETTLE_S),
-                    "OHD_LOG_LEVEL": "WARNING"}
-        self.repo = repo
-        self.proc = subprocess.Popen([sys.executable, "-m", "ohd", "daemon", "--repo", str(repo)], env=self.env,
-                                     stdout=subprocess.DEVNULL, stderr=open(base / "daemon.log", "ab"))
-        self.db = base / "state" / "ohd.db"
-        _wait(lambda: self.request("GET", "/status") is not None, 30)
+TEST_RUNS = "0"   # the spine's own cost; --with-test-runs adds the validation ladder's pytest runs
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        import http.client
-        import socket
 
-        class Conn(http.client.HTTPConnection):
-            def connect(inner) -> None:  # noqa: N805
-                inner.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                inner.sock.connect(str(self.runtime / "ohd.sock"))
-
-        try:
-            conn = Conn("localhost", timeout=30)
-            conn.request(method, path, json.dumps(body) if body else None, {"Content-Type": "application/json"})
-            return json.loads(conn.getresponse().read())
-        except OSError:
-            return None
-
-    def counts(self) -> dict[str, int]:
-        with sqlite3.connect(self.db, timeout=30) as conn:
-            return dict(conn.execute("select status, count(*) from task group by status").fetchall())
-
-    def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=120)
+def Daemon(base: Path, repo: Path, url: str, workers: int) -> BenchDaemon:  # noqa: N802
+    # free_rpm/free_rpd = 0: no quota pacing (bench/ratelimit.py measures the governor)
+    return BenchDaemon(base, repo, url, {"OHD_MODELS": "bench/model:free", "OHD_WORKERS": str(workers),
+                                         "OHD_SETTLE_S": str(SETTLE_S), "OHD_TEST_RUNS": TEST_RUNS,
+                                         "OHD_FREE_RPM": "0", "OHD_FREE_RPD": "0"})
 
 
 def _wait(predicate: Any, timeout: float) -> None:
@@ -153,7 +114,12 @@ def rss(base: Path, url: str, tasks: int) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer tasks (a smoke run)")
+    parser.add_argument("--with-test-runs", action="store_true",
+                        help="run each candidate with pytest (the default daemon setting, test_runs = 2)")
     args = parser.parse_args()
+    global TEST_RUNS
+    TEST_RUNS = "2" if args.with_test_runs else "0"
+    print(f"pytest runs per candidate: {TEST_RUNS}")
     scale = 0.2 if args.quick else 1.0
     base = Path(tempfile.mkdtemp(prefix="ohd-bench-e2e-"))
     with FakeOpenRouter(latency_s=LATENCY_S) as server:

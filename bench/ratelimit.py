@@ -36,25 +36,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
-import json
 import math
-import os
-import signal
-import socket
-import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.daemonproc import BenchDaemon
 from tests.support.fake_openrouter import FakeOpenRouter, ok
 from tests.support.gitrepo import make_repo
 
@@ -183,56 +176,11 @@ def governor_env(work: Workload) -> dict[str, str]:
     return {f"OHD_{name.upper()}": value for name, value in wanted.items() if name in fields}
 
 
-class Daemon:
-    """A real `ohd daemon` process (as in bench/e2e.py), driven over its Unix socket."""
-
-    def __init__(self, base: Path, repo: Path, url: str, work: Workload, extra_env: dict[str, str]) -> None:
-        base.mkdir(parents=True, exist_ok=True)
-        self.runtime = Path(tempfile.mkdtemp(prefix="ohd-bench-rl-"))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OHD_")}
-        env.update({"OHD_STATE_DIR": str(base / "state"), "OHD_RUNTIME_DIR": str(self.runtime),
-                    "OHD_CONFIG": str(base / "none.toml"), "OHD_BASE_URL": url,
-                    "OHD_MODELS": ",".join(work.model_ids), "OPENROUTER_API_KEY": "sk-bench",
-                    "OHD_WORKERS": str(work.workers), "OHD_SETTLE_S": str(SETTLE_S), "OHD_LOG_LEVEL": "WARNING"})
-        env.update(extra_env)
-        self.log = base / "daemon.log"
-        self.db = base / "state" / "ohd.db"
-        with open(self.log, "ab") as log_file:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen([sys.executable, "-m", "ohd", "daemon", "--repo", str(repo)], env=env,
-                                         stdout=subprocess.DEVNULL, stderr=log_file)
-        deadline = time.monotonic() + 30
-        while self.request("GET", "/status") is None:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the daemon did not start; see {self.log}")
-            time.sleep(0.02)
-
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        sock_path = str(self.runtime / "ohd.sock")
-
-        class Conn(http.client.HTTPConnection):
-            def connect(inner) -> None:
-                inner.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                inner.sock.connect(sock_path)
-
-        try:
-            conn = Conn("localhost", timeout=30)
-            conn.request(method, path, json.dumps(body) if body else None, {"Content-Type": "application/json"})
-            return json.loads(conn.getresponse().read())
-        except OSError:
-            return None
-
-    def counts(self) -> dict[str, int]:
-        with sqlite3.connect(self.db, timeout=30) as conn:
-            return dict(conn.execute("select status, count(*) from task group by status").fetchall())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def Daemon(base: Path, repo: Path, url: str, work: Workload, extra_env: dict[str, str]) -> BenchDaemon:  # noqa: N802
+    """A real `ohd daemon` process (bench/daemonproc.py) with this workload's settings."""
+    settings = {"OHD_MODELS": ",".join(work.model_ids), "OHD_WORKERS": str(work.workers),
+                "OHD_SETTLE_S": str(SETTLE_S), **extra_env}
+    return BenchDaemon(base, repo, url, settings)
 
 
 def run_ohd(work: Workload, base: Path, timeout_s: float, log_level: str, more_env: dict[str, str]) -> Result:
