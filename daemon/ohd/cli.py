@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", action="append", type=Path, help="a repo the service serves (repeatable)")
     p = command("validate", cmd_validate, "check task files without submitting them")
     p.add_argument("files", nargs="+", type=Path)
-    command("schema", cmd_schema, "print the task-file JSON Schema", json_flag=False)
+    p = command("schema", cmd_schema, "print the task-file JSON Schema", json_flag=False)
+    p.add_argument("--markdown", action="store_true", help="the task-file reference table (as in the README)")
     p = command("rules", cmd_rules, "standing rules with their next firing and last task (reads the store)")
     p.add_argument("--repo", action="append", type=Path, help="a repo (repeatable; default: the configured ones)")
     p = command("demo", cmd_demo, "run ohd on a small temp repo and show what happened", json_flag=False)
@@ -350,6 +351,9 @@ def cmd_rules(args: argparse.Namespace) -> int:
 def cmd_schema(args: argparse.Namespace) -> int:
     from ohd import taskfile
 
+    if args.markdown:
+        print(taskfile.reference_markdown(), end="")
+        return EXIT_OK
     print(json.dumps(taskfile.json_schema(), indent=2))
     return EXIT_OK
 

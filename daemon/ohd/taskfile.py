@@ -8,6 +8,7 @@ repo-relative, normalised POSIX paths that cannot lexically leave the repo or en
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ from typing import Any
 import pydantic
 import yaml
 from pydantic import Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from ohd.errors import TaskFileError
 
@@ -78,18 +80,35 @@ def missing_for_type(task_type: TaskType, prompt: str | None, output: str | None
 class TaskSpec(pydantic.BaseModel, extra="forbid", frozen=True):
     """A validated task (one-shot) or standing rule (`schedule` / `on_change`)."""
 
-    type: TaskType = Field(description="unit_test | docstring | review | custom")
-    target: str = Field(description="source file, relative to the repo root")
-    description: str = ""
-    priority: Priority = Priority.NORMAL
-    output: str | None = Field(default=None, description="output file, relative to the repo root")
-    models: list[str] = Field(default_factory=lambda: ["auto"], min_length=1)
-    min_quality: float = Field(default=0.7, ge=0.0, le=1.0, strict=True)
-    max_attempts: int = Field(default=3, ge=1, le=10, strict=True)
-    timeout_s: float = Field(default=120.0, gt=0.0, le=3600.0, strict=True)
-    prompt: str | None = None
-    schedule: str | None = Field(default=None, description="cron expression, 5 fields")
-    on_change: list[str] | None = Field(default=None, min_length=1)
+    # The descriptions are the task-file reference: `ohd schema` carries them and
+    # `ohd schema --markdown` renders them as the README's table (a test holds the two equal).
+    type: TaskType = Field(description="what the task produces")
+    target: str = Field(description="the source file, relative to the repo root; must stay inside it "
+                                    "(no absolute paths, no `..` out of it, nothing under `.git/`)")
+    description: str = Field(default="", description="what you want, in words; goes into the prompt")
+    priority: Priority = Field(default=Priority.NORMAL,
+                               description="the queue's order, FIFO within one priority; highest first")
+    output: str | None = Field(
+        default=None, json_schema_extra={"default_text": "per type"},
+        description="where the result goes, relative to the repo root. Default: `unit_test` "
+                    "`tests/test_<module>.py` when the repo has `tests/`, else `test_<module>.py` beside "
+                    "the source; `docstring` the target itself; `review` `.ohd/<file>.review.md` beside "
+                    "the source; `custom` has none (required there)")
+    models: list[str] = Field(default_factory=lambda: ["auto"], min_length=1,
+                              description="model ids tried in order; `auto` = the configured list, "
+                                          "ranked per task type (see Model selection)")
+    min_quality: float = Field(default=0.7, ge=0.0, le=1.0, strict=True,
+                               description="the validation score needed to accept a result")
+    max_attempts: int = Field(default=3, ge=1, le=10, strict=True,
+                              description="answers to validate before giving up (a 429 does not spend one)")
+    timeout_s: float = Field(default=120.0, gt=0.0, le=3600.0, strict=True,
+                             description="the whole task's time limit, in seconds")
+    prompt: str | None = Field(default=None, description="the prompt, for `type: custom` (required there)")
+    schedule: str | None = Field(default=None, description="a standing rule: a 5-field cron expression, "
+                                                           "in `timezone` (see Standing rules)")
+    on_change: list[str] | None = Field(default=None, min_length=1,
+                                        description="a standing rule: globs of repo paths whose changes "
+                                                    "create a task for the changed file (see Standing rules)")
 
     @field_validator("target", "output")
     @classmethod
@@ -169,6 +188,58 @@ def parse(text: str, source: str = "<task>") -> TaskSpec:
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of a task file (for `ohd schema` and editors)."""
     return TaskSpec.model_json_schema()
+
+
+def reference_markdown() -> str:
+    """The task-file reference as a Markdown table (key, default, meaning), from the schema's fields.
+
+    The README holds this table between marker comments; `ohd schema --markdown` prints it.
+    """
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for name, info in TaskSpec.model_fields.items():
+        rows.append(f"| `{name}` | {_default_text(info)} | {_meaning(info).replace('|', chr(92) + '|')} |")
+    return "\n".join(rows) + "\n"
+
+
+def _default_text(info: FieldInfo) -> str:
+    extra = info.json_schema_extra
+    if isinstance(extra, dict) and isinstance(extra.get("default_text"), str):
+        return str(extra["default_text"])
+    if info.is_required():
+        return "(required)"
+    value = info.get_default(call_default_factory=True)
+    if value is None:
+        return "-"
+    if isinstance(value, StrEnum):
+        return f"`{value.value}`"
+    if isinstance(value, list):
+        return f"`[{', '.join(map(str, value))}]`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, int | float):
+        return f"`{_number(value)}`"
+    return f"`{json.dumps(value)}`"
+
+
+def _meaning(info: FieldInfo) -> str:
+    """The description, then the allowed values of an enum and the bounds of a number or list."""
+    text = info.description or ""
+    kind = info.annotation
+    if isinstance(kind, type) and issubclass(kind, StrEnum):
+        names = [f"`{member.value}`" for member in kind]
+        text += ": " + ", ".join(names[:-1]) + " or " + names[-1]
+    bounds = []
+    for item in info.metadata:
+        for attr, phrase in (("ge", "at least"), ("gt", "more than"), ("le", "at most"), ("lt", "less than")):
+            if isinstance(getattr(item, attr, None), int | float):
+                bounds.append(f"{phrase} {_number(getattr(item, attr))}")
+        if getattr(item, "min_length", None) == 1:
+            bounds.append("not empty")
+    return f"{text}; {', '.join(bounds)}" if bounds else text
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
 
 
 def _yaml_error(exc: yaml.YAMLError, source: str) -> TaskFileError:

@@ -1,0 +1,91 @@
+"""The README's references are checked against the code, so they cannot drift unnoticed.
+
+The task-file table is generated (`ohd schema --markdown`) and must equal the README's
+block; the CLI reference must name every subcommand and flag the parser defines; the
+configuration table must name every `Settings` key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from ohd.cli import build_parser, main
+from ohd.config import Settings
+from ohd.taskfile import reference_markdown
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+START, END = "<!-- task-file-reference:start -->\n", "<!-- task-file-reference:end -->"
+
+
+def section(text: str, title: str) -> str:
+    """The text of `## title` up to the next `## ` heading."""
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else len(text)]
+
+
+def task_file_block(text: str) -> str:
+    assert START in text and END in text, f"README.md has lost its {START.strip()} / {END} markers"
+    return text.split(START, 1)[1].split(END, 1)[0]
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    [sub] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def test_the_readme_task_file_table_is_the_one_the_schema_renders() -> None:
+    assert task_file_block(README.read_text(encoding="utf-8")) == reference_markdown(), (
+        "README.md's task-file table differs from the schema in daemon/ohd/taskfile.py; regenerate it: "
+        "replace the lines between the task-file-reference markers with the output of `ohd schema --markdown`")
+
+
+def test_ohd_schema_markdown_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert out == reference_markdown()
+    assert out.startswith("| key | default | meaning |\n")
+    assert "| `type` | (required) | what the task produces: `unit_test`, `docstring`, `review` or `custom` |" in out
+    assert "| `max_attempts` | `3` |" in out and "at least 1, at most 10" in out
+
+
+def test_every_task_file_key_has_a_description_in_the_json_schema() -> None:
+    from ohd.taskfile import json_schema
+
+    undescribed = [name for name, prop in json_schema()["properties"].items() if not prop.get("description")]
+    assert undescribed == []
+
+
+def test_the_cli_reference_names_every_subcommand_and_its_flags() -> None:
+    cli = section(README.read_text(encoding="utf-8"), "Command line")
+    rows = [line for line in cli.splitlines() if line.startswith("| `ohd ")]
+    missing = []
+    for name, parser in subcommands().items():
+        mine = [row for row in rows if re.search(rf"`ohd {re.escape(name)}(?=[ `])", row)]
+        if not mine:
+            missing.append(f"ohd {name}")
+            continue
+        for action in parser._actions:
+            flags = [flag for flag in action.option_strings if flag not in ("-h", "--help", "--json")]
+            if flags and not any(re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", mine[0]) for flag in flags):
+                missing.append(f"ohd {name} {flags[-1]}")
+    assert missing == [], f"the README's '## Command line' table does not mention: {', '.join(missing)}"
+
+
+def test_the_cli_reference_names_the_global_flags() -> None:
+    cli = section(README.read_text(encoding="utf-8"), "Command line")
+    flags = [flag for action in build_parser()._actions for flag in action.option_strings
+             if flag.startswith("--") and flag != "--help"]
+    assert [flag for flag in flags if f"`{flag}" not in cli] == []
+
+
+def test_the_configuration_table_names_every_setting() -> None:
+    conf = section(README.read_text(encoding="utf-8"), "Configuration")
+    keys = [name for name, info in Settings.model_fields.items() if not info.exclude]   # api_key: env only
+    rows = [line for line in conf.splitlines() if line.startswith("| `")]
+    missing = [key for key in keys if not any(f"`{key}`" in row.split(" | ")[0] for row in rows)]
+    assert missing == [], f"the README's '## Configuration' table has no row for: {', '.join(missing)}"
