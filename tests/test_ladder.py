@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from ohd import testrun
+from ohd import ladder, testrun
 from ohd.llm import Completion, ModelClient
 from ohd.store import Store, Task, open_database
 from ohd.taskfile import TaskSpec, TaskType
@@ -265,7 +265,7 @@ def test_a_src_layout_target_is_importable(tmp_path: Path) -> None:
     job = Job(task_type=TaskType.UNIT_TEST, target="src/app/mod.py", source="", module="app.mod",
               output="src/app/test_mod.py")
     content = "from app.mod import double\n\n\ndef test_double() -> None:\n    assert double(2) == 4\n"
-    verdict = testrun.judge(repo, job, content, 0.5, testrun.Options())
+    verdict = ladder.judge(repo, job, content, 0.5, ladder.Ladder())
     assert verdict.accepted and verdict.test_run is not None and verdict.test_run.status is RunStatus.PASSED
 
 

@@ -15,7 +15,7 @@ import tomllib
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr, ValidationError, field_validator
@@ -32,7 +32,7 @@ DEFAULT_MODELS = (
     "google/gemma-3-27b-it:free",
 )
 _LIST_KEYS = {"models", "repos", "paid_models"}
-_DICT_KEYS = {"rate_limits", "daily_limits", "model_priors", "model_tags"}   # JSON objects in OHD_* variables
+_DICT_KEYS = {"rate_limits", "daily_limits", "model_priors", "model_tags", "rule_levels"}   # JSON objects in OHD_* variables
 
 
 class ModelPrior(BaseModel):
@@ -67,6 +67,8 @@ class Settings(BaseModel):
     quiet_s: float = Field(default=2.0, ge=0)               # working-tree debounce (standing rules)
     test_runs: int = Field(default=2, ge=0, le=10)          # pytest runs per unit_test candidate; 0 = none
     test_timeout_s: float = Field(default=60.0, gt=0)         # each pytest run's time limit
+    # task type (or "*") -> rule -> error | warning | info | off; checked against the rules at start-up
+    rule_levels: dict[str, dict[str, Literal["error", "warning", "info", "off"]]] = Field(default_factory=dict)
     schedule_grace_s: float = Field(default=3600.0, ge=0)   # a missed cron firing runs once if this recent
     timezone: str | None = None                             # of cron schedules; None: local time
     max_tokens: int = Field(default=4096, ge=1)

@@ -35,7 +35,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
 
-from ohd import __version__, selection
+from ohd import __version__, selection, validate
 from ohd.clock import Clock, SystemClock
 from ohd.calls import CallHistory
 from ohd.catalogue import Catalogue
@@ -47,12 +47,13 @@ from ohd.llm import Completion, ModelClient, OfflineProvider
 from ohd.routing import Policy
 from ohd.metrics import DEFAULT_WINDOW, HOUR, Metrics, Throughput, collect, prometheus, with_stats
 from ohd.notify import Notifier, watchdog_interval
-from ohd.supervision import POLICY_KEYS, first, live_changes, reread_rules, summary
+from ohd.supervision import LADDER_KEYS, POLICY_KEYS, first, live_changes, reread_rules, summary
 from ohd.rules import RuleBook, read_rules
 from ohd.server import ApiServer
 from ohd.spool import SpoolReader, find_spool
 from ohd.store import Store, open_database
-from ohd.taskfile import TaskSpec
+from ohd.taskfile import TaskSpec, TaskType
+from ohd.ladder import Ladder
 from ohd.testrun import Options as TestRunOptions
 from ohd.tasktypes import Job
 from ohd.views import eta_seconds
@@ -123,6 +124,18 @@ def policy_of(settings: Settings) -> Policy:
                   paid_models=frozenset(settings.paid_models),
                   request_cap=settings.daily_request_cap or None,
                   cost_cap=settings.daily_cost_cap_usd or None)
+
+
+def ladder_of(settings: Settings) -> Ladder:
+    """How candidates are judged: pytest runs (never with the API key), `rule_levels`, and
+    ruff / coverage.py where installed; ConfigError names an unknown task type, rule or level."""
+    try:
+        levels = validate.parse_levels(settings.rule_levels, tuple(t.value for t in TaskType))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    tests = TestRunOptions(runs=settings.test_runs, timeout_s=settings.test_timeout_s,
+                           secret_env=(settings.api_key_env,))
+    return Ladder.detect(tests, levels)
 
 
 def discovers(settings: Settings) -> bool:
@@ -202,8 +215,7 @@ class Daemon:
                                     random.Random()) if self.settings.model_selection else None)
             self.pool = pool
             pool.calls = CallHistory(self.store.db, self.settings.call_history_max_bytes, self.settings.call_history)
-            pool.tests = TestRunOptions(runs=self.settings.test_runs, timeout_s=self.settings.test_timeout_s,
-                                        secret_env=(self.settings.api_key_env,))   # no key in pytest runs
+            pool.ladder = ladder_of(self.settings)
             catalogue = self._catalogue(pool)
             if self.model_client is not None:
                 self.model_client.before_retry = pool.pace   # retries count against the quotas too
@@ -384,6 +396,12 @@ class Daemon:
             pool.resize(new.workers)
         if "models" in live and not self.settings.use_offline:
             pool.models = list(new.models)
+        if LADDER_KEYS & live.keys():
+            try:
+                pool.ladder = ladder_of(new)
+            except ConfigError as exc:
+                log.error("reload: keeping the running validation settings: %s", exc)
+                live = {key: value for key, value in live.items() if key not in LADDER_KEYS}
         self.settings = self.settings.model_copy(update=live)
         if POLICY_KEYS & live.keys():
             pool.governor.policy = policy_of(self.settings)

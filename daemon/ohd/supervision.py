@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 # (database_url, state_dir, runtime_dir, repos, base_url, ...).
 POLICY_KEYS = frozenset({"free_rpm", "free_rpd", "rate_limits", "daily_limits", "quota_window_s",
                          "quota_margin_s", "breaker_failures", "breaker_reset_s"})
-LIVE_KEYS = frozenset({"workers", "models", "log_level"}) | POLICY_KEYS
+LADDER_KEYS = frozenset({"test_runs", "test_timeout_s", "rule_levels"})   # how candidates are judged
+LIVE_KEYS = frozenset({"workers", "models", "log_level"}) | POLICY_KEYS | LADDER_KEYS
 
 
 def summary(counts: Mapping[str, int], workers: Mapping[str, Any]) -> str:

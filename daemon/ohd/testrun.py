@@ -7,34 +7,42 @@ times in a subprocess with cwd = the repo, and the result comes back as a plain
 gone when `run_candidate` returns, also after a timeout or an error; the subprocess never
 sees the API key (`OPENROUTER_API_KEY`, the configured variable, every `OHD_*`
 variable); a run that outlives its timeout is killed with its whole process group.
-`judge` is the worker's one call: the static rules, then the runs when they pass.
+`measure_coverage` runs the repo's tests for the target with and without the candidate
+under coverage.py (when it is installed) for the `coverage_delta` rule.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.util
+import json
 import logging
 import os
+import posixpath
 import re
 import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ohd import tasktypes, validate
+from ohd import validate
 from ohd.errors import TargetError
-from ohd.taskfile import TaskType
-from ohd.tasktypes import Job
-from ohd.validate import PytestRun, RunStatus
+from ohd.validate import CoverageRun, PytestRun, RunStatus
 
 log = logging.getLogger(__name__)
 
 OUTPUT_CHARS = 8000          # pytest output kept per result (the report)
 _FAILED_LINE = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
 _STOPPERS = (RunStatus.ERROR, RunStatus.TIMEOUT)   # no point in running again
+_CANDIDATE = "test_ohd_candidate_"
+_PYTEST = (sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE")
+_TEST_NAME = re.compile(r"(?:^test_.*|.*_test)\.py$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,46 +54,44 @@ class Options:
     secret_env: tuple[str, ...] = ()   # more variables to drop (the configured api_key_env)
 
 
-def judge(repo: Path, job: Job, content: str, min_quality: float, options: Options) -> validate.Verdict:
-    """The verdict on one candidate: static rules; for a unit_test that passes them, pytest runs too."""
-    verdict = validate.check(job.task_type, job.output, content, target_exists=True, module=job.module,
-                             min_quality=min_quality, original=job.source)
-    if job.task_type is not TaskType.UNIT_TEST or not verdict.errors_passed() or options.runs < 1:
-        return verdict
-    root = tasktypes.import_root(job.target, lambda rel: (repo / rel / "__init__.py").is_file())
-    result = run_candidate(repo, job.output, content, import_root=root, options=options)
-    log.info("candidate for %s: pytest %s (%s)", job.output, result.status.value,
-             ", ".join(o.value for o in result.outcomes))
-    return validate.check(job.task_type, job.output, content, target_exists=True, module=job.module,
-                          min_quality=min_quality, original=job.source, test_run=result)
-
-
 def run_candidate(repo: Path, output: str, content: str, *, import_root: str = "",
                   options: Options = Options(), environ: Mapping[str, str] | None = None) -> PytestRun:
     """Write the candidate beside `output`, run pytest on it `options.runs` times, remove it."""
+    env = _env(repo, import_root, options, environ)
+    runs: list[tuple[RunStatus, str]] = []
+    with candidate_file(repo, output, content) as rel:
+        for _ in range(max(1, options.runs)):
+            runs.append(_once(repo.resolve(), rel, env, options.timeout_s))
+            if runs[-1][0] in _STOPPERS:
+                break
+    return summarize(runs, rel, output, options.timeout_s)
+
+
+@contextmanager
+def candidate_file(repo: Path, output: str, content: str) -> Iterator[str]:
+    """`content` written as `test_ohd_candidate_<hash>.py` beside `output`; yields its
+    repo-relative path; the file and any directory made for it are gone afterwards."""
     root = repo.resolve()
     intended = (root / output).resolve()
     if not intended.is_relative_to(root) or ".git" in intended.relative_to(root).parts:
         raise TargetError(output, "the output leaves the repository")
     digest = hashlib.sha256(f"{output}\0{content}".encode()).hexdigest()[:10]
-    name = f"test_ohd_candidate_{digest}_{secrets.token_hex(3)}.py"   # concurrent tasks never share one
+    name = f"{_CANDIDATE}{digest}_{secrets.token_hex(3)}.py"   # concurrent tasks never share one
     made = _make_dirs(intended.parent, root)
     path = intended.parent / name
-    rel = path.relative_to(root).as_posix()
-    env = clean_env(os.environ if environ is None else environ, options.secret_env,
-                    [str(root / import_root) if import_root else str(root)])
-    runs: list[tuple[RunStatus, str]] = []
     try:
         path.write_text(content, encoding="utf-8")
-        for _ in range(max(1, options.runs)):
-            runs.append(_once(root, rel, env, options.timeout_s))
-            if runs[-1][0] in _STOPPERS:
-                break
+        yield path.relative_to(root).as_posix()
     finally:
         path.unlink(missing_ok=True)
         for directory in reversed(made):
             _rmdir(directory)
-    return summarize(runs, rel, output, options.timeout_s)
+
+
+def _env(repo: Path, import_root: str, options: Options, environ: Mapping[str, str] | None) -> dict[str, str]:
+    root = repo.resolve()
+    return clean_env(os.environ if environ is None else environ, options.secret_env,
+                     [str(root / import_root) if import_root else str(root)])
 
 
 def clean_env(environ: Mapping[str, str], secret_env: Sequence[str], paths: Sequence[str]) -> dict[str, str]:
@@ -120,22 +126,121 @@ def summarize(runs: Sequence[tuple[RunStatus, str]], candidate: str, output: str
 
 
 def _once(repo: Path, rel: str, env: dict[str, str], timeout_s: float) -> tuple[RunStatus, str]:
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", f"--rootdir={repo}", rel]
-    proc = subprocess.Popen(command, cwd=repo, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    code, out = _run([*_PYTEST, f"--rootdir={repo}", rel], repo, env, timeout_s)
+    if code is None:
+        return RunStatus.TIMEOUT, f"{out}\n[killed after {timeout_s:g}s]"
+    status = RunStatus.PASSED if code == 0 else RunStatus.FAILED if code == 1 else RunStatus.ERROR
+    return status, out if status is not RunStatus.ERROR else f"{out}\n[pytest exit code {code}]"
+
+
+def _run(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float) -> tuple[int | None, str]:
+    """Exit code (None: killed at the timeout, with its process group) and combined output."""
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         _kill(proc)
         out, _ = proc.communicate()
-        return RunStatus.TIMEOUT, f"{out}\n[killed after {timeout_s:g}s]"
+        return None, out
     except BaseException:
         _kill(proc)
         proc.communicate()
         raise
-    code = proc.returncode
-    status = RunStatus.PASSED if code == 0 else RunStatus.FAILED if code == 1 else RunStatus.ERROR
-    return status, out if status is not RunStatus.ERROR else f"{out}\n[pytest exit code {code}]"
+    return proc.returncode, out
+
+
+# -- coverage_delta ---------------------------------------------------------------------
+
+
+def coverage_available() -> bool:
+    """Whether coverage.py is importable by the interpreter that runs the candidates."""
+    return importlib.util.find_spec("coverage") is not None
+
+
+class _NotMeasured(Exception):
+    """Coverage could not be measured; the message says why (it goes into the report)."""
+
+
+def measure_coverage(repo: Path, output: str, content: str, *, target: str, module: str,
+                     import_root: str = "", options: Options = Options(),
+                     environ: Mapping[str, str] | None = None) -> CoverageRun:
+    """Lines of `target` run by the repo's tests that import `module` (and by `output` as it is
+    now), against the same with the candidate in place of `output`."""
+    root = repo.resolve()
+    env = _env(repo, import_root, options, environ)
+    target_path = (root / target).resolve()
+    baseline = tuple(t for t in tests_importing(root, module) if t != output)
+    try:
+        with tempfile.TemporaryDirectory(prefix="ohd-coverage-") as scratch:
+            def covered(rels: Sequence[str]) -> tuple[frozenset[int], int | None]:
+                return _covered(root, rels, env, target_path, Path(scratch), options.timeout_s)
+
+            base, _ = covered(baseline) if baseline else (frozenset(), None)
+            current = output in tests_importing(root, module, only=(output,))
+            old, _ = covered([output]) if current else (frozenset(), None)
+            with candidate_file(repo, output, content) as rel:
+                new, statements = covered([rel])
+    except _NotMeasured as exc:
+        return CoverageRun(target=target, statements=0, before=0, after=0, baseline=baseline, error=str(exc))
+    if statements is None:
+        return CoverageRun(target=target, statements=0, before=0, after=0, baseline=baseline,
+                           error=f"the tests did not run {target} under coverage (imported from another path?)")
+    shown = (*baseline, *([output] if current else []))
+    return CoverageRun(target=target, statements=statements, before=len(base | old), after=len(base | new),
+                       baseline=shown)
+
+
+def tests_importing(root: Path, module: str, only: Sequence[str] = ()) -> list[str]:
+    """Test files of the repo (tracked or not ignored; `test_*.py`, `*_test.py`) that import `module`."""
+    if only:
+        names = [rel for rel in only if (root / rel).is_file()]
+    else:
+        try:
+            listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                                    cwd=root, capture_output=True, timeout=60, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            return []
+        names = sorted({n for n in listed.decode(errors="replace").split("\0")
+                        if _TEST_NAME.match(posixpath.basename(n)) and not posixpath.basename(n).startswith(_CANDIDATE)})
+    found = []
+    for rel in names:
+        try:
+            tree = ast.parse((root / rel).read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
+            continue
+        if validate.imports_module(tree, module):
+            found.append(rel)
+    return found
+
+
+def _covered(root: Path, rels: Sequence[str], env: dict[str, str], target: Path, scratch: Path,
+             timeout_s: float) -> tuple[frozenset[int], int | None]:
+    """The target's executed line numbers and statement count (None: never imported) when pytest
+    runs `rels` under coverage; the user's coverage settings are not read (an empty rcfile)."""
+    rcfile, data, report = scratch / "coveragerc", scratch / "coverage.data", scratch / "coverage.json"
+    rcfile.write_text("", encoding="utf-8")
+    for leftover in (data, report):
+        leftover.unlink(missing_ok=True)
+    coverage = [sys.executable, "-m", "coverage"]
+    code, out = _run([*coverage, "run", f"--rcfile={rcfile}", f"--data-file={data}", f"--include={target}",
+                      "-m", *_PYTEST[2:], f"--rootdir={root}", *rels], root, env, timeout_s)
+    if code is None:
+        raise _NotMeasured(f"pytest under coverage did not finish within {timeout_s:g}s ({', '.join(rels)})")
+    code, out = _run([*coverage, "json", f"--rcfile={rcfile}", f"--data-file={data}", "-o", str(report)],
+                     root, env, timeout_s)
+    if code != 0 or not report.is_file():
+        if "No data" in out:
+            return frozenset(), None
+        raise _NotMeasured(f"coverage json failed: {out.strip()[-300:]}")
+    try:
+        entry = next(iter(json.loads(report.read_text(encoding="utf-8"))["files"].values()), None)
+        if entry is None:      # --include names one file: at most one entry
+            return frozenset(), None
+        executed = frozenset(int(n) for n in entry["executed_lines"])
+        return executed, len(executed | frozenset(int(n) for n in entry["missing_lines"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise _NotMeasured(f"unreadable coverage report ({exc})") from None
 
 
 def _kill(proc: subprocess.Popen[str]) -> None:

@@ -40,18 +40,40 @@ class Level(StrEnum):
 
 
 E, W, I = Level.ERROR, Level.WARNING, Level.INFO
-# The level of each rule per task type ("*": every type); `check(levels=...)` overrides entries.
-LEVELS: dict[str, dict[str, Level]] = {
-    "*": {"file_exists": E, "content_not_empty": E, "valid_python": E},
+# The level of each rule per task type ("*": every type); None switches a rule off.
+LEVELS: dict[str, dict[str, Level | None]] = {
+    "*": {"file_exists": E, "content_not_empty": E, "valid_python": E, "lint": W},
     _UNIT_TEST: {"test_naming": E, "imports_target": E, "not_vacuous": E, "runs_green": E,
-                 "has_assertions": W, "test_count": I},
+                 "has_assertions": W, "test_count": I, "coverage_delta": I},
     _DOCSTRING: {"docstring_only": E},
 }
+RULES = frozenset(rule for table in LEVELS.values() for rule in table)
+LEVEL_NAMES = ("error", "warning", "info", "off")
+
+LevelTable = Mapping[str, Mapping[str, "Level | None"]]   # task type (or "*") -> rule -> level
 
 
-def levels_for(task_type: str, overrides: Mapping[str, Level] | None = None) -> dict[str, Level]:
-    """The level of every rule for `task_type`, with `overrides` (rule -> level) applied."""
-    return {**LEVELS["*"], **LEVELS.get(task_type, {}), **(overrides or {})}
+def levels_for(task_type: str, overrides: LevelTable | None = None) -> dict[str, Level | None]:
+    """The level of every rule for `task_type` (None: off): the defaults, then `overrides`
+    ("*" first, then the task type's own entries)."""
+    overrides = overrides or {}
+    return {**LEVELS["*"], **LEVELS.get(task_type, {}), **overrides.get("*", {}), **overrides.get(task_type, {})}
+
+
+def parse_levels(raw: Mapping[str, Mapping[str, str]], task_types: tuple[str, ...]) -> dict[str, dict[str, Level | None]]:
+    """The `rule_levels` setting as a level table; ValueError names the unknown type, rule or level."""
+    table: dict[str, dict[str, Level | None]] = {}
+    for task_type, rules in raw.items():
+        if task_type != "*" and task_type not in task_types:
+            raise ValueError(f"rule_levels: unknown task type {task_type!r} (one of *, {', '.join(task_types)})")
+        table[task_type] = {}
+        for rule, level in rules.items():
+            if rule not in RULES:
+                raise ValueError(f"rule_levels.{task_type}: unknown rule {rule!r} (one of {', '.join(sorted(RULES))})")
+            if level not in LEVEL_NAMES:
+                raise ValueError(f"rule_levels.{task_type}.{rule}: {level!r} is not one of {', '.join(LEVEL_NAMES)}")
+            table[task_type][rule] = None if level == "off" else Level(level)
+    return table
 
 
 class RunStatus(StrEnum):
@@ -77,6 +99,45 @@ class PytestRun:
     def as_dict(self) -> dict[str, Any]:
         return {"status": self.status.value, "outcomes": [o.value for o in self.outcomes],
                 "output": self.output, "failed_tests": list(self.failed_tests), "timeout_s": self.timeout_s}
+
+
+@dataclass(frozen=True, slots=True)
+class LintRun:
+    """Ruff's findings on a candidate (from `ohd.lintrun`); `error` when ruff could not check it."""
+
+    tool: str                      # "ruff 0.x.y"
+    findings: tuple[str, ...]      # "line:col CODE message"
+    error: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tool": self.tool, "findings": list(self.findings), "error": self.error}
+
+
+@dataclass(frozen=True, slots=True)
+class CoverageRun:
+    """Lines of the target run by the repo's tests without and with the candidate (from `ohd.testrun`)."""
+
+    target: str
+    statements: int
+    before: int                        # lines run by the repo's tests that import the target
+    after: int                         # ... with the candidate in place of the output file
+    baseline: tuple[str, ...] = ()     # the test files measured for `before`
+    error: str = ""                    # why it could not be measured
+
+    @staticmethod
+    def percent(lines: int, statements: int) -> float:
+        return round(100.0 * lines / statements, 1) if statements else 100.0
+
+    @property
+    def gain(self) -> float:
+        """Percentage points of the target's statements the candidate adds."""
+        return round(self.percent(self.after, self.statements) - self.percent(self.before, self.statements), 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "statements": self.statements, "before": self.before, "after": self.after,
+                "before_percent": self.percent(self.before, self.statements),
+                "after_percent": self.percent(self.after, self.statements), "gain": self.gain,
+                "baseline": list(self.baseline), "error": self.error}
 
 
 def cut(text: str, limit: int) -> str:
@@ -108,6 +169,8 @@ class Verdict:
     score: float
     accepted: bool
     test_run: PytestRun | None = None
+    lint: LintRun | None = None
+    coverage: CoverageRun | None = None
 
     def feedback(self) -> tuple[str, ...]:
         """Messages of the failed rules, for the next prompt."""
@@ -132,18 +195,22 @@ class Verdict:
 
     def as_dict(self) -> dict[str, Any]:
         return {"rules": [r.as_dict() for r in self.rules], "score": self.score, "accepted": self.accepted,
-                "test_run": self.test_run.as_dict() if self.test_run else None}
+                "test_run": self.test_run.as_dict() if self.test_run else None,
+                "lint": self.lint.as_dict() if self.lint else None,
+                "coverage": self.coverage.as_dict() if self.coverage else None}
 
 
 def check(task_type: str, output: str, content: str, *, target_exists: bool,
           module: str, min_quality: float, original: str | None = None,
-          test_run: PytestRun | None = None, levels: Mapping[str, Level] | None = None) -> Verdict:
+          test_run: PytestRun | None = None, levels: Mapping[str, Level | None] | None = None,
+          lint: LintRun | None = None, coverage: CoverageRun | None = None) -> Verdict:
     """Apply the rules that fit this task type and output, and decide.
 
     `task_type` is a `taskfile.TaskType` value (a str); taskfile is a sibling room, not imported.
-    `original` is the target's text (docstring: the code must stay the same); `test_run` the
-    result of running a unit_test candidate (None: not run, so `runs_green` is left out);
-    `levels` overrides the table `LEVELS` for this check.
+    `original` is the target's text (docstring: the code must stay the same); `test_run`,
+    `lint` and `coverage` are what the edges measured (None: not measured, so `runs_green`,
+    `lint` and `coverage_delta` are left out, as is a lint or coverage that could not run);
+    `levels` overrides the levels of `levels_for(task_type)` for this check (None: rule off).
     """
     rules = [_file_exists(target_exists), _content_not_empty(output, content)]
     tree: ast.Module | None = None
@@ -156,11 +223,15 @@ def check(task_type: str, output: str, content: str, *, target_exists: bool,
         rules.extend(_unit_test_rules(output, tree, module))
         if test_run is not None:
             rules.append(_runs_green(test_run))
+        if coverage is not None and not coverage.error:
+            rules.append(_coverage_delta(coverage))
     if task_type == _DOCSTRING and original is not None and tree is not None:
         rules.append(_docstring_only(original, tree))
-    table = levels_for(task_type, levels)
-    leveled = tuple(replace(r, level=table[r.rule]) if r.rule in table else r for r in rules)
-    return decide(leveled, min_quality, test_run)
+    if lint is not None and not lint.error:
+        rules.append(_lint(output, lint))
+    table = {**levels_for(task_type), **(levels or {})}
+    leveled = tuple(replace(r, level=level) for r in rules if (level := table.get(r.rule, r.level)) is not None)
+    return replace(decide(leveled, min_quality, test_run), lint=lint, coverage=coverage)
 
 
 def decide(rules: tuple[RuleResult, ...], min_quality: float, test_run: PytestRun | None = None) -> Verdict:
@@ -241,6 +312,23 @@ def _runs_green(run: PytestRun) -> RuleResult:
                            "no network, no endless loops",
     }
     return RuleResult("runs_green", Level.ERROR, False, messages[run.status])
+
+
+def _lint(output: str, run: LintRun) -> RuleResult:
+    if not run.findings:
+        return RuleResult("lint", Level.WARNING, True, f"{run.tool}: no findings")
+    shown = "; ".join(run.findings[:10]) + (f"; and {len(run.findings) - 10} more" if len(run.findings) > 10 else "")
+    return RuleResult("lint", Level.WARNING, False, f"{run.tool} finds {len(run.findings)} problem(s) in {output}: {shown}")
+
+
+def _coverage_delta(cov: CoverageRun) -> RuleResult:
+    before, after = cov.percent(cov.before, cov.statements), cov.percent(cov.after, cov.statements)
+    figures = (f"coverage of {cov.target}: {before:g}% ({cov.before}/{cov.statements} lines) with the repo's "
+               f"tests, {after:g}% ({cov.after}/{cov.statements}) with these ({cov.gain:+g} points)")
+    if cov.after > cov.before or cov.before >= cov.statements:
+        return RuleResult("coverage_delta", Level.INFO, True, figures)
+    return RuleResult("coverage_delta", Level.INFO, False,
+                      f"{figures}: the tests run no line of {cov.target} that the repo's tests do not already run")
 
 
 def _docstring_only(original: str, tree: ast.Module) -> RuleResult:

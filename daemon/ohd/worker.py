@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ohd import delivery, outputs, routing, tasktypes, testrun, validate
+from ohd import delivery, ladder, outputs, routing, tasktypes, validate
 from ohd.alarm import Alarm
 from ohd.delivery import Outcome, Run
 from ohd.clock import Clock
@@ -66,7 +66,7 @@ class Pool:
         self.name = name
         self.governor = Governor(store, policy, key_id)
         self.hold_s = hold_s        # a slot this close is waited for in place instead of deferring
-        self.tests = testrun.Options()   # how unit_test candidates are run with pytest (daemon may replace)
+        self.ladder = ladder.Ladder()   # how candidates are judged: pytest runs, rule levels, lint (daemon sets)
         self.rank = rank            # (task type, models) -> best first (`auto`); None: configured order
         self.calls = CallHistory(store.db)   # prompts and responses (the daemon applies call_history*)
         self.busy: dict[str, int] = {}
@@ -309,7 +309,7 @@ class Pool:
         a possible bug is kept for the report, the same error twice moves on to the next model."""
         started = self.clock.now()
         verdict = run.verdict = await asyncio.to_thread(
-            testrun.judge, run.repo, run.job, content, run.task.min_quality, self.tests)
+            ladder.judge, run.repo, run.job, content, run.task.min_quality, self.ladder)
         completion: Completion = run.history[-1]["completion"]
         outcome = "accepted" if verdict.accepted else "rejected"
         await self._record(run, model, started, completion, outcome, None, verdict)

@@ -1,0 +1,75 @@
+"""The validation ladder: one candidate through every rule that applies, cheapest first.
+
+The worker's one call. Static rules (`ohd.validate`) first; ruff on a Python output
+(`ohd.lintrun`, when installed); for a unit_test that passed the static rules, pytest
+runs in the user's repo (`ohd.testrun`); for tests that pass, their coverage gain
+(`ohd.testrun.measure_coverage`, when coverage.py is installed). A rule switched off in
+the level table is not measured at all. The verdict carries what each step measured.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ohd import lintrun, tasktypes, testrun, validate
+from ohd.taskfile import TaskType
+from ohd.tasktypes import Job
+from ohd.validate import CoverageRun, Level, LintRun, PytestRun, RunStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Ladder:
+    """How candidates are judged: pytest runs, the rule levels per task type, the optional tools."""
+
+    tests: testrun.Options = testrun.Options()
+    levels: Mapping[str, Mapping[str, Level | None]] = field(default_factory=dict)   # validate.LevelTable
+    ruff: str | None = None        # the ruff executable (None: no lint rule)
+    coverage: bool = False         # measure coverage_delta (needs coverage.py)
+
+    @classmethod
+    def detect(cls, tests: testrun.Options, levels: Mapping[str, Mapping[str, Level | None]]) -> Ladder:
+        """With whichever optional tools are installed here."""
+        return cls(tests=tests, levels=levels, ruff=lintrun.find_ruff(), coverage=testrun.coverage_available())
+
+
+def judge(repo: Path, job: Job, content: str, min_quality: float, ladder: Ladder) -> validate.Verdict:
+    """The verdict on one candidate; each measuring step runs only when the steps before it hold."""
+    levels = validate.levels_for(job.task_type, ladder.levels)
+
+    def check(test_run: PytestRun | None = None, lint: LintRun | None = None,
+              coverage: CoverageRun | None = None) -> validate.Verdict:
+        return validate.check(job.task_type, job.output, content, target_exists=True, module=job.module,
+                              min_quality=min_quality, original=job.source, levels=levels,
+                              test_run=test_run, lint=lint, coverage=coverage)
+
+    verdict = check()
+    lint = None
+    if ladder.ruff and levels.get("lint") and job.output.endswith(".py") and _passed(verdict, "valid_python"):
+        env = testrun.clean_env(os.environ, ladder.tests.secret_env, [])
+        lint = lintrun.lint(ladder.ruff, repo, job.output, content, env)
+        if lint.error:
+            log.warning("lint of %s not counted: %s", job.output, lint.error)
+    if (job.task_type is not TaskType.UNIT_TEST or not verdict.errors_passed() or ladder.tests.runs < 1
+            or not levels.get("runs_green")):
+        return check(lint=lint) if lint else verdict
+    root = tasktypes.import_root(job.target, lambda rel: (repo / rel / "__init__.py").is_file())
+    result = testrun.run_candidate(repo, job.output, content, import_root=root, options=ladder.tests)
+    log.info("candidate for %s: pytest %s (%s)", job.output, result.status.value,
+             ", ".join(o.value for o in result.outcomes))
+    coverage = None
+    if result.status is RunStatus.PASSED and ladder.coverage and levels.get("coverage_delta"):
+        coverage = testrun.measure_coverage(repo, job.output, content, target=job.target, module=job.module,
+                                            import_root=root, options=ladder.tests)
+        log.info("candidate for %s: %s", job.output,
+                 coverage.error or f"coverage {coverage.before} -> {coverage.after} of {coverage.statements} lines")
+    return check(test_run=result, lint=lint, coverage=coverage)
+
+
+def _passed(verdict: validate.Verdict, rule: str) -> bool:
+    return all(r.passed for r in verdict.rules if r.rule == rule)

@@ -1,0 +1,262 @@
+"""The ladder's optional rules and their levels: `lint` with the real ruff, `coverage_delta`
+with the real coverage.py (both installed by the test extra), `rule_levels` from the
+configuration. Real git repos, real subprocesses; a fake ruff (a real executable script)
+only where the real one cannot show the case (its environment, a garbled answer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from ohd import config, daemon, ladder, lintrun, report, testrun, validate
+from ohd.errors import ConfigError
+from ohd.taskfile import TaskType
+from ohd.tasktypes import Job
+from ohd.validate import Level
+from tests.support.gitrepo import git
+
+GOOD = """from shop.pricing import Cart, total
+
+
+def test_total_applies_the_discount() -> None:
+    assert total([100.0], discount=0.25) == 75.0
+
+
+def test_cart_totals_its_items() -> None:
+    cart = Cart()
+    cart.add(2.0)
+    assert cart.total() == 2.0
+"""
+UNUSED_IMPORT = "import os\n\n" + GOOD
+ONLY_TOTAL = """from shop.pricing import total
+
+
+def test_total_sums() -> None:
+    assert total([1.0, 2.0]) == 3.0
+"""
+ONLY_IS_FREE = """from shop.pricing import is_free
+
+
+def test_zero_is_free() -> None:
+    assert is_free(0) is True
+"""
+
+
+def job(output: str = "tests/test_pricing.py", task_type: TaskType = TaskType.UNIT_TEST) -> Job:
+    return Job(task_type=task_type, target="shop/pricing.py", source="", module="shop.pricing", output=output)
+
+
+def rules(verdict: validate.Verdict) -> dict[str, validate.RuleResult]:
+    return {r.rule: r for r in verdict.rules}
+
+
+@pytest.fixture
+def ruff() -> str:
+    found = lintrun.find_ruff()
+    assert found, "ruff is in the test extra"
+    return found
+
+
+def tools(ruff: str | None = None, coverage: bool = False, runs: int = 1,
+          levels: dict[str, dict[str, Level | None]] | None = None) -> ladder.Ladder:
+    return ladder.Ladder(tests=testrun.Options(runs=runs), levels=levels or {}, ruff=ruff, coverage=coverage)
+
+
+# -- lint ---------------------------------------------------------------------------------------
+
+
+def test_lint_findings_are_a_warning_that_lowers_the_score_but_does_not_reject(repo: Path, ruff: str) -> None:
+    verdict = ladder.judge(repo, job(), UNUSED_IMPORT, 0.5, tools(ruff))
+    lint = rules(verdict)["lint"]
+    assert not lint.passed and lint.level is Level.WARNING
+    assert "F401" in lint.message and "`os` imported but unused" in lint.message
+    assert verdict.accepted and verdict.score < 1.0
+    assert verdict.lint is not None and verdict.lint.tool.startswith("ruff ")
+    assert any("F401" in m for m in verdict.feedback())
+
+    clean = ladder.judge(repo, job(), GOOD, 0.5, tools(ruff))
+    assert rules(clean)["lint"].passed and clean.score > verdict.score
+
+
+def test_lint_uses_the_repos_own_ruff_configuration(repo: Path, ruff: str) -> None:
+    (repo / "pyproject.toml").write_text('[tool.ruff]\nline-length = 40\n[tool.ruff.lint]\nselect = ["E501"]\n')
+    verdict = ladder.judge(repo, job(), GOOD, 0.5, tools(ruff))
+    assert "E501" in rules(verdict)["lint"].message
+
+
+def test_lint_level_error_rejects_and_off_does_not_run_ruff(repo: Path, ruff: str) -> None:
+    strict = ladder.judge(repo, job(), UNUSED_IMPORT, 0.5, tools(ruff, levels={"*": {"lint": Level.ERROR}}))
+    assert not strict.accepted and rules(strict)["lint"].level is Level.ERROR
+
+    off = ladder.judge(repo, job(), UNUSED_IMPORT, 0.5, tools(ruff, levels={"unit_test": {"lint": None}}))
+    assert "lint" not in rules(off) and off.lint is None and off.accepted
+
+
+def test_lint_covers_every_python_output_but_not_a_review(repo: Path, ruff: str) -> None:
+    docstring = ladder.judge(repo, job("shop/pricing.py", TaskType.DOCSTRING), "import os\n", 0.0, tools(ruff))
+    assert "F401" in rules(docstring)["lint"].message
+    review = ladder.judge(repo, job(".ohd/pricing.review.md", TaskType.REVIEW), "import os\n", 0.0, tools(ruff))
+    assert "lint" not in rules(review)
+
+
+def test_a_ruff_that_cannot_check_is_reported_not_counted(repo: Path, ruff: str) -> None:
+    (repo / "pyproject.toml").write_text("[tool.ruff]\nline-length = 'long'\n")
+    verdict = ladder.judge(repo, job(), UNUSED_IMPORT, 0.5, tools(ruff))
+    assert "lint" not in rules(verdict)
+    assert verdict.lint is not None and verdict.lint.error
+    assert verdict.as_dict()["lint"]["error"] == verdict.lint.error
+
+
+def fake_ruff(tmp_path: Path, stdout: str) -> str:
+    script = tmp_path / "bin" / "ruff"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(f"#!/bin/sh\nenv > '{tmp_path / 'ruff-env.txt'}'\ncat > /dev/null\nprintf '%s' '{stdout}'\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(script)
+
+
+def test_ruff_never_sees_the_api_key_and_garbage_from_it_is_an_error(
+        repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENROUTER_API_KEY", "sk-or-secret")
+    monkeypatch.setenv("MY_KEY", "sk-mine")
+    ladder_ = ladder.Ladder(tests=testrun.Options(runs=1, secret_env=("MY_KEY",)), ruff=fake_ruff(tmp_path, "no json"))
+    verdict = ladder.judge(repo, job(), GOOD, 0.5, ladder_)
+    env = (tmp_path / "ruff-env.txt").read_text()
+    assert "sk-or-secret" not in env and "sk-mine" not in env and "PATH=" in env
+    assert verdict.lint is not None and "unreadable ruff output" in verdict.lint.error
+    assert "lint" not in rules(verdict)
+
+
+def test_find_ruff_looks_beside_the_interpreter_then_on_path(tmp_path: Path) -> None:
+    assert lintrun.find_ruff({"PATH": ""}) is not None      # the venv's own ruff (the test extra)
+    assert lintrun.find_ruff({"PATH": str(Path(fake_ruff(tmp_path, "[]")).parent)}) is not None
+
+
+# -- coverage_delta -------------------------------------------------------------------------------
+
+
+def commit_test(repo: Path, name: str, content: str) -> None:
+    (repo / "tests" / name).write_text(content)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", f"add {name}")
+
+
+def test_coverage_gain_over_the_repos_tests_is_reported(repo: Path) -> None:
+    commit_test(repo, "test_existing.py", ONLY_TOTAL)
+    (repo / "tests" / "test_unrelated.py").write_text("def test_nothing() -> None:\n    assert 1 + 1 == 2\n")
+    verdict = ladder.judge(repo, job(), GOOD, 0.5, tools(coverage=True))
+    cov = verdict.coverage
+    assert cov is not None and not cov.error, cov
+    assert cov.baseline == ("tests/test_existing.py",)           # only tests that import the target
+    assert 0 < cov.before < cov.after <= cov.statements
+    assert cov.gain > 0
+    delta = rules(verdict)["coverage_delta"]
+    assert delta.passed and delta.level is Level.INFO
+    assert f"{cov.before}/{cov.statements}" in delta.message and f"{cov.after}/{cov.statements}" in delta.message
+    markdown = report.render_markdown({"task": {"id": 1}, "verdict": verdict.as_dict(), "decision": "written"})
+    assert "coverage_delta" in markdown and f"+{cov.gain:g} points" in markdown
+
+
+def test_tests_that_add_no_coverage_fail_the_info_rule_but_are_still_accepted(repo: Path) -> None:
+    commit_test(repo, "test_existing.py", GOOD)
+    verdict = ladder.judge(repo, job("tests/test_more.py"), ONLY_TOTAL, 0.5, tools(coverage=True))
+    cov = verdict.coverage
+    assert cov is not None and cov.after == cov.before and cov.gain == 0
+    delta = rules(verdict)["coverage_delta"]
+    assert not delta.passed and "already run" in delta.message
+    assert verdict.accepted
+
+
+def test_a_replaced_output_counts_in_before_but_not_after(repo: Path) -> None:
+    commit_test(repo, "test_pricing.py", GOOD)          # the output file as it is now
+    verdict = ladder.judge(repo, job(), ONLY_IS_FREE, 0.0, tools(coverage=True))
+    cov = verdict.coverage
+    assert cov is not None and not cov.error
+    assert cov.baseline == ("tests/test_pricing.py",)
+    assert cov.after < cov.before and cov.gain < 0
+    assert not rules(verdict)["coverage_delta"].passed
+
+
+def test_coverage_is_measured_only_for_tests_that_pass_and_when_switched_on(repo: Path) -> None:
+    failing = ONLY_TOTAL.replace("== 3.0", "== 4.0")
+    assert ladder.judge(repo, job(), failing, 0.5, tools(coverage=True)).coverage is None
+    off = ladder.judge(repo, job(), GOOD, 0.5, tools(coverage=True, levels={"unit_test": {"coverage_delta": None}}))
+    assert off.coverage is None and "coverage_delta" not in rules(off)
+    assert ladder.judge(repo, job(), GOOD, 0.5, tools(coverage=False)).coverage is None
+
+
+def test_the_users_coverage_settings_do_not_skew_the_figures(repo: Path) -> None:
+    (repo / ".coveragerc").write_text("[run]\nomit = shop/*\n")
+    verdict = ladder.judge(repo, job(), GOOD, 0.5, tools(coverage=True))
+    assert verdict.coverage is not None and verdict.coverage.after > 0, verdict.coverage
+
+
+def test_a_baseline_that_hangs_is_reported_not_counted(repo: Path) -> None:
+    commit_test(repo, "test_slow.py", "import time\nimport shop.pricing\n\n\ndef test_slow() -> None:\n"
+                                      "    time.sleep(30)\n    assert shop.pricing\n")
+    verdict = ladder.judge(repo, job(), GOOD, 0.5,
+                           ladder.Ladder(tests=testrun.Options(runs=1, timeout_s=3.0), coverage=True))
+    assert verdict.coverage is not None and "did not finish within 3s" in verdict.coverage.error
+    assert "coverage_delta" not in rules(verdict) and verdict.accepted
+
+
+def test_coverage_leaves_nothing_behind(repo: Path) -> None:
+    commit_test(repo, "test_existing.py", ONLY_TOTAL)
+    before = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if ".git" not in p.parts)
+    ladder.judge(repo, job(), GOOD, 0.5, tools(coverage=True))
+    after = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if ".git" not in p.parts)
+    assert after == before
+
+
+# -- levels from the configuration ---------------------------------------------------------------
+
+
+def test_rule_levels_come_from_the_config_file_and_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[rule_levels.unit_test]\nlint = "error"\ncoverage_delta = "off"\n[rule_levels."*"]\n'
+                    'valid_python = "error"\n')
+    settings = config.load(path, env={})
+    assert settings.rule_levels == {"unit_test": {"lint": "error", "coverage_delta": "off"},
+                                    "*": {"valid_python": "error"}}
+    table = daemon.ladder_of(settings).levels
+    assert validate.levels_for("unit_test", table)["lint"] is Level.ERROR
+    assert validate.levels_for("unit_test", table)["coverage_delta"] is None
+    assert validate.levels_for("docstring", table)["lint"] is Level.WARNING
+
+    from_env = config.load(env={"OHD_RULE_LEVELS": json.dumps({"docstring": {"docstring_only": "warning"}})})
+    assert validate.levels_for("docstring", daemon.ladder_of(from_env).levels)["docstring_only"] is Level.WARNING
+
+
+@pytest.mark.parametrize(("raw", "says"), [
+    ({"unit_tests": {"lint": "error"}}, "unknown task type 'unit_tests'"),
+    ({"unit_test": {"lynt": "error"}}, "unknown rule 'lynt'"),
+])
+def test_an_unknown_task_type_or_rule_is_a_clear_config_error(raw: dict[str, dict[str, str]], says: str) -> None:
+    settings = config.Settings(rule_levels=raw)   # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=says):
+        daemon.ladder_of(settings)
+
+
+def test_an_unknown_level_is_refused_when_the_file_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[rule_levels.unit_test]\nlint = "fatal"\n')
+    with pytest.raises(ConfigError, match="rule_levels.unit_test.lint"):
+        config.load(path, env={})
+
+
+def test_a_rule_switched_off_is_not_measured(repo: Path) -> None:
+    verdict = ladder.judge(repo, job(), ONLY_TOTAL.replace("== 3.0", "== 4.0"), 0.5,
+                           tools(runs=2, levels={"unit_test": {"runs_green": None}}))
+    assert verdict.test_run is None and "runs_green" not in rules(verdict) and verdict.accepted
+
+
+def test_the_daemon_finds_the_installed_tools(monkeypatch: pytest.MonkeyPatch) -> None:
+    built = daemon.ladder_of(config.Settings())
+    assert built.ruff and built.coverage             # both are in the test extra
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.setattr(lintrun.sysconfig, "get_path", lambda name: os.devnull)
+    assert daemon.ladder_of(config.Settings()).ruff is None
