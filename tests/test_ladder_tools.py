@@ -109,6 +109,8 @@ def test_a_ruff_that_cannot_check_is_reported_not_counted(repo: Path, ruff: str)
     assert "lint" not in rules(verdict)
     assert verdict.lint is not None and verdict.lint.error
     assert verdict.as_dict()["lint"]["error"] == verdict.lint.error
+    markdown = report.render_markdown({"task": {"id": 1}, "verdict": verdict.as_dict(), "decision": "written"})
+    assert f"`lint` not counted: {verdict.lint.error}" in markdown
 
 
 def fake_ruff(tmp_path: Path, stdout: str) -> str:
@@ -202,6 +204,8 @@ def test_a_baseline_that_hangs_is_reported_not_counted(repo: Path) -> None:
                            ladder.Ladder(tests=testrun.Options(runs=1, timeout_s=3.0), coverage=True))
     assert verdict.coverage is not None and "did not finish within 3s" in verdict.coverage.error
     assert "coverage_delta" not in rules(verdict) and verdict.accepted
+    markdown = report.render_markdown({"task": {"id": 1}, "verdict": verdict.as_dict(), "decision": "written"})
+    assert "`coverage_delta` not counted: pytest under coverage did not finish within 3s" in markdown
 
 
 def test_coverage_leaves_nothing_behind(repo: Path) -> None:

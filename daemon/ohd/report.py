@@ -40,6 +40,7 @@ def render_markdown(data: Mapping[str, Any]) -> str:
         decision_sentence(data),
         _task_facts(task),
         _rules_section(verdict),
+        _not_counted(verdict),
         _score_line(verdict, task),
         _possible_bug_section(data, verdict),
         _pytest_section(verdict, data.get("decision")),
@@ -117,6 +118,13 @@ def _rules_section(verdict: Mapping[str, Any] | None) -> str:
         for r in verdict.get("rules", [])
     ]
     return "## Validation\n\n" + _table(("rule", "level", "verdict", "message"), rows)
+
+
+def _not_counted(verdict: Mapping[str, Any] | None) -> str:
+    """The optional tools that ran but could not measure (their rule is left out of the score)."""
+    lines = [f"- `{rule}` not counted: {(verdict or {})[key]['error']}" for rule, key in (("lint", "lint"),
+             ("coverage_delta", "coverage")) if ((verdict or {}).get(key) or {}).get("error")]
+    return "\n".join(lines)
 
 
 def _score_line(verdict: Mapping[str, Any] | None, task: Mapping[str, Any]) -> str:
