@@ -264,3 +264,25 @@ def test_the_daemon_finds_the_installed_tools(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("PATH", "")
     monkeypatch.setattr(lintrun.sysconfig, "get_path", lambda name: os.devnull)
     assert daemon.ladder_of(config.Settings()).ruff is None
+
+
+def test_a_reload_applies_rule_levels_and_keeps_the_running_ones_when_invalid(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from ohd.worker import Pool
+    from tests.support.clock import FakeClock
+
+    settings = config.load()
+    running = daemon.Daemon(settings)
+    pool = Pool(running.store, call=None, clock=FakeClock(), models=["m"])  # type: ignore[arg-type]
+    try:
+        running._apply(settings.model_copy(update={"rule_levels": {"unit_test": {"lint": "error"}},
+                                                   "test_runs": 1}), pool)
+        assert validate.levels_for("unit_test", pool.ladder.levels)["lint"] is Level.ERROR
+        assert pool.ladder.tests.runs == 1 and running.settings.test_runs == 1
+        applied = pool.ladder
+        with caplog.at_level("ERROR"):
+            running._apply(running.settings.model_copy(update={"rule_levels": {"unit_tst": {"lint": "off"}}}), pool)
+        assert "keeping the running validation settings: rule_levels: unknown task type 'unit_tst'" in caplog.text
+        assert pool.ladder is applied and running.settings.rule_levels == {"unit_test": {"lint": "error"}}
+    finally:
+        running.store.close()
