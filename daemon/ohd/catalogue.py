@@ -4,7 +4,8 @@ A service room over a fetch of `GET /models` (`llm.ModelClient.list_models`) and
 store-backed governor. Each refresh reads the server's list and, only when it has the
 expected shape, (1) gives the governor the models' prices (the budget's "has a price"),
 (2) revives every model the governor marked dead (404) that is listed again, and (3) in
-discovery mode replaces the pool's model list, in place, by the free models it lists.
+discovery mode replaces the pool's model list, in place, by the free models it lists (on
+a server you run, not OpenRouter, every model it lists without a price).
 Invariant: a refresh that fails or returns garbage changes nothing (logged; the previous
 list stays), and the pool's list is never emptied by a refresh. Refreshes run every
 `refresh_s` seconds on the injected clock (a plain loop; no scheduler thread).
@@ -50,6 +51,13 @@ class Listing:
         """Free: a `:free` id, or a zero prompt AND completion price."""
         return routing.is_free(self.model) or (self.prompt == ZERO and self.completion == ZERO)
 
+    def costs_nothing(self, unknown_price_paid: bool) -> bool:
+        """`free`; or, on a server you run (`unknown_price_paid` False), no price above zero listed
+        (Ollama, vLLM and LM Studio list their models without any `pricing`)."""
+        if self.free:
+            return True
+        return not unknown_price_paid and all(p is None or p == ZERO for p in (self.prompt, self.completion))
+
 
 def price(value: Any) -> Decimal | None:
     """A price as OpenRouter sends it (a decimal string; a number is accepted); None if not one."""
@@ -91,13 +99,14 @@ class Catalogue:
     """Keeps the pool's model list and the governor's prices in step with the server."""
 
     def __init__(self, fetch: Fetch, governor: Governor, clock: Clock, pool: HasModels, *,
-                 discover: bool = False, refresh_s: float = 3600.0) -> None:
+                 discover: bool = False, refresh_s: float = 3600.0, unknown_price_paid: bool = True) -> None:
         self.fetch = fetch
         self.governor = governor
         self.clock = clock
         self.pool = pool                # its `models` list is updated in place
         self.discover = discover
         self.refresh_s = refresh_s
+        self.unknown_price_paid = unknown_price_paid   # False: a server you run, unpriced = free
         self.listings: tuple[Listing, ...] = ()
         self.refreshed_at: datetime | None = None
 
@@ -120,14 +129,15 @@ class Catalogue:
         """Prices to the governor, relisted dead models revived, the discovered list (store: a thread)."""
         self.listings = tuple(listings)
         self.refreshed_at = now
-        self.governor.priced = {entry.model: not entry.free for entry in listings}  # one swap
+        priced = {entry.model: not entry.costs_nothing(self.unknown_price_paid) for entry in listings}
+        self.governor.priced = priced  # one swap
         listed = {entry.model for entry in listings}
         for model in self.governor.dead_models():
             if model in listed:
                 self.governor.revive(model, now)
                 log.info("catalogue: model %s is listed again; revived", model)
         if self.discover:
-            self._discovered([entry.model for entry in listings if entry.free])
+            self._discovered([model for model, has_price in priced.items() if not has_price])
 
     def _discovered(self, free: list[str]) -> None:
         models = self.pool.models

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr, ValidationError, field_validator
@@ -119,9 +120,21 @@ class Settings(BaseModel):
         return self.database_url or f"sqlite:///{self.state_dir / 'ohd.db'}"
 
     @property
+    def openrouter(self) -> bool:
+        """`base_url` is OpenRouter's. It needs an API key and names its free models `:free`; any
+        other server (Ollama, vLLM, LM Studio) is one you run: no key needed, unpriced models free."""
+        return is_openrouter(self.base_url)
+
+    @property
     def use_offline(self) -> bool:
-        """True when no API key is configured (or `offline = true`): the offline provider answers."""
-        return self.offline or self.api_key is None
+        """The offline provider answers: `offline = true`, or OpenRouter is the server and no key is set."""
+        return self.offline or (self.api_key is None and self.openrouter)
+
+
+def is_openrouter(url: str) -> bool:
+    """The host of `url` is openrouter.ai (or a subdomain of it)."""
+    host = (urlsplit(url).hostname or "").lower()
+    return host == "openrouter.ai" or host.endswith(".openrouter.ai")
 
 
 def _runtime_dir() -> Path:

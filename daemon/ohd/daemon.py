@@ -122,6 +122,7 @@ def policy_of(settings: Settings) -> Policy:
                   margin=timedelta(seconds=settings.quota_margin_s),
                   allow_paid=settings.allow_paid or settings.use_offline,   # offline costs nothing
                   paid_models=frozenset(settings.paid_models),
+                  unknown_price_paid=settings.openrouter,   # a server you run: unpriced models are free
                   request_cap=settings.daily_request_cap or None,
                   cost_cap=settings.daily_cost_cap_usd or None)
 
@@ -217,6 +218,8 @@ class Daemon:
             pool.calls = CallHistory(self.store.db, self.settings.call_history_max_bytes, self.settings.call_history)
             pool.ladder = ladder_of(self.settings)
             catalogue = self._catalogue(pool)
+            if catalogue is not None and catalogue.discover and not self.settings.openrouter:
+                await catalogue.refresh()   # a server you run: its own list, not OpenRouter's, from the start
             if self.model_client is not None:
                 self.model_client.before_retry = pool.pace   # retries count against the quotas too
             rulebook = self.rulebook = rulebook_for(self.settings, self.store, self.clock)
@@ -285,14 +288,21 @@ class Daemon:
             return call_offline, [OFFLINE_MODEL]
         http = await stack.enter_async_context(httpx.AsyncClient())
         key = self.settings.api_key.get_secret_value() if self.settings.api_key else None
+        if not self.settings.openrouter:
+            log.info("model server %s (not OpenRouter): %s; models it lists without a price cost nothing",
+                     self.settings.base_url, f"API key from ${self.settings.api_key_env}" if key
+                     else "no API key sent")
         client = ModelClient(http, self.settings.base_url, key, self.clock, app_url=self.settings.app_url,
                              app_title=self.settings.app_title, max_tokens=self.settings.max_tokens,
                              temperature=self.settings.temperature)
         self.model_client = client
 
+        request_timeout_s = self.settings.request_timeout_s
+
         async def call_model(model: str, messages: list[dict[str, str]], timeout_s: float,
                              job: Job) -> Completion:
-            return await client.complete(model, messages, timeout_s)
+            # each request within request_timeout_s; the whole task within its own timeout_s
+            return await client.complete(model, messages, min(timeout_s, request_timeout_s))
 
         return call_model, models_of(self.settings)
 
@@ -301,7 +311,8 @@ class Daemon:
         if self.model_client is None:
             return None
         return Catalogue(self.model_client.list_models, pool.governor, self.clock, pool,
-                         discover=discovers(self.settings), refresh_s=self.settings.catalogue_refresh_s)
+                         discover=discovers(self.settings), refresh_s=self.settings.catalogue_refresh_s,
+                         unknown_price_paid=self.settings.openrouter)
 
     @staticmethod
     def _on_rule(loop: asyncio.AbstractEventLoop, rulebook: RuleBook, repo: Path, relpath: str,

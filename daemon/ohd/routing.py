@@ -47,6 +47,9 @@ class Policy:
     # budgets (the configuration's default is strict free-only; these plain defaults refuse nothing)
     allow_paid: bool = True
     paid_models: frozenset[str] = frozenset()  # allowed despite a price when `allow_paid` is off
+    # OpenRouter: a model the catalogue gives no price for is paid unless its id ends in `:free`.
+    # False for a server you run (Ollama, vLLM, LM Studio): no listed price means it costs nothing.
+    unknown_price_paid: bool = True
     request_cap: int | None = None             # requests per UTC day, every model
     cost_cap: float | None = None              # USD per UTC day, summed over executions
 
@@ -173,15 +176,19 @@ def choose(candidates: Sequence[tuple[ModelState, Usage]], now: datetime, policy
     return Choice(None, earliest)
 
 
-def paid(model: str, priced: Mapping[str, bool]) -> bool:
-    """Has a price: as the catalogue says when it lists the model, else any id without `:free`."""
+def paid(model: str, priced: Mapping[str, bool], unknown_price_paid: bool = True) -> bool:
+    """Has a price: as the catalogue says when it lists the model; else (OpenRouter's naming) any
+    id without `:free`, or nothing at all on a server you run (`unknown_price_paid` False)."""
     known = priced.get(model)
-    return not is_free(model) if known is None else known
+    if known is None:
+        return unknown_price_paid and not is_free(model)
+    return known
 
 
 def refused(model: str, policy: Policy, priced: Mapping[str, bool]) -> bool:
     """Strict free-only mode: a paid model is refused unless paid models or this one are allowed."""
-    return not policy.allow_paid and model not in policy.paid_models and paid(model, priced)
+    return (not policy.allow_paid and model not in policy.paid_models
+            and paid(model, priced, policy.unknown_price_paid))
 
 
 def over_budget(requests_today: int, cost_today: float, now: datetime, policy: Policy) -> Choice | None:
