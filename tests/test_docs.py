@@ -89,3 +89,42 @@ def test_the_configuration_table_names_every_setting() -> None:
     rows = [line for line in conf.splitlines() if line.startswith("| `")]
     missing = [key for key in keys if not any(f"`{key}`" in row.split(" | ")[0] for row in rows)]
     assert missing == [], f"the README's '## Configuration' table has no row for: {', '.join(missing)}"
+
+
+def shown_commands(text: str) -> list[str]:
+    """Every `ohd ...` the README shows: inline code, and lines of code blocks (fenced or indented)."""
+    shown = re.findall(r"`(ohd [^`]*)`", text)
+    fenced = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+            continue
+        code = line.strip() if fenced or line.startswith("    ") else ""
+        code = code.removeprefix("$ ").split("#", 1)[0].strip()
+        if code.startswith("ohd "):
+            shown.append(code)
+    return shown
+
+
+def test_every_command_the_readme_shows_exists_with_those_flags() -> None:
+    """Troubleshooting, Providers and the rest cite commands a user will type: each subcommand
+    and flag must be one the parser knows (so a renamed flag cannot leave the README wrong)."""
+    parser, commands = build_parser(), subcommands()
+    top = {flag for action in parser._actions for flag in action.option_strings}
+    wrong = []
+    for shown in shown_commands(README.read_text(encoding="utf-8")):
+        words = [w for w in shown.split()[1:] if w != "\\|"]
+        while words and words[0] in top:
+            words = words[2:] if words[0] == "--config" else words[1:]
+        if not words:
+            continue
+        if words[0] not in commands:
+            if not re.fullmatch(r"[a-z][a-z-]*", words[0]):
+                continue                                   # prose after `ohd` (e.g. "ohd 0.1.0  pid ...")
+            wrong.append(f"{shown!r}: no subcommand {words[0]!r}")
+            continue
+        known = {flag for action in commands[words[0]]._actions for flag in action.option_strings}
+        for flag in re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", " ".join(words[1:])):
+            if flag not in known:
+                wrong.append(f"{shown!r}: ohd {words[0]} has no flag {flag}")
+    assert wrong == [], "the README shows commands the parser does not know:\n" + "\n".join(wrong)
