@@ -207,8 +207,7 @@ class Daemon:
         async with AsyncExitStack() as stack:
             call, models = await self._models(stack)
             self.store.migrate()
-            for task_id in self.store.reap(self.clock.now()):
-                log.info("task %d: lease expired; back in the queue", task_id)
+            self.store.reap(self.clock.now())       # logs each task it gives back
             pool = Pool(self.store, call, self.clock, models=models, size=self.settings.workers,
                         lease=timedelta(seconds=self.settings.lease_s), policy=policy_of(self.settings),
                         key_id=key_id_of(self.settings),

@@ -34,6 +34,7 @@ class Outcome:
     report_path: str | None = None
     not_before: datetime | None = None
     stale: bool = False     # the target changed while the task ran: run it again on the new text
+    note: str | None = None  # how it went, for the pool's log line once the outcome is committed
 
 
 @dataclass
@@ -64,10 +65,9 @@ def deliver(store: Store, run: Run, content: str, now: datetime) -> Outcome:
     decision = "written_as_ohd_new" if plan.conflict else "written"
     rel = plan.path.relative_to(run.repo.resolve()).as_posix()
     report_rel = write_report(store, run, decision, rel)
-    log.info("task %d completed: model=%s, attempts=%d, score=%.2f, output=%s",
-             run.task.id, run.history[-1]["model"], run.attempts,
-             run.verdict.score if run.verdict else 0.0, rel)
-    return Outcome(TaskStatus.COMPLETED, output_path=rel, report_path=report_rel)
+    note = (f"model={run.history[-1]['model']}, attempts={run.attempts}, "
+            f"score={run.verdict.score if run.verdict else 0.0:.2f}, output={rel}")
+    return Outcome(TaskStatus.COMPLETED, output_path=rel, report_path=report_rel, note=note)
 
 
 def give_up(store: Store, run: Run) -> Outcome:

@@ -201,7 +201,8 @@ class Ingestor:
         if spec is None:
             return None
         task_id = self.store.ingest_file(str(repo), relpath, sha, spec, self.clock.now())
-        log.info("task %d queued from %s (%s %s)", task_id, relpath, spec.type, spec.target)
+        log.info("task %d queued from %s (%s %s)", task_id, relpath, spec.type, spec.target,
+                 extra={"task_id": task_id, "status": "queued"})
         self._move_done(repo, path, sha, task_id)
         return task_id
 

@@ -7,6 +7,9 @@ else (status codes, httpx exceptions and error bodies never travel further).
 Transient failures (`ServerError`, `ModelTimeout`) are retried with tenacity on the
 injected clock; everything else is raised at once. The API key goes into the
 `Authorization` header and nowhere else: never into a log line or an exception.
+Each request to a model (each retry too, and the offline provider's answer) is logged
+once, by `_log_call`, with `model` and `outcome` as fields; the task comes from the
+pool's `logfmt.task_context`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from tenacity import (
 
 from ohd import offline
 from ohd.clock import Clock
+from ohd.logfmt import CURRENT_TASK
 from ohd.errors import (
     AuthFailed,
     BadRequest,
@@ -84,7 +88,7 @@ def reset_at(headers: Mapping[str, str], body: Any, now: datetime, attempt: int 
     found = _from_retry_after(hints.get("retry-after"), now) or _from_reset_ms(hints.get("x-ratelimit-reset"), now)
     if found is None:
         until = now + DEFAULT_COOLDOWN * (1 << min(max(attempt, 1) - 1, 6))
-        log.info("rate limit without a usable reset hint; cooling down until %s", until.isoformat())
+        log.debug("rate limit without a usable reset hint; cooling down until %s", until.isoformat())
     else:
         until = found
     return min(max(until, now + MIN_COOLDOWN), now + MAX_COOLDOWN)
@@ -173,9 +177,10 @@ class ModelClient:
         """Ask `model`; transient failures are retried `retries` times, then raised."""
         async for attempt in self._retrying():
             with attempt:
-                if attempt.retry_state.attempt_number > 1 and self.before_retry is not None:
+                number = attempt.retry_state.attempt_number
+                if number > 1 and self.before_retry is not None:
                     await self.before_retry(model)      # a retry is one more request to the server
-                return await self._complete_once(model, messages, timeout_s)
+                return await self._complete_once(model, messages, timeout_s, number)
         raise AssertionError("unreachable: tenacity re-raises the last failure")
 
     async def list_models(self) -> list[dict[str, Any]]:
@@ -195,16 +200,23 @@ class ModelClient:
             before_sleep=_log_retry,
         )
 
-    async def _complete_once(self, model: str, messages: list[dict[str, str]], timeout_s: float) -> Completion:
+    async def _complete_once(self, model: str, messages: list[dict[str, str]], timeout_s: float,
+                             attempt: int = 1) -> Completion:
+        """One request, logged once whatever its outcome."""
         body = {"model": model, "messages": messages, "max_tokens": self.max_tokens,
                 "temperature": self.temperature, "usage": {"include": True}}
         started, seen = self.clock.monotonic(), self._rate_limits_seen.get(model, 0)
-        response = await self._send(model, "POST", "/chat/completions", timeout_s, body)
-        latency_ms = max(0, round((self.clock.monotonic() - started) * 1000))
-        log.debug("model %s answered HTTP %d in %d ms", model, response.status_code, latency_ms)
-        self._raise_for_status(model, response, seen)
+        try:
+            response = await self._send(model, "POST", "/chat/completions", timeout_s, body)
+            latency_ms = max(0, round((self.clock.monotonic() - started) * 1000))
+            self._raise_for_status(model, response, seen)
+            completion = _completion(model, response, latency_ms)
+        except (ModelError, asyncio.CancelledError) as exc:
+            _log_call(model, attempt, self.clock.monotonic() - started, None, exc)
+            raise
         self._rate_limit_streak.pop(model, None)
-        return _completion(model, response, latency_ms)
+        _log_call(model, attempt, latency_ms / 1000, completion, None)
+        return completion
 
     async def _list_models_once(self) -> list[dict[str, Any]]:
         response = await self._send("models", "GET", "/models", LIST_MODELS_TIMEOUT_S, None)
@@ -249,7 +261,6 @@ class ModelClient:
             streak += 1 if seen is None or seen == count or streak == 0 else 0
             self._rate_limit_streak[model] = streak
             until = reset_at(response.headers, body, self.clock.now(), attempt=streak)
-            log.info("model %s rate limited until %s (%s)", model, until.isoformat(), message)
             raise RateLimited(model, until, message, limit=rate_limit(response.headers, body))
         raise _status_error(status)(model, message)
 
@@ -281,11 +292,33 @@ def _request_headers(api_key: str | None, app_url: str, app_title: str) -> dict[
     return headers
 
 
+def _log_call(model: str, attempt: int, seconds: float, completion: Completion | None,
+              error: BaseException | None) -> None:
+    """The one line of one request: ok (latency, tokens), rate_limited (until when), the error
+    class, or cancelled (the task was cancelled or the daemon stopped while it waited)."""
+    ms = max(0, round(seconds * 1000))
+    retry = f" (retry {attempt - 1})" if attempt > 1 else ""
+    extra: dict[str, Any] = {"model": model, "task_id": CURRENT_TASK.get()}
+    if completion is not None:
+        log.info("model %s: ok in %d ms, %d prompt + %d completion tokens%s", model, ms,
+                 completion.prompt_tokens, completion.completion_tokens, retry, extra=extra | {"outcome": "ok"})
+    elif isinstance(error, RateLimited):
+        until = error.reset_at.isoformat(timespec="seconds")
+        log.info("model %s: rate_limited until %s%s: %s", model, until, retry, error.message,
+                 extra=extra | {"outcome": error.error_class})
+    elif isinstance(error, ModelError):
+        log.warning("model %s: %s after %d ms%s: %s", model, error.error_class, ms, retry,
+                    error.message or "no detail", extra=extra | {"outcome": error.error_class})
+    else:
+        log.info("model %s: cancelled after %d ms%s", model, ms, retry, extra=extra | {"outcome": "cancelled"})
+
+
 def _log_retry(state: RetryCallState) -> None:
+    """When tenacity will try again (the failed request itself was logged by `_log_call`)."""
     outcome = state.outcome
     error = outcome.exception() if outcome is not None else None
     delay = state.next_action.sleep if state.next_action is not None else 0.0
-    log.info("%s; retry %d in %.1f s", error, state.attempt_number, delay)
+    log.debug("%s; retry %d in %.1f s", error, state.attempt_number, delay)
 
 
 # --- reading an answer --------------------------------------------------------------------
@@ -378,9 +411,11 @@ class OfflineProvider:
             raise BadRequest(OFFLINE_MODEL, "the offline provider needs the job, not only messages")
         started = self.clock.monotonic()
         content = offline.answer(job)
-        return Completion(
+        completion = Completion(
             model=OFFLINE_MODEL, content=content,
             prompt_tokens=sum(len(message.get("content", "").split()) for message in messages),
             completion_tokens=len(content.split()), cost=0.0,
             latency_ms=max(0, round((self.clock.monotonic() - started) * 1000)),
             finish_reason="stop", generation_id=None)
+        _log_call(OFFLINE_MODEL, 1, completion.latency_ms / 1000, completion, None)
+        return completion

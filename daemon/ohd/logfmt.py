@@ -1,11 +1,17 @@
 """Log records as readable text or as JSON lines, with secrets redacted (stdlib only).
 
 `setup(level, fmt, secrets, log_file)` installs one handler on stderr (and one on
-`log_file` when given) on the root logger. Every record carries time, level, logger and
-message, plus `task_id` and `model` when a call passes them with `extra=` (a message
-that starts `task N` gives task_id N). The filter
-replaces each configured secret (the API key's value) and any `Bearer ...` token in the
-formatted message, its arguments and the exception text with `***`.
+`log_file` when given) on the root logger, replacing (and closing) the ones it installed
+before, so a reload can call it again; httpx's own line per request is silenced. Every
+record carries time, level, logger and message, plus the context fields a call passes
+with `extra=`: `task_id`, `model`, `status` (on the one line of each task transition:
+the status the task went to) and `outcome` (on the one line of each model request: ok,
+rate_limited, an error class or cancelled). Without an explicit task_id, a message that
+starts `task N` gives N, else the task that `task_context` made current (the pool sets
+it while a task runs, so the model client's lines carry the task without being told
+it). The filter replaces each configured secret (the API key's value) and any
+`Bearer ...` token in the formatted message, its arguments and the exception text with
+`***`.
 """
 
 from __future__ import annotations
@@ -14,13 +20,15 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 FORMATS = ("text", "json")
-CONTEXT = ("task_id", "model")
+CONTEXT = ("task_id", "model", "status", "outcome")
 BEARER = re.compile(r"Bearer\s+[^\s\"',;]+")
 MASK = "***"
 
@@ -47,13 +55,27 @@ class Redactor(logging.Filter):
 
 
 TASK_MESSAGE = re.compile(r"^task (\d+)\b")
+CURRENT_TASK: ContextVar[int | None] = ContextVar("ohd_current_task", default=None)
+
+
+@contextmanager
+def task_context(task_id: int) -> Iterator[None]:
+    """Records logged inside (and in tasks and threads started inside) carry `task_id`."""
+    token = CURRENT_TASK.set(task_id)
+    try:
+        yield
+    finally:
+        CURRENT_TASK.reset(token)
 
 
 def _context(record: logging.LogRecord) -> dict[str, Any]:
-    """`task_id` and `model` from `extra=`; a message `task N ...` gives task_id N when extra does not."""
+    """The context fields from `extra=`; task_id from a message `task N ...`, else the current task."""
     context = {key: getattr(record, key) for key in CONTEXT if getattr(record, key, None) is not None}
-    if "task_id" not in context and (match := TASK_MESSAGE.match(record.getMessage())):
-        context["task_id"] = int(match.group(1))
+    if "task_id" not in context:
+        if match := TASK_MESSAGE.match(record.getMessage()):
+            context["task_id"] = int(match.group(1))
+        elif (current := CURRENT_TASK.get()) is not None:   # handlers format in the logging call's context
+            context["task_id"] = current
     return {key: context[key] for key in CONTEXT if key in context}
 
 
@@ -98,11 +120,14 @@ def setup(level: str, fmt: str = "text", secrets: Iterable[str] = (), log_file: 
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+        if any(isinstance(f, Redactor) for f in old.filters):
+            old.close()         # ours (a log file's is closed; stderr stays open)
     for handler in handlers:
         handler.addFilter(redactor)
         handler.setFormatter(formatter(fmt))
         root.addHandler(handler)
     root.setLevel(level.upper())
+    logging.getLogger("httpx").setLevel(logging.WARNING)   # its line per request would repeat ohd.llm's
     return handlers
 
 

@@ -193,12 +193,14 @@ class RuleBook:
         return created
 
     def _fire_change(self, rule: Rule, relpath: str, sha: str, origin: str) -> list[int]:
-        task_id = self.db.fire_change(rule.repo, rule.relpath, rule.task_spec(relpath), sha, origin,
-                                      self.clock.now())
-        if task_id is None:
+        fired = self.db.fire_change(rule.repo, rule.relpath, rule.task_spec(relpath), sha, origin,
+                                    self.clock.now())
+        if fired is None:
             log.debug("rule %s: %s needs no task (one is open, or this content was done)", rule.relpath, relpath)
             return []
-        log.info("task %d queued by rule %s for %s (%s)", task_id, rule.relpath, relpath, origin)
+        task_id, status = fired        # pending: it waits for the run in progress
+        log.info("task %d %s by rule %s for %s (%s)", task_id, status.value, rule.relpath, relpath, origin,
+                 extra={"task_id": task_id, "status": status.value})
         return [task_id]
 
     # -- schedules ------------------------------------------------------------------
@@ -215,7 +217,8 @@ class RuleBook:
                 task_id = self.db.fire_schedule(rule.repo, rule.relpath, rule.task_spec(rule.spec.target),
                                                 decision.fire, now)
                 log.info("task %d queued by rule %s (firing of %s%s)", task_id, rule.relpath,
-                         decision.fire.isoformat(), "; earlier missed firings collapsed" if decision.skipped else "")
+                         decision.fire.isoformat(), "; earlier missed firings collapsed" if decision.skipped else "",
+                         extra={"task_id": task_id, "status": "queued"})
                 created.append(task_id)
             elif decision.mark is not None:
                 log.warning("rule %s: firing(s) missed beyond the %s grace period; skipped", rule.relpath, self.grace)

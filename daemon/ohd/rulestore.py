@@ -118,8 +118,9 @@ class RuleStore:
     # -- changes --------------------------------------------------------------------
 
     def fire_change(self, repo: Path, rule: str, spec: TaskSpec, sha256: str, origin: str,
-                    now: datetime) -> int | None:
-        """Queue the task of a changed file unless it would be redundant; its id or None.
+                    now: datetime) -> tuple[int, TaskStatus] | None:
+        """Queue the task of a changed file unless it would be redundant; its id and status
+        (pending when it waits for the running one), or None.
 
         Redundant: a pending/queued task for the same (rule, path) exists (it will read
         the newest content); the running one was fired for this very content; or,
@@ -140,7 +141,7 @@ class RuleStore:
             self._record(repo, rule, spec.target, sha256, task_id, origin, now)
             if running_until is not None:
                 self._hold(task_id, running_until, now)
-        return task_id
+        return task_id, TaskStatus.PENDING if running_until is not None else TaskStatus.QUEUED
 
     def _hold(self, task_id: int, until: datetime, now: datetime) -> None:
         """The re-run waits (pending) until the running task's time limit has surely passed,

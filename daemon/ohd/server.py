@@ -226,16 +226,23 @@ class ApiServer:
         spec = TaskSpec.model_validate(data)
         check_paths(repo, spec)
         task_id = self.store.enqueue(str(repo), spec, self.clock.now(), source="api")
-        log.info("task %d queued over the socket: %s %s", task_id, spec.type.value, spec.target)
+        log.info("task %d queued over the socket: %s %s", task_id, spec.type.value, spec.target,
+                 extra={"task_id": task_id, "status": TaskStatus.QUEUED.value})
         self.notify()
         return json_reply(201, {"id": task_id, "status": TaskStatus.QUEUED.value})
 
     def cancel(self, request: Request) -> Reply:
         task = self.store.cancel(int(request.params[0]), self.clock.now())
+        if task.status == TaskStatus.CANCELLED:
+            log.info("task %d cancelled over the socket", task.id, extra={"task_id": task.id, "status": task.status})
+        else:       # still running: its worker stops it and logs the transition
+            log.info("task %d: cancel requested over the socket; its worker stops it", task.id)
         return json_reply(200, task.as_dict())
 
     def retry(self, request: Request) -> Reply:
         task = self.store.retry(int(request.params[0]), self.clock.now())
+        log.info("task %d queued again (retry over the socket)", task.id,
+                 extra={"task_id": task.id, "status": task.status})
         self.notify()
         return json_reply(200, task.as_dict())
 

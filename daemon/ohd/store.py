@@ -188,33 +188,44 @@ class Store:
             for row in rows:
                 self._leave_running(row.id, now, TaskStatus.QUEUED, row.cancel_requested)
         for row in rows:
+            status = TaskStatus.CANCELLED if row.cancel_requested else TaskStatus.QUEUED
             log.warning("task %d: lease expired; %s", row.id,
-                        "cancelled as requested" if row.cancel_requested else "back to the queue")
+                        "cancelled as requested" if row.cancel_requested else "back to the queue",
+                        extra={"task_id": row.id, "status": status.value})
         return [row.id for row in rows]
 
     def promote_due(self, now: datetime) -> int:
-        """Pending tasks whose not_before has come become queued; how many."""
+        """Pending tasks whose not_before has come become queued (each logged); how many."""
         t = self.m.task
         due = (t.status == TaskStatus.PENDING.value) & (t.not_before <= now)
         self._read()
         if not t.select(t.id).where(due).exists():
             return 0
         with self._write():
-            return int(t.update(status=TaskStatus.QUEUED.value, not_before=None, updated_at=now)
-                       .where(due).execute())
+            query = t.select(t.id).where(due).order_by(t.id)
+            ids = [row.id for row in (query if self._sqlite else query.for_update())]
+            (t.update(status=TaskStatus.QUEUED.value, not_before=None, updated_at=now)
+             .where(t.id.in_(ids) & due).execute())
+        for task_id in ids:
+            log.info("task %d due: back in the queue", task_id, extra={"task_id": task_id, "status": "queued"})
+        return len(ids)
 
-    def defer(self, task_id: int, worker_id: str, not_before: datetime, now: datetime, reason: str) -> None:
-        """Running → pending until `not_before` (every model cools down); lease released."""
-        self._give_back(task_id, worker_id, now, TaskStatus.PENDING, not_before=not_before, error=reason)
+    def defer(self, task_id: int, worker_id: str, not_before: datetime, now: datetime,
+              reason: str) -> TaskStatus | None:
+        """Running → pending until `not_before` (every model cools down); lease released.
+        Returns the new status (cancelled if a cancel was requested), None if not ours."""
+        return self._give_back(task_id, worker_id, now, TaskStatus.PENDING, not_before=not_before, error=reason)
 
-    def release(self, task_id: int, worker_id: str, now: datetime) -> None:
-        """Running → queued (graceful stop); cancelled instead if a cancel was requested."""
-        self._give_back(task_id, worker_id, now, TaskStatus.QUEUED)
+    def release(self, task_id: int, worker_id: str, now: datetime) -> TaskStatus | None:
+        """Running → queued (graceful stop); cancelled instead if a cancel was requested.
+        Returns the new status, None if the lease is not `worker_id`'s."""
+        return self._give_back(task_id, worker_id, now, TaskStatus.QUEUED)
 
     def finish(self, task_id: int, worker_id: str | None, status: TaskStatus, now: datetime,
                error: str | None = None, output_path: str | None = None,
-               report_path: str | None = None) -> None:
-        """Record a terminal state and clear the lease (only ours, when `worker_id` is given)."""
+               report_path: str | None = None) -> bool:
+        """Record a terminal state and clear the lease (only ours, when `worker_id` is given);
+        False if the task was not changed (already terminal, or not held by `worker_id`)."""
         if status not in TERMINAL:
             raise ValueError(f"finish needs a terminal status, not {status}")
         t = self.m.task
@@ -227,9 +238,10 @@ class Store:
                                 lease_owner=None, lease_until=None).where(where).execute())
         if not changed:
             log.warning("task %d: not finished as %s; it is no longer held by %s", task_id, status, worker_id)
+        return bool(changed)
 
     def _give_back(self, task_id: int, worker_id: str, now: datetime, status: TaskStatus,
-                   **changes: Any) -> None:
+                   **changes: Any) -> TaskStatus | None:
         t = self.m.task
         with self._write():
             row = (t.select(t.cancel_requested)
@@ -237,16 +249,17 @@ class Store:
                    .first())
             if row is None:
                 log.warning("task %d: %s by %s ignored; the lease is not theirs", task_id, status, worker_id)
-                return
-            self._leave_running(task_id, now, status, row.cancel_requested, **changes)
+                return None
+            return self._leave_running(task_id, now, status, row.cancel_requested, **changes)
 
     def _leave_running(self, task_id: int, now: datetime, status: TaskStatus, cancel_requested: bool,
-                       **changes: Any) -> None:
+                       **changes: Any) -> TaskStatus:
         if cancel_requested:
             status, changes = TaskStatus.CANCELLED, {"finished_at": now, "error": "cancelled by the user"}
         t = self.m.task
         t.update(status=status.value, lease_owner=None, lease_until=None, updated_at=now,
                  **changes).where(t.id == task_id).execute()
+        return status
 
     def add_attempt(self, task_id: int, now: datetime) -> int:
         """attempts += 1; returns the new count."""

@@ -36,6 +36,7 @@ from ohd.errors import (
     RateLimited,
 )
 from ohd.llm import Completion
+from ohd.logfmt import task_context
 from ohd.quotas import Governor
 from ohd.routing import Policy
 from ohd.calls import CallHistory
@@ -179,17 +180,19 @@ class Pool:
         """
         task = claim.task
         self.busy[claim.worker_id] = task.id
-        log.info("task %d running: %s %s (worker %s)", task.id, task.type, task.target, claim.worker_id)
-        work = asyncio.create_task(self._outcome(claim))
-        watcher = asyncio.create_task(self._watch(claim, work)) if renew else None
-        try:
-            outcome = await self._await_work(claim, work)
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-            self.busy.pop(claim.worker_id, None)
-        if outcome is not None:
-            await self._commit(claim, outcome)
+        log.info("task %d running: %s %s (worker %s)", task.id, task.type, task.target, claim.worker_id,
+                 extra={"task_id": task.id, "status": TaskStatus.RUNNING.value})
+        with task_context(task.id):     # the model client's lines carry the task too
+            work = asyncio.create_task(self._outcome(claim))
+            watcher = asyncio.create_task(self._watch(claim, work)) if renew else None
+            try:
+                outcome = await self._await_work(claim, work)
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+                self.busy.pop(claim.worker_id, None)
+            if outcome is not None:
+                await self._commit(claim, outcome)
 
     async def _await_work(self, claim: Claim, work: asyncio.Task[Outcome]) -> Outcome | None:
         current = asyncio.current_task()
@@ -208,8 +211,7 @@ class Pool:
     async def _after_watch(self, claim: Claim) -> Outcome | None:
         """The watcher stopped the work: cancelled by the user, or the lease went elsewhere."""
         task = await self._store(self.store.get_task, claim.task.id)
-        if task.cancel_requested:
-            log.info("task %d cancelled while running", task.id)
+        if task.cancel_requested:       # `_commit` logs the transition
             return Outcome(TaskStatus.CANCELLED, error="cancelled by the user while running")
         log.warning("task %d: lease lost; leaving it to its new owner", task.id)
         return None
@@ -266,7 +268,7 @@ class Pool:
             content = await self._ask(run, model)
         except RateLimited as exc:
             await self._store(self.governor.rate_limited, model, exc.reset_at, exc.limit, self.clock.now())
-            log.info("task %d: %s rate limited until %s; next model", run.task.id, model, exc.reset_at)
+            log.debug("task %d: %s rate limited until %s; next model", run.task.id, model, exc.reset_at)
             return None
         except (AuthFailed, BadRequest) as exc:
             return Outcome(TaskStatus.FAILED, error=str(exc))
@@ -277,7 +279,7 @@ class Pool:
         except ModelError as exc:
             note = self.governor.gone if isinstance(exc, ModelGone) else self.governor.failed
             await self._store(note, model, self.clock.now())
-            log.warning("task %d: %s failed (%s); next model", run.task.id, model, exc.error_class)
+            log.debug("task %d: %s failed (%s); next model", run.task.id, model, exc.error_class)
             candidates.remove(model)
             return None
         await self._store(self.governor.succeeded, model, self.clock.now())
@@ -345,18 +347,24 @@ class Pool:
     # -- store -----------------------------------------------------------------
 
     async def _commit(self, claim: Claim, outcome: Outcome) -> None:
+        """Store the outcome, then log the transition the store made (none if the lease was lost)."""
         task, now = claim.task, self.clock.now()
         if outcome.status is TaskStatus.PENDING and outcome.not_before is not None:
-            await self._store(self.store.defer, task.id, claim.worker_id, outcome.not_before, now,
-                              outcome.error or "waiting")
-            log.info("task %d pending until %s", task.id, outcome.not_before.isoformat())
-            if self.alarm is not None:
-                self.alarm.set(outcome.not_before)
+            status = await self._store(self.store.defer, task.id, claim.worker_id, outcome.not_before, now,
+                                       outcome.error or "waiting")
+            if status is TaskStatus.PENDING:
+                log.info("task %d pending until %s", task.id, outcome.not_before.isoformat(),
+                         extra={"task_id": task.id, "status": status.value})
+                if self.alarm is not None:
+                    self.alarm.set(outcome.not_before)
+            elif status is not None:
+                log.info("task %d cancelled (a cancel came in while it ran)", task.id,
+                         extra={"task_id": task.id, "status": status.value})
             return
-        await self._store(self.store.finish, task.id, claim.worker_id, outcome.status, now,
-                          outcome.error, outcome.output_path, outcome.report_path)
-        if outcome.status is TaskStatus.FAILED:
-            log.info("task %d failed: %s", task.id, outcome.error)
+        if await self._store(self.store.finish, task.id, claim.worker_id, outcome.status, now,
+                             outcome.error, outcome.output_path, outcome.report_path):
+            log.info("task %d %s: %s", task.id, outcome.status.value, outcome.note or outcome.error or "done",
+                     extra={"task_id": task.id, "status": outcome.status.value})
 
     async def _record(self, run: Run, model: str, started: datetime, completion: Completion | None,
                       outcome: str, exc: ModelError | None, verdict: validate.Verdict | None = None) -> None:
@@ -377,8 +385,11 @@ class Pool:
                 return
 
     async def _release(self, claim: Claim) -> None:
-        await self._store(self.store.release, claim.task.id, claim.worker_id, self.clock.now())
-        log.info("task %d released back to the queue", claim.task.id)
+        status = await self._store(self.store.release, claim.task.id, claim.worker_id, self.clock.now())
+        if status is not None:
+            log.info("task %d %s", claim.task.id, "released back to the queue" if status is TaskStatus.QUEUED
+                     else "cancelled (a cancel came in while it ran)",
+                     extra={"task_id": claim.task.id, "status": status.value})
 
     async def _store(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a store call in a thread so a busy SQLite lock never stalls the loop."""
