@@ -152,6 +152,38 @@ def test_watchdog_interval_is_half_the_timeout_and_only_for_us() -> None:
 # -- what a SIGHUP may change -------------------------------------------------------
 
 
+def test_a_reload_installs_the_log_handlers_again_and_keeps_a_file_it_cannot_open(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import logging
+
+    from ohd.config import Settings
+    from ohd.supervision import apply_logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        (tmp_path / "a-file").write_text("")
+        live = {"log_format": "json", "log_file": tmp_path / "a-file" / "ohd.log", "workers": 2}
+        apply_logging(Settings(), live)
+        assert "reload: cannot open log_file" in caplog.text     # logged while the old handlers stand
+        assert live == {"log_format": "json", "workers": 2}        # the running file (none) is kept
+        logging.getLogger("ohd.worker").info("task %d running", 4)
+        assert json.loads(capsys.readouterr().err.splitlines()[-1])["task_id"] == 4
+        live = {"log_format": "text", "log_file": tmp_path / "logs" / "ohd.log"}
+        apply_logging(Settings(), live)
+        logging.getLogger("ohd.worker").info("task %d running", 5)
+        assert (tmp_path / "logs" / "ohd.log").read_text().endswith("INFO ohd.worker: task 5 running [task_id=5]\n")
+        assert live == {"log_format": "text", "log_file": tmp_path / "logs" / "ohd.log"}
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+
+
 def test_a_reload_takes_the_live_keys_and_names_the_rest(caplog: pytest.LogCaptureFixture) -> None:
     from ohd.config import Settings
     from ohd.supervision import live_changes, summary

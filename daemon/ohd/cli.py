@@ -144,7 +144,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
     logfmt.setup(conf.log_level, conf.log_format, [conf.api_key.get_secret_value()] if conf.api_key else [],
                  conf.log_file)
-    daemon.serve(conf, reload=lambda: settings(args, repos=repos, workers=args.workers, log_level=args.log_level))
+    daemon.serve(conf, reload=lambda: settings(args, repos=repos, workers=args.workers, log_level=args.log_level,
+                                               log_format=args.log_format))   # flags still win
     return EXIT_OK
 
 

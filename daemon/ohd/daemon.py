@@ -12,8 +12,8 @@ Under systemd (`Type=notify`) the daemon says READY once the socket listens, STA
 one-line queue summary, at most once a second and only when it changed), STOPPING on
 SIGTERM, and WATCHDOG=1 at half of `WatchdogSec`. SIGHUP re-reads the configuration and
 the rules without dropping a task: `workers` resizes the pool (surplus workers finish
-their task first), `models`, `log_level` and the governor's limits apply at once; keys
-that cannot change live are named in a warning.
+their task first), `models`, the logging (`log_level`, `log_format`, `log_file`) and the
+governor's limits apply at once; keys that cannot change live are named in a warning.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from ohd.llm import Completion, ModelClient, OfflineProvider
 from ohd.routing import Policy
 from ohd.metrics import DEFAULT_WINDOW, HOUR, Metrics, Throughput, collect, prometheus, with_stats
 from ohd.notify import Notifier, watchdog_interval
-from ohd.supervision import LADDER_KEYS, POLICY_KEYS, first, live_changes, reread_rules, summary
+from ohd.supervision import LADDER_KEYS, POLICY_KEYS, apply_logging, first, live_changes, reread_rules, summary
 from ohd.rules import RuleBook, read_rules
 from ohd.server import ApiServer
 from ohd.spool import SpoolReader, find_spool
@@ -399,8 +399,7 @@ class Daemon:
     def _apply(self, new: Settings, pool: Pool) -> None:
         """The live keys of `new` onto the running pool (see `supervision.LIVE_KEYS`)."""
         live = live_changes(self.settings, new)
-        if "log_level" in live:
-            logging.getLogger().setLevel(new.log_level.upper())
+        apply_logging(self.settings, live)      # level, format, file (reopened: a rotated one is let go)
         if "workers" in live:
             log.info("reload: workers %d -> %d", pool.size, new.workers)
             pool.resize(new.workers)

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ohd import logfmt
 from ohd.config import Settings
 from ohd.errors import TaskFileError
 from ohd.rules import RuleBook, read_rules
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 POLICY_KEYS = frozenset({"free_rpm", "free_rpd", "rate_limits", "daily_limits", "quota_window_s",
                          "quota_margin_s", "breaker_failures", "breaker_reset_s"})
 LADDER_KEYS = frozenset({"test_runs", "test_timeout_s", "rule_levels"})   # how candidates are judged
-LIVE_KEYS = frozenset({"workers", "models", "log_level"}) | POLICY_KEYS | LADDER_KEYS
+LOG_KEYS = frozenset({"log_level", "log_format", "log_file"})
+LIVE_KEYS = frozenset({"workers", "models"}) | LOG_KEYS | POLICY_KEYS | LADDER_KEYS
 
 
 def summary(counts: Mapping[str, int], workers: Mapping[str, Any]) -> str:
@@ -47,6 +49,26 @@ def live_changes(old: Settings, new: Settings) -> dict[str, Any]:
         log.warning("reload: unknown log_level %r; keeping %s", new.log_level, old.log_level)
         del live["log_level"]
     return live
+
+
+def apply_logging(old: Settings, live: dict[str, Any]) -> None:
+    """Install the log handlers again with the reloaded level, format and file. With a
+    `log_file` this happens on every reload, so a file moved away by logrotate is let go and
+    created again. A new log_file that cannot be opened is logged and dropped from `live`
+    (the running file is kept)."""
+    if not LOG_KEYS & live.keys() and old.log_file is None:
+        return
+    level, fmt = live.get("log_level", old.log_level), live.get("log_format", old.log_format)
+    secrets = [old.api_key.get_secret_value()] if old.api_key else []
+    files = [live["log_file"], old.log_file] if "log_file" in live else [old.log_file]
+    for path in files:
+        try:
+            logfmt.setup(level, fmt, secrets, path)    # opens the file before it touches the handlers
+        except OSError as exc:
+            log.error("reload: cannot open log_file %s (%s)", path, exc)
+            live.pop("log_file", None)
+        else:
+            return
 
 
 def reread_rules(repos: list[Path], rulebook: RuleBook) -> None:

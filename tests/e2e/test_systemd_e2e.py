@@ -3,6 +3,7 @@ NOTIFY_SOCKET, real signals (SIGTERM, SIGHUP), and `ohd service install` as a re
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -119,6 +120,48 @@ def test_sighup_resizes_the_pool_without_losing_a_task(repo: Path, tmp_path: Pat
     assert "retired (the pool shrank to 1)" in log
     assert "database_url changed but only take(s) effect after a restart" in log
     assert "released back to the queue" not in log
+
+
+def reload_and_wait(daemon: DaemonProcess, sock: socket.socket, seen: list[str]) -> None:
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGHUP)
+    receive_until(sock, "RELOADING=1", seen)
+    receive_until(sock, "READY=1", seen)        # the reload is done
+
+
+def test_sighup_applies_log_format_and_log_file_and_reopens_the_file(
+        repo: Path, tmp_path: Path, runtime: Path, notify_socket: tuple[socket.socket, Path]) -> None:
+    sock, path = notify_socket
+    config, stderr, log_file = tmp_path / "config.toml", tmp_path / "daemon.log", tmp_path / "logs" / "ohd.log"
+    config.write_text("")
+    daemon = DaemonProcess(daemon_env(tmp_path, runtime, NOTIFY_SOCKET=str(path)), repo, stderr).start()
+    seen: list[str] = []
+    try:
+        receive_until(sock, "READY=1", seen)
+        first = submit(daemon, repo, 1)                 # offline: no key
+        config.write_text(f'log_format = "json"\nlog_file = "{log_file}"\n')
+        reload_and_wait(daemon, sock, seen)
+        second = submit(daemon, repo, 2)
+        log_file.rename(log_file.with_suffix(".log.1"))    # as logrotate does, then its postrotate HUP
+        reload_and_wait(daemon, sock, seen)
+        third = submit(daemon, repo, 3)
+        wait_for(lambda: all(daemon.json("show", str(i))["status"] == "completed" for i in (first, second, third)),
+                 timeout=60, what="the three tasks to finish")
+    finally:
+        assert daemon.stop() == 0
+    before, _, after = stderr.read_text().partition("reloading the configuration and the rules (SIGHUP)")
+    assert f"INFO ohd.server: task {first} queued over the socket" in before        # text until the reload
+    assert after.splitlines()[1:] and all(line.startswith("{") for line in after.splitlines()[1:])
+    rotated = [json.loads(line) for line in log_file.with_suffix(".log.1").read_text().splitlines()]
+    current = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert any(r["message"] == "reload: applied log_file, log_format" for r in rotated)
+    assert {"task_id": second, "status": "queued"}.items() <= next(
+        r for r in rotated if r.get("task_id") == second).items()
+    assert not any(r.get("task_id") == third for r in rotated)          # let go at the second reload
+    assert {"task_id": third, "status": "queued"}.items() <= next(
+        r for r in current if r.get("task_id") == third).items()
+    assert any(r.get("task_id") == third and r.get("status") == "completed" for r in current)
+    assert [r["message"] for r in current][-1] == "stopped"
 
 
 def test_service_install_writes_the_unit_with_the_real_executable(repo: Path, tmp_path: Path) -> None:
