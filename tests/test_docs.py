@@ -91,6 +91,36 @@ def test_the_configuration_table_names_every_setting() -> None:
     assert missing == [], f"the README's '## Configuration' table has no row for: {', '.join(missing)}"
 
 
+def table_rows(section_text: str) -> list[list[str]]:
+    """The cells of each table row (`\\|` inside a cell does not split it)."""
+    return [[cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
+            for line in section_text.splitlines() if line.startswith("| `")]
+
+
+def rendered_default(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return f"{value:g}"
+    if value == [] or value == {}:
+        return "[]" if value == [] else "{}"
+    return str(value)
+
+
+def test_the_configuration_table_gives_the_real_defaults() -> None:
+    """Where a row gives one literal default per key (`workers` | `4`), it is the Settings default
+    (paths depend on the machine and prose defaults such as "local time" are not checked)."""
+    wrong = []
+    for cells in table_rows(section(README.read_text(encoding="utf-8"), "Configuration")):
+        keys, defaults = re.findall(r"`([a-z_]+)`", cells[0]), re.findall(r"`([^`]*)`", cells[1])
+        if len(keys) != len(defaults):
+            continue
+        for key, shown in zip(keys, defaults):
+            value = Settings.model_fields[key].get_default(call_default_factory=True)
+            if not isinstance(value, Path) and rendered_default(value) != shown:
+                wrong.append(f"{key}: README says {shown!r}, the code {rendered_default(value)!r}")
+    assert wrong == [], "the README's '## Configuration' defaults differ from config.py: " + "; ".join(wrong)
+
 def shown_commands(text: str) -> list[str]:
     """Every `ohd ...` the README shows: inline code, and lines of code blocks (fenced or indented)."""
     shown = re.findall(r"`(ohd [^`]*)`", text)
