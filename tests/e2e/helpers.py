@@ -73,6 +73,7 @@ def daemon_env(tmp: Path, runtime: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OHD_") and k != "OPENROUTER_API_KEY"}
     env.update({"OHD_STATE_DIR": str(tmp / "state"), "OHD_RUNTIME_DIR": str(runtime),
                 "OHD_CONFIG": str(tmp / "config.toml"), "OHD_SETTLE_S": "0.1",
+                "OHD_SELECTION_EPSILON": "0",   # no random exploration: tests name the model that answers
                 "PYTHONPATH": str(ROOT)})
     env.update(extra)
     return env
