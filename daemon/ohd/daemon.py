@@ -12,8 +12,9 @@ Under systemd (`Type=notify`) the daemon says READY once the socket listens, STA
 one-line queue summary, at most once a second and only when it changed), STOPPING on
 SIGTERM, and WATCHDOG=1 at half of `WatchdogSec`. SIGHUP re-reads the configuration and
 the rules without dropping a task: `workers` resizes the pool (surplus workers finish
-their task first), `models`, the logging (`log_level`, `log_format`, `log_file`) and the
-governor's limits apply at once; keys that cannot change live are named in a warning.
+their task first), `models`, the logging (`log_level`, `log_format`, `log_file`), the
+governor's limits and the validation settings (`test_runs`, `test_timeout_s`,
+`rule_levels`) apply at once; keys that cannot change live are named in a warning.
 """
 
 from __future__ import annotations
