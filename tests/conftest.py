@@ -12,7 +12,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.support` importable
 
+from ohd.store import Store  # noqa: E402
 from tests.support.clock import FakeClock  # noqa: E402
+from tests.support.databases import open_store  # noqa: E402
 from tests.support.gitrepo import make_repo  # noqa: E402
 
 
@@ -45,3 +47,17 @@ def clock() -> FakeClock:
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     return make_repo(tmp_path / "repo")
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    """The daemon's default database file under the isolated state dir."""
+    return tmp_path / "state" / "ohd.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[Store]:
+    """A real, migrated SQLite store (store, quota and metrics tests parametrize their own over backends)."""
+    st = open_store(db_path)
+    yield st
+    st.close()

@@ -21,7 +21,7 @@ from ohd.store import Store
 from ohd.worker import Pool
 from tests.support.clock import FakeClock
 from tests.support.fake_openrouter import ok
-from tests.support.governed import GOOD, PricedOpenRouter, drive, open_store, refresh_then_run, run_tasks, submit
+from tests.support.governed import GOOD, PricedOpenRouter, drive, refresh_then_run, run_tasks, submit
 
 FREE, PAID, ZERO_PRICED = "vendor/a:free", "vendor/paid", "vendor/zero"
 STRICT = Policy(allow_paid=False)
@@ -34,13 +34,6 @@ def server() -> Iterator[PricedOpenRouter]:
         fake.default = ok(GOOD)
         fake.prices = {PAID: ("0.000001", "0.000002")}
         yield fake
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    st = open_store(tmp_path / "state" / "ohd.db")
-    yield st
-    st.close()
 
 
 def test_paid_means_priced_by_the_catalogue_else_no_free_suffix() -> None:

@@ -22,7 +22,7 @@ from ohd.store import Store
 from ohd.worker import Pool
 from tests.support.clock import FakeClock
 from tests.support.fake_openrouter import Answer, garbage, not_found, ok
-from tests.support.governed import GOOD, PricedOpenRouter, drive, open_store, refresh_then_run, run_tasks, submit
+from tests.support.governed import GOOD, PricedOpenRouter, drive, refresh_then_run, run_tasks, submit
 
 FREE_A, FREE_B = "vendor/a:free", "vendor/b:free"
 ZERO_PRICED, PAID = "vendor/zero", "vendor/paid"
@@ -34,13 +34,6 @@ def server() -> Iterator[PricedOpenRouter]:
         fake.default = ok(GOOD)
         fake.prices = {PAID: ("0.000002", "0.000006"), FREE_B: ("0.0", "0")}
         yield fake
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    st = open_store(tmp_path / "state" / "ohd.db")
-    yield st
-    st.close()
 
 
 def test_parse_reads_string_prices_and_calls_free_by_suffix_or_zero_prices() -> None:

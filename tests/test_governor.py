@@ -21,11 +21,12 @@ from ohd.clock import Clock, SystemClock
 from ohd.errors import RateLimited
 from ohd.llm import Completion, ModelClient
 from ohd.routing import Health, Policy
-from ohd.store import Store, open_database
+from ohd.store import Store
 from ohd.taskfile import TaskSpec
 from ohd.tasktypes import Job
 from ohd.worker import Pool
 from tests.support.clock import FakeClock
+from tests.support.databases import open_store
 from tests.support.fake_openrouter import FakeOpenRouter, ok, rate_limited, server_error
 
 GOOD = """```python
@@ -44,24 +45,6 @@ def server() -> Iterator[FakeOpenRouter]:
     with FakeOpenRouter() as fake:
         fake.default = ok(GOOD)
         yield fake
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "ohd.db"
-
-
-@pytest.fixture
-def store(db_path: Path) -> Iterator[Store]:
-    st = open_store(db_path)
-    yield st
-    st.close()
-
-
-def open_store(path: Path) -> Store:
-    st = Store(open_database(f"sqlite:///{path}"))
-    st.migrate()
-    return st
 
 
 def submit(store: Store, repo: Path, clock: Clock, n: int = 1, **fields: Any) -> list[int]:

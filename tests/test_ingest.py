@@ -5,26 +5,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ohd.ingest import Ingestor, is_candidate
-from ohd.store import Store, open_database
+from ohd.store import Store
 from ohd.taskfile import parse
 from tests.support.clock import FakeClock
 
 SETTLE = 0.3
 VALID = "type: unit_test\ntarget: shop/pricing.py\npriority: high\n"
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store(open_database(f"sqlite:///{tmp_path}/ohd.db"))
-    store.migrate()
-    yield store
-    store.close()
 
 
 @pytest.fixture

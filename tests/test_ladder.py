@@ -16,7 +16,7 @@ import pytest
 
 from ohd import ladder, testrun
 from ohd.llm import Completion, ModelClient
-from ohd.store import Store, Task, open_database
+from ohd.store import Store, Task
 from ohd.taskfile import TaskSpec, TaskType
 from ohd.tasktypes import Job
 from ohd.validate import RunStatus
@@ -77,14 +77,6 @@ def server() -> Iterator[FakeOpenRouter]:
     with FakeOpenRouter() as fake:
         fake.default = ok(PASSING)
         yield fake
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    st = Store(open_database(f"sqlite:///{tmp_path / 'ohd.db'}"))
-    st.migrate()
-    yield st
-    st.close()
 
 
 def run_task(repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock, models: list[str] | None = None,

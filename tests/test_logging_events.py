@@ -29,8 +29,7 @@ from ohd.clock import Clock, SystemClock
 from ohd.ingest import Ingestor
 from ohd.llm import Completion, ModelClient, OfflineProvider
 from ohd.server import ApiServer
-from ohd.store import Store, open_database
-from ohd.taskfile import TaskSpec
+from ohd.store import Store
 from ohd.tasktypes import Job
 from ohd.worker import Pool
 from tests.support.clock import FakeClock
@@ -69,14 +68,6 @@ def server() -> Iterator[FakeOpenRouter]:
     with FakeOpenRouter() as fake:
         fake.default = ok(GOOD)
         yield fake
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    st = Store(open_database(f"sqlite:///{tmp_path / 'state' / 'ohd.db'}"))
-    st.migrate()
-    yield st
-    st.close()
 
 
 def records(log: io.StringIO) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from ohd.tasktypes import Job
 from ohd.worker import Pool
 from tests.support.clock import FakeClock
 from tests.support.fake_openrouter import Answer, FakeOpenRouter, slow
-from tests.support.governed import open_store, submit
+from tests.support.governed import submit
 
 OLLAMA = "http://127.0.0.1:11434/v1"
 LOCAL_MODEL = "llama3.1:8b"          # an Ollama tag: no `:free`, no price anywhere
@@ -46,13 +46,6 @@ class LocalServer(FakeOpenRouter):
 def server() -> Iterator[LocalServer]:
     with LocalServer(models=[LOCAL_MODEL]) as fake:
         yield fake
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    st = open_store(tmp_path / "state" / "ohd.db")
-    yield st
-    st.close()
 
 
 def local_settings(url: str = OLLAMA, **env: str) -> Settings:

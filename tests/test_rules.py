@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from ohd.ingest import Ingestor
 from ohd.outputs import atomic_write, sha256_text
 from ohd.records import TaskStatus
 from ohd.rules import RuleBook, compile_globs, is_ohd_file
-from ohd.store import Store, open_database
+from ohd.store import Store
 from ohd.taskfile import parse
 from ohd.watch import TreeWatcher, _TreeHandler
 from tests.support.clock import FakeClock
@@ -26,14 +26,6 @@ from tests.support.clock import FakeClock
 SETTLE = 0.3
 DOCS_RULE = "type: docstring\ntarget: src/app.py\non_change: ['src/**/*.py']\n"
 NIGHTLY_RULE = "type: review\ntarget: shop/pricing.py\nschedule: '0 3 * * *'\n"
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store(open_database(f"sqlite:///{tmp_path}/ohd.db"))
-    store.migrate()
-    yield store
-    store.close()
 
 
 @pytest.fixture

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from ohd.daemon import ranker, selection_of
 from ohd.history import History
 from ohd.llm import Completion, ModelClient
 from ohd.selection import Config, Measured, Prior
-from ohd.store import Store, open_database
+from ohd.store import Store
 from ohd.taskfile import TaskSpec
 from ohd.tasktypes import Job
 from ohd.worker import Pool
@@ -132,14 +130,6 @@ def test_exploration_puts_the_least_measured_other_model_first_with_probability_
 
 
 # -- a real store ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    st = Store(open_database(f"sqlite:///{Path(os.environ['OHD_STATE_DIR']) / 'ohd.db'}"))
-    st.migrate()
-    yield st
-    st.close()
 
 
 def record(store: Store, repo: Path, clock: FakeClock, model: str, outcome: str, score: float | None,

@@ -20,7 +20,7 @@ import pytest
 from ohd.client import Client, UnixHTTPConnection
 from ohd.errors import ApiError, DaemonAlreadyRunning, DaemonNotRunning, InvalidTransition, NotFound
 from ohd.server import ApiServer
-from ohd.store import Store, TaskStatus, open_database
+from ohd.store import Store, TaskStatus
 from ohd.taskfile import TaskSpec
 from tests.support.clock import FakeClock
 
@@ -51,14 +51,6 @@ class Daemonish:
 @pytest.fixture
 def sock() -> Path:
     return Path(os.environ["OHD_RUNTIME_DIR"]) / "ohd.sock"
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store(open_database(f"sqlite:///{tmp_path / 'state' / 'ohd.db'}"))
-    store.migrate()
-    yield store
-    store.close()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 
 from ohd.clock import SystemClock
 from ohd.llm import Completion, ModelClient
-from ohd.store import Store, TaskStatus, open_database
+from ohd.store import Store
 from ohd.taskfile import TaskSpec
 from ohd.tasktypes import Job
 from ohd.worker import Pool
@@ -36,14 +36,6 @@ def server() -> Iterator[FakeOpenRouter]:
     with FakeOpenRouter() as fake:
         fake.default = ok(GOOD)
         yield fake
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    st = Store(open_database(f"sqlite:///{tmp_path / 'ohd.db'}"))
-    st.migrate()
-    yield st
-    st.close()
 
 
 def spec(**fields: Any) -> TaskSpec:

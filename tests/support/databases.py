@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
+from ohd.store import Store, open_database
+
 POSTGRES_URL = os.environ.get("OHD_TEST_POSTGRES_URL", "")
 BACKENDS = ("sqlite", "postgresql") if POSTGRES_URL else ("sqlite",)
 
@@ -39,3 +41,10 @@ def database_url(backend: str, tmp_path: Path) -> Iterator[str]:
         with admin.cursor() as cur:
             cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         admin.close()
+
+
+def open_store(path: Path) -> Store:
+    """A migrated store on the SQLite file `path` (created with its folder if missing)."""
+    store = Store(open_database(f"sqlite:///{path}"))
+    store.migrate()
+    return store

@@ -18,7 +18,7 @@ from ohd.catalogue import Catalogue
 from ohd.clock import Clock
 from ohd.llm import Completion, ModelClient
 from ohd.routing import Policy
-from ohd.store import Store, open_database
+from ohd.store import Store
 from ohd.taskfile import TaskSpec
 from ohd.tasktypes import Job
 from ohd.worker import Pool
@@ -49,12 +49,6 @@ class PricedOpenRouter(FakeOpenRouter):
                  "pricing": dict(zip(("prompt", "completion"), self.prices.get(model, ("0", "0")), strict=True))
                  | {"request": "0"}} for model in self.models]
         return Answer(json={"data": data})
-
-
-def open_store(path: Path) -> Store:
-    st = Store(open_database(f"sqlite:///{path}"))
-    st.migrate()
-    return st
 
 
 def submit(store: Store, repo: Path, clock: Clock, n: int = 1, **fields: Any) -> list[int]:
