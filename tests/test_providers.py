@@ -20,6 +20,7 @@ from ohd.config import Settings, is_openrouter, load
 from ohd.daemon import policy_of
 from ohd.llm import Completion, ModelClient
 from ohd.routing import refused
+from ohd.errors import ConfigError
 from ohd.store import Store
 from ohd.tasktypes import Job
 from ohd.worker import Pool
@@ -64,6 +65,16 @@ def local_settings(url: str = OLLAMA, **env: str) -> Settings:
 def test_openrouter_is_recognised_by_its_host(url: str, expected: bool) -> None:
     assert is_openrouter(url) is expected
     assert local_settings(url).openrouter is expected
+
+
+def test_provider_overrides_the_host() -> None:
+    proxy = "https://llm-proxy.internal.example/api/v1"       # a proxy in front of OpenRouter
+    assert not local_settings(proxy).openrouter
+    assert local_settings(proxy, OHD_PROVIDER="openrouter").openrouter
+    assert local_settings(proxy, OHD_PROVIDER="openrouter").use_offline      # OpenRouter: no key, offline
+    assert not local_settings("https://openrouter.ai/api/v1", OHD_PROVIDER="self-hosted").openrouter
+    with pytest.raises(ConfigError, match="provider"):
+        local_settings(OHD_PROVIDER="ollama")
 
 
 def test_without_a_key_openrouter_means_offline_but_a_server_you_run_does_not() -> None:

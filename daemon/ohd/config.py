@@ -52,6 +52,8 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     base_url: str = OPENROUTER_URL
+    # what the server at base_url is: "auto" decides by its host (openrouter.ai or not)
+    provider: Literal["auto", "openrouter", "self-hosted"] = "auto"
     api_key_env: str = "OPENROUTER_API_KEY"
     api_key: SecretStr | None = Field(default=None, exclude=True)
     models: list[str] = Field(default_factory=lambda: list(DEFAULT_MODELS))
@@ -121,9 +123,10 @@ class Settings(BaseModel):
 
     @property
     def openrouter(self) -> bool:
-        """`base_url` is OpenRouter's. It needs an API key and names its free models `:free`; any
-        other server (Ollama, vLLM, LM Studio) is one you run: no key needed, unpriced models free."""
-        return is_openrouter(self.base_url)
+        """The server is OpenRouter: `provider`, or with "auto" the host of `base_url`. It needs an
+        API key and names its free models `:free`; a self-hosted server (Ollama, vLLM, LM Studio)
+        needs no key and its unpriced models are free."""
+        return self.provider == "openrouter" or (self.provider == "auto" and is_openrouter(self.base_url))
 
     @property
     def use_offline(self) -> bool:
