@@ -5,18 +5,25 @@ only where the real one cannot show the case (its environment, a garbled answer)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from ohd import config, daemon, ladder, lintrun, report, testrun, validate
 from ohd.errors import ConfigError
-from ohd.taskfile import TaskType
+from ohd.llm import Completion
+from ohd.store import Store
+from ohd.taskfile import TaskSpec, TaskType
 from ohd.tasktypes import Job
-from ohd.validate import Level
+from ohd.validate import Level, RunStatus
+from ohd.worker import Pool
+from tests.support.clock import FakeClock
 from tests.support.gitrepo import git
 
 GOOD = """from shop.pricing import Cart, total
@@ -268,9 +275,6 @@ def test_the_daemon_finds_the_installed_tools(monkeypatch: pytest.MonkeyPatch) -
 
 def test_a_reload_applies_rule_levels_and_keeps_the_running_ones_when_invalid(
         caplog: pytest.LogCaptureFixture) -> None:
-    from ohd.worker import Pool
-    from tests.support.clock import FakeClock
-
     settings = config.load()
     running = daemon.Daemon(settings)
     pool = Pool(running.store, call=None, clock=FakeClock(), models=["m"])  # type: ignore[arg-type]
@@ -286,3 +290,55 @@ def test_a_reload_applies_rule_levels_and_keeps_the_running_ones_when_invalid(
         assert pool.ladder is applied and running.settings.rule_levels == {"unit_test": {"lint": "error"}}
     finally:
         running.store.close()
+
+
+# -- which Python runs the tests ------------------------------------------------------------------
+
+
+def make_venv(where: Path, with_pytest: bool) -> Path:
+    """A real virtualenv (no pip: quick); with pytest = this environment's site-packages on its path."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True)
+    if with_pytest:
+        site = next(where.glob("lib/python*/site-packages"))
+        (site / "borrowed.pth").write_text("\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n")
+    return where / "bin" / "python"
+
+
+def test_auto_runs_the_tests_and_coverage_with_the_repos_own_virtualenv(repo: Path) -> None:
+    make_venv(repo / ".venv", with_pytest=True)
+    (repo / ".gitignore").write_text(".venv/\n")
+    where = GOOD + f"\n\ndef test_runs_in_the_repos_venv() -> None:\n    import sys\n\n" \
+                   f"    assert sys.prefix == {str(repo / '.venv')!r} and total([1.0]) == 1.0\n"
+    verdict = ladder.judge(repo, job(), where, 0.5, tools(coverage=True))
+    assert verdict.test_run is not None and verdict.test_run.status is RunStatus.PASSED, verdict.test_run
+    assert verdict.coverage is not None and not verdict.coverage.error and verdict.coverage.after > 0
+    assert testrun.interpreter(repo).path == str(repo / ".venv" / "bin" / "python")
+
+
+def test_auto_falls_back_to_ohds_python_when_the_repo_venv_has_no_pytest(repo: Path) -> None:
+    make_venv(repo / "venv", with_pytest=False)
+    chosen = testrun.interpreter(repo)
+    assert chosen.path == sys.executable and chosen.pytest
+    assert testrun.interpreter(repo, "venv/bin/python") == testrun.Interpreter(
+        str(repo / "venv" / "bin" / "python"), pytest=False, coverage=False)
+    assert not testrun.interpreter(repo, "/nowhere/python").pytest
+
+
+def test_a_task_whose_python_has_no_pytest_fails_before_any_model_is_asked(
+        repo: Path, store: Store, clock: FakeClock) -> None:
+    bare = make_venv(repo.parent / "bare", with_pytest=False)
+    task_id = store.enqueue(str(repo), TaskSpec.model_validate({"type": "unit_test", "target": "shop/pricing.py"}),
+                            clock.now())
+    asked: list[str] = []
+
+    async def call(model: str, messages: list[dict[str, str]], timeout_s: float, job_: Job) -> Completion:
+        asked.append(model)
+        raise AssertionError("no model should be asked")
+
+    pool = Pool(store, call, clock, models=["m"])
+    pool.ladder = ladder.Ladder(tests=testrun.Options(python=str(bare)))
+    asyncio.run(pool.run_until_idle())
+    task = store.get_task(task_id)
+    assert task.status == "failed" and asked == []
+    assert f"pytest cannot be imported by {bare}" in (task.error or "")
+    assert "test_runs = 0" in (task.error or "")

@@ -14,7 +14,7 @@ SIGTERM, and WATCHDOG=1 at half of `WatchdogSec`. SIGHUP re-reads the configurat
 the rules without dropping a task: `workers` resizes the pool (surplus workers finish
 their task first), `models`, the logging (`log_level`, `log_format`, `log_file`), the
 governor's limits and the validation settings (`test_runs`, `test_timeout_s`,
-`rule_levels`) apply at once; keys that cannot change live are named in a warning.
+`test_python`, `rule_levels`) apply at once; keys that cannot change live are named in a warning.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def ladder_of(settings: Settings) -> Ladder:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     tests = TestRunOptions(runs=settings.test_runs, timeout_s=settings.test_timeout_s,
-                           secret_env=(settings.api_key_env,))
+                           secret_env=(settings.api_key_env,), python=settings.test_python)
     return Ladder.detect(tests, levels)
 
 

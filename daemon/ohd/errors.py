@@ -169,3 +169,9 @@ class ApiError(OhdError):
 
 class ShutdownRequested(BaseException):
     """Stop the loop; a BaseException so that `except Exception` never catches it."""
+
+
+class TestEnvironmentError(OhdError):
+    """The repo's tests cannot be run as configured (no pytest in the chosen interpreter)."""
+
+    __test__ = False   # not a pytest test class, whatever its name

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ohd import lintrun, tasktypes, testrun, validate
 from ohd.taskfile import TaskType
+from ohd.errors import TestEnvironmentError
 from ohd.tasktypes import Job
 from ohd.validate import CoverageRun, Level, LintRun, PytestRun, RunStatus
 
@@ -30,12 +31,12 @@ class Ladder:
     tests: testrun.Options = testrun.Options()
     levels: Mapping[str, Mapping[str, Level | None]] = field(default_factory=dict)   # validate.LevelTable
     ruff: str | None = None        # the ruff executable (None: no lint rule)
-    coverage: bool = False         # measure coverage_delta (needs coverage.py)
+    coverage: bool = False         # measure coverage_delta where the test interpreter has coverage.py
 
     @classmethod
     def detect(cls, tests: testrun.Options, levels: Mapping[str, Mapping[str, Level | None]]) -> Ladder:
-        """With whichever optional tools are installed here."""
-        return cls(tests=tests, levels=levels, ruff=lintrun.find_ruff(), coverage=testrun.coverage_available())
+        """With ruff if it is installed here, and coverage_delta wherever coverage.py is."""
+        return cls(tests=tests, levels=levels, ruff=lintrun.find_ruff(), coverage=True)
 
 
 def judge(repo: Path, job: Job, content: str, min_quality: float, ladder: Ladder) -> validate.Verdict:
@@ -58,17 +59,33 @@ def judge(repo: Path, job: Job, content: str, min_quality: float, ladder: Ladder
     if (job.task_type is not TaskType.UNIT_TEST or not verdict.errors_passed() or ladder.tests.runs < 1
             or not levels.get("runs_green")):
         return check(lint=lint) if lint else verdict
+    python = testrun.interpreter(repo, ladder.tests.python)
     root = tasktypes.import_root(job.target, lambda rel: (repo / rel / "__init__.py").is_file())
-    result = testrun.run_candidate(repo, job.output, content, import_root=root, options=ladder.tests)
+    result = testrun.run_candidate(repo, job.output, content, import_root=root, options=ladder.tests,
+                                   python=python.path)
     log.info("candidate for %s: pytest %s (%s)", job.output, result.status.value,
              ", ".join(o.value for o in result.outcomes))
     coverage = None
-    if result.status is RunStatus.PASSED and ladder.coverage and levels.get("coverage_delta"):
+    if result.status is RunStatus.PASSED and ladder.coverage and python.coverage and levels.get("coverage_delta"):
         coverage = testrun.measure_coverage(repo, job.output, content, target=job.target, module=job.module,
-                                            import_root=root, options=ladder.tests)
+                                            import_root=root, options=ladder.tests, python=python.path)
         log.info("candidate for %s: %s", job.output,
                  coverage.error or f"coverage {coverage.before} -> {coverage.after} of {coverage.statements} lines")
     return check(test_run=result, lint=lint, coverage=coverage)
+
+
+def ready(repo: Path, job: Job, ladder: Ladder) -> None:
+    """Before any model is asked: a unit_test whose tests will be run needs pytest in the
+    interpreter that runs them (TestEnvironmentError says which and what to do)."""
+    levels = validate.levels_for(job.task_type, ladder.levels)
+    if job.task_type is not TaskType.UNIT_TEST or ladder.tests.runs < 1 or not levels.get("runs_green"):
+        return
+    python = testrun.interpreter(repo, ladder.tests.python)
+    if not python.pytest:
+        raise TestEnvironmentError(
+            f"pytest cannot be imported by {python.path} (test_python = {ladder.tests.python!r}), so the "
+            "generated tests cannot be run: install pytest there, point test_python at the Python of "
+            "your project's virtualenv, or set test_runs = 0 to keep the static rules only")
 
 
 def _passed(verdict: validate.Verdict, rule: str) -> bool:

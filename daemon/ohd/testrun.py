@@ -7,6 +7,7 @@ times in a subprocess with cwd = the repo, and the result comes back as a plain
 gone when `run_candidate` returns, also after a timeout or an error; the subprocess never
 sees the API key (`OPENROUTER_API_KEY`, the configured variable, every `OHD_*`
 variable); a run that outlives its timeout is killed with its whole process group.
+`interpreter` picks the Python: the repo's own virtualenv when it has pytest, else ohd's.
 `measure_coverage` runs the repo's tests for the target with and without the candidate
 under coverage.py (when it is installed) for the `coverage_delta` rule.
 """
@@ -14,6 +15,7 @@ under coverage.py (when it is installed) for the `coverage_delta` rule.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.util
 import json
@@ -41,7 +43,10 @@ OUTPUT_CHARS = 8000          # pytest output kept per result (the report)
 _FAILED_LINE = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
 _STOPPERS = (RunStatus.ERROR, RunStatus.TIMEOUT)   # no point in running again
 _CANDIDATE = "test_ohd_candidate_"
-_PYTEST = (sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE")
+_PYTEST_ARGS = ("-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE")
+_REPO_VENVS = (".venv/bin/python", "venv/bin/python")   # where `test_python = "auto"` looks first
+_PROBE = ("import importlib.util as u; "
+          "print(int(u.find_spec('pytest') is not None), int(u.find_spec('coverage') is not None))")
 _TEST_NAME = re.compile(r"(?:^test_.*|.*_test)\.py$")
 
 
@@ -52,16 +57,59 @@ class Options:
     runs: int = 2
     timeout_s: float = 60.0
     secret_env: tuple[str, ...] = ()   # more variables to drop (the configured api_key_env)
+    python: str = "auto"               # the interpreter: "auto" (the repo's venv, else ohd's) or a path
+
+
+@dataclass(frozen=True, slots=True)
+class Interpreter:
+    """The Python that runs a repo's tests, and what it can import."""
+
+    path: str
+    pytest: bool
+    coverage: bool
+
+
+def interpreter(repo: Path, setting: str = "auto") -> Interpreter:
+    """`setting` as a path (relative to the repo, or absolute); with "auto", the repo's own
+    `.venv` or `venv` when its Python has pytest, else the interpreter ohd runs in."""
+    if setting != "auto":
+        path = Path(setting).expanduser()
+        return probe(str(path if path.is_absolute() else repo / path))
+    for rel in _REPO_VENVS:
+        if (repo / rel).is_file() and (found := probe(str(repo / rel))).pytest:
+            return found
+    return Interpreter(sys.executable, pytest=True, coverage=coverage_available())
+
+
+def probe(path: str) -> Interpreter:
+    """What the Python at `path` can import (cached while the file is unchanged)."""
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError:
+        return Interpreter(path, pytest=False, coverage=False)
+    return _probe(path, stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _probe(path: str, stamp: int) -> Interpreter:
+    env = clean_env(os.environ, (), [])
+    try:
+        out = subprocess.run([path, "-c", _PROBE], capture_output=True, text=True, timeout=60, env=env).stdout
+        has_pytest, has_coverage = (flag == "1" for flag in out.split())
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return Interpreter(path, pytest=False, coverage=False)
+    return Interpreter(path, pytest=has_pytest, coverage=has_coverage)
 
 
 def run_candidate(repo: Path, output: str, content: str, *, import_root: str = "",
-                  options: Options = Options(), environ: Mapping[str, str] | None = None) -> PytestRun:
-    """Write the candidate beside `output`, run pytest on it `options.runs` times, remove it."""
+                  options: Options = Options(), environ: Mapping[str, str] | None = None,
+                  python: str = sys.executable) -> PytestRun:
+    """Write the candidate beside `output`, run pytest (with `python`) on it `options.runs` times, remove it."""
     env = _env(repo, import_root, options, environ)
     runs: list[tuple[RunStatus, str]] = []
     with candidate_file(repo, output, content) as rel:
         for _ in range(max(1, options.runs)):
-            runs.append(_once(repo.resolve(), rel, env, options.timeout_s))
+            runs.append(_once(python, repo.resolve(), rel, env, options.timeout_s))
             if runs[-1][0] in _STOPPERS:
                 break
     return summarize(runs, rel, output, options.timeout_s)
@@ -125,8 +173,8 @@ def summarize(runs: Sequence[tuple[RunStatus, str]], candidate: str, output: str
                      failed_tests=failed, timeout_s=timeout_s)
 
 
-def _once(repo: Path, rel: str, env: dict[str, str], timeout_s: float) -> tuple[RunStatus, str]:
-    code, out = _run([*_PYTEST, f"--rootdir={repo}", rel], repo, env, timeout_s)
+def _once(python: str, repo: Path, rel: str, env: dict[str, str], timeout_s: float) -> tuple[RunStatus, str]:
+    code, out = _run([python, *_PYTEST_ARGS, f"--rootdir={repo}", rel], repo, env, timeout_s)
     if code is None:
         return RunStatus.TIMEOUT, f"{out}\n[killed after {timeout_s:g}s]"
     status = RunStatus.PASSED if code == 0 else RunStatus.FAILED if code == 1 else RunStatus.ERROR
@@ -164,7 +212,7 @@ class _NotMeasured(Exception):
 
 def measure_coverage(repo: Path, output: str, content: str, *, target: str, module: str,
                      import_root: str = "", options: Options = Options(),
-                     environ: Mapping[str, str] | None = None) -> CoverageRun:
+                     environ: Mapping[str, str] | None = None, python: str = sys.executable) -> CoverageRun:
     """Lines of `target` run by the repo's tests that import `module` (and by `output` as it is
     now), against the same with the candidate in place of `output`."""
     root = repo.resolve()
@@ -174,7 +222,7 @@ def measure_coverage(repo: Path, output: str, content: str, *, target: str, modu
     try:
         with tempfile.TemporaryDirectory(prefix="ohd-coverage-") as scratch:
             def covered(rels: Sequence[str]) -> tuple[frozenset[int], int | None]:
-                return _covered(root, rels, env, target_path, Path(scratch), options.timeout_s)
+                return _covered(python, root, rels, env, target_path, Path(scratch), options.timeout_s)
 
             base, _ = covered(baseline) if baseline else (frozenset(), None)
             current = output in tests_importing(root, module, only=(output,))
@@ -214,7 +262,7 @@ def tests_importing(root: Path, module: str, only: Sequence[str] = ()) -> list[s
     return found
 
 
-def _covered(root: Path, rels: Sequence[str], env: dict[str, str], target: Path, scratch: Path,
+def _covered(python: str, root: Path, rels: Sequence[str], env: dict[str, str], target: Path, scratch: Path,
              timeout_s: float) -> tuple[frozenset[int], int | None]:
     """The target's executed line numbers and statement count (None: never imported) when pytest
     runs `rels` under coverage; the user's coverage settings are not read (an empty rcfile)."""
@@ -222,9 +270,9 @@ def _covered(root: Path, rels: Sequence[str], env: dict[str, str], target: Path,
     rcfile.write_text("", encoding="utf-8")
     for leftover in (data, report):
         leftover.unlink(missing_ok=True)
-    coverage = [sys.executable, "-m", "coverage"]
+    coverage = [python, "-m", "coverage"]
     code, out = _run([*coverage, "run", f"--rcfile={rcfile}", f"--data-file={data}", f"--include={target}",
-                      "-m", *_PYTEST[2:], f"--rootdir={root}", *rels], root, env, timeout_s)
+                      *_PYTEST_ARGS, f"--rootdir={root}", *rels], root, env, timeout_s)
     if code is None:
         raise _NotMeasured(f"pytest under coverage did not finish within {timeout_s:g}s ({', '.join(rels)})")
     code, out = _run([*coverage, "json", f"--rcfile={rcfile}", f"--data-file={data}", "-o", str(report)],

@@ -240,6 +240,7 @@ class Pool:
         job = Job(task_type=task_type, target=task.target, source=source,
                   module=tasktypes.module_name(task.target, is_package), output=output,
                   description=task.description, prompt=task.prompt, context=context)
+        ladder.ready(repo, job, self.ladder)      # no model is asked for tests that cannot be run
         return Run(task=task, repo=repo, job=job, attempts=task.attempts)
 
     async def _attempts(self, run: Run) -> Outcome:
