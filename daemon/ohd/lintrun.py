@@ -25,6 +25,7 @@ from ohd.validate import LintRun
 log = logging.getLogger(__name__)
 
 TIMEOUT_S = 30.0
+_VERSIONS: dict[str, str] = {}   # ruff executable -> "ruff x.y.z"
 
 
 def find_ruff(environ: Mapping[str, str] | None = None) -> str | None:
@@ -63,6 +64,13 @@ def _findings(items: Sequence[Mapping[str, object]]) -> list[str]:
 
 
 def _version(ruff: str, env: Mapping[str, str]) -> str:
+    """`ruff --version`, asked once per executable and daemon (one process less per lint)."""
+    if ruff not in _VERSIONS:
+        _VERSIONS[ruff] = _ask_version(ruff, env)
+    return _VERSIONS[ruff]
+
+
+def _ask_version(ruff: str, env: Mapping[str, str]) -> str:
     try:
         out = subprocess.run([ruff, "--version"], env=dict(env), capture_output=True, text=True,
                              timeout=TIMEOUT_S).stdout
