@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+from ohd import pyparse
 from ohd.errors import MalformedAnswer, TaskFileError
 from ohd.taskfile import TaskType
 
@@ -257,7 +258,7 @@ def _extract_python(text: str, blocks: list[Block]) -> str:
 def _is_python_module(text: str) -> bool:
     """Parses, and is more than bare expressions (a prose word like `Sure` parses too)."""
     try:
-        tree = ast.parse(text)
+        tree = pyparse.parse(text)
     except (SyntaxError, ValueError):
         return False
     return any(not isinstance(node, ast.Expr) for node in tree.body)

@@ -14,7 +14,6 @@ under coverage.py (when it is installed) for the `coverage_delta` rule.
 
 from __future__ import annotations
 
-import ast
 import functools
 import hashlib
 import importlib.util
@@ -33,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ohd import validate
+from ohd import pyparse, validate
 from ohd.errors import TargetError
 from ohd.validate import CoverageRun, PytestRun, RunStatus
 
@@ -254,7 +253,7 @@ def tests_importing(root: Path, module: str, only: Sequence[str] = ()) -> list[s
     found = []
     for rel in names:
         try:
-            tree = ast.parse((root / rel).read_text(encoding="utf-8"))
+            tree = pyparse.parse((root / rel).read_text(encoding="utf-8"))
         except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
             continue
         if validate.imports_module(tree, module):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
-from ohd import astrules
+from ohd import astrules, pyparse
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def _content_not_empty(output: str, content: str) -> RuleResult:
 
 def _parse(content: str) -> ast.Module | SyntaxError:
     try:
-        return ast.parse(content)
+        return pyparse.parse(content)
     except SyntaxError as exc:
         return exc
     except ValueError as exc:  # e.g. a NUL byte in the source

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 from collections.abc import Iterator
 
+from ohd import pyparse
 from ohd.tasktypes import Job
 
 NOTE = "ohd offline provider (no API key is configured, so no language model was asked)"
@@ -19,7 +20,7 @@ Def = ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef
 def parse(source: str) -> ast.Module | str:
     """The module, or a description of why it does not parse."""
     try:
-        return ast.parse(source)
+        return pyparse.parse(source)
     except SyntaxError as exc:
         return f"{exc.msg} at line {exc.lineno}"
     except ValueError as exc:  # a NUL byte
