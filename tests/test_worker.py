@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from ohd import ladder
 from ohd.clock import SystemClock
 from ohd.llm import Completion, ModelClient
 from ohd.store import Store
@@ -198,3 +199,25 @@ def test_many_workers_run_each_task_exactly_once(repo: Path, store: Store, serve
     assert all(store.get_task(i).status == "completed" for i in ids)
     assert len(server.completions()) == len(ids)
     assert sorted(e.task_id for i in ids for e in store.executions(i)) == sorted(ids)
+
+
+def test_a_defect_in_ohd_fails_the_task_at_once_and_the_next_task_runs(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = ladder.judge
+    calls: list[int] = []
+
+    def judge_once_broken(*args: Any) -> Any:      # stands in for a bug (CPython's AST race was one)
+        calls.append(1)
+        if len(calls) == 1:
+            raise SystemError("AST constructor recursion depth mismatch (before=33, after=26)")
+        return real(*args)
+
+    monkeypatch.setattr(ladder, "judge", judge_once_broken)
+    first = store.enqueue(str(repo), spec(output="tests/test_a.py"), clock.now())
+    second = store.enqueue(str(repo), spec(output="tests/test_b.py"), clock.now())
+    run_pool(store, server, clock, ["m"])
+    broken = store.get_task(first)
+    assert broken.status == "failed" and broken.lease_owner is None
+    assert "internal error in ohd (SystemError: AST constructor" in (broken.error or "")
+    assert f"ohd retry {first}" in (broken.error or "")
+    assert store.get_task(second).status == "completed"

@@ -201,6 +201,11 @@ class Pool:
                 return await work
         except TimeoutError:
             return Outcome(TaskStatus.FAILED, error=f"timed out after {claim.task.timeout_s:g}s")
+        except Exception as exc:   # a defect in ohd: say so now, not when the lease runs out
+            log.exception("task %d: internal error", claim.task.id)
+            return Outcome(TaskStatus.FAILED, error=f"internal error in ohd ({type(exc).__name__}: {exc}); "
+                                                    f"the daemon log has the traceback; `ohd retry {claim.task.id}` "
+                                                    "runs it again")
         except asyncio.CancelledError:
             if current is not None and current.cancelling():
                 work.cancel()
