@@ -157,6 +157,21 @@ def test_the_selector_prefers_the_model_whose_results_validate(repo: Path, store
     assert [e.score for e in store.executions(1)] == [0.9]
 
 
+def test_only_the_newest_executions_are_weighed(repo: Path, store: Store, clock: FakeClock) -> None:
+    for _ in range(6):
+        record(store, repo, clock, "model-a", "rejected", 0.2)       # model-a used to be bad
+    for _ in range(4):
+        record(store, repo, clock, "model-a", "accepted", 1.0)       # ... and is good now
+        record(store, repo, clock, "model-b", "accepted", 0.8, task_type="docstring")
+    history = History(store.db, store.m)
+    assert history.measured("unit_test")["model-a"].calls == 10
+    recent = history.measured("unit_test", recent=8)                 # the newest 8 of all 14
+    assert recent["model-a"] == Measured(calls=4, accepted=4, scored=4, score_sum=pytest.approx(4.0),
+                                         answered=4, latency_p50_ms=1000)
+    assert history.measured("unit_test", recent=1) == {}             # the newest is model-b's docstring
+    assert selection_of(load(None, env={"OHD_SELECTION_HISTORY": "8"})).history == 8
+
+
 def run_pool(store: Store, server: FakeOpenRouter, clock: FakeClock, rank: selection.Rank | None) -> None:
     async def main() -> None:
         async with httpx.AsyncClient() as http:

@@ -276,7 +276,7 @@ def cmd_select_model(args: argparse.Namespace) -> int:
 
     conf = settings(args)
     store = open_store(args)
-    measured = History(store.db, store.m).measured(args.type)
+    measured = History(store.db, store.m).measured(args.type, conf.selection_history)
     models = [OFFLINE_MODEL] if conf.use_offline else [m for m in conf.models if m != "auto"]
     if not conf.use_offline and discovers(conf):     # the discovered list lives in the daemon: add the measured
         models += sorted(set(measured) - set(models))

@@ -107,6 +107,7 @@ class Settings(BaseModel):
     selection_epsilon: float = Field(default=0.05, ge=0, le=1)          # chance to try a less measured model
     selection_prior_calls: float = Field(default=5.0, ge=0)             # the prior weighs this many calls
     selection_latency_ref_ms: float = Field(default=10_000.0, gt=0)     # the p50 that scores 0.5
+    selection_history: int = Field(default=1000, ge=1)                  # newest executions weighed
 
     @field_validator("repos")
     @classmethod

@@ -162,13 +162,14 @@ def selection_of(settings: Settings) -> selection.Config:
     priors = {model: selection.Prior(p.quality, p.success, p.latency_ms) for model, p in settings.model_priors.items()}
     return selection.Config(priors=priors, tags={m: tuple(tags) for m, tags in settings.model_tags.items()},
                             epsilon=settings.selection_epsilon, prior_calls=settings.selection_prior_calls,
-                            latency_ref_ms=settings.selection_latency_ref_ms)
+                            latency_ref_ms=settings.selection_latency_ref_ms, history=settings.selection_history)
 
 
 def ranker(history: History, config: selection.Config,
            rng: random.Random | None = None) -> selection.Rank:
     """The pool's `rank`: (task type, models) -> best first by measured history (explores with `rng`)."""
-    return lambda kind, models: selection.order(selection.rank(models, kind, history.measured(kind), config, rng))
+    return lambda kind, models: selection.order(
+        selection.rank(models, kind, history.measured(kind, config.history), config, rng))
 
 
 class Daemon:

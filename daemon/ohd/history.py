@@ -84,18 +84,21 @@ class History:
             found.setdefault((str(model), str(kind or UNKNOWN_TYPE)), []).append(int(latency))
         return {key: sorted(values) for key, values in found.items()}
 
-    def measured(self, task_type: str) -> dict[str, Measured]:
-        """Per model, its history on `task_type` as model selection weighs it (429s left out)."""
+    def measured(self, task_type: str, recent: int | None = None) -> dict[str, Measured]:
+        """Per model, its history on `task_type` as model selection weighs it (429s left out);
+        with `recent`, only the newest `recent` executions of any kind count (models change, and
+        a per-task query must not grow with the whole history)."""
         self._read()
         e, t, fn = self.m.execution, self.m.task, peewee.fn
+        window = self._newer_than(recent)
         query = (e.select(e.model, e.outcome, fn.COUNT(e.id), fn.COUNT(e.score), fn.SUM(e.score))
                  .join(t, on=(e.task_id == t.id))
-                 .where((t.type == task_type) & (e.outcome != "rate_limited"))
+                 .where((t.type == task_type) & (e.outcome != "rate_limited") & (e.id > window))
                  .group_by(e.model, e.outcome))
         rows: dict[str, list[tuple[str, int, int, float]]] = {}
         for model, outcome, calls, scored, total in tuple_rows(query):
             rows.setdefault(str(model), []).append((str(outcome), int(calls), int(scored), float(total or 0.0)))
-        latencies = self._latencies_of(task_type)
+        latencies = self._latencies_of(task_type, window)
         return {model: Measured(calls=sum(r[1] for r in found),
                                 accepted=sum(r[1] for r in found if r[0] == "accepted"),
                                 scored=sum(r[2] for r in found), score_sum=sum(r[3] for r in found),
@@ -103,10 +106,18 @@ class History:
                                 latency_p50_ms=percentile(latencies.get(model, ()), 0.5))
                 for model, found in rows.items()}
 
-    def _latencies_of(self, task_type: str) -> dict[str, list[int]]:
+    def _newer_than(self, recent: int | None) -> int:
+        """The execution id after which the newest `recent` executions start (0: all of them)."""
+        if recent is None:
+            return 0
+        e = self.m.execution
+        newest = e.select(peewee.fn.MAX(e.id)).scalar()     # the primary key's index: no scan
+        return max(0, int(newest or 0) - recent)
+
+    def _latencies_of(self, task_type: str, window: int = 0) -> dict[str, list[int]]:
         e, t = self.m.execution, self.m.task
         query = (e.select(e.model, e.latency_ms).join(t, on=(e.task_id == t.id))
-                 .where((t.type == task_type) & e.outcome.in_(ANSWERED)))
+                 .where((t.type == task_type) & e.outcome.in_(ANSWERED) & (e.id > window)))
         found: dict[str, list[int]] = {}
         for model, latency in tuple_rows(query):
             found.setdefault(str(model), []).append(int(latency))

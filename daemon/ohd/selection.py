@@ -71,6 +71,7 @@ class Config:
     epsilon: float = 0.05
     prior_calls: float = 5.0           # the prior weighs as much as this many measured calls
     latency_ref_ms: float = 10_000.0   # the p50 that scores 0.5
+    history: int = 1000                # only the newest this many executions are weighed
 
 
 @dataclass(frozen=True, slots=True)
