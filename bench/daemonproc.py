@@ -7,6 +7,7 @@ socket (standard library), reads task counts from its SQLite file and stops it.
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import os
@@ -19,6 +20,23 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+
+def add_daemon_env(parser: argparse.ArgumentParser) -> None:
+    """`--daemon-env OHD_KEY=VALUE` (repeatable): extra daemon settings for a run."""
+    parser.add_argument("--daemon-env", action="append", default=[], metavar="OHD_KEY=VALUE",
+                        help="an extra daemon setting (repeatable), e.g. to switch a validation step off; printed")
+
+
+def daemon_env(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
+    """The `--daemon-env` items as a dict; a parser error for anything but OHD_KEY=VALUE."""
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("OHD_"):
+            parser.error(f"--daemon-env wants OHD_KEY=VALUE, not {item!r}")
+        env[key] = value
+    return env
 
 
 class BenchDaemon:

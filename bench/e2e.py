@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.daemonproc import BenchDaemon  # noqa: E402
+from bench.daemonproc import BenchDaemon, add_daemon_env, daemon_env  # noqa: E402
 from tests.support.fake_openrouter import FakeOpenRouter, ok  # noqa: E402
 from tests.support.gitrepo import make_repo  # noqa: E402
 
@@ -45,13 +45,14 @@ TASK = "type: unit_test\ntarget: shop/pricing.py\ndescription: drop {n}\noutput:
 
 
 TEST_RUNS = "0"   # the spine's own cost; --with-test-runs adds the validation ladder's pytest runs
+EXTRA: dict[str, str] = {}   # --daemon-env
 
 
 def Daemon(base: Path, repo: Path, url: str, workers: int) -> BenchDaemon:  # noqa: N802
     # free_rpm/free_rpd = 0: no quota pacing (bench/ratelimit.py measures the governor)
     return BenchDaemon(base, repo, url, {"OHD_MODELS": "bench/model:free", "OHD_WORKERS": str(workers),
                                          "OHD_SETTLE_S": str(SETTLE_S), "OHD_TEST_RUNS": TEST_RUNS,
-                                         "OHD_FREE_RPM": "0", "OHD_FREE_RPD": "0"})
+                                         "OHD_FREE_RPM": "0", "OHD_FREE_RPD": "0", **EXTRA})
 
 
 def _wait(predicate: Any, timeout: float) -> None:
@@ -116,10 +117,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer tasks (a smoke run)")
     parser.add_argument("--with-test-runs", action="store_true",
                         help="run each candidate with pytest (the default daemon setting, test_runs = 2)")
+    add_daemon_env(parser)
     args = parser.parse_args()
     global TEST_RUNS
     TEST_RUNS = "2" if args.with_test_runs else "0"
-    print(f"pytest runs per candidate: {TEST_RUNS}")
+    EXTRA.update(daemon_env(parser, args.daemon_env))
+    print(f"pytest runs per candidate: {TEST_RUNS}; extra daemon settings: {EXTRA or 'none'}")
     scale = 0.2 if args.quick else 1.0
     base = Path(tempfile.mkdtemp(prefix="ohd-bench-e2e-"))
     with FakeOpenRouter(latency_s=LATENCY_S) as server:

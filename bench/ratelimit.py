@@ -47,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.daemonproc import BenchDaemon
+from bench.daemonproc import BenchDaemon, add_daemon_env, daemon_env
 from tests.support.fake_openrouter import FakeOpenRouter, ok
 from tests.support.gitrepo import make_repo
 
@@ -336,8 +336,7 @@ def main() -> int:
                         help="a smoke run: 40 tasks, 2 models x 10 per 10 s window (~15 s), or per 60 s "
                              "(~1 min) while the daemon cannot be told the window")
     parser.add_argument("--log-level", default="WARNING", help="the daemon's log level (its log path is printed)")
-    parser.add_argument("--daemon-env", action="append", default=[], metavar="OHD_KEY=VALUE",
-                        help="an extra daemon setting (repeatable), e.g. to switch a validation step off; printed")
+    add_daemon_env(parser)
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM comparison even if installed")
     args = parser.parse_args()
     settable = window_key() is not None
@@ -366,12 +365,7 @@ def main() -> int:
     print(f"ideal: ({math.ceil(work.tasks / per_window)} - 1) windows x {work.window_s:g} s + last batch "
           f"through {work.workers} workers at {work.latency_s * 1000:.0f} ms = {ideal:.1f} s")
     base = Path(tempfile.mkdtemp(prefix="ohd-bench-ratelimit-"))
-    more_env = {}
-    for item in args.daemon_env:
-        key, sep, value = item.partition("=")
-        if not sep or not key.startswith("OHD_"):
-            parser.error(f"--daemon-env wants OHD_KEY=VALUE, not {item!r}")
-        more_env[key] = value
+    more_env = daemon_env(parser, args.daemon_env)
     passed = report(run_ohd(work, base, timeout_s, args.log_level, more_env), work, ideal)
     if args.no_litellm:
         print("LiteLLM comparison skipped (--no-litellm)")
