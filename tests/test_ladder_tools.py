@@ -342,3 +342,26 @@ def test_a_task_whose_python_has_no_pytest_fails_before_any_model_is_asked(
     assert task.status == "failed" and asked == []
     assert f"pytest cannot be imported by {bare}" in (task.error or "")
     assert "test_runs = 0" in (task.error or "")
+
+
+def test_test_processes_wait_for_a_free_slot_and_the_wait_is_not_run_time(repo: Path, tmp_path: Path) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    log = tmp_path / "order.txt"
+    candidate = ("import os\nimport time\n\nfrom shop.pricing import total\n\n\n"
+                 "def test_one_at_a_time() -> None:\n"
+                 f"    with open({str(log)!r}, 'a') as out:\n        out.write('start\\n')\n"
+                 "    time.sleep(0.3)\n"
+                 f"    with open({str(log)!r}, 'a') as out:\n        out.write('end\\n')\n"
+                 "    assert total([1.0]) == 1.0\n")
+    options = testrun.Options(runs=1, timeout_s=5.0, slots=threading.BoundedSemaphore(1))
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda n: testrun.run_candidate(repo, f"tests/test_slot{n}.py", candidate,
+                                                                 options=options), range(4)))
+    assert [r.status for r in results] == [RunStatus.PASSED] * 4
+    assert log.read_text().split() == ["start", "end"] * 4      # never two at once
+    assert testrun.Options().slots is None                     # tests and tools: no limit by default
+    settings = config.load(env={"OHD_TEST_PARALLEL": "3"})
+    slots = daemon.ladder_of(settings).tests.slots
+    assert slots is not None and [slots.acquire(blocking=False) for _ in range(4)] == [True, True, True, False]

@@ -70,6 +70,7 @@ class Settings(BaseModel):
     quiet_s: float = Field(default=2.0, ge=0)               # working-tree debounce (standing rules)
     test_runs: int = Field(default=2, ge=0, le=10)          # pytest runs per unit_test candidate; 0 = none
     test_timeout_s: float = Field(default=60.0, gt=0)         # each pytest run's time limit
+    test_parallel: int = Field(default=0, ge=0)   # test processes at once, over all workers; 0 = one per CPU
     test_python: str = "auto"   # runs the tests: "auto" = the repo's .venv/venv if it has pytest, else ohd's
     # task type (or "*") -> rule -> error | warning | info | off; checked against the rules at start-up
     rule_levels: dict[str, dict[str, Literal["error", "warning", "info", "off"]]] = Field(default_factory=dict)

@@ -26,6 +26,7 @@ import logging
 import os
 import random
 import signal
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -136,7 +137,8 @@ def ladder_of(settings: Settings) -> Ladder:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     tests = TestRunOptions(runs=settings.test_runs, timeout_s=settings.test_timeout_s,
-                           secret_env=(settings.api_key_env,), python=settings.test_python)
+                           secret_env=(settings.api_key_env,), python=settings.test_python,
+                           slots=threading.BoundedSemaphore(settings.test_parallel or os.cpu_count() or 1))
     return Ladder.detect(tests, levels)
 
 

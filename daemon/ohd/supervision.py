@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # (database_url, state_dir, runtime_dir, repos, base_url, ...).
 POLICY_KEYS = frozenset({"free_rpm", "free_rpd", "rate_limits", "daily_limits", "quota_window_s",
                          "quota_margin_s", "breaker_failures", "breaker_reset_s"})
-LADDER_KEYS = frozenset({"test_runs", "test_timeout_s", "test_python", "rule_levels"})   # how candidates are judged
+LADDER_KEYS = frozenset({"test_runs", "test_timeout_s", "test_python", "test_parallel", "rule_levels"})   # how candidates are judged
 LOG_KEYS = frozenset({"log_level", "log_format", "log_file"})
 LIVE_KEYS = frozenset({"workers", "models"}) | LOG_KEYS | POLICY_KEYS | LADDER_KEYS
 

@@ -14,6 +14,7 @@ under coverage.py (when it is installed) for the `coverage_delta` rule.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -27,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,6 +59,7 @@ class Options:
     timeout_s: float = 60.0
     secret_env: tuple[str, ...] = ()   # more variables to drop (the configured api_key_env)
     python: str = "auto"               # the interpreter: "auto" (the repo's venv, else ohd's) or a path
+    slots: threading.Semaphore | None = None   # test processes at once (None: no limit); a wait is not run time
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +111,7 @@ def run_candidate(repo: Path, output: str, content: str, *, import_root: str = "
     runs: list[tuple[RunStatus, str]] = []
     with candidate_file(repo, output, content) as rel:
         for _ in range(max(1, options.runs)):
-            runs.append(_once(python, repo.resolve(), rel, env, options.timeout_s))
+            runs.append(_once(python, repo.resolve(), rel, env, options))
             if runs[-1][0] in _STOPPERS:
                 break
     return summarize(runs, rel, output, options.timeout_s)
@@ -172,16 +175,24 @@ def summarize(runs: Sequence[tuple[RunStatus, str]], candidate: str, output: str
                      failed_tests=failed, timeout_s=timeout_s)
 
 
-def _once(python: str, repo: Path, rel: str, env: dict[str, str], timeout_s: float) -> tuple[RunStatus, str]:
-    code, out = _run([python, *_PYTEST_ARGS, f"--rootdir={repo}", rel], repo, env, timeout_s)
+def _once(python: str, repo: Path, rel: str, env: dict[str, str], options: Options) -> tuple[RunStatus, str]:
+    timeout_s = options.timeout_s
+    code, out = _run([python, *_PYTEST_ARGS, f"--rootdir={repo}", rel], repo, env, timeout_s, options.slots)
     if code is None:
         return RunStatus.TIMEOUT, f"{out}\n[killed after {timeout_s:g}s]"
     status = RunStatus.PASSED if code == 0 else RunStatus.FAILED if code == 1 else RunStatus.ERROR
     return status, out if status is not RunStatus.ERROR else f"{out}\n[pytest exit code {code}]"
 
 
-def _run(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float) -> tuple[int | None, str]:
-    """Exit code (None: killed at the timeout, with its process group) and combined output."""
+def _run(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float,
+         slots: threading.Semaphore | None = None) -> tuple[int | None, str]:
+    """Exit code (None: killed at the timeout, with its process group) and combined output;
+    with `slots`, the process starts once a slot is free (the timeout counts from then)."""
+    with slots or contextlib.nullcontext():
+        return _run_now(command, cwd, env, timeout_s)
+
+
+def _run_now(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float) -> tuple[int | None, str]:
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
     try:
@@ -221,7 +232,7 @@ def measure_coverage(repo: Path, output: str, content: str, *, target: str, modu
     try:
         with tempfile.TemporaryDirectory(prefix="ohd-coverage-") as scratch:
             def covered(rels: Sequence[str]) -> tuple[frozenset[int], int | None]:
-                return _covered(python, root, rels, env, target_path, Path(scratch), options.timeout_s)
+                return _covered(python, root, rels, env, target_path, Path(scratch), options)
 
             base, _ = covered(baseline) if baseline else (frozenset(), None)
             current = output in tests_importing(root, module, only=(output,))
@@ -262,20 +273,20 @@ def tests_importing(root: Path, module: str, only: Sequence[str] = ()) -> list[s
 
 
 def _covered(python: str, root: Path, rels: Sequence[str], env: dict[str, str], target: Path, scratch: Path,
-             timeout_s: float) -> tuple[frozenset[int], int | None]:
+             options: Options) -> tuple[frozenset[int], int | None]:
     """The target's executed line numbers and statement count (None: never imported) when pytest
     runs `rels` under coverage; the user's coverage settings are not read (an empty rcfile)."""
     rcfile, data, report = scratch / "coveragerc", scratch / "coverage.data", scratch / "coverage.json"
     rcfile.write_text("", encoding="utf-8")
     for leftover in (data, report):
         leftover.unlink(missing_ok=True)
-    coverage = [python, "-m", "coverage"]
+    coverage, timeout_s = [python, "-m", "coverage"], options.timeout_s
     code, out = _run([*coverage, "run", f"--rcfile={rcfile}", f"--data-file={data}", f"--include={target}",
-                      *_PYTEST_ARGS, f"--rootdir={root}", *rels], root, env, timeout_s)
+                      *_PYTEST_ARGS, f"--rootdir={root}", *rels], root, env, timeout_s, options.slots)
     if code is None:
         raise _NotMeasured(f"pytest under coverage did not finish within {timeout_s:g}s ({', '.join(rels)})")
     code, out = _run([*coverage, "json", f"--rcfile={rcfile}", f"--data-file={data}", "-o", str(report)],
-                     root, env, timeout_s)
+                     root, env, timeout_s, options.slots)
     if code != 0 or not report.is_file():
         if "No data" in out:
             return frozenset(), None
