@@ -313,6 +313,9 @@ def test_auto_runs_the_tests_and_coverage_with_the_repos_own_virtualenv(repo: Pa
     assert verdict.test_run is not None and verdict.test_run.status is RunStatus.PASSED, verdict.test_run
     assert verdict.coverage is not None and not verdict.coverage.error and verdict.coverage.after > 0
     assert testrun.interpreter(repo).path == str(repo / ".venv" / "bin" / "python")
+    assert verdict.test_run.python == str(repo / ".venv" / "bin" / "python")
+    markdown = report.render_markdown({"task": {"id": 1}, "verdict": verdict.as_dict(), "decision": "written"})
+    assert f"passed (passed) with {repo / '.venv' / 'bin' / 'python'}" in markdown
 
 
 def test_auto_falls_back_to_ohds_python_when_the_repo_venv_has_no_pytest(repo: Path) -> None:

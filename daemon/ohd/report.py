@@ -88,7 +88,8 @@ def _pytest_section(verdict: Mapping[str, Any] | None, decision: Any) -> str:
     run: Mapping[str, Any] | None = (verdict or {}).get("test_run")
     if not run:
         return ""
-    head = f"## pytest\n\n{run.get('status')} ({', '.join(str(o) for o in run.get('outcomes') or [])})"
+    python = f" with {run['python']}" if run.get("python") else ""
+    head = f"## pytest\n\n{run.get('status')} ({', '.join(str(o) for o in run.get('outcomes') or [])}){python}"
     if run.get("status") == "passed" and decision != "quarantined":
         return head + "."
     return f"{head}:\n\n{fence(str(run.get('output') or ''), 'text')}"

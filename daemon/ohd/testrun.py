@@ -15,6 +15,7 @@ under coverage.py (when it is installed) for the `coverage_delta` rule.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -114,7 +115,7 @@ def run_candidate(repo: Path, output: str, content: str, *, import_root: str = "
             runs.append(_once(python, repo.resolve(), rel, env, options))
             if runs[-1][0] in _STOPPERS:
                 break
-    return summarize(runs, rel, output, options.timeout_s)
+    return dataclasses.replace(summarize(runs, rel, output, options.timeout_s), python=python)
 
 
 @contextmanager

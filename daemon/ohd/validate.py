@@ -95,10 +95,12 @@ class PytestRun:
     output: str                       # the most telling run's output (the first that did not pass), cut
     failed_tests: tuple[str, ...] = ()
     timeout_s: float = 0.0
+    python: str = ""                  # the interpreter that ran pytest
 
     def as_dict(self) -> dict[str, Any]:
         return {"status": self.status.value, "outcomes": [o.value for o in self.outcomes],
-                "output": self.output, "failed_tests": list(self.failed_tests), "timeout_s": self.timeout_s}
+                "output": self.output, "failed_tests": list(self.failed_tests), "timeout_s": self.timeout_s,
+                "python": self.python}
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,7 +309,7 @@ def _runs_green(run: PytestRun) -> RuleResult:
         RunStatus.FLAKY: f"the tests are flaky: the runs gave {', '.join(o.value for o in run.outcomes)}{names}; "
                          "remove any dependence on order, time, randomness or leftover files",
         RunStatus.ERROR: "pytest could not collect or run the file (an import error, a fixture that does "
-                         "not exist, or no tests); see pytest's output",
+                         f"not exist, or no tests){f' with {run.python}' if run.python else ''}; see pytest's output",
         RunStatus.TIMEOUT: f"the tests did not finish within {run.timeout_s:g}s; no sleeping, "
                            "no network, no endless loops",
     }
