@@ -120,6 +120,27 @@ def test_one_open_task_per_rule_and_path_and_one_rerun_after_a_running_one(
     assert store.promote_due(clock.now()) == 1                           # it follows the first
 
 
+def test_a_held_rerun_is_released_as_soon_as_the_running_task_ends(
+        src: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
+    put_rule(ingestor, clock, src, "docs.yaml", DOCS_RULE)
+    [first] = book.changed(src, ["src/app.py"], "watch")
+    claim = store.claim_next("w1", clock.now(), timedelta(minutes=1))
+    assert claim is not None and claim.task.id == first
+    edit(src, "src/app.py", "def run() -> int:\n    return 2\n")
+    [rerun] = book.changed(src, ["src/app.py"], "watch")
+    [deferred] = book.changed(src, ["src/pkg/mod.py"], "watch")         # a rule task the governor
+    other = store.claim_next("w2", clock.now(), timedelta(minutes=1))     # deferred: it started, then
+    assert other is not None and other.task.id == deferred                # waits for a cooldown of its own
+    store.defer(deferred, "w2", clock.now() + timedelta(minutes=10), clock.now(), "every model cooling")
+    clock.advance(5)
+    assert book.release_held(clock.now()) == []                          # the first still runs
+    finish(store, first, TaskStatus.COMPLETED, clock)
+    assert book.release_held(clock.now()) == [rerun]                     # seconds later, not 125 s
+    assert store.promote_due(clock.now()) == 1 and store.get_task(rerun).status == "queued"
+    assert store.get_task(deferred).status == "pending"                  # its own time stays
+    assert book.release_held(clock.now()) == []
+
+
 def test_no_task_when_the_content_is_the_one_of_the_last_accepted_run(
         src: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
     put_rule(ingestor, clock, src, "docs.yaml", DOCS_RULE)

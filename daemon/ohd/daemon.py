@@ -358,6 +358,8 @@ class Daemon:
                 pass
             now = self.clock.now()
             reaped = await asyncio.to_thread(self.store.reap, now)
+            if self.rulebook is not None:
+                await asyncio.to_thread(self.rulebook.release_held, now)   # a re-run follows at once
             promoted = await asyncio.to_thread(self.store.promote_due, now)
             if reaped or promoted:
                 log.info("housekeeping: %d lease(s) expired, %d task(s) due again", len(reaped), promoted)

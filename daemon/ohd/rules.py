@@ -225,6 +225,10 @@ class RuleBook:
                 self.db.set_last_fire(rule.repo, rule.relpath, decision.mark)
         return created
 
+    def release_held(self, now: datetime) -> list[int]:
+        """Re-runs held behind a running task of their rule and path become due once it ended."""
+        return self.db.release_held(now)
+
     def next_firing(self, now: datetime) -> datetime | None:
         """The earliest pending firing of any schedule (may be in the past: then `due` it)."""
         times = []

@@ -150,6 +150,29 @@ class RuleStore:
         (t.update(status=TaskStatus.PENDING.value, not_before=max(until, now), updated_at=now)
          .where(t.id == task_id).execute())
 
+    def release_held(self, now: datetime) -> list[int]:
+        """Held re-runs whose running task has ended become due now (not at its time limit);
+        their ids. Held = pending, from a rule, never started (a task the governor deferred
+        has started and keeps its own time)."""
+        f, t = self.firing, self.store.m.task
+        self.db.connect(reuse_if_open=True)
+        held = dict_rows(f.select(f.task_id, f.repo, f.rule, f.path).join(t, on=(f.task_id == t.id))
+                         .where((t.status == TaskStatus.PENDING.value) & t.started_at.is_null()
+                                & (t.not_before > now)))
+        released = []
+        for row in held:
+            ahead = self._firings(Path(row["repo"]), row["rule"], row["path"]).where(
+                t.status == TaskStatus.RUNNING.value)
+            if ahead.exists():
+                continue
+            with self._write():
+                changed = (t.update(not_before=now, updated_at=now)
+                           .where((t.id == row["task_id"]) & (t.status == TaskStatus.PENDING.value)
+                                  & t.started_at.is_null()).execute())
+            if changed:
+                released.append(int(row["task_id"]))
+        return released
+
     def _open(self, repo: Path, rule: str, path: str) -> tuple[list[int], str | None, datetime | None]:
         """(firings whose task is pending/queued, the content hash of a running one, the time
         by which that one has ended: started_at + its time limit)."""
