@@ -198,3 +198,24 @@ def test_a_reload_takes_the_live_keys_and_names_the_rest(caplog: pytest.LogCaptu
     assert live_changes(old, old) == {}
     assert summary({"queued": 3, "running": 1}, {"size": 4, "busy": 1}) == (
         "3 queued, 1 running, 0 pending, 0 completed, 0 failed; workers 1/4 busy")
+
+
+def test_a_reload_applies_the_budget_and_selection_keys_to_the_running_pool() -> None:
+    from ohd import config, daemon
+    from ohd.worker import Pool
+    from tests.support.clock import FakeClock
+
+    settings = config.load(env={**os.environ, "OPENROUTER_API_KEY": "sk-test"})   # not offline: strict mode on
+    running = daemon.Daemon(settings)
+    pool = Pool(running.store, call=None, clock=FakeClock(), models=["m"],  # type: ignore[arg-type]
+                policy=daemon.policy_of(settings), rank=running._rank(settings))
+    try:
+        assert pool.rank is not None and not pool.governor.policy.allow_paid
+        running._apply(settings.model_copy(update={"allow_paid": True, "daily_request_cap": 40,
+                                                   "model_selection": False}), pool)
+        assert pool.governor.policy.allow_paid and pool.governor.policy.request_cap == 40
+        assert pool.rank is None                                 # configured order from now on
+        running._apply(running.settings.model_copy(update={"model_selection": True}), pool)
+        assert pool.rank is not None
+    finally:
+        running.store.close()

@@ -12,9 +12,9 @@ Under systemd (`Type=notify`) the daemon says READY once the socket listens, STA
 one-line queue summary, at most once a second and only when it changed), STOPPING on
 SIGTERM, and WATCHDOG=1 at half of `WatchdogSec`. SIGHUP re-reads the configuration and
 the rules without dropping a task: `workers` resizes the pool (surplus workers finish
-their task first), `models`, the logging (`log_level`, `log_format`, `log_file`), the
-governor's limits and the validation settings (`test_runs`, `test_timeout_s`,
-`test_python`, `rule_levels`) apply at once; keys that cannot change live are named in a warning.
+their task first); `models`, the logging, the governor's limits and budgets, model
+selection and the validation settings apply at once (`supervision.LIVE_KEYS`); keys that
+cannot change live are named in a warning.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from ohd.llm import Completion, ModelClient, OfflineProvider
 from ohd.routing import Policy
 from ohd.metrics import DEFAULT_WINDOW, HOUR, Metrics, Throughput, collect, prometheus, with_stats
 from ohd.notify import Notifier, watchdog_interval
-from ohd.supervision import LADDER_KEYS, POLICY_KEYS, apply_logging, first, live_changes, reread_rules, summary
+from ohd.supervision import LADDER_KEYS, POLICY_KEYS, SELECTION_KEYS, apply_logging, first, live_changes, reread_rules, summary
 from ohd.rules import RuleBook, read_rules
 from ohd.server import ApiServer
 from ohd.spool import SpoolReader, find_spool
@@ -214,9 +214,7 @@ class Daemon:
             self.store.reap(self.clock.now())       # logs each task it gives back
             pool = Pool(self.store, call, self.clock, models=models, size=self.settings.workers,
                         lease=timedelta(seconds=self.settings.lease_s), policy=policy_of(self.settings),
-                        key_id=key_id_of(self.settings),
-                        rank=ranker(History(self.store.db, self.store.m), selection_of(self.settings),
-                                    random.Random()) if self.settings.model_selection else None)
+                        key_id=key_id_of(self.settings), rank=self._rank(self.settings))
             self.pool = pool
             pool.calls = CallHistory(self.store.db, self.settings.call_history_max_bytes, self.settings.call_history)
             pool.ladder = ladder_of(self.settings)
@@ -420,7 +418,15 @@ class Daemon:
         self.settings = self.settings.model_copy(update=live)
         if POLICY_KEYS & live.keys():
             pool.governor.policy = policy_of(self.settings)
+        if SELECTION_KEYS & live.keys():
+            pool.rank = self._rank(self.settings)
         log.info("reload: applied %s", ", ".join(sorted(live)) or "no configuration change")
+
+    def _rank(self, settings: Settings) -> selection.Rank | None:
+        """The pool's ranking of `auto` models (None: `model_selection = false`, configured order)."""
+        if not settings.model_selection:
+            return None
+        return ranker(History(self.store.db, self.store.m), selection_of(settings), random.Random())
 
     def metrics(self) -> Metrics:
         """A metrics snapshot now, read from the store (called on the socket server's threads)."""

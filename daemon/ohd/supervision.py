@@ -25,10 +25,13 @@ log = logging.getLogger(__name__)
 # Settings a SIGHUP applies to the running daemon; any other changed key needs a restart
 # (database_url, state_dir, runtime_dir, repos, base_url, ...).
 POLICY_KEYS = frozenset({"free_rpm", "free_rpd", "rate_limits", "daily_limits", "quota_window_s",
-                         "quota_margin_s", "breaker_failures", "breaker_reset_s"})
+                         "quota_margin_s", "breaker_failures", "breaker_reset_s",
+                         "allow_paid", "paid_models", "daily_request_cap", "daily_cost_cap_usd"})
+SELECTION_KEYS = frozenset({"model_selection", "model_priors", "model_tags", "selection_epsilon",
+                            "selection_prior_calls", "selection_latency_ref_ms", "selection_history"})
 LADDER_KEYS = frozenset({"test_runs", "test_timeout_s", "test_python", "test_parallel", "rule_levels"})   # how candidates are judged
 LOG_KEYS = frozenset({"log_level", "log_format", "log_file"})
-LIVE_KEYS = frozenset({"workers", "models"}) | LOG_KEYS | POLICY_KEYS | LADDER_KEYS
+LIVE_KEYS = frozenset({"workers", "models"}) | LOG_KEYS | POLICY_KEYS | LADDER_KEYS | SELECTION_KEYS
 
 
 def summary(counts: Mapping[str, int], workers: Mapping[str, Any]) -> str:
