@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -488,3 +489,40 @@ def test_the_daemon_runs_rules_from_saves_without_looping_on_its_own_output(
         assert len(tasks("shop/pricing.py")) == 1 and len(tasks("shop/zz.py")) == 1
     finally:
         assert daemon.stop() == 0, (tmp_path / "daemon.log").read_text()[-3000:]
+
+
+def test_the_daemon_runs_a_held_rerun_when_the_running_task_ends_not_at_its_time_limit(
+        repo: Path, tmp_path: Path) -> None:
+    """A save while the rule's task runs holds one re-run; the daemon queues it once the first
+    ends (within a housekeeping tick), long before that task's 125 s time limit."""
+    from tests.e2e.helpers import DaemonProcess, daemon_env, fake_openrouter
+    from tests.e2e.test_daemon_e2e import ANSWER
+    from tests.support.waiting import wait_for
+
+    (repo / "tasks.d" / "reviews.yaml").write_text(
+        "type: review\ntarget: shop/pricing.py\non_change: ['shop/**/*.py']\n")
+    (tmp_path / "answer.md").write_text(ANSWER)
+    with fake_openrouter("--latency-ms", "3000", "--content-file", str(tmp_path / "answer.md")) as url:
+        env = daemon_env(tmp_path, tmp_path / "run", OPENROUTER_API_KEY="sk-test", OHD_BASE_URL=url,
+                         OHD_MODELS="fake/model-a:free", OHD_QUIET_S="0.3", OHD_WORKERS="2")
+        daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
+
+        def tasks() -> list[dict[str, Any]]:
+            return [t for t in daemon.json("tasks") if t["target"] == "shop/pricing.py"]
+
+        try:
+            wait_for(lambda: "rule tasks.d/reviews.yaml registered" in (tmp_path / "daemon.log").read_text(),
+                     timeout=30, what="the rule to be registered")
+            pricing = repo / "shop" / "pricing.py"
+            pricing.write_text(pricing.read_text() + "\nFIRST = 1\n")
+            wait_for(lambda: [t for t in tasks() if t["status"] == "running"], timeout=30, what="the first run")
+            pricing.write_text(pricing.read_text() + "\nSECOND = 2\n")
+            wait_for(lambda: len(tasks()) == 2, timeout=30, what="the held re-run")
+            assert sorted(t["status"] for t in tasks()) == ["pending", "running"]   # not beside the first
+            wait_for(lambda: [t["status"] for t in tasks()] == ["completed", "completed"], timeout=60,
+                     what="the re-run to follow the first (its hold would last 125 s)")
+            first, rerun = sorted(tasks(), key=lambda t: t["id"])
+        finally:
+            assert daemon.stop() == 0, (tmp_path / "daemon.log").read_text()[-3000:]
+    shown = [daemon.json("show", str(t["id"])) for t in (first, rerun)]
+    assert shown[1]["started_at"] >= shown[0]["finished_at"]                 # it followed, never beside
