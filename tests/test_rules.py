@@ -502,9 +502,10 @@ def test_the_daemon_runs_a_held_rerun_when_the_running_task_ends_not_at_its_time
     (repo / "tasks.d" / "reviews.yaml").write_text(
         "type: review\ntarget: shop/pricing.py\non_change: ['shop/**/*.py']\n")
     (tmp_path / "answer.md").write_text(ANSWER)
-    with fake_openrouter("--latency-ms", "3000", "--content-file", str(tmp_path / "answer.md")) as url:
+    with fake_openrouter("--latency-ms", "1500", "--content-file", str(tmp_path / "answer.md")) as url:
         env = daemon_env(tmp_path, tmp_path / "run", OPENROUTER_API_KEY="sk-test", OHD_BASE_URL=url,
-                         OHD_MODELS="fake/model-a:free", OHD_QUIET_S="0.3", OHD_WORKERS="2")
+                         OHD_MODELS="fake/model-a:free", OHD_QUIET_S="0.3", OHD_WORKERS="2",
+                         OHD_LEASE_S="2")      # housekeeping every lease_s / 2 = 1 s
         daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
 
         def tasks() -> list[dict[str, Any]]:
