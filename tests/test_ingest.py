@@ -77,6 +77,26 @@ def test_an_unknown_key_is_rejected_naming_the_field(ingestor: Ingestor, store: 
     assert store.list_tasks() == []
 
 
+def test_a_task_files_rule_levels_are_kept_and_unknown_rules_or_levels_rejected(
+        ingestor: Ingestor, store: Store, clock: FakeClock, repo: Path) -> None:
+    good = drop(repo, "strict.yaml", VALID + "rule_levels:\n  lint: error\n  coverage_delta: 'off'\n")
+    assert submit_and_run(ingestor, clock, repo, good) == 1
+    [task] = store.list_tasks()
+    assert task.rule_levels == {"lint": "error", "coverage_delta": "off"}
+    assert store.get_task(task.id).as_dict()["rule_levels"] == {"lint": "error", "coverage_delta": "off"}
+
+    typo = drop(repo, "typo.yaml", VALID + "rule_levels:\n  lynt: error\n")
+    assert submit_and_run(ingestor, clock, repo, typo) == 0
+    error = (repo / "tasks.d" / ".rejected" / "typo.yaml.error.txt").read_text()
+    assert "field 'rule_levels'" in error and "unknown rule(s) 'lynt'" in error and "coverage_delta" in error
+
+    level = drop(repo, "level.yaml", VALID + "rule_levels:\n  lint: fatal\n")
+    assert submit_and_run(ingestor, clock, repo, level) == 0
+    error = (repo / "tasks.d" / ".rejected" / "level.yaml.error.txt").read_text()
+    assert "rule_levels" in error and "'error', 'warning', 'info' or 'off'" in error
+    assert len(store.list_tasks()) == 1
+
+
 @pytest.mark.parametrize("target", ["shop/missing.py", "../x.py", "shop"])
 def test_a_target_that_is_missing_outside_or_not_a_file_is_rejected(
         ingestor: Ingestor, store: Store, clock: FakeClock, repo: Path, target: str) -> None:

@@ -273,3 +273,24 @@ def test_a_target_edited_during_the_run_is_run_again_on_the_new_content(
     assert task.status == "completed" and task.output_path == "tests/test_pricing.py", task.error
     [first, second] = prompts(server)
     assert "added_meanwhile" not in first and "added_meanwhile" in second
+
+
+def test_a_task_files_rule_levels_apply_over_the_configuration(repo: Path, store: Store, server: FakeOpenRouter,
+                                                                clock: FakeClock) -> None:
+    server.default = ok(FAILING)
+    task = run_task(repo, store, server, clock, max_attempts=1, rule_levels={"runs_green": "off"})
+    assert task.status == "completed" and task.output_path == "tests/test_pricing.py", task.error
+    report = report_of(repo, task)
+    assert report["verdict"]["test_run"] is None                      # switched off: not run at all
+    assert "runs_green" not in [r["rule"] for r in report["verdict"]["rules"]]
+
+    strict = run_task(repo, store, server, clock, max_attempts=1, output="tests/test_strict.py",
+                      rule_levels={"test_count": "error"})           # one test is too few now
+    assert strict.status == "failed" and "only 1 test(s)" in (strict.error or "")
+
+
+def test_a_task_naming_an_unknown_rule_fails_before_any_model_is_asked(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    task = run_task(repo, store, server, clock, rule_levels={"lynt": "error"})   # e.g. submitted over the socket
+    assert task.status == "failed" and "rule_levels" in (task.error or "") and "'lynt'" in (task.error or "")
+    assert server.completions() == []

@@ -17,7 +17,7 @@ SCHEMA = {
     "task": {"id", "repo", "type", "target", "description", "priority", "rank", "output", "models",
              "min_quality", "max_attempts", "timeout_s", "prompt", "source", "status", "attempts",
              "error", "output_path", "report_path", "created_at", "updated_at", "started_at",
-             "finished_at", "not_before", "lease_owner", "lease_until", "cancel_requested"},
+             "finished_at", "not_before", "lease_owner", "lease_until", "cancel_requested", "rule_levels"},
     "execution": {"id", "task_id", "attempt", "model", "started_at", "finished_at", "latency_ms",
                   "prompt_tokens", "completion_tokens", "cost", "outcome", "error_class", "error",
                   "score"},

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ohd import validate
 from ohd.clock import Clock
 from ohd.errors import TargetError, TaskFileError
 from ohd.outputs import resolve_inside
@@ -210,6 +211,7 @@ class Ingestor:
         """The spec of a one-shot task file; None after rejecting it or leaving a rule in place."""
         try:
             spec = parse_bytes(data, relpath)
+            check_rule_names(spec, relpath)
         except TaskFileError as exc:
             reject(path, str(exc))
             return None
@@ -244,6 +246,13 @@ class Ingestor:
         path.rename(dest)
         self.store.mark_moved(str(repo), sha)
         log.debug("%s moved to %s", path, dest)
+
+
+def check_rule_names(spec: TaskSpec, relpath: str) -> None:
+    """A task file's `rule_levels` must name rules that exist (the schema checks the levels)."""
+    if unknown := validate.unknown_rules(spec.rule_levels):
+        raise TaskFileError(relpath, f"unknown rule(s) {', '.join(map(repr, unknown))} "
+                                     f"(one of {', '.join(sorted(validate.RULES))})", field="rule_levels")
 
 
 def parse_bytes(data: bytes, relpath: str) -> TaskSpec:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ohd import lintrun, tasktypes, testrun, validate
 from ohd.taskfile import TaskType
-from ohd.errors import TestEnvironmentError
+from ohd.errors import TaskFileError, TestEnvironmentError
 from ohd.tasktypes import Job
 from ohd.validate import CoverageRun, Level, LintRun, PytestRun, RunStatus
 
@@ -72,6 +72,18 @@ def judge(repo: Path, job: Job, content: str, min_quality: float, ladder: Ladder
         log.info("candidate for %s: %s", job.output,
                  coverage.error or f"coverage {coverage.before} -> {coverage.after} of {coverage.statements} lines")
     return check(test_run=result, lint=lint, coverage=coverage)
+
+
+def for_task(ladder: Ladder, task_type: str, levels: Mapping[str, str]) -> Ladder:
+    """`ladder` with a task file's own rule levels over the configuration's for its type;
+    TaskFileError (field rule_levels) names an unknown rule or level."""
+    if not levels:
+        return ladder
+    try:
+        own = validate.parse_levels({task_type: levels}, (task_type,))[task_type]
+    except ValueError as exc:
+        raise TaskFileError("the task", str(exc).split(": ", 1)[-1], field="rule_levels") from None
+    return replace(ladder, levels={**ladder.levels, task_type: {**ladder.levels.get(task_type, {}), **own}})
 
 
 def ready(repo: Path, job: Job, ladder: Ladder) -> None:

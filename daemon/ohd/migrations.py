@@ -199,6 +199,14 @@ def model_call(db: peewee.Database) -> None:
     db.create_tables([ModelCall], safe=False)
 
 
+def task_rule_levels(db: peewee.Database) -> None:
+    """task gains rule_levels: the task file's own validation rule levels (JSON; NULL: none)."""
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as alter
+
+    alter(SchemaMigrator.from_database(db).add_column("task", "rule_levels", peewee.TextField(null=True)))
+
+
 # The history, oldest first. Append only.
 MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     ("0001_initial_schema", initial_schema),
@@ -206,6 +214,7 @@ MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     ("0003_standing_rules", standing_rules),
     ("0004_execution_score", execution_score),
     ("0005_model_call", model_call),
+    ("0006_task_rule_levels", task_rule_levels),
 )
 
 

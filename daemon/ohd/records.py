@@ -11,7 +11,7 @@ naive UTC in the database.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -67,6 +67,7 @@ class Task:
     lease_owner: str | None
     lease_until: datetime | None
     cancel_requested: bool
+    rule_levels: dict[str, str] = field(default_factory=dict)   # rule -> level, over the configuration's
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: ISO datetimes, models as a list."""
@@ -157,6 +158,7 @@ class TaskRow(peewee.Model):
     lease_owner = peewee.CharField(null=True)
     lease_until = UtcDateTimeField(null=True)
     cancel_requested = peewee.BooleanField()
+    rule_levels = peewee.TextField(null=True)
 
 
 class ExecutionRow(peewee.Model):
@@ -238,6 +240,7 @@ def task_from_row(row: dict[str, Any]) -> Task:
     values = {name: row[name] for name in _TASK_FIELDS}
     values["models"] = tuple(json.loads(row["models"]))
     values["cancel_requested"] = bool(row["cancel_requested"])
+    values["rule_levels"] = json.loads(row["rule_levels"]) if row.get("rule_levels") else {}
     return Task(**values)
 
 

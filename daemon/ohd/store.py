@@ -102,7 +102,8 @@ class Store:
                "models": json.dumps(list(spec.models)), "min_quality": spec.min_quality,
                "max_attempts": spec.max_attempts, "timeout_s": spec.timeout_s, "prompt": spec.prompt,
                "source": source, "status": TaskStatus.QUEUED.value, "attempts": 0, "created_at": now,
-               "updated_at": now, "cancel_requested": False}
+               "updated_at": now, "cancel_requested": False,
+               "rule_levels": json.dumps(spec.rule_levels, sort_keys=True) if spec.rule_levels else None}
         return int(self.m.task.insert(**row).execute())
 
     def ingest_file(self, repo: str, relpath: str, sha256: str, spec: TaskSpec, now: datetime) -> int:

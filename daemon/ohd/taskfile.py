@@ -13,7 +13,7 @@ import logging
 import posixpath
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 import yaml
@@ -104,6 +104,10 @@ class TaskSpec(pydantic.BaseModel, extra="forbid", frozen=True):
     timeout_s: float = Field(default=120.0, gt=0.0, le=3600.0, strict=True,
                              description="the whole task's time limit, in seconds")
     prompt: str | None = Field(default=None, description="the prompt, for `type: custom` (required there)")
+    rule_levels: dict[str, Literal["error", "warning", "info", "off"]] = Field(
+        default_factory=dict, description="this task's validation rule levels over the configuration's "
+                                          "`rule_levels`, e.g. `{lint: error, coverage_delta: off}` "
+                                          "(see What happens to a task)")
     schedule: str | None = Field(default=None, description="a standing rule: a 5-field cron expression, "
                                                            "in `timezone` (see Standing rules)")
     on_change: list[str] | None = Field(default=None, min_length=1,

@@ -11,7 +11,7 @@ import ast
 import fnmatch
 import logging
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
@@ -58,6 +58,11 @@ def levels_for(task_type: str, overrides: LevelTable | None = None) -> dict[str,
     ("*" first, then the task type's own entries)."""
     overrides = overrides or {}
     return {**LEVELS["*"], **LEVELS.get(task_type, {}), **overrides.get("*", {}), **overrides.get(task_type, {})}
+
+
+def unknown_rules(names: Iterable[str]) -> list[str]:
+    """The names among `names` that are no rule (sorted), for a clear error."""
+    return sorted(set(names) - RULES)
 
 
 def parse_levels(raw: Mapping[str, Mapping[str, str]], task_types: tuple[str, ...]) -> dict[str, dict[str, Level | None]]:

@@ -245,7 +245,7 @@ class Pool:
         job = Job(task_type=task_type, target=task.target, source=source,
                   module=tasktypes.module_name(task.target, is_package), output=output,
                   description=task.description, prompt=task.prompt, context=context)
-        ladder.ready(repo, job, self.ladder)      # no model is asked for tests that cannot be run
+        ladder.ready(repo, job, ladder.for_task(self.ladder, task.type, task.rule_levels))  # before any model
         return Run(task=task, repo=repo, job=job, attempts=task.attempts)
 
     async def _attempts(self, run: Run) -> Outcome:
@@ -317,7 +317,8 @@ class Pool:
         a possible bug is kept for the report, the same error twice moves on to the next model."""
         started = self.clock.now()
         verdict = run.verdict = await asyncio.to_thread(
-            ladder.judge, run.repo, run.job, content, run.task.min_quality, self.ladder)
+            ladder.judge, run.repo, run.job, content, run.task.min_quality,
+            ladder.for_task(self.ladder, run.task.type, run.task.rule_levels))
         completion: Completion = run.history[-1]["completion"]
         outcome = "accepted" if verdict.accepted else "rejected"
         await self._record(run, model, started, completion, outcome, None, verdict)
