@@ -42,6 +42,10 @@ def test_validate_reports_each_file(tmp_path: Path, capsys: pytest.CaptureFixtur
     results = json.loads(capsys.readouterr().out)
     assert results[0]["ok"] is True
     assert results[1]["ok"] is False and "priority" in results[1]["error"] and ":3" in results[1]["error"]
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("type: review\ntarget: src/a.py\nrule_levels:\n  lynt: error\n")
+    assert main(["validate", "--json", str(typo)]) == 1
+    assert "unknown rule(s) 'lynt'" in json.loads(capsys.readouterr().out)[0]["error"]
 
 
 def test_schema_is_json_schema_of_a_task_file(capsys: pytest.CaptureFixture[str]) -> None:
