@@ -221,3 +221,20 @@ def test_a_defect_in_ohd_fails_the_task_at_once_and_the_next_task_runs(
     assert "internal error in ohd (SystemError: AST constructor" in (broken.error or "")
     assert f"ohd retry {first}" in (broken.error or "")
     assert store.get_task(second).status == "completed"
+
+
+def test_a_full_disk_fails_the_task_saying_so_and_leaves_the_old_file(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    def disk_full(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    task_id = store.enqueue(str(repo), spec(), clock.now())
+    monkeypatch.setattr(os, "replace", disk_full)
+    run_pool(store, server, clock, ["m"])
+    task = store.get_task(task_id)
+    assert task.status == "failed" and "No space left on device" in (task.error or "")
+    assert "internal error" not in (task.error or "") and task.lease_owner is None
+    assert not (repo / "tests" / "test_pricing.py").exists()
+    assert [e.outcome for e in store.executions(task_id)] == ["accepted"]      # what the model did is kept

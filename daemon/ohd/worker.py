@@ -201,6 +201,9 @@ class Pool:
                 return await work
         except TimeoutError:
             return Outcome(TaskStatus.FAILED, error=f"timed out after {claim.task.timeout_s:g}s")
+        except OhdError as exc:    # e.g. the output cannot be written (a full disk): the task says why
+            log.error("task %d: %s", claim.task.id, exc)
+            return Outcome(TaskStatus.FAILED, error=str(exc))
         except Exception as exc:   # a defect in ohd: say so now, not when the lease runs out
             log.exception("task %d: internal error", claim.task.id)
             return Outcome(TaskStatus.FAILED, error=f"internal error in ohd ({type(exc).__name__}: {exc}); "
