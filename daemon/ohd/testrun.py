@@ -190,23 +190,19 @@ def _run(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float,
     """Exit code (None: killed at the timeout, with its process group) and combined output;
     with `slots`, the process starts once a slot is free (the timeout counts from then)."""
     with slots or contextlib.nullcontext():
-        return _run_now(command, cwd, env, timeout_s)
-
-
-def _run_now(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float) -> tuple[int | None, str]:
-    proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _kill(proc)
-        out, _ = proc.communicate()
-        return None, out
-    except BaseException:
-        _kill(proc)
-        proc.communicate()
-        raise
-    return proc.returncode, out
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+            out, _ = proc.communicate()
+            return None, out
+        except BaseException:
+            _kill(proc)
+            proc.communicate()
+            raise
+        return proc.returncode, out
 
 
 # -- coverage_delta ---------------------------------------------------------------------
