@@ -19,7 +19,7 @@ from ohd import lintrun, tasktypes, testrun, validate
 from ohd.taskfile import TaskType
 from ohd.errors import TaskFileError, TestEnvironmentError
 from ohd.tasktypes import Job
-from ohd.validate import CoverageRun, Level, LintRun, PytestRun, RunStatus
+from ohd.validate import CoverageRun, LintRun, PytestRun, RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +29,12 @@ class Ladder:
     """How candidates are judged: pytest runs, the rule levels per task type, the optional tools."""
 
     tests: testrun.Options = testrun.Options()
-    levels: Mapping[str, Mapping[str, Level | None]] = field(default_factory=dict)   # validate.LevelTable
+    levels: validate.LevelTable = field(default_factory=dict)    # task type (or "*") -> rule -> level
     ruff: str | None = None        # the ruff executable (None: no lint rule)
     coverage: bool = False         # measure coverage_delta where the test interpreter has coverage.py
 
     @classmethod
-    def detect(cls, tests: testrun.Options, levels: Mapping[str, Mapping[str, Level | None]]) -> Ladder:
+    def detect(cls, tests: testrun.Options, levels: validate.LevelTable) -> Ladder:
         """With ruff if it is installed here, and coverage_delta wherever coverage.py is."""
         return cls(tests=tests, levels=levels, ruff=lintrun.find_ruff(), coverage=True)
 
