@@ -28,14 +28,8 @@ from ohd.worker import Pool
 from tests.support.clock import FakeClock
 from tests.support.databases import open_store
 from tests.support.fake_openrouter import FakeOpenRouter, ok, rate_limited, server_error
+from tests.support.governed import GOOD
 
-GOOD = """```python
-from shop.pricing import total
-
-
-def test_total_sums() -> None:
-    assert total([1.0, 2.0]) == 3.0
-```"""
 S = timedelta(seconds=1)
 AB = ["model-a", "model-b"]
 

@@ -35,15 +35,9 @@ from ohd.worker import Pool
 from tests.support.clock import FakeClock
 from tests.support.fake_openrouter import FakeOpenRouter, error, ok, rate_limited, server_error, slow
 from tests.support.waiting import wait_for
+from tests.support.governed import GOOD
 
 KEY = "sk-or-v1-logging-events-0123456789"
-GOOD = """```python
-from shop.pricing import total
-
-
-def test_total_sums() -> None:
-    assert total([1.0, 2.0]) == 3.0
-```"""
 TASK_FILE = "type: unit_test\ntarget: shop/pricing.py\noutput: tests/test_{n}.py\n"
 
 

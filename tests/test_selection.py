@@ -32,14 +32,8 @@ from ohd.tasktypes import Job
 from ohd.worker import Pool
 from tests.support.clock import FakeClock
 from tests.support.fake_openrouter import FakeOpenRouter, ok
+from tests.support.governed import GOOD
 
-GOOD = """```python
-from shop.pricing import total
-
-
-def test_total_sums() -> None:
-    assert total([1.0, 2.0]) == 3.0
-```"""
 BAD = """```python
 x = 1
 ```"""     # no test function: the validator rejects it
