@@ -71,7 +71,7 @@ def run(store: Store, server: FakeOpenRouter, clock: Clock, models: list[str], *
 async def _run_until(pool: Pool, store: Store, finished: int) -> None:
     stop = asyncio.Event()
     runner = asyncio.create_task(pool.run(stop, grace_s=5))
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 120     # a bound on a hang, not a speed goal: the ladder runs pytest
     while time.monotonic() < deadline:
         counts = await asyncio.to_thread(store.counts)
         if counts["completed"] + counts["failed"] >= finished:
@@ -219,13 +219,16 @@ def test_the_pool_wakes_itself_at_the_deferral_instant(repo: Path, store: Store,
     clock = SystemClock()
     server.script("m", [rate_limited(retry_after=1)])
     [task_id] = submit(store, repo, clock)
-    started = time.monotonic()
     run(store, server, clock, ["m"], forever=1, hold_s=0.0)
     task = store.get_task(task_id)
     assert task.status == "completed"
     assert task.finished_at is not None
-    assert 1.0 <= time.monotonic() - started < 3.0
-    assert [r.status for r in server.completions()] == [429, 200]
+    first, second = server.completions()
+    assert [first.status, second.status] == [429, 200]
+    # Nothing else promotes a pending task here, so without the pool's timer there is no
+    # second request at all. The gap between the two arrivals is the wait and the wake-up
+    # alone (no pytest run), so a loaded machine stretches it a little, not by seconds.
+    assert 1.0 <= second.at - first.at < 6.0
 
 
 
