@@ -20,7 +20,7 @@ SCHEMA = {
              "finished_at", "not_before", "lease_owner", "lease_until", "cancel_requested", "rule_levels"},
     "execution": {"id", "task_id", "attempt", "model", "started_at", "finished_at", "latency_ms",
                   "prompt_tokens", "completion_tokens", "cost", "outcome", "error_class", "error",
-                  "score"},
+                  "score", "validation_ms"},
     "ingested_file": {"id", "repo", "relpath", "sha256", "task_id", "ingested_at", "pending_key"},
     "written_file": {"id", "repo", "path", "sha256", "task_id", "written_at"},
     "model_state": {"model", "state", "cooldown_until", "dead", "failures", "updated_at", "opened_at",

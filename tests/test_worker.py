@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from ohd import ladder
+from ohd import ladder, views
 from ohd.clock import SystemClock
 from ohd.llm import Completion, ModelClient
 from ohd.store import Store
@@ -102,6 +102,24 @@ def test_accepted_answer_is_written_with_report_and_execution(repo: Path, store:
     assert report["task"]["status"] == "completed"
     [execution] = store.executions(task_id)
     assert (execution.model, execution.outcome, execution.prompt_tokens) == ("model-a", "accepted", 100)
+
+
+SLOW_TESTS = GOOD.replace("def test_total_sums() -> None:\n",
+                          "def test_total_sums() -> None:\n    import time\n    time.sleep(1.5)\n")
+
+
+def test_an_answer_records_the_calls_own_latency_and_the_validation_time_beside_it(
+        repo: Path, store: Store, server: FakeOpenRouter) -> None:
+    server.latency_s = 0.3                 # the model answers in 300 ms; its tests take 2 x 1.5 s to run
+    server.default = ok(SLOW_TESTS)
+    task_id = store.enqueue(str(repo), spec(), SystemClock().now())
+    run_pool(store, server, SystemClock(), ["model-a"])
+    assert store.get_task(task_id).status == "completed", store.get_task(task_id).error
+    [execution] = store.executions(task_id)
+    assert execution.validation_ms is not None and execution.validation_ms >= 3000
+    assert 300 <= execution.latency_ms < execution.validation_ms
+    line = views.task_text(store.get_task(task_id).as_dict() | {"executions": [execution.as_dict()]})
+    assert f"{execution.latency_ms} ms" in line and f"validated in {execution.validation_ms} ms" in line
 
 
 def test_429_moves_to_the_next_model_without_spending_an_attempt(repo: Path, store: Store,

@@ -207,6 +207,15 @@ def task_rule_levels(db: peewee.Database) -> None:
     alter(SchemaMigrator.from_database(db).add_column("task", "rule_levels", peewee.TextField(null=True)))
 
 
+def execution_validation_ms(db: peewee.Database) -> None:
+    """execution gains validation_ms: how long judging its answer took (NULL when it got no verdict),
+    so latency_ms is the model call's own time."""
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as alter
+
+    alter(SchemaMigrator.from_database(db).add_column("execution", "validation_ms", peewee.IntegerField(null=True)))
+
+
 # The history, oldest first. Append only.
 MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     ("0001_initial_schema", initial_schema),
@@ -215,6 +224,7 @@ MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     ("0004_execution_score", execution_score),
     ("0005_model_call", model_call),
     ("0006_task_rule_levels", task_rule_levels),
+    ("0007_execution_validation_ms", execution_validation_ms),
 )
 
 

@@ -97,6 +97,7 @@ class Execution:
     error_class: str | None
     error: str | None
     score: float | None = None        # the validation score, when the result got a verdict
+    validation_ms: int | None = None  # how long judging the answer took (latency_ms is the call's own)
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: _iso(getattr(self, f.name)) for f in fields(self)}
@@ -176,6 +177,7 @@ class ExecutionRow(peewee.Model):
     error_class = peewee.CharField(null=True)
     error = peewee.TextField(null=True)
     score = peewee.FloatField(null=True)
+    validation_ms = peewee.IntegerField(null=True)
 
 
 class IngestedFileRow(peewee.Model):

@@ -272,16 +272,20 @@ class Store:
     def record_execution(self, task_id: int, attempt: int, model: str, started_at: datetime,
                          finished_at: datetime, prompt_tokens: int, completion_tokens: int,
                          cost: float | None, outcome: str, error_class: str | None = None,
-                         error: str | None = None, score: float | None = None) -> int:
-        """One model call, successful or not; latency derived from the two instants; `score`
-        is the validation score of its result (None when it got no verdict)."""
-        latency_ms = max(0, round((finished_at - started_at).total_seconds() * 1000))
+                         error: str | None = None, score: float | None = None, *,
+                         latency_ms: int | None = None, validation_ms: int | None = None) -> int:
+        """One model call, successful or not. `latency_ms` is the call's own time (None: derived
+        from the two instants); `score` and `validation_ms` are its result's validation score and
+        how long judging it took (None when it got no verdict)."""
+        if latency_ms is None:
+            latency_ms = round((finished_at - started_at).total_seconds() * 1000)
         with self._write():
             return int(self.m.execution.insert(
                 task_id=task_id, attempt=attempt, model=model, started_at=started_at,
-                finished_at=finished_at, latency_ms=latency_ms, prompt_tokens=prompt_tokens,
+                finished_at=finished_at, latency_ms=max(0, latency_ms), prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens, cost=cost, outcome=outcome,
-                error_class=error_class, error=error, score=score).execute())
+                error_class=error_class, error=error, score=score,
+                validation_ms=None if validation_ms is None else max(0, validation_ms)).execute())
 
     # -- user actions ----------------------------------------------------------------
 

@@ -111,7 +111,8 @@ def _execution_line(e: dict[str, Any]) -> str:
     cost = e.get("cost")
     line = (f"#{e.get('attempt', '?')} {e['model']}: {e['outcome']}, {e.get('latency_ms', 0)} ms, "
             f"{e.get('prompt_tokens', 0)}+{e.get('completion_tokens', 0)} tokens"
-            + (f", ${cost:.6f}" if isinstance(cost, (int, float)) else ""))
+            + (f", ${cost:.6f}" if isinstance(cost, (int, float)) else "")
+            + (f", validated in {e['validation_ms']} ms" if e.get("validation_ms") is not None else ""))
     if e.get("error"):
         line += f" ({e['error']})"
     return line

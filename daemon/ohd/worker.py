@@ -16,6 +16,7 @@ OpenRouter client or the offline provider) and never reads configuration.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
@@ -312,19 +313,21 @@ class Pool:
             exc.model = completion.model or model
             await self._record(run, model, started, completion, "malformed", exc)
             raise
-        run.history.append({"model": completion.model or model, "completion": completion})
+        run.history.append({"model": completion.model or model, "completion": completion, "started": started})
         return content
 
     async def _judge(self, run: Run, model: str, content: str, candidates: list[str]) -> Outcome | None:
         """Validate (a unit_test candidate is run with pytest); a rejection feeds the next prompt,
         a possible bug is kept for the report, the same error twice moves on to the next model."""
-        started = self.clock.now()
+        judging = self.clock.monotonic()
         verdict = run.verdict = await asyncio.to_thread(
             ladder.judge, run.repo, run.job, content, run.task.min_quality,
             ladder.for_task(self.ladder, run.task.type, run.task.rule_levels))
-        completion: Completion = run.history[-1]["completion"]
+        validation_ms = round((self.clock.monotonic() - judging) * 1000)
+        answered = run.history[-1]
         outcome = "accepted" if verdict.accepted else "rejected"
-        await self._record(run, model, started, completion, outcome, None, verdict)
+        await self._record(run, model, answered["started"], answered["completion"], outcome, None, verdict,
+                           validation_ms)
         if not verdict.accepted:
             run.quarantined = (content, verdict) if verdict.possible_bug() else run.quarantined
             run.job = tasktypes.with_feedback(run.job, verdict.prompt_feedback())
@@ -377,12 +380,16 @@ class Pool:
                      extra={"task_id": task.id, "status": outcome.status.value})
 
     async def _record(self, run: Run, model: str, started: datetime, completion: Completion | None,
-                      outcome: str, exc: ModelError | None, verdict: validate.Verdict | None = None) -> None:
-        await self._store(
+                      outcome: str, exc: ModelError | None, verdict: validate.Verdict | None = None,
+                      validation_ms: int | None = None) -> None:
+        """One execution row: latency is the call's own (the answer's, else the call's span), never
+        the validation's, which is recorded beside it."""
+        await self._store(functools.partial(
             self.store.record_execution, run.task.id, run.attempts, model, started, self.clock.now(),
             completion.prompt_tokens if completion else 0, completion.completion_tokens if completion else 0,
             completion.cost if completion else None, outcome,
-            exc.error_class if exc else None, str(exc) if exc else None, verdict.score if verdict else None)
+            exc.error_class if exc else None, str(exc) if exc else None, verdict.score if verdict else None,
+            latency_ms=completion.latency_ms if completion else None, validation_ms=validation_ms))
 
     async def _watch(self, claim: Claim, work: asyncio.Task[Outcome]) -> None:
         """Extend the lease while the task runs; stop the work if it was cancelled or lost."""
