@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -12,7 +12,9 @@ from ohd.errors import TargetError
 from ohd.outputs import (
     apply,
     atomic_write,
+    check_output,
     current_sha,
+    is_report_path,
     plan,
     read_source,
     report_paths,
@@ -244,3 +246,25 @@ def test_report_paths_sit_beside_the_source(tmp_path: Path) -> None:
 def test_report_paths_refuse_escaping_targets(tmp_path: Path) -> None:
     with pytest.raises(TargetError):
         report_paths(tmp_path, "../x.py", "review")
+
+
+@pytest.mark.parametrize(("rel", "is_report"), [
+    ("src/app/.ohd/auth.py.unit_test.json", True),
+    ("src/app/.ohd/auth.py.review.md", True),
+    ("src/app/.ohd/auth.py.custom.12.md", True),
+    ("src/app/.ohd/reviews/auth.py.md", False),
+    ("src/app/.ohd/notes.md", False),
+    ("src/app/auth.py.review.md", False),
+    ("tests/test_auth.py", False),
+])
+def test_is_report_path(rel: str, is_report: bool) -> None:
+    assert is_report_path(PurePosixPath(rel)) is is_report
+
+
+def test_check_output_refuses_a_report_path_also_through_a_symlink(tree: Path) -> None:
+    (tree / ".ohd").mkdir()
+    (tree / "link.md").symlink_to(tree / ".ohd" / "a.py.review.md")
+    for rel in (".ohd/a.py.review.md", "link.md"):
+        with pytest.raises(TargetError, match="reports"):
+            check_output(tree, rel)
+    assert check_output(tree, ".ohd/reviews/a.py.md") == tree.resolve() / ".ohd/reviews/a.py.md"

@@ -31,8 +31,8 @@ def packages(*dirs: str) -> object:
     (TaskType.UNIT_TEST, "src/app/auth.py", False, "src/app/test_auth.py"),
     (TaskType.UNIT_TEST, "auth.py", False, "test_auth.py"),
     (TaskType.DOCSTRING, "src/app/auth.py", True, "src/app/auth.py"),
-    (TaskType.REVIEW, "src/app/auth.py", True, "src/app/.ohd/auth.py.review.md"),
-    (TaskType.REVIEW, "auth.py", False, ".ohd/auth.py.review.md"),
+    (TaskType.REVIEW, "src/app/auth.py", True, "src/app/.ohd/reviews/auth.py.md"),
+    (TaskType.REVIEW, "auth.py", False, ".ohd/reviews/auth.py.md"),
 ])
 def test_default_output_per_type(task_type: TaskType, target: str, has_tests: bool, expected: str) -> None:
     assert default_output(task_type, target, has_tests) == expected

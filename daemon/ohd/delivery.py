@@ -55,7 +55,7 @@ def deliver(store: Store, run: Run, content: str, now: datetime) -> Outcome:
     """Write the accepted output (never over the user's edits) and the report."""
     if is_stale(run):
         return Outcome(TaskStatus.RUNNING, stale=True)
-    intended = outputs.resolve_inside(run.repo, run.job.output)
+    intended = outputs.check_output(run.repo, run.job.output)
     written = store.written_hash(run.task.repo, run.job.output)
     plan = outputs.plan(intended, content, outputs.current_sha(intended), written)
     if not plan.unchanged and not plan.conflict:

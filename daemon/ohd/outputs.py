@@ -14,12 +14,13 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ohd.errors import TargetError
-from ohd.taskfile import check_relpath
+from ohd.taskfile import TaskType, check_relpath
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,8 @@ OHD_NEW_SUFFIX = ".ohd-new"
 REPORT_DIR = ".ohd"
 _SNIFF_BYTES = 8192
 _NEW_FILE_MODE = 0o644
+# `<file>.<type>.json|md` (a target's latest report) and `<file>.<type>.<task id>.json|md`
+_REPORT_NAME = re.compile(r".+\.(?:%s)(?:\.\d+)?\.(?:json|md)" % "|".join(t.value for t in TaskType))
 
 
 def resolve_inside(repo: Path, rel: str) -> Path:
@@ -45,6 +48,20 @@ def resolve_inside(repo: Path, rel: str) -> Path:
     if not inner:
         raise TargetError(rel, "names the repo root, not a file")
     return path
+
+
+def check_output(repo: Path, rel: str) -> Path:
+    """`resolve_inside`, and TargetError if ohd writes its reports there (an output never replaces one)."""
+    path = resolve_inside(repo, rel)
+    if is_report_path(path):
+        raise TargetError(rel, f"is where ohd writes its reports (`{REPORT_DIR}/<file>.<type>.json|md` "
+                               "beside the source); give the task another output")
+    return path
+
+
+def is_report_path(path: PurePosixPath | Path) -> bool:
+    """Whether `path` has the name and folder of a report (any target's, any task's)."""
+    return path.parent.name == REPORT_DIR and _REPORT_NAME.fullmatch(path.name) is not None
 
 
 def read_source(repo: Path, rel: str, max_bytes: int = 1_000_000) -> str:

@@ -92,7 +92,7 @@ class TaskSpec(pydantic.BaseModel, extra="forbid", frozen=True):
         default=None, json_schema_extra={"default_text": "per type"},
         description="where the result goes, relative to the repo root. Default: `unit_test` "
                     "`tests/test_<module>.py` when the repo has `tests/`, else `test_<module>.py` beside "
-                    "the source; `docstring` the target itself; `review` `.ohd/<file>.review.md` beside "
+                    "the source; `docstring` the target itself; `review` `.ohd/reviews/<file>.md` beside "
                     "the source; `custom` has none (required there)")
     models: list[str] = Field(default_factory=lambda: ["auto"], min_length=1,
                               description="model ids tried in order; `auto` = the configured list, "

@@ -58,8 +58,9 @@ def default_output(task_type: TaskType, target: str, has_tests_dir: bool) -> str
     """The repo-relative output path a task gets when its file names none.
 
     unit_test: `tests/test_<stem>.py` (or beside the source without a `tests/` dir);
-    docstring: the target itself; review: `<dir>/.ohd/<name>.review.md`; custom has no
-    default (`TaskFileError` on field 'output').
+    docstring: the target itself; review: `<dir>/.ohd/reviews/<name>.md` (not
+    `.ohd/<name>.review.md`: that is the task's report); custom has no default
+    (`TaskFileError` on field 'output').
     """
     directory, name = posixpath.split(target)
     stem = posixpath.splitext(name)[0]
@@ -68,7 +69,7 @@ def default_output(task_type: TaskType, target: str, has_tests_dir: bool) -> str
     if task_type is TaskType.DOCSTRING:
         return target
     if task_type is TaskType.REVIEW:
-        return posixpath.join(directory, ".ohd", f"{name}.review.md")
+        return posixpath.join(directory, ".ohd", "reviews", f"{name}.md")
     raise TaskFileError("<task>", "a custom task needs an explicit output path", field="output")
 
 

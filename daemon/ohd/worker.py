@@ -244,7 +244,7 @@ class Pool:
         task_type = TaskType(task.type)
         is_package = lambda rel: (repo / rel / "__init__.py").is_file()  # noqa: E731
         output = task.output or tasktypes.default_output(task_type, task.target, (repo / "tests").is_dir())
-        outputs.resolve_inside(repo, output)
+        outputs.check_output(repo, output)
         context = outputs.related(repo, output) if task_type is TaskType.UNIT_TEST else ()
         job = Job(task_type=task_type, target=task.target, source=source,
                   module=tasktypes.module_name(task.target, is_package), output=output,
