@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import subprocess
 import sys
 import textwrap
@@ -12,9 +13,13 @@ import pytest
 
 from ohd import offline, validate
 from ohd.errors import MalformedAnswer
-from ohd.taskfile import TaskType
+from ohd.llm import Completion, OfflineProvider
+from ohd.store import Store
+from ohd.taskfile import TaskSpec, TaskType
 from ohd.tasktypes import Job, extract
-from tests.support.gitrepo import PRICING
+from ohd.worker import Pool
+from tests.support.clock import FakeClock
+from tests.support.gitrepo import PRICING, git
 
 
 def unit_job(source: str, module: str = "mod", output: str = "test_mod.py") -> Job:
@@ -59,7 +64,7 @@ def test_tests_for_the_demo_module_pass_in_the_real_repo(repo: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_pricing.py"],
                           cwd=repo, check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "import shop.pricing as target" in tests and every_test_asserts(tests)
+    assert "target = importlib.import_module('shop.pricing')" in tests and every_test_asserts(tests)
     assert {"test_total_guard_raises_valueerror", "test_Cart_add_guard_raises_valueerror",
             "test_Cart_instantiates_without_arguments"} <= set(collected_names(tests))
     assert f"{len(collected_names(tests))} passed" in done.stdout
@@ -398,3 +403,51 @@ def test_custom_task_gets_a_note_that_free_prompts_need_a_model() -> None:
     reply = offline.answer(job)
     assert "cannot answer free prompts" in reply and "Summarise this '''module''' for new people" in reply
     assert extract(TaskType.CUSTOM, reply) == reply.strip() + "\n"
+
+
+# --- through the ladder: a real repo, real pytest, the worker pool -------------------------
+
+
+REEXPORTS = {
+    # `from .mod import *` binds the function `mod` over the submodule's attribute
+    "star": ({"star/__init__.py": "from .mod import *\n",
+              "star/mod.py": "def mod(x):\n    if x is None:\n        raise ValueError('x')\n    return x\n"},
+             "star/mod.py"),
+    # `from .__version__ import __version__` binds the string over the submodule
+    "version": ({"version/__init__.py": "from .__version__ import __version__\n",
+                 "version/__version__.py": '__version__ = "1.2.3"\n\n\ndef parts(v):\n    return v.split(".")\n'},
+                "version/__version__.py"),
+}
+
+
+def run_offline_pool(store: Store, clock: FakeClock) -> Pool:
+    """The pool with the offline provider, as the daemon wires it without an API key."""
+    provider = OfflineProvider(clock)
+
+    async def call(model: str, messages: list[dict[str, str]], timeout_s: float, job: Job) -> Completion:
+        return await provider.complete(model, messages, timeout_s, job)
+
+    async def main() -> Pool:
+        pool = Pool(store, call, clock, models=["offline"], size=1)
+        await pool.run_until_idle()
+        return pool
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("shape", sorted(REEXPORTS))
+def test_a_package_that_reexports_the_submodules_name_gets_passing_tests(
+        shape: str, repo: Path, store: Store, clock: FakeClock) -> None:
+    files, target = REEXPORTS[shape]
+    for rel, text in files.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(text)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", shape)
+    task_id = store.enqueue(str(repo), TaskSpec.model_validate({"type": "unit_test", "target": target}),
+                            clock.now())
+    run_offline_pool(store, clock)
+    task = store.get_task(task_id)
+    assert (task.status, task.error) == ("completed", None)
+    assert task.output_path is not None and (repo / task.output_path).is_file()
+    assert [e.outcome for e in store.executions(task_id)] == ["accepted"]

@@ -116,9 +116,11 @@ def test_score_below_min_quality_rejects_even_without_errors() -> None:
 
 def test_imports_target_forms() -> None:
     for src in ("import app.auth", "from app.auth import login", "from app import auth",
-                "import app.auth.sub as s"):
+                "import app.auth.sub as s", "t = importlib.import_module('app.auth')",
+                "t = import_module('app.auth.sub')"):
         assert imports_module(ast.parse(src), "app.auth"), src
-    for src in ("import app", "from app import other", "from . import auth", "import app_auth"):
+    for src in ("import app", "from app import other", "from . import auth", "import app_auth",
+                "t = importlib.import_module('app')", "t = importlib.import_module(name)"):
         assert not imports_module(ast.parse(src), "app.auth"), src
 
 

@@ -58,7 +58,25 @@ def imported_names(tree: ast.Module, module: str) -> set[str]:
             for alias in node.names:
                 if inside or (node.module == parent and alias.name == leaf):
                     bound.add(alias.asname or alias.name)
+    bound |= {name for name, imported in dynamic_imports(tree)
+              if imported == module or imported.startswith(module + ".")}
     return bound
+
+
+def dynamic_imports(tree: ast.Module) -> list[tuple[str, str]]:
+    """(name, module) for each top-level `name = importlib.import_module("dotted.name")`: the
+    module object itself, which `import pkg.mod as name` is not when `pkg` rebinds `mod`."""
+    found: list[tuple[str, str]] = []
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and isinstance(call := node.value, ast.Call) and len(call.args) == 1 and not call.keywords
+                and isinstance(arg := call.args[0], ast.Constant) and isinstance(arg.value, str)):
+            continue
+        func = call.func
+        if (isinstance(func, ast.Attribute) and func.attr == "import_module" and isinstance(func.value, ast.Name)
+                and func.value.id == "importlib") or (isinstance(func, ast.Name) and func.id == "import_module"):
+            found.append((node.targets[0].id, arg.value))
+    return found
 
 
 def target_names(tree: ast.Module, module: str) -> set[str]:

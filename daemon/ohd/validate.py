@@ -428,7 +428,7 @@ def imports_module(tree: ast.Module, module: str) -> bool:
                 return True
             if node.module == parent and any(alias.name == leaf for alias in node.names):
                 return True
-    return False
+    return any(_within(imported, module) for _, imported in astrules.dynamic_imports(tree))
 
 
 def _within(name: str, module: str) -> bool:

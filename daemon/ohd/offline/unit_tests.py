@@ -82,9 +82,11 @@ def render(module: str, tests: _Tests) -> str:
            "No language model was asked (no API key is configured). Each test asserts only what\n"
            "can be read from the source itself; extend them with real cases.\n"
            '"""')
-    stdlib = "\n".join(f"import {name}" for name in sorted(tests.imports - {"pytest"}))
+    stdlib = "\n".join(f"import {name}" for name in sorted((tests.imports | {"importlib"}) - {"pytest"}))
     imports = stdlib + ("\n\nimport pytest" if "pytest" in tests.imports else "")
-    header = "\n\n".join([doc, imports, f"import {module} as target"])
+    # the module object itself: `import pkg.mod as target` binds `pkg.mod` the attribute, which
+    # a package's `from .mod import *` (mod defining `mod`) or `from .v import v` replaces
+    header = "\n\n".join([doc, imports, f"target = importlib.import_module({module!r})"])
     return "\n\n\n".join([header, *tests.functions]) + "\n"
 
 
