@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ohd import offline, validate
+from ohd import ladder, offline, testrun, validate
 from ohd.errors import MalformedAnswer
 from ohd.llm import Completion, OfflineProvider
 from ohd.store import Store
@@ -420,8 +420,9 @@ REEXPORTS = {
 }
 
 
-def run_offline_pool(store: Store, clock: FakeClock) -> Pool:
-    """The pool with the offline provider, as the daemon wires it without an API key."""
+def run_offline_pool(store: Store, clock: FakeClock, runs: int = 2) -> Pool:
+    """The pool with the offline provider, as the daemon wires it without an API key; the
+    ladder runs each candidate `runs` times."""
     provider = OfflineProvider(clock)
 
     async def call(model: str, messages: list[dict[str, str]], timeout_s: float, job: Job) -> Completion:
@@ -429,6 +430,7 @@ def run_offline_pool(store: Store, clock: FakeClock) -> Pool:
 
     async def main() -> Pool:
         pool = Pool(store, call, clock, models=["offline"], size=1)
+        pool.ladder = ladder.Ladder(tests=testrun.Options(runs=runs))
         await pool.run_until_idle()
         return pool
 
@@ -451,3 +453,35 @@ def test_a_package_that_reexports_the_submodules_name_gets_passing_tests(
     assert (task.status, task.error) == ("completed", None)
     assert task.output_path is not None and (repo / task.output_path).is_file()
     assert [e.outcome for e in store.executions(task_id)] == ["accepted"]
+
+
+# Imported once per pytest run of the candidate: the log counts how often it was judged.
+WRONG_DOCTEST = '''"""Doubling.
+
+>>> double(2)
+5
+"""
+import pathlib
+
+with open(pathlib.Path(__file__).with_name("imports.log"), "a") as log:
+    log.write("imported\\n")
+
+
+def double(x):
+    return x * 2
+'''
+
+
+def test_the_same_answer_twice_is_not_judged_again_nor_given_more_attempts(
+        repo: Path, store: Store, clock: FakeClock) -> None:
+    (repo / "shop" / "double.py").write_text(WRONG_DOCTEST)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "double")
+    task_id = store.enqueue(str(repo), TaskSpec.model_validate(
+        {"type": "unit_test", "target": "shop/double.py", "max_attempts": 5}), clock.now())
+    run_offline_pool(store, clock, runs=1)
+    task = store.get_task(task_id)
+    # the module's own doctest is wrong: a possible bug, found once and reported once
+    assert task.status == "completed" and task.error is not None and "quarantined" in task.error
+    assert task.attempts == 2 and [e.outcome for e in store.executions(task_id)] == ["rejected", "rejected"]
+    assert (repo / "shop" / "imports.log").read_text() == "imported\n"   # one pytest run, not five

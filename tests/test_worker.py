@@ -250,3 +250,16 @@ def test_a_full_disk_fails_the_task_saying_so_and_leaves_the_old_file(
     assert "internal error" not in (task.error or "") and task.lease_owner is None
     assert not (repo / "tests" / "test_pricing.py").exists()
     assert [e.outcome for e in store.executions(task_id)] == ["accepted"]      # what the model did is kept
+
+
+def test_a_model_that_repeats_a_rejected_answer_is_not_asked_again(repo: Path, store: Store,
+                                                                   server: FakeOpenRouter, clock: FakeClock) -> None:
+    vacuous = "```python\ndef test_x():\n    assert True\n# {}\n```"   # the same verdict each time
+    server.script("model-a", [ok(vacuous.format("a"))] * 5)
+    server.script("model-b", [ok(vacuous.format(n)) for n in "bcde"])
+    task_id = store.enqueue(str(repo), spec(max_attempts=5), clock.now())
+    run_pool(store, server, clock, ["model-a", "model-b"])
+    task = store.get_task(task_id)
+    # the repeat is recorded but not judged again, and model-a gets no more attempts
+    assert [r.body["model"] for r in server.completions()] == ["model-a", "model-a", "model-b", "model-b", "model-b"]
+    assert task.status == "failed" and task.attempts == 5

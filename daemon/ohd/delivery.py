@@ -49,6 +49,7 @@ class Run:
     verdict: validate.Verdict | None = None
     quarantined: tuple[str, validate.Verdict] | None = None    # the last candidate that is a possible bug
     last_error: tuple[str, tuple[str, ...]] | None = None      # (model, failed rules) of the last rejection
+    rejected: dict[str, validate.Verdict] = field(default_factory=dict)   # candidate -> its verdict
 
 
 def deliver(store: Store, run: Run, content: str, now: datetime) -> Outcome:

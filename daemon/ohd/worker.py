@@ -293,7 +293,19 @@ class Pool:
             candidates.remove(model)
             return None
         await self._store(self.governor.succeeded, model, self.clock.now())
+        if content in run.rejected:
+            return await self._repeated(run, model, content, candidates)
         return await self._judge(run, model, content, candidates)
+
+    async def _repeated(self, run: Run, model: str, content: str, candidates: list[str]) -> Outcome | None:
+        """The same candidate as an earlier, rejected one (a deterministic provider): its verdict
+        cannot change, so it is not judged again and `model` gets no more attempts."""
+        verdict = run.verdict = run.rejected[content]
+        await self._record(run, model, self.clock.now(), run.history[-1]["completion"], "rejected", None, verdict)
+        candidates.remove(model)
+        log.info("task %d: %s gave an answer it gave before (rejected: %s); %s", run.task.id, model,
+                 "; ".join(verdict.feedback()), "next model" if candidates else "giving up")
+        return None if candidates else await self._give_up(run)
 
     async def _ask(self, run: Run, model: str) -> str:
         """Call one model and record the execution; returns the extracted candidate."""
@@ -329,6 +341,7 @@ class Pool:
         await self._record(run, model, answered["started"], answered["completion"], outcome, None, verdict,
                            validation_ms)
         if not verdict.accepted:
+            run.rejected[content] = verdict
             run.quarantined = (content, verdict) if verdict.possible_bug() else run.quarantined
             run.job = tasktypes.with_feedback(run.job, verdict.prompt_feedback())
             if run.last_error == (model, verdict.feedback()) and len(candidates) > 1:
