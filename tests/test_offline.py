@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import json
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ohd import ladder, offline, testrun, validate
+from ohd import ladder, offline, testrun, validate, views
 from ohd.errors import MalformedAnswer
 from ohd.llm import Completion, OfflineProvider
 from ohd.store import Store
@@ -485,3 +486,24 @@ def test_the_same_answer_twice_is_not_judged_again_nor_given_more_attempts(
     assert task.status == "completed" and task.error is not None and "quarantined" in task.error
     assert task.attempts == 2 and [e.outcome for e in store.executions(task_id)] == ["rejected", "rejected"]
     assert (repo / "shop" / "imports.log").read_text() == "imported\n"   # one pytest run, not five
+
+
+def test_a_quarantine_reads_completed_quarantined_wherever_status_is_shown(
+        repo: Path, store: Store, clock: FakeClock) -> None:
+    (repo / "shop" / "double.py").write_text(WRONG_DOCTEST)
+    task_id = store.enqueue(str(repo), TaskSpec.model_validate({"type": "unit_test", "target": "shop/double.py"}),
+                            clock.now())
+    store.enqueue(str(repo), TaskSpec.model_validate({"type": "review", "target": "shop/pricing.py"}), clock.now())
+    run_offline_pool(store, clock, runs=1)
+    data = store.get_task(task_id).as_dict()
+    assert (data["status"], data["quarantined"]) == ("completed", True)   # the API keeps the status
+    assert "status:   completed (quarantined)" in views.task_text(data)
+    listing = views.tasks_text([t.as_dict() for t in store.list_tasks(None, 10)]).splitlines()
+    assert [line.split()[1:3] for line in listing[1:]] == [["completed", "normal"], ["completed", "(quarantined)"]]
+    assert store.quarantined_count() == 1
+    status = views.status_text({"queue": store.counts(), "quarantined": store.quarantined_count()})
+    assert "completed 2 (1 quarantined)" in status
+    report = json.loads((repo / data["report_path"]).read_text())
+    assert report["task"]["quarantined"] is True
+    markdown = (repo / data["report_path"]).with_suffix(".md").read_text()
+    assert "- status: completed (quarantined)" in markdown

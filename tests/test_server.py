@@ -188,6 +188,7 @@ def test_status_merges_live_fields_with_the_queue(client: Client, store: Store, 
     status = client.get("/status")
     assert status["version"] == "9.9.9" and status["workers"] == {"size": 2, "busy": 0}
     assert status["queue"] == {s.value: 0 for s in TaskStatus} | {"queued": 1, "running": 1}
+    assert status["quarantined"] == 0
     assert status["repos"] == [str(repo)]
     assert [(r["id"], r["type"], r["target"]) for r in status["running"]] == [(claim.task.id, "unit_test", TARGET)]
     assert status["running"][0]["started_at"]

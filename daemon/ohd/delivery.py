@@ -18,6 +18,7 @@ from typing import Any
 
 from ohd import outputs, report, validate
 from ohd.errors import TargetError
+from ohd.records import QUARANTINED
 from ohd.store import Store, Task, TaskStatus
 from ohd.tasktypes import Job
 
@@ -76,7 +77,7 @@ def give_up(store: Store, run: Run) -> Outcome:
     if run.quarantined is not None:   # tests that fail against the code: a possible bug, reported
         run.verdict = run.quarantined[1]
         report_rel = write_report(store, run, "quarantined", None)
-        return Outcome(TaskStatus.COMPLETED, report_path=report_rel, error="quarantined: the tests fail "
+        return Outcome(TaskStatus.COMPLETED, report_path=report_rel, error=f"{QUARANTINED}the tests fail "
                        "against the current code (a possible bug); see the report")
     messages = "; ".join(run.verdict.feedback()) if run.verdict else "no usable answer"
     error = f"rejected after {run.attempts} attempt(s): {messages}"
@@ -89,7 +90,8 @@ def write_report(store: Store, run: Run, decision: str, output: str | None, erro
     json_path, md_path = outputs.report_paths(run.repo, run.task.target, run.task.type)
     data = {
         "task": {**run.task.as_dict(), "attempts": run.attempts,
-                 "status": TaskStatus.FAILED.value if decision == "rejected" else TaskStatus.COMPLETED.value},
+                 "status": TaskStatus.FAILED.value if decision == "rejected" else TaskStatus.COMPLETED.value,
+                 "quarantined": decision == "quarantined"},
         "verdict": run.verdict.as_dict() if run.verdict else None,
         "attempts": [e.as_dict() for e in store.executions(run.task.id)],
         "decision": decision,

@@ -31,6 +31,8 @@ class TaskStatus(StrEnum):
 
 
 TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+# how the error of a quarantined completion begins: ohd's tests fail against the code, a possible bug
+QUARANTINED = "quarantined: "
 
 
 def _iso(value: Any) -> Any:
@@ -69,9 +71,14 @@ class Task:
     cancel_requested: bool
     rule_levels: dict[str, str] = field(default_factory=dict)   # rule -> level, over the configuration's
 
+    @property
+    def quarantined(self) -> bool:
+        """Completed without an output: the tests fail against the code (a possible bug, reported)."""
+        return self.status == TaskStatus.COMPLETED and (self.error or "").startswith(QUARANTINED)
+
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready: ISO datetimes, models as a list."""
-        return {f.name: _iso(getattr(self, f.name)) for f in fields(self)}
+        """JSON-ready: ISO datetimes, models as a list; `quarantined` beside `status`."""
+        return {**{f.name: _iso(getattr(self, f.name)) for f in fields(self)}, "quarantined": self.quarantined}
 
 
 @dataclass(frozen=True, slots=True)

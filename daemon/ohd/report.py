@@ -102,7 +102,7 @@ def _title(task: Mapping[str, Any]) -> str:
 
 def _task_facts(task: Mapping[str, Any]) -> str:
     facts = [
-        ("status", task.get("status")),
+        ("status", f"{task.get('status')} (quarantined)" if task.get("quarantined") else task.get("status")),
         ("priority", task.get("priority")),
         ("description", task.get("description")),
         ("source", task.get("source")),

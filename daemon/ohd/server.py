@@ -201,6 +201,7 @@ class ApiServer:
     def get_status(self, request: Request) -> Reply:
         data = dict(self.status())
         data["queue"] = self.store.counts()
+        data["quarantined"] = self.store.quarantined_count()   # of the completed ones
         data["repos"] = [str(repo) for repo in self.repos]
         data["running"] = [running_entry(task) for task in self.store.running()]
         return json_reply(200, data)

@@ -25,6 +25,7 @@ import peewee
 from ohd import migrations
 from ohd.errors import ConfigError, InvalidTransition, NotFound
 from ohd.records import (
+    QUARANTINED,
     TERMINAL,
     Claim,
     Execution,
@@ -354,6 +355,13 @@ class Store:
         for status, count in tuple_rows(t.select(t.status, peewee.fn.COUNT(t.id)).group_by(t.status)):
             counts[status] = int(count)
         return counts
+
+    def quarantined_count(self) -> int:
+        """Completed tasks whose tests fail against the code (`Task.quarantined`)."""
+        self._read()
+        t = self.m.task
+        return int(t.select().where((t.status == TaskStatus.COMPLETED.value)
+                                    & t.error.startswith(QUARANTINED)).count())
 
     def totals_today(self, now: datetime) -> dict[str, Any]:
         """Model calls, tokens and cost since UTC midnight of `now`."""

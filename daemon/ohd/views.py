@@ -20,7 +20,9 @@ def status_text(status: dict[str, Any]) -> str:
         f"ohd {status.get('version', '?')}  pid {status.get('pid', '?')}  up {_duration(status.get('uptime_s', 0))}"
         + ("  (offline provider: no API key)" if status.get("offline") else ""),
         "repos:   " + ", ".join(status.get("repos", [])),
-        "queue:   " + "  ".join(f"{name} {queue.get(name, 0)}" for name in QUEUE_ORDER),
+        "queue:   " + "  ".join(f"{name} {queue.get(name, 0)}" + (
+            f" ({status['quarantined']} quarantined)" if name == "completed" and status.get("quarantined") else "")
+            for name in QUEUE_ORDER),
         f"workers: {workers.get('busy', 0)}/{workers.get('size', 0)} busy",
     ]
     for task in status.get("running", []):
@@ -59,14 +61,14 @@ def tasks_text(tasks: Sequence[dict[str, Any]]) -> str:
     if not tasks:
         return "no tasks"
     rows = [("ID", "STATUS", "PRIORITY", "TYPE", "TARGET", "ATTEMPTS", "UPDATED")]
-    rows += [(str(t["id"]), t["status"], t["priority"], t["type"], t["target"], str(t["attempts"]),
+    rows += [(str(t["id"]), status_label(t), t["priority"], t["type"], t["target"], str(t["attempts"]),
               str(t.get("updated_at", ""))[:19]) for t in tasks]
     return _table(rows)
 
 
 def task_text(task: dict[str, Any]) -> str:
     lines = [f"task {task['id']}: {task['type']} {task['target']} ({task['repo']})",
-             f"  status:   {task['status']}" + (f" (not before {task['not_before']})" if task.get("not_before") else ""),
+             f"  status:   {status_label(task)}" + (f" (not before {task['not_before']})" if task.get("not_before") else ""),
              f"  priority: {task['priority']}   attempts: {task['attempts']}/{task['max_attempts']}",
              f"  source:   {task.get('source') or '-'}"]
     if task.get("description"):
@@ -79,6 +81,11 @@ def task_text(task: dict[str, Any]) -> str:
         lines.append("  calls:")
         lines.extend("    " + _execution_line(e) for e in executions)
     return "\n".join(lines)
+
+
+def status_label(task: dict[str, Any]) -> str:
+    """The task's status as people read it: a quarantined completion is "completed (quarantined)"."""
+    return f"{task['status']} (quarantined)" if task.get("quarantined") else str(task["status"])
 
 
 def models_text(models: Sequence[dict[str, Any]]) -> str:
