@@ -40,14 +40,17 @@ def daemon_env(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, s
 
 
 class BenchDaemon:
-    def __init__(self, base: Path, repo: Path, url: str, settings: dict[str, str]) -> None:
+    def __init__(self, base: Path, repo: Path, url: str | None, settings: dict[str, str]) -> None:
+        """`url` None: no server and no API key, so the daemon answers with the offline provider."""
         base.mkdir(parents=True, exist_ok=True)
         self.runtime = Path(tempfile.mkdtemp(prefix="ohd-bench-"))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OHD_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OHD_") and k != "OPENROUTER_API_KEY"}
         env.update({"OHD_STATE_DIR": str(base / "state"), "OHD_RUNTIME_DIR": str(self.runtime),
-                    "OHD_CONFIG": str(base / "none.toml"), "OHD_BASE_URL": url,
-                    "OPENROUTER_API_KEY": "sk-bench", "OHD_LOG_LEVEL": "WARNING"})
+                    "OHD_CONFIG": str(base / "none.toml"), "OHD_LOG_LEVEL": "WARNING"})
+        if url is not None:
+            env.update({"OHD_BASE_URL": url, "OPENROUTER_API_KEY": "sk-bench"})
         env.update(settings)
+        self.env = env
         self.repo = repo
         self.log = base / "daemon.log"
         self.db = base / "state" / "ohd.db"

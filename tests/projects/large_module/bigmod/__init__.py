@@ -1,0 +1,1 @@
+from .more import *  # noqa: F401,F403

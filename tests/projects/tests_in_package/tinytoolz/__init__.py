@@ -1,0 +1,1 @@
+from .itertoolz import *  # noqa: F401,F403
