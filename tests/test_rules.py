@@ -527,3 +527,31 @@ def test_the_daemon_runs_a_held_rerun_when_the_running_task_ends_not_at_its_time
     shown = [daemon.json("show", str(t["id"])) for t in (first, rerun)]
     assert shown[1]["created_at"] < shown[0]["finished_at"]                  # saved while the first ran
     assert shown[1]["started_at"] >= shown[0]["finished_at"]                 # it followed, never beside
+
+
+def test_top_level_folders_are_followed_as_they_come_go_and_move(repo: Path, clock: FakeClock) -> None:
+    """The tree watch looks inside each top-level folder but .git, venvs and tasks.d, and follows
+    folders made, removed and renamed after it began (files already in them count)."""
+    async def scenario() -> None:
+        tree = watched(repo, clock)
+        try:
+            (repo / "new" / "deep").mkdir(parents=True)
+            (repo / "new" / "deep" / "a.py").write_text("A = 1\n")
+            await until(lambda: tree.noted("new/deep/a.py"))
+            (repo / "new").rename(repo / "renamed")
+            await until(lambda: tree.noted("renamed/deep/a.py"))
+            (repo / "renamed" / "b.py").write_text("B = 1\n")
+            await until(lambda: tree.noted("renamed/b.py"))
+            for path in sorted((repo / "renamed").rglob("*"), reverse=True):
+                path.rmdir() if path.is_dir() else path.unlink()
+            (repo / "renamed").rmdir()
+            (repo / "renamed").mkdir()
+            (repo / "renamed" / "c.py").write_text("C = 1\n")
+            await until(lambda: tree.noted("renamed/c.py"))
+            watched_paths = {Path(e.watch.path) for e in tree.observer.emitters}
+            assert repo.resolve() / "renamed" in watched_paths
+            assert not {p for p in watched_paths if p.name in (".git", "tasks.d", "new")}
+        finally:
+            tree.stop()
+
+    asyncio.run(scenario())

@@ -18,12 +18,21 @@ from pathlib import Path
 from watchdog.events import (
     EVENT_TYPE_CLOSED,
     EVENT_TYPE_CREATED,
+    EVENT_TYPE_DELETED,
     EVENT_TYPE_MODIFIED,
     EVENT_TYPE_MOVED,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
+from watchdog.observers.api import ObservedWatch
 
 from ohd.clock import Clock
 from ohd.gitrepo import ignored_paths
@@ -34,6 +43,13 @@ TASKS_DIR = "tasks.d"
 TASK_SUFFIXES = frozenset({".yaml", ".yml"})
 FORWARDED = frozenset({EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED})
 STOP_TIMEOUT_S = 5.0
+# What the kernel is asked to report: writes, creations and moves. Never opens, reads or closes
+# without a write (IN_OPEN, IN_CLOSE_NOWRITE): every `git status`, pytest run or editor read in
+# the tree produced one event per directory and file, queued by watchdog for nothing, and a stop
+# with such events still queued made watchdog log an ERROR ("queue_events() called when the
+# thread is inactive").
+FILE_EVENTS: list[type[FileSystemEvent]] = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent,
+                                            FileMovedEvent]
 
 
 def looks_like_task_file(path: Path) -> bool:
@@ -106,7 +122,7 @@ class TasksDirWatcher(_ObserverOwner):
         # Recursive although only the top level counts (the handler filters): ingest moves
         # files into .done/ and .rejected/, and a move whose destination is not watched
         # is held back 0.5 s by watchdog's move grouping, delaying every event after it.
-        self.observer.schedule(handler, str(tasks_dir), recursive=True)
+        self.observer.schedule(handler, str(tasks_dir), recursive=True, event_filter=FILE_EVENTS)
         self.watched.add(tasks_dir)
         log.info("watching %s", tasks_dir)
 
@@ -131,7 +147,7 @@ class SpoolWatcher(_ObserverOwner):
             return
         spool.mkdir(parents=True, exist_ok=True)
         self.observer.schedule(_TopLevelHandler(repo, spool, _is_spool_event, self.callback), str(spool),
-                               recursive=False)
+                               recursive=False, event_filter=FILE_EVENTS)
         self.watched.add(spool)
         log.info("watching the hook spool %s", spool)
 
@@ -140,28 +156,70 @@ class SpoolWatcher(_ObserverOwner):
 
 TREE_SKIPPED_DIRS = frozenset({".git", ".ohd", ".venv", "venv", "__pycache__"})
 TREE_EVENTS = frozenset({EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED, EVENT_TYPE_MOVED})
+TREE_DIR_EVENTS: list[type[FileSystemEvent]] = [*FILE_EVENTS, DirCreatedEvent, DirMovedEvent,
+                                                DirDeletedEvent]
+
+
+def is_venv(folder: Path) -> bool:
+    return (folder / "pyvenv.cfg").is_file()
+
+
+def watches_top_dir(repo: Path, folder: Path) -> bool:
+    """Whether the tree watch looks inside `folder`, a directory at the top of `repo`: not the
+    git directory, `tasks.d/` (its own watcher), `.ohd/`, caches or a virtualenv. Watching
+    those cost an inotify watch per directory (`.git/objects/*`, a venv's thousands), and the
+    git directory holds the hook spool: the daemon creating it under a recursive watch made
+    watchdog register `.git/ohd/inbox` twice and print a warning listing every watched folder."""
+    return (folder.parent == repo and folder.name != TASKS_DIR and folder.name not in TREE_SKIPPED_DIRS
+            and not is_venv(folder))
 
 
 class _TreeHandler(FileSystemEventHandler):
-    """Observer-thread side: drop ignored directories, hand repo-relative paths to `sink`."""
+    """Observer-thread side: drop ignored directories, hand repo-relative paths to `sink`.
 
-    def __init__(self, repo: Path, sink: Callable[[Path, str], object]) -> None:
+    `on_top_dir(folder, present)` hears of directories appearing at (True) or leaving (False)
+    the top of the repo, so the watcher can watch or forget them."""
+
+    def __init__(self, repo: Path, sink: Callable[[Path, str], object],
+                 on_top_dir: Callable[[Path, bool], object] = lambda _folder, _present: None) -> None:
         super().__init__()
         self.repo = repo
         self.sink = sink
+        self.on_top_dir = on_top_dir
         self.venvs: set[Path] = set()   # directories known to hold a pyvenv.cfg
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory or event.event_type not in TREE_EVENTS:
+        if event.is_directory:
+            self._directory(event)
+            return
+        if event.event_type not in TREE_EVENTS:
             return
         raw = event.dest_path if event.event_type == EVENT_TYPE_MOVED else event.src_path
-        relpath = self.relevant(Path(os.fsdecode(raw)))
+        self.deliver(Path(os.fsdecode(raw)))
+
+    def deliver(self, path: Path) -> None:
+        relpath = self.relevant(path)
         if relpath is None:
             return
         try:
             self.sink(self.repo, relpath)
         except Exception:   # the observer thread must survive one bad callback
             log.exception("watch: tree callback for %s failed", relpath)
+
+    def _directory(self, event: FileSystemEvent) -> None:
+        changes: list[tuple[Path, bool]] = []
+        if event.event_type in (EVENT_TYPE_DELETED, EVENT_TYPE_MOVED):
+            changes.append((Path(os.fsdecode(event.src_path)), False))
+        if event.event_type == EVENT_TYPE_CREATED:
+            changes.append((Path(os.fsdecode(event.src_path)), True))
+        if event.event_type == EVENT_TYPE_MOVED:
+            changes.append((Path(os.fsdecode(event.dest_path)), True))
+        for folder, present in changes:
+            if folder.parent == self.repo:
+                try:
+                    self.on_top_dir(folder, present)
+                except Exception:   # the observer thread must survive it
+                    log.exception("watch: could not follow the directory %s", folder)
 
     def relevant(self, path: Path) -> str | None:
         """The repo-relative POSIX path, or None for ignored places (.git, .ohd, tasks.d, venvs)."""
@@ -173,20 +231,22 @@ class _TreeHandler(FileSystemEventHandler):
             return None
         for depth in range(1, len(parts)):
             folder = self.repo.joinpath(*parts[:depth])
-            if folder in self.venvs or (folder / "pyvenv.cfg").is_file():
+            if folder in self.venvs or is_venv(folder):
                 self.venvs.add(folder)
                 return None
         return "/".join(parts)
 
 
 class TreeWatcher:
-    """A recursive watchdog observer on each repo root; changed files, debounced, in batches.
+    """Watchdog observers on each repo's working tree; changed files, debounced, in batches.
 
-    The observer thread only filters and hands `(repo, relpath)` to the event loop
-    (`call_soon_threadsafe`); the debounce lives on the loop and is timed by the Clock:
-    a path is delivered once it has had no event for `quiet_s`, however often it was
-    saved before. Paths git ignores (nested `.gitignore` files included) are dropped at
-    delivery, one `git check-ignore` call per batch.
+    Each repo gets a watch on its top level and a recursive one on each directory there that
+    `watches_top_dir` accepts, followed as such directories come and go (files already in a
+    new one count as changed: they were written before its watch began). The observer thread
+    only filters and hands `(repo, relpath)` to the event loop (`call_soon_threadsafe`); the
+    debounce lives on the loop and is timed by the Clock: a path is delivered once it has had
+    no event for `quiet_s`, however often it was saved before. Paths git ignores (nested
+    `.gitignore` files included) are dropped at delivery, one `git check-ignore` call per batch.
     """
 
     def __init__(self, clock: Clock, quiet_s: float = 2.0) -> None:
@@ -194,6 +254,7 @@ class TreeWatcher:
         self.quiet_s = quiet_s
         self.observer = Observer()
         self.watched: set[Path] = set()
+        self._subtrees: dict[Path, ObservedWatch] = {}   # a watched top-level directory → its watch
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[tuple[Path, str], float] = {}   # (repo, relpath) → last event (monotonic)
         self._wakeup = asyncio.Event()
@@ -202,9 +263,34 @@ class TreeWatcher:
         repo = repo.resolve()
         if repo in self.watched:
             return
-        self.observer.schedule(_TreeHandler(repo, self._from_thread), str(repo), recursive=True)
+        handler = _TreeHandler(repo, self._from_thread)
+        handler.on_top_dir = lambda folder, present: self._top_dir(handler, folder, present)
+        self.observer.schedule(handler, str(repo), recursive=False, event_filter=TREE_DIR_EVENTS)
+        for folder in sorted(repo.iterdir()):
+            if folder.is_dir() and not folder.is_symlink() and watches_top_dir(repo, folder):
+                self._subtrees[folder] = self.observer.schedule(handler, str(folder), recursive=True,
+                                                                event_filter=TREE_DIR_EVENTS)
         self.watched.add(repo)
         log.info("watching the working tree of %s", repo)
+
+    def _top_dir(self, handler: _TreeHandler, folder: Path, present: bool) -> None:
+        """Observer thread: a directory appeared at or left the top of a repo."""
+        if not present:
+            watch = self._subtrees.pop(folder, None)
+            if watch is not None:
+                try:
+                    self.observer.unschedule(watch)
+                except KeyError:
+                    pass   # its emitter had already gone with the directory
+            return
+        if folder in self._subtrees or folder.is_symlink() or not watches_top_dir(handler.repo, folder):
+            return
+        self._subtrees[folder] = self.observer.schedule(handler, str(folder), recursive=True,
+                                                        event_filter=TREE_DIR_EVENTS)
+        for root, dirs, files in os.walk(folder):   # written before the watch began
+            dirs[:] = [d for d in dirs if d not in TREE_SKIPPED_DIRS]
+            for name in files:
+                handler.deliver(Path(root) / name)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the observer; its events reach `loop` (the loop that runs `run`)."""
