@@ -20,7 +20,7 @@ from ohd.outputs import atomic_write, sha256_text
 from ohd.records import TaskStatus
 from ohd.rules import RuleBook, compile_globs, is_ohd_file
 from ohd.store import Store
-from ohd.taskfile import parse
+from ohd.taskfile import TaskType, parse
 from ohd.watch import TreeWatcher, _TreeHandler
 from tests.support.clock import FakeClock
 
@@ -555,3 +555,39 @@ def test_top_level_folders_are_followed_as_they_come_go_and_move(repo: Path, clo
             tree.stop()
 
     asyncio.run(scenario())
+
+
+def test_accepting_a_proposed_ohd_new_queues_nothing_but_a_later_user_edit_does(
+        src: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
+    """ohd proposes `src/app.py.ohd-new` beside the user's file; `mv` over `src/app.py` is ohd's
+    own content arriving (real watchdog events): no task. The user's next edit is theirs: one."""
+    from ohd.delivery import Run, deliver
+    from ohd.tasktypes import Job
+
+    put_rule(ingestor, clock, src, "docs.yaml", DOCS_RULE)
+    edit(src, "src/app.py", "def run() -> int:\n    return 2\n")              # the user's own file
+    [task_id] = book.changed(src, ["src/app.py"], "watch")
+    source = (src / "src" / "app.py").read_text()
+    job = Job(TaskType.DOCSTRING, "src/app.py", source, "app", "src/app.py")
+    run = Run(store.get_task(task_id), src.resolve(), job, history=[{"model": "offline"}])
+    proposed = '"""The app."""\n\n\ndef run() -> int:\n    """Two."""\n    return 2\n'
+    outcome = deliver(store, run, proposed, clock.now())
+    assert outcome.output_path == "src/app.py.ohd-new"
+    finish(store, task_id, TaskStatus.COMPLETED, clock)
+
+    async def after(change: Callable[[], None]) -> list[int]:
+        tree = watched(src, clock)
+        try:
+            change()
+            await until(lambda: tree.noted("src/app.py"))
+            clock.advance(2.0)
+            ids: list[int] = []
+            for repo, paths in await tree.flush():
+                ids += await asyncio.to_thread(book.changed, repo, paths, "watch")
+            return ids
+        finally:
+            tree.stop()
+
+    assert asyncio.run(after(lambda: (src / "src" / "app.py.ohd-new").rename(src / "src" / "app.py"))) == []
+    assert (src / "src" / "app.py").read_text() == proposed
+    assert len(asyncio.run(after(lambda: edit(src, "src/app.py", proposed + "# mine\n")))) == 1

@@ -62,6 +62,8 @@ def deliver(store: Store, run: Run, content: str, now: datetime) -> Outcome:
     plan = outputs.plan(intended, content, outputs.current_sha(intended), written)
     if not plan.unchanged and not plan.conflict:
         store.record_written(run.task.repo, run.job.output, plan.sha256, run.task.id, now)
+    elif plan.conflict:   # ohd wrote the proposal too: `mv` over the output is ohd's content, not an edit
+        store.record_written(run.task.repo, run.job.output + outputs.OHD_NEW_SUFFIX, plan.sha256, run.task.id, now)
     if not plan.unchanged:
         outputs.apply(plan)
     decision = "written_as_ohd_new" if plan.conflict else "written"

@@ -6,8 +6,8 @@ edited) by ingest through a callback the daemon wires, validated here (cron via
 is gone (checked before every use, so a deleted rule never fires again).
 `changed(repo, paths, origin)` turns changed files into tasks, `due(now)` turns cron
 firings into tasks. Invariants: a rule never fires for ohd's own files (`.ohd/`,
-`*.ohd-new`, `tasks.d/`) nor for a file whose content is what ohd last wrote there
-(no loops); one pending/queued task per (rule, path); no task for content the last
+`*.ohd-new`, `tasks.d/`) nor for a file whose content is what ohd last wrote there or
+proposed beside it as `<file>.ohd-new` (no loops, and accepting a proposal is no change); one pending/queued task per (rule, path); no task for content the last
 accepted run already saw (`rulestore`). Safe to call from any thread.
 """
 
@@ -186,11 +186,17 @@ class RuleBook:
             if not matching or is_ohd_file(relpath):
                 continue
             sha = file_sha(repo, relpath)
-            if sha is None or sha == self.store.written_hash(str(repo), relpath):
+            if sha is None or sha in self._ohd_content(repo, relpath):
                 continue   # gone, not a file, or exactly what ohd wrote: no loop
             for rule in matching:
                 created.extend(self._fire_change(rule, relpath, sha, origin))
         return created
+
+    def _ohd_content(self, repo: Path, relpath: str) -> set[str]:
+        """Hashes of what ohd wrote at `relpath` and proposed beside it (`<relpath>.ohd-new`, which
+        the user accepts by moving it over `relpath`)."""
+        hashes = (self.store.written_hash(str(repo), path) for path in (relpath, relpath + CONFLICT_SUFFIX))
+        return {sha for sha in hashes if sha is not None}
 
     def _fire_change(self, rule: Rule, relpath: str, sha: str, origin: str) -> list[int]:
         fired = self.db.fire_change(rule.repo, rule.relpath, rule.task_spec(relpath), sha, origin,
