@@ -294,3 +294,48 @@ def test_a_task_naming_an_unknown_rule_fails_before_any_model_is_asked(
     task = run_task(repo, store, server, clock, rule_levels={"lynt": "error"})   # e.g. submitted over the socket
     assert task.status == "failed" and "rule_levels" in (task.error or "") and "'lynt'" in (task.error or "")
     assert server.completions() == []
+
+
+def test_a_target_that_ends_the_process_at_import_is_not_green(repo: Path) -> None:
+    (repo / "shop" / "quits.py").write_text("import os\n\nos._exit(0)\n\n\ndef one() -> int:\n    return 1\n")
+    content = "from shop.quits import one\n\n\ndef test_one() -> None:\n    assert one() == 1\n"
+    result = testrun.run_candidate(repo, "tests/test_quits.py", content)
+    assert result.status is RunStatus.ERROR, result.output       # pytest exited 0, having run nothing
+    assert "wrote no report" in result.reason and "os._exit" in result.reason
+    job = Job(task_type=TaskType.UNIT_TEST, target="shop/quits.py", source="", module="shop.quits",
+              output="tests/test_quits.py")
+    verdict = ladder.judge(repo, job, content, 0.0, ladder.Ladder())
+    green = next(r for r in verdict.rules if r.rule == "runs_green")
+    assert not verdict.accepted and not green.passed and "wrote no report" in green.message
+    assert not verdict.possible_bug()                             # not "the tests fail": nothing ran
+
+
+def test_tests_pytest_does_not_run_are_not_green_and_parametrized_ones_count(repo: Path) -> None:
+    skipped = ("import pytest\n\nfrom shop.pricing import total\n\npytestmark = pytest.mark.skip('later')\n\n\n"
+               "def test_total() -> None:\n    assert total([1.0]) == 1.0\n")
+    result = testrun.run_candidate(repo, "tests/test_pricing.py", skipped, options=testrun.Options(runs=1))
+    assert result.status is RunStatus.ERROR and "0 passing test(s) of the 1" in result.reason, result.output
+    uncollected = ("from shop.pricing import total\n\n\ndef test_total() -> None:\n    assert total([1.0]) == 1.0\n\n\n"
+                   "class TestMore:\n    def __init__(self) -> None:\n        self.n = 1\n\n"
+                   "    def test_never_runs(self) -> None:\n        assert total([2.0]) == 2.0\n")
+    result = testrun.run_candidate(repo, "tests/test_pricing.py", uncollected, options=testrun.Options(runs=1))
+    assert result.status is RunStatus.ERROR and "1 passing test(s) of the 2" in result.reason, result.output
+    parametrized = ("import pytest\n\nfrom shop.pricing import total\n\n\n@pytest.mark.parametrize('x', [1.0, 2.0, 3.0])\n"
+                    "def test_total(x: float) -> None:\n    assert total([x]) == x\n")
+    result = testrun.run_candidate(repo, "tests/test_pricing.py", parametrized, options=testrun.Options(runs=1))
+    assert result.status is RunStatus.PASSED and result.reason == "", result.output
+    assert "generated xml file" not in result.output
+
+
+def test_a_candidate_runs_with_the_conftest_and_package_of_its_real_location(repo: Path) -> None:
+    (repo / "tests" / "conftest.py").write_text("import pytest\n\n\n@pytest.fixture\ndef prices() -> list[float]:\n"
+                                               "    return [1.0, 2.0]\n")
+    (repo / "tests" / "helpers.py").write_text("DOUBLE = 2\n")
+    content = ("from shop.pricing import total\n\nfrom .helpers import DOUBLE\n\n\n"
+               "def test_total_of_the_fixture(prices: list[float]) -> None:\n"
+               "    assert total(prices) * DOUBLE == 6.0\n\n\n"
+               "def test_the_module_is_in_the_tests_package() -> None:\n"
+               "    assert __name__.startswith('tests.test_ohd_candidate_')\n")
+    result = testrun.run_candidate(repo, "tests/test_pricing.py", content)
+    assert result.status is RunStatus.PASSED, result.output
+    assert leftovers(repo) == []

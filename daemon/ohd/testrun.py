@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -107,15 +108,82 @@ def _probe(path: str, stamp: int) -> Interpreter:
 def run_candidate(repo: Path, output: str, content: str, *, import_root: str = "",
                   options: Options = Options(), environ: Mapping[str, str] | None = None,
                   python: str = sys.executable) -> PytestRun:
-    """Write the candidate beside `output`, run pytest (with `python`) on it `options.runs` times, remove it."""
+    """Write the candidate beside `output`, run pytest (with `python`) on it `options.runs` times, remove it.
+
+    A run passes only when pytest's own report (`--junitxml`) lists at least as many passed
+    tests as the file defines and none failed, errored or was skipped; the exit code alone
+    proves nothing (a process that ends itself at import exits 0 having run no test)."""
     env = _env(repo, import_root, options, environ)
+    expected = defined_tests(content)
     runs: list[tuple[RunStatus, str]] = []
+    reasons: list[str] = []
     with candidate_file(repo, output, content) as rel:
         for _ in range(max(1, options.runs)):
-            runs.append(_once(python, repo.resolve(), rel, env, options))
-            if runs[-1][0] in _STOPPERS:
+            status, out, reason = _once(python, repo.resolve(), rel, env, options, expected)
+            runs.append((status, out))
+            reasons.append(reason)
+            if status in _STOPPERS:
                 break
-    return dataclasses.replace(summarize(runs, rel, output, options.timeout_s), python=python)
+    result = summarize(runs, rel, output, options.timeout_s)
+    reason = next((r for (o, _), r in zip(runs, reasons, strict=True) if o is result.status and r), "")
+    return dataclasses.replace(result, python=python, reason=reason)
+
+
+def defined_tests(content: str) -> int:
+    """How many tests the file defines by name (a parametrized test counts once: pytest runs at least this many)."""
+    try:
+        return len(validate.collected_tests(pyparse.parse(content)))
+    except (SyntaxError, ValueError):
+        return 0
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """The test cases of one pytest report (`--junitxml`), by how they ended."""
+
+    passed: int = 0
+    failed: int = 0      # failures and errors (in setup, call or teardown, or collecting the file)
+    skipped: int = 0     # skipped and xfailed
+
+    @property
+    def total(self) -> int:
+        return self.passed + self.failed + self.skipped
+
+
+def read_junit(path: Path) -> Tally | None:
+    """The tally of a JUnit XML report pytest wrote, None when there is none or it is unreadable."""
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (OSError, ElementTree.ParseError):
+        return None
+    if root.tag not in ("testsuites", "testsuite"):
+        return None
+    passed = failed = skipped = 0
+    for case in root.iter("testcase"):
+        kinds = {child.tag for child in case}
+        if kinds & {"failure", "error"}:
+            failed += 1
+        elif "skipped" in kinds:
+            skipped += 1
+        else:
+            passed += 1
+    return Tally(passed, failed, skipped)
+
+
+def judge_run(code: int, tally: Tally | None, expected: int) -> tuple[RunStatus, str]:
+    """A run's status from pytest's exit code and its own report, and why when it is not what the code says."""
+    if code == 1 and tally is not None and tally.failed:
+        return RunStatus.FAILED, ""
+    if code not in (0, 1):
+        return RunStatus.ERROR, f"pytest exit code {code}"
+    if tally is None:
+        return RunStatus.ERROR, (f"pytest exited with code {code} but wrote no report: the run ended early "
+                                 "(os._exit or sys.exit while importing?), so no test is known to have run")
+    if tally.passed < max(expected, 1) or tally.skipped:
+        skipped = f", {tally.skipped} skipped" if tally.skipped else ""
+        return RunStatus.ERROR, (f"pytest ran {tally.passed} passing test(s) of the {expected} the file defines"
+                                 f"{skipped}: every test must be collected and run")
+    return RunStatus.PASSED, ""
 
 
 @contextmanager
@@ -176,13 +244,20 @@ def summarize(runs: Sequence[tuple[RunStatus, str]], candidate: str, output: str
                      failed_tests=failed, timeout_s=timeout_s)
 
 
-def _once(python: str, repo: Path, rel: str, env: dict[str, str], options: Options) -> tuple[RunStatus, str]:
+def _once(python: str, repo: Path, rel: str, env: dict[str, str], options: Options,
+          expected: int) -> tuple[RunStatus, str, str]:
+    """One pytest run: its status, its output and (when it is not what the exit code says) why."""
     timeout_s = options.timeout_s
-    code, out = _run([python, *_PYTEST_ARGS, f"--rootdir={repo}", rel], repo, env, timeout_s, options.slots)
+    with tempfile.TemporaryDirectory(prefix="ohd-pytest-") as scratch:
+        report = Path(scratch) / "report.xml"
+        code, out = _run([python, *_PYTEST_ARGS, f"--rootdir={repo}", f"--junitxml={report}", rel],
+                         repo, env, timeout_s, options.slots)
+        tally = read_junit(report)
+        out = "\n".join(line for line in out.splitlines() if str(report) not in line)   # "generated xml file"
     if code is None:
-        return RunStatus.TIMEOUT, f"{out}\n[killed after {timeout_s:g}s]"
-    status = RunStatus.PASSED if code == 0 else RunStatus.FAILED if code == 1 else RunStatus.ERROR
-    return status, out if status is not RunStatus.ERROR else f"{out}\n[pytest exit code {code}]"
+        return RunStatus.TIMEOUT, f"{out}\n[killed after {timeout_s:g}s]", ""
+    status, reason = judge_run(code, tally, expected)
+    return status, f"{out}\n[{reason}]" if reason else out, reason
 
 
 def _run(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float,

@@ -101,11 +101,12 @@ class PytestRun:
     failed_tests: tuple[str, ...] = ()
     timeout_s: float = 0.0
     python: str = ""                  # the interpreter that ran pytest
+    reason: str = ""                  # why a run that exited 0 or 1 is an error (pytest's report disagrees)
 
     def as_dict(self) -> dict[str, Any]:
         return {"status": self.status.value, "outcomes": [o.value for o in self.outcomes],
                 "output": self.output, "failed_tests": list(self.failed_tests), "timeout_s": self.timeout_s,
-                "python": self.python}
+                "python": self.python, "reason": self.reason}
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,8 +314,10 @@ def _runs_green(run: PytestRun) -> RuleResult:
                           "is wrong, keep the test (it is reported as a possible bug, not written)",
         RunStatus.FLAKY: f"the tests are flaky: the runs gave {', '.join(o.value for o in run.outcomes)}{names}; "
                          "remove any dependence on order, time, randomness or leftover files",
-        RunStatus.ERROR: "pytest could not collect or run the file (an import error, a fixture that does "
-                         f"not exist, or no tests){f' with {run.python}' if run.python else ''}; see pytest's output",
+        RunStatus.ERROR: (f"{run.reason}{f' with {run.python}' if run.python else ''}; see pytest's output"
+                          if run.reason else
+                          "pytest could not collect or run the file (an import error, a fixture that does "
+                          f"not exist, or no tests){f' with {run.python}' if run.python else ''}; see pytest's output"),
         RunStatus.TIMEOUT: f"the tests did not finish within {run.timeout_s:g}s; no sleeping, "
                            "no network, no endless loops",
     }
