@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ohd import config, daemon, ladder, lintrun, report, testrun, validate
+from ohd import config, daemon, ladder, lintrun, outputs, report, testrun, validate
 from ohd.errors import ConfigError
 from ohd.llm import Completion
 from ohd.store import Store
@@ -160,7 +160,7 @@ def test_coverage_gain_over_the_repos_tests_is_reported(repo: Path) -> None:
     verdict = ladder.judge(repo, job(), GOOD, 0.5, tools(coverage=True))
     cov = verdict.coverage
     assert cov is not None and not cov.error, cov
-    assert cov.baseline == ("tests/test_existing.py",)           # only tests that import the target
+    assert cov.baseline == ("the repo's test suite (2 test(s), without tests/test_pricing.py)",)
     assert 0 < cov.before < cov.after <= cov.statements
     assert cov.gain > 0
     delta = rules(verdict)["coverage_delta"]
@@ -181,13 +181,23 @@ def test_tests_that_add_no_coverage_fail_the_info_rule_but_are_still_accepted(re
 
 
 def test_a_replaced_output_counts_in_before_but_not_after(repo: Path) -> None:
-    commit_test(repo, "test_pricing.py", GOOD)          # the output file as it is now
-    verdict = ladder.judge(repo, job(), ONLY_IS_FREE, 0.0, tools(coverage=True))
+    commit_test(repo, "test_pricing.py", GOOD)          # ohd's own earlier output, which the candidate replaces
+    verdict = ladder.judge(repo, job(), ONLY_IS_FREE, 0.0, tools(coverage=True), replaces_output=True)
     cov = verdict.coverage
     assert cov is not None and not cov.error
-    assert cov.baseline == ("tests/test_pricing.py",)
+    assert cov.baseline[1:] == ("tests/test_pricing.py",) and cov.replaces
     assert cov.after < cov.before and cov.gain < 0
-    assert not rules(verdict)["coverage_delta"].passed
+    delta = rules(verdict)["coverage_delta"]
+    assert not delta.passed and "in place of the current output" in delta.message and "fewer lines" in delta.message
+
+
+def test_the_users_own_output_file_stays_in_the_figure_with_these(repo: Path) -> None:
+    commit_test(repo, "test_pricing.py", GOOD)          # the user's file: the candidate goes beside it (.ohd-new)
+    verdict = ladder.judge(repo, job(), ONLY_IS_FREE, 0.0, tools(coverage=True))
+    cov = verdict.coverage
+    assert cov is not None and not cov.error and not cov.replaces
+    assert cov.after >= cov.before > 0                  # the user's tests plus the candidate, never instead
+    assert "with these added" in rules(verdict)["coverage_delta"].message
 
 
 def test_coverage_is_measured_only_for_tests_that_pass_and_when_switched_on(repo: Path) -> None:
@@ -368,3 +378,139 @@ def test_test_processes_wait_for_a_free_slot_and_the_wait_is_not_run_time(repo: 
     settings = config.load(env={"OHD_TEST_PARALLEL": "3"})
     slots = daemon.ladder_of(settings).tests.slots
     assert slots is not None and [slots.acquire(blocking=False) for _ in range(4)] == [True, True, True, False]
+
+
+# -- the coverage baseline on a package that re-exports -----------------------------------------
+
+REEXPORTED = '''def mod(x: int) -> int:
+    return x + 1
+
+
+def double(x: int) -> int:
+    if x < 0:
+        raise ValueError("negative")
+    return 2 * x
+
+
+__all__ = ["mod", "double"]
+'''
+SUITE = '''import pytest
+
+import pkg as p
+
+
+def test_double() -> None:
+    assert p.double(2) == 4
+    with pytest.raises(ValueError):
+        p.double(-1)
+
+
+def test_mod() -> None:
+    assert p.mod(1) == 2
+'''
+ONLY_DOUBLE = "from pkg.mod import double\n\n\ndef test_double() -> None:\n    assert double(3) == 6\n"
+
+
+def reexporting_repo(root: Path, suite: str = SUITE) -> Path:
+    """`pkg/__init__.py` re-exports `pkg/mod.py` (`from .mod import *`); the tests `import pkg as p`."""
+    root.mkdir(parents=True)
+    git(root, "init", "-q", "-b", "main")
+    (root / "pkg").mkdir()
+    (root / "pkg" / "__init__.py").write_text("from .mod import *\n")
+    (root / "pkg" / "mod.py").write_text(REEXPORTED)
+    (root / "tests").mkdir()
+    (root / "tests" / "test_pkg.py").write_text(suite)
+    git(root, "add", "-A")
+    git(root, "-c", "user.email=t@example.com", "-c", "user.name=T", "commit", "-q", "-m", "initial")
+    return root
+
+
+def mod_job(output: str = "tests/test_mod.py") -> Job:
+    return Job(task_type=TaskType.UNIT_TEST, target="pkg/mod.py", source=REEXPORTED, module="pkg.mod", output=output)
+
+
+def direct_percent(repo: Path) -> float:
+    """coverage.py run directly on the repo's suite: the line figure of pkg/mod.py."""
+    data, out = repo.parent / "direct.data", repo.parent / "direct.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OHD_", "COV"))}
+    env["PYTHONPATH"] = str(repo)
+    subprocess.run([sys.executable, "-m", "coverage", "run", f"--data-file={data}", "-m", "pytest", "-q",
+                    "-p", "no:cacheprovider"], cwd=repo, env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "coverage", "json", f"--data-file={data}", "-o", str(out)],
+                   cwd=repo, env=env, check=True, capture_output=True)
+    files = json.loads(out.read_text())["files"]
+    summary = files["pkg/mod.py"]["summary"]
+    return float(100.0 * summary["covered_lines"] / summary["num_statements"])
+
+
+def test_the_baseline_counts_tests_that_import_the_package_not_the_submodule(tmp_path: Path) -> None:
+    repo = reexporting_repo(tmp_path / "proj")
+    verdict = ladder.judge(repo, mod_job(), ONLY_DOUBLE, 0.5, tools(coverage=True))
+    cov = verdict.coverage
+    assert cov is not None and not cov.error, cov
+    assert cov.percent(cov.before, cov.statements) == 100.0 and cov.suite == cov.before, cov
+    assert abs(cov.percent(cov.before, cov.statements) - direct_percent(repo)) <= 1.0
+    assert cov.gain == 0 and verdict.as_dict()["coverage"]["suite_percent"] == 100.0
+    assert "+0 points" in rules(verdict)["coverage_delta"].message
+
+
+def test_a_coverage_drop_never_passes_even_from_full_coverage(tmp_path: Path) -> None:
+    repo = reexporting_repo(tmp_path / "proj", suite="def test_nothing() -> None:\n    assert True is not False\n")
+    (repo / "tests" / "test_mod.py").write_text(SUITE)       # ohd's earlier output: covers all of pkg/mod.py
+    verdict = ladder.judge(repo, mod_job(), ONLY_DOUBLE, 0.0, tools(coverage=True), replaces_output=True)
+    cov = verdict.coverage
+    assert cov is not None and cov.percent(cov.before, cov.statements) == 100.0 and cov.after < cov.before, cov
+    assert not rules(verdict)["coverage_delta"].passed
+
+
+def test_the_suite_is_measured_once_per_content(tmp_path: Path) -> None:
+    runs = tmp_path / "suite-runs.txt"
+    counted = SUITE + f"\n\ndef test_count() -> None:\n    with open({str(runs)!r}, 'a') as out:\n" \
+                      "        out.write('run\\n')\n    assert p.mod(0) == 1\n"
+    repo = reexporting_repo(tmp_path / "proj", suite=counted)
+    first = ladder.judge(repo, mod_job(), ONLY_DOUBLE, 0.5, tools(coverage=True))
+    again = ladder.judge(repo, mod_job(), ONLY_DOUBLE.replace("(3) == 6", "(4) == 8"), 0.5, tools(coverage=True))
+    assert first.coverage is not None and not first.coverage.error and first.coverage == again.coverage
+    assert runs.read_text().split() == ["run"]                # the second candidate reused the suite's figure
+    (repo / "tests" / "test_pkg.py").write_text(counted + "\n")
+    ladder.judge(repo, mod_job(), ONLY_DOUBLE, 0.5, tools(coverage=True))
+    assert runs.read_text().split() == ["run", "run"]         # a test file changed: measured again
+
+
+def test_a_test_python_without_coverage_is_reported_not_silent(repo: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "nocov"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    shelf = tmp_path / "shelf"        # everything ohd's venv has, coverage.py left out
+    shelf.mkdir()
+    site = next(p for p in map(Path, sys.path) if p.name == "site-packages" and (p / "pytest").is_dir())
+    for entry in site.iterdir():
+        if not entry.name.startswith("coverage") and not entry.name.endswith(".pth"):
+            (shelf / entry.name).symlink_to(entry)
+    (next(bare.glob("lib/python*/site-packages")) / "shelf.pth").write_text(f"{shelf}\n")
+    python = bare / "bin" / "python"
+    assert testrun.probe(str(python)) == testrun.Interpreter(str(python), pytest=True, coverage=False)
+    lad = ladder.Ladder(tests=testrun.Options(runs=1, python=str(python)), coverage=True)
+    verdict = ladder.judge(repo, job(), GOOD, 0.5, lad)
+    assert verdict.accepted and verdict.coverage is not None
+    assert f"coverage.py cannot be imported by {python}" in verdict.coverage.error
+    markdown = report.render_markdown({"task": {"id": 1}, "verdict": verdict.as_dict(), "decision": "written"})
+    assert "`coverage_delta` not counted: coverage.py cannot be imported" in markdown
+
+
+def test_the_pool_tells_the_ladder_when_the_candidate_replaces_ohds_own_output(
+        repo: Path, store: Store, clock: FakeClock) -> None:
+    commit_test(repo, "test_pricing.py", GOOD)
+
+    async def call(model: str, messages: list[dict[str, str]], timeout_s: float, job_: Job) -> Completion:
+        return Completion(model, f"```python\n{ONLY_IS_FREE}```", 1, 1, None, 1, "stop", None)
+
+    task_id = store.enqueue(str(repo), TaskSpec.model_validate(
+        {"type": "unit_test", "target": "shop/pricing.py", "min_quality": 0.0, "max_attempts": 1}), clock.now())
+    store.record_written(str(repo), "tests/test_pricing.py", outputs.sha256_text(GOOD), task_id, clock.now())
+    pool = Pool(store, call, clock, models=["m"])
+    pool.ladder = ladder.Ladder(tests=testrun.Options(runs=1), coverage=True)
+    asyncio.run(pool.run_until_idle())
+    task = store.get_task(task_id)
+    assert task.report_path, task.error
+    cov = json.loads((repo / task.report_path).read_text())["verdict"]["coverage"]
+    assert cov["replaces"] and cov["after"] < cov["before"], cov     # ohd's own file: replaced, and the drop shows

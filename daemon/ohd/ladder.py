@@ -39,8 +39,12 @@ class Ladder:
         return cls(tests=tests, levels=levels, ruff=lintrun.find_ruff(), coverage=True)
 
 
-def judge(repo: Path, job: Job, content: str, min_quality: float, ladder: Ladder) -> validate.Verdict:
-    """The verdict on one candidate; each measuring step runs only when the steps before it hold."""
+def judge(repo: Path, job: Job, content: str, min_quality: float, ladder: Ladder,
+          replaces_output: bool = False) -> validate.Verdict:
+    """The verdict on one candidate; each measuring step runs only when the steps before it hold.
+    `replaces_output`: the output file now holds ohd's own earlier output, which the candidate
+    replaces (so it counts in the coverage before, not after); else an existing output is the
+    user's and stays."""
     levels = validate.levels_for(job.task_type, ladder.levels)
 
     def check(test_run: PytestRun | None = None, lint: LintRun | None = None,
@@ -66,9 +70,14 @@ def judge(repo: Path, job: Job, content: str, min_quality: float, ladder: Ladder
     log.info("candidate for %s: pytest %s (%s)", job.output, result.status.value,
              ", ".join(o.value for o in result.outcomes))
     coverage = None
-    if result.status is RunStatus.PASSED and ladder.coverage and python.coverage and levels.get("coverage_delta"):
-        coverage = testrun.measure_coverage(repo, job.output, content, target=job.target, module=job.module,
-                                            import_root=root, options=ladder.tests, python=python.path)
+    if result.status is RunStatus.PASSED and ladder.coverage and levels.get("coverage_delta") and not python.coverage:
+        coverage = CoverageRun(target=job.target, statements=0, before=0, after=0,
+                               error=f"coverage.py cannot be imported by {python.path}, which runs the tests: "
+                                     "install it there (pip install coverage) or switch the rule off")
+    elif result.status is RunStatus.PASSED and ladder.coverage and levels.get("coverage_delta"):
+        coverage = testrun.measure_coverage(repo, job.output, content, target=job.target, import_root=root,
+                                            options=ladder.tests, python=python.path,
+                                            replaces_output=replaces_output)
         log.info("candidate for %s: %s", job.output,
                  coverage.error or f"coverage {coverage.before} -> {coverage.after} of {coverage.statements} lines")
     return check(test_run=result, lint=lint, coverage=coverage)

@@ -8,8 +8,9 @@ gone when `run_candidate` returns, also after a timeout or an error; the subproc
 sees the API key (`OPENROUTER_API_KEY`, the configured variable, every `OHD_*`
 variable); a run that outlives its timeout is killed with its whole process group.
 `interpreter` picks the Python: the repo's own virtualenv when it has pytest, else ohd's.
-`measure_coverage` runs the repo's tests for the target with and without the candidate
-under coverage.py (when it is installed) for the `coverage_delta` rule.
+`measure_coverage` runs the repo's whole test suite under coverage.py (once per content of
+the target and the test files) and the candidate, for the `coverage_delta` rule. `runs_green`
+reads pytest's own report (`--junitxml`), never only its exit code.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import threading
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,86 +293,136 @@ class _NotMeasured(Exception):
     """Coverage could not be measured; the message says why (it goes into the report)."""
 
 
-def measure_coverage(repo: Path, output: str, content: str, *, target: str, module: str,
+def measure_coverage(repo: Path, output: str, content: str, *, target: str, module: str = "",
                      import_root: str = "", options: Options = Options(),
-                     environ: Mapping[str, str] | None = None, python: str = sys.executable) -> CoverageRun:
-    """Lines of `target` run by the repo's tests that import `module` (and by `output` as it is
-    now), against the same with the candidate in place of `output`."""
+                     environ: Mapping[str, str] | None = None, python: str = sys.executable,
+                     replaces_output: bool = False) -> CoverageRun:
+    """Lines of `target` run by the repo's whole test suite (pytest's own selection, as
+    `coverage run -m pytest` would run it), against the same with the candidate added.
+
+    The suite is measured once per content (of the target, the test files, conftest and
+    pytest configuration files) and Python; an existing `output` is the user's file and
+    stays in both figures, unless `replaces_output` (ohd's own earlier output that the
+    candidate replaces): then it counts before and not after. `module` is not used: what
+    the tests execute decides, not how they spell the import."""
     root = repo.resolve()
     env = _env(repo, import_root, options, environ)
     target_path = (root / target).resolve()
-    baseline = tuple(t for t in tests_importing(root, module) if t != output)
+    current = (root / output).is_file() and _TEST_NAME.match(posixpath.basename(output)) is not None
     try:
         with tempfile.TemporaryDirectory(prefix="ohd-coverage-") as scratch:
-            def covered(rels: Sequence[str]) -> tuple[frozenset[int], int | None]:
-                return _covered(python, root, rels, env, target_path, Path(scratch), options)
+            def covered(rels: Sequence[str], *extra: str) -> Measured:
+                return _covered(python, root, rels, env, target_path, Path(scratch), options, extra)
 
-            base, _ = covered(baseline) if baseline else (frozenset(), None)
-            current = output in tests_importing(root, module, only=(output,))
-            old, _ = covered([output]) if current else (frozenset(), None)
+            base = _suite(root, output, target, python, lambda: covered(
+                [], f"--ignore={output}", f"--ignore-glob=*/{_CANDIDATE}*", "--continue-on-collection-errors"))
+            old = covered([output]) if current else Measured()
             with candidate_file(repo, output, content) as rel:
-                new, statements = covered([rel])
+                new = covered([rel])
     except _NotMeasured as exc:
-        return CoverageRun(target=target, statements=0, before=0, after=0, baseline=baseline, error=str(exc))
+        return CoverageRun(target=target, statements=0, before=0, after=0, error=str(exc))
+    statements = next((m.statements for m in (new, base, old) if m.statements is not None), None)
     if statements is None:
-        return CoverageRun(target=target, statements=0, before=0, after=0, baseline=baseline,
+        return CoverageRun(target=target, statements=0, before=0, after=0,
                            error=f"the tests did not run {target} under coverage (imported from another path?)")
-    shown = (*baseline, *([output] if current else []))
-    return CoverageRun(target=target, statements=statements, before=len(base | old), after=len(base | new),
-                       baseline=shown)
+    shown = (f"the repo's test suite ({base.tests} test(s), without {output})", *([output] if current else []))
+    after = base.lines | new.lines | (frozenset() if replaces_output else old.lines)
+    return CoverageRun(target=target, statements=statements, before=len(base.lines | old.lines), after=len(after),
+                       baseline=shown, suite=len(base.lines), replaces=current and replaces_output)
 
 
-def tests_importing(root: Path, module: str, only: Sequence[str] = ()) -> list[str]:
-    """Test files of the repo (tracked or not ignored; `test_*.py`, `*_test.py`) that import `module`."""
-    if only:
-        names = [rel for rel in only if (root / rel).is_file()]
-    else:
-        try:
-            listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                                    cwd=root, capture_output=True, timeout=60, check=True).stdout
-        except (OSError, subprocess.SubprocessError):
-            return []
-        names = sorted({n for n in listed.decode(errors="replace").split("\0")
-                        if _TEST_NAME.match(posixpath.basename(n)) and not posixpath.basename(n).startswith(_CANDIDATE)})
-    leaf = module.rpartition(".")[2]      # every import of the module names it: parse only those files
-    found = []
-    for rel in names:
-        try:
-            text = (root / rel).read_text(encoding="utf-8")
-            if leaf in text and validate.imports_module(pyparse.parse(text), module):
-                found.append(rel)
-        except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
-            continue
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """What one pytest run under coverage executed of the target; `statements` None: never imported."""
+
+    lines: frozenset[int] = frozenset()
+    statements: int | None = None
+    tests: int = 0                       # test cases in pytest's report
+
+
+_SUITES: dict[str, Measured] = {}        # content hash -> the suite's figure (this process)
+_SUITES_LOCK = threading.Lock()
+_SUITES_KEPT = 64
+_SUITE_FILES = frozenset({"conftest.py", "pytest.ini", "pyproject.toml", "setup.cfg", "tox.ini", ".coveragerc"})
+
+
+def _suite(root: Path, output: str, target: str, python: str, measure: Callable[[], Measured]) -> Measured:
+    """The suite's figure for `target`, from the cache while nothing it depends on changed."""
+    key = suite_key(root, output, target, python)
+    with _SUITES_LOCK:
+        if key in _SUITES:
+            return _SUITES[key]
+    found = measure()
+    with _SUITES_LOCK:
+        while len(_SUITES) >= _SUITES_KEPT:
+            del _SUITES[next(iter(_SUITES))]
+        _SUITES[key] = found
     return found
 
 
+def suite_key(root: Path, output: str, target: str, python: str) -> str:
+    """A hash of what the suite's coverage of `target` depends on: the target, every test file,
+    conftest and pytest configuration file (tracked or not ignored), the output's name and the Python."""
+    digest = hashlib.sha256(f"{python}\0{output}\0{target}\0".encode())
+    for rel in [target, *repo_files(root, lambda name: bool(_TEST_NAME.match(name)) or name in _SUITE_FILES)]:
+        try:
+            digest.update(rel.encode() + b"\0" + (root / rel).read_bytes() + b"\0")
+        except OSError:
+            digest.update(rel.encode() + b"\0-\0")
+    return digest.hexdigest()
+
+
+def repo_files(root: Path, wanted: Callable[[str], bool]) -> list[str]:
+    """The repo's files (tracked or not ignored) whose base name is `wanted`, never a candidate."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                                cwd=root, capture_output=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return sorted({n for n in listed.decode(errors="replace").split("\0") if n and wanted(posixpath.basename(n))
+                   and not posixpath.basename(n).startswith(_CANDIDATE)})
+
+
 def _covered(python: str, root: Path, rels: Sequence[str], env: dict[str, str], target: Path, scratch: Path,
-             options: Options) -> tuple[frozenset[int], int | None]:
-    """The target's executed line numbers and statement count (None: never imported) when pytest
-    runs `rels` under coverage; the user's coverage settings are not read (an empty rcfile)."""
-    rcfile, data, report = scratch / "coveragerc", scratch / "coverage.data", scratch / "coverage.json"
+             options: Options, extra: Sequence[str] = ()) -> Measured:
+    """What of the target pytest runs of `rels` (none: pytest's own selection) execute under
+    coverage; the user's coverage settings are not read (an empty rcfile)."""
+    rcfile, data, report, junit = (scratch / name for name in ("coveragerc", "coverage.data", "coverage.json",
+                                                                 "report.xml"))
     rcfile.write_text("", encoding="utf-8")
-    for leftover in (data, report):
+    for leftover in (data, report, junit):
         leftover.unlink(missing_ok=True)
     coverage, timeout_s = [python, "-m", "coverage"], options.timeout_s
     code, out = _run([*coverage, "run", f"--rcfile={rcfile}", f"--data-file={data}", f"--include={target}",
-                      *_PYTEST_ARGS, f"--rootdir={root}", *rels], root, env, timeout_s, options.slots)
+                      *_PYTEST_ARGS, f"--rootdir={root}", f"--junitxml={junit}", *extra, *rels],
+                     root, env, timeout_s, options.slots)
+    what = ", ".join(rels) or "the repo's test suite"
     if code is None:
-        raise _NotMeasured(f"pytest under coverage did not finish within {timeout_s:g}s ({', '.join(rels)})")
+        raise _NotMeasured(f"pytest under coverage did not finish within {timeout_s:g}s ({what}; "
+                           "test_timeout_s bounds it)")
+    if code not in (0, 1, 5):     # 5: no tests collected (a repo without tests)
+        last = _last_line(out)
+        raise _NotMeasured(f"pytest under coverage could not run {what} (exit code {code}){f': {last}' if last else ''}")
+    tests = (read_junit(junit) or Tally()).total
     code, out = _run([*coverage, "json", f"--rcfile={rcfile}", f"--data-file={data}", "-o", str(report)],
                      root, env, timeout_s, options.slots)
     if code != 0 or not report.is_file():
         if "No data" in out:
-            return frozenset(), None
+            return Measured(tests=tests)
         raise _NotMeasured(f"coverage json failed: {out.strip()[-300:]}")
     try:
         entry = next(iter(json.loads(report.read_text(encoding="utf-8"))["files"].values()), None)
         if entry is None:      # --include names one file: at most one entry
-            return frozenset(), None
+            return Measured(tests=tests)
         executed = frozenset(int(n) for n in entry["executed_lines"])
-        return executed, len(executed | frozenset(int(n) for n in entry["missing_lines"]))
+        return Measured(executed, len(executed | frozenset(int(n) for n in entry["missing_lines"])), tests)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise _NotMeasured(f"unreadable coverage report ({exc})") from None
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][-300:] if lines else ""
 
 
 def _kill(proc: subprocess.Popen[str]) -> None:

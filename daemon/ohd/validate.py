@@ -127,10 +127,12 @@ class CoverageRun:
 
     target: str
     statements: int
-    before: int                        # lines run by the repo's tests that import the target
-    after: int                         # ... with the candidate in place of the output file
-    baseline: tuple[str, ...] = ()     # the test files measured for `before`
+    before: int                        # lines run by the repo's test suite (the output file as it is now included)
+    after: int                         # ... with the candidate added (in place of the output when `replaces`)
+    baseline: tuple[str, ...] = ()     # what was measured for `before`
     error: str = ""                    # why it could not be measured
+    suite: int = 0                     # lines run by the suite without the output file
+    replaces: bool = False             # the candidate replaces the output file (ohd's own earlier output)
 
     @staticmethod
     def percent(lines: int, statements: int) -> float:
@@ -145,7 +147,8 @@ class CoverageRun:
         return {"target": self.target, "statements": self.statements, "before": self.before, "after": self.after,
                 "before_percent": self.percent(self.before, self.statements),
                 "after_percent": self.percent(self.after, self.statements), "gain": self.gain,
-                "baseline": list(self.baseline), "error": self.error}
+                "suite": self.suite, "suite_percent": self.percent(self.suite, self.statements),
+                "replaces": self.replaces, "baseline": list(self.baseline), "error": self.error}
 
 
 def cut(text: str, limit: int) -> str:
@@ -333,8 +336,12 @@ def _lint(output: str, run: LintRun) -> RuleResult:
 
 def _coverage_delta(cov: CoverageRun) -> RuleResult:
     before, after = cov.percent(cov.before, cov.statements), cov.percent(cov.after, cov.statements)
+    these = "with these in place of the current output" if cov.replaces else "with these added"
     figures = (f"coverage of {cov.target}: {before:g}% ({cov.before}/{cov.statements} lines) with the repo's "
-               f"tests, {after:g}% ({cov.after}/{cov.statements}) with these ({cov.gain:+g} points)")
+               f"tests, {after:g}% ({cov.after}/{cov.statements}) {these} ({cov.gain:+g} points)")
+    if cov.after < cov.before:
+        return RuleResult("coverage_delta", Level.INFO, False,
+                          f"{figures}: the tests run fewer lines of {cov.target} than the file they replace")
     if cov.after > cov.before or cov.before >= cov.statements:
         return RuleResult("coverage_delta", Level.INFO, True, figures)
     return RuleResult("coverage_delta", Level.INFO, False,

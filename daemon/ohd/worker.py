@@ -331,10 +331,12 @@ class Pool:
     async def _judge(self, run: Run, model: str, content: str, candidates: list[str]) -> Outcome | None:
         """Validate (a unit_test candidate is run with pytest); a rejection feeds the next prompt,
         a possible bug is kept for the report, the same error twice moves on to the next model."""
+        written = await self._store(self.store.written_hash, run.task.repo, run.job.output)
+        ours = written is not None and outputs.current_sha(outputs.resolve_inside(run.repo, run.job.output)) == written
         judging = self.clock.monotonic()
         verdict = run.verdict = await asyncio.to_thread(
             ladder.judge, run.repo, run.job, content, run.task.min_quality,
-            ladder.for_task(self.ladder, run.task.type, run.task.rule_levels))
+            ladder.for_task(self.ladder, run.task.type, run.task.rule_levels), ours)
         validation_ms = round((self.clock.monotonic() - judging) * 1000)
         answered = run.history[-1]
         outcome = "accepted" if verdict.accepted else "rejected"
