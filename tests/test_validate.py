@@ -271,7 +271,7 @@ def test_a_docstring_answer_may_only_change_docstrings() -> None:
                                 'def total(prices, discount=0.0):\n    """Sum, less a discount."""\n')
     documented = documented.replace("    def add(self, price):\n        pass\n",
                                     '    def add(self, price):\n        """Add one price."""\n')
-    documented = documented.replace('"""Shop."""', '"""A small shop.\n\nWith prices."""\n# a comment')
+    documented = documented.replace('"""Shop."""', '"""A small shop.\n\nWith prices."""\n')
     verdict = docstring(documented)
     assert rules_of(verdict)["docstring_only"].passed and verdict.accepted
 
@@ -286,3 +286,71 @@ def test_a_docstring_answer_that_changes_code_is_refused(change: tuple[str, str]
     rule = rules_of(verdict)["docstring_only"]
     assert not rule.passed and rule.level is Level.ERROR and where in rule.message
     assert not verdict.accepted
+
+
+COMMENTED = '''import os  # the os
+
+
+def total(prices, discount=0.0):
+    # the discount is a fraction
+    if discount:
+        return sum(prices) * (1 - discount)
+    return sum(
+        prices)
+
+
+class Error(Exception): pass
+
+
+def café(x): ...
+'''
+
+
+def commented(content: str) -> RuleResult:
+    verdict = check(TaskType.DOCSTRING, "shop.py", content, target_exists=True, module="shop",
+                    min_quality=0.7, original=COMMENTED)
+    return rules_of(verdict)["docstring_only"]
+
+
+def test_docstrings_added_everywhere_keep_comments_and_layout() -> None:
+    documented = ('"""A shop: prices and errors."""\n\n' + COMMENTED)
+    documented = documented.replace("discount=0.0):\n", 'discount=0.0):\n    """Sum «prices», less a discount."""\n\n')
+    documented = documented.replace("class Error(Exception): pass\n",
+                                    'class Error(Exception):\n    """A shop error."""\n')
+    documented = documented.replace("def café(x): ...\n", 'def café(x):\n    """Café!"""\n')
+    rule = commented(documented)
+    assert rule.passed, rule.message
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    (("# the discount is a fraction\n", "# the discount is a fraction (0..1)\n"), "a comment changed (line 5"),
+    (("    # the discount is a fraction\n", ""), "a comment was removed (line 5 of the original"),
+    (("import os  # the os\n", "import os\n"), "a comment was removed (line 1 of the original"),
+    (("    if discount:\n", "    # why?\n    if discount:\n"), "a comment was added (line 6"),
+    (("sum(prices) * (1 - discount)", "sum(prices)*(1 - discount)"), "the layout changed (line 7"),
+    (("return sum(\n        prices)", "return sum(prices)"), "the layout changed (line 8"),
+    (("def total(prices, discount=0.0):", "def total(prices,\n          discount=0.0):"),
+     "the layout changed (line 4"),
+    (("\n\nclass Error", "\n\n\nclass Error"), "the layout changed (line 12, a blank line"),
+])
+def test_a_docstring_answer_that_changes_comments_or_layout_is_refused(change: tuple[str, str], says: str) -> None:
+    answer = COMMENTED.replace(*change)
+    assert answer != COMMENTED
+    assert ast.dump(ast.parse(answer)) == ast.dump(ast.parse(COMMENTED))   # the AST check alone passes it
+    rule = commented(answer)
+    assert not rule.passed and rule.level is Level.ERROR
+    assert says in rule.message
+
+
+@pytest.mark.parametrize(("original", "answer"), [
+    ("class A:\n\n    def f(self):\n        return 1\n",                      # docstring after the blank line
+     'class A:\n\n    """An A."""\n    def f(self):\n        return 1\n'),
+    ("x = 1\n\n\n", '"""Module."""\n\nx = 1\n'),                              # trailing blank lines dropped
+    ('"""Old."""\n\n\nimport os\n', '"""New,\nlonger."""\nimport os\n'),     # its blank lines go with it
+    ("def f():\n    # why\n    return 1\n", 'def f():\n    """Doc."""\n    # why\n    return 1\n'),
+])
+def test_docstrings_may_bring_or_take_their_blank_lines(original: str, answer: str) -> None:
+    verdict = check(TaskType.DOCSTRING, "m.py", answer, target_exists=True, module="m", min_quality=0.7,
+                    original=original)
+    rule = rules_of(verdict)["docstring_only"]
+    assert rule.passed, rule.message

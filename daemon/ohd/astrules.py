@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import ast
 import copy
+import io
 import logging
-from collections.abc import Iterable
+import tokenize
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
+from ohd import pyparse
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +254,134 @@ def _is_filler(stmt: ast.stmt) -> bool:
     """`pass` and a bare `...`: a docstring may take their place in a body."""
     return isinstance(stmt, ast.Pass) or (
         isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and stmt.value.value is Ellipsis)
+
+
+def docstring_change(before: str, after: str) -> str | None:
+    """None when `after` is `before` with docstrings added or changed and nothing else
+    (code, comments, layout); else what differs first. A module that does not parse differs."""
+    try:
+        old, new = pyparse.parse(before), pyparse.parse(after)
+    except (SyntaxError, ValueError) as exc:
+        return f"a module does not parse ({exc})"
+    where = first_difference(code_shape(old), code_shape(new))
+    return f"the code changed (first at {where})" if where else layout_difference(before, after)
+
+
+def layout_difference(before: str, after: str) -> str | None:
+    """Where `after` changes comments or layout outside docstrings, None if it does not.
+
+    Both must parse. Compares the token streams (comments included) with the text
+    between tokens on a line, leaving out docstrings, `pass`/`...` bodies a docstring
+    may replace, the blank lines next to them, indentation tokens (the indentation is
+    compared as the text before a line's first token), trailing whitespace and blank
+    lines at the end. So
+    `x=1` for `x = 1`, a call split over two lines, a comment added, changed or
+    dropped all count; a docstring added, changed or moved onto its own line does not.
+    """
+    try:
+        old, new = _layout(before), _layout(after)
+    except (tokenize.TokenError, SyntaxError) as exc:
+        return f"the module cannot be tokenized ({exc})"
+    i = j = 0
+    while i < len(old) or j < len(new):
+        a, b = (old[i] if i < len(old) else None), (new[j] if j < len(new) else None)
+        if a is _GAP or b is _GAP:          # a docstring's place: the other side's blank lines there
+            i, j = i + (a is _GAP), j + (b is _GAP)
+            while a is not _GAP and i < len(old) and _blank(old[i]):
+                i += 1
+            while b is not _GAP and j < len(new) and _blank(new[j]):
+                j += 1
+        elif a is not None and b is not None and a[0] == b[0]:
+            i, j = i + 1, j + 1
+        else:
+            return _where(a, b)
+    return None
+
+
+_Item = tuple[tuple[int, str, str], int, str]     # ((type, text, text before it), line, the line's text)
+_Layout = list[_Item]
+_NOT_COMPARED = frozenset({tokenize.INDENT, tokenize.DEDENT, tokenize.NEWLINE, tokenize.ENDMARKER,
+                           tokenize.ENCODING})
+_GAP = ((-1, "", ""), 0, "")    # where a docstring or a filler was left out
+
+
+def _layout(source: str) -> _Layout:
+    lines = source.splitlines(keepends=True)
+    spans = list(_docstring_spans(pyparse.parse(source), lines))
+    items: _Layout = []
+    prev_end: tuple[int, int] | None = None
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type in (tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING):
+            continue
+        row, col = tok.start
+        text = lines[row - 1] if row <= len(lines) else ""
+        gap = text[prev_end[1]:col] if prev_end is not None and prev_end[0] == row else text[:col]
+        prev_end = tok.end
+        if any(start <= tok.start and tok.end <= end for start, end in spans):
+            items.append(_GAP)
+            continue
+        if tok.type in _NOT_COMPARED:
+            continue
+        if tok.type == tokenize.NL:
+            gap = ""                    # trailing whitespace is not layout
+        items.append(((tok.type, tok.string, gap), row, text.strip()))
+    while items and _blank(items[-1]):      # blank lines at the end: an answer's file ends with one newline
+        items.pop()
+    return _merge_gaps(items)
+
+
+def _blank(item: _Item) -> bool:
+    return item[0][0] == tokenize.NL and not item[2]
+
+
+def _merge_gaps(items: _Layout) -> _Layout:
+    """One gap for each run of docstrings, fillers and the blank lines around them (a
+    docstring brings or takes its blank line)."""
+    merged: _Layout = []
+    for item in items:
+        if item is _GAP:
+            while merged and (merged[-1] is _GAP or _blank(merged[-1])):
+                merged.pop()
+            merged.append(_GAP)
+        elif not (merged and merged[-1] is _GAP and _blank(item)):
+            merged.append(item)
+    return merged
+
+
+def _docstring_spans(tree: ast.Module, lines: list[str]) -> Iterator[tuple[tuple[int, int], tuple[int, int]]]:
+    """(start, end) token positions of every docstring and every `pass`/`...` body filler."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            for i, stmt in enumerate(node.body):
+                if (i == 0 and _is_docstring(stmt)) or _is_filler(stmt):
+                    yield (_position(lines, stmt.lineno, stmt.col_offset),
+                           _position(lines, stmt.end_lineno or stmt.lineno, stmt.end_col_offset or 0))
+
+
+def _position(lines: list[str], row: int, byte_col: int) -> tuple[int, int]:
+    """An AST position (UTF-8 byte column) as a tokenize position (character column)."""
+    text = lines[row - 1] if row <= len(lines) else ""
+    return row, len(text.encode("utf-8")[:byte_col].decode("utf-8", errors="ignore"))
+
+
+def _where(before: _Item | None, after: _Item | None) -> str:
+    """What the first differing token says: a comment added, removed or changed, or the layout."""
+    kind_a = before[0][0] if before else None
+    kind_b = after[0][0] if after else None
+    if kind_a == tokenize.COMMENT and kind_b != tokenize.COMMENT:
+        return f"a comment was removed ({_line(before, ' of the original')})"
+    if kind_b == tokenize.COMMENT:
+        changed = "changed" if kind_a == tokenize.COMMENT else "was added"
+        return f"a comment {changed} ({_line(after, '')})"
+    return f"the layout changed ({_line(after, '') if after else _line(before, ' of the original')})"
+
+
+def _line(item: _Item | None, of: str) -> str:
+    if item is None:
+        return "at the end"
+    _, line, text = item
+    shown = text if len(text) <= 80 else text[:77] + "..."
+    return f"line {line}{of}: `{shown}`" if shown else f"line {line}{of}, a blank line"
 
 
 def _label(stmt: ast.stmt) -> str:

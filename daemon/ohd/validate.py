@@ -237,7 +237,7 @@ def check(task_type: str, output: str, content: str, *, target_exists: bool,
         if coverage is not None and not coverage.error:
             rules.append(_coverage_delta(coverage))
     if task_type == _DOCSTRING and original is not None and tree is not None:
-        rules.append(_docstring_only(original, tree))
+        rules.append(_docstring_only(original, content, tree))
     if lint is not None and not lint.error:
         rules.append(_lint(output, lint))
     table = {**levels_for(task_type), **(levels or {})}
@@ -348,16 +348,22 @@ def _coverage_delta(cov: CoverageRun) -> RuleResult:
                       f"{figures}: the tests run no line of {cov.target} that the repo's tests do not already run")
 
 
-def _docstring_only(original: str, tree: ast.Module) -> RuleResult:
+def _docstring_only(original: str, content: str, tree: ast.Module) -> RuleResult:
     before = _parse(original)
     if not isinstance(before, ast.Module):
         return RuleResult("docstring_only", Level.ERROR, True, "the original does not parse; code not compared")
     where = astrules.first_difference(astrules.code_shape(before), astrules.code_shape(tree))
-    if where is None:
-        return RuleResult("docstring_only", Level.ERROR, True, "only docstrings changed; the code is the same")
-    return RuleResult("docstring_only", Level.ERROR, False,
-                      f"the code changed outside docstrings (first at {where}); add or change docstrings "
-                      "only and return the rest of the module exactly as it was")
+    if where is not None:
+        return RuleResult("docstring_only", Level.ERROR, False,
+                          f"the code changed outside docstrings (first at {where}); add or change docstrings "
+                          "only and return the rest of the module exactly as it was")
+    layout = astrules.layout_difference(original, content)
+    if layout is not None:
+        return RuleResult("docstring_only", Level.ERROR, False,
+                          f"outside docstrings {layout}; add or change docstrings only and return the rest "
+                          "of the module exactly as it was, comments and formatting included")
+    return RuleResult("docstring_only", Level.ERROR, True,
+                      "only docstrings changed; the code, comments and layout are the same")
 
 
 def collected_tests(tree: ast.Module) -> list[str]:
