@@ -101,3 +101,79 @@ def _report(repo: Path, rel: str | None) -> dict[str, Any]:
     assert rel is not None
     data: dict[str, Any] = json.loads((repo / rel).read_text())
     return data
+
+
+# --- which case a .ohd-new is, and when a user's module may be replaced ----------------------
+
+DOCUMENTED = '''```python
+{}
+```'''
+
+
+def documented(source: str) -> str:
+    """The module with one more docstring (Cart.add has none) and nothing else changed."""
+    return source.replace("    def add(self, price: float) -> None:\n",
+                          '    def add(self, price: float) -> None:\n        """Add one price (not negative)."""\n')
+
+
+def test_an_existing_file_ohd_never_wrote_is_not_said_to_be_edited(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    mine = repo / "tests" / "test_pricing.py"
+    mine.write_text("# my own tests\n")
+    task_id = enqueue(store, repo, clock)
+    run_pool(store, server, clock)
+    task = store.get_task(task_id)
+    assert task.output_path == "tests/test_pricing.py.ohd-new" and mine.read_text() == "# my own tests\n"
+    assert _report(repo, task.report_path)["conflict"] == "not_written_by_ohd"
+    page = (repo / (task.report_path or "")).with_suffix(".md").read_text()
+    assert "tests/test_pricing.py exists and was not written by ohd" in page
+    assert "edited" not in page
+
+
+def test_a_file_changed_since_ohd_wrote_it_says_so(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    first = enqueue(store, repo, clock)
+    run_pool(store, server, clock)
+    assert store.get_task(first).output_path == "tests/test_pricing.py"
+    written = repo / "tests" / "test_pricing.py"
+    written.write_text(written.read_text() + "# mine now\n")
+    second = enqueue(store, repo, clock)
+    run_pool(store, server, clock)
+    task = store.get_task(second)
+    assert task.output_path == "tests/test_pricing.py.ohd-new" and "# mine now" in written.read_text()
+    assert _report(repo, task.report_path)["conflict"] == "edited_since_ohd_wrote"
+    assert "was changed since ohd last wrote it" in (repo / (task.report_path or "")).with_suffix(".md").read_text()
+
+
+def test_docstrings_only_are_written_into_the_users_module(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    module = repo / "shop" / "pricing.py"
+    original = module.read_text()
+    server.default = ok(DOCUMENTED.format(documented(original).rstrip("\n")))
+    task_id = enqueue(store, repo, clock, type="docstring")
+    run_pool(store, server, clock)
+    task = store.get_task(task_id)
+    assert task.status == "completed", task.error
+    assert task.output_path == "shop/pricing.py"
+    assert module.read_text() == documented(original)
+    assert not (repo / "shop" / "pricing.py.ohd-new").exists()
+    assert _report(repo, task.report_path)["decision"] == "written"
+
+
+@pytest.mark.parametrize("answer", [
+    lambda src: documented(src).replace("return total(self.items)", "return total(self.items)  # the sum"),
+    lambda src: documented(src).replace("self.items.append(price)", "self.items.append(price * 1)"),
+])
+def test_a_docstring_answer_that_changes_more_never_replaces_the_users_module(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock, answer: Any) -> None:
+    module = repo / "shop" / "pricing.py"
+    original = module.read_text()
+    server.default = ok(DOCUMENTED.format(answer(original).rstrip("\n")))
+    task_id = enqueue(store, repo, clock, type="docstring", max_attempts=1,
+                      rule_levels={"docstring_only": "off"})     # accepted, but not proven docstrings-only
+    run_pool(store, server, clock)
+    task = store.get_task(task_id)
+    assert task.status == "completed", task.error
+    assert module.read_text() == original
+    assert task.output_path == "shop/pricing.py.ohd-new"
+    assert _report(repo, task.report_path)["conflict"] == "not_written_by_ohd"

@@ -62,12 +62,17 @@ def test_markdown_cells_cannot_break_the_table() -> None:
     assert "| 429 \\| slow down please |" in page
 
 
-def test_conflict_sentence_names_both_paths() -> None:
+def test_conflict_sentence_names_both_paths_and_which_case_it_is() -> None:
     data = sample("written_as_ohd_new", "tests/test_auth.py.ohd-new")
-    assert decision_sentence(data) == (
-        "tests/test_auth.py was edited by you since ohd last wrote it; "
+    assert decision_sentence({**data, "conflict": "edited_since_ohd_wrote"}) == (
+        "tests/test_auth.py was changed since ohd last wrote it, so ohd did not replace it; "
         "the new content is in tests/test_auth.py.ohd-new."
     )
+    assert decision_sentence({**data, "conflict": "not_written_by_ohd"}) == (
+        "tests/test_auth.py exists and was not written by ohd, so ohd did not replace it; "
+        "the new content is in tests/test_auth.py.ohd-new."
+    )
+    assert "edited" not in decision_sentence(data)      # no reason recorded: no claim either
 
 
 def test_failed_task_without_verdict_or_attempts() -> None:
@@ -93,11 +98,12 @@ def test_worker_shaped_data() -> None:
     """The worker passes Execution.as_dict() rows, `intended_output` and a top-level `error`."""
     data = sample("written_as_ohd_new", "tests/test_auth.py.ohd-new")
     data["intended_output"] = "tests/test_auth.py"
+    data["conflict"] = "edited_since_ohd_wrote"
     data["attempts"] = [{"attempt": 1, "model": "m", "outcome": "accepted", "latency_ms": 5,
                          "prompt_tokens": 100, "completion_tokens": 23, "error": None}]
     page = render_markdown(data)
     assert "| 1 | m | accepted | 5 ms | 123 |  |" in page
-    assert "tests/test_auth.py was edited by you" in page
+    assert "tests/test_auth.py was changed since ohd last wrote it" in page
     rejected = sample("rejected", "")
     rejected["error"] = "rejected after 3 attempt(s): no tests"
     assert decision_sentence(rejected) == "Nothing was written: rejected after 3 attempt(s): no tests."

@@ -16,10 +16,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ohd import outputs, report, validate
+from ohd import astrules, outputs, report, validate
 from ohd.errors import TargetError
 from ohd.records import QUARANTINED
 from ohd.store import Store, Task, TaskStatus
+from ohd.taskfile import TaskType
 from ohd.tasktypes import Job
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def deliver(store: Store, run: Run, content: str, now: datetime) -> Outcome:
         return Outcome(TaskStatus.RUNNING, stale=True)
     intended = outputs.check_output(run.repo, run.job.output)
     written = store.written_hash(run.task.repo, run.job.output)
-    plan = outputs.plan(intended, content, outputs.current_sha(intended), written)
+    plan = outputs.plan(intended, content, outputs.current_sha(intended), written, replaceable(run, intended, content))
     if not plan.unchanged and not plan.conflict:
         store.record_written(run.task.repo, run.job.output, plan.sha256, run.task.id, now)
     elif plan.conflict:   # ohd wrote the proposal too: `mv` over the output is ohd's content, not an edit
@@ -68,7 +69,7 @@ def deliver(store: Store, run: Run, content: str, now: datetime) -> Outcome:
         outputs.apply(plan)
     decision = "written_as_ohd_new" if plan.conflict else "written"
     rel = plan.path.relative_to(run.repo.resolve()).as_posix()
-    report_rel = write_report(store, run, decision, rel)
+    report_rel = write_report(store, run, decision, rel, conflict=plan.conflict_reason)
     note = (f"model={run.history[-1]['model']}, attempts={run.attempts}, "
             f"score={run.verdict.score if run.verdict else 0.0:.2f}, output={rel}")
     return Outcome(TaskStatus.COMPLETED, output_path=rel, report_path=report_rel, note=note)
@@ -87,7 +88,20 @@ def give_up(store: Store, run: Run) -> Outcome:
     return Outcome(TaskStatus.FAILED, error=error, report_path=report_rel)
 
 
-def write_report(store: Store, run: Run, decision: str, output: str | None, error: str | None = None) -> str:
+def replaceable(run: Run, intended: Path, content: str) -> str | None:
+    """The hash of the text the task read, when `content` may replace it although ohd did not write it.
+
+    Only a docstring task's own target, and only when `content` changes nothing but
+    docstrings (code, comments and layout checked); `plan` still compares the file's
+    current bytes with it, so a file changed since the task read it is never replaced.
+    """
+    if run.job.task_type is not TaskType.DOCSTRING or intended != outputs.resolve_inside(run.repo, run.job.target):
+        return None
+    return outputs.sha256_text(run.job.source) if astrules.docstring_change(run.job.source, content) is None else None
+
+
+def write_report(store: Store, run: Run, decision: str, output: str | None, error: str | None = None,
+                 conflict: str | None = None) -> str:
     """The report beside the source (`<dir>/.ohd/<file>.<type>.json|.md`); its repo-relative path."""
     json_path, md_path = outputs.report_paths(run.repo, run.task.target, run.task.type)
     data = {
@@ -99,6 +113,7 @@ def write_report(store: Store, run: Run, decision: str, output: str | None, erro
         "decision": decision,
         "output_path": output,
         "intended_output": run.job.output,
+        "conflict": conflict,
         "error": error,
         "possible_bug": run.quarantined[0] if decision == "quarantined" and run.quarantined else None,
     }

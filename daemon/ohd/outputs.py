@@ -108,6 +108,10 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+NOT_WRITTEN_BY_OHD = "not_written_by_ohd"     # why a plan is a conflict: the file is the user's own
+EDITED_SINCE_WRITTEN = "edited_since_ohd_wrote"  # ... or ohd wrote it and it was changed since
+
+
 @dataclass(frozen=True, slots=True)
 class WritePlan:
     """Where the content goes: `intended`, or `<intended>.ohd-new` on conflict; or nowhere."""
@@ -118,21 +122,25 @@ class WritePlan:
     sha256: str
     conflict: bool
     unchanged: bool
+    conflict_reason: str | None = None    # NOT_WRITTEN_BY_OHD or EDITED_SINCE_WRITTEN when `conflict`
 
 
-def plan(intended: Path, content: str, current_sha: str | None, written_sha: str | None) -> WritePlan:
+def plan(intended: Path, content: str, current_sha: str | None, written_sha: str | None,
+         replaceable_sha: str | None = None) -> WritePlan:
     """Decide, without touching the disk, how to write `content` to `intended`.
 
-    absent → write; already this content → unchanged; still what ohd last wrote → overwrite;
-    anything else (the user's file or the user's edit) → conflict, write `<intended>.ohd-new`.
+    absent → write; already this content → unchanged; still what ohd last wrote, or exactly
+    `replaceable_sha` (a file the caller proved it may replace) → overwrite; anything else
+    (the user's file or the user's edit) → conflict, write `<intended>.ohd-new`.
     """
     sha = sha256_text(content)
-    if current_sha is None or current_sha == written_sha or current_sha == sha:
+    if current_sha is None or current_sha in (written_sha, sha, replaceable_sha):
         return WritePlan(path=intended, intended=intended, content=content, sha256=sha,
                          conflict=False, unchanged=current_sha == sha)
     side = intended.with_name(intended.name + OHD_NEW_SUFFIX)
+    reason = NOT_WRITTEN_BY_OHD if written_sha is None else EDITED_SINCE_WRITTEN
     return WritePlan(path=side, intended=intended, content=content, sha256=sha,
-                     conflict=True, unchanged=False)
+                     conflict=True, unchanged=False, conflict_reason=reason)
 
 
 def current_sha(path: Path) -> str | None:
@@ -152,7 +160,9 @@ def apply(plan: WritePlan) -> None:
         log.debug("%s already holds this content", plan.path)
         return
     atomic_write(plan.path, plan.content)
-    if plan.conflict:
+    if plan.conflict_reason == NOT_WRITTEN_BY_OHD:
+        log.info("%s exists and was not written by ohd; new content in %s", plan.intended, plan.path)
+    elif plan.conflict:
         log.info("%s was edited since ohd wrote it; new content in %s", plan.intended, plan.path)
 
 

@@ -8,8 +8,9 @@ report after a crash rewrites identical files.
 None when no candidate was validated), `attempts` ([{attempt, model, outcome,
 latency_ms, tokens, error}]; `Execution.as_dict()` rows with prompt/completion tokens are
 fine too), `decision` ("written" | "written_as_ohd_new" | "unchanged" | "rejected" |
-"failed" | "quarantined"), `output_path`, and optionally `intended_output`, `error` and
-`possible_bug` (the test file kept, not written, because it fails against the code).
+"failed" | "quarantined"), `output_path`, and optionally `intended_output`, `conflict`
+(why a result went to `.ohd-new`: "not_written_by_ohd" | "edited_since_ohd_wrote"), `error`
+and `possible_bug` (the test file kept, not written, because it fails against the code).
 """
 
 from __future__ import annotations
@@ -58,8 +59,13 @@ def decision_sentence(data: Mapping[str, Any]) -> str:
         return f"Wrote {path}."
     if decision == "written_as_ohd_new":
         intended = data.get("intended_output") or (path.removesuffix(_OHD_NEW))
-        return (f"{intended} was edited by you since ohd last wrote it; "
-                f"the new content is in {path}.")
+        if data.get("conflict") == "not_written_by_ohd":
+            return (f"{intended} exists and was not written by ohd, so ohd did not replace it; "
+                    f"the new content is in {path}.")
+        if data.get("conflict") == "edited_since_ohd_wrote":
+            return (f"{intended} was changed since ohd last wrote it, so ohd did not replace it; "
+                    f"the new content is in {path}.")
+        return f"{intended} was not replaced; the new content is in {path}."
     if decision == "unchanged":
         return f"{path} already holds this content; nothing was written."
     if decision == "quarantined":
