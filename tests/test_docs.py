@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,33 @@ def test_every_command_the_readme_shows_exists_with_those_flags() -> None:
             if flag not in known:
                 wrong.append(f"{shown!r}: ohd {words[0]} has no flag {flag}")
     assert wrong == [], "the README shows commands the parser does not know:\n" + "\n".join(wrong)
+
+
+def yaml_examples(text: str) -> list[str]:
+    """Every fenced ```yaml block of the README (inside a list item too), dedented."""
+    return [textwrap.dedent(body) for _indent, body in
+            re.findall(r"^( *)```yaml\n(.*?)^\1```$", text, flags=re.DOTALL | re.MULTILINE)]
+
+
+def inline_task_examples(text: str) -> list[str]:
+    """Task-file snippets shown inline in the task-file table, e.g. `{lint: error, coverage_delta: off}`."""
+    found = []
+    for cells in table_rows(task_file_block(text)):
+        key = cells[0].strip("` ")
+        found += [f"{key}: {m}" for m in re.findall(r"e\.g\. `(\{[^`]*\})`", cells[2])]
+    return found
+
+
+def test_every_yaml_example_of_the_readme_is_a_valid_task_file() -> None:
+    """Each example goes through the loader ohd itself uses on tasks.d/ files."""
+    from ohd.taskfile import parse
+
+    text = README.read_text(encoding="utf-8")
+    blocks = yaml_examples(text)
+    assert len(blocks) >= 3 and any("rule_levels" in block for block in blocks)
+    for block in blocks:
+        parse(block, "README.md")
+    inline = inline_task_examples(text)
+    assert "rule_levels: {lint: error, coverage_delta: off}" in inline
+    for snippet in inline:
+        parse("type: unit_test\ntarget: shop/pricing.py\n" + snippet + "\n", "README.md")

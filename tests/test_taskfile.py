@@ -199,3 +199,16 @@ def test_json_schema_describes_the_fields() -> None:
     assert schema["additionalProperties"] is False
     assert set(schema["required"]) == {"type", "target"}
     assert {"type", "target", "priority", "models", "on_change"} <= set(schema["properties"])
+
+
+@pytest.mark.parametrize("written", ["off", "Off", "OFF", "no", "false", "'off'"])
+def test_an_unquoted_off_level_is_off_although_yaml_11_reads_it_as_false(written: str) -> None:
+    spec = parse(f"type: unit_test\ntarget: a.py\nrule_levels: {{lint: error, coverage_delta: {written}}}\n")
+    assert spec.rule_levels == {"lint": "error", "coverage_delta": "off"}
+
+
+@pytest.mark.parametrize("written", ["on", "yes", "true"])
+def test_on_is_refused_as_a_level_with_the_levels_named(written: str) -> None:
+    with pytest.raises(TaskFileError) as caught:
+        parse(f"type: unit_test\ntarget: a.py\nrule_levels:\n  lint: {written}\n")
+    assert "error, warning, info or off" in str(caught.value) and caught.value.line is not None

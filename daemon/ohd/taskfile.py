@@ -119,6 +119,17 @@ class TaskSpec(pydantic.BaseModel, extra="forbid", frozen=True):
     def _relative_inside(cls, value: str | None) -> str | None:
         return None if value is None else check_relpath(value)
 
+    @field_validator("rule_levels", mode="before")
+    @classmethod
+    def _yaml_11_off(cls, value: Any) -> Any:
+        """YAML 1.1 reads an unquoted `off` (or `no`) as false: that is the level `off`. Its `on`,
+        `yes` and `true` name no level."""
+        if not isinstance(value, dict):
+            return value
+        if any(level is True for level in value.values()):
+            raise ValueError("on, yes and true are not levels: a level is error, warning, info or off")
+        return {rule: "off" if level is False else level for rule, level in value.items()}
+
     @field_validator("models")
     @classmethod
     def _model_ids(cls, value: list[str]) -> list[str]:
