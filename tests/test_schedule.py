@@ -59,3 +59,24 @@ def test_a_missed_firing_beyond_grace_is_skipped_and_remembered() -> None:
     decision = decide(NIGHTLY, T0, now, timedelta(hours=1))
     assert decision.fire is None and decision.skipped and decision.mark == now
     assert decide(NIGHTLY, now, now, timedelta(hours=1)).mark is None
+
+
+@pytest.mark.parametrize(("nickname", "first"), [
+    ("@hourly", datetime(2026, 1, 1, 13, 0, tzinfo=UTC)),
+    ("@daily", datetime(2026, 1, 2, 0, 0, tzinfo=UTC)),
+    ("@midnight", datetime(2026, 1, 2, 0, 0, tzinfo=UTC)),
+    ("@weekly", datetime(2026, 1, 4, 0, 0, tzinfo=UTC)),          # 2026-01-04 is a Sunday
+    ("@monthly", datetime(2026, 2, 1, 0, 0, tzinfo=UTC)),
+    ("@yearly", datetime(2027, 1, 1, 0, 0, tzinfo=UTC)),
+    ("@annually", datetime(2027, 1, 1, 0, 0, tzinfo=UTC)),
+    (" @Daily ", datetime(2026, 1, 2, 0, 0, tzinfo=UTC)),
+])
+def test_cron_nicknames_are_their_5_field_expressions(nickname: str, first: datetime) -> None:
+    assert next_fire(compile_cron(nickname, UTC, "r.yaml"), T0) == first
+
+
+@pytest.mark.parametrize("nickname", ["@reboot", "@often"])
+def test_an_unknown_or_reboot_nickname_is_refused_naming_the_known_ones(nickname: str) -> None:
+    with pytest.raises(TaskFileError) as caught:
+        compile_cron(nickname, UTC, "tasks.d/bad.yaml")
+    assert caught.value.field == "schedule" and nickname in str(caught.value) and "@daily" in str(caught.value)

@@ -23,14 +23,25 @@ log = logging.getLogger(__name__)
 Trigger = CronTrigger     # what other rooms name, so that only this room imports APScheduler
 ONE_US = timedelta(microseconds=1)
 MAX_WALK = 100_000   # bound on firings walked inside one grace window
+# cron's nicknames, as crontab(5) defines them (APScheduler's from_crontab knows none; `sun`, as its
+# day-of-week 0 is Monday); @reboot is not one: a rule fires while the daemon runs, not at boot
+NICKNAMES = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+             "@weekly": "0 0 * * sun", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+             "@hourly": "0 * * * *"}
 
 
 def compile_cron(expr: str, tz: tzinfo | None, source: str) -> CronTrigger:
-    """A trigger for a 5-field cron expression in `tz` (None: local time).
+    """A trigger for a 5-field cron expression, or a nickname (`@daily`), in `tz` (None: local time).
 
     An invalid expression is a `TaskFileError` naming the `schedule` field, so the
     rule file can be rejected into `.rejected/` with that message.
     """
+    if expr.strip().startswith("@"):
+        nickname = expr.strip().lower()
+        if nickname not in NICKNAMES:
+            raise TaskFileError(source, f"'{expr}' is not a cron nickname ohd knows: "
+                                f"{', '.join(NICKNAMES)}", field="schedule")
+        expr = NICKNAMES[nickname]
     if len(expr.split()) != 5:
         raise TaskFileError(source, f"'{expr}' is not a cron expression of 5 space-separated fields",
                             field="schedule")

@@ -108,8 +108,10 @@ class TaskSpec(pydantic.BaseModel, extra="forbid", frozen=True):
         default_factory=dict, description="this task's validation rule levels over the configuration's "
                                           "`rule_levels`, e.g. `{lint: error, coverage_delta: off}` "
                                           "(see What happens to a task)")
-    schedule: str | None = Field(default=None, description="a standing rule: a 5-field cron expression, "
-                                                           "in `timezone` (see Standing rules)")
+    schedule: str | None = Field(default=None, description="a standing rule: a 5-field cron expression "
+                                                           "or a nickname (`@hourly`, `@daily`, `@weekly`, "
+                                                           "`@monthly`, `@yearly`), in `timezone` (see "
+                                                           "Standing rules)")
     on_change: list[str] | None = Field(default=None, min_length=1,
                                         description="a standing rule: globs of repo paths whose changes "
                                                     "create a task for the changed file (see Standing rules)")
