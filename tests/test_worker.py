@@ -20,7 +20,7 @@ from ohd.taskfile import TaskSpec
 from ohd.tasktypes import Job
 from ohd.worker import Pool
 from tests.support.clock import FakeClock
-from tests.support.fake_openrouter import FakeOpenRouter, garbage, ok, rate_limited
+from tests.support.fake_openrouter import FakeOpenRouter, error, garbage, ok, rate_limited
 from tests.support.governed import GOOD
 
 BROKEN = "```python\ndef test_x(:\n    pass\n```"
@@ -263,3 +263,90 @@ def test_a_model_that_repeats_a_rejected_answer_is_not_asked_again(repo: Path, s
     # the repeat is recorded but not judged again, and model-a gets no more attempts
     assert [r.body["model"] for r in server.completions()] == ["model-a", "model-a", "model-b", "model-b", "model-b"]
     assert task.status == "failed" and task.attempts == 5
+
+
+# -- failures: refused before any call, and every failure has its report ------------------
+
+REFUSED = {
+    "not python": ("unit_test", "README.md", b"# Shop\n", "is not a Python module (.py)"),
+    "does not parse": ("docstring", "shop/broken.py", b"def f(:\n    pass\n",
+                       "does not parse as Python (invalid syntax at line 1)"),
+    "empty": ("unit_test", "shop/empty.py", b"\n", "is empty"),
+    "binary": ("review", "shop/blob.bin", b"\x7fELF\x00\x01", "is a binary file"),
+    "huge": ("unit_test", "shop/huge.py", b"x = 1\n" * 90_000, "larger than the limit of 512000 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_a_target_the_type_cannot_work_on_is_refused_before_any_call_with_a_report(
+        case: str, repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    task_type, target, content, reason = REFUSED[case]
+    (repo / target).write_bytes(content)
+    task_id = store.enqueue(str(repo), spec(type=task_type, target=target), clock.now())
+    run_pool(store, server, clock, ["m"])
+    task = store.get_task(task_id)
+    assert task.status == "failed" and reason in (task.error or ""), task.error
+    assert server.completions() == [] and task.attempts == 0
+    assert task.report_path is not None
+    report = json.loads((repo / task.report_path).read_text())
+    assert (report["decision"], report["task"]["status"]) == ("failed", "failed")
+    assert reason in report["error"]
+    assert reason in (repo / task.report_path).with_suffix(".md").read_text()
+
+
+def test_a_review_takes_a_text_file_that_is_not_python(repo: Path, store: Store, server: FakeOpenRouter,
+                                                      clock: FakeClock) -> None:
+    (repo / "NOTES.txt").write_text("TODO: everything\n")
+    store.enqueue(str(repo), spec(type="review", target="NOTES.txt"), clock.now())
+    run_pool(store, server, clock, ["m"])
+    assert len(server.completions()) >= 1
+
+
+def test_a_timeout_ends_with_a_report(repo: Path, store: Store, clock: FakeClock) -> None:
+    async def never_answers(model: str, messages: list[dict[str, str]], timeout_s: float, job: Job) -> Completion:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def main() -> None:
+        await Pool(store, never_answers, clock, models=["m"], size=1).run_until_idle()
+
+    task_id = store.enqueue(str(repo), spec(timeout_s=0.5), clock.now())
+    asyncio.run(main())
+    task = store.get_task(task_id)
+    assert task.status == "failed" and task.error == "timed out after 0.5s"
+    report = json.loads((repo / str(task.report_path)).read_text())
+    assert (report["decision"], report["error"]) == ("failed", "timed out after 0.5s")
+
+
+def test_a_failure_whose_report_cannot_be_written_says_why(repo: Path, store: Store, server: FakeOpenRouter,
+                                                           clock: FakeClock) -> None:
+    task_id = store.enqueue(str(repo), spec(target="gone/away.py"), clock.now())
+    run_pool(store, server, clock, ["m"])
+    task = store.get_task(task_id)
+    assert task.status == "failed" and task.report_path is None
+    assert task.error == "gone/away.py: does not exist; no report was written (gone/away.py: its folder gone/ does not exist)"
+    assert not (repo / "gone").exists()
+
+
+def test_a_rejection_leads_with_the_error_level_rule_not_the_infos(repo: Path, store: Store, server: FakeOpenRouter,
+                                                                   clock: FakeClock) -> None:
+    server.default = ok("```python\ndef test_x():\n    assert True\n```")
+    task_id = store.enqueue(str(repo), spec(max_attempts=1), clock.now())
+    run_pool(store, server, clock, ["m"])
+    task = store.get_task(task_id)
+    report = json.loads((repo / str(task.report_path)).read_text())
+    failed = [r for r in report["verdict"]["rules"] if not r["passed"]]
+    first_error = next(r["message"] for r in failed if r["level"] == "error")
+    assert any(r["level"] != "error" for r in failed[:1]), "the rules list an info before the error"
+    assert (task.error or "").startswith(f"rejected after 1 attempt(s): {first_error}")
+
+
+def test_a_400_ends_with_a_report_that_gives_the_servers_reason(repo: Path, store: Store,
+                                                                server: FakeOpenRouter, clock: FakeClock) -> None:
+    server.default = error(400, "This endpoint's maximum context length is 8192 tokens")
+    task_id = store.enqueue(str(repo), spec(), clock.now())
+    run_pool(store, server, clock, ["m"])
+    task = store.get_task(task_id)
+    assert task.status == "failed" and "maximum context length is 8192 tokens" in (task.error or "")
+    report = json.loads((repo / str(task.report_path)).read_text())
+    assert report["decision"] == "failed" and [a["outcome"] for a in report["attempts"]] == ["error"]

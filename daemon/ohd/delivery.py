@@ -11,7 +11,7 @@ task ran is not written against: the outcome says `stale` and the pool runs it a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ class Run:
     quarantined: tuple[str, validate.Verdict] | None = None    # the last candidate that is a possible bug
     last_error: tuple[str, tuple[str, ...]] | None = None      # (model, failed rules) of the last rejection
     rejected: dict[str, validate.Verdict] = field(default_factory=dict)   # candidate -> its verdict
+    unusable: str | None = None       # why the last answer could not be used (no candidate in it)
 
 
 def deliver(store: Store, run: Run, content: str, now: datetime) -> Outcome:
@@ -82,7 +83,8 @@ def give_up(store: Store, run: Run) -> Outcome:
         report_rel = write_report(store, run, "quarantined", None)
         return Outcome(TaskStatus.COMPLETED, report_path=report_rel, error=f"{QUARANTINED}the tests fail "
                        "against the current code (a possible bug); see the report")
-    messages = "; ".join(run.verdict.feedback()) if run.verdict else "no usable answer"
+    messages = (rejection_reason(run.verdict, run.task.min_quality) if run.verdict
+                else f"no usable answer ({run.unusable})" if run.unusable else "no usable answer")
     error = f"rejected after {run.attempts} attempt(s): {messages}"
     report_rel = write_report(store, run, "rejected", None, error)
     return Outcome(TaskStatus.FAILED, error=error, report_path=report_rel)
@@ -100,19 +102,49 @@ def replaceable(run: Run, intended: Path, content: str) -> str | None:
     return outputs.sha256_text(run.job.source) if astrules.docstring_change(run.job.source, content) is None else None
 
 
+def rejection_reason(verdict: validate.Verdict, min_quality: float) -> str:
+    """What decided a rejection first: the failed error-level rules, else the score below
+    min_quality; then the warnings and infos that lowered it."""
+    failed = sorted((r for r in verdict.rules if not r.passed), key=lambda r: list(validate.Level).index(r.level))
+    messages = [r.message for r in failed]
+    if verdict.errors_passed():
+        messages.insert(0, f"the score {verdict.score:.2f} is below min_quality {min_quality:g}")
+    return "; ".join(messages)
+
+
+def report_failure(store: Store, task: Task, run: Run | None, outcome: Outcome) -> Outcome:
+    """A task that failed outside the validation (refused before any call, every model failed,
+    a timeout, an error in ohd) still gets its report; when none can be written (the target's
+    folder is gone or outside the repo, a full disk) the error says why."""
+    repo = Path(task.repo)
+    if run is None:   # failed before the target was read: the report says what is known
+        job = Job(task_type=TaskType(task.type), target=task.target, source="", module="",
+                  output=task.output or "")
+        run = Run(task=task, repo=repo, job=job, attempts=task.attempts)
+    try:
+        folder = outputs.report_paths(repo, task.target, task.type)[0].parent.parent
+        if not folder.is_dir():
+            raise TargetError(task.target, f"its folder {folder.name or '.'}/ does not exist")
+        report_rel = write_report(store, run, "failed", None, outcome.error)
+    except TargetError as exc:
+        log.warning("task %d: no report written: %s", task.id, exc)
+        return replace(outcome, error=f"{outcome.error}; no report was written ({exc})")
+    return replace(outcome, report_path=report_rel)
+
+
 def write_report(store: Store, run: Run, decision: str, output: str | None, error: str | None = None,
                  conflict: str | None = None) -> str:
     """The report beside the source (`<dir>/.ohd/<file>.<type>.json|.md`); its repo-relative path."""
     json_path, md_path = outputs.report_paths(run.repo, run.task.target, run.task.type)
     data = {
         "task": {**run.task.as_dict(), "attempts": run.attempts,
-                 "status": TaskStatus.FAILED.value if decision == "rejected" else TaskStatus.COMPLETED.value,
+                 "status": TaskStatus.FAILED.value if decision in ("rejected", "failed") else TaskStatus.COMPLETED.value,
                  "quarantined": decision == "quarantined"},
         "verdict": run.verdict.as_dict() if run.verdict else None,
         "attempts": [e.as_dict() for e in store.executions(run.task.id)],
         "decision": decision,
         "output_path": output,
-        "intended_output": run.job.output,
+        "intended_output": run.job.output or None,
         "conflict": conflict,
         "error": error,
         "possible_bug": run.quarantined[0] if decision == "quarantined" and run.quarantined else None,

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from ohd import pyparse
-from ohd.errors import MalformedAnswer, TaskFileError
+from ohd.errors import MalformedAnswer, TargetError, TaskFileError
 from ohd.taskfile import TaskType
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,9 @@ PYTHON_FENCE_LANGS = frozenset({"", "python", "py", "python3", "py3"})
 MARKDOWN_FENCE_LANGS = frozenset({"markdown", "md"})
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^`\n]*?)[ \t]*$")
 _UNKNOWN_MODEL = "?"  # the worker fills in the model that answered
+# The largest target a task reads: about 128k tokens at ~4 bytes a token, the context of
+# the largest common models, so a bigger file could not fit in any prompt anyway.
+MAX_TARGET_BYTES = 512_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,30 @@ class Block:
 
     lang: str
     body: str
+
+
+# --- what a type can work on ----------------------------------------------------------------
+
+
+def check_target(task_type: TaskType, target: str, source: str) -> None:
+    """Before any model is asked: TargetError for a target this type cannot work on.
+
+    unit_test and docstring need a `.py` file that parses (the error names the line);
+    review and custom take any text (binary, empty and oversized files are refused when
+    the target is read, `outputs.read_source` with `MAX_TARGET_BYTES`).
+    """
+    if task_type not in (TaskType.UNIT_TEST, TaskType.DOCSTRING):
+        return
+    if posixpath.splitext(target)[1] != ".py":
+        raise TargetError(target, f"is not a Python module (.py), and a {task_type} task needs one; "
+                                  "a review or custom task takes other files")
+    try:
+        pyparse.parse(source)
+    except SyntaxError as exc:
+        raise TargetError(target, f"does not parse as Python ({exc.msg} at line {exc.lineno}); "
+                                  "fix it and retry the task") from None
+    except ValueError as exc:   # a NUL byte past the start that read_source sniffs
+        raise TargetError(target, f"does not parse as Python ({exc})") from None
 
 
 # --- paths ---------------------------------------------------------------------------------

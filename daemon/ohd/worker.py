@@ -78,6 +78,7 @@ class Pool:
         self.retiring: set[str] = set()   # surplus after a shrink: exit once their task is done
         self.serial = 0
         self.stop: asyncio.Event | None = None
+        self.prepared: dict[int, Run] = {}   # task id -> its run once prepared (for a failure's report)
 
     # -- running -------------------------------------------------------------
 
@@ -192,6 +193,9 @@ class Pool:
                 if watcher is not None:
                     watcher.cancel()
                 self.busy.pop(claim.worker_id, None)
+                run = self.prepared.pop(task.id, None)
+            if outcome is not None and outcome.status is TaskStatus.FAILED and outcome.report_path is None:
+                outcome = await asyncio.to_thread(delivery.report_failure, self.store, task, run, outcome)
             if outcome is not None:
                 await self._commit(claim, outcome)
 
@@ -231,6 +235,7 @@ class Pool:
                 run = await asyncio.to_thread(self._prepare, claim.task)
             except OhdError as exc:
                 return Outcome(TaskStatus.FAILED, error=str(exc))
+            self.prepared[claim.task.id] = run
             outcome = await self._attempts(run)
             if not outcome.stale:
                 return outcome
@@ -240,8 +245,9 @@ class Pool:
     def _prepare(self, task: Task) -> Run:
         """Read the target and decide what to ask for (file reads happen here)."""
         repo = Path(task.repo)
-        source = outputs.read_source(repo, task.target)
+        source = outputs.read_source(repo, task.target, tasktypes.MAX_TARGET_BYTES)
         task_type = TaskType(task.type)
+        tasktypes.check_target(task_type, task.target, source)    # before any model, as ladder.ready
         is_package = lambda rel: (repo / rel / "__init__.py").is_file()  # noqa: E731
         output = task.output or tasktypes.default_output(task_type, task.target, (repo / "tests").is_dir())
         outputs.check_output(repo, output)
@@ -284,6 +290,7 @@ class Pool:
             return Outcome(TaskStatus.FAILED, error=str(exc))
         except MalformedAnswer as exc:
             await self._store(self.governor.succeeded, model, self.clock.now())   # it did answer
+            run.unusable = exc.message
             run.job = tasktypes.with_feedback(run.job, (f"Your previous answer was unusable: {exc.message}",))
             return None
         except ModelError as exc:
