@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -61,11 +62,12 @@ def run_pool(store: Store, server: FakeOpenRouter, clock: Any, models: list[str]
 async def _run_until_done(pool: Pool, store: Store, expected: int) -> None:
     stop = asyncio.Event()
     runner = asyncio.create_task(pool.run(stop, grace_s=5))
-    for _ in range(2000):
+    deadline = time.monotonic() + 600   # generous: each task runs pytest, on a loaded machine
+    while time.monotonic() < deadline:
         counts = store.counts()
         if counts["completed"] + counts["failed"] >= expected:
             break
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
     stop.set()
     await runner
 
