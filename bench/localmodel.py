@@ -11,8 +11,8 @@ server's side, every request that reaches it (see bench/llamaserver.py).
 Two runs, each through a real `ohd daemon` process configured as a user would for a
 server they run (`provider = "self-hosted"`, `base_url` = the server, no API key), on a
 git repo holding real modules (copies of ohd's own `clock.py`, `pyparse.py` and
-`alarm.py`, as a small package), with one task of each type and a second unit_test and
-review:
+`alarm.py`, as a small package), with one task of each type (unit_test, docstring,
+review, custom; at most 2 answers each):
 - `models = ["auto"]`, the daemon started while the server is down (it comes up
   `--down-at-start-s` later): `auto` must mean what the server's `/models` lists;
 - `models = ["smollm2"]`, the server's own id.
@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,7 @@ from bench.llamaserver import (
 
 MAX_TOKENS = 384          # a bound on each answer, so a run takes minutes (the model rambles otherwise)
 LATENCY_TOLERANCE = 0.10
+SENT_LINE = re.compile(r" ohd\.llm: model .*\[task_id=(\d+) ")   # the client's one line per request
 TERMINAL = {"completed", "failed", "cancelled"}
 # real modules, copied from ohd's own package (small, standard library only)
 MODULES = {"clock.py": None, "pyparse.py": None, "alarm.py": ("from ohd.clock import", "from .clock import")}
@@ -71,18 +74,21 @@ class Spec:
     extra: dict[str, Any]
 
 
-TASKS = [
-    Spec("unit_test", "realmods/pyparse.py", {}),
-    Spec("docstring", "realmods/alarm.py", {}),
-    Spec("review", "realmods/clock.py", {}),
-    Spec("custom", "realmods/pyparse.py", {
-        "output": "realmods/check.py",
-        "prompt": "Write a module with a function `main(argv: list[str]) -> int` that parses each Python "
-                  "file named in argv with `parse` from this module and prints `<path>: ok` or the error; "
-                  "it returns 1 if any file failed, else 0."}),
-    Spec("unit_test", "realmods/clock.py", {}),
-    Spec("review", "realmods/alarm.py", {}),
-]
+CUSTOM_PROMPT = ("Write a module with a function `main(argv: list[str]) -> int` that parses each Python file "
+                 "named in argv with `parse` from this module and prints `<path>: ok` or the error; it returns 1 "
+                 "if any file failed, else 0.")
+# one task of each type per run, on different real modules in the two runs
+TASKS = {
+    "auto": [Spec("unit_test", "realmods/pyparse.py", {}), Spec("docstring", "realmods/alarm.py", {}),
+             Spec("review", "realmods/clock.py", {}),
+             Spec("custom", "realmods/pyparse.py", {"output": "realmods/check.py", "prompt": CUSTOM_PROMPT})],
+    "explicit": [Spec("unit_test", "realmods/clock.py", {}), Spec("docstring", "realmods/pyparse.py", {}),
+                 Spec("review", "realmods/alarm.py", {}),
+                 Spec("custom", "realmods/clock.py", {"output": "realmods/ticker.py", "prompt": (
+                     "Write a module with an async function `tick(clock: Clock, n: int) -> list[float]` that "
+                     "sleeps one second on the given clock n times and returns `clock.monotonic()` after each.")})],
+}
+MAX_ATTEMPTS = 2          # answers per task: a prompt of ~1,000 tokens takes this model about a minute here
 
 
 def make_repo(root: Path) -> Path:
@@ -131,10 +137,10 @@ class Run:
         daemon = BenchDaemon(self.base, self.repo, self.proxy.url, self.settings())
         self.daemon = daemon
         try:
-            for n, spec in enumerate(TASKS[: 4 if self.args.quick else None]):
+            for n, spec in enumerate(TASKS[self.name][: 2 if self.args.quick else None]):
                 marker = str(first_marker + n)
                 body = {"type": spec.type, "target": spec.target, "repo": str(self.repo), "timeout_s": 3600,
-                        "description": f"[bench task {marker}]", **spec.extra}
+                        "max_attempts": MAX_ATTEMPTS, "description": f"[bench task {marker}]", **spec.extra}
                 answer = daemon.request("POST", "/tasks", body)
                 if not answer or "id" not in answer:
                     raise SystemExit(f"the daemon refused task {body}: {answer}")
@@ -203,8 +209,12 @@ class Run:
 
     def report(self, listed: list[str]) -> list[dict[str, Any]]:
         rows = []
-        print(f"\n{'task':>5} {'type':9} {'target':20} {'sent':>4} {'ok':>3} {'cut':>3}  {'outcomes (ohd executions)':38}"
-              f" {'att':>3}  status")
+        sent = Counter(int(m) for m in SENT_LINE.findall(self.daemon.log.read_text(errors="replace")))
+        print("\nsent: requests ohd sent (its log has one line per request); at server: those that reached the "
+              "server (ok: answered, cut: reset when it was killed; the rest were refused while it was down); "
+              "outcomes: ohd's executions in order; att: attempts spent")
+        print(f"{'task':>5} {'type':9} {'target':12} {'sent':>4} {'at server':>9} {'ok':>3} {'cut':>3}  "
+              f"{'outcomes (ohd executions)':38} {'att':>3}  status")
         for task_id, spec in self.tasks.items():
             shown = self.show(task_id)
             marker = self.markers[task_id]
@@ -214,14 +224,16 @@ class Run:
             executions = shown.get("executions", [])
             outcomes = ", ".join(e["outcome"] for e in executions) or "-"
             reason = shown.get("error") or row["decision"] or ""
-            print(f"{task_id:>5} {spec.type:9} {spec.target.removeprefix('realmods/'):20} {len(exchanges):>4} "
-                  f"{row['ok']:>3} {row['cut']:>3}  {outcomes[:38]:38} {shown['attempts']:>3}  "
+            print(f"{task_id:>5} {spec.type:9} {spec.target.removeprefix('realmods/'):12} {sent[task_id]:>4} "
+                  f"{len(exchanges):>9} {row['ok']:>3} {row['cut']:>3}  {outcomes[:38]:38} {shown['attempts']:>3}  "
                   f"{shown['status']}{': ' + reason if reason else ''}")
             if len(outcomes) > 38:
-                print(f"{'':47}{outcomes}")
+                print(f"{'':53}{outcomes}")
             if row["pairs"]:
-                pairs = ", ".join(f"{s / 1000:.2f}/{o / 1000:.2f}" for s, o in row["pairs"])
-                print(f"{'':47}latency per answer, server/ohd s: {pairs}")
+                pairs = ", ".join(f"{s / 1000:.1f}/{o / 1000:.1f}" + (f" ({c / 1000:.1f})" if c else "")
+                                  for (s, o), c in zip(row["pairs"], row["compute"]))
+                print(f"{'':53}per answer, server wall time / ohd's recorded latency (llama.cpp's own "
+                      f"compute time), s: {pairs}")
         return rows
 
     def check_task(self, task_id: int, spec: Spec, shown: dict[str, Any], exchanges: list[Exchange],
@@ -231,23 +243,25 @@ class Run:
         answered = [e for e in exchanges if e.status == 200]
         with_answer = [e for e in executions if e["outcome"] not in ("error", "rate_limited")]
         row: dict[str, Any] = {"ok": len(answered), "cut": sum(1 for e in exchanges if e.status is None),
-                               "pairs": [], "decision": None, "status": shown["status"], "type": spec.type}
+                               "pairs": [], "compute": [], "decision": None, "status": shown["status"], "type": spec.type}
         if shown["status"] not in TERMINAL:
             self.fails.append(f"{tag}: still {shown['status']} at the end ({shown.get('error')})")
         if shown["status"] == "failed" and _server_down_reason(shown, executions):
             self.fails.append(f"{tag}: failed because the server was down: {shown.get('error')}")
-        for e in exchanges:
-            if e.model_asked not in listed:
-                self.fails.append(f"{tag}: asked the server for model {e.model_asked!r}; it lists {listed}")
-        for e in executions:
-            if e["model"] not in listed:
-                self.fails.append(f"{tag}: execution #{e['attempt']} recorded under model {e['model']!r}, "
-                                  f"not one the server lists ({listed})")
+        asked = Counter(e.model_asked for e in exchanges if e.model_asked not in listed)
+        if asked:
+            self.fails.append(f"{tag}: asked the server for models it does not list ({listed}): "
+                              + ", ".join(f"{m} x{n}" for m, n in asked.items()))
+        recorded = Counter(e["model"] for e in executions if e["model"] not in listed)
+        if recorded:
+            self.fails.append(f"{tag}: executions recorded under models the server does not list: "
+                              + ", ".join(f"{m} x{n}" for m, n in recorded.items()))
         if len(answered) != len(with_answer):
             self.fails.append(f"{tag}: the server answered {len(answered)} requests, ohd recorded "
                               f"{len(with_answer)} executions with an answer ({[e['outcome'] for e in executions]})")
         for exchange, execution in zip(answered, with_answer):
             row["pairs"].append((exchange.duration_ms, execution["latency_ms"]))
+            row["compute"].append(exchange.compute_ms)
             off = abs(execution["latency_ms"] - exchange.duration_ms) / max(exchange.duration_ms, 1.0)
             if off > LATENCY_TOLERANCE:
                 self.fails.append(f"{tag}: execution #{execution['attempt']} recorded {execution['latency_ms']} ms, "
@@ -323,7 +337,7 @@ def summary(runs: list[Run], rows: list[dict[str, Any]]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="4 tasks per run instead of 6")
+    parser.add_argument("--quick", action="store_true", help="2 tasks per run (unit_test, docstring) instead of 4")
     parser.add_argument("--outage-s", type=float, default=45.0, help="how long the server stays down mid-run")
     parser.add_argument("--down-at-start-s", type=float, default=20.0,
                         help="how long the server is down after the 'auto' run's daemon started")
@@ -353,6 +367,8 @@ def main() -> int:
                 run.up()
             run.execute(down_at_start, first)
             first += len(run.tasks)
+            if not proxy.attach_compute(server.perf_totals_ms()):
+                print("  (llama.cpp's own timings are not shown: its log does not hold one per answer)")
             rows += run.report(listed)
             runs.append(run)
             not_task = [e for e in proxy.chats() if e.marker is None]
