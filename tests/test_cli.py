@@ -77,3 +77,17 @@ def test_tasks_and_show_read_the_store_without_a_daemon(repo: Path, capsys: pyte
     assert "review shop/pricing.py" in capsys.readouterr().out
     assert main(["show", "999"]) == 1
     assert "no task 999" in capsys.readouterr().err
+
+
+def test_output_into_a_closed_pipe_ends_quietly_as_head_expects() -> None:
+    """`ohd schema | head -1`: the reader goes away; no BrokenPipe traceback, SIGPIPE's 141."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "ohd", "schema"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()                         # before the child writes: its writes fail with EPIPE
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, stderr
+    assert stderr == ""

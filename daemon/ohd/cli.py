@@ -1,6 +1,7 @@
 """The `ohd` command: parse arguments, call one library function or the socket client, print.
 
-Exit codes: 0 ok, 1 error, 2 usage (and bad configuration), 3 daemon not running.
+Exit codes: 0 ok, 1 error, 2 usage (and bad configuration), 3 daemon not running, 141 when
+stdout's reader went away (`| head`).
 Errors become messages and exit codes in `main()` only. Heavy rooms are imported
 inside the commands that need them, so `ohd status` loads little more than `client`.
 """
@@ -18,6 +19,7 @@ from ohd import __version__
 from ohd.errors import ConfigError, DaemonNotRunning, OhdError, TaskFileError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+EXIT_BROKEN_PIPE = 128 + 13   # as a process ended by SIGPIPE: `ohd tasks | head`
 PRIORITIES = ("critical", "high", "normal", "low")
 TYPES = ("unit_test", "docstring", "review", "custom")
 STATUSES = ("pending", "queued", "running", "completed", "failed", "cancelled")
@@ -31,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         result: int = args.func(args)
+        sys.stdout.flush()   # here, not at exit: a reader gone by then is the BrokenPipe case below
         return result
     except ConfigError as exc:
         print(f"ohd: {exc}", file=sys.stderr)
@@ -43,6 +46,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:   # the reader left (`| head`): stop quietly, as cat or ls do
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's flush at exit cannot fail again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def build_parser() -> argparse.ArgumentParser:
