@@ -9,9 +9,17 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,
+HANG_S = 60.0    # the least time any wait gets: a bound on a hang, never a speed goal
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = HANG_S, interval: float = 0.02,
              what: str = "condition") -> T:
-    """Poll `predicate` until it returns a truthy value or `timeout` seconds pass."""
+    """Poll `predicate` until it returns a truthy value or `timeout` seconds pass.
+
+    A timeout below `HANG_S` is raised to it: callers name what they expect of an idle
+    machine, and on a loaded one (CI, two cores running other suites) a daemon start or a
+    pytest run can take many times that. A test never passes *because* a wait ran out."""
+    timeout = max(timeout, HANG_S)
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
