@@ -177,3 +177,24 @@ def test_a_docstring_answer_that_changes_more_never_replaces_the_users_module(
     assert module.read_text() == original
     assert task.output_path == "shop/pricing.py.ohd-new"
     assert _report(repo, task.report_path)["conflict"] == "not_written_by_ohd"
+
+
+# --- each task keeps its own report -----------------------------------------------------------
+
+
+def test_an_older_tasks_report_still_describes_that_task(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    server.default = ok(REVIEW)
+    first = enqueue(store, repo, clock, type="review")
+    run_pool(store, server, clock)
+    server.default = ok("I'm ready to help. What's the problem?")     # a different outcome, same (target, type)
+    second = enqueue(store, repo, clock, type="review", max_attempts=1, description="second")
+    run_pool(store, server, clock)
+    older, newer = store.get_task(first), store.get_task(second)
+    assert older.report_path != newer.report_path
+    assert _report(repo, older.report_path)["task"]["id"] == first
+    assert _report(repo, newer.report_path)["task"]["id"] == second
+    assert f"# ohd task {first}:" in (repo / (older.report_path or "")).with_suffix(".md").read_text()
+    latest = repo / "shop" / ".ohd" / "pricing.py.review.json"          # the conventional path: the latest
+    assert json.loads(latest.read_text())["task"]["id"] == second
+    assert f"# ohd task {second}:" in latest.with_suffix(".md").read_text()

@@ -241,6 +241,8 @@ def test_report_paths_sit_beside_the_source(tmp_path: Path) -> None:
     assert json_path == tmp_path / "src/app/.ohd/auth.py.unit_test.json"
     assert md_path == tmp_path / "src/app/.ohd/auth.py.unit_test.md"
     assert report_paths(tmp_path, "./main.py", "review")[0] == tmp_path / ".ohd/main.py.review.json"
+    assert report_paths(tmp_path, "src/app/auth.py", "review", 7) == (
+        tmp_path / "src/app/.ohd/auth.py.review.7.json", tmp_path / "src/app/.ohd/auth.py.review.7.md")
 
 
 def test_report_paths_refuse_escaping_targets(tmp_path: Path) -> None:

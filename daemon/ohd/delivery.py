@@ -134,8 +134,8 @@ def report_failure(store: Store, task: Task, run: Run | None, outcome: Outcome) 
 
 def write_report(store: Store, run: Run, decision: str, output: str | None, error: str | None = None,
                  conflict: str | None = None) -> str:
-    """The report beside the source (`<dir>/.ohd/<file>.<type>.json|.md`); its repo-relative path."""
-    json_path, md_path = outputs.report_paths(run.repo, run.task.target, run.task.type)
+    """The task's report beside the source, `<dir>/.ohd/<file>.<type>.<task id>.json|.md`, and
+    the same at `<dir>/.ohd/<file>.<type>.json|.md` (the latest); the first's repo-relative path."""
     data = {
         "task": {**run.task.as_dict(), "attempts": run.attempts,
                  "status": TaskStatus.FAILED.value if decision in ("rejected", "failed") else TaskStatus.COMPLETED.value,
@@ -149,9 +149,12 @@ def write_report(store: Store, run: Run, decision: str, output: str | None, erro
         "error": error,
         "possible_bug": run.quarantined[0] if decision == "quarantined" and run.quarantined else None,
     }
-    outputs.atomic_write(json_path, report.render_json(data))
-    outputs.atomic_write(md_path, report.render_markdown(data))
-    return json_path.relative_to(run.repo.resolve()).as_posix()
+    as_json, as_markdown = report.render_json(data), report.render_markdown(data)
+    own = outputs.report_paths(run.repo, run.task.target, run.task.type, run.task.id)
+    for json_path, md_path in (own, outputs.report_paths(run.repo, run.task.target, run.task.type)):
+        outputs.atomic_write(json_path, as_json)
+        outputs.atomic_write(md_path, as_markdown)
+    return own[0].relative_to(run.repo.resolve()).as_posix()
 
 
 def is_stale(run: Run) -> bool:

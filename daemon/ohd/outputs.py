@@ -221,12 +221,13 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def report_paths(repo: Path, target_rel: str, task_type: str) -> tuple[Path, Path]:
-    """`<repo>/<source dir>/.ohd/<file>.<type>.json` and `.md`."""
+def report_paths(repo: Path, target_rel: str, task_type: str, task_id: int | None = None) -> tuple[Path, Path]:
+    """`<repo>/<source dir>/.ohd/<file>.<type>.json` and `.md`: the latest task's report;
+    with `task_id`, `<file>.<type>.<task id>.json` and `.md`: that task's own."""
     try:
         rel = PurePosixPath(check_relpath(target_rel))
     except ValueError as exc:
         raise TargetError(target_rel, str(exc)) from exc
     folder = repo / rel.parent / REPORT_DIR
-    stem = f"{rel.name}.{task_type}"
+    stem = f"{rel.name}.{task_type}" + ("" if task_id is None else f".{task_id}")
     return folder / f"{stem}.json", folder / f"{stem}.md"
