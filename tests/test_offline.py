@@ -392,6 +392,17 @@ def test_review_lists_measured_facts() -> None:
     assert "- TODO/FIXME lines: 2 — line 14: `pass  # TODO: make it go`, line 15: `# FIXME later`" in text
 
 
+@pytest.mark.parametrize("source, target", [
+    (REVIEW_ME, "pkg/mod.py"),
+    ('"""Documented."""\n\nVERSION = "1.0"\n\n\ndef _helper():\n    """Fine."""\n    return 1\n', "pkg/mod.py"),
+    ("# Notes\n\nNothing to do.\n", "README.md"),
+])
+def test_the_offline_review_passes_the_review_rules(source: str, target: str) -> None:
+    verdict = validate.check(TaskType.REVIEW, "pkg/.ohd/mod.py.review.md", review(source, target),
+                             target_exists=True, module="pkg.mod", min_quality=0.7, original=source, target=target)
+    assert verdict.accepted and verdict.score == 1.0, verdict.rules
+
+
 def test_review_of_unparsable_or_non_python_targets_keeps_to_line_facts() -> None:
     assert "does not parse as Python: " in review("def (\n")
     text = review("# Notes\n\nTODO: write\n", target="README.md")

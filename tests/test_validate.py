@@ -47,7 +47,7 @@ def test_good_unit_test_is_accepted_with_full_score() -> None:
     assert verdict.score == 1.0
     assert verdict.feedback() == ()
     assert set(rules_of(verdict)) == {"file_exists", "content_not_empty", "valid_python", "test_naming",
-                                      "has_assertions", "test_count", "imports_target", "not_vacuous"}
+                                      "has_assertions", "test_count", "imports_target", "not_vacuous", "exercises_target"}
     assert rules_of(verdict)["has_assertions"].message == "3 assertion(s)"
 
 
@@ -129,11 +129,57 @@ def test_count_assertions() -> None:
     assert count_assertions(ast.parse(src)) == 4
 
 
-def test_review_markdown_only_checks_existence_and_content() -> None:
-    verdict = check(TaskType.REVIEW, "src/app/.ohd/auth.py.review.md", "# Review\n\nfine",
-                    target_exists=True, module="app.auth", min_quality=0.7)
-    assert [r.rule for r in verdict.rules] == ["file_exists", "content_not_empty"]
-    assert verdict.accepted and verdict.score == 1.0
+AUTH = """\
+def login(user, password):
+    if not password:
+        raise ValueError("empty password")
+    return password == "secret"
+
+
+class Session:
+    def close(self):
+        return None
+"""
+
+
+def review_of(content: str, target: str = "src/app/auth.py", original: str = AUTH) -> Verdict:
+    return check(TaskType.REVIEW, "src/app/.ohd/auth.py.review.md", content, target_exists=True,
+                 module="app.auth", min_quality=0.7, original=original, target=target)
+
+
+def test_a_review_must_be_prose_that_names_what_is_in_the_target() -> None:
+    good = review_of("# Review\n\n`login` compares the password in plain text (line 4); "
+                     "use `hmac.compare_digest`. `Session.close` does nothing yet.\n")
+    assert good.accepted and good.score == 1.0, good.rules
+    assert {r.rule for r in good.rules} >= {"review_is_prose", "review_names_target"}
+    assert "`login`" in rules_of(good)["review_names_target"].message
+    assert "line 4" in rules_of(good)["review_names_target"].message
+
+
+@pytest.mark.parametrize("answer, failed", [
+    ("I'm ready to help. What's the problem?", {"review_is_prose", "review_names_target"}),
+    ("Here is a better version:\n\n```python\ndef authenticate(name, secret):\n    import hmac\n"
+     "    return hmac.compare_digest(secret, 'x')\n\n\nclass Vault:\n    pass\n```\n",
+     {"review_is_prose", "review_names_target"}),
+    ("def login(user, password):\n    return True\n", {"review_is_prose"}),
+    ("# Review\n\nThe code looks clean and well structured overall; nothing to add here at all.\n",
+     {"review_names_target"}),
+    ("# Review\n\nSee line 400 of the file: it has a subtle off-by-one error in the loop bound.\n",
+     {"review_names_target"}),
+])
+def test_a_vacuous_or_code_or_invented_review_is_rejected(answer: str, failed: set[str]) -> None:
+    verdict = review_of(answer)
+    assert {r.rule for r in verdict.rules if not r.passed} == failed
+    assert not verdict.accepted and verdict.score < 1.0
+
+
+def test_a_review_of_another_file_names_what_occurs_in_it_verbatim() -> None:
+    notes = "# Deploy\n\nRun `make release` then tag.\n"
+    ok = review_of("The step `make release` has no rollback; document how to undo a bad tag.", "docs/deploy.md", notes)
+    assert ok.accepted, ok.rules
+    made_up = review_of("The step `npm publish` has no rollback; document how to undo a bad tag.", "docs/deploy.md",
+                        notes)
+    assert not made_up.accepted and not rules_of(made_up)["review_names_target"].passed
 
 
 def test_docstring_output_checks_python() -> None:
@@ -354,3 +400,21 @@ def test_docstrings_may_bring_or_take_their_blank_lines(original: str, answer: s
                     original=original)
     rule = rules_of(verdict)["docstring_only"]
     assert rule.passed, rule.message
+
+
+def test_not_vacuous_does_not_pass_a_file_without_tests() -> None:
+    verdict = unit("from app.auth import login\n\nLOGIN = login\n", min_quality=0.0)
+    vacuous = rules_of(verdict)["not_vacuous"]
+    assert not vacuous.passed and "no test" in vacuous.message and "each of the 0" not in vacuous.message
+
+
+def test_a_lone_ismodule_test_scores_below_tests_that_call_the_code() -> None:
+    exists = unit("import inspect\n\nimport app.auth as target\n\n\ndef test_module_imports() -> None:\n"
+                  "    assert inspect.ismodule(target)\n", min_quality=0.0)
+    calls = unit("import app.auth as target\n\n\ndef test_login() -> None:\n"
+                 "    assert target.login('a', 'secret')\n", min_quality=0.0)
+    assert not rules_of(exists)["exercises_target"].passed and rules_of(calls)["exercises_target"].passed
+    assert "ismodule" in rules_of(exists)["exercises_target"].message
+    assert rules_of(exists)["exercises_target"].level is Level.WARNING
+    assert exists.score < calls.score
+    assert rules_of(unit(GOOD_TESTS))["exercises_target"].passed

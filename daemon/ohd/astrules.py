@@ -39,6 +39,7 @@ class TestCheck:
     name: str
     checks: int
     uses_target: bool
+    calls_target: bool = False   # it calls something from the target (not only checks that it exists)
 
 
 def names_in(node: ast.AST | None) -> set[str]:
@@ -140,7 +141,8 @@ def _check_test(func: Func, name: str, known: set[str], defined: set[str], asser
         if used is not None:
             checks += 1
             uses = uses or used
-    return TestCheck(name, checks, uses)
+    calls = any(isinstance(n, ast.Call) and names_in(n.func) & tainted for n in ast.walk(func))
+    return TestCheck(name, checks, uses, calls)
 
 
 def _params(func: Func, known: set[str], defined: set[str]) -> set[str]:
@@ -216,6 +218,16 @@ def _is_check_call(node: ast.AST) -> bool:
 
 def _names_of(body: Iterable[ast.stmt]) -> set[str]:
     return set().union(set(), *(names_in(stmt) for stmt in body))
+
+
+def defined_names(tree: ast.Module) -> set[str]:
+    """Every function, class and method the module defines, and its top-level assigned names."""
+    names = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names
 
 
 # --- docstrings --------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def judge(repo: Path, job: Job, content: str, min_quality: float, ladder: Ladder
     def check(test_run: PytestRun | None = None, lint: LintRun | None = None,
               coverage: CoverageRun | None = None) -> validate.Verdict:
         return validate.check(job.task_type, job.output, content, target_exists=True, module=job.module,
-                              min_quality=min_quality, original=job.source, levels=levels,
+                              min_quality=min_quality, original=job.source, target=job.target, levels=levels,
                               test_run=test_run, lint=lint, coverage=coverage)
 
     verdict = check()

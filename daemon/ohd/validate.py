@@ -11,6 +11,7 @@ import ast
 import fnmatch
 import logging
 import posixpath
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 
 _UNIT_TEST = "unit_test"
 _DOCSTRING = "docstring"
+_REVIEW = "review"
+_REVIEW_MIN_WORDS = 8      # prose outside code blocks: "I'm ready to help. What's the problem?" has 7
+_REVIEW_CODE_RATIO = 3     # code-block lines per line of prose above which a review is code
 _MIN_TESTS = 3  # below this a unit_test output earns a little less (info rule test_count)
 FEEDBACK_OUTPUT_CHARS = 3000   # pytest output sent back to the model
 
@@ -44,8 +48,9 @@ E, W, I = Level.ERROR, Level.WARNING, Level.INFO
 LEVELS: dict[str, dict[str, Level | None]] = {
     "*": {"file_exists": E, "content_not_empty": E, "valid_python": E, "lint": W},
     _UNIT_TEST: {"test_naming": E, "imports_target": E, "not_vacuous": E, "runs_green": E,
-                 "has_assertions": W, "test_count": I, "coverage_delta": I},
+                 "has_assertions": W, "exercises_target": W, "test_count": I, "coverage_delta": I},
     _DOCSTRING: {"docstring_only": E},
+    _REVIEW: {"review_is_prose": E, "review_names_target": E},
 }
 RULES = frozenset(rule for table in LEVELS.values() for rule in table)
 LEVEL_NAMES = ("error", "warning", "info", "off")
@@ -212,7 +217,7 @@ class Verdict:
 
 
 def check(task_type: str, output: str, content: str, *, target_exists: bool,
-          module: str, min_quality: float, original: str | None = None,
+          module: str, min_quality: float, original: str | None = None, target: str = "",
           test_run: PytestRun | None = None, levels: Mapping[str, Level | None] | None = None,
           lint: LintRun | None = None, coverage: CoverageRun | None = None) -> Verdict:
     """Apply the rules that fit this task type and output, and decide.
@@ -222,6 +227,7 @@ def check(task_type: str, output: str, content: str, *, target_exists: bool,
     `lint` and `coverage` are what the edges measured (None: not measured, so `runs_green`,
     `lint` and `coverage_delta` are left out, as is a lint or coverage that could not run);
     `levels` overrides the levels of `levels_for(task_type)` for this check (None: rule off).
+    `target` is the target's path (a review of a `.py` target must name its definitions or lines).
     """
     rules = [_file_exists(target_exists), _content_not_empty(output, content)]
     tree: ast.Module | None = None
@@ -238,6 +244,8 @@ def check(task_type: str, output: str, content: str, *, target_exists: bool,
             rules.append(_coverage_delta(coverage))
     if task_type == _DOCSTRING and original is not None and tree is not None:
         rules.append(_docstring_only(original, content, tree))
+    if task_type == _REVIEW and original is not None:
+        rules.extend(_review_rules(content, original, target))
     if lint is not None and not lint.error:
         rules.append(_lint(output, lint))
     table = {**levels_for(task_type), **(levels or {})}
@@ -291,11 +299,15 @@ def _unit_test_rules(output: str, tree: ast.Module | None, module: str) -> list[
     if module:
         rules.append(_imports_target(tree, module))
         rules.append(_not_vacuous(tree, module))
+        rules.append(_exercises_target(tree, module))
     return rules
 
 
 def _not_vacuous(tree: ast.Module, module: str) -> RuleResult:
     checks = astrules.test_checks(tree, module)
+    if not checks:
+        return RuleResult("not_vacuous", Level.ERROR, False,
+                          f"there is no test to check {module}: define `def test_...` functions that assert on it")
     problems = [f"{c.name} asserts nothing" for c in checks if not c.checks]
     problems += [f"{c.name} never checks anything from {module}" for c in checks if c.checks and not c.uses_target]
     problems += [f"`assert <constant>` at line {line} can never fail" for line in astrules.trivial_asserts(tree)]
@@ -304,6 +316,17 @@ def _not_vacuous(tree: ast.Module, module: str) -> RuleResult:
     return RuleResult("not_vacuous", Level.ERROR, False,
                       "vacuous tests: " + "; ".join(problems) + ". Every test must assert on what the code "
                       "under test returns, raises or changes (assert ... or pytest.raises)")
+
+
+def _exercises_target(tree: ast.Module, module: str) -> RuleResult:
+    checks = astrules.test_checks(tree, module)
+    calling = [c.name for c in checks if c.calls_target]
+    if calling:
+        return RuleResult("exercises_target", Level.WARNING, True,
+                          f"{len(calling)} of the {len(checks)} test(s) call code from {module}")
+    return RuleResult("exercises_target", Level.WARNING, False,
+                      f"no test calls anything from {module}: checking that the module or its names exist "
+                      "(inspect.ismodule, callable, hasattr) is not a test of what the code does")
 
 
 def _runs_green(run: PytestRun) -> RuleResult:
@@ -364,6 +387,68 @@ def _docstring_only(original: str, content: str, tree: ast.Module) -> RuleResult
                           "of the module exactly as it was, comments and formatting included")
     return RuleResult("docstring_only", Level.ERROR, True,
                       "only docstrings changed; the code, comments and layout are the same")
+
+
+_FENCED = re.compile(r"^ {0,3}(`{3,}|~{3,})[^\n]*\n.*?(?:^ {0,3}\1[`~]*[ \t]*$|\Z)", re.MULTILINE | re.DOTALL)
+_LINE_REF = re.compile(r"\b(?:lines?|L)\s*(\d+)(?:\s*(?:-|–|to|and)\s*(\d+))?|\.\w+:(\d+)\b", re.IGNORECASE)
+_SPAN = re.compile(r"`([^`\n]+)`")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_CALLED = re.compile(r"\b([A-Za-z_][A-Za-z0-9_]*)\s*\(")
+
+
+def _review_rules(content: str, original: str, target: str) -> list[RuleResult]:
+    """A review is Markdown prose (not code) that names things that exist in the target."""
+    prose = _FENCED.sub("", content)
+    code_lines = sum(m.group(0).count("\n") for m in _FENCED.finditer(content))
+    prose_lines = [line for line in prose.splitlines() if line.strip()]
+    words = len(re.findall(r"[\w'’]+", prose))
+    if _is_code(content):
+        shape = RuleResult("review_is_prose", Level.ERROR, False,
+                           "the answer is code, not a review: write the review in Markdown prose")
+    elif words < _REVIEW_MIN_WORDS or code_lines > _REVIEW_CODE_RATIO * max(len(prose_lines), 1):
+        shape = RuleResult("review_is_prose", Level.ERROR, False,
+                           f"the review is {words} word(s) of prose and {code_lines} line(s) of code blocks: "
+                           "a review explains, in Markdown prose, what is wrong or right in the target and why")
+    else:
+        shape = RuleResult("review_is_prose", Level.ERROR, True, f"Markdown prose ({words} words)")
+    named = review_mentions(prose, original, target)
+    name = target or "the target"
+    if named:
+        shown = ", ".join(named[:8]) + (f" and {len(named) - 8} more" if len(named) > 8 else "")
+        grounded = RuleResult("review_names_target", Level.ERROR, True, f"the review names {shown} in {name}")
+    else:
+        grounded = RuleResult("review_names_target", Level.ERROR, False,
+                              f"the review names nothing that exists in {name}: cite its functions, classes or "
+                              f"lines (as `name` or line N, within its {len(original.splitlines())} lines)")
+    return [shape, grounded]
+
+
+def review_mentions(prose: str, original: str, target: str = "") -> list[str]:
+    """What the review's prose cites that exists in the target: line numbers in range, and
+    (a Python target) its definitions written as `name`, `a.b`, `name(` or a name with `_`;
+    (another file) code spans that occur in it verbatim."""
+    count = len(original.splitlines())
+    found: list[str] = []
+    for match in _LINE_REF.finditer(prose):
+        numbers = [int(n) for n in match.groups() if n]
+        if numbers and all(1 <= n <= count for n in numbers):
+            found.append(f"line {numbers[0]}")
+    tree = _parse(original) if target.endswith((".py", ".pyi")) or not target else None
+    if isinstance(tree, ast.Module):
+        defined = astrules.defined_names(tree)
+        spans = {ident for span in _SPAN.findall(prose) for ident in _IDENTIFIER.findall(span)}
+        loose = {word for word in _IDENTIFIER.findall(prose) if "_" in word.strip("_")}
+        found += sorted(f"`{n}`" for n in (spans | loose | set(_CALLED.findall(prose))) & defined)
+    else:
+        found += sorted({f"`{span.strip()}`" for span in _SPAN.findall(prose)
+                         if len(span.strip()) >= 3 and span.strip() in original and span.strip() != target})
+    return list(dict.fromkeys(found))
+
+
+def _is_code(content: str) -> bool:
+    """Whether the answer is Python source rather than prose (it parses, with a statement)."""
+    parsed = _parse(content)
+    return isinstance(parsed, ast.Module) and any(not isinstance(node, ast.Expr) for node in parsed.body)
 
 
 def collected_tests(tree: ast.Module) -> list[str]:

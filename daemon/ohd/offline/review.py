@@ -1,8 +1,9 @@
 """The offline review answer: measurable facts about the target, in Markdown.
 
 Pure. Invariant: every line of the review is a count or a location that anyone can
-check in the source (line counts, public definitions without a docstring, functions
-longer than 50 lines, bare `except:`, TODO/FIXME lines); no judgement is offered.
+check in the source (line counts, top-level definitions, public definitions without a
+docstring, functions longer than 50 lines, bare `except:`, TODO/FIXME lines, a non-Python
+file's first line); no judgement is offered.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def answer_review(job: Job) -> str:
         tree = parse(job.source)
         facts += _python_facts(tree) if isinstance(tree, ast.Module) else [
             f"- The file does not parse as Python: {tree}."]
+    first = next(((n, line.strip()) for n, line in enumerate(lines, 1) if line.strip()), None)
+    if first is not None and posixpath.splitext(job.target)[1] not in (".py", ".pyi"):
+        facts.append(f"- First line: line {first[0]}: `{_short(first[1])}`")
     markers = [(n, line.strip()) for n, line in enumerate(lines, 1) if _MARKERS.search(line)]
     facts.append(_listed("TODO/FIXME lines", [f"line {n}: `{_short(text)}`" for n, text in markers]))
     return "\n".join([
@@ -45,10 +49,24 @@ def _python_facts(tree: ast.Module) -> list[str]:
     long = [f"`{n.name}` (line {n.lineno}, {_length(n)} lines)" for n in functions
             if _length(n) > LONG_FUNCTION]
     bare = [f"line {n.lineno}" for n in ast.walk(tree) if isinstance(n, ast.ExceptHandler) and n.type is None]
+    defined = [f"`{name}` (line {node.lineno})" for name, node in _top_level(tree)]
     return [f"- Functions and methods: {len(functions)}; classes: {len(classes)}",
+            _listed("Defined at the top level", defined),
             _listed("Public functions, classes and methods without a docstring", undocumented),
             _listed(f"Functions longer than {LONG_FUNCTION} lines", long),
             _listed("Bare `except:` clauses", bare)]
+
+
+def _top_level(tree: ast.Module) -> list[tuple[str, ast.stmt]]:
+    """(name, node) of the module's top-level functions, classes and assigned names."""
+    found: list[tuple[str, ast.stmt]] = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            found.append((node.name, node))
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            found += [(t.id, node) for t in targets if isinstance(t, ast.Name)]
+    return found
 
 
 def _public(body: list[ast.stmt], prefix: str) -> list[tuple[str, Def]]:
