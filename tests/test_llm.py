@@ -27,6 +27,7 @@ from ohd.errors import (
     ModelTimeout,
     RateLimited,
     ServerError,
+    Unreachable,
 )
 from ohd.llm import Completion, ModelClient, OfflineProvider, reset_at
 
@@ -355,14 +356,15 @@ def test_slow_answer_times_out(fake_openrouter: FakeOpenRouter, clock: FakeClock
     assert len(fake_openrouter.requests) == 2, "a timeout is retried"
 
 
-def test_refused_connection_is_a_server_error(clock: FakeClock) -> None:
+def test_a_refused_connection_is_unreachable_and_not_retried_here(clock: FakeClock) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with pytest.raises(ServerError) as caught:
+    with pytest.raises(Unreachable) as caught:
         complete(f"http://127.0.0.1:{port}/api/v1", clock, retries=1)
-    assert type(caught.value) is ServerError
-    assert len(clock.slept) == 1
+    assert isinstance(caught.value, ServerError) and not caught.value.sent    # no request reached a server
+    assert "Connection refused" in str(caught.value)
+    assert clock.slept == [], "the breaker waits for the server, not a retry loop"
 
 
 # --- the key stays secret ----------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -16,6 +17,7 @@ import pytest
 from ohd import ladder, views
 from ohd.clock import SystemClock
 from ohd.llm import Completion, ModelClient
+from ohd.quotas import Governor
 from ohd.store import Store
 from ohd.taskfile import TaskSpec
 from ohd.tasktypes import Job
@@ -38,13 +40,14 @@ def spec(**fields: Any) -> TaskSpec:
     return TaskSpec.model_validate({"type": "unit_test", "target": "shop/pricing.py", **fields})
 
 
-def run_pool(store: Store, server: FakeOpenRouter, clock: Any, models: list[str], size: int = 1,
-             until_idle: bool = True, stop_after: int = 0) -> Pool:
-    """Build a pool over a real httpx client and run it until no task is ready."""
+def run_pool(store: Store, server: FakeOpenRouter | str, clock: Any, models: list[str], size: int = 1,
+             until_idle: bool = True, stop_after: int = 0, retries: int = 0) -> Pool:
+    """Build a pool over a real httpx client (to the server, or a base URL) and run it until no task is ready."""
 
     async def main() -> Pool:
         async with httpx.AsyncClient() as http:
-            client = ModelClient(http, server.url, "sk-test", clock, retries=0)
+            url = server if isinstance(server, str) else server.url
+            client = ModelClient(http, url, "sk-test", clock, retries=retries)
 
             async def call(model: str, messages: list[dict[str, str]], timeout_s: float, job: Job) -> Completion:
                 return await client.complete(model, messages, timeout_s)
@@ -122,6 +125,46 @@ def test_an_answer_records_the_calls_own_latency_and_the_validation_time_beside_
     assert 300 <= execution.latency_ms < execution.validation_ms
     line = views.task_text(store.get_task(task_id).as_dict() | {"executions": [execution.as_dict()]})
     assert f"{execution.latency_ms} ms" in line and f"validated in {execution.validation_ms} ms" in line
+
+
+def closed_port() -> int:
+    """A port nothing listens on (connections to it are refused) until a server binds it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_model_server_that_is_down_loses_no_task_and_they_resume_once_it_answers(
+        repo: Path, store: Store, clock: FakeClock) -> None:
+    port = closed_port()
+    ids = [store.enqueue(str(repo), spec(output=f"tests/test_down{i}.py"), clock.now()) for i in range(5)]
+    pool = run_pool(store, f"http://127.0.0.1:{port}/api/v1", clock, ["model-a", "model-b"], retries=2)
+    tasks = [store.get_task(i) for i in ids]        # more tasks than breaker_failures (3): none failed
+    assert [t.status for t in tasks] == ["pending"] * 5, [t.error for t in tasks]
+    assert all(t.attempts == 0 and "waiting for the model server" in (t.error or "")
+               and "Connection refused" in (t.error or "") for t in tasks), tasks[0].error
+    assert [view.left_today for view in pool.governor.views(["model-a:free"], clock.now())] == [50]
+    assert pool.governor.request.select().count() == 0, "a refused connection is no request against a quota"
+    with FakeOpenRouter(port=port) as server:
+        server.default = ok(GOOD)
+        clock.advance(pool.governor.policy.breaker_reset.total_seconds())   # the probe is due
+        run_pool(store, server, clock, ["model-a", "model-b"])
+        assert [store.get_task(i).status for i in ids] == ["completed"] * 5
+        assert [store.get_task(i).attempts for i in ids] == [1] * 5
+        assert len(server.completions()) == 5       # one probe, then the others at once
+
+
+def test_a_probe_that_gets_an_answer_resumes_the_tasks_waiting_for_that_server_at_once(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    waiting = store.enqueue(str(repo), spec(output="tests/test_wait.py"), clock.now())
+    claim = store.claim_next("w-other", clock.now(), timedelta(seconds=60))
+    assert claim is not None and claim.task.id == waiting      # deferred behind the probe of another task
+    store.defer(waiting, "w-other", clock.now() + timedelta(seconds=60), clock.now(), "waiting for the probe")
+    Governor(store).unreachable("model-a", clock.now() - timedelta(seconds=60), "Connection refused")  # half-open
+    probe = store.enqueue(str(repo), spec(output="tests/test_probe.py"), clock.now())
+    run_pool(store, server, clock, ["model-a"])         # the clock does not move
+    assert [store.get_task(i).status for i in (probe, waiting)] == ["completed", "completed"]
+    assert len(server.completions()) == 2
 
 
 def test_429_moves_to_the_next_model_without_spending_an_attempt(repo: Path, store: Store,

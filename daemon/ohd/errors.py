@@ -143,6 +143,18 @@ class ModelTimeout(ServerError):
     error_class = "timeout"
 
 
+class Unreachable(ServerError):
+    """The server refused the connection or dropped it (reset, closed without an answer): no model
+    there can take a request now. `sent` is False when the request never left (refused): it is no
+    request against any quota. The model's breaker opens; its probe decides when to go on."""
+
+    error_class = "unreachable"
+
+    def __init__(self, model: str, message: str = "", *, sent: bool = False) -> None:
+        self.sent = sent
+        super().__init__(model, message)
+
+
 class MalformedAnswer(ModelError):
     """The answer is not JSON, has no choices, or holds no usable code block; counts as an attempt."""
 

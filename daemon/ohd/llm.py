@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,7 +29,7 @@ import httpx
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     wait_exponential_jitter,
 )
@@ -46,6 +47,7 @@ from ohd.errors import (
     ModelTimeout,
     RateLimited,
     ServerError,
+    Unreachable,
 )
 from ohd.tasktypes import Job
 
@@ -192,7 +194,7 @@ class ModelClient:
 
     def _retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
-            retry=retry_if_exception_type(ServerError),  # ModelTimeout is a ServerError
+            retry=retry_if_exception(_transient),
             stop=stop_after_attempt(self.retries + 1),
             wait=wait_exponential_jitter(initial=1, max=30, jitter=1),
             sleep=self.clock.sleep,
@@ -242,6 +244,11 @@ class ModelClient:
             raise AuthFailed(model, "the request could not be sent (malformed header)") from None
         except httpx.DecodingError as exc:
             raise MalformedAnswer(model, f"the answer could not be decoded: {type(exc).__name__}") from exc
+        except httpx.ConnectError as exc:       # refused, no route, unknown host: nothing was sent
+            raise Unreachable(model, f"cannot connect to {self.base_url} ({_reason(exc)})") from exc
+        except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:   # reset, closed
+            raise Unreachable(model, f"the connection to {self.base_url} was dropped ({_reason(exc)})",
+                              sent=True) from exc
         except httpx.RequestError as exc:
             raise ServerError(model, f"connection failed: {type(exc).__name__}") from exc
 
@@ -263,6 +270,25 @@ class ModelClient:
             until = reset_at(response.headers, body, self.clock.now(), attempt=streak)
             raise RateLimited(model, until, message, limit=rate_limit(response.headers, body))
         raise _status_error(status)(model, message)
+
+
+def _transient(exc: BaseException) -> bool:
+    """Retried here: 5xx, timeouts, a dropped connection; not a refused one (the breaker waits for
+    the server and its probe decides), nor anything that will not change on a retry."""
+    return isinstance(exc, ServerError) and not (isinstance(exc, Unreachable) and not exc.sent)
+
+
+def _reason(exc: httpx.RequestError) -> str:
+    """The OS's words for a transport failure ('Connection refused'), else httpx's, else its class."""
+    cause: BaseException | None = exc
+    for _ in range(8):      # httpx wraps httpcore, which wraps anyio's wrap of the OSError
+        if cause is None:
+            break
+        if isinstance(cause, OSError) and (cause.errno or cause.strerror):
+            return os.strerror(cause.errno) if cause.errno else str(cause.strerror)
+        cause = cause.__cause__ or cause.__context__
+    text = str(exc).strip()
+    return text[:MAX_MESSAGE_CHARS] if text else type(exc).__name__
 
 
 def _status_error(status: int) -> type[ModelError]:

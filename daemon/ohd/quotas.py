@@ -193,15 +193,36 @@ class Governor:
                         model, state.failures, (state.opened_at + self.policy.breaker_reset).isoformat())
         return state
 
-    def succeeded(self, model: str, now: datetime) -> None:
-        """An answer came back: the failure streak ends and an open breaker closes."""
+    def unreachable(self, model: str, now: datetime, reason: str) -> ModelState:
+        """The server refused or dropped the connection: the breaker opens now; its probe decides."""
+        with self._tx():
+            state = routing.after_unreachable(self._state(model), now)
+            self._save(state, now)
+        log.warning("model %s: the server cannot be reached (%s); waiting for it, probe after %s", model, reason,
+                    (now + self.policy.breaker_reset).isoformat())
+        return state
+
+    def unsent(self, model: str) -> None:
+        """The last request reserved for `model` never left (connection refused): it counts against no limit."""
+        r = self.request
+        with self._tx():
+            last = r.select(r.id).where((r.model == model) & (r.key_id == self.key_id)).order_by(r.id.desc()).first()
+            if last is not None:
+                r.delete().where(r.id == last.id).execute()
+
+    def succeeded(self, model: str, now: datetime) -> bool:
+        """An answer came back: the failure streak ends and an open breaker closes (True: it was open)."""
         ms = self.store.m.model_state
         self.db.connect(reuse_if_open=True)
         if not ms.select().where((ms.model == model) & ((ms.failures > 0) | ms.opened_at.is_null(False))).exists():
-            return      # the common case: nothing to change, no write lock taken
+            return False    # the common case: nothing to change, no write lock taken
         with self._tx():
-            self._save(routing.after_success(self._state(model)), now)
+            before = self._state(model)
+            self._save(routing.after_success(before), now)
+        if before.opened_at is None:
+            return False
         log.info("model %s: breaker closed", model)
+        return True
 
     def gone(self, model: str, now: datetime) -> None:
         """404 / no endpoints: the model is dead until a catalogue refresh revives it."""

@@ -226,6 +226,12 @@ def after_failure(state: ModelState, now: datetime, policy: Policy) -> ModelStat
     return replace(state, failures=failures, opened_at=now if opens else None)
 
 
+def after_unreachable(state: ModelState, now: datetime) -> ModelState:
+    """The server cannot be reached: the breaker opens at once (no count of tries), so the tasks
+    wait for its probe instead of failing one by one."""
+    return replace(state, failures=state.failures + 1, opened_at=now)
+
+
 def after_probe(state: ModelState, now: datetime) -> ModelState:
     """A half-open probe was granted: re-arm the breaker so no second probe goes out meanwhile."""
     return replace(state, opened_at=now)

@@ -196,10 +196,13 @@ class Store:
                         extra={"task_id": row.id, "status": status.value})
         return [row.id for row in rows]
 
-    def promote_due(self, now: datetime) -> int:
-        """Pending tasks whose not_before has come become queued (each logged); how many."""
+    def promote_due(self, now: datetime, every: bool = False) -> int:
+        """Pending tasks whose not_before has come (`every`: all pending tasks, to decide again now
+        that what they wait for changed) become queued, each logged; how many."""
         t = self.m.task
-        due = (t.status == TaskStatus.PENDING.value) & (t.not_before <= now)
+        due = t.status == TaskStatus.PENDING.value
+        if not every:
+            due &= t.not_before <= now
         self._read()
         if not t.select(t.id).where(due).exists():
             return 0

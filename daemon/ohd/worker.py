@@ -35,6 +35,7 @@ from ohd.errors import (
     ModelGone,
     OhdError,
     RateLimited,
+    Unreachable,
 )
 from ohd.llm import Completion
 from ohd.logfmt import task_context
@@ -71,6 +72,7 @@ class Pool:
         self.ladder = ladder.Ladder()   # how candidates are judged: pytest runs, rule levels, lint (daemon sets)
         self.rank = rank            # (task type, models) -> best first (`auto`); None: configured order
         self.calls = CallHistory(store.db)   # prompts and responses (the daemon applies call_history*)
+        self.unreachable: dict[str, str] = {}   # model -> why its server could not be reached (until it answers)
         self.busy: dict[str, int] = {}
         self.wake_event = asyncio.Event()
         self.alarm: Alarm | None = None   # wakes the pool when a deferred task is due (in `run`)
@@ -268,8 +270,11 @@ class Pool:
                 if choice.at is None:
                     return Outcome(TaskStatus.FAILED, error=choice.reason or "no usable model: every candidate is gone")
                 wait = (choice.at - self.clock.now()).total_seconds()
-                if wait > self.hold_s:
+                down = next((self.unreachable[m] for m in candidates if m in self.unreachable), None)
+                if wait > self.hold_s or down:      # a server that is down is not waited for in place
                     return Outcome(TaskStatus.PENDING, not_before=choice.at, error=choice.reason or (
+                        f"waiting for the model server: {down}; the next probe at {choice.at.isoformat()}, "
+                        "and the task resumes once the server answers" if down else
                         f"no model can take a request now (cooling, over quota or breaker open); "
                         f"resumes at {choice.at.isoformat()}"))
                 await self.clock.sleep(max(0.0, wait))
@@ -288,8 +293,14 @@ class Pool:
             return None
         except (AuthFailed, BadRequest) as exc:
             return Outcome(TaskStatus.FAILED, error=str(exc))
+        except Unreachable as exc:      # no attempt spent; the open breaker defers the task to its probe
+            if not exc.sent:
+                await self._store(self.governor.unsent, model)
+            await self._store(self.governor.unreachable, model, self.clock.now(), exc.message)
+            self.unreachable[model] = str(exc)
+            return None
         except MalformedAnswer as exc:
-            await self._store(self.governor.succeeded, model, self.clock.now())   # it did answer
+            await self._answered(model)   # it did answer
             run.unusable = exc.message
             run.job = tasktypes.with_feedback(run.job, (f"Your previous answer was unusable: {exc.message}",))
             return None
@@ -299,7 +310,7 @@ class Pool:
             log.debug("task %d: %s failed (%s); next model", run.task.id, model, exc.error_class)
             candidates.remove(model)
             return None
-        await self._store(self.governor.succeeded, model, self.clock.now())
+        await self._answered(model)
         if content in run.rejected:
             return await self._repeated(run, model, content, candidates)
         return await self._judge(run, model, content, candidates)
@@ -308,11 +319,19 @@ class Pool:
         """The same candidate as an earlier, rejected one (a deterministic provider): its verdict
         cannot change, so it is not judged again and `model` gets no more attempts."""
         verdict = run.verdict = run.rejected[content]
-        await self._record(run, model, self.clock.now(), run.history[-1]["completion"], "rejected", None, verdict)
+        await self._record(run, model, run.history[-1]["started"], run.history[-1]["completion"], "rejected", None,
+                           verdict)
         candidates.remove(model)
         log.info("task %d: %s gave an answer it gave before (rejected: %s); %s", run.task.id, model,
                  "; ".join(verdict.feedback()), "next model" if candidates else "giving up")
         return None if candidates else await self._give_up(run)
+
+    async def _answered(self, model: str) -> None:
+        """The model answered: its breaker closes, and tasks waiting for it decide again now."""
+        self.unreachable.pop(model, None)
+        if await self._store(self.governor.succeeded, model, self.clock.now()):
+            await self._store(self.store.promote_due, self.clock.now(), True)
+            self.wake_event.set()
 
     async def _ask(self, run: Run, model: str) -> str:
         """Call one model and record the execution; returns the extracted candidate."""
