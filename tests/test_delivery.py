@@ -197,3 +197,35 @@ def test_an_older_tasks_report_still_describes_that_task(
     latest = repo / "shop" / ".ohd" / "pricing.py.review.json"          # the conventional path: the latest
     assert json.loads(latest.read_text())["task"]["id"] == second
     assert f"# ohd task {second}:" in latest.with_suffix(".md").read_text()
+
+
+# --- smaller: what the report says -----------------------------------------------------------
+
+
+def test_a_docstring_task_that_adds_nothing_says_nothing_was_written(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    module = repo / "shop" / "pricing.py"
+    original = module.read_text()
+    server.default = ok(DOCUMENTED.format(original.rstrip("\n")))
+    task_id = enqueue(store, repo, clock, type="docstring")
+    run_pool(store, server, clock)
+    task = store.get_task(task_id)
+    assert task.status == "completed", task.error
+    assert _report(repo, task.report_path)["decision"] == "unchanged"
+    page = (repo / (task.report_path or "")).with_suffix(".md").read_text()
+    assert "shop/pricing.py already holds this content; nothing was written." in page
+    assert "Wrote" not in page and module.read_text() == original
+
+
+def test_pytest_colours_from_the_repos_addopts_stay_out_of_the_report(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    (repo / "pytest.ini").write_text("[pytest]\naddopts = --color=yes\n")
+    server.default = ok("```python\nfrom shop.pricing import total\n\n\n"
+                        "def test_total_is_wrong() -> None:\n    assert total([1.0]) == 2.0\n```")
+    task_id = enqueue(store, repo, clock, max_attempts=1)
+    run_pool(store, server, clock)
+    task = store.get_task(task_id)
+    page = (repo / (task.report_path or "")).with_suffix(".md").read_text()
+    assert "test_total_is_wrong" in page and "## pytest" in page       # pytest's output is there ...
+    assert "\x1b" not in page                                          # ... without its colour codes
+    assert "\\u001b" not in (repo / (task.report_path or "")).read_text()    # nor in the JSON

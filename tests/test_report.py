@@ -107,3 +107,13 @@ def test_worker_shaped_data() -> None:
     rejected = sample("rejected", "")
     rejected["error"] = "rejected after 3 attempt(s): no tests"
     assert decision_sentence(rejected) == "Nothing was written: rejected after 3 attempt(s): no tests."
+
+
+def test_terminal_escapes_never_reach_a_report() -> None:
+    data = sample("rejected")
+    data["error"] = "\x1b[31mFAILED\x1b[0m tests/test_auth.py::test_a"
+    data["verdict"]["test_run"] = {"status": "failed", "outcomes": ["failed"],
+                                   "output": "\x1b[1m\x1b[31mE   assert 1 == 2\x1b[0m\n\x1b]8;;file:///x\x07link\x1b]8;;\x07"}
+    page, text = render_markdown(data), render_json(data)
+    assert "\x1b" not in page and "\\u001b" not in text
+    assert "E   assert 1 == 2" in page and "FAILED tests/test_auth.py::test_a" in page and "link" in page

@@ -68,7 +68,7 @@ def deliver(store: Store, run: Run, content: str, now: datetime) -> Outcome:
         store.record_written(run.task.repo, run.job.output + outputs.OHD_NEW_SUFFIX, plan.sha256, run.task.id, now)
     if not plan.unchanged:
         outputs.apply(plan)
-    decision = "written_as_ohd_new" if plan.conflict else "written"
+    decision = "unchanged" if plan.unchanged else "written_as_ohd_new" if plan.conflict else "written"
     rel = plan.path.relative_to(run.repo.resolve()).as_posix()
     report_rel = write_report(store, run, decision, rel, conflict=plan.conflict_reason)
     note = (f"model={run.history[-1]['model']}, attempts={run.attempts}, "

@@ -2,7 +2,8 @@
 
 Pure: a plain dict in, text out; no clock, no files. Invariant: the same data always
 renders to the same bytes (sorted JSON keys, fixed table columns), so re-applying a
-report after a crash rewrites identical files.
+report after a crash rewrites identical files; terminal escape sequences (pytest's
+colours when a repo's `addopts` has `--color=yes`) never reach a report.
 
 `data` holds: `task` (a `Task.as_dict()`-like dict), `verdict` (`Verdict.as_dict()` or
 None when no candidate was validated), `attempts` ([{attempt, model, outcome,
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -25,15 +27,29 @@ from ohd.tasktypes import fence
 log = logging.getLogger(__name__)
 
 _OHD_NEW = ".ohd-new"
+# CSI (colours, cursor moves), OSC (titles, links) and other two-byte ESC sequences
+_ESCAPES = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
 
 
 def render_json(data: Mapping[str, Any]) -> str:
     """Stable, indented JSON with sorted keys and a final newline."""
-    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
+    return json.dumps(plain(data), indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
+
+
+def plain(value: Any) -> Any:
+    """`value` with terminal escape sequences removed from every string in it."""
+    if isinstance(value, str):
+        return _ESCAPES.sub("", value)
+    if isinstance(value, Mapping):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return value
 
 
 def render_markdown(data: Mapping[str, Any]) -> str:
     """A readable page: title, decision, rules, score, attempts."""
+    data = plain(data)
     task: Mapping[str, Any] = data.get("task") or {}
     verdict: Mapping[str, Any] | None = data.get("verdict")
     parts = [
