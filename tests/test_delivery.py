@@ -229,3 +229,21 @@ def test_pytest_colours_from_the_repos_addopts_stay_out_of_the_report(
     assert "test_total_is_wrong" in page and "## pytest" in page       # pytest's output is there ...
     assert "\x1b" not in page                                          # ... without its colour codes
     assert "\\u001b" not in (repo / (task.report_path or "")).read_text()    # nor in the JSON
+
+
+def test_a_unit_test_goes_beside_the_repos_tests_inside_the_package(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    (repo / "tests" / "__init__.py").unlink()          # no top-level tests/: they live in the package
+    (repo / "tests").rmdir()
+    (repo / "shop" / "tests").mkdir()
+    (repo / "shop" / "tests" / "__init__.py").write_text("")
+    (repo / "shop" / "tests" / "test_cart.py").write_text(
+        "from shop.pricing import Cart\n\n\ndef test_empty() -> None:\n    assert Cart().total() == 0\n")
+    server.default = ok("```python\nfrom shop.pricing import total\n\n\n"
+                        "def test_total_sums() -> None:\n    assert total([1.0, 2.0]) == 3.0\n```")
+    task_id = enqueue(store, repo, clock)
+    run_pool(store, server, clock)
+    task = store.get_task(task_id)
+    assert task.status == "completed", task.error
+    assert task.output_path == "shop/tests/test_pricing.py"
+    assert not (repo / "shop" / "test_pricing.py").exists()

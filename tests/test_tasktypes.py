@@ -194,3 +194,23 @@ def test_custom_takes_one_block_of_any_language_or_the_text() -> None:
 def test_fenced_blocks_report_language_and_body_in_order() -> None:
     blocks = fenced_blocks("a\n```Python extra\nx\n```\n~~~\ny\n~~~\n")
     assert [(b.lang, b.body) for b in blocks] == [("python", "x"), ("", "y")]
+
+
+@pytest.mark.parametrize(("target", "has_tests", "test_files", "expected"), [
+    # tests inside the package (no top-level tests/): beside them, not in the package's own folder
+    ("pkg/mod.py", False, ["pkg/tests/test_other.py"], "pkg/tests/test_mod.py"),
+    ("pkg/sub/mod.py", False, ["pkg/tests/test_other.py"], "pkg/tests/test_mod.py"),
+    # the nearest tests folder wins over the top-level one
+    ("pkg/mod.py", True, ["tests/test_cli.py", "pkg/tests/test_other.py"], "pkg/tests/test_mod.py"),
+    ("other/mod.py", True, ["tests/test_cli.py", "pkg/tests/test_other.py"], "tests/test_mod.py"),
+    # the module's existing tests, wherever they are in that folder
+    ("src/pkg/mod.py", True, ["tests/pkg/test_mod.py", "tests/test_a.py"], "tests/pkg/test_mod.py"),
+    ("mod.py", False, ["test/unit/test_a.py"], "test/test_mod.py"),
+    ("pkg/mod.py", False, ["pkg/test_mod.py", "tests/test_a.py"], "pkg/test_mod.py"),
+    # no tests anywhere: as before
+    ("src/app/auth.py", True, [], "tests/test_auth.py"),
+    ("src/app/auth.py", False, [], "src/app/test_auth.py"),
+])
+def test_a_unit_test_goes_where_the_repos_tests_live(target: str, has_tests: bool, test_files: list[str],
+                                                     expected: str) -> None:
+    assert default_output(TaskType.UNIT_TEST, target, has_tests, test_files) == expected

@@ -53,6 +53,21 @@ def python_files(repo: Path) -> list[str]:
     return sorted(sources, key=lambda p: (p.count("/"), p))
 
 
+_TEST_FILE = re.compile(r"(?:^test_.*|.*_test)\.py$")
+_CANDIDATE = "test_ohd_candidate_"     # the ladder's transient copies of an answer
+
+
+def test_files(repo: Path) -> list[str]:
+    """The repo's test files (`test_*.py`, `*_test.py`; tracked, or untracked and not
+    ignored), repo-relative and sorted; [] outside a git repo."""
+    try:
+        listed = git(repo, "ls-files", "--cached", "--others", "--exclude-standard", "-z")
+    except OhdError:
+        return []
+    return sorted({p for p in listed.split("\0") if _TEST_FILE.match(Path(p).name)
+                   and not Path(p).name.startswith(_CANDIDATE)})
+
+
 def init_repo(repo: Path) -> list[str]:
     """Prepare `repo` for ohd; returns one line per thing done."""
     if not repo.is_dir():

@@ -91,7 +91,9 @@ class TaskSpec(pydantic.BaseModel, extra="forbid", frozen=True):
     output: str | None = Field(
         default=None, json_schema_extra={"default_text": "per type"},
         description="where the result goes, relative to the repo root. Default: `unit_test` "
-                    "`tests/test_<module>.py` when the repo has `tests/`, else `test_<module>.py` beside "
+                    "`test_<module>.py` where the repo's tests live (an existing one beside the source or in "
+                    "the nearest `tests/` folder holding tests, walking up from the source; else at that "
+                    "folder's top), else `tests/test_<module>.py` when the repo has `tests/`, else beside "
                     "the source; `docstring` the target itself; `review` `.ohd/reviews/<file>.md` beside "
                     "the source; `custom` has none (required there)")
     models: list[str] = Field(default_factory=lambda: ["auto"], min_length=1,

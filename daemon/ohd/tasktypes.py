@@ -81,23 +81,42 @@ def check_target(task_type: TaskType, target: str, source: str) -> None:
 # --- paths ---------------------------------------------------------------------------------
 
 
-def default_output(task_type: TaskType, target: str, has_tests_dir: bool) -> str:
+def default_output(task_type: TaskType, target: str, has_tests_dir: bool, test_files: Sequence[str] = ()) -> str:
     """The repo-relative output path a task gets when its file names none.
 
-    unit_test: `tests/test_<stem>.py` (or beside the source without a `tests/` dir);
-    docstring: the target itself; review: `<dir>/.ohd/reviews/<name>.md` (not
-    `.ohd/<name>.review.md`: that is the task's report); custom has no default
-    (`TaskFileError` on field 'output').
+    unit_test: where the repo's tests (`test_files`, repo-relative) live: an existing
+    `test_<stem>.py` beside the source, else the nearest `tests/` (or `test/`) folder
+    holding test files found walking up from the source (an existing `test_<stem>.py`
+    in it, else `test_<stem>.py` at its top), else `tests/test_<stem>.py` when the repo
+    has `tests/`, else beside the source; docstring: the target itself; review:
+    `<dir>/.ohd/reviews/<name>.md` (not `.ohd/<name>.review.md`: that is the task's
+    report); custom has no default (`TaskFileError` on field 'output').
     """
     directory, name = posixpath.split(target)
     stem = posixpath.splitext(name)[0]
     if task_type is TaskType.UNIT_TEST:
-        return posixpath.join("tests" if has_tests_dir else directory, f"test_{stem}.py")
+        return _unit_test_output(directory, f"test_{stem}.py", has_tests_dir, test_files)
     if task_type is TaskType.DOCSTRING:
         return target
     if task_type is TaskType.REVIEW:
         return posixpath.join(directory, ".ohd", "reviews", f"{name}.md")
     raise TaskFileError("<task>", "a custom task needs an explicit output path", field="output")
+
+
+def _unit_test_output(directory: str, name: str, has_tests_dir: bool, test_files: Sequence[str]) -> str:
+    beside = posixpath.join(directory, name)
+    if beside in test_files:
+        return beside
+    folders = {posixpath.dirname(f) for f in test_files}
+    ancestor: str | None = directory
+    while ancestor is not None:
+        for tests in (posixpath.join(ancestor, "tests"), posixpath.join(ancestor, "test")):
+            if any(f == tests or f.startswith(tests + "/") for f in folders):
+                same = sorted((f for f in test_files if posixpath.basename(f) == name and f.startswith(tests + "/")),
+                              key=lambda f: (f.count("/"), f))
+                return same[0] if same else posixpath.join(tests, name)
+        ancestor = posixpath.dirname(ancestor) if ancestor else None
+    return posixpath.join("tests" if has_tests_dir else directory, name)
 
 
 def module_name(target: str, is_package_dir: Callable[[str], bool]) -> str:

@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ohd import delivery, ladder, outputs, routing, tasktypes, validate
+from ohd import delivery, gitrepo, ladder, outputs, routing, tasktypes, validate
 from ohd.alarm import Alarm
 from ohd.delivery import Outcome, Run
 from ohd.clock import Clock
@@ -251,7 +251,9 @@ class Pool:
         task_type = TaskType(task.type)
         tasktypes.check_target(task_type, task.target, source)    # before any model, as ladder.ready
         is_package = lambda rel: (repo / rel / "__init__.py").is_file()  # noqa: E731
-        output = task.output or tasktypes.default_output(task_type, task.target, (repo / "tests").is_dir())
+        output = task.output or tasktypes.default_output(
+            task_type, task.target, (repo / "tests").is_dir(),
+            gitrepo.test_files(repo) if task_type is TaskType.UNIT_TEST else ())
         outputs.check_output(repo, output)
         context = outputs.related(repo, output) if task_type is TaskType.UNIT_TEST else ()
         job = Job(task_type=task_type, target=task.target, source=source,
