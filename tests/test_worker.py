@@ -395,3 +395,14 @@ def test_a_400_ends_with_a_report_that_gives_the_servers_reason(repo: Path, stor
     assert task.status == "failed" and "maximum context length is 8192 tokens" in (task.error or "")
     report = json.loads((repo / str(task.report_path)).read_text())
     assert report["decision"] == "failed" and [a["outcome"] for a in report["attempts"]] == ["error"]
+
+
+def test_a_malformed_answer_names_the_model_that_gave_it(repo: Path, store: Store, server: FakeOpenRouter,
+                                                         clock: FakeClock) -> None:
+    # found by bench/localmodel.py: `ohd show` said "(?: malformed: a code block is opened but never closed ...)"
+    server.script("vendor/small", [ok("```python\ndef test_x():\n    assert True")])
+    task_id = store.enqueue(str(repo), spec(max_attempts=2), clock.now())
+    run_pool(store, server, clock, ["vendor/small"])
+    first = store.executions(task_id)[0]
+    assert first.outcome == "malformed"
+    assert first.error is not None and first.error.startswith("vendor/small: malformed: a code block is opened")

@@ -95,7 +95,12 @@ class ModelError(OhdError):
     def __init__(self, model: str, message: str = "") -> None:
         self.model = model
         self.message = message
-        super().__init__(f"{model}: {self.error_class}: {message}" if message else f"{model}: {self.error_class}")
+        super().__init__(model, message)
+
+    def __str__(self) -> str:
+        # from the attributes as they are now: the worker names the model of an answer that
+        # `tasktypes.extract` found malformed (raised there as model "?") after the fact
+        return f"{self.model}: {self.error_class}: {self.message}" if self.message else f"{self.model}: {self.error_class}"
 
 
 class RateLimited(ModelError):
