@@ -35,6 +35,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -42,6 +44,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +65,7 @@ from bench.llamaserver import (
 MAX_TOKENS = 384          # a bound on each answer, so a run takes minutes (the model rambles otherwise)
 LATENCY_TOLERANCE = 0.10
 SENT_LINE = re.compile(r" ohd\.llm: model .*\[task_id=(\d+) ")   # the client's one line per request
+PARKED_S = 600           # a task deferred further than this while the server is up is reported, not awaited
 TERMINAL = {"completed", "failed", "cancelled"}
 # real modules, copied from ohd's own package (small, standard library only)
 MODULES = {"clock.py": None, "pyparse.py": None, "alarm.py": ("from ohd.clock import", "from .clock import")}
@@ -192,12 +196,28 @@ class Run:
     def wait_terminal(self) -> None:
         deadline = time.monotonic() + self.args.deadline_s
         while not self._all_terminal():
+            if parked := self._parked():
+                for task_id, until, why in parked:
+                    self.fails.append(f"{self.name} task {task_id}: waits pending until {until} UTC, "
+                                      f"long after the server came back ({why})")
+                return
             if time.monotonic() > deadline:
                 self.fails.append(f"{self.name}: tasks not finished after {self.args.deadline_s:g} s: "
                                   f"{self.daemon.counts()}")
                 return
             time.sleep(1.0)
         self.event(f"all tasks ended: {self.daemon.counts()}")
+
+    def _parked(self) -> list[tuple[int, str, str]]:
+        """Every unfinished task pending until more than PARKED_S from now, none running: nothing
+        will happen before then (e.g. refused requests counted against a daily quota)."""
+        with sqlite3.connect(self.daemon.db, timeout=30) as conn:
+            rows = conn.execute("select id, status, not_before, error from task "
+                                "where status not in ('completed', 'failed', 'cancelled')").fetchall()
+        horizon = datetime.now(UTC).replace(tzinfo=None) + timedelta(seconds=PARKED_S)
+        parked = [(i, nb, err or "") for i, status, nb, err in rows
+                  if status == "pending" and nb and datetime.fromisoformat(nb) > horizon]
+        return parked if rows and len(parked) == len(rows) else []
 
     # -- what came of it ------------------------------------------------------------
 
@@ -335,6 +355,10 @@ def summary(runs: list[Run], rows: list[dict[str, Any]]) -> None:
     print(f"  tasks lost or stuck: {lost}")
 
 
+def _stop(signum: int, frame: Any) -> None:
+    raise SystemExit(f"stopped by signal {signum}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 tasks per run (unit_test, docstring) instead of 4")
@@ -343,6 +367,7 @@ def main() -> int:
                         help="how long the server is down after the 'auto' run's daemon started")
     parser.add_argument("--deadline-s", type=float, default=3600.0, help="give up waiting for a run after this")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _stop)      # stop the daemon and the server on the way out
     python = llama_venv()
     gguf = gguf_path(python)
     base = Path(tempfile.mkdtemp(prefix="ohd-bench-localmodel-"))
