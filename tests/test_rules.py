@@ -570,7 +570,8 @@ def test_accepting_a_proposed_ohd_new_queues_nothing_but_a_later_user_edit_does(
     source = (src / "src" / "app.py").read_text()
     job = Job(TaskType.DOCSTRING, "src/app.py", source, "app", "src/app.py")
     run = Run(store.get_task(task_id), src.resolve(), job, history=[{"model": "offline"}])
-    proposed = '"""The app."""\n\n\ndef run() -> int:\n    """Two."""\n    return 2\n'
+    # not docstrings only (those go straight into the module the task read): a proposal beside it
+    proposed = '"""The app."""\n\n\ndef run() -> int:\n    """Three."""\n    return 3\n'
     outcome = deliver(store, run, proposed, clock.now())
     assert outcome.output_path == "src/app.py.ohd-new"
     finish(store, task_id, TaskStatus.COMPLETED, clock)
