@@ -133,7 +133,7 @@ def test_ok_answer_carries_content_usage_and_cost(fake_openrouter: FakeOpenRoute
     result = complete(fake_openrouter.url, clock)
     assert result == Completion(model=MODEL, content="```python\nx = 1\n```", prompt_tokens=321,
                                 completion_tokens=45, cost=0.00042, latency_ms=0, finish_reason="stop",
-                                generation_id="gen-000001")
+                                generation_id="gen-000001", served=MODEL)
 
 
 def test_request_has_openrouter_headers_and_body(fake_openrouter: FakeOpenRouter, clock: FakeClock) -> None:

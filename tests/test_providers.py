@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from ohd.store import Store
 from ohd.tasktypes import Job
 from ohd.worker import Pool
 from tests.support.clock import FakeClock
-from tests.support.fake_openrouter import Answer, FakeOpenRouter, slow
+from tests.support.fake_openrouter import Answer, FakeOpenRouter, ok, slow
 from tests.support.governed import submit
 
 OLLAMA = "http://127.0.0.1:11434/v1"
@@ -206,3 +207,43 @@ def test_request_timeout_s_cuts_one_request_and_the_retry_answers(repo: Path, tm
     task, _status = run_daemon_task(repo, tmp_path, server, OHD_REQUEST_TIMEOUT_S="1")
     assert task["status"] == "completed", task
     assert len(server.completions()) == 2
+
+
+def test_auto_on_a_server_you_run_means_its_own_list_even_when_it_is_down_at_start(
+        repo: Path, tmp_path: Path) -> None:
+    """`models = ["auto"]`, the server unreachable when the daemon starts: no OpenRouter id is sent
+    to it, the task waits (it does not fail) and runs on the server's own model once it is up."""
+    from tests.e2e.helpers import DaemonProcess, daemon_env
+    from tests.support.waiting import wait_for
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    log = tmp_path / "daemon.log"
+    daemon = DaemonProcess(daemon_env(tmp_path, Path(os.environ["OHD_RUNTIME_DIR"]),
+                                      OHD_BASE_URL=f"http://127.0.0.1:{port}/api/v1", OHD_MODELS="auto",
+                                      OHD_TEST_RUNS="0"), repo, log).start()
+    try:
+        (repo / "tasks.d" / "t.yaml").write_text("type: unit_test\ntarget: shop/pricing.py\n")
+        waiting = wait_for(lambda: (t := daemon.json("show", "1"))["status"] == "pending" and t,
+                           what="task 1 to wait for the server")
+        assert "list of models" in waiting["error"] and waiting["executions"] == []
+        with LocalServer(models=[LOCAL_MODEL], port=port) as server:
+            task = wait_for(lambda: (t := daemon.json("show", "1"))["status"] in ("completed", "failed") and t,
+                            timeout=120, what="task 1 to run once the server is up")
+            assert task["status"] == "completed", task
+            assert {e["model"] for e in task["executions"]} <= {LOCAL_MODEL, "qwen2.5-coder:7b"}
+            assert {r.model for r in server.completions()} <= {LOCAL_MODEL, "qwen2.5-coder:7b"}
+    finally:
+        assert daemon.stop() == 0
+    ready = next(line for line in log.read_text().splitlines() if " ready: " in line)
+    assert ":free" not in ready and "/models lists, once it answers" in ready
+
+
+def test_an_answer_is_recorded_under_the_model_the_server_says_answered(
+        repo: Path, store: Store, server: LocalServer, clock: FakeClock) -> None:
+    body = dict(ok().json)
+    server.default = Answer(json=body | {"model": "llama3.1:8b-instruct-q4_K_M"})
+    ids, _pool = run_pool(store, server, clock, repo, local_settings(server.url), [LOCAL_MODEL])
+    assert [store.get_task(i).status for i in ids] == ["completed"] * 3
+    assert {e.model for i in ids for e in store.executions(i)} == {"llama3.1:8b-instruct-q4_K_M"}

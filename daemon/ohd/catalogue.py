@@ -8,7 +8,8 @@ discovery mode replaces the pool's model list, in place, by the free models it l
 a server you run, not OpenRouter, every model it lists without a price).
 Invariant: a refresh that fails or returns garbage changes nothing (logged; the previous
 list stays), and the pool's list is never emptied by a refresh. Refreshes run every
-`refresh_s` seconds on the injected clock (a plain loop; no scheduler thread).
+`refresh_s` seconds on the injected clock (a plain loop; no scheduler thread), every
+`retry_s` while a discovered list has not been read yet (a server you run starts empty).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 Fetch = Callable[[], Awaitable[Any]]
 ZERO = Decimal(0)
+RETRY_S = 5.0   # a model list not read yet is asked for again this often
 
 
 class HasModels(Protocol):
@@ -99,7 +101,8 @@ class Catalogue:
     """Keeps the pool's model list and the governor's prices in step with the server."""
 
     def __init__(self, fetch: Fetch, governor: Governor, clock: Clock, pool: HasModels, *,
-                 discover: bool = False, refresh_s: float = 3600.0, unknown_price_paid: bool = True) -> None:
+                 discover: bool = False, refresh_s: float = 3600.0, unknown_price_paid: bool = True,
+                 retry_s: float = RETRY_S, on_change: Callable[[], Awaitable[None]] | None = None) -> None:
         self.fetch = fetch
         self.governor = governor
         self.clock = clock
@@ -107,6 +110,8 @@ class Catalogue:
         self.discover = discover
         self.refresh_s = refresh_s
         self.unknown_price_paid = unknown_price_paid   # False: a server you run, unpriced = free
+        self.retry_s = retry_s          # how soon a failed refresh is tried again while the list is empty
+        self.on_change = on_change      # awaited when a refresh changed the pool's list
         self.listings: tuple[Listing, ...] = ()
         self.refreshed_at: datetime | None = None
 
@@ -122,7 +127,10 @@ class Catalogue:
             log.warning("catalogue: GET /models answered an unexpected shape (%s); keeping the previous list",
                         type(data).__name__)
             return False
+        before = list(self.pool.models)
         await asyncio.to_thread(self.apply, listings, self.clock.now())
+        if self.on_change is not None and self.pool.models != before:
+            await self.on_change()
         return True
 
     def apply(self, listings: Sequence[Listing], now: datetime) -> None:
@@ -156,10 +164,12 @@ class Catalogue:
                 await self.refresh()
             except Exception:
                 log.exception("catalogue: refresh failed; retrying in %g s", self.refresh_s)
-            await self._wait(stop)
+            # a model list still to be read (a server you run that is down) is asked for again soon
+            await self._wait(stop, min(self.retry_s, self.refresh_s) if self.discover and not self.pool.models
+                             else self.refresh_s)
 
-    async def _wait(self, stop: asyncio.Event) -> None:
-        sleeper = asyncio.ensure_future(self.clock.sleep(self.refresh_s))
+    async def _wait(self, stop: asyncio.Event, seconds: float) -> None:
+        sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
         stopper = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)

@@ -148,8 +148,11 @@ def discovers(settings: Settings) -> bool:
 
 
 def models_of(settings: Settings) -> list[str]:
-    """The configured models; with `models = ["auto"]` the built-in free list until the first refresh."""
-    return list(DEFAULT_MODELS) if list(settings.models) == ["auto"] else list(settings.models)
+    """The configured models; with `models = ["auto"]` OpenRouter's built-in free list until the first
+    refresh, and on a server you run nothing until its `/models` is read (its ids are its own)."""
+    if list(settings.models) != ["auto"]:
+        return list(settings.models)
+    return list(DEFAULT_MODELS) if settings.openrouter else []
 
 
 def key_id_of(settings: Settings) -> str:
@@ -255,7 +258,8 @@ class Daemon:
             server.start()
             stack.callback(server.stop)
             log.info("ohd %s ready: pid %d, %d worker(s), models %s, repos %s, socket %s", __version__,
-                     os.getpid(), pool.size, ", ".join(models), ", ".join(map(str, self.repos)),
+                     os.getpid(), pool.size, ", ".join(pool.models) or
+                     f"(those {self.settings.base_url}/models lists, once it answers)", ", ".join(map(str, self.repos)),
                      self.settings.socket_path)
             self.notifier.ready(await asyncio.to_thread(self.summary, pool.snapshot()))
             extra = [self._report_status(pool)] if self.notifier.enabled else []
@@ -311,9 +315,13 @@ class Daemon:
         """Online only: GET /models for prices, revivals of relisted models and (discovery) the list."""
         if self.model_client is None:
             return None
+        async def listed() -> None:     # tasks waiting for the list (or for a model it dropped) decide again
+            if await asyncio.to_thread(self.store.promote_due, self.clock.now(), True):
+                pool.wake()
+
         return Catalogue(self.model_client.list_models, pool.governor, self.clock, pool,
                          discover=discovers(self.settings), refresh_s=self.settings.catalogue_refresh_s,
-                         unknown_price_paid=self.settings.openrouter)
+                         unknown_price_paid=self.settings.openrouter, on_change=listed)
 
     @staticmethod
     def _on_rule(loop: asyncio.AbstractEventLoop, rulebook: RuleBook, repo: Path, relpath: str,

@@ -63,7 +63,8 @@ OFFLINE_MODEL = "offline"
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """One successful answer. `model` is the model that was asked (as routing knows it)."""
+    """One successful answer. `model` is the model that was asked (as routing knows it); `served`
+    the one the server says answered (its `model` field; None when it names none)."""
 
     model: str
     content: str
@@ -73,6 +74,12 @@ class Completion:
     latency_ms: int
     finish_reason: str | None
     generation_id: str | None
+    served: str | None = None
+
+    @property
+    def answered_by(self) -> str:
+        """Who answered: the server's word, else the model asked."""
+        return self.served or self.model
 
 
 # --- rate-limit arithmetic (pure) -------------------------------------------------------
@@ -390,12 +397,13 @@ def _completion(model: str, response: httpx.Response, latency_ms: int) -> Comple
     if not content.strip():
         raise MalformedAnswer(model, f"the answer is empty (finish_reason {finish_reason!r})")
     usage: dict[str, Any] = body["usage"] if isinstance(body.get("usage"), dict) else {}
-    generation_id = body.get("id")
+    generation_id, served = body.get("id"), body.get("model")
     return Completion(
         model=model, content=content, prompt_tokens=_count(usage.get("prompt_tokens")),
         completion_tokens=_count(usage.get("completion_tokens")), cost=_cost(usage.get("cost")),
         latency_ms=latency_ms, finish_reason=finish_reason if isinstance(finish_reason, str) else None,
-        generation_id=generation_id if isinstance(generation_id, str) else None)
+        generation_id=generation_id if isinstance(generation_id, str) else None,
+        served=served.strip() if isinstance(served, str) and served.strip() else None)
 
 
 def _content(message: Any) -> str:

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 Caller = Callable[[str, list[dict[str, str]], float, Job], Awaitable[Completion]]
 T = TypeVar("T")
 RERUNS = 3   # times a task runs again because its target changed while it ran
+LIST_WAIT = timedelta(seconds=60)   # a task with no model yet looks again (the catalogue wakes it sooner)
 
 
 class Pool:
@@ -264,6 +265,10 @@ class Pool:
 
     async def _attempts(self, run: Run) -> Outcome:
         candidates = routing.candidates(run.task.models, await self._auto_models(run.task))
+        if not candidates:      # `auto` on a server whose model list has not been read yet
+            return Outcome(TaskStatus.PENDING, not_before=self.clock.now() + LIST_WAIT, error=(
+                "waiting for the model server's list of models (GET /models has not answered yet); "
+                "the task resumes once it is read"))
         while run.attempts < run.task.max_attempts:
             if not candidates:
                 return Outcome(TaskStatus.FAILED, error="every model failed; see the executions")
@@ -346,14 +351,14 @@ class Pool:
             await self._record(run, model, started, None, _outcome_of(exc), exc)
             raise
         run.attempts = await self._store(self.store.add_attempt, run.task.id, self.clock.now())
-        await self._store(self.calls.record, run.task.id, completion.model or model, started, messages, completion.content)
+        await self._store(self.calls.record, run.task.id, completion.answered_by, started, messages, completion.content)
         try:
             content = tasktypes.extract(run.job.task_type, completion.content)
         except MalformedAnswer as exc:
-            exc.model = completion.model or model
+            exc.model = completion.answered_by
             await self._record(run, model, started, completion, "malformed", exc)
             raise
-        run.history.append({"model": completion.model or model, "completion": completion, "started": started})
+        run.history.append({"model": completion.answered_by, "completion": completion, "started": started})
         return content
 
     async def _judge(self, run: Run, model: str, content: str, candidates: list[str]) -> Outcome | None:
@@ -425,10 +430,11 @@ class Pool:
     async def _record(self, run: Run, model: str, started: datetime, completion: Completion | None,
                       outcome: str, exc: ModelError | None, verdict: validate.Verdict | None = None,
                       validation_ms: int | None = None) -> None:
-        """One execution row: latency is the call's own (the answer's, else the call's span), never
-        the validation's, which is recorded beside it."""
+        """One execution row under the model the server says answered: latency is the call's own (the
+        answer's, else the call's span), never the validation's, which is recorded beside it."""
         await self._store(functools.partial(
-            self.store.record_execution, run.task.id, run.attempts, model, started, self.clock.now(),
+            self.store.record_execution, run.task.id, run.attempts, completion.answered_by if completion else model,
+            started, self.clock.now(),
             completion.prompt_tokens if completion else 0, completion.completion_tokens if completion else 0,
             completion.cost if completion else None, outcome,
             exc.error_class if exc else None, str(exc) if exc else None, verdict.score if verdict else None,
