@@ -247,3 +247,17 @@ def test_a_unit_test_goes_beside_the_repos_tests_inside_the_package(
     assert task.status == "completed", task.error
     assert task.output_path == "shop/tests/test_pricing.py"
     assert not (repo / "shop" / "test_pricing.py").exists()
+
+
+def test_a_docstring_answer_never_rewrites_the_line_endings_of_the_users_module(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    module = repo / "shop" / "pricing.py"
+    crlf = module.read_text().replace("\n", "\r\n").encode()
+    module.write_bytes(crlf)
+    server.default = ok(DOCUMENTED.format(documented(module.read_bytes().decode().replace("\r\n", "\n")).rstrip("\n")))
+    task_id = enqueue(store, repo, clock, type="docstring")
+    run_pool(store, server, clock)
+    task = store.get_task(task_id)
+    assert task.status == "completed", task.error
+    assert module.read_bytes() == crlf                          # the answer has LF line endings
+    assert task.output_path == "shop/pricing.py.ohd-new"

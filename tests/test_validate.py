@@ -418,3 +418,11 @@ def test_a_lone_ismodule_test_scores_below_tests_that_call_the_code() -> None:
     assert rules_of(exists)["exercises_target"].level is Level.WARNING
     assert exists.score < calls.score
     assert rules_of(unit(GOOD_TESTS))["exercises_target"].passed
+
+
+def test_a_crlf_module_answered_with_lf_line_endings_is_still_docstrings_only() -> None:
+    original = "def f(x):\r\n\r\n    return x\r\n"
+    verdict = check(TaskType.DOCSTRING, "m.py", 'def f(x):\n    """Doc."""\n\n    return x\n', target_exists=True,
+                    module="m", min_quality=0.7, original=original)
+    rule = rules_of(verdict)["docstring_only"]
+    assert rule.passed, rule.message

@@ -270,13 +270,18 @@ def _is_filler(stmt: ast.stmt) -> bool:
 
 def docstring_change(before: str, after: str) -> str | None:
     """None when `after` is `before` with docstrings added or changed and nothing else
-    (code, comments, layout); else what differs first. A module that does not parse differs."""
+    (code, comments, layout, line endings); else what differs first. A module that does
+    not parse differs."""
     try:
         old, new = pyparse.parse(before), pyparse.parse(after)
     except (SyntaxError, ValueError) as exc:
         return f"a module does not parse ({exc})"
     where = first_difference(code_shape(old), code_shape(new))
-    return f"the code changed (first at {where})" if where else layout_difference(before, after)
+    if where:
+        return f"the code changed (first at {where})"
+    if ("\r\n" in before) != ("\r\n" in after):
+        return "the line endings changed"
+    return layout_difference(before, after)
 
 
 def layout_difference(before: str, after: str) -> str | None:
@@ -285,8 +290,8 @@ def layout_difference(before: str, after: str) -> str | None:
     Both must parse. Compares the token streams (comments included) with the text
     between tokens on a line, leaving out docstrings, `pass`/`...` bodies a docstring
     may replace, the blank lines next to them, indentation tokens (the indentation is
-    compared as the text before a line's first token), trailing whitespace and blank
-    lines at the end. So
+    compared as the text before a line's first token), trailing whitespace, line endings
+    (CRLF or LF: a model answers with LF) and blank lines at the end. So
     `x=1` for `x = 1`, a call split over two lines, a comment added, changed or
     dropped all count; a docstring added, changed or moved onto its own line does not.
     """
@@ -336,7 +341,7 @@ def _layout(source: str) -> _Layout:
             continue
         if tok.type == tokenize.NL:
             gap = ""                    # trailing whitespace is not layout
-        items.append(((tok.type, tok.string, gap), row, text.strip()))
+        items.append(((tok.type, tok.string.replace("\r\n", "\n"), gap), row, text.strip()))
     while items and _blank(items[-1]):      # blank lines at the end: an answer's file ends with one newline
         items.pop()
     return _merge_gaps(items)
