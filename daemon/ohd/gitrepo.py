@@ -9,6 +9,7 @@ put the user's hook back exactly on uninstall.
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -16,11 +17,17 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
+from ohd import pyparse, tasktypes
 from ohd.errors import OhdError
 
 EXCLUDES = (".ohd/", "tasks.d/.done/", "tasks.d/.rejected/", "*.ohd-new")
 EXAMPLES = ("unit-test.yaml", "docstring.yaml", "review.yaml", "custom.yaml")
 EXAMPLE_TARGET = "daemon/ohd/clock.py"
+# never an example target: packaging and tool scripts, and folders that hold no importable code
+_NOT_EXAMPLES = frozenset({"setup.py", "conftest.py", "noxfile.py", "fabfile.py", "manage.py", "__main__.py"})
+_NOT_EXAMPLE_DIRS = frozenset({"tests", "test", "testing", "docs", "doc", "examples", "example", "scripts",
+                               "bench", "benchmarks", "build", "dist", "tools", "migrations"})
+_GENERATED = re.compile(r"generated|do not edit|don't edit", re.IGNORECASE)
 
 
 def git(repo: Path, *args: str) -> str:
@@ -89,10 +96,37 @@ def init_repo(repo: Path) -> list[str]:
 
 
 def _example_target(repo: Path) -> str:
+    """A tracked module the example tasks can really run on: importable by its dotted name,
+    in a package (before top-level modules), not generated, with a public function or class;
+    never `setup.py`, a conftest or a tool script. The shallowest such one, by name."""
     if (repo / EXAMPLE_TARGET).is_file():
         return EXAMPLE_TARGET
-    files = python_files(repo)
-    return files[0] if files else "src/app/module.py"
+    is_package = lambda rel: (repo / rel / "__init__.py").is_file()  # noqa: E731
+    usable: list[tuple[bool, str]] = []
+    for rel in python_files(repo):
+        module = tasktypes.module_name(rel, is_package)
+        if Path(rel).name in _NOT_EXAMPLES or Path(rel).stem.endswith("_test") or not module or not all(
+                part.isidentifier() for part in module.split(".")) or _NOT_EXAMPLE_DIRS & set(Path(rel).parts[:-1]):
+            continue
+        try:
+            source = (repo / rel).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if len(source.encode()) <= tasktypes.MAX_TARGET_BYTES and _has_public_code(source):
+            usable.append(("." not in module, rel))   # in a package first
+    return sorted(usable, key=lambda u: u[0])[0][1] if usable else "src/app/module.py"   # stable: shallowest first
+
+
+def _has_public_code(source: str) -> bool:
+    """Not generated (no such note in its first lines), parses, defines a public function or class."""
+    if _GENERATED.search("\n".join(source.splitlines()[:5])):
+        return False
+    try:
+        tree = pyparse.parse(source)
+    except (SyntaxError, ValueError):
+        return False
+    return any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+               and not node.name.startswith("_") for node in tree.body)
 
 
 def _exclude(repo: Path) -> list[str]:
