@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from ohd import testrun
 from ohd.cli import main
 from ohd.clock import SystemClock
 from ohd.ingest import Ingestor
@@ -21,6 +22,7 @@ from ohd.records import TaskStatus
 from ohd.rules import RuleBook, compile_globs, is_ohd_file
 from ohd.store import Store
 from ohd.taskfile import TaskType, parse
+from ohd.validate import RunStatus
 from ohd.watch import TreeWatcher, _TreeHandler
 from tests.support.clock import FakeClock
 
@@ -592,3 +594,28 @@ def test_accepting_a_proposed_ohd_new_queues_nothing_but_a_later_user_edit_does(
     assert asyncio.run(after(lambda: (src / "src" / "app.py.ohd-new").rename(src / "src" / "app.py"))) == []
     assert (src / "src" / "app.py").read_text() == proposed
     assert len(asyncio.run(after(lambda: edit(src, "src/app.py", proposed + "# mine\n")))) == 1
+
+
+def test_the_ladders_candidate_files_are_never_seen_by_the_watch(
+        repo: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
+    put_rule(ingestor, clock, repo, "docs.yaml", "type: docstring\non_change: ['**/*.py']\ntarget: shop/pricing.py\n")
+    candidate = "from shop.pricing import total\n\n\ndef test_total() -> None:\n    assert total([1.0]) == 1.0\n"
+
+    async def scenario() -> list[tuple[Path, list[str]]]:
+        tree = watched(repo, clock)
+        try:
+            for output in ("tests/test_pricing.py", "tests/unit/test_new.py"):   # the second makes its folder
+                result = await asyncio.to_thread(testrun.run_candidate, repo, output, candidate,
+                                                 options=testrun.Options(runs=1))
+                assert result.status is RunStatus.PASSED, result.output
+            await until(mark(repo, tree, "after"))
+            clock.advance(2.0)
+            return await tree.flush()
+        finally:
+            tree.stop()
+
+    [(_, paths)] = asyncio.run(scenario())
+    assert paths == ["markers/after"]
+    assert book.changed(repo, paths, "watch") == []
+    assert _TreeHandler(repo, lambda _repo, _rel: None).relevant(
+        repo / "tests" / f"{testrun.CANDIDATE_PREFIX}0123456789_abcdef.py") is None

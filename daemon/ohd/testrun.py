@@ -1,7 +1,8 @@
 """The test-run room: run pytest on a candidate test file inside the user's repo.
 
 Edge: the candidate is written as `test_ohd_candidate_<hash>.py` next to the intended
-output (so the repo's imports and conftest files apply), `python -m pytest` runs it N
+output (so the repo's imports, package and conftest files apply exactly as for the output;
+`ohd.watch` ignores that name, so no rule ever sees a candidate), `python -m pytest` runs it N
 times in a subprocess with cwd = the repo, and the result comes back as a plain
 `validate.PytestRun`. Invariants: the candidate file (and any directory made for it) is
 gone when `run_candidate` returns, also after a timeout or an error; the subprocess never
@@ -46,7 +47,8 @@ log = logging.getLogger(__name__)
 OUTPUT_CHARS = 8000          # pytest output kept per result (the report)
 _FAILED_LINE = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
 _STOPPERS = (RunStatus.ERROR, RunStatus.TIMEOUT)   # no point in running again
-_CANDIDATE = "test_ohd_candidate_"
+CANDIDATE_PREFIX = "test_ohd_candidate_"    # the working-tree watch never reports a file named so
+_CANDIDATE = CANDIDATE_PREFIX
 _PYTEST_ARGS = ("-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE")
 _REPO_VENVS = (".venv/bin/python", "venv/bin/python")   # where `test_python = "auto"` looks first
 _PROBE = ("import importlib.util as u; "

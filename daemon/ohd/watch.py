@@ -36,6 +36,7 @@ from watchdog.observers.api import ObservedWatch
 
 from ohd.clock import Clock
 from ohd.gitrepo import ignored_paths
+from ohd.testrun import CANDIDATE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -222,12 +223,15 @@ class _TreeHandler(FileSystemEventHandler):
                     log.exception("watch: could not follow the directory %s", folder)
 
     def relevant(self, path: Path) -> str | None:
-        """The repo-relative POSIX path, or None for ignored places (.git, .ohd, tasks.d, venvs)."""
+        """The repo-relative POSIX path, or None for ignored places (.git, .ohd, tasks.d, venvs)
+        and for the ladder's transient candidate test files."""
         try:
             parts = path.relative_to(self.repo).parts
         except ValueError:
             return None
         if not parts or parts[0] == TASKS_DIR or any(p in TREE_SKIPPED_DIRS for p in parts[:-1]):
+            return None
+        if parts[-1].startswith(CANDIDATE_PREFIX):
             return None
         for depth in range(1, len(parts)):
             folder = self.repo.joinpath(*parts[:depth])
