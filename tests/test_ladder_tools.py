@@ -110,6 +110,23 @@ def test_lint_covers_every_python_output_but_not_a_review(repo: Path, ruff: str)
     assert "lint" not in rules(review)
 
 
+def test_a_docstring_answer_is_not_blamed_for_the_users_own_findings(repo: Path, ruff: str) -> None:
+    (repo / "ruff.toml").write_text('[lint]\nselect = ["F", "W605"]\n')
+    original = "import os\nimport sys\n\n\ndef f():\n    return 1\n"                 # two F401s of the user's
+    (repo / "shop" / "mine.py").write_text(original)
+    doc = Job(task_type=TaskType.DOCSTRING, target="shop/mine.py", source=original, module="shop.mine",
+              output="shop/mine.py")
+    documented = original.replace("def f():\n", 'def f():\n    """Return one."""\n')
+    verdict = ladder.judge(repo, doc, documented, 0.5, tools(ruff))
+    lint = rules(verdict)["lint"]
+    assert lint.passed and "2 already in the original, not counted" in lint.message, lint.message
+    assert verdict.score == 1.0 and verdict.lint is not None and verdict.lint.preexisting == 2
+    escaped = original.replace("def f():\n", 'def f():\n    """Return \\d one."""\n')   # W605: the answer's own
+    worse = ladder.judge(repo, doc, escaped, 0.0, tools(ruff))
+    assert not rules(worse)["lint"].passed and "W605" in rules(worse)["lint"].message
+    assert "F401" not in rules(worse)["lint"].message
+
+
 def test_a_ruff_that_cannot_check_is_reported_not_counted(repo: Path, ruff: str) -> None:
     (repo / "pyproject.toml").write_text("[tool.ruff]\nline-length = 'long'\n")
     verdict = ladder.judge(repo, job(), UNUSED_IMPORT, 0.5, tools(ruff))

@@ -58,6 +58,8 @@ def judge(repo: Path, job: Job, content: str, min_quality: float, ladder: Ladder
     if ladder.ruff and levels.get("lint") and job.output.endswith(".py") and _passed(verdict, "valid_python"):
         env = testrun.clean_env(os.environ, ladder.tests.secret_env, [])
         lint = lintrun.lint(ladder.ruff, repo, job.output, content, env)
+        if job.task_type is TaskType.DOCSTRING and job.source:   # the user's own findings are not the answer's
+            lint = lintrun.introduced(lint, lintrun.lint(ladder.ruff, repo, job.output, job.source, env))
         if lint.error:
             log.warning("lint of %s not counted: %s", job.output, lint.error)
     if (job.task_type is not TaskType.UNIT_TEST or not verdict.errors_passed() or ladder.tests.runs < 1

@@ -17,7 +17,9 @@ import os
 import shutil
 import subprocess
 import sysconfig
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from ohd.validate import LintRun
@@ -51,6 +53,25 @@ def lint(ruff: str, repo: Path, output: str, content: str, env: Mapping[str, str
         return LintRun(tool=version, findings=tuple(_findings(json.loads(proc.stdout or "[]"))))
     except (ValueError, TypeError, KeyError) as exc:
         return LintRun(tool=version, findings=(), error=f"unreadable ruff output ({exc})")
+
+
+def introduced(after: LintRun, before: LintRun) -> LintRun:
+    """`after` with only the findings `before` did not have (by code and message: line numbers
+    move when docstrings are added); the others are counted in `preexisting`."""
+    if after.error or before.error:
+        return after
+    left = Counter(_kind(f) for f in before.findings)
+    kept: list[str] = []
+    for finding in after.findings:
+        if left[_kind(finding)] > 0:
+            left[_kind(finding)] -= 1
+        else:
+            kept.append(finding)
+    return replace(after, findings=tuple(kept), preexisting=len(after.findings) - len(kept))
+
+
+def _kind(finding: str) -> str:
+    return finding.split(" ", 1)[-1]     # "line:col CODE message" -> "CODE message"
 
 
 def _findings(items: Sequence[Mapping[str, object]]) -> list[str]:

@@ -121,9 +121,11 @@ class LintRun:
     tool: str                      # "ruff 0.x.y"
     findings: tuple[str, ...]      # "line:col CODE message"
     error: str = ""
+    preexisting: int = 0           # findings the original file already had (a docstring task), not counted
 
     def as_dict(self) -> dict[str, Any]:
-        return {"tool": self.tool, "findings": list(self.findings), "error": self.error}
+        return {"tool": self.tool, "findings": list(self.findings), "error": self.error,
+                "preexisting": self.preexisting}
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,9 +354,12 @@ def _runs_green(run: PytestRun) -> RuleResult:
 
 def _lint(output: str, run: LintRun) -> RuleResult:
     if not run.findings:
-        return RuleResult("lint", Level.WARNING, True, f"{run.tool}: no findings")
+        already = f" ({run.preexisting} already in the original, not counted)" if run.preexisting else ""
+        return RuleResult("lint", Level.WARNING, True, f"{run.tool}: no findings{already}")
     shown = "; ".join(run.findings[:10]) + (f"; and {len(run.findings) - 10} more" if len(run.findings) > 10 else "")
-    return RuleResult("lint", Level.WARNING, False, f"{run.tool} finds {len(run.findings)} problem(s) in {output}: {shown}")
+    already = f" ({run.preexisting} more already in the original, not counted)" if run.preexisting else ""
+    return RuleResult("lint", Level.WARNING, False,
+                      f"{run.tool} finds {len(run.findings)} problem(s) in {output}: {shown}{already}")
 
 
 def _coverage_delta(cov: CoverageRun) -> RuleResult:
