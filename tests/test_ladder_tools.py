@@ -231,15 +231,20 @@ def test_the_users_coverage_settings_do_not_skew_the_figures(repo: Path) -> None
     assert verdict.coverage is not None and verdict.coverage.after > 0, verdict.coverage
 
 
-def test_a_baseline_that_hangs_is_reported_not_counted(repo: Path) -> None:
+def test_a_baseline_that_hangs_is_reported_not_counted_and_not_run_again(repo: Path, tmp_path: Path) -> None:
+    started = tmp_path / "started.txt"
     commit_test(repo, "test_slow.py", "import time\nimport shop.pricing\n\n\ndef test_slow() -> None:\n"
+                                      f"    with open({str(started)!r}, 'a') as out:\n        out.write('start\\n')\n"
                                       "    time.sleep(600)\n    assert shop.pricing\n")
-    verdict = ladder.judge(repo, job(), GOOD, 0.5,
-                           ladder.Ladder(tests=testrun.Options(runs=1, timeout_s=20.0), coverage=True))
+    slow = ladder.Ladder(tests=testrun.Options(runs=1, timeout_s=20.0), coverage=True)
+    verdict = ladder.judge(repo, job(), GOOD, 0.5, slow)
     assert verdict.coverage is not None and "did not finish within 20s" in verdict.coverage.error
     assert "coverage_delta" not in rules(verdict) and verdict.accepted
     markdown = report.render_markdown({"task": {"id": 1}, "verdict": verdict.as_dict(), "decision": "written"})
     assert "`coverage_delta` not counted: pytest under coverage did not finish within 20s" in markdown
+    again = ladder.judge(repo, job(), ONLY_TOTAL, 0.5, slow)          # the next attempt: nothing changed
+    assert again.coverage is not None and again.coverage.error == verdict.coverage.error
+    assert started.read_text().split() == ["start"]                   # the suite was not run again
 
 
 def test_coverage_leaves_nothing_behind(repo: Path) -> None:

@@ -498,12 +498,12 @@ def test_the_daemon_runs_a_held_rerun_when_the_running_task_ends_not_at_its_time
     """A save while the rule's task runs holds one re-run; the daemon queues it once the first
     ends (within a housekeeping tick), long before that task's 125 s time limit."""
     from tests.e2e.helpers import DaemonProcess, daemon_env, fake_openrouter
-    from tests.e2e.test_daemon_e2e import ANSWER
     from tests.support.waiting import wait_for
 
     (repo / "tasks.d" / "reviews.yaml").write_text(
         "type: review\ntarget: shop/pricing.py\non_change: ['shop/**/*.py']\n")
-    (tmp_path / "answer.md").write_text(ANSWER)
+    (tmp_path / "answer.md").write_text("# Review\n\n`total` (line 4) refuses a discount of 1.0; "
+                                        "say so in its docstring.\n")      # a review the review rules accept
     with fake_openrouter("--latency-ms", "2500", "--content-file", str(tmp_path / "answer.md")) as url:
         env = daemon_env(tmp_path, tmp_path / "run", OPENROUTER_API_KEY="sk-test", OHD_BASE_URL=url,
                          OHD_MODELS="fake/model-a:free", OHD_QUIET_S="0.3", OHD_WORKERS="2",

@@ -342,23 +342,29 @@ class Measured:
     tests: int = 0                       # test cases in pytest's report
 
 
-_SUITES: dict[str, Measured] = {}        # content hash -> the suite's figure (this process)
+_SUITES: dict[str, Measured | str] = {}   # content hash -> the suite's figure, or why it has none (this process)
 _SUITES_LOCK = threading.Lock()
 _SUITES_KEPT = 64
 _SUITE_FILES = frozenset({"conftest.py", "pytest.ini", "pyproject.toml", "setup.cfg", "tox.ini", ".coveragerc"})
 
 
 def _suite(root: Path, output: str, target: str, python: str, measure: Callable[[], Measured]) -> Measured:
-    """The suite's figure for `target`, from the cache while nothing it depends on changed."""
+    """The suite's figure for `target`, from the cache while nothing it depends on changed (a
+    suite that timed out or could not run is not run again either: _NotMeasured says why)."""
     key = suite_key(root, output, target, python)
     with _SUITES_LOCK:
-        if key in _SUITES:
-            return _SUITES[key]
-    found = measure()
-    with _SUITES_LOCK:
-        while len(_SUITES) >= _SUITES_KEPT:
-            del _SUITES[next(iter(_SUITES))]
-        _SUITES[key] = found
+        found = _SUITES.get(key)
+    if found is None:
+        try:
+            found = measure()
+        except _NotMeasured as exc:
+            found = str(exc)
+        with _SUITES_LOCK:
+            while len(_SUITES) >= _SUITES_KEPT:
+                del _SUITES[next(iter(_SUITES))]
+            _SUITES[key] = found
+    if isinstance(found, str):
+        raise _NotMeasured(found)
     return found
 
 

@@ -15,7 +15,6 @@ import pytest
 
 from ohd import service
 from tests.e2e.helpers import DaemonProcess, daemon_env, fake_openrouter
-from tests.e2e.test_daemon_e2e import ANSWER
 from tests.support.waiting import wait_for
 
 
@@ -69,6 +68,9 @@ def test_ready_status_watchdog_then_stopping_on_sigterm(repo: Path, tmp_path: Pa
     assert not any("STOPPING=1" in m for m in seen[: seen.index(stopping)])
 
 
+REVIEW = "# Review\n\n`total` (line 4) refuses a discount of 1.0; say so in its docstring.\n"
+
+
 def submit(daemon: DaemonProcess, repo: Path, n: int) -> int:
     done = daemon.ohd("submit", "--type", "review", "--target", "shop/pricing.py", "--repo", str(repo),
                       "--output", f"reviews/pricing_{n}.md")      # a review runs no pytest: quick under load
@@ -81,7 +83,7 @@ def test_sighup_resizes_the_pool_without_losing_a_task(repo: Path, tmp_path: Pat
     sock, path = notify_socket
     config = tmp_path / "config.toml"
     config.write_text("workers = 1\n")
-    (tmp_path / "answer.md").write_text(ANSWER)
+    (tmp_path / "answer.md").write_text(REVIEW)
     with fake_openrouter("--latency-ms", "700", "--content-file", str(tmp_path / "answer.md")) as url:
         env = daemon_env(tmp_path, runtime, OPENROUTER_API_KEY="sk-test", OHD_BASE_URL=url,
                          OHD_MODELS="fake/model-a:free", NOTIFY_SOCKET=str(path))
