@@ -201,3 +201,49 @@ def test_a_real_daemon_with_models_auto_takes_the_free_models_the_server_lists(
         finally:
             assert daemon.stop() == 0
     assert ids
+
+
+def contexts(server: PricedOpenRouter, sizes: dict[str, int]) -> None:
+    """`GET /models` lists each model free, with its `context_length`."""
+    server.catalogue_answer = Answer(json={"data": [
+        {"id": model, "context_length": size, "pricing": {"prompt": "0", "completion": "0"}}
+        for model, size in sizes.items()]})
+
+
+def test_a_prompt_larger_than_a_models_listed_context_is_not_sent_to_it(
+        repo: Path, store: Store, server: PricedOpenRouter, clock: FakeClock) -> None:
+    contexts(server, {FREE_A: 64, FREE_B: 32768})       # the prompt is some hundreds of tokens
+    [task_id] = submit(store, repo, clock)
+    drive(store, server, clock, [FREE_A, FREE_B], refresh_then_run)
+    assert store.get_task(task_id).status == "completed"
+    assert [r.model for r in server.completions()] == [FREE_B]
+
+
+def test_a_prompt_larger_than_every_candidates_context_is_refused_before_any_call(
+        repo: Path, store: Store, server: PricedOpenRouter, clock: FakeClock) -> None:
+    contexts(server, {FREE_A: 64})
+    [task_id] = submit(store, repo, clock)
+    drive(store, server, clock, [FREE_A], refresh_then_run)
+    task = store.get_task(task_id)
+    assert task.status == "failed" and server.completions() == []
+    assert (task.error or "").startswith("the prompt (about ") and f"{FREE_A}: 64 tokens" in (task.error or "")
+
+
+@pytest.mark.parametrize("message", ["the request exceeds the available context size, try increasing it",
+                                     "This model's maximum context length is 8192 tokens. However, you "
+                                     "requested 9000 tokens."])
+def test_a_400_context_overflow_moves_to_the_next_model_and_leads_the_error_when_none_is_left(
+        repo: Path, store: Store, server: PricedOpenRouter, clock: FakeClock, message: str) -> None:
+    from tests.support.fake_openrouter import error
+    server.script(FREE_A, [error(400, message), error(400, message)])
+    [first] = submit(store, repo, clock)
+    drive(store, server, clock, [FREE_A, FREE_B], run_tasks)
+    task = store.get_task(first)
+    assert task.status == "completed" and task.attempts == 1
+    assert [e.error_class for e in store.executions(first)] == ["context_overflow", None]
+    [second] = submit(store, repo, clock)
+    drive(store, server, clock, [FREE_A], run_tasks)     # only the model that is too small
+    task = store.get_task(second)
+    assert task.status == "failed"
+    assert (task.error or "").startswith("the prompt is larger than the context of every candidate model")
+    assert message in (task.error or "")

@@ -47,6 +47,7 @@ class Listing:
     model: str
     prompt: Decimal | None = None
     completion: Decimal | None = None
+    context: int | None = None      # tokens (`context_length`), None when not given
 
     @property
     def free(self) -> bool:
@@ -72,6 +73,15 @@ def price(value: Any) -> Decimal | None:
     return amount if amount.is_finite() and amount >= ZERO else None
 
 
+def context_length(entry: dict[str, Any]) -> int | None:
+    """The model's context in tokens: `context_length`, else `top_provider.context_length`; None if neither."""
+    top = entry.get("top_provider")
+    for value in (entry.get("context_length"), top.get("context_length") if isinstance(top, dict) else None):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def parse(data: Any) -> list[Listing] | None:
     """The listings of a `/models` `data` array; None when it is not that shape at all.
 
@@ -88,7 +98,8 @@ def parse(data: Any) -> list[Listing] | None:
             continue
         pricing = entry.get("pricing")
         pricing = pricing if isinstance(pricing, dict) else {}
-        listings.append(Listing(model.strip(), price(pricing.get("prompt")), price(pricing.get("completion"))))
+        listings.append(Listing(model.strip(), price(pricing.get("prompt")), price(pricing.get("completion")),
+                                context_length(entry)))
     if data and not listings:
         return None
     skipped = len(data) - len(listings)
@@ -139,6 +150,7 @@ class Catalogue:
         self.refreshed_at = now
         priced = {entry.model: not entry.costs_nothing(self.unknown_price_paid) for entry in listings}
         self.governor.priced = priced  # one swap
+        self.governor.contexts = {entry.model: entry.context for entry in listings if entry.context}
         listed = {entry.model for entry in listings}
         for model in self.governor.dead_models():
             if model in listed:

@@ -129,6 +129,13 @@ class BadRequest(ModelError):
     error_class = "bad_request"
 
 
+class ContextOverflow(BadRequest):
+    """400: the prompt is larger than the model's context (llama.cpp: "the request exceeds the available
+    context size"; OpenAI: "maximum context length"); another model with a larger context may take it."""
+
+    error_class = "context_overflow"
+
+
 class ModelGone(ModelError):
     """404 / "No endpoints found": the model is retired."""
 

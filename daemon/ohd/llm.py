@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -41,6 +42,7 @@ from ohd.errors import (
     AuthFailed,
     BadRequest,
     ConfigError,
+    ContextOverflow,
     MalformedAnswer,
     ModelError,
     ModelGone,
@@ -59,6 +61,9 @@ MAX_COOLDOWN = timedelta(hours=1)
 LIST_MODELS_TIMEOUT_S = 30.0
 MAX_MESSAGE_CHARS = 300
 OFFLINE_MODEL = "offline"
+# How servers word a prompt that does not fit (llama.cpp, OpenAI, vLLM, OpenRouter, Ollama)
+CONTEXT_OVERFLOW = re.compile(r"context (size|length|window)|maximum context|too many tokens|prompt is too long"
+                              r"|input is too long|exceeds the (available )?context", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +281,10 @@ class ModelClient:
             self._rate_limit_streak[model] = streak
             until = reset_at(response.headers, body, self.clock.now(), attempt=streak)
             raise RateLimited(model, until, message, limit=rate_limit(response.headers, body))
-        raise _status_error(status)(model, message)
+        error = _status_error(status)
+        if error is BadRequest and CONTEXT_OVERFLOW.search(message):
+            error = ContextOverflow
+        raise error(model, message)
 
 
 def _transient(exc: BaseException) -> bool:

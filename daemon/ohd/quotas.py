@@ -71,6 +71,7 @@ class Governor:
                                                    {"Meta": meta, "__module__": __name__}))
         self._sqlite = isinstance(self.db, peewee.SqliteDatabase)
         self.priced: Mapping[str, bool] = {}   # model -> has a price, per the catalogue (swapped whole)
+        self.contexts: Mapping[str, int] = {}  # model -> context in tokens, per the catalogue (swapped whole)
         self._refusals_logged: set[str] = set()
 
     @contextmanager

@@ -30,6 +30,7 @@ from ohd.clock import Clock
 from ohd.errors import (
     AuthFailed,
     BadRequest,
+    ContextOverflow,
     MalformedAnswer,
     ModelError,
     ModelGone,
@@ -270,6 +271,8 @@ class Pool:
                 "waiting for the model server's list of models (GET /models has not answered yet); "
                 "the task resumes once it is read"))
         while run.attempts < run.task.max_attempts:
+            if refusal := self._too_long(run, candidates):
+                return refusal
             if not candidates:
                 return Outcome(TaskStatus.FAILED, error="every model failed; see the executions")
             choice = await self._store(self.governor.acquire, candidates, self.clock.now())
@@ -290,6 +293,25 @@ class Pool:
                 return outcome
         return await self._give_up(run)
 
+    def _too_long(self, run: Run, candidates: list[str]) -> Outcome | None:
+        """Drop the candidates whose known context (`/models`) the prompt exceeds, before any call;
+        a refusal naming them when none is left."""
+        contexts = self.governor.contexts
+        tokens = prompt_tokens(tasktypes.messages(run.job))
+        small = [m for m in candidates if (contexts.get(m) or tokens) < tokens]
+        if not small:
+            return None
+        for model in small:
+            candidates.remove(model)
+        if candidates:
+            log.info("task %d: the prompt (about %d tokens) is too large for %s; not asked", run.task.id, tokens,
+                     ", ".join(small))
+            return None
+        sizes = ", ".join(f"{m}: {contexts[m]} tokens" for m in small)
+        return Outcome(TaskStatus.FAILED, error=(
+            f"the prompt (about {tokens} tokens) is larger than the context of every candidate model ({sizes}); "
+            "split the target or use a model with a larger context"))
+
     async def _try_model(self, run: Run, model: str, candidates: list[str]) -> Outcome | None:
         """One request to `model` (its slot is reserved); None: choose a model again."""
         try:
@@ -298,6 +320,13 @@ class Pool:
             await self._store(self.governor.rate_limited, model, exc.reset_at, exc.limit, self.clock.now())
             log.debug("task %d: %s rate limited until %s; next model", run.task.id, model, exc.reset_at)
             return None
+        except ContextOverflow as exc:      # another model may have a larger context; no attempt spent
+            candidates.remove(model)
+            log.info("task %d: the prompt does not fit %s's context; %s", run.task.id, model,
+                     "next model" if candidates else "no model left")
+            return None if candidates else Outcome(TaskStatus.FAILED, error=(
+                f"the prompt is larger than the context of every candidate model ({exc}); "
+                "split the target or use a model with a larger context"))
         except (AuthFailed, BadRequest) as exc:
             return Outcome(TaskStatus.FAILED, error=str(exc))
         except Unreachable as exc:      # no attempt spent; the open breaker defers the task to its probe
@@ -460,6 +489,11 @@ class Pool:
     async def _store(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a store call in a thread so a busy SQLite lock never stalls the loop."""
         return await asyncio.to_thread(fn, *args)
+
+
+def prompt_tokens(messages: Sequence[dict[str, str]]) -> int:
+    """About how many tokens `messages` are (4 characters a token, as for English and code)."""
+    return -(-sum(len(message.get("content", "")) for message in messages) // 4)
 
 
 def _outcome_of(exc: ModelError) -> str:
