@@ -58,32 +58,30 @@ class Project:
     version: str
     shape: str                   # what about it matters to ohd (tests/support/projects.py has each small)
     targets: tuple[str, ...]     # modules ohd is run on (as many as the project has, up to 5)
-    tests: tuple[str, ...]       # the project's own pytest arguments: where its suite is
+    tests: tuple[str, ...] = ()  # how the project runs its suite, when not plain `pytest` (pytest's own selection)
     test_deps: tuple[str, ...] = ()
     pytest: str = "pytest"       # the pytest the project's suite works with
 
 
 PROJECTS = (
     Project("python-slugify", "5.0.2", "re-exporting __init__: `from .slugify import *`, module slugify defines slugify"
-            " (shape reexport_clash); its suite is test.py, which pytest does not collect by name",
+            " (shape reexport_clash); its suite is test.py, which plain `pytest` does not collect",
             ("slugify/slugify.py", "slugify/special.py", "slugify/__main__.py", "slugify/__init__.py"), ("test.py",)),
     Project("idna", "3.10", "`from .package_data import __version__`; tests `import idna` (shape version_reexport)",
-            ("idna/core.py", "idna/intranges.py", "idna/codec.py", "idna/compat.py", "idna/package_data.py"),
-            ("tests",)),
+            ("idna/core.py", "idna/intranges.py", "idna/codec.py", "idna/compat.py", "idna/package_data.py")),
     Project("more-itertools", "10.5.0", "a 4,980-line module re-exported by `from .more import *` (shape large_module)",
-            ("more_itertools/more.py", "more_itertools/recipes.py", "more_itertools/__init__.py"), ("tests",)),
+            ("more_itertools/more.py", "more_itertools/recipes.py", "more_itertools/__init__.py")),
     Project("toolz", "1.0.0", "tests inside the package, toolz/tests/, no top-level tests/ (shape tests_in_package)",
-            ("toolz/itertoolz.py", "toolz/dicttoolz.py", "toolz/functoolz.py", "toolz/recipes.py", "toolz/utils.py"),
-            ("toolz/tests",)),
+            ("toolz/itertoolz.py", "toolz/dicttoolz.py", "toolz/functoolz.py", "toolz/recipes.py", "toolz/utils.py")),
     Project("boltons", "24.1.0", "a flat package whose modules import each other relatively (shape relative_imports)",
             ("boltons/strutils.py", "boltons/iterutils.py", "boltons/dictutils.py", "boltons/setutils.py",
-             "boltons/typeutils.py"), ("tests",),
+             "boltons/typeutils.py"),
             pytest="pytest==7.4.4"),   # its conftest's pytest_ignore_collect(path) is refused by pytest 8
     Project("packaging", "24.2", "src/ layout: src/packaging/ (shape src_layout)",
             ("src/packaging/version.py", "src/packaging/specifiers.py", "src/packaging/markers.py",
-             "src/packaging/requirements.py", "src/packaging/utils.py"), ("tests",), ("pretend",)),
+             "src/packaging/requirements.py", "src/packaging/utils.py"), test_deps=("pretend",)),
     Project("six", "1.16.0", "one module at the repo root, its test file beside it", ("six.py",),
-            ("test_six.py", "--deselect", "test_six.py::test_move_items[dbm_ndbm]")),   # no _dbm in this Python
+            ("--deselect", "test_six.py::test_move_items[dbm_ndbm]")),   # no _dbm in this Python
 )
 
 
@@ -194,14 +192,26 @@ def _venv(project: Project, repo: Path, venv: Path) -> None:
 
 # -- the project's own suite under coverage.py -------------------------------------------------
 
-def own_suite(repo: Path, project: Project, scratch: Path) -> tuple[str, bool, dict[str, tuple[float, int]]]:
-    """The suite's outcome line, whether it passed, and coverage.py's (percent, statements) per file."""
+def own_suite(repo: Path, project: Project, scratch: Path) -> tuple[str, bool, dict[str, tuple[float, int]], str]:
+    """The suite's outcome line (run the project's way), whether it passed, coverage.py's
+    (percent, statements) per file for `coverage run -m pytest` (pytest's own selection, the
+    suite ohd measures), and a note when the project's way covers other lines."""
+    line, passed, by_own_args = _under_coverage(repo, project.tests, scratch / "own")
+    if not project.tests:
+        return line, passed, by_own_args, ""
+    _, _, by_selection = _under_coverage(repo, (), scratch / "selection")
+    return line, passed, by_selection, f"coverage.py with `pytest {' '.join(project.tests)}`: " + ", ".join(
+        f"{t} {by_own_args[t][0]:.1f}%" for t in project.targets if t in by_own_args)
+
+
+def _under_coverage(repo: Path, args: tuple[str, ...], scratch: Path) -> tuple[str, bool, dict[str, tuple[float, int]]]:
     python = str(repo / ".venv" / "bin" / "python")
+    scratch.mkdir(parents=True, exist_ok=True)
     rcfile, data, report, junit = (scratch / n for n in ("rc", "data", "coverage.json", "suite.xml"))
     rcfile.write_text("")
     start = time.monotonic()
     done = run([python, "-m", "coverage", "run", f"--rcfile={rcfile}", f"--data-file={data}", "-m", "pytest",
-                "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *project.tests], repo, env=clean_env())
+                "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *args], repo, env=clean_env())
     elapsed = time.monotonic() - start
     counts = _junit_counts(junit)
     if counts is None:
@@ -233,23 +243,43 @@ def _junit_counts(path: Path) -> tuple[int, int, int] | None:
 # -- ohd ---------------------------------------------------------------------------------------
 
 def run_ohd(repo: Path, project: Project, targets: tuple[str, ...], workers: int, base: Path) -> list[Result]:
+    """Reviews all at once; unit_tests one after another, each written test file held outside
+    the repo until the last one ran (so every coverage baseline is the project's own suite, as
+    coverage.py measured it, not one grown by ohd's earlier outputs); then the docstrings (they
+    change the targets)."""
     daemon = BenchDaemon(base, repo, None, {"OHD_OFFLINE": "true", "OHD_WORKERS": str(workers)})
+    held: list[tuple[Path, Path]] = []
     try:
+        reviews = [_submit(daemon, repo, "review", t) for t in targets]
         results = []
-        for types in (("unit_test", "review"), ("docstring",)):   # docstrings last: they change the targets
-            ids = []
-            for target in targets:
-                for task_type in types:
-                    reply = daemon.request("POST", "/tasks", {"type": task_type, "target": target, "repo": str(repo),
-                                                              "timeout_s": TIMEOUT_S})
-                    if not reply or "id" not in reply:
-                        raise SystemExit(f"submit {task_type} {target} failed: {reply}")
-                    ids.append(reply["id"])
-            rows = _wait(daemon, ids)
-            results += [_result(daemon, repo, row) for row in rows]
+        for target in targets:
+            (row,) = _wait(daemon, [_submit(daemon, repo, "unit_test", target)])
+            results.append(_result(daemon, repo, row))
+            out = results[-1].output
+            if out and out.endswith(".py") and (repo / out).is_file():
+                aside = base / "held" / out
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(repo / out, aside)
+                held.append((aside, repo / out))
+        results += [_result(daemon, repo, row) for row in _wait(daemon, reviews)]
+        for aside, back in held:
+            shutil.move(aside, back)
+        held.clear()
+        docstrings = [_submit(daemon, repo, "docstring", t) for t in targets]
+        results += [_result(daemon, repo, row) for row in _wait(daemon, docstrings)]
         return results
     finally:
+        for aside, back in held:
+            shutil.move(aside, back)
         daemon.stop()
+
+
+def _submit(daemon: BenchDaemon, repo: Path, task_type: str, target: str) -> int:
+    reply = daemon.request("POST", "/tasks", {"type": task_type, "target": target, "repo": str(repo),
+                                              "timeout_s": TIMEOUT_S})
+    if not reply or "id" not in reply:
+        raise SystemExit(f"submit {task_type} {target} failed: {reply}")
+    return int(reply["id"])
 
 
 def _wait(daemon: BenchDaemon, ids: list[int]) -> list[dict[str, Any]]:
@@ -367,7 +397,7 @@ def compare_coverage(results: list[Result], suite: dict[str, tuple[float, int]])
         if r.type != "unit_test":
             continue
         direct = suite.get(r.target)
-        theirs = f"{direct[0]:.1f}% of {direct[1]}" if direct else "not run by the suite"
+        theirs = f"{direct[0]:.1f}% of {direct[1]}" if direct else "0% (the suite does not import it)"
         cov = r.coverage or {}
         if not cov or cov.get("error") or not cov.get("statements"):
             why = cov.get("error") or ("no candidate ran green" if r.kind in ("failed", "quarantined")
@@ -430,8 +460,10 @@ def bench(project: Project, cache: Path, quick: bool, workers: int) -> Figures:
     repo = build_repo(cache, project, sdist(cache, project))
     targets = project.targets[:2] if quick else project.targets
     with tempfile.TemporaryDirectory(prefix="ohd-realworld-") as scratch:
-        fig.suite, fig.suite_ok, suite_cov = own_suite(repo, project, Path(scratch))
+        fig.suite, fig.suite_ok, suite_cov, note = own_suite(repo, project, Path(scratch))
         print(f"  own suite: {fig.suite}", flush=True)
+        if note:
+            fig.notes.append(note)
         base = Path(scratch) / "daemon"
         fig.results = run_ohd(repo, project, targets, workers, base)
         daemon_env = {k: v for k, v in clean_env().items()}
