@@ -122,6 +122,15 @@ def test_every_review_is_in_its_output_file(shape_run: ShapeRun) -> None:
         assert text and text in task["calls"][-1]["response"], (task["output_path"], text[:200])
 
 
+def test_the_coverage_baseline_is_what_coverage_py_measures_for_the_repos_suite(shape_run: ShapeRun) -> None:
+    for task in shape_run.of("unit_test"):
+        measured = task["report"]["verdict"]["coverage"]
+        assert measured and not measured.get("error"), measured
+        percent, statements = shape_run.coverage_py[task["target"]]
+        assert measured["statements"] == statements
+        assert abs(100.0 * measured["before"] / statements - percent) <= 1.0, (task["target"], measured, percent)
+
+
 def test_tracked_files_change_only_in_the_docstrings_of_docstring_targets(shape_run: ShapeRun) -> None:
     changed = git(shape_run.repo, "diff", "--name-only", "HEAD").split()
     assert set(changed) <= set(MODULES[shape_run.shape]), changed
