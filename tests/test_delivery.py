@@ -217,18 +217,22 @@ def test_a_docstring_task_that_adds_nothing_says_nothing_was_written(
     assert "Wrote" not in page and module.read_text() == original
 
 
-def test_pytest_colours_from_the_repos_addopts_stay_out_of_the_report(
+def test_pytest_colours_from_the_repos_addopts_stay_out_of_the_report_and_the_prompt(
         repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
     (repo / "pytest.ini").write_text("[pytest]\naddopts = --color=yes\n")
     server.default = ok("```python\nfrom shop.pricing import total\n\n\n"
                         "def test_total_is_wrong() -> None:\n    assert total([1.0]) == 2.0\n```")
-    task_id = enqueue(store, repo, clock, max_attempts=1)
+    server.script("m", [ok("```python\nfrom shop.pricing import total\n\n\n"
+                           "def test_total_fails() -> None:\n    assert total([1.0]) == 3.0\n```")])
+    task_id = enqueue(store, repo, clock, max_attempts=2)
     run_pool(store, server, clock)
     task = store.get_task(task_id)
     page = (repo / (task.report_path or "")).with_suffix(".md").read_text()
     assert "test_total_is_wrong" in page and "## pytest" in page       # pytest's output is there ...
     assert "\x1b" not in page                                          # ... without its colour codes
     assert "\\u001b" not in (repo / (task.report_path or "")).read_text()    # nor in the JSON
+    second_prompt = server.completions()[1].body["messages"][-1]["content"]
+    assert "test_total_fails" in second_prompt and "\x1b" not in second_prompt   # nor in the feedback
 
 
 def test_a_unit_test_goes_beside_the_repos_tests_inside_the_package(

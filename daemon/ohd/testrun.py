@@ -49,7 +49,7 @@ _FAILED_LINE = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
 _STOPPERS = (RunStatus.ERROR, RunStatus.TIMEOUT)   # no point in running again
 CANDIDATE_PREFIX = "test_ohd_candidate_"    # the working-tree watch never reports a file named so
 _CANDIDATE = CANDIDATE_PREFIX
-_PYTEST_ARGS = ("-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE")
+_PYTEST_ARGS = ("-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--color=no")  # over a repo's addopts
 _REPO_VENVS = (".venv/bin/python", "venv/bin/python")   # where `test_python = "auto"` looks first
 _PROBE = ("import importlib.util as u; "
           "print(int(u.find_spec('pytest') is not None), int(u.find_spec('coverage') is not None))")
