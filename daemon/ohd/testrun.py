@@ -295,18 +295,17 @@ class _NotMeasured(Exception):
     """Coverage could not be measured; the message says why (it goes into the report)."""
 
 
-def measure_coverage(repo: Path, output: str, content: str, *, target: str, module: str = "",
-                     import_root: str = "", options: Options = Options(),
-                     environ: Mapping[str, str] | None = None, python: str = sys.executable,
-                     replaces_output: bool = False) -> CoverageRun:
+def measure_coverage(repo: Path, output: str, content: str, *, target: str, import_root: str = "",
+                     options: Options = Options(), environ: Mapping[str, str] | None = None,
+                     python: str = sys.executable, replaces_output: bool = False) -> CoverageRun:
     """Lines of `target` run by the repo's whole test suite (pytest's own selection, as
     `coverage run -m pytest` would run it), against the same with the candidate added.
 
     The suite is measured once per content (of the target, the test files, conftest and
     pytest configuration files) and Python; an existing `output` is the user's file and
     stays in both figures, unless `replaces_output` (ohd's own earlier output that the
-    candidate replaces): then it counts before and not after. `module` is not used: what
-    the tests execute decides, not how they spell the import."""
+    candidate replaces): then it counts before and not after. What the tests execute
+    decides, not how they spell the import (`import pkg` counts as much as `import pkg.mod`)."""
     root = repo.resolve()
     env = _env(repo, import_root, options, environ)
     target_path = (root / target).resolve()
