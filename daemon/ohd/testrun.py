@@ -326,7 +326,8 @@ def measure_coverage(repo: Path, output: str, content: str, *, target: str, impo
     if statements is None:
         return CoverageRun(target=target, statements=0, before=0, after=0,
                            error=f"the tests did not run {target} under coverage (imported from another path?)")
-    shown = (f"the repo's test suite ({base.tests} test(s), without {output})", *([output] if current else []))
+    suite = f"the repo's test suite ({base.tests} test(s){f', without {output}' if current else ''})"
+    shown = (suite, *([output] if current else []))
     after = base.lines | new.lines | (frozenset() if replaces_output else old.lines)
     return CoverageRun(target=target, statements=statements, before=len(base.lines | old.lines), after=len(after),
                        baseline=shown, suite=len(base.lines), replaces=current and replaces_output)
