@@ -207,6 +207,7 @@ def test_a_reload_applies_the_budget_and_selection_keys_to_the_running_pool() ->
 
     settings = config.load(env={**os.environ, "OPENROUTER_API_KEY": "sk-test"})   # not offline: strict mode on
     running = daemon.Daemon(settings)
+    running.store.migrate()         # a reload of the limits decides pending tasks again (reads the store)
     pool = Pool(running.store, call=None, clock=FakeClock(), models=["m"],  # type: ignore[arg-type]
                 policy=daemon.policy_of(settings), rank=running._rank(settings))
     try:
@@ -217,5 +218,30 @@ def test_a_reload_applies_the_budget_and_selection_keys_to_the_running_pool() ->
         assert pool.rank is None                                 # configured order from now on
         running._apply(running.settings.model_copy(update={"model_selection": True}), pool)
         assert pool.rank is not None
+    finally:
+        running.store.close()
+
+
+def test_a_reload_that_changes_the_limits_decides_the_pending_tasks_again_at_once() -> None:
+    from datetime import timedelta
+
+    from ohd import config, daemon
+    from ohd.taskfile import TaskSpec
+    from ohd.worker import Pool
+    from tests.support.clock import FakeClock
+
+    clock = FakeClock()
+    settings = config.load(env={**os.environ, "OPENROUTER_API_KEY": "sk-test"})
+    running = daemon.Daemon(settings, clock)
+    running.store.migrate()
+    pool = Pool(running.store, call=None, clock=clock, models=["m:free"],  # type: ignore[arg-type]
+                policy=daemon.policy_of(settings))
+    try:
+        task_id = running.store.enqueue("/repo", TaskSpec.model_validate(
+            {"type": "unit_test", "target": "a.py"}), clock.now())
+        assert running.store.claim_next("w", clock.now(), timedelta(seconds=60)) is not None
+        running.store.defer(task_id, "w", clock.now() + timedelta(hours=12), clock.now(), "free_rpd spent")
+        running._apply(settings.model_copy(update={"free_rpd": 1000}), pool)
+        assert running.store.get_task(task_id).status == "queued"       # not at UTC midnight
     finally:
         running.store.close()

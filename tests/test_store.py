@@ -247,6 +247,16 @@ def test_retry_requeues_a_failed_task_with_a_clean_slate(store: Store, clock: Fa
     assert claimed(store, clock) == task_id
 
 
+def test_retry_of_a_pending_task_queues_it_now_to_decide_again(store: Store, clock: FakeClock) -> None:
+    task_id = store.enqueue(REPO, spec(), clock.now())
+    claimed(store, clock, "w1")
+    store.add_attempt(task_id, clock.now())
+    store.defer(task_id, "w1", clock.now() + timedelta(hours=11), clock.now(), "free_rpd spent; until midnight")
+    task = store.retry(task_id, clock.now())
+    assert (task.status, task.not_before, task.error, task.attempts) == ("queued", None, None, 1)
+    assert claimed(store, clock) == task_id
+
+
 @pytest.mark.parametrize("state", ["queued", "running", "completed"])
 def test_retry_anything_but_failed_or_cancelled_is_invalid(store: Store, clock: FakeClock, state: str) -> None:
     task_id = store.enqueue(REPO, spec(), clock.now())

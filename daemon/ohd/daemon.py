@@ -428,6 +428,9 @@ class Daemon:
             pool.governor.policy = policy_of(self.settings)
         if SELECTION_KEYS & live.keys():
             pool.rank = self._rank(self.settings)
+        if (POLICY_KEYS | {"models"}) & live.keys():    # what pending tasks wait for may have changed
+            if self.store.promote_due(self.clock.now(), True):
+                pool.wake()
         log.info("reload: applied %s", ", ".join(sorted(live)) or "no configuration change")
 
     def _rank(self, settings: Settings) -> selection.Rank | None:

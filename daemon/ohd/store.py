@@ -309,10 +309,15 @@ class Store:
             return self.get_task(task_id)
 
     def retry(self, task_id: int, now: datetime) -> Task:
-        """failed/cancelled → queued with a clean slate; anything else → InvalidTransition."""
+        """failed/cancelled → queued with a clean slate; pending → queued now, to decide again (its
+        attempts kept); anything else → InvalidTransition."""
         t = self.m.task
         with self._write():
             task = self.get_task(task_id)
+            if task.status == TaskStatus.PENDING:
+                t.update(status=TaskStatus.QUEUED.value, not_before=None, error=None, updated_at=now).where(
+                    (t.id == task_id) & (t.status == TaskStatus.PENDING.value)).execute()
+                return self.get_task(task_id)
             if task.status not in (TaskStatus.FAILED, TaskStatus.CANCELLED):
                 raise InvalidTransition(task_id, task.status, "retry")
             t.update(status=TaskStatus.QUEUED.value, attempts=0, error=None, cancel_requested=False,
