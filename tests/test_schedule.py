@@ -80,3 +80,38 @@ def test_an_unknown_or_reboot_nickname_is_refused_naming_the_known_ones(nickname
     with pytest.raises(TaskFileError) as caught:
         compile_cron(nickname, UTC, "tasks.d/bad.yaml")
     assert caught.value.field == "schedule" and nickname in str(caught.value) and "@daily" in str(caught.value)
+
+
+# what cron(5) means by each day-of-week field: the days (0 = Sunday ... 6 = Saturday) it fires on
+CRON_DAY_FIELDS = [
+    ("0", {0}), ("7", {0}), ("1", {1}), ("6", {6}), ("1-5", {1, 2, 3, 4, 5}), ("5-7", {5, 6, 0}),
+    ("0-6", {0, 1, 2, 3, 4, 5, 6}), ("0,6", {0, 6}), ("6,7", {6, 0}), ("*/2", {0, 2, 4, 6}),
+    ("*/3", {0, 3, 6}), ("1-5/2", {1, 3, 5}), ("0-7/7", {0}), ("2/2", {2, 4, 6}), ("sun", {0}),
+    ("mon-fri", {1, 2, 3, 4, 5}), ("fri-sun", {5, 6, 0}), ("SAT,sun", {6, 0}), ("1,sat-sun", {1, 6, 0}),
+    ("*", {0, 1, 2, 3, 4, 5, 6}),
+]
+
+
+@pytest.mark.parametrize(("field", "cron_days"), CRON_DAY_FIELDS)
+def test_days_of_week_mean_what_cron_means_sunday_being_0_and_7(field: str, cron_days: set[int]) -> None:
+    trigger = compile_cron(f"0 3 * * {field}", UTC, "r.yaml")
+    fired: set[int] = set()
+    fire = next_fire(trigger, T0)
+    while fire is not None and fire < T0 + timedelta(days=14):     # two weeks of firings
+        fired.add(fire.isoweekday() % 7)                           # isoweekday: Monday 1 ... Sunday 7
+        fire = next_fire(trigger, fire)
+    assert fired == cron_days
+
+
+def test_a_sunday_night_job_fires_on_sunday_not_a_day_late() -> None:
+    sunday = compile_cron("0 3 * * 0", UTC, "r.yaml")
+    assert next_fire(sunday, T0) == datetime(2026, 1, 4, 3, 0, tzinfo=UTC)   # 2026-01-01 is a Thursday
+    weekdays = compile_cron("30 8 * * 1-5", UTC, "r.yaml")
+    assert next_fire(weekdays, datetime(2026, 1, 2, 9, 0, tzinfo=UTC)) == datetime(2026, 1, 5, 8, 30, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("field", ["8", "5-0", "*/0", "mon-", "1-5/x", "funday", "5#2"])
+def test_a_day_of_week_cron_does_not_know_is_refused(field: str) -> None:
+    with pytest.raises(TaskFileError) as caught:
+        compile_cron(f"0 3 * * {field}", UTC, "tasks.d/bad.yaml")
+    assert caught.value.field == "schedule" and field in str(caught.value)

@@ -23,11 +23,14 @@ log = logging.getLogger(__name__)
 Trigger = CronTrigger     # what other rooms name, so that only this room imports APScheduler
 ONE_US = timedelta(microseconds=1)
 MAX_WALK = 100_000   # bound on firings walked inside one grace window
-# cron's nicknames, as crontab(5) defines them (APScheduler's from_crontab knows none; `sun`, as its
-# day-of-week 0 is Monday); @reboot is not one: a rule fires while the daemon runs, not at boot
+# cron's nicknames, as crontab(5) defines them (APScheduler's from_crontab knows none); @reboot is
+# not one: a rule fires while the daemon runs, not at boot
 NICKNAMES = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
              "@weekly": "0 0 * * sun", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
              "@hourly": "0 * * * *"}
+# cron(5)'s days of week, 0 (and 7) being Sunday; APScheduler numbers them from Monday = 0, so
+# ohd never hands it a number, a range or a step of days: it expands the field into names
+CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 
 
 def compile_cron(expr: str, tz: tzinfo | None, source: str) -> CronTrigger:
@@ -45,11 +48,48 @@ def compile_cron(expr: str, tz: tzinfo | None, source: str) -> CronTrigger:
     if len(expr.split()) != 5:
         raise TaskFileError(source, f"'{expr}' is not a cron expression of 5 space-separated fields",
                             field="schedule")
+    minute, hour, day, month, day_of_week = expr.split()
     try:
-        return CronTrigger.from_crontab(expr, timezone=tz)
+        return CronTrigger(minute=minute, hour=hour, day=day, month=month,
+                           day_of_week=cron_days_of_week(day_of_week), timezone=tz)
     except (ValueError, TypeError) as exc:
         raise TaskFileError(source, f"'{expr}' is not a valid cron expression: {exc}",
                             field="schedule") from None
+
+
+def cron_days_of_week(field: str) -> str:
+    """cron(5)'s day-of-week `field` (`0`, `7`, `1-5`, `5-7`, `*/2`, `mon-fri`, lists of them) as
+    the comma-separated day names APScheduler means the same days by; `*` stays `*`.
+
+    A `ValueError` names an element that is no cron day of week.
+    """
+    if field == "*":
+        return field
+    days: set[int] = set()
+    for element in field.lower().split(","):
+        span, _, step_text = element.partition("/")
+        if span == "*":
+            first, last = 0, 7
+        else:
+            start, dash, end = span.partition("-")
+            first = _cron_day(start, element)
+            last = _cron_day(end, element, ending=True) if dash else (7 if step_text else first)
+        step = int(step_text) if step_text.isdigit() else 0 if step_text else 1
+        if step < 1 or last < first:
+            raise ValueError(f"'{element}' is not a day of week of cron (0-7 or sun-sat, "
+                             f"0 and 7 being Sunday)")
+        days.update(number % 7 for number in range(first, last + 1, step))
+    return ",".join(CRON_DAYS[number] for number in sorted(days))
+
+
+def _cron_day(text: str, element: str, ending: bool = False) -> int:
+    """One day of week of cron, as a number 0-7 (`sun` ending a range is 7)."""
+    if text.isdigit() and int(text) <= 7:
+        return int(text)
+    if text in CRON_DAYS:
+        number = CRON_DAYS.index(text)
+        return 7 if ending and number == 0 else number
+    raise ValueError(f"'{element}' is not a day of week of cron (0-7 or sun-sat, 0 and 7 being Sunday)")
 
 
 def next_fire(trigger: CronTrigger, after: datetime) -> datetime | None:
