@@ -104,6 +104,28 @@ def test_a_change_queues_one_task_per_matching_path_with_the_rules_spec(
         ("src/pkg/mod.py", "docstring", "rule:tasks.d/docs.yaml", None)]
 
 
+def test_an_on_change_rule_needs_no_target_and_its_tasks_target_the_changed_file(
+        src: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    put_rule(ingestor, clock, src, "docs.yaml", "type: docstring\non_change: ['src/**/*.py']\n")
+    assert (src / "tasks.d" / "docs.yaml").exists() and not (src / "tasks.d" / ".rejected").exists()
+    ids = book.changed(src, ["src/pkg/mod.py"], "post-commit")
+    assert [store.get_task(i).target for i in ids] == ["src/pkg/mod.py"]
+    assert main(["rules", "--json", "--repo", str(src)]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["target"] is None and row["on_change"] == ["src/**/*.py"]
+
+
+@pytest.mark.parametrize("text", ["type: review\n", "type: review\nschedule: '0 3 * * *'\n",
+                                  "type: review\nschedule: '0 3 * * *'\non_change: ['*.py']\n"])
+def test_a_task_or_a_scheduled_rule_without_a_target_is_rejected_naming_the_field(
+        repo: Path, book: RuleBook, ingestor: Ingestor, clock: FakeClock, text: str) -> None:
+    put_rule(ingestor, clock, repo, "bad.yaml", text)
+    error = (repo / "tasks.d" / ".rejected" / "bad.yaml.error.txt").read_text()
+    assert error.startswith("tasks.d/bad.yaml: field 'target': this field is required")
+    assert book.rules() == []
+
+
 def test_one_open_task_per_rule_and_path_and_one_rerun_after_a_running_one(
         src: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
     put_rule(ingestor, clock, src, "docs.yaml", DOCS_RULE)

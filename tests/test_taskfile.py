@@ -194,10 +194,20 @@ def test_standing_rules() -> None:
     assert watch.is_rule and watch.on_change == ["src/**/*.py"]
 
 
+def test_target_is_optional_only_for_an_on_change_rule_without_schedule() -> None:
+    assert parse("type: unit_test\non_change: ['src/**/*.py']\n").target is None
+    for text in ("type: review\n", "type: review\nschedule: '0 3 * * *'\n",
+                 "type: review\non_change: ['*.py']\nschedule: '0 3 * * *'\n"):
+        err = error_of(text)
+        assert err.field == "target" and "required" in err.message and "on_change" in err.message
+
+
 def test_json_schema_describes_the_fields() -> None:
     schema = json_schema()
     assert schema["additionalProperties"] is False
-    assert set(schema["required"]) == {"type", "target"}
+    assert set(schema["required"]) == {"type"}         # and `target`, unless an on_change rule without schedule:
+    assert schema["anyOf"] == [{"required": ["target"]},
+                               {"required": ["on_change"], "not": {"required": ["schedule"]}}]
     assert {"type", "target", "priority", "models", "on_change"} <= set(schema["properties"])
 
 

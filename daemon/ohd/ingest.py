@@ -219,7 +219,7 @@ class Ingestor:
             self._take_rule(repo, path, relpath, spec, sha)
             return None
         try:
-            check_target(repo, spec.target)
+            check_target(repo, spec.file)
         except TargetError as exc:
             reject(path, f"{relpath}: field 'target': {exc}")
             return None

@@ -220,7 +220,7 @@ class RuleBook:
             last = self.db.baseline(rule.repo, rule.relpath, now)
             decision = decide(rule.trigger, last, now, self.grace)
             if decision.fire is not None:
-                task_id = self.db.fire_schedule(rule.repo, rule.relpath, rule.task_spec(rule.spec.target),
+                task_id = self.db.fire_schedule(rule.repo, rule.relpath, rule.task_spec(rule.spec.file),
                                                 decision.fire, now)
                 log.info("task %d queued by rule %s (firing of %s%s)", task_id, rule.relpath,
                          decision.fire.isoformat(), "; earlier missed firings collapsed" if decision.skipped else "",

@@ -111,7 +111,7 @@ class RuleStore:
         """The task of one firing, its record and the new `last_fire`, in one transaction."""
         with self._write():
             task_id = self.store.enqueue(str(repo), spec, now, source=source_of(rule))
-            self._record(repo, rule, spec.target, None, task_id, "schedule", fire_time)
+            self._record(repo, rule, spec.file, None, task_id, "schedule", fire_time)
             self.set_last_fire(repo, rule, fire_time)
         return task_id
 
@@ -127,7 +127,7 @@ class RuleStore:
         nothing running, the last accepted run was for this content.
         """
         with self._write():
-            open_, running, running_until = self._open(repo, rule, spec.target)
+            open_, running, running_until = self._open(repo, rule, spec.file)
             if open_:
                 # The queued task will read the newest content: remember that one for it.
                 self.firing.update(sha256=sha256).where(self.firing.id.in_(open_)).execute()
@@ -135,10 +135,10 @@ class RuleStore:
             if running is not None:
                 if running == sha256:
                     return None
-            elif self._last_accepted(repo, rule, spec.target) == sha256:
+            elif self._last_accepted(repo, rule, spec.file) == sha256:
                 return None
             task_id = self.store.enqueue(str(repo), spec, now, source=source_of(rule))
-            self._record(repo, rule, spec.target, sha256, task_id, origin, now)
+            self._record(repo, rule, spec.file, sha256, task_id, origin, now)
             if running_until is not None:
                 self._hold(task_id, running_until, now)
         return task_id, TaskStatus.PENDING if running_until is not None else TaskStatus.QUEUED

@@ -314,10 +314,10 @@ def json_object(body: bytes) -> dict[str, Any]:
 
 def check_paths(repo: Path, spec: TaskSpec) -> None:
     """The target is an existing file inside the repo; the output (if given) lands inside it."""
-    target = resolve_inside(repo, spec.target)
+    target = resolve_inside(repo, spec.file)
     if not target.is_file():
         what = "is a directory" if target.is_dir() else "does not exist"
-        raise TargetError(spec.target, f"{what} in the repo {repo} (the target must be an existing file)")
+        raise TargetError(spec.file, f"{what} in the repo {repo} (the target must be an existing file)")
     if spec.output is not None:
         resolve_inside(repo, spec.output)
 

@@ -98,7 +98,7 @@ class Store:
             return self._insert_task(repo, spec, now, source)
 
     def _insert_task(self, repo: str, spec: TaskSpec, now: datetime, source: str | None) -> int:
-        row = {"repo": repo, "type": spec.type.value, "target": spec.target, "description": spec.description,
+        row = {"repo": repo, "type": spec.type.value, "target": spec.file, "description": spec.description,
                "priority": spec.priority.value, "rank": spec.priority.rank, "output": spec.output,
                "models": json.dumps(list(spec.models)), "min_quality": spec.min_quality,
                "max_attempts": spec.max_attempts, "timeout_s": spec.timeout_s, "prompt": spec.prompt,

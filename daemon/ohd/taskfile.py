@@ -19,6 +19,7 @@ import pydantic
 import yaml
 from pydantic import Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from ohd.errors import TaskFileError
 
@@ -77,14 +78,22 @@ def missing_for_type(task_type: TaskType, prompt: str | None, output: str | None
     return [name for name, value in (("output", output), ("prompt", prompt)) if not value]
 
 
-class TaskSpec(pydantic.BaseModel, extra="forbid", frozen=True):
+# the JSON Schema's form of `_type_requirements`' rule on `target`, for editors
+TARGET_REQUIRED = {"anyOf": [{"required": ["target"]},
+                             {"required": ["on_change"], "not": {"required": ["schedule"]}}]}
+
+
+class TaskSpec(pydantic.BaseModel, extra="forbid", frozen=True, json_schema_extra=TARGET_REQUIRED):
     """A validated task (one-shot) or standing rule (`schedule` / `on_change`)."""
 
     # The descriptions are the task-file reference: `ohd schema` carries them and
     # `ohd schema --markdown` renders them as the README's table (a test holds the two equal).
     type: TaskType = Field(description="what the task produces")
-    target: str = Field(description="the source file, relative to the repo root; must stay inside it "
-                                    "(no absolute paths, no `..` out of it, nothing under `.git/`)")
+    target: str | None = Field(
+        default=None, json_schema_extra={"default_text": "(required)"},
+        description="the source file, relative to the repo root; must stay inside it (no absolute paths, "
+                    "no `..` out of it, nothing under `.git/`); an `on_change` rule without `schedule` "
+                    "needs none (its tasks target the changed file)")
     description: str = Field(default="", description="what you want, in words; goes into the prompt")
     priority: Priority = Field(default=Priority.NORMAL,
                                description="the queue's order, FIFO within one priority; highest first")
@@ -157,10 +166,23 @@ class TaskSpec(pydantic.BaseModel, extra="forbid", frozen=True):
 
     @model_validator(mode="after")
     def _type_requirements(self) -> TaskSpec:
+        if self.target is None and (self.on_change is None or self.schedule is not None):
+            # raised as the field's own error, so that the message names `target` and its line
+            why = PydanticCustomError("target_required", "this field is required (only an on_change rule without a "
+                                                 "schedule may leave it out: its tasks target the changed file)")
+            raise pydantic.ValidationError.from_exception_data(
+                "TaskSpec", [InitErrorDetails(type=why, loc=("target",), input=None)])
         missing = missing_for_type(self.type, self.prompt, self.output)
         if missing:
             raise ValueError(f"type {self.type.value} requires {' and '.join(missing)}")
         return self
+
+    @property
+    def file(self) -> str:
+        """The target of a task or a scheduled rule (only an on_change rule may have none)."""
+        if self.target is None:
+            raise ValueError("an on_change rule's spec has no target; its tasks have one")
+        return self.target
 
     @property
     def is_rule(self) -> bool:
