@@ -65,6 +65,16 @@ def test_a_paid_model_is_refused_in_strict_mode(repo: Path, store: Store, server
     assert f"model {PAID} refused" in caplog.text
 
 
+def test_a_free_named_model_listed_with_a_price_is_refused_in_strict_mode(
+        repo: Path, store: Store, server: PricedOpenRouter, clock: FakeClock) -> None:
+    server.prices = {FREE: ("0.000001", "0")}          # `:free` in its id, a price in the catalogue
+    [task_id] = submit(store, repo, clock, models=[FREE])
+    drive(store, server, clock, [], refresh_then_run, policy=STRICT)
+    task = store.get_task(task_id)
+    assert task.status == "failed" and "strict free-only mode" in (task.error or "")
+    assert server.completions() == []
+
+
 def test_a_refused_model_is_skipped_when_another_candidate_is_free(
         repo: Path, store: Store, server: PricedOpenRouter, clock: FakeClock) -> None:
     [task_id] = submit(store, repo, clock, models=[PAID, ZERO_PRICED])

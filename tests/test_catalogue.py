@@ -38,7 +38,8 @@ def server() -> Iterator[PricedOpenRouter]:
 
 def test_parse_reads_string_prices_and_calls_free_by_suffix_or_zero_prices() -> None:
     listings = parse([
-        {"id": "x/a:free", "pricing": {"prompt": "0.1", "completion": "0.1"}},   # the suffix decides
+        {"id": "x/a:free", "pricing": {"prompt": "0.1", "completion": "0.1"}},   # the price wins over the name
+        {"id": "x/b:free", "pricing": {"prompt": "free"}},                       # no usable price: the name
         {"id": "x/zero", "pricing": {"prompt": "0", "completion": "0.000"}},
         {"id": "x/half", "pricing": {"prompt": "0", "completion": "0.00001"}},
         {"id": "x/garbled", "pricing": {"prompt": "free", "completion": None}},
@@ -47,8 +48,8 @@ def test_parse_reads_string_prices_and_calls_free_by_suffix_or_zero_prices() -> 
     ])
     assert listings is not None
     assert [(entry.model, entry.free) for entry in listings] == [
-        ("x/a:free", True), ("x/zero", True), ("x/half", False), ("x/garbled", False), ("x/none", False)]
-    assert listings[2] == Listing("x/half", Decimal(0), Decimal("0.00001"))
+        ("x/a:free", False), ("x/b:free", True), ("x/zero", True), ("x/half", False), ("x/garbled", False), ("x/none", False)]
+    assert listings[3] == Listing("x/half", Decimal(0), Decimal("0.00001"))
 
 
 @pytest.mark.parametrize("data", [None, "models", {"id": "x"}, 3, [{"name": "no id"}], [1, 2]])

@@ -194,6 +194,8 @@ def test_a_real_daemon_with_a_local_base_url_and_no_key_asks_that_server(repo: P
     assert task["status"] == "completed", task
     assert [e["model"] for e in task["executions"]] == [LOCAL_MODEL]
     assert status["offline"] is False
+    assert status["budget"] == {"requests_today": 1, "daily_request_cap": None, "cost_today": 0.0,
+                                "daily_cost_cap_usd": None, "allow_paid": False, "paid_models": []}
     assert [r.model for r in server.completions()] == [LOCAL_MODEL]
     assert all("authorization" not in r.headers for r in server.requests)
     assert "no API key sent" in (tmp_path / "daemon.log").read_text()

@@ -46,3 +46,14 @@ def test_status_text_still_reads_an_old_status_without_the_new_fields() -> None:
     old = {k: v for k, v in STATUS.items() if k not in ("now", "today", "throughput", "eta_s")}
     text = status_text(old)
     assert "since 2026-11-25T11:58:30+00:00" in text and "ETA" not in text
+
+
+def test_status_text_shows_the_budget_against_the_daily_caps_and_whether_paid_models_are_allowed() -> None:
+    capped = {**STATUS, "budget": {"requests_today": 12, "daily_request_cap": 40, "cost_today": 0.0123,
+                                   "daily_cost_cap_usd": 0.5, "allow_paid": False, "paid_models": ["x/y"]}}
+    assert ("budget:  12 of 40 requests today (daily_request_cap), $0.0123 of $0.5 (daily_cost_cap_usd); "
+            "paid models refused (strict free-only, except x/y)") in status_text(capped)
+    open_ = {**STATUS, "budget": {"requests_today": 3, "daily_request_cap": None, "cost_today": 0,
+                                  "daily_cost_cap_usd": None, "allow_paid": True, "paid_models": []}}
+    assert ("budget:  3 requests today (no daily_request_cap), $0.0000 (no daily_cost_cap_usd); "
+            "paid models allowed") in status_text(open_)

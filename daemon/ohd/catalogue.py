@@ -51,7 +51,10 @@ class Listing:
 
     @property
     def free(self) -> bool:
-        """Free: a `:free` id, or a zero prompt AND completion price."""
+        """Free: no price above zero listed, and a `:free` id or a zero prompt AND completion price
+        (the listed price wins over the name: a `:free` id with a price costs money)."""
+        if any(p is not None and p > ZERO for p in (self.prompt, self.completion)):
+            return False
         return routing.is_free(self.model) or (self.prompt == ZERO and self.completion == ZERO)
 
     def costs_nothing(self, unknown_price_paid: bool) -> bool:

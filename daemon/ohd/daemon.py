@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -465,9 +465,18 @@ class Daemon:
         throughput = Throughput(completed_last_hour=history.completed_between(now - HOUR, now),
                                 window_s=window.total_seconds(),
                                 completed_in_window=history.completed_between(now - window, now))
-        return {"now": now.isoformat(), "today": self.store.totals_today(now),
-                "throughput": throughput.as_dict(),
-                "eta_s": eta_seconds(self.store.counts(), throughput.per_minute)}
+        today = self.store.totals_today(now)
+        return {"now": now.isoformat(), "today": today, "throughput": throughput.as_dict(),
+                "eta_s": eta_seconds(self.store.counts(), throughput.per_minute),
+                **({"budget": self._budget(self.pool, now, float(today["cost"]))} if self.pool else {})}
+
+    @staticmethod
+    def _budget(pool: Pool, now: datetime, cost_today: float) -> dict[str, Any]:
+        """Today's requests and cost against the daily caps, and whether paid models may be used."""
+        policy = pool.governor.policy
+        return {"requests_today": pool.governor.requests_today(now), "daily_request_cap": policy.request_cap,
+                "cost_today": cost_today, "daily_cost_cap_usd": policy.cost_cap,
+                "allow_paid": policy.allow_paid, "paid_models": sorted(policy.paid_models)}
 
 
 def _redact(url: str) -> str:

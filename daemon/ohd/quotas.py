@@ -131,13 +131,18 @@ class Governor:
         policy = self.policy
         if policy.request_cap is None and policy.cost_cap is None:
             return None
-        r, midnight = self.request, routing.utc_midnight(now)
-        sent = r.select().where(r.at >= midnight).count() if policy.request_cap is not None else 0
+        sent = self.requests_today(now) if policy.request_cap is not None else 0
         cost = float(self.store.totals_today(now)["cost"]) if policy.cost_cap is not None else 0.0
         held = routing.over_budget(sent, cost, now, policy)
         if held is not None:
             log.warning("budget: %s", held.reason)
         return held
+
+    def requests_today(self, now: datetime) -> int:
+        """Requests recorded since UTC midnight, every model (what `daily_request_cap` counts)."""
+        self.db.connect(reuse_if_open=True)
+        r = self.request
+        return int(r.select().where(r.at >= routing.utc_midnight(now)).count())
 
     def reserve(self, model: str, now: datetime) -> datetime | None:
         """Record one request to `model` if the limits allow it now (None); else when they will.

@@ -34,6 +34,9 @@ def status_text(status: dict[str, Any]) -> str:
     if today is not None:
         lines.append(f"today:   {today.get('calls', 0)} calls, {today.get('prompt_tokens', 0)}+"
                      f"{today.get('completion_tokens', 0)} tokens, ${float(today.get('cost') or 0):.4f}")
+    budget = status.get("budget")
+    if budget is not None:
+        lines.append("budget:  " + _budget_line(budget))
     throughput = status.get("throughput")
     if throughput is not None:
         eta = status.get("eta_s")
@@ -47,6 +50,20 @@ def status_text(status: dict[str, Any]) -> str:
         lines.append("models:")
         lines.extend("  " + _model_line(m, now) for m in models)
     return "\n".join(lines)
+
+
+def _budget_line(budget: dict[str, Any]) -> str:
+    """'12 of 40 requests today (daily_request_cap), $0.0000 (no daily_cost_cap_usd); paid models refused'."""
+    cap, usd = budget.get("daily_request_cap"), budget.get("daily_cost_cap_usd")
+    line = (f"{budget.get('requests_today', 0)}" + (f" of {cap}" if cap else "") + " requests today"
+            + (" (daily_request_cap)" if cap else " (no daily_request_cap)")
+            + f", ${float(budget.get('cost_today') or 0):.4f}" + (f" of ${usd:g} (daily_cost_cap_usd)" if usd
+                                                                 else " (no daily_cost_cap_usd)"))
+    if budget.get("allow_paid"):
+        return line + "; paid models allowed"
+    allowed = budget.get("paid_models") or []
+    return line + "; paid models refused (strict free-only" + (f", except {', '.join(allowed)}" if allowed
+                                                               else "") + ")"
 
 
 def eta_seconds(queue: dict[str, int], per_minute: float) -> float | None:
