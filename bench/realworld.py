@@ -113,6 +113,7 @@ class Figures:
     lost_reviews: int = 0
     baselines_off: int = 0
     baselines_compared: int = 0
+    baselines_unmeasured: int = 0
     damaged: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -391,8 +392,9 @@ def written_tests(repo: Path, results: list[Result]) -> tuple[str, bool]:
     return f"{len(files)} files, {tests - failed - skipped} passed, {failed} failed, {skipped} skipped", ok
 
 
-def compare_coverage(results: list[Result], suite: dict[str, tuple[float, int]]) -> tuple[list[str], int, int]:
-    lines, off, compared = [], 0, 0
+def compare_coverage(results: list[Result], suite: dict[str, tuple[float, int]]) -> tuple[list[str], int, int, int]:
+    """Lines, and how many baselines were off by more than 1 point, compared, not measured by ohd."""
+    lines, off, compared, unmeasured = [], 0, 0, 0
     for r in results:
         if r.type != "unit_test":
             continue
@@ -403,6 +405,7 @@ def compare_coverage(results: list[Result], suite: dict[str, tuple[float, int]])
             why = cov.get("error") or ("no candidate ran green" if r.kind in ("failed", "quarantined")
                                        else "no coverage section")
             lines.append(f"{r.target}: ohd n/a ({why}); coverage.py {theirs}")
+            unmeasured += 1
             continue
         ours = 100.0 * cov["before"] / cov["statements"]
         compared += 1
@@ -412,7 +415,7 @@ def compare_coverage(results: list[Result], suite: dict[str, tuple[float, int]])
         lines.append(f"{r.target}: ohd {ours:.1f}% of {cov['statements']}, coverage.py {theirs}"
                      f"{f'  OFF BY {abs(ours - ref):.1f} POINTS' if bad else ''}"
                      f" (ohd's baseline: {', '.join(cov.get('baseline') or ()) or 'no test file'})")
-    return lines, off, compared
+    return lines, off, compared, unmeasured
 
 
 # -- printing -------------------------------------------------------------------------------------
@@ -450,8 +453,8 @@ def report(fig: Figures) -> None:
     for note in fig.notes:
         print(f"  {note}")
     print(f"  invariants: false possible-bug alarms {fig.false_alarms}, lost reviews {fig.lost_reviews}, "
-          f"baselines off by >1 point {fig.baselines_off} of {fig.baselines_compared}, "
-          f"tracked files damaged {fig.damaged}")
+          f"baselines off by >1 point {fig.baselines_off} of {fig.baselines_compared} "
+          f"({fig.baselines_unmeasured} not measured by ohd), tracked files damaged {fig.damaged}")
 
 
 def bench(project: Project, cache: Path, quick: bool, workers: int) -> Figures:
@@ -480,7 +483,8 @@ def bench(project: Project, cache: Path, quick: bool, workers: int) -> Figures:
         fig.notes.append("the project's own suite does not pass here: quarantines are not counted as false alarms")
     fig.tracked, fig.damaged = tracked_changes(repo, fig.results)
     fig.written_tests, fig.written_tests_ok = written_tests(repo, fig.results)
-    fig.coverage_lines, fig.baselines_off, fig.baselines_compared = compare_coverage(fig.results, suite_cov)
+    (fig.coverage_lines, fig.baselines_off, fig.baselines_compared,
+     fig.baselines_unmeasured) = compare_coverage(fig.results, suite_cov)
     return fig
 
 
@@ -500,19 +504,22 @@ def main() -> None:
     projects = [p for p in PROJECTS if not chosen or p.name in chosen]
     commit = run(["git", "rev-parse", "--short", "HEAD"], ROOT).stdout.strip() or "?"
     print(f"ohd at {commit}; offline provider; {args.workers} workers; cache {args.cache}")
+    start = time.monotonic()
     figures = [bench(p, args.cache, args.quick, args.workers) for p in projects]
     for fig in figures:
         report(fig)
     totals = Counter(r.kind for f in figures for r in f.results)
     alarms, lost = sum(f.false_alarms for f in figures), sum(f.lost_reviews for f in figures)
     off, compared = sum(f.baselines_off for f in figures), sum(f.baselines_compared for f in figures)
+    unmeasured = sum(f.baselines_unmeasured for f in figures)
     damaged = sum(f.damaged for f in figures)
     failing_written = sum(1 for f in figures if not f.written_tests_ok)
     print(f"\ntotal: {len(figures)} projects, {sum(len(f.results) for f in figures)} tasks: "
           f"{totals['written']} written, {totals['ohd-new']} .ohd-new, {totals['quarantined']} quarantined, "
           f"{totals['failed']} failed; false possible-bug alarms {alarms}, lost reviews {lost}, "
-          f"baselines off by >1 point {off} of {compared}, tracked files damaged {damaged}, "
-          f"projects whose written tests fail {failing_written}")
+          f"baselines off by >1 point {off} of {compared} ({unmeasured} not measured by ohd), "
+          f"tracked files damaged {damaged}, projects whose written tests fail {failing_written}; "
+          f"{(time.monotonic() - start) / 60:.0f} min")
     sys.exit(1 if alarms or lost or off or damaged else 0)
 
 
