@@ -254,6 +254,15 @@ def test_an_invalid_cron_string_ends_in_rejected_with_a_clear_error(
 # -- schedules -----------------------------------------------------------------------
 
 
+def test_a_rule_with_a_cron_nickname_is_registered_and_an_unknown_one_rejected(
+        repo: Path, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
+    put_rule(ingestor, clock, repo, "weekly.yaml", "type: review\ntarget: shop/pricing.py\nschedule: '@weekly'\n")
+    assert [rule.relpath for rule in book.rules()] == ["tasks.d/weekly.yaml"]
+    put_rule(ingestor, clock, repo, "often.yaml", "type: review\ntarget: shop/pricing.py\nschedule: '@often'\n")
+    error = (repo / "tasks.d" / ".rejected" / "often.yaml.error.txt").read_text()
+    assert error.startswith("tasks.d/often.yaml: field 'schedule': '@often' is not a cron nickname")
+
+
 def test_a_cron_rule_fires_with_an_injected_clock(
         repo: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
     put_rule(ingestor, clock, repo, "nightly.yaml", NIGHTLY_RULE)       # clock: 2026-01-01 12:00 UTC

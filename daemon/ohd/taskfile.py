@@ -160,7 +160,8 @@ class TaskSpec(pydantic.BaseModel, extra="forbid", frozen=True, json_schema_extr
     @field_validator("schedule")
     @classmethod
     def _five_fields(cls, value: str | None) -> str | None:
-        if value is not None and len(value.split()) != 5:
+        # a nickname (`@daily`) is one word; `schedule.compile_cron` knows which ones exist
+        if value is not None and not value.strip().startswith("@") and len(value.split()) != 5:
             raise ValueError(f"'{value}' is not a cron expression of 5 space-separated fields")
         return value
 
