@@ -57,3 +57,9 @@ def test_status_text_shows_the_budget_against_the_daily_caps_and_whether_paid_mo
                                   "daily_cost_cap_usd": None, "allow_paid": True, "paid_models": []}}
     assert ("budget:  3 requests today (no daily_request_cap), $0.0000 (no daily_cost_cap_usd); "
             "paid models allowed") in status_text(open_)
+
+
+def test_the_eta_is_no_sooner_than_the_last_pending_task_may_run() -> None:
+    assert eta_seconds({"queued": 5, "pending": 1}, 2.0, wait_s=3600.0) == 3630.0   # then one more task
+    assert eta_seconds({"queued": 5, "pending": 1}, 2.0, wait_s=10.0) == 180.0      # the queue takes longer
+    assert eta_seconds({"queued": 5, "pending": 0}, 2.0, wait_s=3600.0) == 150.0      # nothing waits

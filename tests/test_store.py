@@ -257,6 +257,15 @@ def test_retry_of_a_pending_task_queues_it_now_to_decide_again(store: Store, clo
     assert claimed(store, clock) == task_id
 
 
+def test_last_wait_is_the_latest_not_before_of_a_pending_task(store: Store, clock: FakeClock) -> None:
+    assert store.last_wait() is None
+    ids = [store.enqueue(REPO, spec(), clock.now()) for _ in range(2)]
+    for task_id, hours in zip(ids, (11, 2), strict=True):
+        claimed(store, clock, "w1")
+        store.defer(task_id, "w1", clock.now() + timedelta(hours=hours), clock.now(), "waiting")
+    assert store.last_wait() == clock.now() + timedelta(hours=11)
+
+
 @pytest.mark.parametrize("state", ["queued", "running", "completed"])
 def test_retry_anything_but_failed_or_cancelled_is_invalid(store: Store, clock: FakeClock, state: str) -> None:
     task_id = store.enqueue(REPO, spec(), clock.now())

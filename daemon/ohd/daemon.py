@@ -467,7 +467,8 @@ class Daemon:
                                 completed_in_window=history.completed_between(now - window, now))
         today = self.store.totals_today(now)
         return {"now": now.isoformat(), "today": today, "throughput": throughput.as_dict(),
-                "eta_s": eta_seconds(self.store.counts(), throughput.per_minute),
+                "eta_s": eta_seconds(self.store.counts(), throughput.per_minute,
+                                     (last - now).total_seconds() if (last := self.store.last_wait()) else 0.0),
                 **({"budget": self._budget(self.pool, now, float(today["cost"]))} if self.pool else {})}
 
     @staticmethod

@@ -355,6 +355,14 @@ class Store:
         e = self.m.execution
         return [Execution(**row) for row in dict_rows(e.select().where(e.task_id == task_id).order_by(e.id))]
 
+    def last_wait(self) -> datetime | None:
+        """The latest `not_before` of a pending task (when the last waiting task may run), None if none."""
+        self._read()
+        t = self.m.task
+        row = (t.select(t.not_before).where((t.status == TaskStatus.PENDING.value) & t.not_before.is_null(False))
+               .order_by(t.not_before.desc()).first())
+        return None if row is None else row.not_before
+
     def counts(self) -> dict[str, int]:
         """Tasks per status; every status present."""
         self._read()

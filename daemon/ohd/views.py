@@ -66,12 +66,17 @@ def _budget_line(budget: dict[str, Any]) -> str:
                                                                else "") + ")"
 
 
-def eta_seconds(queue: dict[str, int], per_minute: float) -> float | None:
-    """Seconds until the queued and pending tasks are done at `per_minute`; None if unknown."""
+def eta_seconds(queue: dict[str, int], per_minute: float, wait_s: float = 0.0) -> float | None:
+    """Seconds until the queued and pending tasks are done at `per_minute`, and no sooner than the
+    last pending task may run (`wait_s` from now: a cooldown, a probe, UTC midnight); None if unknown."""
     waiting = queue.get("queued", 0) + queue.get("pending", 0)
     if waiting == 0:
         return 0.0
-    return round(waiting / per_minute * 60, 1) if per_minute > 0 else None
+    if per_minute <= 0:
+        return None
+    rate = waiting / per_minute * 60
+    after_wait = max(0.0, wait_s) + 60 / per_minute if queue.get("pending", 0) and wait_s > 0 else 0.0
+    return round(max(rate, after_wait), 1)
 
 
 def tasks_text(tasks: Sequence[dict[str, Any]]) -> str:
