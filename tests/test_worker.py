@@ -18,6 +18,7 @@ from ohd import ladder, views
 from ohd.clock import SystemClock
 from ohd.llm import Completion, ModelClient
 from ohd.quotas import Governor
+from ohd.routing import Policy
 from ohd.store import Store
 from ohd.taskfile import TaskSpec
 from ohd.tasktypes import Job
@@ -165,6 +166,37 @@ def test_a_probe_that_gets_an_answer_resumes_the_tasks_waiting_for_that_server_a
     run_pool(store, server, clock, ["model-a"])         # the clock does not move
     assert [store.get_task(i).status for i in (probe, waiting)] == ["completed", "completed"]
     assert len(server.completions()) == 2
+
+
+def test_a_newer_task_does_not_take_the_slot_that_older_pending_tasks_wait_for(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    def task(name: str) -> int:
+        return store.enqueue(str(repo), spec(description=name, output=f"tests/test_{name}.py"), clock.now())
+
+    async def main(steps: list[float]) -> None:
+        async with httpx.AsyncClient() as http:
+            client = ModelClient(http, server.url, "sk-test", clock, retries=0)
+
+            async def call(model: str, messages: list[dict[str, str]], timeout_s: float, job: Job) -> Completion:
+                return await client.complete(model, messages, timeout_s)
+
+            pool = Pool(store, call, clock, models=["m"], size=1, policy=Policy(rpm={"m": 1}))
+            for step in steps:
+                clock.advance(step)
+                if step == 59.5:
+                    task("fourth")          # arrives a moment before the slot the others wait for frees
+                await pool.run_until_idle()
+
+    for name in ("first", "second", "third"):
+        task(name)
+    asyncio.run(main([0.0, 59.5, 5.0]))
+    names = [_named(r.body) for r in server.completions()]
+    assert names == ["first", "second"], names
+
+
+def _named(body: Any) -> str:
+    text = " ".join(m["content"] for m in body["messages"])
+    return next(name for name in ("first", "second", "third", "fourth") if name in text)
 
 
 def test_429_moves_to_the_next_model_without_spending_an_attempt(repo: Path, store: Store,

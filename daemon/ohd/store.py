@@ -37,7 +37,7 @@ from ohd.records import (
     task_from_row,
     tuple_rows,
 )
-from ohd.taskfile import TaskSpec
+from ohd.taskfile import Priority, TaskSpec
 
 __all__ = ["Claim", "Execution", "Store", "Task", "TaskStatus", "open_database"]
 
@@ -355,6 +355,14 @@ class Store:
         e = self.m.execution
         return [Execution(**row) for row in dict_rows(e.select().where(e.task_id == task_id).order_by(e.id))]
 
+    def waits_before(self, task: Task, at: datetime) -> bool:
+        """An older pending task of at least `task`'s priority may run by `at`: it goes first (FIFO)."""
+        self._read()
+        t = self.m.task
+        return bool(t.select(t.id).where(
+            (t.status == TaskStatus.PENDING.value) & (t.not_before <= at) & (t.rank >= _rank_of(task))
+            & (t.id < task.id)).exists())
+
     def last_wait(self) -> datetime | None:
         """The latest `not_before` of a pending task (when the last waiting task may run), None if none."""
         self._read()
@@ -407,3 +415,7 @@ class Store:
              .on_conflict(conflict_target=[w.repo, w.path],
                           update={w.sha256: sha256, w.task_id: task_id, w.written_at: now})
              .execute())
+
+
+def _rank_of(task: Task) -> int:
+    return Priority(task.priority).rank

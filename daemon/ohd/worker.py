@@ -281,7 +281,8 @@ class Pool:
                     return Outcome(TaskStatus.FAILED, error=choice.reason or "no usable model: every candidate is gone")
                 wait = (choice.at - self.clock.now()).total_seconds()
                 down = next((self.unreachable[m] for m in candidates if m in self.unreachable), None)
-                if wait > self.hold_s or down:      # a server that is down is not waited for in place
+                # a server that is down is not waited for in place, nor a slot an older task waits for
+                if wait > self.hold_s or down or await self._store(self.store.waits_before, run.task, choice.at):
                     return Outcome(TaskStatus.PENDING, not_before=choice.at, error=choice.reason or (
                         f"waiting for the model server: {down}; the next probe at {choice.at.isoformat()}, "
                         "and the task resumes once the server answers" if down else
