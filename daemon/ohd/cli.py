@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ STATUSES = ("pending", "queued", "running", "completed", "failed", "cancelled")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _WARNED.clear()
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
@@ -53,8 +55,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _silence_stdout() -> None:
     """Point stdout at /dev/null, so the interpreter's flush at exit cannot fail again."""
-    import os
-
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
@@ -131,10 +131,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings(args: argparse.Namespace, **overrides: Any) -> Any:
+_WARNED: set[str] = set()
+
+
+def settings(args: argparse.Namespace, env_warnings: bool = True, **overrides: Any) -> Any:
+    """The settings; the `OHD_*` variables ohd ignores are warned about on stderr (the daemon
+    passes `env_warnings=False` and logs them, see `warn_unknown_variables`)."""
     from ohd import config
 
-    return config.load(args.config, **overrides)
+    conf = config.load(args.config, **overrides)
+    if env_warnings:
+        for problem in config.unknown_variables(os.environ, conf.api_key_env):
+            if problem not in _WARNED:          # once per command, which may load the settings twice
+                _WARNED.add(problem)
+                print(f"ohd: warning: {problem}", file=sys.stderr)
+    return conf
+
+
+def warn_unknown_variables(conf: Any) -> None:
+    """Log the `OHD_*` variables ohd ignores (the daemon, once its log is set up)."""
+    import logging
+
+    from ohd import config
+
+    for problem in config.unknown_variables(os.environ, conf.api_key_env):
+        logging.getLogger("ohd.config").warning(problem)
 
 
 def client(args: argparse.Namespace) -> Any:
@@ -154,13 +175,15 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     from ohd import daemon
 
     repos = [p.resolve() for p in args.repo] if args.repo else None
-    conf = settings(args, repos=repos, workers=args.workers, log_level=args.log_level, log_format=args.log_format)
+    conf = settings(args, env_warnings=False, repos=repos, workers=args.workers, log_level=args.log_level,
+                    log_format=args.log_format)
     from ohd import logfmt
 
     logfmt.setup(conf.log_level, conf.log_format, [conf.api_key.get_secret_value()] if conf.api_key else [],
                  conf.log_file)
-    daemon.serve(conf, reload=lambda: settings(args, repos=repos, workers=args.workers, log_level=args.log_level,
-                                               log_format=args.log_format))   # flags still win
+    warn_unknown_variables(conf)
+    daemon.serve(conf, reload=lambda: settings(args, env_warnings=False, repos=repos, workers=args.workers,
+                                               log_level=args.log_level, log_format=args.log_format))   # flags win
     return EXIT_OK
 
 
@@ -181,8 +204,6 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_service(args: argparse.Namespace) -> int:
-    import os
-
     from ohd import service
 
     directory = service.unit_dir(os.environ)

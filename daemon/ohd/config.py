@@ -9,6 +9,7 @@ Only `cli` and `daemon` import this module; everything below gets plain values.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tomllib
@@ -33,6 +34,9 @@ DEFAULT_MODELS = (
     "google/gemma-3-27b-it:free",
 )
 _LIST_KEYS = {"models", "repos", "paid_models"}
+# `OHD_*` variables ohd reads that are no setting: the config file's path, the git hooks' switch
+# (`OHD_HOOKS=off`), the test suite's PostgreSQL
+NOT_SETTINGS = frozenset({"OHD_CONFIG", "OHD_HOOKS", "OHD_TEST_POSTGRES_URL"})
 _DICT_KEYS = {"rate_limits", "daily_limits", "model_priors", "model_tags", "rule_levels"}   # JSON objects in OHD_* variables
 
 
@@ -205,6 +209,27 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
             continue
         values[key] = _split_list(raw) if key in _LIST_KEYS else _json_object(raw) if key in _DICT_KEYS else raw
     return values
+
+
+def unknown_variables(env: Mapping[str, str], api_key_env: str = "OPENROUTER_API_KEY") -> list[str]:
+    """A warning per `OHD_*` variable of `env` that ohd ignores, naming the closest setting.
+
+    Unknown keys of the TOML file are errors; a variable may belong to another program, so
+    an unknown one is only a warning (the caller shows it where the user looks).
+    """
+    known = {f"OHD_{key.upper()}" for key in set(Settings.model_fields) - {"api_key"}}
+    problems = []
+    for name in sorted(env):
+        if not name.startswith("OHD_") or name in known or name in NOT_SETTINGS or name == api_key_env:
+            continue
+        if name == "OHD_API_KEY":
+            problems.append(f"{name} is ignored: the API key is read from {api_key_env} "
+                            "(the variable named by api_key_env)")
+            continue
+        close = difflib.get_close_matches(name[4:], sorted(n[4:] for n in known | NOT_SETTINGS), n=1, cutoff=0.6)
+        hint = f"did you mean OHD_{close[0]}?" if close else "see the README's Configuration for the settings"
+        problems.append(f"{name} is not a setting ohd knows and is ignored; {hint}")
+    return problems
 
 
 def _json_object(raw: str) -> Any:
