@@ -33,6 +33,7 @@ from ohd.errors import (
 from ohd.llm import Completion, ModelClient, OfflineProvider, reset_at
 
 from tests.support.clock import FakeClock
+from tests.support.waiting import wait_for
 from tests.support.fake_openrouter import (
     FakeOpenRouter,
     error,
@@ -368,6 +369,21 @@ def test_a_refused_connection_is_unreachable_and_not_retried_here(clock: FakeClo
     assert isinstance(caught.value, ServerError) and not caught.value.sent    # no request reached a server
     assert "Connection refused" in str(caught.value)
     assert clock.slept == [], "the breaker waits for the server, not a retry loop"
+
+
+def test_a_connection_dropped_mid_answer_is_retried_and_then_unreachable(clock: FakeClock) -> None:
+    import threading
+
+    server = FakeOpenRouter().start()
+    server.default = slow(60)                   # the server dies while this answer is on its way
+    stopper = threading.Thread(target=lambda: (wait_for(lambda: server.requests, what="the request"),
+                                               server.stop()))
+    stopper.start()
+    with pytest.raises(Unreachable) as caught:
+        complete(server.url, clock, timeout_s=120, retries=1)
+    stopper.join()
+    assert len(server.requests) == 1 and len(clock.slept) == 1   # the drop was retried, into a closing port
+    assert caught.value.error_class == "unreachable"     # refused, or reset before an answer: the same to the pool
 
 
 # --- the key stays secret ----------------------------------------------------------------
