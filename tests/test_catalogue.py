@@ -197,7 +197,7 @@ def test_a_real_daemon_with_models_auto_takes_the_free_models_the_server_lists(
         env = daemon_env(tmp_path, runtime, OPENROUTER_API_KEY="k", OHD_BASE_URL=url, OHD_MODELS="auto")
         daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
         try:
-            ids = wait_for(lambda: [m["id"] for m in daemon.json("models")] == ["fake/x:free", "fake/y:free"],
+            ids = wait_for(lambda: [m["id"] for m in daemon.json("models")["models"]] == ["fake/x:free", "fake/y:free"],
                            timeout=30, what="the discovered models")
         finally:
             assert daemon.stop() == 0

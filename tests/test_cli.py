@@ -78,7 +78,7 @@ def test_tasks_and_show_read_the_store_without_a_daemon(repo: Path, capsys: pyte
     task_id = store.enqueue(str(repo), TaskSpec.model_validate({"type": "review", "target": "shop/pricing.py"}),
                             FakeClock().now(), source="cli")
     assert main(["tasks", "--json"]) == 0
-    assert [t["id"] for t in json.loads(capsys.readouterr().out)] == [task_id]
+    assert [t["id"] for t in json.loads(capsys.readouterr().out)["tasks"]] == [task_id]
     assert main(["show", str(task_id)]) == 0
     assert "review shop/pricing.py" in capsys.readouterr().out
     assert main(["show", "999"]) == 1

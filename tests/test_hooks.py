@@ -498,11 +498,11 @@ def test_commits_made_while_the_daemon_is_down_are_handled_after_it_starts(repo:
     runtime = Path(os.environ["OHD_RUNTIME_DIR"])
     daemon = DaemonProcess(daemon_env(tmp_path, runtime), repo, tmp_path / "daemon.log").start()
     try:
-        tasks = wait_for(lambda: [t for t in daemon.json("tasks") if t["target"] != "shop/pricing.py"]
+        tasks = wait_for(lambda: [t for t in daemon.json("tasks")["tasks"] if t["target"] != "shop/pricing.py"]
                          if not list(spool_dir(repo).glob("*.event")) else None,
                          timeout=60, what="the spool to be handled")
         commit(repo, {"shop/c.py": "C = 3\n"})                  # and a commit while it runs
-        wait_for(lambda: any(t["target"] == "shop/c.py" for t in daemon.json("tasks"))
+        wait_for(lambda: any(t["target"] == "shop/c.py" for t in daemon.json("tasks")["tasks"])
                  and not list(spool_dir(repo).glob("*.event")), timeout=60,
                  what="the events of a commit made while the daemon runs to be handled")
     finally:

@@ -321,7 +321,7 @@ def test_ohd_metrics_json_and_prometheus_through_the_cli(served: ApiServer,
 
 def test_ohd_models_shows_measured_stats(served: ApiServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "--json"]) == 0
-    [model] = json.loads(capsys.readouterr().out)
+    [model] = json.loads(capsys.readouterr().out)["models"]
     assert (model["id"], model["state"], model["stats"]["calls"], model["stats"]["rate_limited"]) == (MODEL_A, "ready", 26, 3)
     assert main(["models"]) == 0
     line = capsys.readouterr().out
@@ -340,7 +340,7 @@ def test_the_daemon_serves_metrics_of_its_own_work(repo: Path, tmp_path: Path) -
         (repo / "tasks.d" / "review.yaml").write_text("type: review\ntarget: shop/pricing.py\n")
         wait_for(lambda: daemon.json("metrics")["tasks"]["completed"] == 1, timeout=60, what="task 1 to complete")
         data = daemon.json("metrics")
-        [model] = daemon.json("models")
+        [model] = daemon.json("models")["models"]
         text = daemon.ohd("metrics").stdout
     finally:
         assert daemon.stop() == 0

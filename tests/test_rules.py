@@ -112,7 +112,7 @@ def test_an_on_change_rule_needs_no_target_and_its_tasks_target_the_changed_file
     ids = book.changed(src, ["src/pkg/mod.py"], "post-commit")
     assert [store.get_task(i).target for i in ids] == ["src/pkg/mod.py"]
     assert main(["rules", "--json", "--repo", str(src)]) == 0
-    [row] = json.loads(capsys.readouterr().out)
+    [row] = json.loads(capsys.readouterr().out)["rules"]
     assert row["target"] is None and row["on_change"] == ["src/**/*.py"]
 
 
@@ -323,7 +323,7 @@ def test_rules_command_lists_rules_with_next_firing(
     (repo / "tasks.d" / "nightly.yaml").write_text(NIGHTLY_RULE)
     (repo / "tasks.d" / "once.yaml").write_text("type: review\ntarget: shop/pricing.py\n")
     assert main(["rules", "--json", "--repo", str(repo)]) == 0
-    [row] = json.loads(capsys.readouterr().out)
+    [row] = json.loads(capsys.readouterr().out)["rules"]
     assert row["rule"] == "tasks.d/nightly.yaml" and row["next_fire"] and row["last_task"] is None
     assert main(["rules", "--repo", str(repo)]) == 0
     assert "tasks.d/nightly.yaml  review  schedule '0 3 * * *'" in capsys.readouterr().out
@@ -496,7 +496,7 @@ def test_the_daemon_runs_rules_from_saves_without_looping_on_its_own_output(
     daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
 
     def tasks(target: str) -> list[dict[str, object]]:
-        return [t for t in daemon.json("tasks") if t["target"] == target]
+        return [t for t in daemon.json("tasks")["tasks"] if t["target"] == target]
 
     try:
         wait_for(lambda: "rule tasks.d/docs.yaml registered" in (tmp_path / "daemon.log").read_text(),
@@ -542,7 +542,7 @@ def test_the_daemon_runs_a_held_rerun_when_the_running_task_ends_not_at_its_time
         daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
 
         def tasks() -> list[dict[str, Any]]:
-            return [t for t in daemon.json("tasks") if t["target"] == "shop/pricing.py"]
+            return [t for t in daemon.json("tasks")["tasks"] if t["target"] == "shop/pricing.py"]
 
         try:
             wait_for(lambda: "rule tasks.d/reviews.yaml registered" in (tmp_path / "daemon.log").read_text(),

@@ -269,6 +269,20 @@ def test_show_task_with_executions(client: Client, store: Store, repo: Path, clo
     assert [(e["model"], e["outcome"]) for e in shown["executions"]] == [("m1", "accepted")]
 
 
+def test_ohd_tasks_json_prints_the_document_get_tasks_answers(
+        client: Client, store: Store, repo: Path, clock: FakeClock, capsys: pytest.CaptureFixture[str]) -> None:
+    from ohd.cli import main
+
+    ids = [enqueue(store, repo, clock) for _ in range(2)]
+    store.cancel(ids[0], clock.now())
+    for query, flags in (("", []), ("?status=cancelled", ["--status", "cancelled"]), ("?limit=1", ["--limit", "1"])):
+        assert main(["tasks", "--json", *flags]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed == client.get(f"/tasks{query}") and list(printed) == ["tasks"] and printed["tasks"]
+    assert main(["models", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == client.get("/models")
+
+
 def test_unknown_task_raises_not_found(client: Client) -> None:
     with pytest.raises(NotFound) as info:
         client.get("/tasks/999")

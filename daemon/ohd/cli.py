@@ -165,6 +165,8 @@ def client(args: argparse.Namespace) -> Any:
 
 
 def emit(data: Any, as_json: bool, text: Callable[[Any], str]) -> None:
+    """`data` as JSON (a listing is an object keyed by what it lists, as the socket API answers
+    it: `{"tasks": [...]}`, so that it can grow keys) or as `text`."""
     print(json.dumps(data, indent=2, default=str) if as_json else text(data))
 
 
@@ -262,7 +264,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     from ohd import views
 
     tasks = [t.as_dict() for t in open_store(args).list_tasks(args.status, args.limit)]
-    emit(tasks, args.json, views.tasks_text)
+    emit({"tasks": tasks}, args.json, lambda d: views.tasks_text(d["tasks"]))   # the shape of GET /tasks
     return EXIT_OK
 
 
@@ -299,7 +301,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from ohd import views
 
-    emit(client(args).get("/models")["models"], args.json, views.models_text)
+    emit(client(args).get("/models"), args.json, lambda d: views.models_text(d["models"]))   # GET /models
     return EXIT_OK
 
 
@@ -383,7 +385,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
                 book.register(repo, relpath, spec)
             except TaskFileError as exc:
                 print(f"ohd: {exc}", file=sys.stderr)
-    emit(book.listing(clock.now()), args.json, listing_text)
+    emit({"rules": book.listing(clock.now())}, args.json, lambda d: listing_text(d["rules"]))
     return EXIT_OK
 
 

@@ -101,7 +101,7 @@ def test_tasks_and_show_work_while_the_daemon_is_down_and_status_exits_3(
     wait_for(lambda: _task_done(daemon, 1), timeout=60, what="task 1 to finish")
     daemon.stop()
     assert daemon.ohd("status").returncode == 3
-    listed = daemon.json("tasks")
+    listed = daemon.json("tasks")["tasks"]
     assert [t["id"] for t in listed] == [1]
     assert daemon.ohd("show", "99").returncode == 1
 
@@ -128,7 +128,7 @@ def test_kill_9_mid_task_then_restart_completes_the_task_once(repo: Path, tmp_pa
         restarted = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
         try:
             task = wait_for(lambda: _task_done(restarted, 1), timeout=60, what="task 1 to finish")
-            listed = restarted.json("tasks")
+            listed = restarted.json("tasks")["tasks"]
         finally:
             restarted.stop()
     assert task["status"] == "completed"
