@@ -65,6 +65,7 @@ from bench.llamaserver import (
 MAX_TOKENS = 384          # a bound on each answer, so a run takes minutes (the model rambles otherwise)
 LATENCY_TOLERANCE = 0.10
 SENT_LINE = re.compile(r" ohd\.llm: model .*\[task_id=(\d+) ")   # the client's one line per request
+REASON_CHARS = 150        # of a task's error in the table
 PARKED_S = 600           # a task deferred further than this while the server is up is reported, not awaited
 TERMINAL = {"completed", "failed", "cancelled"}
 # real modules, copied from ohd's own package (small, standard library only)
@@ -244,6 +245,8 @@ class Run:
             executions = shown.get("executions", [])
             outcomes = ", ".join(e["outcome"] for e in executions) or "-"
             reason = shown.get("error") or row["decision"] or ""
+            if len(reason) > REASON_CHARS:      # the whole text: `ohd show ID`
+                reason = reason[:REASON_CHARS] + f"... (ohd show {task_id})"
             print(f"{task_id:>5} {spec.type:9} {spec.target.removeprefix('realmods/'):12} {sent[task_id]:>4} "
                   f"{len(exchanges):>9} {row['ok']:>3} {row['cut']:>3}  {outcomes[:38]:38} {shown['attempts']:>3}  "
                   f"{shown['status']}{': ' + reason if reason else ''}")
