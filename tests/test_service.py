@@ -51,6 +51,16 @@ def test_systemd_analyze_verify_passes(tmp_path: Path, mode: list[str]) -> None:
     assert done.returncode == 0 and "ohd.service" not in done.stderr, done.stderr
 
 
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze missing (.ci/run installs Debian's systemd)")
+@pytest.mark.parametrize("mode", [[], ["--user"]])
+def test_systemd_analyze_verify_passes_on_the_repos_own_unit_file(tmp_path: Path, mode: list[str]) -> None:
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
+    done = subprocess.run(["systemd-analyze", *mode, "verify", str(ROOT / "systemd" / "ohd.service")],
+                          capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0 and "ohd.service" not in done.stderr, done.stderr
+
+
 # -- ExecStart ----------------------------------------------------------------------
 
 

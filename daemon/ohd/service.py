@@ -20,7 +20,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 UNIT_NAME = "ohd.service"
-DEFAULT_EXEC_START = "%h/.local/bin/ohd daemon"
+# The repo's copy of the unit: `ohd` on the user manager's PATH, through a path that exists
+# everywhere (a placeholder such as `%h/.local/bin/ohd` fails `systemd-analyze verify` where it
+# is absent); `ohd service install` writes the real executable instead.
+DEFAULT_EXEC_START = "/usr/bin/env ohd daemon"
 _EXEC_START = "@EXEC_START@"
 UNIT_TEMPLATE = """\
 # ohd as a systemd user service. Written by `ohd service install` (which sets ExecStart to the
@@ -38,7 +41,8 @@ Documentation=https://github.com/ohd-dev/ohd#running-as-a-service
 Type=notify
 # Only the daemon's own process may notify; git and pytest runs it starts may not.
 NotifyAccess=main
-# The daemon in the foreground; install puts the real path (and any --repo/--config) here.
+# The daemon in the foreground; install puts the real path (and any --repo/--config) here
+# (a hand-copied file runs the ohd on the PATH of `systemctl --user show-environment`).
 ExecStart=@EXEC_START@
 # SIGHUP re-reads config.toml and the rule files without dropping a task (workers resize live).
 ExecReload=/bin/kill -HUP $MAINPID
