@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -70,9 +72,13 @@ def parse_exposition(text: str) -> dict[str, Family]:
         else:
             assert not line.startswith("#") and line.strip() == line and line, where
             name, labels, value = parse_sample(line)
-            assert name == current and families[name].type, f"{where}: sample outside its family"
-            assert labels not in families[name].samples, f"{where}: duplicate series"
-            families[name].samples[labels] = value
+            assert current is not None and families[current].type, f"{where}: sample outside its family"
+            suffixes = ("", "_sum", "_count") if families[current].type == "summary" else ("",)
+            assert name in [current + suffix for suffix in suffixes], f"{where}: sample outside its family"
+            if name != current:                     # a summary's _sum and _count, keyed apart
+                labels = (("__name__", name),) + labels
+            assert labels not in families[current].samples, f"{where}: duplicate series"
+            families[current].samples[labels] = value
     return families
 
 
@@ -233,7 +239,7 @@ def test_prometheus_text_parses_and_has_the_samples(store: Store, clock: FakeClo
     assert types == {"ohd_uptime_seconds": "gauge", "ohd_tasks": "gauge", "ohd_tasks_completed_last_hour": "gauge",
                      "ohd_throughput_tasks_per_minute": "gauge", "ohd_model_calls_total": "counter",
                      "ohd_model_tokens_total": "counter", "ohd_model_cost_usd_total": "counter",
-                     "ohd_model_success_ratio": "gauge", "ohd_model_latency_ms": "gauge"}
+                     "ohd_model_success_ratio": "gauge", "ohd_model_latency_seconds": "summary"}
     calls = families["ohd_model_calls_total"].samples
     unit = (("model", MODEL_A), ("task_type", "unit_test"))
     assert calls[unit + (("outcome", "accepted"),)] == 12
@@ -241,8 +247,10 @@ def test_prometheus_text_parses_and_has_the_samples(store: Store, clock: FakeClo
     assert calls[(("model", MODEL_B), ("task_type", "unit_test"), ("outcome", "rate_limited"))] == 1
     assert calls[(("model", MODEL_B), ("task_type", "unit_test"), ("outcome", "accepted"))] == 0
     assert sum(calls.values()) == 27
-    latency = families["ohd_model_latency_ms"].samples
-    assert latency == {(("model", MODEL_A), ("quantile", "0.5")): 1100, (("model", MODEL_A), ("quantile", "0.95")): 5000}
+    latency = families["ohd_model_latency_seconds"].samples
+    assert latency == {(("model", MODEL_A), ("quantile", "0.5")): 1.1, (("model", MODEL_A), ("quantile", "0.95")): 5,
+                       (("__name__", "ohd_model_latency_seconds_sum"), ("model", MODEL_A)): 33,
+                       (("__name__", "ohd_model_latency_seconds_count"), ("model", MODEL_A)): 22}
     tokens = families["ohd_model_tokens_total"].samples
     assert tokens[unit + (("kind", "prompt"),)] == 2000 and tokens[unit + (("kind", "completion"),)] == 1000
     assert families["ohd_model_cost_usd_total"].samples[unit] == pytest.approx(0.02)
@@ -251,6 +259,36 @@ def test_prometheus_text_parses_and_has_the_samples(store: Store, clock: FakeClo
     assert families["ohd_uptime_seconds"].samples[()] == UPTIME_S
     assert families["ohd_tasks_completed_last_hour"].samples[()] == 2
     assert families["ohd_throughput_tasks_per_minute"].samples[()] == pytest.approx(0.1)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None,
+                    reason="promtool missing (.ci/run installs Debian's prometheus)")
+@pytest.mark.parametrize("filled", [True, False])
+def test_promtool_check_metrics_passes(store: Store, clock: FakeClock, filled: bool) -> None:
+    if filled:
+        fill(store, clock)
+    done = subprocess.run(["promtool", "check", "metrics"], input=prometheus(snapshot(store, clock)),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and not done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def test_the_prometheus_client_parser_reads_every_family_and_the_latency_summary(
+        store: Store, clock: FakeClock) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fill(store, clock)
+    families = {f.name: f for f in text_string_to_metric_families(prometheus(snapshot(store, clock)))}
+    # the client names a counter family without its _total
+    assert {name: f.type for name, f in families.items()} == {
+        "ohd_uptime_seconds": "gauge", "ohd_tasks": "gauge", "ohd_tasks_completed_last_hour": "gauge",
+        "ohd_throughput_tasks_per_minute": "gauge", "ohd_model_calls": "counter", "ohd_model_tokens": "counter",
+        "ohd_model_cost_usd": "counter", "ohd_model_success_ratio": "gauge", "ohd_model_latency_seconds": "summary"}
+    latency = {(s.name, s.labels.get("quantile")): s.value for s in families["ohd_model_latency_seconds"].samples
+               if s.labels["model"] == MODEL_A}
+    assert latency == {("ohd_model_latency_seconds", "0.5"): 1.1, ("ohd_model_latency_seconds", "0.95"): 5.0,
+                       ("ohd_model_latency_seconds_sum", None): 33.0, ("ohd_model_latency_seconds_count", None): 22.0}
+    weird = {s.labels["model"] for s in families["ohd_model_calls"].samples}
+    assert weird == {MODEL_A, MODEL_B}
 
 
 def test_label_values_and_numbers_are_written_as_the_format_wants() -> None:
@@ -312,7 +350,7 @@ def test_ohd_metrics_json_and_prometheus_through_the_cli(served: ApiServer,
     assert data["totals"]["calls"] == 27 and data["totals"]["rate_limited"] == 4
     assert data["models"][0]["latency_p95_ms"] == 5000
     assert main(["metrics", "--prometheus"]) == 0
-    assert "ohd_model_latency_ms" in parse_exposition(capsys.readouterr().out)
+    assert "ohd_model_latency_seconds" in parse_exposition(capsys.readouterr().out)
     assert main(["metrics"]) == 0
     assert capsys.readouterr().out.startswith("# HELP ohd_uptime_seconds")
     with pytest.raises(SystemExit):

@@ -43,6 +43,8 @@ class CallStats:
     cost: float = 0.0
     latency_p50_ms: int | None = None
     latency_p95_ms: int | None = None
+    answered: int = 0              # the calls the latencies are of (those that got an answer)
+    latency_sum_ms: int = 0
 
     @property
     def calls(self) -> int:
@@ -157,7 +159,8 @@ def call_stats(rows: Iterable[Usage], sorted_latencies: Sequence[int]) -> CallSt
     # rounded: a float SUM drifts in the last digits (0.020000000000000004)
     return CallStats(outcomes=outcomes, prompt_tokens=prompt, completion_tokens=completion, cost=round(cost, 10),
                      latency_p50_ms=percentile(sorted_latencies, 0.5),
-                     latency_p95_ms=percentile(sorted_latencies, 0.95))
+                     latency_p95_ms=percentile(sorted_latencies, 0.95),
+                     answered=len(sorted_latencies), latency_sum_ms=sum(sorted_latencies))
 
 
 def with_stats(states: Sequence[Mapping[str, Any]], metrics: Metrics) -> list[dict[str, Any]]:
@@ -175,11 +178,16 @@ def with_stats(states: Sequence[Mapping[str, Any]], metrics: Metrics) -> list[di
 # -- Prometheus text exposition format 0.0.4 ------------------------------------------
 
 Sample = tuple[Mapping[str, str], float]
+Series = tuple[str, Mapping[str, str], float]     # a sample with its name's suffix (a summary's `_sum`)
 
 
 def prometheus(metrics: Metrics) -> str:
-    """The snapshot in the Prometheus text format; ends with a newline."""
-    families: list[tuple[str, str, str, list[Sample]]] = [
+    """The snapshot in the Prometheus text format; ends with a newline.
+
+    `promtool check metrics` passes on it: units are spelled out (`_seconds`), and the latency
+    percentiles are a summary, the only type a `quantile` label belongs to.
+    """
+    families: list[tuple[str, str, str, Sequence[Sample | Series]]] = [
         ("ohd_uptime_seconds", "gauge", "Seconds since the daemon started.", [({}, metrics.uptime_s)]),
         ("ohd_tasks", "gauge", "Tasks in the store, by status.",
          [({"status": status}, count) for status, count in sorted(metrics.tasks.items())]),
@@ -195,14 +203,20 @@ def prometheus(metrics: Metrics) -> str:
          [({"model": m.model, "task_type": kind}, s.cost) for m in metrics.models for kind, s in m.by_task_type]),
         ("ohd_model_success_ratio", "gauge", "Accepted results / calls, by model.",
          [({"model": m.model}, rate) for m in metrics.models if (rate := m.stats.success_rate) is not None]),
-        ("ohd_model_latency_ms", "gauge", "Latency percentiles (nearest rank) of answered calls, in milliseconds.",
-         _latency_samples(metrics)),
+        ("ohd_model_latency_seconds", "summary",
+         "Latency of the calls that got an answer, by model: percentiles (nearest rank), sum and count.",
+         _latency_series(metrics)),
     ]
     lines = []
     for name, kind, help_text, samples in families:
         lines += [f"# HELP {name} {escape_help(help_text)}", f"# TYPE {name} {kind}"]
-        lines += [f"{name}{format_labels(labels)} {format_value(value)}" for labels, value in samples]
+        lines += [f"{name}{suffix}{format_labels(labels)} {format_value(value)}"
+                  for suffix, labels, value in map(_series, samples)]
     return "\n".join(lines) + "\n"
+
+
+def _series(sample: Sample | Series) -> Series:
+    return sample if len(sample) == 3 else ("", sample[0], sample[1])
 
 
 def _call_samples(metrics: Metrics) -> list[Sample]:
@@ -221,13 +235,17 @@ def _token_samples(metrics: Metrics) -> list[Sample]:
             for which, tokens in (("prompt", s.prompt_tokens), ("completion", s.completion_tokens))]
 
 
-def _latency_samples(metrics: Metrics) -> list[Sample]:
-    samples: list[Sample] = []
+def _latency_series(metrics: Metrics) -> list[Series]:
+    series: list[Series] = []
     for m in metrics.models:
+        if not m.stats.answered:
+            continue
         for label, value in zip(QUANTILES, (m.stats.latency_p50_ms, m.stats.latency_p95_ms)):
             if value is not None:
-                samples.append(({"model": m.model, "quantile": label}, value))
-    return samples
+                series.append(("", {"model": m.model, "quantile": label}, value / 1000))
+        series += [("_sum", {"model": m.model}, m.stats.latency_sum_ms / 1000),
+                   ("_count", {"model": m.model}, m.stats.answered)]
+    return series
 
 
 def escape_label(value: str) -> str:
