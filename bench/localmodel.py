@@ -27,8 +27,9 @@ recorded executions (outcomes), attempts, final status and reason, and per answe
 server-side wall time against the latency ohd recorded. Then the checks, each a FAIL line
 when it does not hold (exit status 1): every task ends (none lost, none stuck), none fails
 because the server was down for a while, every answer the server gave is one execution
-in ohd with the model id the server lists and the token counts it reported, each recorded
-latency within 10% of the server-side time, and every finished task's output and report
+in ohd with the model id the server lists and the token counts it reported, no execution
+is `rate_limited` unless the server answered 429, each recorded latency within 10% of the
+server-side time, and every finished task's output and report
 are on disk, at different paths. A 135M model writes poor code: rejected answers are
 expected; what is checked is that each one is handled and reported truthfully.
 """
@@ -282,6 +283,10 @@ class Run:
         if recorded:
             self.fails.append(f"{tag}: executions recorded under models the server does not list: "
                               + ", ".join(f"{m} x{n}" for m, n in recorded.items()))
+        limited = [e for e in executions if e["outcome"] == "rate_limited"]
+        if limited and not any(e.status == 429 for e in exchanges):
+            self.fails.append(f"{tag}: {len(limited)} execution(s) recorded as rate_limited, but the server never "
+                              f"answered 429 ({limited[0].get('error')})")
         if len(answered) != len(with_answer):
             self.fails.append(f"{tag}: the server answered {len(answered)} requests, ohd recorded "
                               f"{len(with_answer)} executions with an answer ({[e['outcome'] for e in executions]})")
