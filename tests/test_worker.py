@@ -438,3 +438,20 @@ def test_a_malformed_answer_names_the_model_that_gave_it(repo: Path, store: Stor
     first = store.executions(task_id)[0]
     assert first.outcome == "malformed"
     assert first.error is not None and first.error.startswith("vendor/small: malformed: a code block is opened")
+
+
+def test_a_retry_refused_by_an_open_breaker_is_not_a_429(store: Store, clock: FakeClock) -> None:
+    # found by bench/localmodel.py: a request cut when llama.cpp's server was killed was to be retried
+    # after another task's failure had opened the breaker; the execution said rate_limited ("no request
+    # left within the known limits"), for a server that never answers 429, and the model cooled down
+    from ohd.errors import RateLimited, Unreachable
+
+    async def never_called(model: str, messages: list[dict[str, str]], timeout_s: float, job: Job) -> Completion:
+        raise AssertionError("no call is made")
+
+    pool = Pool(store, never_called, clock, models=["m"], size=1)
+    pool.governor.unreachable("m", clock.now(), "cannot connect (Connection refused)")
+    with pytest.raises(Unreachable) as raised:
+        asyncio.run(pool.pace("m"))
+    assert not isinstance(raised.value, RateLimited)
+    assert "breaker" in str(raised.value)

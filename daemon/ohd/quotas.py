@@ -199,6 +199,11 @@ class Governor:
                         model, state.failures, (state.opened_at + self.policy.breaker_reset).isoformat())
         return state
 
+    def breaker_open(self, model: str, now: datetime) -> bool:
+        """The model's breaker is open now (no probe due yet)."""
+        self.db.connect(reuse_if_open=True)
+        return routing.health(self._state(model), now, self.policy) is routing.Health.OPEN
+
     def unreachable(self, model: str, now: datetime, reason: str) -> ModelState:
         """The server refused or dropped the connection: the breaker opens now; its probe decides."""
         with self._tx():

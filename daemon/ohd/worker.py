@@ -117,10 +117,16 @@ class Pool:
             self.workers[worker_id] = asyncio.create_task(self._worker(worker_id, self.stop))
 
     async def pace(self, model: str) -> None:
-        """Reserve a slot for a retry inside one model call (llm's `before_retry`); none left: a 429."""
+        """Reserve a slot for a retry inside one model call (llm's `before_retry`); none left: a 429,
+        or, when the model's breaker is open, the server is unreachable."""
         at = await self._store(self.governor.reserve, model, self.clock.now())
-        if at is not None:
-            raise RateLimited(model, at, "no request left within the known limits for a retry")
+        if at is None:
+            return
+        if await self._store(self.governor.breaker_open, model, self.clock.now()):
+            # another task found the server unreachable meanwhile: not a quota, not a 429
+            raise Unreachable(model, "not retried: the model's breaker opened meanwhile (the server could not "
+                                     "be reached); its probe decides when to go on", sent=True)
+        raise RateLimited(model, at, "no request left within the known limits for a retry")
 
     def model_states(self) -> list[dict[str, Any]]:
         """State, cooldown and requests left of each configured model, from the store (any thread)."""
