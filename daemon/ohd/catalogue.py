@@ -176,12 +176,26 @@ class Catalogue:
         """Refresh now, then every `refresh_s` on the clock, until `stop` is set; never raises."""
         while not stop.is_set():
             try:
-                await self.refresh()
+                await self._until_stopped(stop)
             except Exception:
                 log.exception("catalogue: refresh failed; retrying in %g s", self.refresh_s)
             # a model list still to be read (a server you run that is down) is asked for again soon
             await self._wait(stop, min(self.retry_s, self.refresh_s) if self.discover and not self.pool.models
                              else self.refresh_s)
+
+    async def _until_stopped(self, stop: asyncio.Event) -> None:
+        """One refresh, cancelled when `stop` is set first: a slow or hung GET /models must not
+        hold the daemon's stop (it did, up to the request's timeout, past systemd's stop timeout)."""
+        refresh = asyncio.ensure_future(self.refresh())
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({refresh, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (refresh, stopper):
+                waiter.cancel()
+            await asyncio.gather(refresh, stopper, return_exceptions=True)
+        if not refresh.cancelled() and (error := refresh.exception()) is not None:
+            raise error
 
     async def _wait(self, stop: asyncio.Event, seconds: float) -> None:
         sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
