@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from ohd import delivery
 from ohd.llm import Completion, ModelClient
 from ohd.store import Store
 from ohd.taskfile import TaskSpec
@@ -265,3 +266,43 @@ def test_a_docstring_answer_never_rewrites_the_line_endings_of_the_users_module(
     assert task.status == "completed", task.error
     assert module.read_bytes() == crlf                          # the answer has LF line endings
     assert task.output_path == "shop/pricing.py.ohd-new"
+
+
+# --- a cancelled task's report -----------------------------------------------------------------
+
+
+def test_a_cancelled_task_whose_report_cannot_be_written_says_why_and_stays_cancelled(
+        repo: Path, store: Store, clock: FakeClock) -> None:
+    task_id = enqueue(store, repo, clock, target="gone/away.py")
+    store.cancel(task_id, clock.now())
+    for _ in range(2):      # idempotent: the second call changes nothing
+        task = delivery.report_cancel(store, task_id, clock.now())
+        assert (task.status, task.report_path) == ("cancelled", None)
+        assert task.error == ("cancelled by the user, before any model answered; no report was written "
+                              "(gone/away.py: its folder gone/ does not exist)")
+    assert not (repo / "gone").exists()
+
+
+def test_a_cancel_whose_report_fails_in_ohd_still_stands(repo: Path, store: Store, clock: FakeClock,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    task_id = enqueue(store, repo, clock)
+    store.cancel(task_id, clock.now())
+
+    def broken(task_id: int) -> list[Any]:
+        raise RuntimeError("a defect")
+
+    monkeypatch.setattr(store, "executions", broken)    # nothing real fails here on demand
+    task = delivery.report_cancel(store, task_id, clock.now())
+    assert (task.status, task.error) == ("cancelled", "cancelled by the user")
+
+
+def test_a_pending_task_cancelled_says_what_its_last_call_was(repo: Path, store: Store, clock: FakeClock) -> None:
+    task_id = enqueue(store, repo, clock)
+    store.record_execution(task_id, 0, "m", clock.now(), clock.now(), 0, 0, None, "rate_limited", "RateLimited",
+                           "m: rate limited until 13:00")
+    store.cancel(task_id, clock.now())
+    task = delivery.report_cancel(store, task_id, clock.now())
+    assert task.error == "cancelled by the user, after 0 attempt(s); the last call: m rate_limited: m: rate limited until 13:00"
+    report = json.loads((repo / str(task.report_path)).read_text())
+    assert (report["decision"], report["error"], [a["outcome"] for a in report["attempts"]]) == (
+        "cancelled", task.error, ["rate_limited"])

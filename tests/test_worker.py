@@ -24,8 +24,9 @@ from ohd.taskfile import TaskSpec
 from ohd.tasktypes import Job
 from ohd.worker import Pool
 from tests.support.clock import FakeClock
-from tests.support.fake_openrouter import FakeOpenRouter, error, garbage, ok, rate_limited
+from tests.support.fake_openrouter import FakeOpenRouter, error, garbage, ok, rate_limited, slow
 from tests.support.governed import GOOD
+from tests.support.waiting import wait_for
 
 BROKEN = "```python\ndef test_x(:\n    pass\n```"
 
@@ -455,3 +456,35 @@ def test_a_retry_refused_by_an_open_breaker_is_not_a_429(store: Store, clock: Fa
         asyncio.run(pool.pace("m"))
     assert not isinstance(raised.value, RateLimited)
     assert "breaker" in str(raised.value)
+
+
+def test_a_task_cancelled_while_running_has_a_report_with_its_attempts_and_last_verdict(
+        repo: Path, store: Store, server: FakeOpenRouter) -> None:
+    clock = SystemClock()
+    server.script("m", [ok(BROKEN), slow(600.0)])    # rejected, then an answer that never comes in time
+    task_id = store.enqueue(str(repo), spec(max_attempts=3), clock.now())
+
+    async def main() -> None:
+        async with httpx.AsyncClient() as http:
+            client = ModelClient(http, server.url, "sk-test", clock, retries=0)
+
+            async def call(model: str, messages: list[dict[str, str]], timeout_s: float, job: Job) -> Completion:
+                return await client.complete(model, messages, timeout_s)
+
+            stop = asyncio.Event()
+            runner = asyncio.create_task(Pool(store, call, clock, models=["m"], size=1).run(stop, grace_s=0.05))
+            await asyncio.to_thread(wait_for, lambda: len(server.completions()) == 2, what="the second request")
+            store.cancel(task_id, clock.now())
+            await asyncio.to_thread(wait_for, lambda: store.get_task(task_id).report_path, what="the report")
+            stop.set()
+            await runner
+
+    asyncio.run(main())
+    task = store.get_task(task_id)
+    assert task.status == "cancelled" and task.attempts == 1
+    assert (task.error or "").startswith("cancelled by the user while running, after 1 attempt(s); "
+                                         "the last answer was rejected: "), task.error
+    report = json.loads((repo / str(task.report_path)).read_text())
+    assert (report["decision"], report["task"]["status"], report["error"]) == ("cancelled", "cancelled", task.error)
+    assert report["verdict"] is not None and not report["verdict"]["accepted"]
+    assert [a["outcome"] for a in report["attempts"]] == ["rejected"]

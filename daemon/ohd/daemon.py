@@ -37,7 +37,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
 
-from ohd import __version__, selection, validate
+from ohd import __version__, delivery, selection, validate
 from ohd.clock import Clock, SystemClock
 from ohd.calls import CallHistory
 from ohd.catalogue import Catalogue
@@ -214,7 +214,8 @@ class Daemon:
         async with AsyncExitStack() as stack:
             call, models = await self._models(stack)
             self.store.migrate()
-            self.store.reap(self.clock.now())       # logs each task it gives back
+            for task_id in self.store.reap(self.clock.now()):    # logs each task it gives back
+                delivery.report_cancel(self.store, task_id, self.clock.now(), while_running=True)  # if cancelled
             pool = Pool(self.store, call, self.clock, models=models, size=self.settings.workers,
                         lease=timedelta(seconds=self.settings.lease_s), policy=policy_of(self.settings),
                         key_id=key_id_of(self.settings), rank=self._rank(self.settings))

@@ -19,7 +19,7 @@ from typing import Any
 from ohd import astrules, outputs, report, validate
 from ohd.errors import TargetError
 from ohd.records import QUARANTINED
-from ohd.store import Store, Task, TaskStatus
+from ohd.store import Execution, Store, Task, TaskStatus
 from ohd.taskfile import TaskType
 from ohd.tasktypes import Job
 
@@ -116,8 +116,57 @@ def report_failure(store: Store, task: Task, run: Run | None, outcome: Outcome) 
     """A task that failed outside the validation (refused before any call, every model failed,
     a timeout, an error in ohd) still gets its report; when none can be written (the target's
     folder is gone or outside the repo, a full disk) the error says why."""
+    report_rel, why = _report_beside(store, task, run, "failed", outcome.error)
+    if report_rel is None:
+        return replace(outcome, error=f"{outcome.error}; no report was written ({why})")
+    return replace(outcome, report_path=report_rel)
+
+
+def report_cancel(store: Store, task_id: int, now: datetime, run: Run | None = None,
+                  while_running: bool = False) -> Task:
+    """A cancelled task's report: cancelled by the user, and what had happened so far (attempts,
+    the last verdict or call); its path and that sentence go to the task, or why no report could be
+    written. Called once the store committed the cancel; idempotent, and it never raises (the
+    cancel stands whatever happens here). Returns the task as stored."""
+    try:
+        task = store.get_task(task_id)
+        if task.status != TaskStatus.CANCELLED or task.report_path is not None:
+            return task
+        executions = store.executions(task_id)
+        if run is not None:
+            run = replace(run, task=task, attempts=task.attempts)
+        error = cancel_reason(task, executions, run.verdict if run else None, while_running)
+        report_rel, why = _report_beside(store, task, run, "cancelled", error)
+        if report_rel is None:
+            error = f"{error}; no report was written ({why})"
+        store.record_report(task_id, TaskStatus.CANCELLED, report_rel, error, now)
+        return store.get_task(task_id)
+    except Exception:   # a defect here must not undo or fail the cancel: the store already says cancelled
+        log.exception("task %d: the cancelled task's report failed", task_id)
+        return store.get_task(task_id)
+
+
+def cancel_reason(task: Task, executions: list[Execution], verdict: validate.Verdict | None,
+                  while_running: bool) -> str:
+    """'cancelled by the user [while running]', then what had happened: the attempts, and the last
+    verdict (why it was rejected) or the last call's outcome."""
+    said = "cancelled by the user while running" if while_running else "cancelled by the user"
+    if not executions:
+        return f"{said}, before any model answered"
+    done = f"{said}, after {task.attempts} attempt(s)"
+    if verdict is not None and not verdict.accepted:
+        return f"{done}; the last answer was rejected: {rejection_reason(verdict, task.min_quality)}"
+    last = executions[-1]
+    detail = f": {last.error}" if last.error else f" (score {last.score:.2f})" if last.score is not None else ""
+    return f"{done}; the last call: {last.model} {last.outcome}{detail}"
+
+
+def _report_beside(store: Store, task: Task, run: Run | None, decision: str,
+                   error: str | None) -> tuple[str | None, str | None]:
+    """Write the report of a task that ended without an output: (its path, None), or (None, why
+    none could be written: the target's folder is gone or outside the repo, a full disk)."""
     repo = Path(task.repo)
-    if run is None:   # failed before the target was read: the report says what is known
+    if run is None:   # ended before the target was read: the report says what is known
         job = Job(task_type=TaskType(task.type), target=task.target, source="", module="",
                   output=task.output or "")
         run = Run(task=task, repo=repo, job=job, attempts=task.attempts)
@@ -125,11 +174,10 @@ def report_failure(store: Store, task: Task, run: Run | None, outcome: Outcome) 
         folder = outputs.report_paths(repo, task.target, task.type)[0].parent.parent
         if not folder.is_dir():
             raise TargetError(task.target, f"its folder {folder.name or '.'}/ does not exist")
-        report_rel = write_report(store, run, "failed", None, outcome.error)
+        return write_report(store, run, decision, None, error), None
     except TargetError as exc:
         log.warning("task %d: no report written: %s", task.id, exc)
-        return replace(outcome, error=f"{outcome.error}; no report was written ({exc})")
-    return replace(outcome, report_path=report_rel)
+        return None, str(exc)
 
 
 def write_report(store: Store, run: Run, decision: str, output: str | None, error: str | None = None,
@@ -138,7 +186,8 @@ def write_report(store: Store, run: Run, decision: str, output: str | None, erro
     the same at `<dir>/.ohd/<file>.<type>.json|.md` (the latest); the first's repo-relative path."""
     data = {
         "task": {**run.task.as_dict(), "attempts": run.attempts,
-                 "status": TaskStatus.FAILED.value if decision in ("rejected", "failed") else TaskStatus.COMPLETED.value,
+                 "status": TaskStatus.CANCELLED.value if decision == "cancelled" else
+                 TaskStatus.FAILED.value if decision in ("rejected", "failed") else TaskStatus.COMPLETED.value,
                  "quarantined": decision == "quarantined"},
         "verdict": run.verdict.as_dict() if run.verdict else None,
         "attempts": [e.as_dict() for e in store.executions(run.task.id)],

@@ -9,7 +9,7 @@ colours when a repo's `addopts` has `--color=yes`) never reach a report.
 None when no candidate was validated), `attempts` ([{attempt, model, outcome,
 latency_ms, tokens, error}]; `Execution.as_dict()` rows with prompt/completion tokens are
 fine too), `decision` ("written" | "written_as_ohd_new" | "unchanged" | "rejected" |
-"failed" | "quarantined"), `output_path`, and optionally `intended_output`, `conflict`
+"failed" | "cancelled" | "quarantined"), `output_path`, and optionally `intended_output`, `conflict`
 (why a result went to `.ohd-new`: "not_written_by_ohd" | "edited_since_ohd_wrote"), `error`
 and `possible_bug` (the test file kept, not written, because it fails against the code).
 """
@@ -94,6 +94,8 @@ def decision_sentence(data: Mapping[str, Any]) -> str:
         return f"Nothing was written: {reason or 'no candidate passed validation'}."
     if decision == "failed":
         return f"Nothing was written: {reason or 'every attempt failed'}."
+    if decision == "cancelled":
+        return f"Nothing was written: {reason or 'cancelled by the user'}."
     return f"Decision: {decision}."
 
 

@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pydantic
 
+from ohd import delivery
 from ohd.clock import Clock
 from ohd.errors import ApiError, DaemonAlreadyRunning, InvalidTransition, NotFound, OhdError, TargetError
 from ohd.outputs import resolve_inside
@@ -234,7 +235,8 @@ class ApiServer:
 
     def cancel(self, request: Request) -> Reply:
         task = self.store.cancel(int(request.params[0]), self.clock.now())
-        if task.status == TaskStatus.CANCELLED:
+        if task.status == TaskStatus.CANCELLED:     # committed: now its report (or why none)
+            task = delivery.report_cancel(self.store, task.id, self.clock.now())
             log.info("task %d cancelled over the socket", task.id, extra={"task_id": task.id, "status": task.status})
         else:       # still running: its worker stops it and logs the transition
             log.info("task %d: cancel requested over the socket; its worker stops it", task.id)

@@ -308,6 +308,16 @@ class Store:
             t.update(updated_at=now, **changes).where(t.id == task_id).execute()
             return self.get_task(task_id)
 
+    def record_report(self, task_id: int, status: TaskStatus, report_path: str | None, error: str,
+                      now: datetime) -> bool:
+        """A terminal task's report, written after its status was committed (or why none could be):
+        its path and error; False if the task is no longer `status` or already has a report."""
+        t = self.m.task
+        with self._write():
+            changed = (t.update(report_path=report_path, error=error, updated_at=now)
+                       .where((t.id == task_id) & (t.status == status.value) & t.report_path.is_null()).execute())
+        return bool(changed)
+
     def retry(self, task_id: int, now: datetime) -> Task:
         """failed/cancelled → queued with a clean slate; pending → queued now, to decide again (its
         attempts kept); anything else → InvalidTransition."""
@@ -321,7 +331,7 @@ class Store:
             if task.status not in (TaskStatus.FAILED, TaskStatus.CANCELLED):
                 raise InvalidTransition(task_id, task.status, "retry")
             t.update(status=TaskStatus.QUEUED.value, attempts=0, error=None, cancel_requested=False,
-                     not_before=None, started_at=None, finished_at=None, lease_owner=None,
+                     report_path=None, output_path=None, not_before=None, started_at=None, finished_at=None, lease_owner=None,
                      lease_until=None, updated_at=now).where(t.id == task_id).execute()
             return self.get_task(task_id)
 

@@ -206,8 +206,8 @@ class Pool:
                 run = self.prepared.pop(task.id, None)
             if outcome is not None and outcome.status is TaskStatus.FAILED and outcome.report_path is None:
                 outcome = await asyncio.to_thread(delivery.report_failure, self.store, task, run, outcome)
-            if outcome is not None:
-                await self._commit(claim, outcome)
+            if outcome is not None and await self._commit(claim, outcome) is TaskStatus.CANCELLED:
+                await self._report_cancel(task.id, run)
 
     async def _await_work(self, claim: Claim, work: asyncio.Task[Outcome]) -> Outcome | None:
         current = asyncio.current_task()
@@ -443,8 +443,9 @@ class Pool:
 
     # -- store -----------------------------------------------------------------
 
-    async def _commit(self, claim: Claim, outcome: Outcome) -> None:
-        """Store the outcome, then log the transition the store made (none if the lease was lost)."""
+    async def _commit(self, claim: Claim, outcome: Outcome) -> TaskStatus | None:
+        """Store the outcome, then log the transition the store made; the new status (None if the
+        lease was lost)."""
         task, now = claim.task, self.clock.now()
         if outcome.status is TaskStatus.PENDING and outcome.not_before is not None:
             status = await self._store(self.store.defer, task.id, claim.worker_id, outcome.not_before, now,
@@ -457,11 +458,17 @@ class Pool:
             elif status is not None:
                 log.info("task %d cancelled (a cancel came in while it ran)", task.id,
                          extra={"task_id": task.id, "status": status.value})
-            return
-        if await self._store(self.store.finish, task.id, claim.worker_id, outcome.status, now,
-                             outcome.error, outcome.output_path, outcome.report_path):
-            log.info("task %d %s: %s", task.id, outcome.status.value, outcome.note or outcome.error or "done",
-                     extra={"task_id": task.id, "status": outcome.status.value})
+            return status
+        if not await self._store(self.store.finish, task.id, claim.worker_id, outcome.status, now,
+                                 outcome.error, outcome.output_path, outcome.report_path):
+            return None
+        log.info("task %d %s: %s", task.id, outcome.status.value, outcome.note or outcome.error or "done",
+                 extra={"task_id": task.id, "status": outcome.status.value})
+        return outcome.status
+
+    async def _report_cancel(self, task_id: int, run: Run | None) -> None:
+        """The cancel is committed: its report says what had happened so far (never fails)."""
+        await asyncio.to_thread(delivery.report_cancel, self.store, task_id, self.clock.now(), run, True)
 
     async def _record(self, run: Run, model: str, started: datetime, completion: Completion | None,
                       outcome: str, exc: ModelError | None, verdict: validate.Verdict | None = None,
@@ -492,6 +499,8 @@ class Pool:
             log.info("task %d %s", claim.task.id, "released back to the queue" if status is TaskStatus.QUEUED
                      else "cancelled (a cancel came in while it ran)",
                      extra={"task_id": claim.task.id, "status": status.value})
+        if status is TaskStatus.CANCELLED:
+            await self._report_cancel(claim.task.id, self.prepared.get(claim.task.id))
 
     async def _store(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a store call in a thread so a busy SQLite lock never stalls the loop."""

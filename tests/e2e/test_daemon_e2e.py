@@ -184,3 +184,50 @@ def test_sigterm_past_the_grace_period_puts_the_task_back_in_the_queue(repo: Pat
         assert daemon.stop(signal.SIGTERM) == 0
     task = daemon.json("show", "1")
     assert task["status"] == "queued" and task["executions"] == []
+
+
+def _reported(daemon: DaemonProcess, task_id: str) -> dict[str, object] | None:
+    """The task once it is cancelled and has its report."""
+    task = daemon.json("show", task_id)
+    return task if task["status"] == "cancelled" and task["report_path"] else None
+
+
+def test_a_task_cancelled_queued_or_running_over_the_cli_has_a_report_saying_so(
+        repo: Path, tmp_path: Path, runtime: Path) -> None:
+    with fake_openrouter("--latency-ms", "120000") as url:    # the running task's answer never comes in time
+        env = daemon_env(tmp_path, runtime, OPENROUTER_API_KEY="k", OHD_BASE_URL=url, OHD_MODELS="fake/slow:free",
+                         OHD_WORKERS="1")
+        daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
+        try:
+            ids = []
+            for priority in ("critical", "low"):
+                submitted = daemon.ohd("submit", "--type", "unit_test", "--target", "shop/pricing.py",
+                                       "--repo", str(repo), "--priority", priority)
+                assert submitted.returncode == 0, submitted.stderr
+                ids.append(submitted.stdout.strip())
+            running, queued = ids
+            wait_for(lambda: daemon.json("show", running)["status"] == "running", timeout=60, what="running")
+            assert daemon.json("show", queued)["status"] == "queued"    # one worker, busy with the other
+            assert daemon.ohd("cancel", queued).returncode == 0
+            assert daemon.ohd("cancel", running).returncode == 0
+            tasks = {task_id: wait_for(lambda: _reported(daemon, task_id), timeout=60, what=f"task {task_id}'s report")
+                     for task_id in ids}
+            reports = [_report_files(repo, task) for task in tasks.values()]
+            assert daemon.ohd("retry", queued).returncode == 0      # its report is written again when it ends
+            assert daemon.ohd("cancel", queued).returncode == 0
+            again = wait_for(lambda: _reported(daemon, queued), timeout=60, what="the second cancel's report")
+            reports.append(_report_files(repo, again))
+        finally:
+            daemon.stop(signal.SIGKILL)     # the fake server holds its answers (and GET /models) for minutes
+    assert tasks[queued]["error"] == "cancelled by the user, before any model answered"
+    assert str(tasks[running]["error"]).startswith("cancelled by the user while running")
+    assert str(again["error"]).startswith("cancelled by the user")
+    for task, (report, markdown) in zip((*tasks.values(), again), reports):
+        assert (report["decision"], report["task"]["status"], report["error"]) == (
+            "cancelled", "cancelled", task["error"])
+        assert f"Nothing was written: {task['error']}." in markdown
+
+
+def _report_files(repo: Path, task: dict[str, object]) -> tuple[dict[str, object], str]:
+    path = repo / str(task["report_path"])
+    return json.loads(path.read_text()), path.with_suffix(".md").read_text()
