@@ -24,7 +24,16 @@ from ohd.taskfile import TaskSpec
 from ohd.tasktypes import Job
 from ohd.worker import Pool
 from tests.support.clock import FakeClock
-from tests.support.fake_openrouter import FakeOpenRouter, error, garbage, ok, rate_limited, slow
+from tests.support.fake_openrouter import (
+    FakeOpenRouter,
+    error,
+    garbage,
+    not_found,
+    ok,
+    rate_limited,
+    server_error,
+    slow,
+)
 from tests.support.governed import GOOD
 from tests.support.waiting import wait_for
 
@@ -488,3 +497,16 @@ def test_a_task_cancelled_while_running_has_a_report_with_its_attempts_and_last_
     assert (report["decision"], report["task"]["status"], report["error"]) == ("cancelled", "cancelled", task.error)
     assert report["verdict"] is not None and not report["verdict"]["accepted"]
     assert [a["outcome"] for a in report["attempts"]] == ["rejected"]
+
+
+def test_every_model_failing_leads_the_error_with_each_models_reason(repo: Path, store: Store,
+                                                                     server: FakeOpenRouter, clock: FakeClock) -> None:
+    server.script("m1", [server_error(500, "upstream fell over")])
+    server.script("m2", [not_found()])
+    task_id = store.enqueue(str(repo), spec(), clock.now())
+    run_pool(store, server, clock, ["m1", "m2"])
+    task = store.get_task(task_id)
+    assert task.status == "failed"
+    assert task.error == ("every model failed: m1: server: HTTP 500: upstream fell over; "
+                          "m2: not_found: HTTP 404: No endpoints found for m2."), task.error
+    assert json.loads((repo / str(task.report_path)).read_text())["error"] == task.error

@@ -280,7 +280,8 @@ class Pool:
             if refusal := self._too_long(run, candidates):
                 return refusal
             if not candidates:
-                return Outcome(TaskStatus.FAILED, error="every model failed; see the executions")
+                return Outcome(TaskStatus.FAILED, error="every model failed: " + "; ".join(run.model_errors.values())
+                               if run.model_errors else "every model failed; see the executions")
             choice = await self._store(self.governor.acquire, candidates, self.clock.now())
             if choice.model is None:
                 if choice.at is None:
@@ -350,6 +351,7 @@ class Pool:
         except ModelError as exc:
             note = self.governor.gone if isinstance(exc, ModelGone) else self.governor.failed
             await self._store(note, model, self.clock.now())
+            run.model_errors[model] = str(exc)
             log.debug("task %d: %s failed (%s); next model", run.task.id, model, exc.error_class)
             candidates.remove(model)
             return None
