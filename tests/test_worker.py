@@ -510,3 +510,35 @@ def test_every_model_failing_leads_the_error_with_each_models_reason(repo: Path,
     assert task.error == ("every model failed: m1: server: HTTP 500: upstream fell over; "
                           "m2: not_found: HTTP 404: No endpoints found for m2."), task.error
     assert json.loads((repo / str(task.report_path)).read_text())["error"] == task.error
+
+
+def test_a_model_that_repeats_an_unusable_answer_gives_way_to_the_next_model(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    server.script("model-a", [ok("I would test total and the Cart.")] * 5)    # prose, no code block, every time
+    task_id = store.enqueue(str(repo), spec(max_attempts=5), clock.now())
+    run_pool(store, server, clock, ["model-a", "model-b"])
+    task = store.get_task(task_id)
+    assert [r.body["model"] for r in server.completions()] == ["model-a", "model-a", "model-b"]
+    assert task.status == "completed" and task.attempts == 3
+
+
+def test_a_lone_model_that_repeats_an_unusable_answer_fails_saying_so(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    server.script("m", [ok("I would test total and the Cart.")] * 5)
+    task_id = store.enqueue(str(repo), spec(max_attempts=5), clock.now())
+    run_pool(store, server, clock, ["m"])
+    task = store.get_task(task_id)
+    assert len(server.completions()) == 2 and task.attempts == 2
+    assert task.status == "failed"
+    assert (task.error or "").startswith("rejected after 2 attempt(s): no usable answer (m gave the same unusable "
+                                         "answer twice: "), task.error
+    assert json.loads((repo / str(task.report_path)).read_text())["error"] == task.error
+
+
+def test_a_model_whose_unusable_answers_differ_moves_on_after_the_second(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    server.script("model-a", [ok("I cannot help with that."), garbage(), ok("Nor with this.")])
+    task_id = store.enqueue(str(repo), spec(max_attempts=5), clock.now())
+    run_pool(store, server, clock, ["model-a", "model-b"])
+    assert [r.body["model"] for r in server.completions()] == ["model-a", "model-a", "model-b"]
+    assert store.get_task(task_id).status == "completed"

@@ -53,6 +53,7 @@ class Run:
     last_error: tuple[str, tuple[str, ...]] | None = None      # (model, failed rules) of the last rejection
     rejected: dict[str, validate.Verdict] = field(default_factory=dict)   # candidate -> its verdict
     unusable: str | None = None       # why the last answer could not be used (no candidate in it)
+    unusable_from: tuple[str, str] | None = None   # (model, its text) of the last answer, when unusable
     model_errors: dict[str, str] = field(default_factory=dict)   # model -> why it failed and was dropped
 
 

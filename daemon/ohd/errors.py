@@ -171,6 +171,7 @@ class MalformedAnswer(ModelError):
     """The answer is not JSON, has no choices, or holds no usable code block; counts as an attempt."""
 
     error_class = "malformed"
+    answer: str | None = None     # the answer's text, when one came with nothing usable in it
 
 
 class OutputConflict(OhdError):

@@ -345,9 +345,7 @@ class Pool:
             return None
         except MalformedAnswer as exc:
             await self._answered(model)   # it did answer
-            run.unusable = exc.message
-            run.job = tasktypes.with_feedback(run.job, (f"Your previous answer was unusable: {exc.message}",))
-            return None
+            return await self._unusable(run, model, exc, candidates)
         except ModelError as exc:
             note = self.governor.gone if isinstance(exc, ModelGone) else self.governor.failed
             await self._store(note, model, self.clock.now())
@@ -356,9 +354,28 @@ class Pool:
             candidates.remove(model)
             return None
         await self._answered(model)
+        run.unusable_from = None
         if content in run.rejected:
             return await self._repeated(run, model, content, candidates)
         return await self._judge(run, model, content, candidates)
+
+    async def _unusable(self, run: Run, model: str, exc: MalformedAnswer, candidates: list[str]) -> Outcome | None:
+        """An answer with nothing usable in it is fed back; the second in a row from `model` moves
+        on to the next model, and the same text twice drops `model` (it will answer so again)."""
+        said = exc.answer if exc.answer is not None else exc.message
+        before, run.unusable_from = run.unusable_from, (model, said)
+        run.unusable = exc.message
+        run.job = tasktypes.with_feedback(run.job, (f"Your previous answer was unusable: {exc.message}",))
+        if before is None or before[0] != model:
+            return None
+        if before[1] != said:
+            if len(candidates) > 1:
+                candidates.append(candidates.pop(candidates.index(model)))
+            return None
+        candidates.remove(model)
+        run.unusable = f"{model} gave the same unusable answer twice: {exc.message}; it was not asked again"
+        log.info("task %d: %s; %s", run.task.id, run.unusable, "next model" if candidates else "giving up")
+        return None if candidates else await self._give_up(run)
 
     async def _repeated(self, run: Run, model: str, content: str, candidates: list[str]) -> Outcome | None:
         """The same candidate as an earlier, rejected one (a deterministic provider): its verdict
@@ -393,7 +410,7 @@ class Pool:
         try:
             content = tasktypes.extract(run.job.task_type, completion.content)
         except MalformedAnswer as exc:
-            exc.model = completion.answered_by
+            exc.model, exc.answer = completion.answered_by, completion.content
             await self._record(run, model, started, completion, "malformed", exc)
             raise
         run.history.append({"model": completion.answered_by, "completion": completion, "started": started})
