@@ -56,12 +56,15 @@ def copy_project(shape: str, root: Path) -> Path:
 
 
 def _grow(path: Path, lines: int) -> None:
-    """Append small, distinct, documented functions until the module has `lines` lines."""
+    """Append distinct functions of 20 lines each until the module has `lines` lines (a few
+    hundred functions, as in more-itertools' `more.py`, not one per four lines: every
+    function costs the offline provider a test and a docstring, and the suite its time)."""
     text = path.read_text(encoding="utf-8")
     parts, count, n = [text.rstrip("\n")], text.count("\n"), 0
+    body = "".join("\n    y = y + 1" for _ in range(16))
     while count < lines:
-        parts.append(f"\n\ndef offset_{n}(x):\n    return x + {n}")
-        count, n = count + 4, n + 1
+        parts.append(f"\n\ndef offset_{n}(x):\n    y = x{body}\n    return y - 16 + {n}")
+        count, n = count + 21, n + 1
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")
 
 
