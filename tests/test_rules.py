@@ -419,25 +419,15 @@ def test_ohd_writing_its_output_queues_none_but_a_user_edit_does(
     finish(store, first, TaskStatus.COMPLETED, clock)
     written = '"""Run."""\ndef run() -> int:\n    return 1\n'
 
-    async def after(change: Callable[[], None]) -> list[int]:
-        tree = watched(src, clock)
-        try:
-            change()
-            await until(lambda: tree.noted("src/app.py"))
-            clock.advance(2.0)
-            ids: list[int] = []
-            for repo, paths in await tree.flush():
-                ids += await asyncio.to_thread(book.changed, repo, paths, "watch")
-            return ids
-        finally:
-            tree.stop()
+    def after(change: Callable[[], None]) -> list[int]:
+        return asyncio.run(tasks_after(src, clock, book, change, "src/app.py"))
 
     def ohd_writes() -> None:                                   # as the worker's _write does
         store.record_written(str(src.resolve()), "src/app.py", sha256_text(written), first, clock.now())
         atomic_write(src / "src" / "app.py", written)
 
-    assert asyncio.run(after(ohd_writes)) == []
-    assert len(asyncio.run(after(lambda: edit(src, "src/app.py", written + "# mine\n")))) == 1
+    assert after(ohd_writes) == []
+    assert len(after(lambda: edit(src, "src/app.py", written + "# mine\n"))) == 1
 
 
 def test_the_tree_watcher_runs_with_the_system_clock(src: Path, store: Store) -> None:
@@ -609,22 +599,12 @@ def test_accepting_a_proposed_ohd_new_queues_nothing_but_a_later_user_edit_does(
     assert outcome.output_path == "src/app.py.ohd-new"
     finish(store, task_id, TaskStatus.COMPLETED, clock)
 
-    async def after(change: Callable[[], None]) -> list[int]:
-        tree = watched(src, clock)
-        try:
-            change()
-            await until(lambda: tree.noted("src/app.py"))
-            clock.advance(2.0)
-            ids: list[int] = []
-            for repo, paths in await tree.flush():
-                ids += await asyncio.to_thread(book.changed, repo, paths, "watch")
-            return ids
-        finally:
-            tree.stop()
+    def after(change: Callable[[], None]) -> list[int]:
+        return asyncio.run(tasks_after(src, clock, book, change, "src/app.py"))
 
-    assert asyncio.run(after(lambda: (src / "src" / "app.py.ohd-new").rename(src / "src" / "app.py"))) == []
+    assert after(lambda: (src / "src" / "app.py.ohd-new").rename(src / "src" / "app.py")) == []
     assert (src / "src" / "app.py").read_text() == proposed
-    assert len(asyncio.run(after(lambda: edit(src, "src/app.py", proposed + "# mine\n")))) == 1
+    assert len(after(lambda: edit(src, "src/app.py", proposed + "# mine\n"))) == 1
 
 
 def test_the_ladders_candidate_files_are_never_seen_by_the_watch(
@@ -650,3 +630,20 @@ def test_the_ladders_candidate_files_are_never_seen_by_the_watch(
     assert book.changed(repo, paths, "watch") == []
     assert _TreeHandler(repo, lambda _repo, _rel: None).relevant(
         repo / "tests" / f"{testrun.CANDIDATE_PREFIX}0123456789_abcdef.py") is None
+
+
+async def tasks_after(src: Path, clock: FakeClock, book: RuleBook, change: Callable[[], None],
+                      path: str) -> list[int]:
+    """Make `change` under a real tree watch, wait for its event on `path`, let the quiet
+    period pass and return the ids of the tasks the rules queued for it."""
+    tree = watched(src, clock)
+    try:
+        change()
+        await until(lambda: tree.noted(path))
+        clock.advance(2.0)
+        ids: list[int] = []
+        for repo, paths in await tree.flush():
+            ids += await asyncio.to_thread(book.changed, repo, paths, "watch")
+        return ids
+    finally:
+        tree.stop()
