@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ohd import routing
 from ohd.clock import Clock
@@ -28,6 +28,7 @@ from ohd.errors import OhdError
 from ohd.quotas import Governor
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Fetch = Callable[[], Awaitable[Any]]
 ZERO = Decimal(0)
@@ -186,23 +187,23 @@ class Catalogue:
     async def _until_stopped(self, stop: asyncio.Event) -> None:
         """One refresh, cancelled when `stop` is set first: a slow or hung GET /models must not
         hold the daemon's stop (it did, up to the request's timeout, past systemd's stop timeout)."""
-        refresh = asyncio.ensure_future(self.refresh())
-        stopper = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({refresh, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in (refresh, stopper):
-                waiter.cancel()
-            await asyncio.gather(refresh, stopper, return_exceptions=True)
+        refresh = await _unless_stopped(stop, self.refresh())
         if not refresh.cancelled() and (error := refresh.exception()) is not None:
             raise error
 
     async def _wait(self, stop: asyncio.Event, seconds: float) -> None:
-        sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
-        stopper = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in (sleeper, stopper):
-                waiter.cancel()
-            await asyncio.gather(sleeper, stopper, return_exceptions=True)
+        await _unless_stopped(stop, self.clock.sleep(seconds))
+
+
+async def _unless_stopped(stop: asyncio.Event, work: Awaitable[T]) -> asyncio.Future[T]:
+    """Run `work` until it ends or `stop` is set, whichever comes first; the other is
+    cancelled and awaited. Returns `work`'s future (done, or cancelled by the stop)."""
+    job = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({job, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in (job, stopper):
+            waiter.cancel()
+        await asyncio.gather(job, stopper, return_exceptions=True)
+    return job
