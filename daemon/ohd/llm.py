@@ -6,7 +6,11 @@ leaves this room as an `errors.ModelError` subclass, classified here and nowhere
 else (status codes, httpx exceptions and error bodies never travel further).
 Transient failures (`ServerError`, `ModelTimeout`) are retried with tenacity on the
 injected clock; everything else is raised at once. The API key goes into the
-`Authorization` header and nowhere else: never into a log line or an exception.
+`Authorization` header and nowhere else: never into a log line or an exception. A
+server may echo it (in an error body, a header, an answer): every text that leaves this
+room from a server (error messages, the model list) has it masked by `logfmt.Redactor`,
+and an answer whose body repeats it is refused as `MalformedAnswer` (nothing of it is
+used or stored). Redirects are never followed: the key would travel with the request.
 Each request to a model (each retry too, and the offline provider's answer) is logged
 once, by `_log_call`, with `model` and `outcome` as fields; the task comes from the
 pool's `logfmt.task_context`.
@@ -21,7 +25,7 @@ import math
 import os
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -37,7 +41,7 @@ from tenacity import (
 
 from ohd import offline
 from ohd.clock import Clock
-from ohd.logfmt import CURRENT_TASK
+from ohd.logfmt import CURRENT_TASK, Redactor
 from ohd.errors import (
     AuthFailed,
     BadRequest,
@@ -59,7 +63,7 @@ DEFAULT_COOLDOWN = timedelta(seconds=60)
 MIN_COOLDOWN = timedelta(seconds=1)
 MAX_COOLDOWN = timedelta(hours=1)
 LIST_MODELS_TIMEOUT_S = 30.0
-MAX_MESSAGE_CHARS = 300
+MAX_MESSAGE_CHARS = 400   # of an error message (cut after the key is masked: no piece of it stays)
 OFFLINE_MODEL = "offline"
 # How servers word a prompt that does not fit (llama.cpp, OpenAI, vLLM, OpenRouter, Ollama)
 CONTEXT_OVERFLOW = re.compile(r"context (size|length|window)|maximum context|too many tokens|prompt is too long"
@@ -179,6 +183,7 @@ class ModelClient:
         self.temperature = temperature
         self.retries = max(0, retries)
         self._headers = _request_headers(api_key, app_url, app_title)
+        self._redactor = Redactor([api_key] if api_key else [])
         self._rate_limit_streak: dict[str, int] = {}
         self._rate_limits_seen: dict[str, int] = {}   # 429s received per model, ever
         # awaited before each retry (e.g. the pool reserving a request slot); may raise a ModelError
@@ -224,8 +229,10 @@ class ModelClient:
             response = await self._send(model, "POST", "/chat/completions", timeout_s, body)
             latency_ms = max(0, round((self.clock.monotonic() - started) * 1000))
             self._raise_for_status(model, response, seen)
-            completion = _completion(model, response, latency_ms)
+            completion = self._unechoed(_completion(model, response, latency_ms))
         except (ModelError, asyncio.CancelledError) as exc:
+            if isinstance(exc, ModelError):
+                self._redact(exc)   # before anything reads it: the log line, the store, a report
             _log_call(model, attempt, self.clock.monotonic() - started, None, exc)
             raise
         self._rate_limit_streak.pop(model, None)
@@ -233,13 +240,41 @@ class ModelClient:
         return completion
 
     async def _list_models_once(self) -> list[dict[str, Any]]:
-        response = await self._send("models", "GET", "/models", LIST_MODELS_TIMEOUT_S, None)
-        self._raise_for_status("models", response)
+        try:
+            response = await self._send("models", "GET", "/models", LIST_MODELS_TIMEOUT_S, None)
+            self._raise_for_status("models", response)
+        except ModelError as exc:
+            self._redact(exc)
+            raise
         body = _json(response)
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list):
             raise MalformedAnswer("models", "the model list has no 'data' array")
-        return [entry for entry in data if isinstance(entry, dict)]
+        # ids, names and descriptions go to the routing state, `ohd status` and the log
+        return [self._scrubbed(entry) for entry in data if isinstance(entry, dict)]
+
+    def _redact(self, exc: ModelError) -> None:
+        """Mask the key in `exc`'s message (a server's error body, a header it quotes, a library's words),
+        then cut it to `MAX_MESSAGE_CHARS` (in that order: a cut through the key would leave a piece)."""
+        exc.message = self._redactor.redact(exc.message)[:MAX_MESSAGE_CHARS]
+
+    def _scrubbed(self, value: Any) -> Any:
+        """A decoded JSON value with the key masked in every string of it."""
+        if isinstance(value, str):
+            return self._redactor.redact(value)
+        if isinstance(value, list):
+            return [self._scrubbed(item) for item in value]
+        if isinstance(value, dict):
+            return {self._scrubbed(name): self._scrubbed(item) for name, item in value.items()}
+        return value
+
+    def _unechoed(self, completion: Completion) -> Completion:
+        """The answer, unless it repeats the key (a server or model echoing what it was sent, or a
+        prompt injection at work): then nothing of it is used, stored or written."""
+        if any(isinstance(field, str) and self._redactor.holds(field) for field in astuple(completion)):
+            raise MalformedAnswer(completion.model, "the answer repeats the API key ohd sent; it is not used "
+                                                    "(nor stored) and the model is asked again")
+        return completion
 
     async def _send(self, model: str, method: str, path: str, timeout_s: float,
                     body: dict[str, Any] | None) -> httpx.Response:
@@ -247,8 +282,8 @@ class ModelClient:
         try:
             # httpx's timeout bounds each phase; asyncio's bounds the whole exchange (a trickle).
             async with asyncio.timeout(timeout_s):
-                return await self.http.request(method, self.base_url + path, json=body,
-                                               headers=self._headers, timeout=httpx.Timeout(timeout_s))
+                return await self.http.request(method, self.base_url + path, json=body, headers=self._headers,
+                                               timeout=httpx.Timeout(timeout_s), follow_redirects=False)
         except (httpx.TimeoutException, TimeoutError) as exc:
             raise ModelTimeout(model, f"no answer within {timeout_s:g} s ({type(exc).__name__})") from exc
         except httpx.LocalProtocolError:
@@ -271,6 +306,9 @@ class ModelClient:
             return
         body = _json(response)
         message = f"HTTP {status}: {_error_message(body, response)}"
+        if 300 <= status < 400:
+            raise BadRequest(model, f"HTTP {status}: ohd follows no redirect (the API key would go with it); set "
+                                    f"base_url to the address that answers: {response.headers.get('location', '?')}")
         if status == 429:
             count = self._rate_limits_seen.get(model, 0)
             self._rate_limits_seen[model] = count + 1
@@ -303,7 +341,7 @@ def _reason(exc: httpx.RequestError) -> str:
             return os.strerror(cause.errno) if cause.errno else str(cause.strerror)
         cause = cause.__cause__ or cause.__context__
     text = str(exc).strip()
-    return text[:MAX_MESSAGE_CHARS] if text else type(exc).__name__
+    return text or type(exc).__name__
 
 
 def _status_error(status: int) -> type[ModelError]:
@@ -384,7 +422,7 @@ def _error_message(body: Any, response: httpx.Response) -> str:
         text = str(error)
     else:
         text = response.text if body is None else json.dumps(body)
-    return text.strip()[:MAX_MESSAGE_CHARS] or response.reason_phrase
+    return text.strip() or response.reason_phrase
 
 
 def _completion(model: str, response: httpx.Response, latency_ms: int) -> Completion:

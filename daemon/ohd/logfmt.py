@@ -11,7 +11,12 @@ starts `task N` gives N, else the task that `task_context` made current (the poo
 it while a task runs, so the model client's lines carry the task without being told
 it). The filter replaces each configured secret (the API key's value) and any
 `Bearer ...` token in the formatted message, its arguments and the exception text with
-`***`.
+`***`. `Redactor.redact` is the one redaction of ohd: the model client applies the same
+one to everything a server sends back, so the store, the reports, the outputs and the
+socket's answers never hold the key either. It masks the obvious forms a server or a
+library repeats a key in (as is, URL-encoded, JSON-escaped, with its prefix such as
+`sk-or-v1-` cut); a secret shorter than `MIN_SECRET` characters is a placeholder for a
+server that wants none ("ollama", "k") and is not masked (it would mangle every word).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from urllib.parse import quote, quote_plus
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +37,36 @@ FORMATS = ("text", "json")
 CONTEXT = ("task_id", "model", "status", "outcome")
 BEARER = re.compile(r"Bearer\s+[^\s\"',;]+")
 MASK = "***"
+MIN_SECRET = 8      # shorter: a placeholder key, not a secret
+MIN_TAIL = 16       # the part of a key after a '-' or '_' that is a secret on its own
+
+
+def forms(secret: str) -> list[str]:
+    """How `secret` may come back: as is, URL-encoded, JSON-escaped, and each tail of it after a
+    '-' or '_' of at least `MIN_TAIL` characters (`sk-or-v1-<hex>` -> `<hex>`); longest first, so
+    a whole key is masked as one."""
+    tails = [secret[i + 1:] for i, char in enumerate(secret) if char in "-_" and len(secret) - i - 1 >= MIN_TAIL]
+    found = {form for text in (secret, *tails)
+             for form in (text, quote(text, safe=""), quote_plus(text), json.dumps(text)[1:-1])}
+    return sorted((form for form in found if len(form) >= MIN_SECRET), key=len, reverse=True)
 
 
 class Redactor(logging.Filter):
-    """Removes the secrets and `Bearer` tokens from a record before any handler formats it."""
+    """Removes the secrets (in every form of `forms`) and `Bearer` tokens from a text or a record."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
         self.secrets = tuple(s for s in secrets if s)
+        self.forms = sorted({form for secret in self.secrets for form in forms(secret)}, key=len, reverse=True)
 
     def redact(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, MASK)
+        for form in self.forms:
+            text = text.replace(form, MASK)
         return BEARER.sub("Bearer " + MASK, text)
+
+    def holds(self, text: str) -> bool:
+        """Whether `text` carries a secret (in any form); a `Bearer` token alone does not count."""
+        return any(form in text for form in self.forms)
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg = self.redact(record.getMessage())

@@ -15,7 +15,10 @@ In a test::
 Each model has a queue of answers; when it is empty the server gives `default`
 (an `ok(...)` answer unless changed). `rate_limit(n, window_s)` makes it enforce a
 per-model sliding window (a 429 with `X-RateLimit-*` headers, reset in ms epoch), and
-`latency_s` delays every answer. As a process, for end-to-end tests::
+`latency_s` delays every answer. An answer may echo what the client sent: `AUTH`
+(the `Authorization` header), `KEY` (its bearer token), `KEY_TAIL` (the token after its
+last '-') and `KEY_URL` (URL-encoded) are replaced in its body and header values;
+`echo_key(...)` is an error that does so, `redirect(location)` a 3xx. As a process, for end-to-end tests::
 
     python -m tests.support.fake_openrouter --port 0 --latency-ms 200 [--rpm 20]
 
@@ -32,6 +35,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,6 +45,10 @@ from typing import Any, Self
 API_PREFIX = "/api/v1"
 MODEL = "$MODEL"  # replaced by the requested model id when an answer is sent
 GEN = "$GEN"  # replaced by a fresh generation id
+AUTH = "$AUTH"  # replaced by the request's Authorization header (as sent)
+KEY = "$KEY"  # ... by its bearer token
+KEY_TAIL = "$KEY_TAIL"  # ... by the token after its last '-' (the key with its prefix cut)
+KEY_URL = "$KEY_URL"  # ... by the token URL-encoded
 DEFAULT_CONTENT = (
     "```python\n"
     "from shop.pricing import total\n\n\n"   # the test repos' module: the ladder runs this answer
@@ -62,11 +70,21 @@ class Answer:
     headers: tuple[tuple[str, str], ...] = ()
     delay_s: float = 0.0
 
-    def render(self, model: str, generation: str) -> bytes:
+    def render(self, model: str, generation: str, authorization: str = "") -> bytes:
         if self.raw is not None:
-            return self.raw
-        text = json.dumps(self.json)
+            return echoed(self.raw.decode("utf-8", "surrogateescape"), authorization).encode("utf-8", "surrogateescape")
+        text = echoed(json.dumps(self.json), authorization, json_string=True)
         return text.replace(MODEL, json.dumps(model)[1:-1]).replace(GEN, generation).encode()
+
+
+def echoed(text: str, authorization: str, *, json_string: bool = False) -> str:
+    """`text` with the echo placeholders (`AUTH`, `KEY`, `KEY_TAIL`, `KEY_URL`) filled in."""
+    token = authorization.removeprefix("Bearer ").strip()
+    values = {KEY_TAIL: token.rsplit("-", 1)[-1], KEY_URL: urllib.parse.quote(token, safe=""), AUTH: authorization,
+              KEY: token}     # the longer placeholders first: `$KEY` begins `$KEY_TAIL`
+    for name, value in values.items():
+        text = text.replace(name, json.dumps(value)[1:-1] if json_string else value)
+    return text
 
 
 # --- answers -----------------------------------------------------------------------------
@@ -112,6 +130,19 @@ def rate_limited(retry_after: float | str | None = None, reset_ms: int | str | N
     if in_body:
         return error(429, message, headers=headers, metadata={"headers": limit_headers})
     return error(429, message, headers=headers + list(limit_headers.items()))
+
+
+def echo_key(status: int = 401, message: str = f"invalid credentials: {AUTH}") -> Answer:
+    """An error that repeats the key: in its message (default: the whole `Authorization` header),
+    in `error.metadata.raw` (URL-encoded) and in a response header."""
+    return error(status, message, headers=(("X-Echo-Authorization", AUTH),),
+                 metadata={"raw": f"upstream saw key={KEY_URL} ({KEY_TAIL})"})
+
+
+def redirect(location: str, status: int = 307) -> Answer:
+    """A redirect (the client must not follow it: the key would go with it)."""
+    return Answer(status=status, json={"error": {"code": status, "message": f"moved to {location}"}},
+                  headers=(("Location", location),))
 
 
 def server_error(status: int = 500, message: str = "Internal Server Error") -> Answer:
@@ -328,7 +359,9 @@ class _Handler(BaseHTTPRequestHandler):
         if delay > 0 and fake._stopping.wait(delay):
             self.close_connection = True
             return
-        self._send(answer.status, answer.render(model or "", fake._next_generation()), answer)
+        authorization = headers.get("authorization", "")
+        self._send(answer.status, answer.render(model or "", fake._next_generation(), authorization), answer,
+                   authorization)
 
     def _route(self, fake: FakeOpenRouter, headers: dict[str, str], model: str | None) -> Answer:
         route = (self.command, self.path.split("?", 1)[0].rstrip("/"))
@@ -344,14 +377,14 @@ class _Handler(BaseHTTPRequestHandler):
             return Answer(json={"data": {"label": "fake", "limit": None, "usage": 0, "is_free_tier": True}})
         return error(404, f"Not Found: {self.command} {self.path}")
 
-    def _send(self, status: int, payload: bytes, answer: Answer) -> None:
+    def _send(self, status: int, payload: bytes, answer: Answer, authorization: str = "") -> None:
         try:
             self.send_response(status)
             names = {name.lower() for name, _ in answer.headers}
             if "content-type" not in names:
                 self.send_header("Content-Type", "application/json")
             for name, value in answer.headers:
-                self.send_header(name, value)
+                self.send_header(name, echoed(value, authorization))
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)
