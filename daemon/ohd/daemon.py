@@ -46,6 +46,7 @@ from ohd.errors import ConfigError, DaemonAlreadyRunning, OhdError, TaskFileErro
 from ohd.history import History
 from ohd.ingest import Ingestor
 from ohd.llm import Completion, ModelClient, OfflineProvider
+from ohd.logfmt import Redactor
 from ohd.routing import Policy
 from ohd.metrics import DEFAULT_WINDOW, HOUR, Metrics, Throughput, collect, prometheus, with_stats
 from ohd.notify import Notifier, watchdog_interval
@@ -138,7 +139,8 @@ def ladder_of(settings: Settings) -> Ladder:
         raise ConfigError(str(exc)) from None
     tests = TestRunOptions(runs=settings.test_runs, timeout_s=settings.test_timeout_s,
                            secret_env=(settings.api_key_env,), python=settings.test_python,
-                           slots=threading.BoundedSemaphore(settings.test_parallel or os.cpu_count() or 1))
+                           slots=threading.BoundedSemaphore(settings.test_parallel or os.cpu_count() or 1),
+                           redact=Redactor([settings.api_key.get_secret_value()] if settings.api_key else []).redact)
     return Ladder.detect(tests, levels)
 
 

@@ -7,7 +7,9 @@ times in a subprocess with cwd = the repo, and the result comes back as a plain
 `validate.PytestRun`. Invariants: the candidate file (and any directory made for it) is
 gone when `run_candidate` returns, also after a timeout or an error; the subprocess never
 sees the API key (`OPENROUTER_API_KEY`, the configured variable, every `OHD_*`
-variable); a run that outlives its timeout is killed with its whole process group.
+variable), and what it prints comes back with `Options.redact` applied (a test that reads
+the key elsewhere and prints it leaks it into no report, prompt or store row); a run that
+outlives its timeout is killed with its whole process group.
 `interpreter` picks the Python: the repo's own virtualenv when it has pytest, else ohd's.
 `measure_coverage` runs the repo's whole test suite under coverage.py (once per content of
 the target and the test files) and the candidate, for the `coverage_delta` rule. `runs_green`
@@ -56,6 +58,10 @@ _PROBE = ("import importlib.util as u; "
 _TEST_NAME = re.compile(r"(?:^test_.*|.*_test)\.py$")
 
 
+def verbatim(text: str) -> str:
+    return text
+
+
 @dataclass(frozen=True, slots=True)
 class Options:
     """How candidates are run: `runs` times (flaky tests differ), each within `timeout_s`."""
@@ -65,6 +71,7 @@ class Options:
     secret_env: tuple[str, ...] = ()   # more variables to drop (the configured api_key_env)
     python: str = "auto"               # the interpreter: "auto" (the repo's venv, else ohd's) or a path
     slots: threading.Semaphore | None = None   # test processes at once (None: no limit); a wait is not run time
+    redact: Callable[[str], str] = verbatim   # masks the secrets in what a run prints (the daemon's Redactor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +261,7 @@ def _once(python: str, repo: Path, rel: str, env: dict[str, str], options: Optio
     with tempfile.TemporaryDirectory(prefix="ohd-pytest-") as scratch:
         report = Path(scratch) / "report.xml"
         code, out = _run([python, *_PYTEST_ARGS, f"--rootdir={repo}", f"--junitxml={report}", rel],
-                         repo, env, timeout_s, options.slots)
+                         repo, env, timeout_s, options.slots, options.redact)
         tally = read_junit(report)
         out = "\n".join(line for line in out.splitlines() if str(report) not in line)   # "generated xml file"
     if code is None:
@@ -264,8 +271,8 @@ def _once(python: str, repo: Path, rel: str, env: dict[str, str], options: Optio
 
 
 def _run(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float,
-         slots: threading.Semaphore | None = None) -> tuple[int | None, str]:
-    """Exit code (None: killed at the timeout, with its process group) and combined output;
+         slots: threading.Semaphore | None = None, redact: Callable[[str], str] = verbatim) -> tuple[int | None, str]:
+    """Exit code (None: killed at the timeout, with its process group) and combined output, `redact`ed;
     with `slots`, the process starts once a slot is free (the timeout counts from then)."""
     with slots or contextlib.nullcontext():
         proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -275,12 +282,12 @@ def _run(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float,
         except subprocess.TimeoutExpired:
             _kill(proc)
             out, _ = proc.communicate()
-            return None, out
+            return None, redact(out)
         except BaseException:
             _kill(proc)
             proc.communicate()
             raise
-        return proc.returncode, out
+        return proc.returncode, redact(out)
 
 
 # -- coverage_delta ---------------------------------------------------------------------
@@ -403,7 +410,7 @@ def _covered(python: str, root: Path, rels: Sequence[str], env: dict[str, str], 
     coverage, timeout_s = [python, "-m", "coverage"], options.timeout_s
     code, out = _run([*coverage, "run", f"--rcfile={rcfile}", f"--data-file={data}", f"--include={target}",
                       *_PYTEST_ARGS, f"--rootdir={root}", f"--junitxml={junit}", *extra, *rels],
-                     root, env, timeout_s, options.slots)
+                     root, env, timeout_s, options.slots, options.redact)
     what = ", ".join(rels) or "the repo's test suite"
     if code is None:
         raise _NotMeasured(f"pytest under coverage did not finish within {timeout_s:g}s ({what}; "
@@ -413,7 +420,7 @@ def _covered(python: str, root: Path, rels: Sequence[str], env: dict[str, str], 
         raise _NotMeasured(f"pytest under coverage could not run {what} (exit code {code}){f': {last}' if last else ''}")
     tests = (read_junit(junit) or Tally()).total
     code, out = _run([*coverage, "json", f"--rcfile={rcfile}", f"--data-file={data}", "-o", str(report)],
-                     root, env, timeout_s, options.slots)
+                     root, env, timeout_s, options.slots, options.redact)
     if code != 0 or not report.is_file():
         if "No data" in out:
             return Measured(tests=tests)

@@ -77,6 +77,17 @@ def test_total() -> None:
     assert total([1.0]) == 1.0
 ```
 """
+PRYING_TESTS = f"""```python
+import os
+
+from shop.pricing import total
+
+
+def test_total() -> None:
+    environ = open(f"/proc/{{os.getppid()}}/environ", "rb").read().decode()   # the daemon's own
+    assert total([1.0]) == 2.0, [v for v in environ.split("\\0") if v.startswith("{KEY_ENV}=")]
+```
+"""
 REVIEW = ("The function `total` rounds the discounted sum to two decimals and refuses a discount outside "
           "[0, 1); `Cart.add` refuses negative prices. Both are small and correct; `is_free` compares a float "
           "with zero, which is fine for prices that were never computed.\n")
@@ -92,6 +103,8 @@ TASKS = {   # file name -> (task file, the status it must end in)
     "5-tests.yaml": ("type: unit_test\ntarget: shop/pricing.py\nmodels: [echo/content]\n", "completed"),
     "6-note.yaml": ("type: custom\ntarget: shop/pricing.py\noutput: notes/pricing.txt\nprompt: Describe it\n"
                     "models: [echo/long, echo/in-200]\n", "completed"),
+    "7-prying.yaml": ("type: unit_test\ntarget: shop/pricing.py\noutput: tests/test_pricing_env.py\n"
+                      "models: [echo/prying]\n", "completed"),
 }
 
 
@@ -115,6 +128,8 @@ def _scripts(other: str) -> dict[str, list[Answer]]:
         # the message limit (400 characters) falls 32 digits into the key: cut first, they would remain
         "echo/long": [echo_key(404, "x" * 348 + " " + KEY)],
         "echo/in-200": [error_in_200_body(f"provider failed for {AUTH}"), ok(NOTE)],
+        # a test that prints the key it read from the daemon's environment (until point 7 closes that)
+        "echo/prying": [ok(PRYING_TESTS), ok(TESTS)],
     }
 
 
@@ -226,8 +241,13 @@ def test_the_run_met_every_echo_and_ended_each_task_as_planned(run: Run) -> None
     assert not (run.repo / "notes" / "redirect.txt").exists()
     assert "total" in (run.repo / "shop" / ".ohd" / "reviews" / "pricing.py.md").read_text()
     # the refused answers were asked for again with a reason that names no key
-    leaky = [r for r in run.server.requests_for("echo/content")]
+    leaky = run.server.requests_for("echo/content")
     assert len(leaky) == 2 and "repeats the API key" in json.dumps(leaky[1].body)
+    # the prying test failed and its pytest output was fed back (masked: `OHD_TEST_MODEL_KEY=***`
+    # while the test process can read the daemon's environment)
+    prying = run.server.requests_for("echo/prying")
+    assert len(prying) == 2 and "test_pricing_env.py" in json.dumps(prying[1].body)
+    assert (run.repo / "tests" / "test_pricing_env.py").is_file()
 
 
 def test_the_key_is_in_no_log_line_store_row_file_or_reply(run: Run) -> None:
