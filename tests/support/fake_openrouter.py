@@ -18,7 +18,11 @@ per-model sliding window (a 429 with `X-RateLimit-*` headers, reset in ms epoch)
 `latency_s` delays every answer. An answer may echo what the client sent: `AUTH`
 (the `Authorization` header), `KEY` (its bearer token), `KEY_TAIL` (the token after its
 last '-') and `KEY_URL` (URL-encoded) are replaced in its body and header values;
-`echo_key(...)` is an error that does so, `redirect(location)` a 3xx. As a process, for end-to-end tests::
+`echo_key(...)` is an error that does so, `redirect(location)` a 3xx. Besides answers, a
+script can hold faults of the connection itself: `never_answer()` (the request is read,
+nothing is ever sent), `trickle()` (a 200's headers, then keep-alive whitespace forever),
+`dropped()` (closed without an answer) and `truncated()` (closed half-way through the
+body). As a process, for end-to-end tests::
 
     python -m tests.support.fake_openrouter --port 0 --latency-ms 200 [--rpm 20]
 
@@ -62,13 +66,15 @@ DEFAULT_MODELS = ("meta-llama/llama-3.3-70b-instruct:free", "qwen/qwen-2.5-coder
 
 @dataclass(frozen=True)
 class Answer:
-    """One scripted answer: status, headers, a JSON body (or raw bytes), an extra delay."""
+    """One scripted answer: status, headers, a JSON body (or raw bytes), an extra delay; `fault`
+    names what happens to the connection instead of a whole answer ("" = none; see `FAULTS`)."""
 
     status: int = 200
     json: Any = None
     raw: bytes | None = None
     headers: tuple[tuple[str, str], ...] = ()
     delay_s: float = 0.0
+    fault: str = ""
 
     def render(self, model: str, generation: str, authorization: str = "") -> bytes:
         if self.raw is not None:
@@ -176,6 +182,36 @@ def slow(delay_s: float, answer: Answer | None = None) -> Answer:
     base = answer or ok()
     return Answer(status=base.status, json=base.json, raw=base.raw, headers=base.headers,
                   delay_s=base.delay_s + delay_s)
+
+
+def empty_message() -> Answer:
+    """A well-formed 200 whose assistant message is empty."""
+    return ok("")
+
+
+FAULTS = ("never", "trickle", "drop", "truncate")
+
+
+def never_answer() -> Answer:
+    """The request is read and nothing is ever sent back (until the server stops)."""
+    return Answer(fault="never")
+
+
+def trickle(every_s: float = 0.2) -> Answer:
+    """A 200's headers (chunked), then a space every `every_s` forever: OpenRouter's keep-alive
+    whitespace before a non-streamed answer, from a server that never gets to the answer."""
+    return Answer(fault="trickle", delay_s=every_s)
+
+
+def dropped() -> Answer:
+    """The request is read, then the connection is closed without a byte of answer."""
+    return Answer(fault="drop")
+
+
+def truncated(answer: Answer | None = None) -> Answer:
+    """`answer` (default `ok()`) announced whole (Content-Length), cut half-way, connection closed."""
+    base = answer or ok()
+    return Answer(status=base.status, json=base.json, raw=base.raw, headers=base.headers, fault="truncate")
 
 
 # --- the server --------------------------------------------------------------------------
@@ -355,6 +391,9 @@ class _Handler(BaseHTTPRequestHandler):
         model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None
         answer = self._route(fake, headers, model)
         fake._record(Request(self.command, self.path, model, headers, body, time.monotonic(), answer.status))
+        if answer.fault:
+            self._fault(fake, answer, model or "")
+            return
         delay = fake.latency_s + answer.delay_s
         if delay > 0 and fake._stopping.wait(delay):
             self.close_connection = True
@@ -376,6 +415,32 @@ class _Handler(BaseHTTPRequestHandler):
         if route == ("GET", API_PREFIX + "/key"):
             return Answer(json={"data": {"label": "fake", "limit": None, "usage": 0, "is_free_tier": True}})
         return error(404, f"Not Found: {self.command} {self.path}")
+
+    def _fault(self, fake: FakeOpenRouter, answer: Answer, model: str) -> None:
+        """A connection-level fault (`FAULTS`); the connection is closed afterwards in every case."""
+        self.close_connection = True
+        try:
+            if answer.fault == "never":
+                fake._stopping.wait()
+            elif answer.fault == "trickle":
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                while not fake._stopping.wait(answer.delay_s):
+                    self.wfile.write(b"1\r\n \r\n")
+                    self.wfile.flush()
+            elif answer.fault == "truncate":
+                payload = answer.render(model, fake._next_generation())
+                self.send_response(answer.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload[: len(payload) // 2])
+                self.wfile.flush()
+            # "drop": nothing is sent
+        except (BrokenPipeError, ConnectionResetError):
+            pass    # the client gave up (its deadline), as it should
 
     def _send(self, status: int, payload: bytes, answer: Answer, authorization: str = "") -> None:
         try:
