@@ -27,6 +27,7 @@ from ohd.errors import (
     ModelGone,
     ModelTimeout,
     RateLimited,
+    Refused,
     ServerError,
     Unreachable,
 )
@@ -268,8 +269,8 @@ def test_the_fake_servers_sliding_window_answers_429_with_reset_headers() -> Non
 
 @pytest.mark.parametrize(("answer", "kind"), [
     (error(401, "No auth credentials found"), AuthFailed),
-    (error(402, "Insufficient credits"), AuthFailed),
-    (error(403, "Flagged by moderation"), AuthFailed),
+    (error(402, "Insufficient credits"), Refused),      # this model's refusal: the next one may take it
+    (error(403, "Flagged by moderation"), Refused),
     (error(400, "Invalid value for temperature"), BadRequest),
     (error(400, "This endpoint's maximum context length is 8192 tokens"), ContextOverflow),
     (error(400, "the request exceeds the available context size, try increasing it"), ContextOverflow),

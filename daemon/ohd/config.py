@@ -70,6 +70,8 @@ class Settings(BaseModel):
     lease_s: float = Field(default=60.0, gt=0)
     grace_s: float = Field(default=30.0, ge=0)
     request_timeout_s: float = Field(default=120.0, gt=0)
+    # the one proxy for the model server (http:// or https://); HTTP_PROXY and the like are ignored
+    proxy: str = Field(default="", pattern=r"^(https?://\S+)?$")
     settle_s: float = Field(default=0.3, ge=0)
     quiet_s: float = Field(default=2.0, ge=0)               # working-tree debounce (standing rules)
     test_runs: int = Field(default=2, ge=0, le=10)          # pytest runs per unit_test candidate; 0 = none

@@ -35,8 +35,6 @@ from pathlib import Path
 from typing import IO, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import httpx
-
 from ohd import __version__, delivery, selection, validate
 from ohd.clock import Clock, SystemClock
 from ohd.calls import CallHistory
@@ -45,7 +43,7 @@ from ohd.config import DEFAULT_MODELS, Settings
 from ohd.errors import ConfigError, DaemonAlreadyRunning, OhdError, TaskFileError
 from ohd.history import History
 from ohd.ingest import Ingestor
-from ohd.llm import Completion, ModelClient, OfflineProvider
+from ohd.llm import Completion, ModelClient, OfflineProvider, http_client
 from ohd.logfmt import Redactor
 from ohd.routing import Policy
 from ohd.metrics import DEFAULT_WINDOW, HOUR, Metrics, Throughput, collect, prometheus, with_stats
@@ -294,7 +292,7 @@ class Daemon:
                 return await offline.complete(model, messages, timeout_s, job)
 
             return call_offline, [OFFLINE_MODEL]
-        http = await stack.enter_async_context(httpx.AsyncClient())
+        http = await stack.enter_async_context(http_client(self.settings.proxy))
         key = self.settings.api_key.get_secret_value() if self.settings.api_key else None
         if not self.settings.openrouter:
             log.info("model server %s (not OpenRouter): %s; models it lists without a price cost nothing",

@@ -118,9 +118,17 @@ class RateLimited(ModelError):
 
 
 class AuthFailed(ModelError):
-    """401/402/403: the key is invalid, out of credits, or the request was blocked; not retried."""
+    """401 (or a key that cannot be sent): the key is invalid or disabled, so no model on the server
+    takes a request; the task fails at once."""
 
     error_class = "auth"
+
+
+class Refused(ModelError):
+    """402/403: this model will not take this request (no credits for it, a moderation or guardrail
+    block, "not allowed for this model"); not retried, but another model may take it."""
+
+    error_class = "refused"
 
 
 class BadRequest(ModelError):

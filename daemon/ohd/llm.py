@@ -52,6 +52,7 @@ from ohd.errors import (
     ModelGone,
     ModelTimeout,
     RateLimited,
+    Refused,
     ServerError,
     Unreachable,
 )
@@ -168,6 +169,14 @@ def _finite(value: str) -> float | None:
 
 
 # --- the client -------------------------------------------------------------------------
+
+
+def http_client(proxy: str = "") -> httpx.AsyncClient:
+    """The HTTP client for the model server. `HTTP_PROXY`, `ALL_PROXY` and the other proxy variables
+    are ignored (`trust_env=False`): the key would go to whatever proxy the environment names, in
+    clear for an `http://` base URL. `proxy` (the `proxy` setting) is the only proxy used; CA bundles
+    named by `SSL_CERT_FILE` / `SSL_CERT_DIR` still apply."""
+    return httpx.AsyncClient(trust_env=False, proxy=proxy or None, verify=httpx.create_ssl_context())
 
 
 class ModelClient:
@@ -346,8 +355,10 @@ def _reason(exc: httpx.RequestError) -> str:
 
 def _status_error(status: int) -> type[ModelError]:
     """The exception class for a non-2xx, non-429 status."""
-    if status in (401, 402, 403):
+    if status == 401:
         return AuthFailed
+    if status in (402, 403):        # per model: a free model, another provider may still answer
+        return Refused
     if status == 404:
         return ModelGone
     if status == 408:

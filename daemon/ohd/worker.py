@@ -36,6 +36,7 @@ from ohd.errors import (
     ModelGone,
     OhdError,
     RateLimited,
+    Refused,
     Unreachable,
 )
 from ohd.llm import Completion
@@ -337,6 +338,12 @@ class Pool:
                 "split the target or use a model with a larger context"))
         except (AuthFailed, BadRequest) as exc:
             return Outcome(TaskStatus.FAILED, error=str(exc))
+        except Refused as exc:          # this model will not take it (402, 403); the next one may
+            run.model_errors[model] = str(exc)
+            candidates.remove(model)
+            log.info("task %d: %s refused the request (%s); %s", run.task.id, model, exc.message,
+                     "next model" if candidates else "no model left")
+            return None
         except Unreachable as exc:      # no attempt spent; the open breaker defers the task to its probe
             if not exc.sent:
                 await self._store(self.governor.unsent, model)
