@@ -55,7 +55,7 @@ HEX = SECRET.removeprefix("sk-or-v1-")
 # A leak in any form holds one of these: the whole key, the key without its prefix (URL-encoded
 # and JSON-escaped it is the same text), and its halves (what a cut through the key leaves).
 PIECES = (SECRET, HEX, HEX[:24], HEX[-24:], HEX.upper()[:24])
-KEY_ENV = "OHD_TEST_MODEL_KEY"
+KEY_ENV = "SECRETS_TEST_MODEL_KEY"
 
 TESTS = """```python
 from shop.pricing import total
@@ -243,7 +243,7 @@ def test_the_run_met_every_echo_and_ended_each_task_as_planned(run: Run) -> None
     # the refused answers were asked for again with a reason that names no key
     leaky = run.server.requests_for("echo/content")
     assert len(leaky) == 2 and "repeats the API key" in json.dumps(leaky[1].body)
-    # the prying test failed and its pytest output was fed back (masked: `OHD_TEST_MODEL_KEY=***`
+    # the prying test failed and its pytest output was fed back (masked: `SECRETS_TEST_MODEL_KEY=***`
     # while the test process can read the daemon's environment)
     prying = run.server.requests_for("echo/prying")
     assert len(prying) == 2 and "test_pricing_env.py" in json.dumps(prying[1].body)
