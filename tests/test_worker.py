@@ -326,7 +326,7 @@ def test_a_full_disk_fails_the_task_saying_so_and_leaves_the_old_file(
         repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    def disk_full(src: object, dst: object) -> None:
+    def disk_full(*args: object, **kwargs: object) -> None:   # os.replace, also with dir fds
         raise OSError(28, "No space left on device")
 
     task_id = store.enqueue(str(repo), spec(), clock.now())

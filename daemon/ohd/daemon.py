@@ -3,7 +3,8 @@
 Start-up: take the single-instance lock, migrate the store, return expired leases to
 the queue, scan each repo's `tasks.d/` (files dropped while we were down), start the
 observers, the workers and the socket; git-hook events waiting in each repo's spool go to
-the on_change rules once the rule files are read. SIGTERM/SIGINT only set a flag: the pool stops
+the on_change rules once the rule files are read. The daemon runs under a umask of 0o077 and makes
+its state and runtime dirs 0700 and their files 0600 at start (`statedir`). SIGTERM/SIGINT only set a flag: the pool stops
 claiming, running tasks get `grace_s` to finish, the rest go back to `queued`.
 Threads (watchdog, the socket server) reach the event loop only through
 `call_soon_threadsafe`.
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from ohd import __version__, delivery, selection, validate
+from ohd import __version__, delivery, selection, statedir, validate
 from ohd.clock import Clock, SystemClock
 from ohd.calls import CallHistory
 from ohd.catalogue import Catalogue
@@ -52,7 +53,7 @@ from ohd.supervision import LADDER_KEYS, POLICY_KEYS, SELECTION_KEYS, apply_logg
 from ohd.rules import RuleBook, read_rules
 from ohd.server import ApiServer
 from ohd.spool import SpoolReader, find_spool
-from ohd.store import Store, open_database
+from ohd.store import Store, open_database, sqlite_path
 from ohd.taskfile import TaskSpec, TaskType
 from ohd.ladder import Ladder
 from ohd.testrun import Options as TestRunOptions
@@ -490,6 +491,16 @@ def _redact(url: str) -> str:
     return url
 
 
+def private_files(settings: Settings) -> list[Path]:
+    """ohd's own files outside the state dir, to keep 0600: a SQLite database elsewhere (and its
+    `-wal`, `-shm`), the log file."""
+    files = [settings.log_file] if settings.log_file else []
+    database = sqlite_path(settings.database)
+    if database is not None:
+        files += [database, database.with_name(database.name + "-wal"), database.with_name(database.name + "-shm")]
+    return files
+
+
 def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
     """Run the daemon in the foreground until SIGTERM/SIGINT (the `ohd daemon` command).
 
@@ -500,10 +511,11 @@ def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> N
     notifier = Notifier(os.environ.pop("NOTIFY_SOCKET", None))
     watchdog_s = watchdog_interval(os.environ.pop("WATCHDOG_USEC", None), os.environ.pop("WATCHDOG_PID", None),
                                    os.getpid())
+    statedir.private_umask()   # the store, its WAL, the log, the lock, the socket: 0600 (outputs: their folder's)
     lock = InstanceLock(settings.state_dir / "ohd.lock")
     lock.acquire()
     try:
-        settings.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        statedir.secure(settings.state_dir, settings.runtime_dir, private_files(settings))
         asyncio.run(Daemon(settings, reload=reload, notifier=notifier, watchdog_s=watchdog_s).run())
     finally:
         lock.release()

@@ -69,7 +69,7 @@ def deliver(store: Store, run: Run, content: str, now: datetime) -> Outcome:
     elif plan.conflict:   # ohd wrote the proposal too: `mv` over the output is ohd's content, not an edit
         store.record_written(run.task.repo, run.job.output + outputs.OHD_NEW_SUFFIX, plan.sha256, run.task.id, now)
     if not plan.unchanged:
-        outputs.apply(plan)
+        outputs.apply(plan, root=run.repo)
     decision = "unchanged" if plan.unchanged else "written_as_ohd_new" if plan.conflict else "written"
     rel = plan.path.relative_to(run.repo.resolve()).as_posix()
     report_rel = write_report(store, run, decision, rel, conflict=plan.conflict_reason)
@@ -203,8 +203,8 @@ def write_report(store: Store, run: Run, decision: str, output: str | None, erro
     as_json, as_markdown = report.render_json(data), report.render_markdown(data)
     own = outputs.report_paths(run.repo, run.task.target, run.task.type, run.task.id)
     for json_path, md_path in (own, outputs.report_paths(run.repo, run.task.target, run.task.type)):
-        outputs.atomic_write(json_path, as_json)
-        outputs.atomic_write(md_path, as_markdown)
+        outputs.atomic_write(json_path, as_json, root=run.repo)
+        outputs.atomic_write(md_path, as_markdown, root=run.repo)
     return own[0].relative_to(run.repo.resolve()).as_posix()
 
 

@@ -8,7 +8,8 @@ clock, and is then ingested: read → sha256 → parse → (standing rules stay 
 a crash between the commit and the move (the next pass finds the pending row and only
 moves the file); the same content dropped again after the move is a new task. A file
 that does not parse, or whose target is missing or outside the repo, goes to
-`.rejected/` with `<name>.error.txt` beside it. Only the top level of `tasks.d/` is
+`.rejected/` with `<name>.error.txt` beside it; so does one whose output or reports would
+land outside the repo, in a `.git` or in `tasks.d/` (`outputs.check_output`). Only the top level of `tasks.d/` is
 ever read. Store and file work run in a thread so the loop never blocks on SQLite.
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from ohd import validate
 from ohd.clock import Clock
 from ohd.errors import TargetError, TaskFileError
-from ohd.outputs import resolve_inside
+from ohd.outputs import check_output, check_reports, resolve_inside
 from ohd.store import Store
 from ohd.taskfile import TaskSpec, parse
 
@@ -220,8 +221,15 @@ class Ingestor:
             return None
         try:
             check_target(repo, spec.file)
+            check_reports(repo, spec.file)
         except TargetError as exc:
             reject(path, f"{relpath}: field 'target': {exc}")
+            return None
+        try:
+            if spec.output is not None:
+                check_output(repo, spec.output)
+        except TargetError as exc:
+            reject(path, f"{relpath}: field 'output': {exc}")
             return None
         return spec
 

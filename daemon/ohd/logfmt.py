@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterable, Iterator
@@ -138,7 +139,9 @@ def setup(level: str, fmt: str = "text", secrets: Iterable[str] = (), log_file: 
     redactor = Redactor(secrets)
     handlers: list[logging.Handler] = [logging.StreamHandler(stream or sys.stderr)]
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # private from its first line (the log names files and errors): 0600 whatever the umask
+        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -1,7 +1,12 @@
 """The outputs room: reading sources and writing generated files and reports, safely.
 
 Edge: the only module that writes generated files into a repo. Invariants: every path
-is resolved (symlinks included) and confined to the repo outside `.git/`; a file the
+is resolved (symlinks included) and confined to the repo, outside any `.git` (a nested
+repository's folder or a submodule's `.git` file, at any depth), and what ohd writes
+stays outside `tasks.d/` (a written file there would be ingested as a task). The check
+is made when a task is accepted and again at the write: `atomic_write(..., root=repo)`
+resolves again and then walks the folders with `O_NOFOLLOW` from the repo's own file
+descriptor, so a folder swapped for a symlink in between is refused, not followed. A file the
 user edited since ohd last wrote it is never overwritten (`plan` sends the content to
 `<output>.ohd-new`); every write is atomic (temp file in the same directory, fsync,
 `os.replace`, fsync of the directory), so a crash leaves the old bytes or the new ones,
@@ -11,10 +16,13 @@ never a mix, and re-applying the same plan writes the same bytes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
 import re
+import secrets
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -26,8 +34,14 @@ log = logging.getLogger(__name__)
 
 OHD_NEW_SUFFIX = ".ohd-new"
 REPORT_DIR = ".ohd"
+TASKS_DIR = "tasks.d"        # read by ingest: nothing ohd writes may land there
+GIT_DIR = ".git"
 _SNIFF_BYTES = 8192
 _NEW_FILE_MODE = 0o644
+# a new file gets its folder's bits without x and never world-writable; a new folder its parent's
+_FILE_BITS_OF_FOLDER = 0o664
+_FOLDER_BITS = 0o2775
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # `<file>.<type>.json|md` (a target's latest report) and `<file>.<type>.<task id>.json|md`
 _REPORT_NAME = re.compile(r".+\.(?:%s)(?:\.\d+)?\.(?:json|md)" % "|".join(t.value for t in TaskType))
 
@@ -38,21 +52,50 @@ def resolve_inside(repo: Path, rel: str) -> Path:
         raise TargetError(rel, "the path is empty")
     if PurePosixPath(rel).is_absolute():
         raise TargetError(rel, "the path is absolute; give it relative to the repo root")
-    root = repo.resolve()
-    path = (root / rel).resolve()
+    try:
+        root = repo.resolve()
+        path = (root / rel).resolve()
+    except (OSError, RuntimeError) as exc:   # a symlink loop, or the tree changing under the resolve
+        raise TargetError(rel, f"cannot be resolved: {getattr(exc, 'strerror', None) or exc}") from None
     if not path.is_relative_to(root):
         raise TargetError(rel, f"resolves to {path}, which is outside the repo {root}")
     inner = path.relative_to(root).parts
-    if inner and inner[0] == ".git":
-        raise TargetError(rel, "is inside .git/, which ohd never reads or writes")
+    if _in_git(PurePosixPath(rel).parts) or _in_git(inner):
+        raise TargetError(rel, "is inside .git/ (or names a .git file), which ohd never reads or writes")
     if not inner:
         raise TargetError(rel, "names the repo root, not a file")
     return path
 
 
-def check_output(repo: Path, rel: str) -> Path:
-    """`resolve_inside`, and TargetError if ohd writes its reports there (an output never replaces one)."""
+def _in_git(parts: tuple[str, ...]) -> bool:
+    """A `.git` component at any depth: the repo's, a nested repository's folder, a submodule's file."""
+    return any(part.casefold() == GIT_DIR for part in parts)
+
+
+def check_writable(repo: Path, rel: str) -> Path:
+    """`resolve_inside`, and TargetError inside `tasks.d/` (its `.done/`, `.rejected/` too): a file
+    written there would be read back as a task file."""
     path = resolve_inside(repo, rel)
+    tasks_dir = (repo / TASKS_DIR).resolve()     # also when tasks.d/ is a symlink, or one leads into it
+    if path.is_relative_to(tasks_dir) or PurePosixPath(rel.strip()).parts[:1] == (TASKS_DIR,):
+        raise TargetError(rel, f"is inside {TASKS_DIR}/, where ohd reads task files; ohd writes nothing there")
+    return path
+
+
+def check_reports(repo: Path, target: str) -> Path:
+    """The folder where a target's reports go (`<dir>/.ohd/`), checked like an output; TargetError
+    names the folder when it leads outside the repo (a symlink), into `.git` or into `tasks.d/`."""
+    folder = report_paths(repo, target, TaskType.REVIEW.value)[0].parent
+    rel = folder.relative_to(repo).as_posix()
+    try:
+        return check_writable(repo, rel)
+    except TargetError as exc:
+        raise TargetError(target, f"its reports would be written to {rel}/: {rel} {exc.reason}") from None
+
+
+def check_output(repo: Path, rel: str) -> Path:
+    """`check_writable`, and TargetError if ohd writes its reports there (an output never replaces one)."""
+    path = check_writable(repo, rel)
     if is_report_path(path):
         raise TargetError(rel, f"is where ohd writes its reports (`{REPORT_DIR}/<file>.<type>.json|md` "
                                "beside the source); give the task another output")
@@ -154,24 +197,31 @@ def current_sha(path: Path) -> str | None:
     return hashlib.sha256(data).hexdigest()
 
 
-def apply(plan: WritePlan) -> None:
-    """Carry out a plan atomically; an unchanged plan writes nothing. Safe to repeat."""
+def apply(plan: WritePlan, root: Path | None = None) -> None:
+    """Carry out a plan atomically (confined to `root`, see `atomic_write`); an unchanged plan
+    writes nothing. Safe to repeat."""
     if plan.unchanged:
         log.debug("%s already holds this content", plan.path)
         return
-    atomic_write(plan.path, plan.content)
+    atomic_write(plan.path, plan.content, root=root)
     if plan.conflict_reason == NOT_WRITTEN_BY_OHD:
         log.info("%s exists and was not written by ohd; new content in %s", plan.intended, plan.path)
     elif plan.conflict:
         log.info("%s was edited since ohd wrote it; new content in %s", plan.intended, plan.path)
 
 
-def atomic_write(path: Path, data: str) -> None:
+def atomic_write(path: Path, data: str, root: Path | None = None) -> None:
     """Write `data` (UTF-8) to `path` atomically, creating parent directories.
 
     Temp file in the same directory, fsync, `os.replace`, fsync the directory. On any
     failure the old file is intact, the temp file is removed and TargetError is raised.
+    With `root` (the repo: every write ohd makes in one) `path` is checked again now
+    (`check_writable`) and its folders are opened one by one from `root` without following
+    symlinks, so a folder turned into a symlink since the task was accepted is refused.
     """
+    if root is not None:
+        _write_inside(root, path, data.encode("utf-8"))
+        return
     payload = data.encode("utf-8")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,6 +245,90 @@ def _mode_for(path: Path) -> int:
         return path.stat().st_mode & 0o7777
     except FileNotFoundError:
         return _NEW_FILE_MODE
+
+
+def _write_inside(root: Path, path: Path, payload: bytes) -> None:
+    """`atomic_write` confined to `root`: resolve and check again, then write through folder fds."""
+    base = root.resolve()
+    if not (path.is_relative_to(base) or path.is_relative_to(root)):
+        raise TargetError(str(path), f"is outside the repo {base}")
+    rel = path.relative_to(base if path.is_relative_to(base) else root).as_posix()
+    real = check_writable(root, rel)
+    *folders, name = real.relative_to(base).parts
+    try:
+        folder = _open_folders(base, folders)
+    except OSError as exc:
+        raise TargetError(rel, _walk_error(folders, exc)) from exc
+    try:
+        _replace_in(folder, name, payload)
+    except OSError as exc:
+        raise TargetError(rel, f"cannot write: {exc.strerror or exc}") from exc
+    finally:
+        os.close(folder)
+
+
+def _walk_error(folders: list[str], exc: OSError) -> str:
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        return (f"cannot write: a folder on the way ({'/'.join(folders)}) is no longer a folder inside "
+                "the repo (a symlink or a file took its place); nothing was written")
+    return f"cannot write: {exc.strerror or exc}"
+
+
+def _open_folders(base: Path, folders: list[str]) -> int:
+    """A descriptor of `base/folders...`, each opened with O_NOFOLLOW (a symlink fails with ELOOP),
+    missing ones created with their parent's mode (not the daemon's private umask)."""
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in folders:
+            try:
+                child = os.open(name, _FOLDER_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                child = _make_folder(fd, name)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _make_folder(parent: int, name: str) -> int:
+    mode = os.fstat(parent).st_mode & _FOLDER_BITS
+    try:
+        os.mkdir(name, 0o700, dir_fd=parent)
+    except FileExistsError:            # made meanwhile by someone else: open it as it is
+        return os.open(name, _FOLDER_FLAGS, dir_fd=parent)
+    child = os.open(name, _FOLDER_FLAGS, dir_fd=parent)
+    os.fchmod(child, mode)
+    return child
+
+
+def _replace_in(folder: int, name: str, payload: bytes) -> None:
+    """Temp file in `folder`, fsync, rename over `name` (a symlink there is replaced, never followed)."""
+    mode = _mode_in(folder, name)
+    tmp = f".{name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=folder)
+    try:
+        _write_all(fd, payload, mode)
+        os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
+    except OSError:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=folder)
+        raise
+    with contextlib.suppress(OSError):
+        os.fsync(folder)
+
+
+def _mode_in(folder: int, name: str) -> int:
+    """An existing file keeps its bits; a new one gets those its folder's files would get
+    (the folder's bits without x, never world-writable: 0755 -> 0644, 0775 -> 0664, 0700 -> 0600)."""
+    try:
+        st = os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISREG(st.st_mode):
+        return st.st_mode & 0o7777
+    return os.fstat(folder).st_mode & _FILE_BITS_OF_FOLDER
 
 
 def _write_all(fd: int, payload: bytes, mode: int) -> None:

@@ -20,6 +20,7 @@ import re
 import socket
 import socketserver
 import stat
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import pydantic
 from ohd import delivery
 from ohd.clock import Clock
 from ohd.errors import ApiError, DaemonAlreadyRunning, InvalidTransition, NotFound, OhdError, TargetError
-from ohd.outputs import resolve_inside
+from ohd.outputs import check_output, check_reports, resolve_inside
 from ohd.store import Store, Task, TaskStatus
 from ohd.taskfile import TaskSpec
 
@@ -315,13 +316,15 @@ def json_object(body: bytes) -> dict[str, Any]:
 
 
 def check_paths(repo: Path, spec: TaskSpec) -> None:
-    """The target is an existing file inside the repo; the output (if given) lands inside it."""
+    """The target is an existing file inside the repo; the output (if given) and the reports
+    land inside it, outside any `.git` and outside `tasks.d/`."""
     target = resolve_inside(repo, spec.file)
     if not target.is_file():
         what = "is a directory" if target.is_dir() else "does not exist"
         raise TargetError(spec.file, f"{what} in the repo {repo} (the target must be an existing file)")
+    check_reports(repo, spec.file)
     if spec.output is not None:
-        resolve_inside(repo, spec.output)
+        check_output(repo, spec.output)
 
 
 def remove_stale_socket(path: Path) -> None:
@@ -340,6 +343,8 @@ def remove_stale_socket(path: Path) -> None:
         log.info("removing stale socket %s", path)
         path.unlink(missing_ok=True)
         return
+    except OSError as exc:   # EAGAIN: a live daemon whose backlog is full; EACCES: not ours to take
+        log.info("socket %s is not stale (%s); leaving it", path, exc.strerror or exc)
     finally:
         probe.close()
     raise DaemonAlreadyRunning(str(path), None)
@@ -356,6 +361,57 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
     request_queue_size = 128
     block_on_close = False
     api: ApiServer
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """On the connection's own thread: a peer of another user is answered 403, then dropped."""
+        pid, uid = peer_credentials(request)
+        if not peer_allowed(uid, os.geteuid()):
+            log.warning("socket API: refused a connection from uid %s (pid %s): only uid %d and root may "
+                        "use this socket", uid, pid, os.geteuid())
+            refuse_peer(request, uid)
+            return
+        super().finish_request(request, client_address)
+
+
+_PEERCRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
+_REFUSAL_READ = 65536             # how much of a refused peer's request is read (and dropped)
+
+
+def peer_credentials(conn: socket.socket) -> tuple[int | None, int | None]:
+    """The connecting process's (pid, uid) from SO_PEERCRED; (None, None) where it is unknown."""
+    try:
+        pid, uid, _gid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    except (AttributeError, OSError):
+        return None, None
+    return pid, uid
+
+
+def peer_allowed(uid: int | None, own_uid: int) -> bool:
+    """Only the daemon's own user, and root (who can read the state directory anyway), may talk to
+    it, whatever the socket's mode: the socket queues tasks and shows prompts and answers."""
+    return uid is not None and uid in (own_uid, 0)
+
+
+def refuse_peer(conn: socket.socket, uid: int | None) -> None:
+    """Answer 403 and close. The request is read first (briefly, bounded), so that the client sees the
+    answer rather than a reset connection; its content is never looked at."""
+    conn.settimeout(1.0)
+    seen, total = b"", 0
+    try:
+        while b"\r\n\r\n" not in seen and total < _REFUSAL_READ:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            seen, total = seen[-3:] + chunk, total + len(chunk)
+    except OSError:
+        pass
+    reply = error_reply(403, f"this socket belongs to uid {os.geteuid()}; uid {uid} may not use it", "PeerRefused")
+    head = (f"HTTP/1.1 403 Forbidden\r\nContent-Type: {reply.content_type}\r\n"
+            f"Content-Length: {len(reply.body)}\r\nConnection: close\r\n\r\n").encode()
+    try:
+        conn.sendall(head + reply.body)
+    except OSError:
+        pass
 
 
 class _RequestHandler(BaseHTTPRequestHandler):

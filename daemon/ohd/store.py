@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -44,13 +45,22 @@ __all__ = ["Claim", "Execution", "Store", "Task", "TaskStatus", "open_database"]
 log = logging.getLogger(__name__)
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file of a `sqlite:///` URL (`/~` expands to the home dir); None for other databases."""
+    if urlsplit(url).scheme != "sqlite":
+        return None
+    rest = unquote(url[len("sqlite://"):].split("?", 1)[0])
+    return Path(rest[1:]).expanduser() if rest.startswith("/~") else Path("/" + rest.lstrip("/"))
+
+
 def open_database(url: str) -> peewee.Database:
     """`sqlite:///abs/path.db` (WAL, busy timeout, foreign keys) or `postgresql://...`."""
     parts = urlsplit(url)
-    if parts.scheme == "sqlite":
-        rest = unquote(url[len("sqlite://"):].split("?", 1)[0])
-        path = Path(rest[1:]).expanduser() if rest.startswith("/~") else Path("/" + rest.lstrip("/"))
-        path.parent.mkdir(parents=True, exist_ok=True)
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # created private (SQLite gives its -wal and -shm the database's mode), also by the CLI
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         pragmas = {"journal_mode": "wal", "busy_timeout": 5000, "foreign_keys": 1, "synchronous": "normal"}
         return peewee.SqliteDatabase(str(path), pragmas=pragmas, timeout=5)
     if parts.scheme in ("postgresql", "postgres"):

@@ -264,6 +264,7 @@ class Pool:
             task_type, task.target, (repo / "tests").is_dir(),
             gitrepo.test_files(repo) if task_type is TaskType.UNIT_TEST else ())
         outputs.check_output(repo, output)
+        outputs.check_reports(repo, task.target)     # accepted earlier; the tree may have changed since
         context = outputs.related(repo, output) if task_type is TaskType.UNIT_TEST else ()
         job = Job(task_type=task_type, target=task.target, source=source,
                   module=tasktypes.module_name(task.target, is_package), output=output,
