@@ -430,3 +430,23 @@ def test_a_state_dir_of_another_user_is_refused(tmp_path: Path) -> None:
         assert not run.socket.exists()
     finally:
         run.close()
+
+
+def test_only_the_daemons_own_user_and_root_are_served() -> None:
+    assert server.peer_allowed(1000, own_uid=1000) and server.peer_allowed(0, own_uid=1000)
+    assert not server.peer_allowed(1001, own_uid=1000)
+    assert not server.peer_allowed(None, own_uid=1000)           # no credentials: refused
+
+
+def test_a_store_the_cli_creates_is_private_too(tmp_path: Path) -> None:
+    """`ohd tasks` before any daemon ran creates the state dir and the database: 0700 and 0600,
+    under the shell's umask 022."""
+    env = daemon_env(tmp_path, tmp_path / "rt")
+    done = subprocess.run([sys.executable, "-m", "ohd", "tasks"], env=env, capture_output=True, text=True,
+                          timeout=120, preexec_fn=lambda: os.umask(0o022))
+    assert done.returncode == 0, done.stderr
+    assert mode(tmp_path / "state") == 0o700
+    for name in ("ohd.db", "ohd.db-wal", "ohd.db-shm"):
+        path = tmp_path / "state" / name
+        assert not path.exists() or mode(path) == 0o600, name
+    assert mode(tmp_path / "state" / "ohd.db") == 0o600
