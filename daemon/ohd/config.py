@@ -157,6 +157,11 @@ def _runtime_dir() -> Path:
         return Path(platformdirs.user_runtime_dir(APP))
 
 
+def key_file() -> Path:
+    """`<user config dir>/ohd/env`: the file systemd's unit reads the API key from (`EnvironmentFile`)."""
+    return Path(platformdirs.user_config_dir(APP)) / "env"
+
+
 def default_config_path(env: Mapping[str, str]) -> Path:
     if env.get("OHD_CONFIG"):
         return Path(env["OHD_CONFIG"]).expanduser()

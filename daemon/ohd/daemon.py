@@ -40,7 +40,7 @@ from ohd import __version__, delivery, selection, statedir, validate
 from ohd.clock import Clock, SystemClock
 from ohd.calls import CallHistory
 from ohd.catalogue import Catalogue
-from ohd.config import DEFAULT_MODELS, Settings
+from ohd.config import DEFAULT_MODELS, Settings, key_file
 from ohd.errors import ConfigError, DaemonAlreadyRunning, OhdError, TaskFileError
 from ohd.history import History
 from ohd.ingest import Ingestor
@@ -493,8 +493,8 @@ def _redact(url: str) -> str:
 
 def private_files(settings: Settings) -> list[Path]:
     """ohd's own files outside the state dir, to keep 0600: a SQLite database elsewhere (and its
-    `-wal`, `-shm`), the log file."""
-    files = [settings.log_file] if settings.log_file else []
+    `-wal`, `-shm`), the log file, and the service's key file (the API key, written by hand)."""
+    files = [key_file(), *([settings.log_file] if settings.log_file else [])]
     database = sqlite_path(settings.database)
     if database is not None:
         files += [database, database.with_name(database.name + "-wal"), database.with_name(database.name + "-shm")]

@@ -315,7 +315,8 @@ class Running:
         os.rmdir(self.runtime)                    # the daemon creates it
         self.state = tmp / "state"
         self.log = self.state / "ohd.log"
-        self.env = daemon_env(tmp, self.runtime, OHD_LOG_FILE=str(self.log))
+        self.key_file = tmp / "xdg-config" / "ohd" / "env"      # the service's API key file
+        self.env = daemon_env(tmp, self.runtime, OHD_LOG_FILE=str(self.log), XDG_CONFIG_HOME=str(tmp / "xdg-config"))
         self.daemon = DaemonProcess(self.env, self.repo, tmp / "stderr.log")
 
     @property
@@ -402,7 +403,9 @@ def test_a_killed_daemons_socket_is_replaced_and_old_loose_modes_are_tightened(t
         assert stat.S_ISSOCK(run.socket.lstat().st_mode)                 # left behind
         assert raw_request(run.socket) == "error:ConnectionRefusedError"
         loosened: dict[Path, int] = {run.state: 0o755, run.runtime: 0o755}
-        loosened |= {path: 0o644 for path in run.state.iterdir() if path.is_file()}
+        run.key_file.parent.mkdir(parents=True)
+        run.key_file.write_text("OPENROUTER_API_KEY=sk-or-written-by-hand\n")
+        loosened |= {path: 0o644 for path in [*run.state.iterdir(), run.key_file] if path.is_file()}
         for path, loose in loosened.items():                             # as an older ohd left them
             path.chmod(loose)
         run.daemon.start()
