@@ -4,6 +4,7 @@
 reach the daemon (no socket file, nobody listening, no answer in time) becomes
 `DaemonNotRunning`; error answers become the exception the server named when the data
 is there (`NotFound`, `InvalidTransition`), else `ApiError` with the status and message.
+A socket served by another user's process is refused before a byte is sent (SO_PEERCRED).
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import socket
+import struct
 from pathlib import Path
 from typing import Any
 
-from ohd.errors import ApiError, DaemonNotRunning, InvalidTransition, NotFound
+from ohd.errors import ApiError, DaemonNotRunning, InvalidTransition, NotFound, OhdError
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +35,26 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         sock.settimeout(self.timeout)
         try:
             sock.connect(str(self.socket_path))
+            check_server(sock, self.socket_path)
         except BaseException:
             sock.close()
             raise
         self.sock = sock
+
+
+_PEERCRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
+
+
+def check_server(sock: socket.socket, path: Path) -> None:
+    """The process answering must run as this user (or root): a socket another user put in a
+    loosened runtime dir gets no task, prompt or id from us. OhdError before anything is sent."""
+    try:
+        _pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    except (AttributeError, OSError):
+        return      # no SO_PEERCRED here (not Linux): the socket's 0700 folder is the protection
+    if uid not in (os.geteuid(), 0):
+        raise OhdError(f"{path} is served by a process of uid {uid}, not by your ohd daemon "
+                       f"(uid {os.geteuid()}); nothing was sent to it")
 
 
 class Client:

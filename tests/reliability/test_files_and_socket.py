@@ -453,3 +453,45 @@ def test_a_store_the_cli_creates_is_private_too(tmp_path: Path) -> None:
         path = tmp_path / "state" / name
         assert not path.exists() or mode(path) == 0o600, name
     assert mode(tmp_path / "state" / "ohd.db") == 0o600
+
+
+@as_root_only
+def test_the_cli_sends_nothing_to_a_socket_another_user_serves(tmp_path: Path) -> None:
+    """Another user put a socket where ohd's belongs (a loosened runtime dir): the client refuses
+    to talk to it, and the impostor receives not one byte."""
+    from ohd.client import Client
+    from ohd.errors import OhdError
+
+    folder = Path(tempfile.mkdtemp(prefix="ohd-imp-"))
+    folder.chmod(0o777)
+    path = folder / "ohd.sock"
+    ready_r, ready_w = os.pipe()
+    got_r, got_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                  # the impostor, as uid 65534
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(str(path))
+            listener.listen(1)
+            os.write(ready_w, b"1")
+            listener.settimeout(60)
+            conn, _ = listener.accept()
+            conn.settimeout(60)
+            received = b""
+            while chunk := conn.recv(65536):
+                received += chunk
+            os.write(got_w, str(len(received)).encode())
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        with pytest.raises(OhdError, match=f"served by a process of uid {NOBODY}"):
+            Client(path).post("/tasks", {"type": "review", "target": "secret.py"})
+        assert os.read(got_r, 32) == b"0"
+    finally:
+        os.waitpid(pid, 0)
+        path.unlink(missing_ok=True)
+        folder.rmdir()
