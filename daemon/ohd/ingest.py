@@ -250,7 +250,7 @@ class Ingestor:
 
     def _move_done(self, repo: Path, path: Path, sha: str, task_id: int) -> None:
         dest = free_name(path.parent / DONE_DIR, path.name, str(task_id))
-        dest.parent.mkdir(exist_ok=True)
+        make_folder(dest.parent)
         path.rename(dest)
         self.store.mark_moved(str(repo), sha)
         log.debug("%s moved to %s", path, dest)
@@ -285,11 +285,20 @@ def check_target(repo: Path, target: str) -> Path:
 def reject(path: Path, error: str) -> Path:
     """Write `.rejected/<name>.error.txt`, then move the file beside it (in that order)."""
     dest = free_name(path.parent / REJECTED_DIR, path.name, None)
-    dest.parent.mkdir(exist_ok=True)
-    (dest.parent / f"{dest.name}.error.txt").write_text(error + "\n", encoding="utf-8")
+    make_folder(dest.parent)
+    note = dest.parent / f"{dest.name}.error.txt"
+    note.write_text(error + "\n", encoding="utf-8")
+    note.chmod(dest.parent.stat().st_mode & 0o664)      # readable as the user's own files are
     path.rename(dest)
     log.warning("rejected %s: %s", path.name, error)
     return dest
+
+
+def make_folder(folder: Path) -> None:
+    """`.done/` or `.rejected/` with the mode of `tasks.d/` itself, not the daemon's private umask."""
+    if not folder.is_dir():
+        folder.mkdir(exist_ok=True)
+        folder.chmod(folder.parent.stat().st_mode & 0o2775)
 
 
 def free_name(folder: Path, name: str, tag: str | None) -> Path:

@@ -495,3 +495,19 @@ def test_the_cli_sends_nothing_to_a_socket_another_user_serves(tmp_path: Path) -
         os.waitpid(pid, 0)
         path.unlink(missing_ok=True)
         folder.rmdir()
+
+
+def test_done_and_rejected_keep_the_mode_of_tasks_d_under_the_private_umask(repo: Path, store: Store) -> None:
+    ingestor = Ingestor(store, FakeClock())
+    tasks = repo / "tasks.d"
+    (tasks / "good.yaml").write_text("type: review\ntarget: shop/pricing.py\n")
+    (tasks / "bad.yaml").write_text("type: review\ntarget: nowhere.py\n")
+    old = os.umask(0o077)
+    try:
+        assert ingestor.ingest_file(repo, tasks / "good.yaml") is not None
+        assert ingestor.ingest_file(repo, tasks / "bad.yaml") is None
+    finally:
+        os.umask(old)
+    assert mode(tasks) == 0o755
+    assert mode(tasks / ".done") == 0o755 and mode(tasks / ".rejected") == 0o755
+    assert mode(tasks / ".rejected" / "bad.yaml.error.txt") == 0o644
