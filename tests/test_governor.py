@@ -226,9 +226,10 @@ def test_the_pool_wakes_itself_at_the_deferral_instant(repo: Path, store: Store,
     first, second = server.completions()
     assert [first.status, second.status] == [429, 200]
     # Nothing else promotes a pending task here, so without the pool's timer there is no
-    # second request at all. The gap between the two arrivals is the wait and the wake-up
-    # alone (no pytest run), so a loaded machine stretches it a little, not by seconds.
-    assert 1.0 <= second.at - first.at < 6.0
+    # second request at all (the run ends at its 120 s bound with one). The gap is at least
+    # the cooldown; its upper end depends on the machine's load, so it is only a bound on a
+    # hang far below the next thing that could promote it (a 60 s lease), never a speed goal.
+    assert 1.0 <= second.at - first.at < 30.0
 
 
 
