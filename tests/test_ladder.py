@@ -54,13 +54,14 @@ def test_total_adds_a_service_charge() -> None:
     assert total([1.0, 2.0]) == 4.0
 ```"""
 FLAKY = """```python
+import tempfile
 from pathlib import Path
 
 from shop.pricing import total
 
 
 def test_total_every_other_run() -> None:
-    counter = Path("flaky-counter.txt")
+    counter = Path(tempfile.gettempdir()) / "flaky-counter.txt"   # the repo is read-only; the temp dir is kept
     n = int(counter.read_text()) if counter.exists() else 0
     counter.write_text(str(n + 1))
     assert total([1.0]) == (1.0 if n % 2 == 0 else 2.0)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ohd import config, daemon, ladder, lintrun, outputs, report, testrun, validate
+from ohd import config, daemon, ladder, lintrun, outputs, report, sandbox, testrun, validate
 from ohd.errors import ConfigError
 from ohd.llm import Completion
 from ohd.store import Store
@@ -68,9 +68,14 @@ def ruff() -> str:
     return found
 
 
+# These tests watch the runs through a file outside the repo: only the `process` level lets a test write there
+WATCHED = sandbox.Jail(sandbox.Level.PROCESS)
+
+
 def tools(ruff: str | None = None, coverage: bool = False, runs: int = 1,
-          levels: dict[str, dict[str, Level | None]] | None = None) -> ladder.Ladder:
-    return ladder.Ladder(tests=testrun.Options(runs=runs), levels=levels or {}, ruff=ruff, coverage=coverage)
+          levels: dict[str, dict[str, Level | None]] | None = None, jail: sandbox.Jail | None = None) -> ladder.Ladder:
+    return ladder.Ladder(tests=testrun.Options(runs=runs, jail=jail), levels=levels or {}, ruff=ruff,
+                         coverage=coverage)
 
 
 # -- lint ---------------------------------------------------------------------------------------
@@ -237,7 +242,7 @@ def test_a_baseline_that_hangs_is_reported_not_counted_and_not_run_again(repo: P
     commit_test(repo, "test_slow.py", "import time\nimport shop.pricing\n\n\ndef test_slow() -> None:\n"
                                       f"    with open({str(started)!r}, 'a') as out:\n        out.write('start\\n')\n"
                                       "    time.sleep(600)\n    assert shop.pricing\n")
-    slow = ladder.Ladder(tests=testrun.Options(runs=1, timeout_s=20.0), coverage=True)
+    slow = ladder.Ladder(tests=testrun.Options(runs=1, timeout_s=20.0, jail=WATCHED), coverage=True)
     verdict = ladder.judge(repo, job(), GOOD, 0.5, slow)
     assert verdict.coverage is not None and "did not finish within 20s" in verdict.coverage.error
     assert "coverage_delta" not in rules(verdict) and verdict.accepted
@@ -391,7 +396,7 @@ def test_test_processes_wait_for_a_free_slot_and_the_wait_is_not_run_time(repo: 
                  "    time.sleep(0.3)\n"
                  f"    with open({str(log)!r}, 'a') as out:\n        out.write('end\\n')\n"
                  "    assert total([1.0]) == 1.0\n")
-    options = testrun.Options(runs=1, timeout_s=5.0, slots=threading.BoundedSemaphore(1))
+    options = testrun.Options(runs=1, timeout_s=5.0, slots=threading.BoundedSemaphore(1), jail=WATCHED)
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda n: testrun.run_candidate(repo, f"tests/test_slot{n}.py", candidate,
                                                                  options=options), range(4)))
@@ -491,12 +496,13 @@ def test_the_suite_is_measured_once_per_content(tmp_path: Path) -> None:
     counted = SUITE + f"\n\ndef test_count() -> None:\n    with open({str(runs)!r}, 'a') as out:\n" \
                       "        out.write('run\\n')\n    assert p.mod(0) == 1\n"
     repo = reexporting_repo(tmp_path / "proj", suite=counted)
-    first = ladder.judge(repo, mod_job(), ONLY_DOUBLE, 0.5, tools(coverage=True))
-    again = ladder.judge(repo, mod_job(), ONLY_DOUBLE.replace("(3) == 6", "(4) == 8"), 0.5, tools(coverage=True))
+    first = ladder.judge(repo, mod_job(), ONLY_DOUBLE, 0.5, tools(coverage=True, jail=WATCHED))
+    again = ladder.judge(repo, mod_job(), ONLY_DOUBLE.replace("(3) == 6", "(4) == 8"), 0.5,
+                         tools(coverage=True, jail=WATCHED))
     assert first.coverage is not None and not first.coverage.error and first.coverage == again.coverage
     assert runs.read_text().split() == ["run"]                # the second candidate reused the suite's figure
     (repo / "tests" / "test_pkg.py").write_text(counted + "\n")
-    ladder.judge(repo, mod_job(), ONLY_DOUBLE, 0.5, tools(coverage=True))
+    ladder.judge(repo, mod_job(), ONLY_DOUBLE, 0.5, tools(coverage=True, jail=WATCHED))
     assert runs.read_text().split() == ["run", "run"]         # a test file changed: measured again
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ohd import ladder, offline, testrun, validate, views
+from ohd import ladder, offline, sandbox, testrun, validate, views
 from ohd.errors import MalformedAnswer
 from ohd.llm import Completion, OfflineProvider
 from ohd.store import Store
@@ -432,7 +432,7 @@ REEXPORTS = {
 }
 
 
-def run_offline_pool(store: Store, clock: FakeClock, runs: int = 2) -> Pool:
+def run_offline_pool(store: Store, clock: FakeClock, runs: int = 2, jail: sandbox.Jail | None = None) -> Pool:
     """The pool with the offline provider, as the daemon wires it without an API key; the
     ladder runs each candidate `runs` times."""
     provider = OfflineProvider(clock)
@@ -442,7 +442,7 @@ def run_offline_pool(store: Store, clock: FakeClock, runs: int = 2) -> Pool:
 
     async def main() -> Pool:
         pool = Pool(store, call, clock, models=["offline"], size=1)
-        pool.ladder = ladder.Ladder(tests=testrun.Options(runs=runs))
+        pool.ladder = ladder.Ladder(tests=testrun.Options(runs=runs, jail=jail))
         await pool.run_until_idle()
         return pool
 
@@ -482,6 +482,8 @@ with open(pathlib.Path(__file__).with_name("imports.log"), "a") as log:
 def double(x):
     return x * 2
 '''
+# the module above counts its imports in a file beside it: only the `process` level lets a test write there
+WATCHED = sandbox.Jail(sandbox.Level.PROCESS)
 
 
 def test_the_same_answer_twice_is_not_judged_again_nor_given_more_attempts(
@@ -491,7 +493,7 @@ def test_the_same_answer_twice_is_not_judged_again_nor_given_more_attempts(
     git(repo, "commit", "-q", "-m", "double")
     task_id = store.enqueue(str(repo), TaskSpec.model_validate(
         {"type": "unit_test", "target": "shop/double.py", "max_attempts": 5}), clock.now())
-    run_offline_pool(store, clock, runs=1)
+    run_offline_pool(store, clock, runs=1, jail=WATCHED)
     task = store.get_task(task_id)
     # the module's own doctest is wrong: a possible bug, found once and reported once
     assert task.status == "completed" and task.error is not None and "quarantined" in task.error
@@ -505,7 +507,7 @@ def test_a_quarantine_reads_completed_quarantined_wherever_status_is_shown(
     task_id = store.enqueue(str(repo), TaskSpec.model_validate({"type": "unit_test", "target": "shop/double.py"}),
                             clock.now())
     store.enqueue(str(repo), TaskSpec.model_validate({"type": "review", "target": "shop/pricing.py"}), clock.now())
-    run_offline_pool(store, clock, runs=1)
+    run_offline_pool(store, clock, runs=1, jail=WATCHED)
     data = store.get_task(task_id).as_dict()
     assert (data["status"], data["quarantined"]) == ("completed", True)   # the API keeps the status
     assert "status:   completed (quarantined)" in views.task_text(data)

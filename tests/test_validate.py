@@ -47,7 +47,8 @@ def test_good_unit_test_is_accepted_with_full_score() -> None:
     assert verdict.score == 1.0
     assert verdict.feedback() == ()
     assert set(rules_of(verdict)) == {"file_exists", "content_not_empty", "valid_python", "test_naming",
-                                      "has_assertions", "test_count", "imports_target", "not_vacuous", "exercises_target"}
+                                      "has_assertions", "test_count", "imports_target", "not_vacuous", "exercises_target",
+                                      "safe_tests"}
     assert rules_of(verdict)["has_assertions"].message == "3 assertion(s)"
 
 

@@ -185,7 +185,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                  conf.log_file)
     warn_unknown_variables(conf)
     daemon.serve(conf, reload=lambda: settings(args, env_warnings=False, repos=repos, workers=args.workers,
-                                               log_level=args.log_level, log_format=args.log_format))   # flags win
+                                               log_level=args.log_level, log_format=args.log_format,
+                                               api_key=conf.api_key))   # flags win; serve took the key variable away
     return EXIT_OK
 
 

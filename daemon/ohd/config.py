@@ -78,6 +78,11 @@ class Settings(BaseModel):
     test_timeout_s: float = Field(default=60.0, gt=0)         # each pytest run's time limit
     test_parallel: int = Field(default=0, ge=0)   # test processes at once, over all workers; 0 = one per CPU
     test_python: str = "auto"   # runs the tests: "auto" = the repo's .venv/venv if it has pytest, else ohd's
+    # where generated tests run (README "Threat model"): "auto" = the strongest level that works here;
+    # a level = that one or, where it does not work, the next weaker one
+    test_sandbox: Literal["auto", "namespace", "landlock", "process"] = "auto"
+    test_memory_mb: int = Field(default=4096, ge=64)   # each test process's memory (RLIMIT_DATA)
+    allow_risky_tests: bool = False   # run tests the static screen refuses (subprocess, sockets, os.system, ...)
     # task type (or "*") -> rule -> error | warning | info | off; checked against the rules at start-up
     rule_levels: dict[str, dict[str, Literal["error", "warning", "info", "off"]]] = Field(default_factory=dict)
     schedule_grace_s: float = Field(default=3600.0, ge=0)   # a missed cron firing runs once if this recent

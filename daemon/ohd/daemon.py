@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from ohd import __version__, delivery, selection, statedir, validate
+from ohd import __version__, delivery, sandbox, selection, statedir, validate
 from ohd.clock import Clock, SystemClock
 from ohd.calls import CallHistory
 from ohd.catalogue import Catalogue
@@ -131,15 +131,22 @@ def policy_of(settings: Settings) -> Policy:
 
 def ladder_of(settings: Settings) -> Ladder:
     """How candidates are judged: pytest runs (never with the API key), `rule_levels`, and
-    ruff / coverage.py where installed; ConfigError names an unknown task type, rule or level."""
+    ruff / coverage.py where installed, in the strongest sandbox that works here (probed now), with
+    ohd's own files hidden; `allow_risky_tests` switches the static screen (`safe_tests`) off unless
+    `rule_levels` names it; ConfigError names an unknown task type, rule or level."""
     try:
         levels = validate.parse_levels(settings.rule_levels, tuple(t.value for t in TaskType))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if settings.allow_risky_tests:
+        levels = {**levels, "*": {"safe_tests": None, **levels.get("*", {})}}
+    hide = sandbox.hidden_paths([settings.state_dir, settings.runtime_dir, key_file().parent,
+                                 *private_files(settings)])
     tests = TestRunOptions(runs=settings.test_runs, timeout_s=settings.test_timeout_s,
                            secret_env=(settings.api_key_env,), python=settings.test_python,
                            slots=threading.BoundedSemaphore(settings.test_parallel or os.cpu_count() or 1),
-                           redact=Redactor([settings.api_key.get_secret_value()] if settings.api_key else []).redact)
+                           redact=Redactor([settings.api_key.get_secret_value()] if settings.api_key else []).redact,
+                           jail=sandbox.detect(hide, settings.test_sandbox, memory_mb=settings.test_memory_mb))
     return Ladder.detect(tests, levels)
 
 
@@ -223,6 +230,7 @@ class Daemon:
             self.pool = pool
             pool.calls = CallHistory(self.store.db, self.settings.call_history_max_bytes, self.settings.call_history)
             pool.ladder = ladder_of(self.settings)
+            self._log_sandbox(pool.ladder)
             catalogue = self._catalogue(pool)
             if catalogue is not None and catalogue.discover and not self.settings.openrouter:
                 await catalogue.refresh()   # a server you run: its own list, not OpenRouter's, from the start
@@ -422,6 +430,7 @@ class Daemon:
         if LADDER_KEYS & live.keys():
             try:
                 pool.ladder = ladder_of(new)
+                self._log_sandbox(pool.ladder)
             except ConfigError as exc:
                 log.error("reload: keeping the running validation settings: %s", exc)
                 live = {key: value for key, value in live.items() if key not in LADDER_KEYS}
@@ -434,6 +443,14 @@ class Daemon:
             if self.store.promote_due(self.clock.now(), True):
                 pool.wake()
         log.info("reload: applied %s", ", ".join(sorted(live)) or "no configuration change")
+
+    @staticmethod
+    def _log_sandbox(ladder: Ladder) -> None:
+        jail = ladder.tests.sandbox()
+        if jail.level is sandbox.Level.NAMESPACE:
+            log.info("generated tests run in the sandbox: %s", jail.describe())
+        else:
+            log.warning("generated tests run in a weaker sandbox: %s", jail.describe())
 
     def _rank(self, settings: Settings) -> selection.Rank | None:
         """The pool's ranking of `auto` models (None: `model_selection = false`, configured order)."""
@@ -455,6 +472,7 @@ class Daemon:
             "workers": pool.snapshot() if pool else {"size": 0, "busy": 0},
             "models": pool.model_states() if pool else [],
             "offline": self.settings.use_offline,
+            "sandbox": pool.ladder.tests.sandbox().as_dict() if pool else None,
             "database": _redact(self.settings.database),
             **self._progress(),
         }
@@ -511,6 +529,7 @@ def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> N
     notifier = Notifier(os.environ.pop("NOTIFY_SOCKET", None))
     watchdog_s = watchdog_interval(os.environ.pop("WATCHDOG_USEC", None), os.environ.pop("WATCHDOG_PID", None),
                                    os.getpid())
+    sandbox.seal(os.environ, {settings.api_key_env, "OPENROUTER_API_KEY"})   # the key: in `settings` only
     statedir.private_umask()   # the store, its WAL, the log, the lock, the socket: 0600 (outputs: their folder's)
     lock = InstanceLock(settings.state_dir / "ohd.lock")
     lock.acquire()

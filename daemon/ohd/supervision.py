@@ -29,7 +29,8 @@ POLICY_KEYS = frozenset({"free_rpm", "free_rpd", "rate_limits", "daily_limits", 
                          "allow_paid", "paid_models", "daily_request_cap", "daily_cost_cap_usd"})
 SELECTION_KEYS = frozenset({"model_selection", "model_priors", "model_tags", "selection_epsilon",
                             "selection_prior_calls", "selection_latency_ref_ms", "selection_history"})
-LADDER_KEYS = frozenset({"test_runs", "test_timeout_s", "test_python", "test_parallel", "rule_levels"})   # how candidates are judged
+LADDER_KEYS = frozenset({"test_runs", "test_timeout_s", "test_python", "test_parallel", "rule_levels",
+                         "test_sandbox", "test_memory_mb", "allow_risky_tests"})   # how candidates are judged
 LOG_KEYS = frozenset({"log_level", "log_format", "log_file"})
 LIVE_KEYS = frozenset({"workers", "models"}) | LOG_KEYS | POLICY_KEYS | LADDER_KEYS | SELECTION_KEYS
 

@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ohd import pyparse, validate
+from ohd import pyparse, sandbox, validate
 from ohd.errors import TargetError
 from ohd.validate import CoverageRun, PytestRun, RunStatus
 
@@ -53,8 +53,8 @@ CANDIDATE_PREFIX = "test_ohd_candidate_"    # the working-tree watch never repor
 _CANDIDATE = CANDIDATE_PREFIX
 _PYTEST_ARGS = ("-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--color=no")  # over a repo's addopts
 _REPO_VENVS = (".venv/bin/python", "venv/bin/python")   # where `test_python = "auto"` looks first
-_PROBE = ("import importlib.util as u; "
-          "print(int(u.find_spec('pytest') is not None), int(u.find_spec('coverage') is not None))")
+_PROBE = ("import importlib.util as u, json, sys; print(json.dumps([u.find_spec('pytest') is not None, "
+          "u.find_spec('coverage') is not None, [sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path]]))")
 _TEST_NAME = re.compile(r"(?:^test_.*|.*_test)\.py$")
 
 
@@ -72,6 +72,10 @@ class Options:
     python: str = "auto"               # the interpreter: "auto" (the repo's venv, else ohd's) or a path
     slots: threading.Semaphore | None = None   # test processes at once (None: no limit); a wait is not run time
     redact: Callable[[str], str] = verbatim   # masks the secrets in what a run prints (the daemon's Redactor)
+    jail: sandbox.Jail | None = None   # where the tests run (None: the strongest level here, `sandbox.default()`)
+
+    def sandbox(self) -> sandbox.Jail:
+        return self.jail or sandbox.default()
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +85,7 @@ class Interpreter:
     path: str
     pytest: bool
     coverage: bool
+    paths: tuple[str, ...] = dataclasses.field(default=(), compare=False)   # its prefixes and sys.path (kept visible)
 
 
 def interpreter(repo: Path, setting: str = "auto") -> Interpreter:
@@ -109,10 +114,11 @@ def _probe(path: str, stamp: int) -> Interpreter:
     env = clean_env(os.environ, (), [])
     try:
         out = subprocess.run([path, "-c", _PROBE], capture_output=True, text=True, timeout=60, env=env).stdout
-        has_pytest, has_coverage = (flag == "1" for flag in out.split())
+        has_pytest, has_coverage, paths = json.loads(out)
     except (OSError, subprocess.SubprocessError, ValueError):
         return Interpreter(path, pytest=False, coverage=False)
-    return Interpreter(path, pytest=has_pytest, coverage=has_coverage)
+    return Interpreter(path, pytest=bool(has_pytest), coverage=bool(has_coverage),
+                       paths=tuple(str(p) for p in paths if p))
 
 
 def run_candidate(repo: Path, output: str, content: str, *, import_root: str = "",
@@ -125,18 +131,27 @@ def run_candidate(repo: Path, output: str, content: str, *, import_root: str = "
     proves nothing (a process that ends itself at import exits 0 having run no test)."""
     env = _env(repo, import_root, options, environ)
     expected = defined_tests(content)
+    keep = _keep(python, env)
     runs: list[tuple[RunStatus, str]] = []
     reasons: list[str] = []
-    with candidate_file(repo, output, content) as rel:
-        for _ in range(max(1, options.runs)):
-            status, out, reason = _once(python, repo.resolve(), rel, env, options, expected)
+    with candidate_file(repo, output, content) as rel, tempfile.TemporaryDirectory(prefix="ohd-pytest-") as scratch:
+        jailed = private_env(env, Path(scratch))     # HOME and TMPDIR: the same for the runs of one candidate
+        for n in range(max(1, options.runs)):
+            status, out, reason = _once(python, repo.resolve(), rel, jailed, options, expected, Path(scratch),
+                                        n, keep)
             runs.append((status, out))
             reasons.append(reason)
             if status in _STOPPERS:
                 break
     result = summarize(runs, rel, output, options.timeout_s)
     reason = next((r for (o, _), r in zip(runs, reasons, strict=True) if o is result.status and r), "")
-    return dataclasses.replace(result, python=python, reason=reason)
+    return dataclasses.replace(result, python=python, reason=reason, sandbox=options.sandbox().level.value)
+
+
+def _keep(python: str, env: Mapping[str, str]) -> tuple[str, ...]:
+    """What the tests must see inside a `namespace` jail besides the repo: the interpreter's
+    prefixes and sys.path, PYTHONPATH's folders."""
+    return (*probe(python).paths, *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p))
 
 
 def defined_tests(content: str) -> int:
@@ -224,12 +239,23 @@ def _env(repo: Path, import_root: str, options: Options, environ: Mapping[str, s
 
 
 def clean_env(environ: Mapping[str, str], secret_env: Sequence[str], paths: Sequence[str]) -> dict[str, str]:
-    """The environment minus API keys and OHD_* variables; `paths` first on PYTHONPATH; no .pyc files."""
+    """The environment minus API keys, tokens, passwords, the SSH agent, the user's runtime dir and
+    bus and every OHD_* variable (`sandbox.is_secret`); `paths` first on PYTHONPATH; no .pyc files."""
     drop = {"OPENROUTER_API_KEY", *secret_env}
-    env = {k: v for k, v in environ.items() if k not in drop and not k.startswith("OHD_")}
+    env = {k: v for k, v in environ.items() if k not in drop and not sandbox.is_secret(k)}
     env["PYTHONPATH"] = os.pathsep.join([*paths, *([environ["PYTHONPATH"]] if environ.get("PYTHONPATH") else [])])
     env["PYTHONDONTWRITEBYTECODE"] = "1"     # nothing left in the user's __pycache__
     return env
+
+
+def private_env(env: Mapping[str, str], scratch: Path) -> dict[str, str]:
+    """`env` with HOME and the temp dirs in `scratch` (made here); the user's own site-packages stay found."""
+    home, tmp = scratch / "home", scratch / "tmp"
+    home.mkdir(exist_ok=True)
+    tmp.mkdir(exist_ok=True)
+    user_base = env.get("PYTHONUSERBASE") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".local")
+    return {**env, "HOME": str(home), "TMPDIR": str(tmp), "TMP": str(tmp), "TEMP": str(tmp),
+            "PYTHONUSERBASE": user_base}
 
 
 def summarize(runs: Sequence[tuple[RunStatus, str]], candidate: str, output: str, timeout_s: float) -> PytestRun:
@@ -254,31 +280,44 @@ def summarize(runs: Sequence[tuple[RunStatus, str]], candidate: str, output: str
                      failed_tests=failed, timeout_s=timeout_s)
 
 
-def _once(python: str, repo: Path, rel: str, env: dict[str, str], options: Options,
-          expected: int) -> tuple[RunStatus, str, str]:
-    """One pytest run: its status, its output and (when it is not what the exit code says) why."""
+def _once(python: str, repo: Path, rel: str, env: dict[str, str], options: Options, expected: int,
+          scratch: Path, n: int = 0, keep: Sequence[str] = ()) -> tuple[RunStatus, str, str]:
+    """One pytest run in the sandbox (writable: `scratch`): its status, its output and (when it is
+    not what the exit code says) why."""
     timeout_s = options.timeout_s
-    with tempfile.TemporaryDirectory(prefix="ohd-pytest-") as scratch:
-        report = Path(scratch) / "report.xml"
-        code, out = _run([python, *_PYTEST_ARGS, f"--rootdir={repo}", f"--junitxml={report}", rel],
-                         repo, env, timeout_s, options.slots, options.redact)
-        tally = read_junit(report)
-        out = "\n".join(line for line in out.splitlines() if str(report) not in line)   # "generated xml file"
+    report = scratch / f"report-{n}.xml"
+    code, out = _run([python, *_PYTEST_ARGS, f"--rootdir={repo}", f"--junitxml={report}", rel],
+                     repo, env, timeout_s, options.slots, options.redact, jail=(options.sandbox(), scratch, keep))
+    tally = read_junit(report)
+    out = "\n".join(line for line in out.splitlines() if str(report) not in line)   # "generated xml file"
     if code is None:
         return RunStatus.TIMEOUT, f"{out}\n[killed after {timeout_s:g}s]", ""
+    if code == sandbox.SETUP_EXIT and sandbox.PREFIX in out:
+        why = out.rsplit(sandbox.PREFIX, 1)[1].strip()
+        return RunStatus.ERROR, out, f"the test sandbox ({options.sandbox().level.value}) could not be set up: {why}"
     status, reason = judge_run(code, tally, expected)
     return status, f"{out}\n[{reason}]" if reason else out, reason
 
 
+Confinement = tuple[sandbox.Jail, Path, Sequence[str]]   # the jail, its writable scratch dir, paths kept visible
+_BACKSTOP_S = 30.0     # the jail ends its run at the time limit; past this much more the whole group is killed
+
+
 def _run(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float,
-         slots: threading.Semaphore | None = None, redact: Callable[[str], str] = verbatim) -> tuple[int | None, str]:
-    """Exit code (None: killed at the timeout, with its process group) and combined output, `redact`ed;
-    with `slots`, the process starts once a slot is free (the timeout counts from then)."""
+         slots: threading.Semaphore | None = None, redact: Callable[[str], str] = verbatim,
+         jail: Confinement | None = None) -> tuple[int | None, str]:
+    """Exit code (None: killed at the timeout, with everything it started) and combined output,
+    `redact`ed; with `jail`, run in that sandbox (`ohd.jail` kills what the run left, even a
+    setsid'ed process); with `slots`, the process starts once a slot is free (the timeout counts from then)."""
+    limit = timeout_s
+    if jail is not None:
+        command = sandbox.command(jail[0], command, cwd=cwd, scratch=jail[1], keep=jail[2], timeout_s=timeout_s)
+        limit = timeout_s + _BACKSTOP_S
     with slots or contextlib.nullcontext():
         proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
         try:
-            out, _ = proc.communicate(timeout=timeout_s)
+            out, _ = proc.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
             _kill(proc)
             out, _ = proc.communicate()
@@ -287,6 +326,9 @@ def _run(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float,
             _kill(proc)
             proc.communicate()
             raise
+        _kill(proc)        # anything of its process group still there
+        if jail is not None and proc.returncode == sandbox.TIMEOUT_EXIT and f"{sandbox.PREFIX}time limit" in out:
+            return None, redact(out.replace(f"{sandbox.PREFIX}time limit", "").rstrip())
         return proc.returncode, redact(out)
 
 
@@ -315,12 +357,15 @@ def measure_coverage(repo: Path, output: str, content: str, *, target: str, impo
     decides, not how they spell the import (`import pkg` counts as much as `import pkg.mod`)."""
     root = repo.resolve()
     env = _env(repo, import_root, options, environ)
+    keep = _keep(python, env)
     target_path = (root / target).resolve()
     current = (root / output).is_file() and _TEST_NAME.match(posixpath.basename(output)) is not None
     try:
         with tempfile.TemporaryDirectory(prefix="ohd-coverage-") as scratch:
+            jailed = private_env(env, Path(scratch))
+
             def covered(rels: Sequence[str], *extra: str) -> Measured:
-                return _covered(python, root, rels, env, target_path, Path(scratch), options, extra)
+                return _covered(python, root, rels, jailed, target_path, Path(scratch), options, extra, keep)
 
             base = _suite(root, output, target, python, lambda: covered(
                 [], f"--ignore={output}", f"--ignore-glob=*/{_CANDIDATE}*", "--continue-on-collection-errors"))
@@ -399,7 +444,7 @@ def repo_files(root: Path, wanted: Callable[[str], bool]) -> list[str]:
 
 
 def _covered(python: str, root: Path, rels: Sequence[str], env: dict[str, str], target: Path, scratch: Path,
-             options: Options, extra: Sequence[str] = ()) -> Measured:
+             options: Options, extra: Sequence[str] = (), keep: Sequence[str] = ()) -> Measured:
     """What of the target pytest runs of `rels` (none: pytest's own selection) execute under
     coverage; the user's coverage settings are not read (an empty rcfile)."""
     rcfile, data, report, junit = (scratch / name for name in ("coveragerc", "coverage.data", "coverage.json",
@@ -410,7 +455,7 @@ def _covered(python: str, root: Path, rels: Sequence[str], env: dict[str, str], 
     coverage, timeout_s = [python, "-m", "coverage"], options.timeout_s
     code, out = _run([*coverage, "run", f"--rcfile={rcfile}", f"--data-file={data}", f"--include={target}",
                       *_PYTEST_ARGS, f"--rootdir={root}", f"--junitxml={junit}", *extra, *rels],
-                     root, env, timeout_s, options.slots, options.redact)
+                     root, env, timeout_s, options.slots, options.redact, jail=(options.sandbox(), scratch, keep))
     what = ", ".join(rels) or "the repo's test suite"
     if code is None:
         raise _NotMeasured(f"pytest under coverage did not finish within {timeout_s:g}s ({what}; "
@@ -420,7 +465,7 @@ def _covered(python: str, root: Path, rels: Sequence[str], env: dict[str, str], 
         raise _NotMeasured(f"pytest under coverage could not run {what} (exit code {code}){f': {last}' if last else ''}")
     tests = (read_junit(junit) or Tally()).total
     code, out = _run([*coverage, "json", f"--rcfile={rcfile}", f"--data-file={data}", "-o", str(report)],
-                     root, env, timeout_s, options.slots, options.redact)
+                     root, env, timeout_s, options.slots, options.redact, jail=(options.sandbox(), scratch, keep))
     if code != 0 or not report.is_file():
         if "No data" in out:
             return Measured(tests=tests)

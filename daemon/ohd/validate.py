@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
-from ohd import astrules, pyparse
+from ohd import astrules, pyparse, screen
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ E, W, I = Level.ERROR, Level.WARNING, Level.INFO
 # The level of each rule per task type ("*": every type); None switches a rule off.
 LEVELS: dict[str, dict[str, Level | None]] = {
     "*": {"file_exists": E, "content_not_empty": E, "valid_python": E, "lint": W},
-    _UNIT_TEST: {"test_naming": E, "imports_target": E, "not_vacuous": E, "runs_green": E,
+    _UNIT_TEST: {"test_naming": E, "imports_target": E, "not_vacuous": E, "safe_tests": E, "runs_green": E,
                  "has_assertions": W, "exercises_target": W, "test_count": I, "coverage_delta": I},
     _DOCSTRING: {"docstring_only": E},
     _REVIEW: {"review_is_prose": E, "review_names_target": E},
@@ -107,11 +107,12 @@ class PytestRun:
     timeout_s: float = 0.0
     python: str = ""                  # the interpreter that ran pytest
     reason: str = ""                  # why a run that exited 0 or 1 is an error (pytest's report disagrees)
+    sandbox: str = ""                 # the isolation level the tests ran in (`ohd.sandbox.Level`)
 
     def as_dict(self) -> dict[str, Any]:
         return {"status": self.status.value, "outcomes": [o.value for o in self.outcomes],
                 "output": self.output, "failed_tests": list(self.failed_tests), "timeout_s": self.timeout_s,
-                "python": self.python, "reason": self.reason}
+                "python": self.python, "reason": self.reason, "sandbox": self.sandbox}
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +241,8 @@ def check(task_type: str, output: str, content: str, *, target_exists: bool,
         tree = parsed if isinstance(parsed, ast.Module) else None
     if task_type == _UNIT_TEST:
         rules.extend(_unit_test_rules(output, tree, module))
+        if tree is not None:
+            rules.append(_safe_tests(tree, original, module))
         if test_run is not None:
             rules.append(_runs_green(test_run))
         if coverage is not None and not coverage.error:
@@ -303,6 +306,20 @@ def _unit_test_rules(output: str, tree: ast.Module | None, module: str) -> list[
         rules.append(_not_vacuous(tree, module))
         rules.append(_exercises_target(tree, module))
     return rules
+
+
+def _safe_tests(tree: ast.Module, original: str | None, module: str) -> RuleResult:
+    """The static screen (`ohd.screen`): nothing a unit test should not need, unless the target uses it too."""
+    target = _parse(original) if original is not None else None
+    found = screen.screen(tree, target if isinstance(target, ast.Module) else None)
+    if not found:
+        return RuleResult("safe_tests", Level.ERROR, True, "the tests start no process, open no socket and "
+                                                           "touch no system path")
+    shown = "; ".join(map(str, found[:20])) + (f"; and {len(found) - 20} more" if len(found) > 20 else "")
+    return RuleResult("safe_tests", Level.ERROR, False,
+                      f"refused by the static screen before running: {shown}. A unit test of {module or 'the code'} "
+                      "needs none of this unless the code under test does: no processes, sockets, system or "
+                      "home paths or dynamic code; use tmp_path and monkeypatch")
 
 
 def _not_vacuous(tree: ast.Module, module: str) -> RuleResult:

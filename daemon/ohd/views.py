@@ -25,6 +25,8 @@ def status_text(status: dict[str, Any]) -> str:
             for name in QUEUE_ORDER),
         f"workers: {workers.get('busy', 0)}/{workers.get('size', 0)} busy",
     ]
+    if status.get("sandbox"):
+        lines.append(f"tests:   {status['sandbox']['level']} sandbox ({status['sandbox']['description']})")
     for task in status.get("running", []):
         started = _when(task.get("started_at"))
         since = (f"for {_duration((now - started).total_seconds())}" if now and started
