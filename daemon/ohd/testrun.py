@@ -320,11 +320,10 @@ def _run(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float,
             out, _ = proc.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
             _kill(proc)
-            out, _ = proc.communicate()
-            return None, redact(out)
+            return None, redact(_drain(proc))
         except BaseException:
             _kill(proc)
-            proc.communicate()
+            _drain(proc)
             raise
         _kill(proc)        # anything of its process group still there
         if jail is not None and proc.returncode == sandbox.TIMEOUT_EXIT and f"{sandbox.PREFIX}time limit" in out:
@@ -483,6 +482,18 @@ def _covered(python: str, root: Path, rels: Sequence[str], env: dict[str, str], 
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1][-300:] if lines else ""
+
+
+def _drain(proc: subprocess.Popen[str], wait_s: float = 5.0) -> str:
+    """What a killed run printed; a process that escaped the kill (setsid'ed, outside a jail that was
+    itself killed) may hold the pipe open for hours: after `wait_s` the pipe is let go."""
+    try:
+        return proc.communicate(timeout=wait_s)[0]
+    except subprocess.TimeoutExpired:
+        if proc.stdout is not None:
+            proc.stdout.close()
+        proc.wait()
+        return "[the output was cut: a process the run started outlived it and kept the output open]"
 
 
 def _kill(proc: subprocess.Popen[str]) -> None:
