@@ -11,7 +11,9 @@ prints in forms the log redactor does not know (the key reversed and in hex) and
 file it can; it says what happened to each attempt in a warning (pytest prints warnings also for
 passing tests, so the summary reaches the report). Task `screened` sets `rule_levels: {safe_tests:
 error}`: the static screen refuses it before it runs. Task `risky` (the global opt-in) runs in
-the sandbox. Everything is checked from outside.
+the sandbox. The whole run is made once per level this machine has (`test_sandbox = namespace`,
+then `landlock`); at `landlock` the socket and the store stay reachable, as README's Threat model
+says, and that test is skipped there. Everything is checked from outside.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from ohd import sandbox
+from ohd import jail, sandbox
 from tests.e2e.helpers import DaemonProcess, daemon_env
 from tests.support.fake_openrouter import FakeOpenRouter, error, ok
 from tests.support.gitrepo import make_repo
@@ -44,7 +46,8 @@ pytestmark = pytest.mark.reliability
 USERNS = shutil.which("unshare") is not None and subprocess.run(
     ["unshare", "--user", "--map-root-user", "--mount", "--pid", "--fork", "--net", "true"],
     capture_output=True, timeout=30).returncode == 0
-needs_namespace = pytest.mark.skipif(not USERNS, reason="no unprivileged user namespaces on this machine")
+LEVELS = [pytest.param("namespace", marks=pytest.mark.skipif(not USERNS, reason="no user namespaces here")),
+          pytest.param("landlock", marks=pytest.mark.skipif(jail.landlock_abi() < 6, reason="no Landlock ABI 6 here"))]
 
 TOKEN = secrets.token_hex(6)
 SECRET = "sk-or-v1-" + secrets.token_hex(32)
@@ -140,6 +143,7 @@ def test_total_of_one_price() -> None:
 
 @dataclass
 class Run:
+    level: str
     tmp: Path
     repo: Path
     state: Path
@@ -200,8 +204,9 @@ def _finished(db: Path) -> list[str] | None:
     return rows if len(rows) == 2 and set(rows) <= {"completed", "failed"} else None
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+@pytest.fixture(scope="module", params=LEVELS)
+def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    level = str(request.param)
     tmp = tmp_path_factory.mktemp("hostile")
     runtime = Path(tempfile.mkdtemp(prefix="ohd-rt-"))
     repo = make_repo(tmp / "repo")
@@ -218,7 +223,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         server.script("hostile/risky", [ok(content)])
         server.default = error(500, "unscripted request")
         env = daemon_env(tmp, runtime, OPENROUTER_API_KEY=SECRET, OHD_BASE_URL=server.url,
-                         OHD_TEST_RUNS="1", OHD_ALLOW_RISKY_TESTS="true", OHD_LOG_FILE=str(tmp / "ohd.log"))
+                         OHD_TEST_RUNS="1", OHD_ALLOW_RISKY_TESTS="true", OHD_TEST_SANDBOX=level, OHD_LOG_FILE=str(tmp / "ohd.log"))
         daemon = DaemonProcess(env, repo, tmp / "daemon.log").start()
         try:
             (repo / "tasks.d" / "screened.yaml").write_text(
@@ -238,7 +243,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         finally:
             assert daemon.stop() == 0
         listener.sock.close()
-        yield Run(tmp, repo, tmp / "state", outside, system_marker, server, listener.received, tasks, reports,
+        yield Run(level, tmp, repo, tmp / "state", outside, system_marker, server, listener.received, tasks, reports,
                   (tmp / "ohd.log").read_text(), status, status_text)
     for pid in sleepers():      # never leave one behind, whatever the test found
         os.kill(pid, 9)
@@ -247,6 +252,12 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     runtime.rmdir()
     for path in outside[1:3]:
         path.unlink(missing_ok=True)
+
+
+def _holds_at(run: Run, *levels: str) -> None:
+    """The property is claimed for `levels` (README "Threat model"); at another it is what that level leaves."""
+    if run.level not in levels:
+        pytest.skip(f"the {run.level} level leaves this open (README Threat model)")
 
 
 def _summary(run: Run, name: str) -> str:
@@ -268,18 +279,16 @@ def test_the_screen_refuses_the_hostile_answer_before_it_runs(run: Run) -> None:
     assert not (run.repo / "tests" / "test_screened.py").exists()
 
 
-@needs_namespace
 def test_the_risky_answer_ran_in_the_sandbox(run: Run) -> None:
     summary = _summary(run, "test_risky")
     print(summary[summary.index("HOSTILE-RAN"):][:3000] if "HOSTILE-RAN" in summary else summary)
     assert "HOSTILE-RAN" in summary, summary
-    assert run.reports["test_risky"]["verdict"]["test_run"]["sandbox"] == "namespace"    # type: ignore[index]
-    assert "generated tests run in the sandbox: namespace" in run.log
-    assert run.status["sandbox"]["level"] == "namespace"      # type: ignore[index]
-    assert "tests:   namespace sandbox (" in run.status_text
+    assert run.reports["test_risky"]["verdict"]["test_run"]["sandbox"] == run.level    # type: ignore[index]
+    assert f"sandbox: {run.level} (" in run.log          # said once at start
+    assert run.status["sandbox"]["level"] == run.level      # type: ignore[index]
+    assert f"tests:   {run.level} sandbox (" in run.status_text
 
 
-@needs_namespace
 def test_the_key_is_read_from_no_process_and_written_nowhere(run: Run) -> None:
     summary = _summary(run, "test_risky")
     assert "environ: 0 key(s)" in summary, summary
@@ -289,33 +298,29 @@ def test_the_key_is_read_from_no_process_and_written_nowhere(run: Run) -> None:
     assert not leaks, leaks
 
 
-@needs_namespace
 def test_nothing_is_written_outside_the_repo_nor_beside_the_candidate(run: Run) -> None:
     assert [p for p in run.outside if p.exists()] == []
     assert not run.system_marker.exists()       # os.system ran, but could write nowhere
     assert {p.name for p in run.tmp.iterdir()} <= {"repo", "state", "daemon.log", "ohd.log", "config.toml", ".config"}
 
 
-@needs_namespace
 def test_no_task_is_queued_over_the_socket_and_the_store_is_not_read(run: Run) -> None:
+    _holds_at(run, "namespace")
     assert len(run.tasks) == 2 and all(t["source"] != "api" for t in run.tasks), run.tasks
     summary = _summary(run, "test_risky")
     assert "socket: refused" in summary and "store: refused" in summary and "STORE-READ" not in summary, summary
 
 
-@needs_namespace
 def test_no_git_hook_is_planted(run: Run) -> None:
     assert not (run.repo / ".git" / "hooks" / "post-commit").exists()
     assert "hook: refused" in _summary(run, "test_risky")
 
 
-@needs_namespace
 def test_no_process_outlives_the_run(run: Run) -> None:
     assert "sleeper: " in _summary(run, "test_risky")
     assert sleepers() == []
 
 
-@needs_namespace
 def test_no_tcp_connection_leaves_the_sandbox(run: Run) -> None:
     assert run.connections == []
     assert "tcp: refused" in _summary(run, "test_risky")
