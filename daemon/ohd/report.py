@@ -113,7 +113,8 @@ def _pytest_section(verdict: Mapping[str, Any] | None, decision: Any) -> str:
     if not run:
         return ""
     python = f" with {run['python']}" if run.get("python") else ""
-    head = f"## pytest\n\n{run.get('status')} ({', '.join(str(o) for o in run.get('outcomes') or [])}){python}"
+    jail = f", in the {run['sandbox']} sandbox" if run.get("sandbox") else ""
+    head = f"## pytest\n\n{run.get('status')} ({', '.join(str(o) for o in run.get('outcomes') or [])}){python}{jail}"
     if run.get("status") == "passed" and decision != "quarantined":
         return head + "."
     return f"{head}:\n\n{fence(str(run.get('output') or ''), 'text')}"

@@ -285,6 +285,9 @@ def test_the_risky_answer_ran_in_the_sandbox(run: Run) -> None:
     assert "HOSTILE-RAN" in summary, summary
     assert run.reports["test_risky"]["verdict"]["test_run"]["sandbox"] == run.level    # type: ignore[index]
     assert f"sandbox: {run.level} (" in run.log          # said once at start
+    pytest_sections = [t for p in (run.repo / "shop" / ".ohd").glob("pricing.py.unit_test.*.md")
+                       if "## pytest" in (t := p.read_text())]     # the risky task's own report
+    assert len(pytest_sections) == 1 and f"in the {run.level} sandbox" in pytest_sections[0]
     assert run.status["sandbox"]["level"] == run.level      # type: ignore[index]
     assert f"tests:   {run.level} sandbox (" in run.status_text
 
