@@ -17,7 +17,7 @@ SCHEMA = {
     "task": {"id", "repo", "type", "target", "description", "priority", "rank", "output", "models",
              "min_quality", "max_attempts", "timeout_s", "prompt", "source", "status", "attempts",
              "error", "output_path", "report_path", "created_at", "updated_at", "started_at",
-             "finished_at", "not_before", "lease_owner", "lease_until", "cancel_requested", "rule_levels"},
+             "finished_at", "not_before", "lease_owner", "lease_until", "cancel_requested", "rule_levels", "crashes"},
     "execution": {"id", "task_id", "attempt", "model", "started_at", "finished_at", "latency_ms",
                   "prompt_tokens", "completion_tokens", "cost", "outcome", "error_class", "error",
                   "score", "validation_ms"},
@@ -28,7 +28,7 @@ SCHEMA = {
     "model_request": {"id", "model", "key_id", "free", "at"},
     "rule_firing": {"id", "repo", "rule", "path", "sha256", "task_id", "origin", "fired_at"},
     "rule_clock": {"repo", "rule", "last_fire"},
-    "model_call": {"id", "task_id", "model", "started_at", "prompt", "response"},
+    "model_call": {"id", "task_id", "model", "started_at", "prompt", "response", "execution_id", "pending"},
     "schema_migrations": {"name", "applied_at"},
 }
 
@@ -77,7 +77,7 @@ def test_the_store_query_models_name_exactly_the_migrated_columns(db: peewee.Dat
     migrations.migrate(db)
     models = bind_models(db)
     for model in (models.task, models.execution, models.ingested_file, models.written_file,
-                  models.model_state):
+                  models.model_state, models.model_call):
         table = model._meta.table_name
         assert {f.column_name for f in model._meta.sorted_fields} == SCHEMA[table], table
 
@@ -85,3 +85,20 @@ def test_the_store_query_models_name_exactly_the_migrated_columns(db: peewee.Dat
 def test_migration_names_are_unique_and_ordered() -> None:
     names = [name for name, _ in migrations.MIGRATIONS]
     assert names == sorted(set(names))
+
+
+def test_crash_recovery_gives_existing_tasks_no_crash_and_existing_calls_nothing_pending(
+        db: peewee.Database) -> None:
+    """0008 on a database in use: its tasks were interrupted by no crash, and its recorded calls
+    are history only (never judged again after a crash)."""
+    before = [step for step in migrations.MIGRATIONS if step[0] < "0008"]
+    migrations.migrate(db, before)
+    db.execute_sql("INSERT INTO task (repo, type, target, description, priority, rank, models, min_quality, "
+                   "max_attempts, timeout_s, status, attempts, created_at, updated_at, cancel_requested) "
+                   "VALUES ('/r', 'review', 'a.py', '', 'normal', 1, '[]', 0.5, 3, 60, 'running', 1, "
+                   "'2026-01-01 00:00:00.000000', '2026-01-01 00:00:00.000000', false)")
+    db.execute_sql("INSERT INTO model_call (task_id, model, started_at, prompt, response) "
+                   "VALUES (1, 'm', '2026-01-01 00:00:00', 'p', 'r')")
+    assert migrations.migrate(db) == ["0008_crash_recovery"]
+    assert db.execute_sql("SELECT crashes FROM task").fetchall() == [(0,)]
+    assert db.execute_sql("SELECT execution_id, pending FROM model_call").fetchall() == [(None, None)]

@@ -151,6 +151,39 @@ def test_a_lease_that_ends_exactly_now_is_not_reaped(store: Store, clock: FakeCl
     assert store.reap(clock.now()) == []
 
 
+def test_recover_returns_every_running_lease_at_once_and_counts_a_crash(store: Store, clock: FakeClock) -> None:
+    """At start-up under the state dir's lock no other daemon can hold a lease: none is waited for."""
+    first = store.enqueue(REPO, spec(), clock.now())
+    second = store.enqueue(REPO, spec(), clock.now())
+    queued = store.enqueue(REPO, spec(), clock.now())
+    claimed(store, clock, "w1")
+    claimed(store, clock, "w2")
+    cancelled = store.get_task(second)
+    store.cancel(cancelled.id, clock.now())
+    clock.advance(1)                                   # both leases have 59 s to go
+    assert store.recover(clock.now()) == [first, second]
+    task = store.get_task(first)
+    assert (task.status, task.lease_owner, task.lease_until, task.crashes) == ("queued", None, None, 1)
+    assert store.get_task(second).status == "cancelled"
+    assert store.get_task(queued).crashes == 0
+    assert store.recover(clock.now()) == []
+
+
+def test_a_task_interrupted_crash_limit_times_is_failed_with_that_reason(store: Store, clock: FakeClock) -> None:
+    task_id = store.enqueue(REPO, spec(), clock.now())
+    for crash in (1, 2):
+        claimed(store, clock)
+        assert store.recover(clock.now(), crash_limit=3) == [task_id]
+        assert (store.get_task(task_id).status, store.get_task(task_id).crashes) == ("queued", crash)
+    claimed(store, clock)
+    clock.advance(LEASE.total_seconds() + 1)           # an expired lease counts the same
+    assert store.reap(clock.now(), crash_limit=3) == [task_id]
+    task = store.get_task(task_id)
+    assert (task.status, task.crashes, task.lease_owner, task.finished_at) == ("failed", 3, None, clock.now())
+    assert task.error is not None and task.error.startswith("interrupted by 3 daemon crashes while running")
+    assert store.retry(task_id, clock.now()).crashes == 0    # `ohd retry` gives it a clean slate
+
+
 def test_release_returns_a_running_task_to_the_queue(store: Store, clock: FakeClock) -> None:
     task_id = store.enqueue(REPO, spec(), clock.now())
     claimed(store, clock, "w1")

@@ -68,6 +68,7 @@ class Settings(BaseModel):
     runtime_dir: Path = Field(default_factory=lambda: _runtime_dir())
     repos: list[Path] = Field(default_factory=list)
     lease_s: float = Field(default=60.0, gt=0)
+    crash_limit: int = Field(default=3, ge=1)   # runs of one task crashes may interrupt before it fails
     grace_s: float = Field(default=30.0, ge=0)
     request_timeout_s: float = Field(default=120.0, gt=0)
     # the one proxy for the model server (http:// or https://); HTTP_PROXY and the like are ignored

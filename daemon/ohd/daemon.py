@@ -53,7 +53,8 @@ from ohd.supervision import LADDER_KEYS, POLICY_KEYS, SELECTION_KEYS, apply_logg
 from ohd.rules import RuleBook, read_rules
 from ohd.server import ApiServer
 from ohd.spool import SpoolReader, find_spool
-from ohd.store import Store, open_database, sqlite_path
+from ohd.delivery import Outcome
+from ohd.store import Store, TaskStatus, open_database, sqlite_path
 from ohd.taskfile import TaskSpec, TaskType
 from ohd.ladder import Ladder
 from ohd.testrun import Options as TestRunOptions
@@ -222,8 +223,7 @@ class Daemon:
         async with AsyncExitStack() as stack:
             call, models = await self._models(stack)
             self.store.migrate()
-            for task_id in self.store.reap(self.clock.now()):    # logs each task it gives back
-                delivery.report_cancel(self.store, task_id, self.clock.now(), while_running=True)  # if cancelled
+            self._recover()
             pool = Pool(self.store, call, self.clock, models=models, size=self.settings.workers,
                         lease=timedelta(seconds=self.settings.lease_s), policy=policy_of(self.settings),
                         key_id=key_id_of(self.settings), rank=self._rank(self.settings))
@@ -288,6 +288,21 @@ class Daemon:
             )
         self.store.close()
         log.info("stopped")
+
+    def _recover(self) -> None:
+        """The tasks our dead predecessor was running: on SQLite every one back to the queue now (we
+        hold the state dir's lock, so no other daemon can run them), on PostgreSQL those whose lease
+        expired (another daemon may share the database); each counts a crash, and a task at
+        `crash_limit` is failed with its report. Then the leftovers of interrupted writes go."""
+        now, limit = self.clock.now(), self.settings.crash_limit
+        sqlite = sqlite_path(self.settings.database) is not None
+        for task_id in self.store.recover(now, limit) if sqlite else self.store.reap(now, limit):
+            task = self.store.get_task(task_id)
+            if task.status == TaskStatus.FAILED.value:
+                failed = delivery.report_failure(self.store, task, None, Outcome(TaskStatus.FAILED, error=task.error))
+                self.store.record_report(task_id, TaskStatus.FAILED, failed.report_path, failed.error or "", now)
+            else:   # a cancel that came in while it ran gets its report; a requeued task nothing
+                delivery.report_cancel(self.store, task_id, now, while_running=True)
 
     async def _models(self, stack: AsyncExitStack) -> tuple[Caller, list[str]]:
         """The caller and model list: OpenRouter (or any OpenAI-compatible server), or offline."""
@@ -373,7 +388,7 @@ class Daemon:
             except TimeoutError:
                 pass
             now = self.clock.now()
-            reaped = await asyncio.to_thread(self.store.reap, now)
+            reaped = await asyncio.to_thread(self.store.reap, now, self.settings.crash_limit)
             if self.rulebook is not None:
                 await asyncio.to_thread(self.rulebook.release_held, now)   # a re-run follows at once
             promoted = await asyncio.to_thread(self.store.promote_due, now)

@@ -216,6 +216,20 @@ def execution_validation_ms(db: peewee.Database) -> None:
     alter(SchemaMigrator.from_database(db).add_column("execution", "validation_ms", peewee.IntegerField(null=True)))
 
 
+def crash_recovery(db: peewee.Database) -> None:
+    """task gains crashes: how many times a daemon's crash (or an expired lease) interrupted its run,
+    so a task that kills ohd is failed after a bounded number; model_call gains execution_id (the
+    execution that judged the answer) and pending (JSON: the call's usage and the source it was
+    asked about, while the answer may still be judged or delivered after a crash; NULL after)."""
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as alter
+
+    migrator = SchemaMigrator.from_database(db)
+    alter(migrator.add_column("task", "crashes", peewee.IntegerField(default=0)),
+          migrator.add_column("model_call", "execution_id", peewee.IntegerField(null=True)),
+          migrator.add_column("model_call", "pending", peewee.TextField(null=True)))
+
+
 # The history, oldest first. Append only.
 MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     ("0001_initial_schema", initial_schema),
@@ -225,6 +239,7 @@ MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     ("0005_model_call", model_call),
     ("0006_task_rule_levels", task_rule_levels),
     ("0007_execution_validation_ms", execution_validation_ms),
+    ("0008_crash_recovery", crash_recovery),
 )
 
 

@@ -70,6 +70,7 @@ class Task:
     lease_until: datetime | None
     cancel_requested: bool
     rule_levels: dict[str, str] = field(default_factory=dict)   # rule -> level, over the configuration's
+    crashes: int = 0     # runs a daemon's crash (or an expired lease) interrupted; at the limit it fails
 
     @property
     def quarantined(self) -> bool:
@@ -167,6 +168,7 @@ class TaskRow(peewee.Model):
     lease_until = UtcDateTimeField(null=True)
     cancel_requested = peewee.BooleanField()
     rule_levels = peewee.TextField(null=True)
+    crashes = peewee.IntegerField()
 
 
 class ExecutionRow(peewee.Model):
@@ -206,6 +208,17 @@ class WrittenFileRow(peewee.Model):
     written_at = UtcDateTimeField()
 
 
+class ModelCallRow(peewee.Model):
+    id = peewee.AutoField()
+    task_id = peewee.IntegerField()
+    model = peewee.CharField()
+    started_at = peewee.DateTimeField()
+    prompt = peewee.TextField()
+    response = peewee.TextField()
+    execution_id = peewee.IntegerField(null=True)
+    pending = peewee.TextField(null=True)
+
+
 class ModelStateRow(peewee.Model):
     model = peewee.CharField(primary_key=True)
     state = peewee.CharField()
@@ -232,6 +245,7 @@ class Models:
     ingested_file: type[IngestedFileRow]
     written_file: type[WrittenFileRow]
     model_state: type[ModelStateRow]
+    model_call: type[ModelCallRow]
 
 
 def bind_models(db: peewee.Database) -> Models:
@@ -239,7 +253,8 @@ def bind_models(db: peewee.Database) -> Models:
     return Models(task=_bind(TaskRow, db, "task"), execution=_bind(ExecutionRow, db, "execution"),
                   ingested_file=_bind(IngestedFileRow, db, "ingested_file"),
                   written_file=_bind(WrittenFileRow, db, "written_file"),
-                  model_state=_bind(ModelStateRow, db, "model_state"))
+                  model_state=_bind(ModelStateRow, db, "model_state"),
+                  model_call=_bind(ModelCallRow, db, "model_call"))
 
 
 _TASK_FIELDS = tuple(f.name for f in fields(Task))

@@ -44,6 +44,13 @@ __all__ = ["Claim", "Execution", "Store", "Task", "TaskStatus", "open_database"]
 
 log = logging.getLogger(__name__)
 
+CRASH_LIMIT = 3   # runs of one task a crash may interrupt before it is failed (a task that kills ohd)
+
+
+def poison_reason(crashes: int) -> str:
+    return (f"interrupted by {crashes} daemon crashes while running (it may be what kills ohd); "
+            "not run again automatically: `ohd retry` runs it once more")
+
 
 def sqlite_path(url: str) -> Path | None:
     """The file of a `sqlite:///` URL (`/~` expands to the home dir); None for other databases."""
@@ -113,7 +120,7 @@ class Store:
                "models": json.dumps(list(spec.models)), "min_quality": spec.min_quality,
                "max_attempts": spec.max_attempts, "timeout_s": spec.timeout_s, "prompt": spec.prompt,
                "source": source, "status": TaskStatus.QUEUED.value, "attempts": 0, "created_at": now,
-               "updated_at": now, "cancel_requested": False,
+               "updated_at": now, "cancel_requested": False, "crashes": 0,
                "rule_levels": json.dumps(spec.rule_levels, sort_keys=True) if spec.rule_levels else None}
         return int(self.m.task.insert(**row).execute())
 
@@ -190,21 +197,44 @@ class Store:
                        .execute())
         return bool(changed)
 
-    def reap(self, now: datetime) -> list[int]:
-        """Running tasks whose lease expired go back to queued (cancelled if asked); their ids."""
+    def reap(self, now: datetime, crash_limit: int = CRASH_LIMIT) -> list[int]:
+        """Running tasks whose lease expired go back to queued (cancelled if asked; failed when
+        interrupted `crash_limit` times, see `recover`); their ids."""
         t = self.m.task
-        expired = (t.status == TaskStatus.RUNNING.value) & (t.lease_until < now)
+        return self._interrupted((t.status == TaskStatus.RUNNING.value) & (t.lease_until < now), now, crash_limit,
+                                 "lease expired")
+
+    def recover(self, now: datetime, crash_limit: int = CRASH_LIMIT) -> list[int]:
+        """Every running task goes back to queued at once, its lease unexpired: call only when no
+        other process can hold a lease (SQLite: the daemon holds the state dir's lock). Each counts
+        one crash; a task whose runs `crash_limit` crashes interrupted (a task that kills ohd) is
+        failed with that reason instead. Their ids."""
+        return self._interrupted(self.m.task.status == TaskStatus.RUNNING.value, now, crash_limit,
+                                 "interrupted by the daemon's crash")
+
+    def _interrupted(self, where: Any, now: datetime, crash_limit: int, why: str) -> list[int]:
+        t = self.m.task
         with self._write():
-            query = t.select(t.id, t.cancel_requested).where(expired).order_by(t.id)
+            query = t.select(t.id, t.cancel_requested, t.crashes).where(where).order_by(t.id)
             rows = list(query if self._sqlite else query.for_update())
-            for row in rows:
-                self._leave_running(row.id, now, TaskStatus.QUEUED, row.cancel_requested)
-        for row in rows:
-            status = TaskStatus.CANCELLED if row.cancel_requested else TaskStatus.QUEUED
-            log.warning("task %d: lease expired; %s", row.id,
-                        "cancelled as requested" if row.cancel_requested else "back to the queue",
-                        extra={"task_id": row.id, "status": status.value})
+            ends = [self._end_interrupted(row.id, row.crashes + 1, row.cancel_requested, now, crash_limit)
+                    for row in rows]
+        for row, status in zip(rows, ends):
+            then = {TaskStatus.CANCELLED: "cancelled as requested", TaskStatus.QUEUED: "back to the queue",
+                    TaskStatus.FAILED: f"failed: {poison_reason(row.crashes + 1)}"}[status]
+            log.warning("task %d: %s; %s", row.id, why, then, extra={"task_id": row.id, "status": status.value})
         return [row.id for row in rows]
+
+    def _end_interrupted(self, task_id: int, crashes: int, cancel_requested: bool, now: datetime,
+                         crash_limit: int) -> TaskStatus:
+        t = self.m.task
+        t.update(crashes=crashes).where(t.id == task_id).execute()
+        if crashes >= crash_limit and not cancel_requested:
+            t.update(status=TaskStatus.FAILED.value, error=poison_reason(crashes), finished_at=now, updated_at=now,
+                     lease_owner=None, lease_until=None).where(t.id == task_id).execute()
+            self._close_calls(task_id)
+            return TaskStatus.FAILED
+        return self._leave_running(task_id, now, TaskStatus.QUEUED, cancel_requested)
 
     def promote_due(self, now: datetime, every: bool = False) -> int:
         """Pending tasks whose not_before has come (`every`: all pending tasks, to decide again now
@@ -251,9 +281,16 @@ class Store:
             changed = (t.update(status=status.value, error=error, output_path=output_path,
                                 report_path=report_path, finished_at=now, updated_at=now,
                                 lease_owner=None, lease_until=None).where(where).execute())
+            if changed:
+                self._close_calls(task_id)
         if not changed:
             log.warning("task %d: not finished as %s; it is no longer held by %s", task_id, status, worker_id)
         return bool(changed)
+
+    def _close_calls(self, task_id: int) -> None:
+        """The task's answers are history only from now on: none is judged or delivered again."""
+        c = self.m.model_call
+        c.update(pending=None).where((c.task_id == task_id) & c.pending.is_null(False)).execute()
 
     def _give_back(self, task_id: int, worker_id: str, now: datetime, status: TaskStatus,
                    **changes: Any) -> TaskStatus | None:
@@ -271,6 +308,7 @@ class Store:
                        **changes: Any) -> TaskStatus:
         if cancel_requested:
             status, changes = TaskStatus.CANCELLED, {"finished_at": now, "error": "cancelled by the user"}
+            self._close_calls(task_id)
         t = self.m.task
         t.update(status=status.value, lease_owner=None, lease_until=None, updated_at=now,
                  **changes).where(t.id == task_id).execute()
@@ -311,6 +349,7 @@ class Store:
             if task.status in (TaskStatus.PENDING, TaskStatus.QUEUED):
                 changes: dict[str, Any] = {"status": TaskStatus.CANCELLED.value, "finished_at": now,
                                            "error": "cancelled by the user"}
+                self._close_calls(task_id)
             elif task.status == TaskStatus.RUNNING:
                 changes = {"cancel_requested": True}
             else:
@@ -340,7 +379,8 @@ class Store:
                 return self.get_task(task_id)
             if task.status not in (TaskStatus.FAILED, TaskStatus.CANCELLED):
                 raise InvalidTransition(task_id, task.status, "retry")
-            t.update(status=TaskStatus.QUEUED.value, attempts=0, error=None, cancel_requested=False,
+            self._close_calls(task_id)
+            t.update(status=TaskStatus.QUEUED.value, attempts=0, crashes=0, error=None, cancel_requested=False,
                      report_path=None, output_path=None, not_before=None, started_at=None, finished_at=None, lease_owner=None,
                      lease_until=None, updated_at=now).where(t.id == task_id).execute()
             return self.get_task(task_id)

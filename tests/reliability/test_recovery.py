@@ -1,0 +1,92 @@
+"""Recovery after `kill -9` (issue 11, point 1), against a real `ohd daemon` process.
+
+The daemon is killed while its task waits for the model (the fake server in this process holds
+the request and never answers it); a new daemon is started at once. Its lease is an hour
+(`lease_s = 3600`), so a task can only come back because the new daemon returns its dead
+predecessor's leases at start-up (it holds the state dir's lock), never because a lease expired:
+before that, the task sat `running` for the whole lease. A task that three crashes interrupted is
+failed with that reason (a task that kills ohd must not crash it for ever).
+"""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ohd.client import Client
+from tests.e2e.helpers import DaemonProcess, daemon_env
+from tests.support.fake_openrouter import FakeOpenRouter, never_answer, ok
+from tests.support.gitrepo import make_repo
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.reliability
+
+MODEL = "crash/model"
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[FakeOpenRouter, dict[str, str], Path]]:
+    runtime = Path(tempfile.mkdtemp(prefix="ohd-rt-"))
+    repo = make_repo(tmp_path / "repo")
+    with FakeOpenRouter(models=[MODEL]) as server:
+        env = daemon_env(tmp_path, runtime, OPENROUTER_API_KEY="sk-crash", OHD_BASE_URL=server.url,
+                         OHD_MODELS=MODEL, OHD_TEST_RUNS="0", OHD_LEASE_S="3600", OHD_WORKERS="1",
+                         OHD_REQUEST_TIMEOUT_S="600")
+        yield server, env, repo
+
+
+def _submit(daemon: DaemonProcess, env: dict[str, str]) -> int:
+    client = Client(Path(env["OHD_RUNTIME_DIR"]) / "ohd.sock", timeout=60.0)
+    return int(client.post("/tasks", {"type": "unit_test", "target": "shop/pricing.py", "models": [MODEL],
+                                      "max_attempts": 1, "timeout_s": 600})["id"])
+
+
+def _kill_while_asking(daemon: DaemonProcess, server: FakeOpenRouter, asked: int) -> None:
+    """Wait until the model got its `asked`-th request (the task is running), then kill -9."""
+    wait_for(lambda: len(server.requests_for(MODEL)) >= asked, what=f"request {asked} to the model")
+    assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+
+
+def test_a_restart_after_kill_9_runs_the_interrupted_task_at_once(
+        setup: tuple[FakeOpenRouter, dict[str, str], Path], tmp_path: Path) -> None:
+    server, env, repo = setup
+    server.script(MODEL, [never_answer(), ok()])
+    log = tmp_path / "daemon.log"
+    daemon = DaemonProcess(env, repo, log).start()
+    task_id = _submit(daemon, env)
+    _kill_while_asking(daemon, server, 1)
+    daemon = DaemonProcess(env, repo, log).start()
+    try:
+        task = wait_for(lambda: (t := daemon.json("show", str(task_id)))["status"] == "completed" and t,
+                        what="the interrupted task to complete after the restart")
+    finally:
+        daemon.stop()
+    assert task["attempts"] == 1 and task["crashes"] == 1, task
+    assert len(server.requests_for(MODEL)) == 2
+    assert f"task {task_id}: interrupted by the daemon's crash; back to the queue" in log.read_text()
+
+
+def test_a_task_that_three_crashes_interrupted_is_failed_with_that_reason(
+        setup: tuple[FakeOpenRouter, dict[str, str], Path], tmp_path: Path) -> None:
+    server, env, repo = setup
+    server.script(MODEL, [never_answer(), never_answer(), never_answer(), ok()])
+    log = tmp_path / "daemon.log"
+    daemon = DaemonProcess(env, repo, log).start()
+    task_id = _submit(daemon, env)
+    for crash in (1, 2, 3):
+        _kill_while_asking(daemon, server, crash)
+        daemon = DaemonProcess(env, repo, log).start()
+    try:
+        task = wait_for(lambda: (t := daemon.json("show", str(task_id)))["report_path"] and t,
+                        what="the poison task's report")
+    finally:
+        daemon.stop()
+    assert task["status"] == "failed" and task["crashes"] == 3, task
+    assert task["error"].startswith("interrupted by 3 daemon crashes while running"), task
+    assert len(server.requests_for(MODEL)) == 3                     # not asked a fourth time
+    assert (repo / task["report_path"]).is_file()
+    assert "interrupted by 3 daemon crashes" in (repo / task["report_path"]).read_text()
