@@ -325,13 +325,20 @@ class Store:
                          finished_at: datetime, prompt_tokens: int, completion_tokens: int,
                          cost: float | None, outcome: str, error_class: str | None = None,
                          error: str | None = None, score: float | None = None, *,
-                         latency_ms: int | None = None, validation_ms: int | None = None) -> int:
+                         latency_ms: int | None = None, validation_ms: int | None = None,
+                         counts: bool = False) -> int:
         """One model call, successful or not. `latency_ms` is the call's own time (None: derived
         from the two instants); `score` and `validation_ms` are its result's validation score and
-        how long judging it took (None when it got no verdict)."""
+        how long judging it took (None when it got no verdict). `counts`: an answer that spends an
+        attempt; task.attempts goes up in the same transaction and the row gets the new number, so
+        attempts are recorded executions and a crash before the verdict spends none."""
         if latency_ms is None:
             latency_ms = round((finished_at - started_at).total_seconds() * 1000)
+        t = self.m.task
         with self._write():
+            if counts:
+                t.update(attempts=t.attempts + 1, updated_at=finished_at).where(t.id == task_id).execute()
+                attempt = self.get_task(task_id).attempts
             return int(self.m.execution.insert(
                 task_id=task_id, attempt=attempt, model=model, started_at=started_at,
                 finished_at=finished_at, latency_ms=max(0, latency_ms), prompt_tokens=prompt_tokens,

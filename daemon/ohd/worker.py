@@ -390,7 +390,7 @@ class Pool:
         cannot change, so it is not judged again and `model` gets no more attempts."""
         verdict = run.verdict = run.rejected[content]
         await self._record(run, model, run.history[-1]["started"], run.history[-1]["completion"], "rejected", None,
-                           verdict)
+                           verdict, counts=True)
         candidates.remove(model)
         log.info("task %d: %s gave an answer it gave before (rejected: %s); %s", run.task.id, model,
                  "; ".join(verdict.feedback()), "next model" if candidates else "giving up")
@@ -409,17 +409,16 @@ class Pool:
         try:
             completion = await self.call(model, messages := tasktypes.messages(run.job), run.task.timeout_s, run.job)
         except ModelError as exc:
-            if isinstance(exc, MalformedAnswer):       # an answer, if a useless one: it costs an attempt
-                run.attempts = await self._store(self.store.add_attempt, run.task.id, self.clock.now())
-            await self._record(run, model, started, None, _outcome_of(exc), exc)
+            # an answer, if a useless one, costs an attempt (counted with its execution row)
+            await self._record(run, model, started, None, _outcome_of(exc), exc,
+                               counts=isinstance(exc, MalformedAnswer))
             raise
-        run.attempts = await self._store(self.store.add_attempt, run.task.id, self.clock.now())
         await self._store(self.calls.record, run.task.id, completion.answered_by, started, messages, completion.content)
         try:
             content = tasktypes.extract(run.job.task_type, completion.content)
         except MalformedAnswer as exc:
             exc.model, exc.answer = completion.answered_by, completion.content
-            await self._record(run, model, started, completion, "malformed", exc)
+            await self._record(run, model, started, completion, "malformed", exc, counts=True)
             raise
         run.history.append({"model": completion.answered_by, "completion": completion, "started": started})
         return content
@@ -437,7 +436,7 @@ class Pool:
         answered = run.history[-1]
         outcome = "accepted" if verdict.accepted else "rejected"
         await self._record(run, model, answered["started"], answered["completion"], outcome, None, verdict,
-                           validation_ms)
+                           validation_ms, counts=True)
         if not verdict.accepted:
             run.rejected[content] = verdict
             run.quarantined = (content, verdict) if verdict.possible_bug() else run.quarantined
@@ -499,16 +498,20 @@ class Pool:
 
     async def _record(self, run: Run, model: str, started: datetime, completion: Completion | None,
                       outcome: str, exc: ModelError | None, verdict: validate.Verdict | None = None,
-                      validation_ms: int | None = None) -> None:
+                      validation_ms: int | None = None, counts: bool = False) -> None:
         """One execution row under the model the server says answered: latency is the call's own (the
-        answer's, else the call's span), never the validation's, which is recorded beside it."""
+        answer's, else the call's span), never the validation's, which is recorded beside it.
+        `counts`: an answer, which spends an attempt in the same transaction (a crash before its
+        verdict spends none)."""
+        if counts:
+            run.attempts += 1
         await self._store(functools.partial(
             self.store.record_execution, run.task.id, run.attempts, completion.answered_by if completion else model,
             started, self.clock.now(),
             completion.prompt_tokens if completion else 0, completion.completion_tokens if completion else 0,
             completion.cost if completion else None, outcome,
             exc.error_class if exc else None, str(exc) if exc else None, verdict.score if verdict else None,
-            latency_ms=completion.latency_ms if completion else None, validation_ms=validation_ms))
+            latency_ms=completion.latency_ms if completion else None, validation_ms=validation_ms, counts=counts))
 
     async def _watch(self, claim: Claim, work: asyncio.Task[Outcome]) -> None:
         """Extend the lease while the task runs; stop the work if it was cancelled or lost."""

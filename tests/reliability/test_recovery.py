@@ -10,15 +10,24 @@ failed with that reason (a task that kills ohd must not crash it for ever).
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from ohd import ladder, testrun
 from ohd.client import Client
+from ohd.llm import Completion, ModelClient
+from ohd.store import Store
+from ohd.taskfile import TaskSpec
+from ohd.tasktypes import Job
+from ohd.worker import Pool
 from tests.e2e.helpers import DaemonProcess, daemon_env
+from tests.support.clock import FakeClock
 from tests.support.fake_openrouter import FakeOpenRouter, never_answer, ok
 from tests.support.gitrepo import make_repo
 from tests.support.waiting import wait_for
@@ -90,3 +99,48 @@ def test_a_task_that_three_crashes_interrupted_is_failed_with_that_reason(
     assert len(server.requests_for(MODEL)) == 3                     # not asked a fourth time
     assert (repo / task["report_path"]).is_file()
     assert "interrupted by 3 daemon crashes" in (repo / task["report_path"]).read_text()
+
+
+class Killed(BaseException):
+    """The process dying in the middle of a validation (nothing after it runs, as after kill -9)."""
+
+
+def test_a_crash_after_the_answer_and_before_the_verdict_spends_no_attempt(
+        repo: Path, store: Store, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, the attempt was counted when the answer came, and the execution after the verdict:
+    a crash in between came back with the attempt spent and none recorded, and with
+    `max_attempts: 1` the task failed 'rejected after 1 attempt(s): no usable answer'."""
+    judge = ladder.judge
+
+    def dies(*args: object, **kwargs: object) -> object:
+        raise Killed
+
+    task_id = store.enqueue(str(repo), TaskSpec.model_validate(
+        {"type": "unit_test", "target": "shop/pricing.py", "models": [MODEL], "max_attempts": 1}), clock.now())
+    with FakeOpenRouter(models=[MODEL]) as server:
+        monkeypatch.setattr(ladder, "judge", dies)
+        with pytest.raises(Killed):
+            _run_pool(store, server, clock)
+        crashed = store.get_task(task_id)
+        assert (crashed.status, crashed.attempts, store.executions(task_id)) == ("running", 0, [])
+        assert store.recover(clock.now()) == [task_id]
+        monkeypatch.setattr(ladder, "judge", judge)
+        _run_pool(store, server, clock)
+    task = store.get_task(task_id)
+    assert (task.status, task.attempts, task.error) == ("completed", 1, None), task
+    assert [(e.attempt, e.outcome) for e in store.executions(task_id)] == [(1, "accepted")]
+
+
+def _run_pool(store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    async def main() -> None:
+        async with httpx.AsyncClient() as http:
+            client = ModelClient(http, server.url, "sk-test", clock, retries=0)
+
+            async def call(model: str, messages: list[dict[str, str]], timeout_s: float, job: Job) -> Completion:
+                return await client.complete(model, messages, timeout_s)
+
+            pool = Pool(store, call, clock, models=[MODEL], size=1)
+            pool.ladder = ladder.Ladder(tests=testrun.Options(runs=0))
+            await pool.run_until_idle()
+
+    asyncio.run(main())
