@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from ohd import __version__, delivery, sandbox, selection, statedir, validate
+from ohd import __version__, delivery, outputs, sandbox, selection, statedir, validate
 from ohd.clock import Clock, SystemClock
 from ohd.calls import CallHistory
 from ohd.catalogue import Catalogue
@@ -57,6 +57,7 @@ from ohd.delivery import Outcome
 from ohd.store import Store, TaskStatus, open_database, sqlite_path
 from ohd.taskfile import TaskSpec, TaskType
 from ohd.ladder import Ladder
+from ohd.testrun import CANDIDATE_NAME
 from ohd.testrun import Options as TestRunOptions
 from ohd.tasktypes import Job
 from ohd.views import eta_seconds
@@ -303,6 +304,23 @@ class Daemon:
                 self.store.record_report(task_id, TaskStatus.FAILED, failed.report_path, failed.error or "", now)
             else:   # a cancel that came in while it ran gets its report; a requeued task nothing
                 delivery.report_cancel(self.store, task_id, now, while_running=True)
+        for repo in self.repos:
+            self._remove_leftovers(repo)
+
+    @staticmethod
+    def _remove_leftovers(repo: Path) -> None:
+        """Temp files of writes and candidate test files a killed daemon left: one line per repo."""
+        gone = []
+        for path in outputs.leftovers(repo, CANDIDATE_NAME):
+            try:
+                path.unlink()
+            except OSError as exc:
+                log.warning("cannot remove the leftover %s: %s", path, exc.strerror or exc)
+            else:
+                gone.append(path.relative_to(repo).as_posix())
+        if gone:
+            log.info("removed %d leftover file(s) of interrupted writes and validations in %s: %s%s", len(gone),
+                     repo, ", ".join(gone[:5]), ", ..." if len(gone) > 5 else "")
 
     async def _models(self, stack: AsyncExitStack) -> tuple[Caller, list[str]]:
         """The caller and model list: OpenRouter (or any OpenAI-compatible server), or offline."""

@@ -355,6 +355,22 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")   # `_replace_in`'s temp file: `.<name>.<8 hex>.tmp`
+_SKIPPED = frozenset({GIT_DIR, ".venv", "venv", "node_modules", "__pycache__", TASKS_DIR})
+
+
+def leftovers(repo: Path, candidate: re.Pattern[str]) -> list[Path]:
+    """Files a killed daemon left in `repo`: temp files of interrupted atomic writes, and names
+    matching `candidate` (the ladder's copies of an answer); sorted. Call only while no write or
+    validation runs (at start-up, under the instance lock). `.git`, virtualenvs and `tasks.d/`
+    are not searched; symlinked folders are not followed."""
+    found = []
+    for folder, dirs, files in os.walk(repo):
+        dirs[:] = [d for d in dirs if d not in _SKIPPED]
+        found += [Path(folder) / name for name in files if _TEMP_NAME.fullmatch(name) or candidate.fullmatch(name)]
+    return sorted(found)
+
+
 def report_paths(repo: Path, target_rel: str, task_type: str, task_id: int | None = None) -> tuple[Path, Path]:
     """`<repo>/<source dir>/.ohd/<file>.<type>.json` and `.md`: the latest task's report;
     with `task_id`, `<file>.<type>.<task id>.json` and `.md`: that task's own."""

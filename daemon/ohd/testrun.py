@@ -51,6 +51,7 @@ _FAILED_LINE = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
 _STOPPERS = (RunStatus.ERROR, RunStatus.TIMEOUT)   # no point in running again
 CANDIDATE_PREFIX = "test_ohd_candidate_"    # the working-tree watch never reports a file named so
 _CANDIDATE = CANDIDATE_PREFIX
+CANDIDATE_NAME = re.compile(r"test_ohd_candidate_[0-9a-f]{10}_[0-9a-f]{6}\.py")   # `candidate_file`'s names
 _PYTEST_ARGS = ("-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--color=no")  # over a repo's addopts
 _REPO_VENVS = (".venv/bin/python", "venv/bin/python")   # where `test_python = "auto"` looks first
 _PROBE = ("import importlib.util as u, json, sys; print(json.dumps([u.find_spec('pytest') is not None, "

@@ -144,3 +144,25 @@ def _run_pool(store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
             await pool.run_until_idle()
 
     asyncio.run(main())
+
+
+def test_the_leftovers_of_a_killed_daemon_are_removed_at_start_up(
+        setup: tuple[FakeOpenRouter, dict[str, str], Path], tmp_path: Path) -> None:
+    """Temp files of interrupted atomic writes and candidate test files of an interrupted
+    validation go, with one log line; files that only look alike stay."""
+    _, env, repo = setup
+    left = [repo / "shop" / ".ohd" / ".pricing.py.review.json.0123abcd.tmp",
+            repo / "tests" / ".test_pricing.py.89abcdef.tmp",
+            repo / "tests" / "test_ohd_candidate_0123456789_abcdef.py"]
+    kept = [repo / ".notes.tmp", repo / "tests" / "test_ohd_candidate_mine.py",
+            repo / "shop" / ".ohd" / "pricing.py.review.json"]
+    for path in left + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    log = tmp_path / "daemon.log"
+    daemon = DaemonProcess(env, repo, log).start()
+    daemon.stop()
+    assert [p for p in left if p.exists()] == []
+    assert [p for p in kept if not p.exists()] == []
+    lines = [line for line in log.read_text().splitlines() if "leftover file(s)" in line]
+    assert len(lines) == 1 and "removed 3 leftover file(s)" in lines[0], lines
