@@ -247,11 +247,33 @@ class Pool:
             except OhdError as exc:
                 return Outcome(TaskStatus.FAILED, error=str(exc))
             self.prepared[claim.task.id] = run
-            outcome = await self._attempts(run)
+            outcome = await asyncio.to_thread(self._redeliver, run) or await self._attempts(run)
             if not outcome.stale:
                 return outcome
             log.info("task %d: %s changed while the task ran; running it again", claim.task.id, claim.task.target)
         return Outcome(TaskStatus.FAILED, error=f"{claim.task.target} kept changing while the task ran")
+
+    def _redeliver(self, run: Run) -> Outcome | None:
+        """A task whose answer was accepted before a crash (its execution is recorded) is delivered
+        again from that answer in the call history, without asking the model: the same bytes, so
+        an output already written is left as it is. Without the answer (call history off or cut)
+        the accepted attempt is given back, so the model is asked once more instead of the task
+        failing for want of attempts. None: nothing was accepted (the normal run)."""
+        accepted = [e for e in self.store.executions(run.task.id) if e.outcome == "accepted"]
+        if not accepted:
+            return None
+        calls = self.calls.for_task(run.task.id)
+        try:
+            content = tasktypes.extract(run.job.task_type, calls[-1]["response"]) if calls else None
+        except MalformedAnswer:
+            content = None
+        if content is None or calls[-1]["model"] != accepted[-1].model:
+            log.warning("task %d: its accepted answer is not in the call history; asking again", run.task.id)
+            run.attempts -= 1
+            return None
+        log.info("task %d: delivering the answer accepted before the daemon stopped (not asked again)", run.task.id)
+        run.history.append({"model": accepted[-1].model, "started": accepted[-1].started_at, "completion": None})
+        return delivery.deliver(self.store, run, content, self.clock.now())
 
     def _prepare(self, task: Task) -> Run:
         """Read the target and decide what to ask for (file reads happen here)."""
