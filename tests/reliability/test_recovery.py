@@ -55,9 +55,12 @@ def _submit(daemon: DaemonProcess, env: dict[str, str]) -> int:
 
 
 def _kill_while_asking(daemon: DaemonProcess, server: FakeOpenRouter, asked: int) -> None:
-    """Wait until the model got its `asked`-th request (the task is running), then kill -9."""
-    wait_for(lambda: len(server.requests_for(MODEL)) >= asked, what=f"request {asked} to the model")
-    assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+    """Wait until the model got its `asked`-th request (the task is running), then kill -9 (also
+    when the wait fails, so no daemon outlives the test)."""
+    try:
+        wait_for(lambda: len(server.requests_for(MODEL)) >= asked, what=f"request {asked} to the model")
+    finally:
+        assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
 
 
 def test_a_restart_after_kill_9_runs_the_interrupted_task_at_once(
