@@ -87,6 +87,13 @@ def run_task(repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock,
     `on_call(n)` runs before the n-th model call (1-based), e.g. to edit the target meanwhile."""
     spec = TaskSpec.model_validate({"type": "unit_test", "target": "shop/pricing.py", **fields})
     task_id = store.enqueue(str(repo), spec, clock.now())
+    run_pool(store, server, clock, models, on_call)
+    return store.get_task(task_id)
+
+
+def run_pool(store: Store, server: FakeOpenRouter, clock: FakeClock, models: list[str] | None = None,
+             on_call: Callable[[int], None] = lambda n: None) -> None:
+    """Run a pool over the fake server until the queue is idle."""
 
     async def main() -> None:
         async with httpx.AsyncClient() as http:
@@ -102,7 +109,6 @@ def run_task(repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock,
             await Pool(store, call, clock, models=models or ["m"]).run_until_idle()
 
     asyncio.run(main())
-    return store.get_task(task_id)
 
 
 def report_of(repo: Path, task: Task) -> dict[str, Any]:
@@ -272,6 +278,39 @@ def test_a_target_edited_during_the_run_is_run_again_on_the_new_content(
 
     task = run_task(repo, store, server, clock, on_call=edit)
     assert task.status == "completed" and task.output_path == "tests/test_pricing.py", task.error
+    [first, second] = prompts(server)
+    assert "added_meanwhile" not in first and "added_meanwhile" in second
+
+
+def crashed_before_done(store: Store, task: Task) -> None:
+    """The state a kill between the accepted verdict and `done` leaves, once the restart's recovery
+    gave the task back: its accepted execution and call recorded, the task queued again."""
+    store.db.execute_sql("UPDATE task SET status = 'queued', output_path = NULL, report_path = NULL, "
+                         "finished_at = NULL, error = NULL WHERE id = ?", (task.id,))
+
+
+def test_an_answer_accepted_before_a_crash_is_delivered_again_without_asking(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    task = run_task(repo, store, server, clock)
+    written = (repo / "tests" / "test_pricing.py").read_bytes()
+    crashed_before_done(store, task)
+    run_pool(store, server, clock)
+    again = store.get_task(task.id)
+    assert again.status == "completed" and again.output_path == "tests/test_pricing.py", again.error
+    assert len(server.completions()) == 1 and again.attempts == 1
+    assert (repo / "tests" / "test_pricing.py").read_bytes() == written
+
+
+def test_an_answer_accepted_for_a_text_edited_since_is_not_delivered_after_a_crash(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    """Seen failing: the restarted daemon wrote the old answer against the new text unasked."""
+    task = run_task(repo, store, server, clock)
+    crashed_before_done(store, task)
+    target = repo / "shop" / "pricing.py"
+    target.write_text(target.read_text() + "\n\ndef added_meanwhile() -> int:\n    return 1\n")
+    run_pool(store, server, clock)
+    again = store.get_task(task.id)
+    assert again.status == "completed", again.error
     [first, second] = prompts(server)
     assert "added_meanwhile" not in first and "added_meanwhile" in second
 

@@ -20,7 +20,7 @@ SCHEMA = {
              "finished_at", "not_before", "lease_owner", "lease_until", "cancel_requested", "rule_levels", "crashes"},
     "execution": {"id", "task_id", "attempt", "model", "started_at", "finished_at", "latency_ms",
                   "prompt_tokens", "completion_tokens", "cost", "outcome", "error_class", "error",
-                  "score", "validation_ms"},
+                  "score", "validation_ms", "source_sha256"},
     "ingested_file": {"id", "repo", "relpath", "sha256", "task_id", "ingested_at", "pending_key"},
     "written_file": {"id", "repo", "path", "sha256", "task_id", "written_at"},
     "model_state": {"model", "state", "cooldown_until", "dead", "failures", "updated_at", "opened_at",
@@ -99,6 +99,6 @@ def test_crash_recovery_gives_existing_tasks_no_crash_and_existing_calls_nothing
                    "'2026-01-01 00:00:00.000000', '2026-01-01 00:00:00.000000', false)")
     db.execute_sql("INSERT INTO model_call (task_id, model, started_at, prompt, response) "
                    "VALUES (1, 'm', '2026-01-01 00:00:00', 'p', 'r')")
-    assert migrations.migrate(db) == ["0008_crash_recovery"]
+    assert migrations.migrate(db) == ["0008_crash_recovery", "0009_execution_source"]
     assert db.execute_sql("SELECT crashes FROM task").fetchall() == [(0,)]
     assert db.execute_sql("SELECT execution_id, pending FROM model_call").fetchall() == [(None, None)]

@@ -230,6 +230,16 @@ def crash_recovery(db: peewee.Database) -> None:
           migrator.add_column("model_call", "pending", peewee.TextField(null=True)))
 
 
+def execution_source(db: peewee.Database) -> None:
+    """execution gains source_sha256: the hash of the target text an answer was judged against, so
+    an answer accepted for a text that changed since (the task runs again on the new one, or a
+    crash came between) is never delivered from the call history against the new text."""
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as alter
+
+    alter(SchemaMigrator.from_database(db).add_column("execution", "source_sha256", peewee.CharField(null=True)))
+
+
 # The history, oldest first. Append only.
 MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     ("0001_initial_schema", initial_schema),
@@ -240,6 +250,7 @@ MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     ("0006_task_rule_levels", task_rule_levels),
     ("0007_execution_validation_ms", execution_validation_ms),
     ("0008_crash_recovery", crash_recovery),
+    ("0009_execution_source", execution_source),
 )
 
 

@@ -106,6 +106,7 @@ class Execution:
     error: str | None
     score: float | None = None        # the validation score, when the result got a verdict
     validation_ms: int | None = None  # how long judging the answer took (latency_ms is the call's own)
+    source_sha256: str | None = None  # the target text an answer was judged against (None: no answer)
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: _iso(getattr(self, f.name)) for f in fields(self)}
@@ -187,6 +188,7 @@ class ExecutionRow(peewee.Model):
     error = peewee.TextField(null=True)
     score = peewee.FloatField(null=True)
     validation_ms = peewee.IntegerField(null=True)
+    source_sha256 = peewee.CharField(null=True)
 
 
 class IngestedFileRow(peewee.Model):

@@ -326,12 +326,13 @@ class Store:
                          cost: float | None, outcome: str, error_class: str | None = None,
                          error: str | None = None, score: float | None = None, *,
                          latency_ms: int | None = None, validation_ms: int | None = None,
-                         counts: bool = False) -> int:
+                         counts: bool = False, source_sha256: str | None = None) -> int:
         """One model call, successful or not. `latency_ms` is the call's own time (None: derived
         from the two instants); `score` and `validation_ms` are its result's validation score and
         how long judging it took (None when it got no verdict). `counts`: an answer that spends an
         attempt; task.attempts goes up in the same transaction and the row gets the new number, so
-        attempts are recorded executions and a crash before the verdict spends none."""
+        attempts are recorded executions and a crash before the verdict spends none. `source_sha256`:
+        the target text the answer was judged against."""
         if latency_ms is None:
             latency_ms = round((finished_at - started_at).total_seconds() * 1000)
         t = self.m.task
@@ -344,7 +345,8 @@ class Store:
                 finished_at=finished_at, latency_ms=max(0, latency_ms), prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens, cost=cost, outcome=outcome,
                 error_class=error_class, error=error, score=score,
-                validation_ms=None if validation_ms is None else max(0, validation_ms)).execute())
+                validation_ms=None if validation_ms is None else max(0, validation_ms),
+                source_sha256=source_sha256).execute())
 
     # -- user actions ----------------------------------------------------------------
 

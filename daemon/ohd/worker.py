@@ -258,9 +258,10 @@ class Pool:
         again from that answer in the call history, without asking the model: the same bytes, so
         an output already written is left as it is. Without the answer (call history off or cut)
         the accepted attempt is given back, so the model is asked once more instead of the task
-        failing for want of attempts. None: nothing was accepted (the normal run)."""
+        failing for want of attempts. None: nothing was accepted for the target's current text (the
+        normal run; also when the target changed since that answer was judged: it is asked again)."""
         accepted = [e for e in self.store.executions(run.task.id) if e.outcome == "accepted"]
-        if not accepted:
+        if not accepted or accepted[-1].source_sha256 != outputs.sha256_text(run.job.source):
             return None
         calls = self.calls.for_task(run.task.id)
         try:
@@ -533,7 +534,8 @@ class Pool:
             completion.prompt_tokens if completion else 0, completion.completion_tokens if completion else 0,
             completion.cost if completion else None, outcome,
             exc.error_class if exc else None, str(exc) if exc else None, verdict.score if verdict else None,
-            latency_ms=completion.latency_ms if completion else None, validation_ms=validation_ms, counts=counts))
+            latency_ms=completion.latency_ms if completion else None, validation_ms=validation_ms, counts=counts,
+            source_sha256=outputs.sha256_text(run.job.source) if counts else None))
 
     async def _watch(self, claim: Claim, work: asyncio.Task[Outcome]) -> None:
         """Extend the lease while the task runs; stop the work if it was cancelled or lost."""
