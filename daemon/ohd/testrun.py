@@ -118,8 +118,22 @@ def _probe(path: str, stamp: int) -> Interpreter:
         has_pytest, has_coverage, paths = json.loads(out)
     except (OSError, subprocess.SubprocessError, ValueError):
         return Interpreter(path, pytest=False, coverage=False)
+    found = [str(p) for p in paths if p]
     return Interpreter(path, pytest=bool(has_pytest), coverage=bool(has_coverage),
-                       paths=tuple(str(p) for p in paths if p))
+                       paths=(*found, *_linked(found)))
+
+
+def _linked(paths: Sequence[str]) -> list[str]:
+    """Where the symlinked entries of the import folders lead (a site-packages whose packages are
+    links into another environment): a jail keeping only the folders would hide the packages."""
+    targets: list[str] = []
+    for folder in paths:
+        try:
+            with os.scandir(folder) as entries:
+                targets += [os.path.realpath(e.path) for e in entries if e.is_symlink()]
+        except OSError:      # a zip, a file, a folder that is gone
+            continue
+    return targets
 
 
 def run_candidate(repo: Path, output: str, content: str, *, import_root: str = "",

@@ -41,6 +41,7 @@ max_attempts: 1
 """
 
 
+@pytest.mark.timeout(900)   # a hang bound above its own waits (300 s for the tasks): 47 s idle, 180+ s loaded
 def test_kill_9_at_random_moments_loses_nothing_and_does_nothing_twice(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     runtime = Path(tempfile.mkdtemp(prefix="ohd-rt-"))
