@@ -128,7 +128,7 @@ def _scripts(other: str) -> dict[str, list[Answer]]:
         # the message limit (400 characters) falls 32 digits into the key: cut first, they would remain
         "echo/long": [echo_key(404, "x" * 348 + " " + KEY)],
         "echo/in-200": [error_in_200_body(f"provider failed for {AUTH}"), ok(NOTE)],
-        # a test that prints the key it read from the daemon's environment (until point 7 closes that)
+        # a test that tries to print the key from the daemon's environment (the screen and the sandbox stop it)
         "echo/prying": [ok(PRYING_TESTS), ok(TESTS)],
     }
 
