@@ -8,11 +8,15 @@ the only way it reaches the event loop.
 
 Invariants: the socket file is mode 0600 before anyone can connect; a live socket is
 never taken over (DaemonAlreadyRunning), a stale one is replaced; no request, however
-bad, stops the server — unexpected failures become a logged 500.
+bad, stops the server — unexpected failures become a logged 500, a malformed request a 4xx.
+A connection holds a thread; at most `MAX_CONNECTIONS` are open: a new one then evicts the
+oldest still waiting for its request (a slow or idle client), so `ohd status` is answered
+whatever a slowloris holds. A request must arrive whole within `REQUEST_S`, else 408.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -45,6 +49,9 @@ JSON_TYPE = "application/json"
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_BODY = 1_000_000
 MAX_LIMIT = 10_000
+MAX_CONNECTIONS = 64    # open connections (each holds a thread); see `_UnixHTTPServer.admit`
+REQUEST_S = 20.0        # a request line, headers and body must arrive within this (else 408)
+MAX_TASK_ID = 2**63 - 1     # SQLite's INTEGER: a larger id names no task
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +118,11 @@ class ApiServer:
                  models: Callable[[], list[dict[str, Any]]],
                  metrics: Callable[[], str] | None = None,
                  metrics_json: Callable[[], dict[str, Any]] | None = None,
-                 annotate_models: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None) -> None:
+                 annotate_models: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
+                 request_s: float = REQUEST_S, max_connections: int = MAX_CONNECTIONS) -> None:
         self.socket_path = socket_path
+        self.request_s = request_s
+        self.max_connections = max_connections
         self.store = store
         self.repos = list(repos)
         self.clock = clock
@@ -126,9 +136,9 @@ class ApiServer:
             ("GET", re.compile(r"/status"), self.get_status),
             ("GET", re.compile(r"/tasks"), self.list_tasks),
             ("POST", re.compile(r"/tasks"), self.submit),
-            ("GET", re.compile(r"/tasks/(\d+)"), self.show),
-            ("POST", re.compile(r"/tasks/(\d+)/cancel"), self.cancel),
-            ("POST", re.compile(r"/tasks/(\d+)/retry"), self.retry),
+            ("GET", re.compile(r"/tasks/([0-9]+)"), self.show),
+            ("POST", re.compile(r"/tasks/([0-9]+)/cancel"), self.cancel),
+            ("POST", re.compile(r"/tasks/([0-9]+)/retry"), self.retry),
             ("GET", re.compile(r"/metrics"), self.get_metrics),
             ("GET", re.compile(r"/metrics\.json"), self.get_metrics_json),
             ("GET", re.compile(r"/models"), self.get_models),
@@ -144,6 +154,7 @@ class ApiServer:
         remove_stale_socket(self.socket_path)
         httpd = _UnixHTTPServer(str(self.socket_path), _RequestHandler, bind_and_activate=False)
         httpd.api = self
+        httpd.max_connections = self.max_connections
         try:
             httpd.server_bind()
             os.chmod(self.socket_path, 0o600)
@@ -216,7 +227,7 @@ class ApiServer:
         return json_reply(200, {"tasks": [task.as_dict() for task in self.store.list_tasks(status, limit)]})
 
     def show(self, request: Request) -> Reply:
-        task_id = int(request.params[0])
+        task_id = parse_task_id(request.params[0])
         data = self.store.get_task(task_id).as_dict()
         data["executions"] = [execution.as_dict() for execution in self.store.executions(task_id)]
         return json_reply(200, data)
@@ -235,7 +246,7 @@ class ApiServer:
         return json_reply(201, {"id": task_id, "status": TaskStatus.QUEUED.value})
 
     def cancel(self, request: Request) -> Reply:
-        task = self.store.cancel(int(request.params[0]), self.clock.now())
+        task = self.store.cancel(parse_task_id(request.params[0]), self.clock.now())
         if task.status == TaskStatus.CANCELLED:     # committed: now its report (or why none)
             task = delivery.report_cancel(self.store, task.id, self.clock.now())
             log.info("task %d cancelled over the socket", task.id, extra={"task_id": task.id, "status": task.status})
@@ -244,7 +255,7 @@ class ApiServer:
         return json_reply(200, task.as_dict())
 
     def retry(self, request: Request) -> Reply:
-        task = self.store.retry(int(request.params[0]), self.clock.now())
+        task = self.store.retry(parse_task_id(request.params[0]), self.clock.now())
         log.info("task %d queued again (retry over the socket)", task.id,
                  extra={"task_id": task.id, "status": task.status})
         self.notify()
@@ -303,6 +314,15 @@ def parse_limit(raw: str | None) -> int:
     return limit
 
 
+def parse_task_id(raw: str) -> int:
+    """A path's task id; NotFound for one no task can have (past SQLite's INTEGER), without
+    converting thousands of digits."""
+    digits = raw.lstrip("0") or "0"
+    if len(digits) > len(str(MAX_TASK_ID)) or int(digits) > MAX_TASK_ID:
+        raise NotFound("task", raw if len(raw) <= 40 else f"{raw[:40]}... ({len(raw)} digits)")
+    return int(digits)
+
+
 def json_object(body: bytes) -> dict[str, Any]:
     if not body.strip():
         raise ApiError(400, "the request body is empty; send a JSON object")
@@ -310,8 +330,17 @@ def json_object(body: bytes) -> dict[str, Any]:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, not {type(data).__name__}")
+    try:    # JSON may escape a lone surrogate (\\ud800), which no UTF-8 text (a path, the store) can hold
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"the request body holds a lone surrogate ({exc.object[exc.start:exc.end]!a}), "
+                            "which is not valid Unicode") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
     return data
 
 
@@ -319,8 +348,12 @@ def check_paths(repo: Path, spec: TaskSpec) -> None:
     """The target is an existing file inside the repo; the output (if given) and the reports
     land inside it, outside any `.git` and outside `tasks.d/`."""
     target = resolve_inside(repo, spec.file)
-    if not target.is_file():
-        what = "is a directory" if target.is_dir() else "does not exist"
+    try:
+        is_file, is_dir = target.is_file(), target.is_dir()
+    except OSError as exc:      # ENAMETOOLONG, EACCES: a path no request can name
+        raise TargetError(spec.file, f"cannot be looked up: {exc.strerror or exc}") from None
+    if not is_file:
+        what = "is a directory" if is_dir else "does not exist"
         raise TargetError(spec.file, f"{what} in the repo {repo} (the target must be an existing file)")
     check_reports(repo, spec.file)
     if spec.output is not None:
@@ -361,6 +394,49 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
     request_queue_size = 128
     block_on_close = False
     api: ApiServer
+    max_connections: int = MAX_CONNECTIONS
+
+    def server_activate(self) -> None:
+        self._open: dict[socket.socket, bool] = {}     # open connections → waiting for a request; oldest first
+        self._open_lock = threading.Lock()
+        super().server_activate()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """On the accept thread: a thread for the connection if `admit` finds room, else a 503."""
+        if not self.admit(request):
+            refuse_busy(request)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def admit(self, conn: socket.socket) -> bool:
+        """Room for one more connection: at the cap, the oldest one still waiting for (or reading) its
+        request is shut down, so slow or idle clients can never lock out one that asks; False when
+        every open connection is being answered."""
+        with self._open_lock:
+            if len(self._open) >= self.max_connections:
+                victim = next((c for c, waiting in self._open.items() if waiting), None)
+                if victim is None:
+                    return False
+                del self._open[victim]
+                try:
+                    victim.shutdown(socket.SHUT_RDWR)   # its thread's read ends: the connection closes
+                except OSError:
+                    pass
+                log.debug("socket API: %d connections open; closed the oldest waiting one", self.max_connections)
+            self._open[conn] = True
+            return True
+
+    def mark_waiting(self, conn: socket.socket, waiting: bool) -> None:
+        """A connection starts waiting for a request (moved to the newest end) or starts being answered."""
+        with self._open_lock:
+            if self._open.pop(conn, None) is not None:
+                self._open[conn] = waiting
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.pop(request, None)
+        super().shutdown_request(request)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         """On the connection's own thread: a peer of another user is answered 403, then dropped."""
@@ -414,22 +490,96 @@ def refuse_peer(conn: socket.socket, uid: int | None) -> None:
         pass
 
 
+def refuse_busy(conn: socket.socket) -> None:
+    """503 to a connection there is no room for, without waiting on it (this is the accept thread)."""
+    reply = error_reply(503, f"the daemon is answering {MAX_CONNECTIONS} requests; try again", "Busy")
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {reply.content_type}\r\n"
+            f"Content-Length: {len(reply.body)}\r\nConnection: close\r\n\r\n").encode()
+    try:
+        conn.setblocking(False)
+        conn.send(head + reply.body)
+    except OSError:
+        pass
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The connection's reads, each allowed only what is left of the current request's time, so a
+    client that sends a byte now and then (slowloris) cannot hold its thread for ever."""
+
+    def __init__(self, conn: socket.socket, clock: Clock, request_s: float) -> None:
+        self.conn, self.clock, self.request_s = conn, clock, request_s
+        self.deadline = 0.0
+        self.received = 0
+        self.timed_out = False
+
+    def start(self) -> None:
+        """A new request (or the wait for it) begins now."""
+        self.deadline = self.clock.monotonic() + self.request_s
+        self.received, self.timed_out = 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - self.clock.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError(f"the request did not arrive within {self.request_s:g} s")
+            self.conn.settimeout(left)
+            count = self.conn.recv_into(buffer)
+        except TimeoutError:
+            self.timed_out = True
+            raise
+        self.received += count
+        return count
+
+
 class _RequestHandler(BaseHTTPRequestHandler):
-    """Reads one request, hands it to `ApiServer.dispatch`, writes the reply."""
+    """Reads one request, hands it to `ApiServer.dispatch`, writes the reply. The parsing is the
+    standard library's (its limits: 65,536 bytes a line → 414/431, 100 headers → 431); around it,
+    `_DeadlineReader` bounds the time and `_read_body` the body."""
 
     protocol_version = "HTTP/1.1"
     server_version = "ohd"
-    timeout = 60  # idle keep-alive connections are dropped
+    timeout = None      # each read gets what is left of the request's time instead (`_DeadlineReader`)
     server: _UnixHTTPServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()
+        api = self.server.api
+        self.reader = _DeadlineReader(self.connection, api.clock, api.request_s)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self) -> None:
+        """One request within its time; 408 to a client that began one and did not finish it in time."""
+        self.server.mark_waiting(self.connection, True)
+        self.reader.start()
+        super().handle_one_request()
+        if self.reader.timed_out:
+            self.close_connection = True
+            if self.reader.received:
+                self._send(error_reply(408, f"the request did not arrive whole within {self.reader.request_s:g} s",
+                                       "RequestTimeout"))
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":     # a bare `GET /path`: its answer would carry no status
+            self.send_error(400, "HTTP/0.9 requests are not served; send HTTP/1.0 or HTTP/1.1")
+            return False
+        return True
 
     def do_GET(self) -> None:
         body = self._read_body()
         if body is not None:
+            self.server.mark_waiting(self.connection, False)
             self._send(self.server.api.dispatch(self.command, self.path, body))
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_GET
 
     def do_HEAD(self) -> None:
+        self.server.mark_waiting(self.connection, False)
         self._send(self.server.api.dispatch("GET", self.path, b""))  # `_send` leaves the body out
 
     def _read_body(self) -> bytes | None:
@@ -437,17 +587,14 @@ class _RequestHandler(BaseHTTPRequestHandler):
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             self._refuse(error_reply(411, "send a Content-Length; chunked bodies are not accepted", "ApiError"))
             return None
-        raw = self.headers.get("Content-Length") or "0"
-        try:
-            length = int(raw)
-        except ValueError:
-            length = -1
-        if length < 0:
-            self._refuse(error_reply(400, f"bad Content-Length {raw!r}", "ApiError"))
+        raw = (self.headers.get("Content-Length") or "0").strip()
+        if re.fullmatch(r"[0-9]+", raw) is None:
+            self._refuse(error_reply(400, f"bad Content-Length {raw[:40]!r}", "ApiError"))
             return None
-        if length > MAX_BODY:
+        if len(raw) > len(str(MAX_BODY)) or int(raw) > MAX_BODY:
             self._refuse(error_reply(413, f"the body is larger than {MAX_BODY} bytes", "ApiError"))
             return None
+        length = int(raw)
         return self.rfile.read(length) if length else b""
 
     def _refuse(self, reply: Reply) -> None:
@@ -455,7 +602,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self._send(reply)
 
     def _send(self, reply: Reply) -> None:
+        if self.request_version == "HTTP/0.9":      # unparsed: the standard library would omit the status line
+            self.request_version = "HTTP/1.0"
         try:
+            self.connection.settimeout(self.server.api.request_s)   # a client that never reads is dropped
             self.send_response(reply.status)
             self.send_header("Content-Type", reply.content_type)
             self.send_header("Content-Length", str(len(reply.body)))
@@ -464,8 +614,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(reply.body)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the client went away; nothing to tell it
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True  # the client went away (or reads nothing); nothing to tell it
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Protocol-level errors (bad request line, unsupported method) as JSON too."""
