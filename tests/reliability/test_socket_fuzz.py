@@ -131,13 +131,17 @@ task_fields = st.fixed_dictionaries(
               "max_attempts": json_values, "models": json_values, "extra": json_values})
 
 
-def as_json(fields: dict[str, Any], swap: str | None) -> bytes:
-    """The task's JSON text, one string of it replaced by `swap` (a lone surrogate's escape, deep JSON)."""
-    text = json.dumps(fields)
-    if swap is not None:
-        text = text.replace('"type": ', f'"type": "{swap}", "x": ', 1) if swap.startswith("\\u") \
-            else text.replace('"type": ', f'"type": {swap}, "x": ', 1)
-    return text.encode()
+valid_tasks = st.fixed_dictionaries({"type": st.sampled_from(["unit_test", "review", "docstring"]),
+                                     "target": st.just(TARGET)}, optional={"description": st.text(max_size=100)})
+
+
+def as_json(fields: dict[str, Any], swap: str | None, key: str) -> bytes:
+    """The task's JSON text with the value of `key` replaced by `swap` (a lone surrogate's escape
+    inside a path, or deep JSON)."""
+    if swap is None:
+        return json.dumps(fields).encode()
+    value = f'"shop/{swap}.py"' if swap.startswith("\\u") else swap
+    return json.dumps({**fields, key: "@swap@"}).replace('"@swap@"', value, 1).encode()
 
 
 routes = st.sampled_from(["/status", "/tasks", "/tasks/{id}", "/tasks/{id}/cancel", "/tasks/{id}/retry",
@@ -188,12 +192,12 @@ def test_malformed_requests_on_every_route_get_a_clear_answer(served: Served, me
 
 
 @FUZZ
-@given(fields=task_fields, swap=st.none() | surrogate | deep, route=st.sampled_from(["/tasks", "/tasks/{id}/cancel",
+@given(fields=valid_tasks | task_fields, swap=st.none() | surrogate | deep, route=st.sampled_from(["/tasks", "/tasks/{id}/cancel",
                                                                                    "/tasks/{id}/retry"]),
-       task_id=ids)
+       task_id=ids, key=st.sampled_from(["type", "target", "description"]))
 def test_random_json_bodies_get_a_clear_answer(served: Served, fields: dict[str, Any], swap: str | None,
-                                               route: str, task_id: str) -> None:
-    check(served, request("POST", route.replace("{id}", task_id), as_json(fields, swap)))
+                                               route: str, task_id: str, key: str) -> None:
+    check(served, request("POST", route.replace("{id}", task_id), as_json(fields, swap, key)))
 
 
 @pytest.mark.parametrize(("name", "data", "status"), [
@@ -243,13 +247,13 @@ def api_threads() -> int:
     return sum(1 for thread in threading.enumerate() if "process_request_thread" in thread.name)
 
 
-def test_a_slowloris_neither_locks_out_status_nor_holds_its_connections(tmp_path: Path, repo: Path,
-                                                                       store: Store) -> None:
-    """Twice the connection cap of unfinished requests: `/status` is still answered (the oldest waiting
-    connections are closed for it), the threads stay bounded, and each slow one ends with a 408."""
+def test_a_slowloris_cannot_lock_out_status_and_its_threads_stay_bounded(tmp_path: Path, repo: Path,
+                                                                        store: Store) -> None:
+    """Twice the connection cap of half-sent requests (with a deadline too long to matter here):
+    `/status` is still answered, because the oldest waiting connections are closed for it."""
     sock = tmp_path / "ohd.sock"
     server = ApiServer(sock, store, repos=[repo], clock=SystemClock(), status=lambda: {"version": "0"},
-                       wake=lambda: None, models=lambda: [], request_s=2.0)
+                       wake=lambda: None, models=lambda: [], request_s=10 * HANG_S)
     server.start()
     conns = []
     try:
@@ -257,12 +261,43 @@ def test_a_slowloris_neither_locks_out_status_nor_holds_its_connections(tmp_path
         conns = slow_connections(sock, 2 * MAX_CONNECTIONS)
         for _ in range(5):
             assert "queue" in Client(sock, timeout=HANG_S).get("/status")
+        wait_for(lambda: sum(closed(conn) == b"" for conn in conns) >= MAX_CONNECTIONS,
+                 what="the oldest slow connections to be closed without an answer")
         wait_for(lambda: api_threads() <= MAX_CONNECTIONS + baseline, what="the threads to be bounded")
-        answers = [wait_for(lambda conn=conn: closed(conn), what="the slow connection to end")
-                   for conn in conns[-MAX_CONNECTIONS // 2:]]   # the newest: not evicted, so timed out
-        assert all(answer is not None and b" 408 " in answer and b"RequestTimeout" in answer for answer in answers)
-        assert "queue" in Client(sock, timeout=HANG_S).get("/status")
+        assert all(closed(conn) is None for conn in conns[-MAX_CONNECTIONS // 2:])     # the newest wait on
         assert store.counts().get("queued", 0) == 0
+    finally:
+        for conn in conns:
+            conn.close()
+        server.stop()
+
+
+def test_a_request_that_does_not_arrive_whole_in_time_gets_408(tmp_path: Path, repo: Path, store: Store) -> None:
+    """A client that sends a byte now and then (each read well within any idle timeout) still ends."""
+    sock = tmp_path / "ohd.sock"
+    server = ApiServer(sock, store, repos=[repo], clock=SystemClock(), status=lambda: {"version": "0"},
+                       wake=lambda: None, models=lambda: [], request_s=1.0)
+    server.start()
+    conns = []
+    try:
+        dripper = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        dripper.settimeout(HANG_S)
+        dripper.connect(str(sock))
+        dripper.sendall(b"GET /status HTTP/1.1\r\nX-Slow: ")      # a header line that never ends
+        conns = [dripper, *slow_connections(sock, 3)]
+
+        def drip() -> bytes | None:
+            try:
+                dripper.send(b"a")
+            except OSError:
+                return b"closed"
+            return closed(dripper)
+        ends = [wait_for(drip, interval=0.2, what="the dripping client to be answered")]
+        ends += [wait_for(lambda conn=conn: closed(conn), what="a slow client to be answered") for conn in conns[1:]]
+        for end in ends[1:]:
+            assert b" 408 " in end and b"RequestTimeout" in end, end
+        assert b" 408 " in ends[0] or ends[0] == b"closed", ends[0]
+        assert "queue" in Client(sock, timeout=HANG_S).get("/status")
     finally:
         for conn in conns:
             conn.close()
@@ -288,9 +323,8 @@ def test_a_real_daemon_answers_malformed_requests_and_status_under_a_slowloris(t
         done = daemon.ohd("status", "--json")
         assert done.returncode == 0, done.stderr
         assert "queue" in json.loads(done.stdout)
-        evicted = wait_for(lambda: sum(closed(conn) is not None for conn in conns) >= MAX_CONNECTIONS,
-                           what="the oldest slow connections to be closed")
-        assert evicted
+        wait_for(lambda: sum(closed(conn) == b"" for conn in conns) >= MAX_CONNECTIONS,
+                 what="the oldest slow connections to be closed without an answer")
         assert daemon.proc is not None and daemon.proc.poll() is None
     finally:
         for conn in conns:
