@@ -41,6 +41,7 @@ EDITOR_TEMP_NAMES = frozenset({"4913"})
 MAX_POLL_S = 0.1          # how often settling paths are re-checked
 RETRY_BASE_S = 1.0        # a file whose ingest failed is retried after this, doubling
 RETRY_MAX_S = 60.0
+NAME_MAX = 255
 
 
 def is_candidate(path: Path) -> bool:
@@ -269,13 +270,21 @@ def parse_bytes(data: bytes, relpath: str) -> TaskSpec:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise TaskFileError(relpath, f"not UTF-8 text (byte {exc.start})") from None
-    return parse(text, source=relpath)
+    try:
+        return parse(text, source=relpath)
+    except (RecursionError, ValueError) as exc:   # nesting too deep, an integer of 4,300+ digits
+        raise TaskFileError(relpath, f"cannot be read as a task file ({type(exc).__name__}: "
+                                     f"{str(exc)[:200]})") from None
 
 
 def check_target(repo: Path, target: str) -> Path:
     """The target as an existing regular file inside the repo, else `TargetError`."""
-    path = resolve_inside(repo, target)
-    if not path.exists():
+    try:
+        path = resolve_inside(repo, target)
+        exists = path.exists()
+    except OSError as exc:                       # e.g. ENAMETOOLONG
+        raise TargetError(target[:200], exc.strerror or "cannot be read") from None
+    if not exists:
         raise TargetError(target, "does not exist")
     if not path.is_file():
         raise TargetError(target, "is not a regular file")
@@ -304,6 +313,11 @@ def make_folder(folder: Path) -> None:
 def free_name(folder: Path, name: str, tag: str | None) -> Path:
     """`folder/name`, or `folder/<stem>.<tag><suffix>` (then `.<n>`) when that is taken."""
     stem, suffix = Path(name).stem, Path(name).suffix
+    # the name, a `.<tag>.<n>` and `.error.txt` must fit NAME_MAX (255 bytes)
+    room = NAME_MAX - len(".error.txt") - len(f".{tag}.") - 8 - len(suffix.encode("utf-8", "surrogateescape"))
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX - len(".error.txt"):
+        stem = stem.encode("utf-8", "surrogateescape")[:room].decode("utf-8", "ignore")
+        name = stem + suffix
     candidate = folder / name
     if tag and candidate.exists():
         candidate = folder / f"{stem}.{tag}{suffix}"

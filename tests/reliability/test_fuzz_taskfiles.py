@@ -1,0 +1,37 @@
+"""Task files that used to stay in tasks.d/ for ever (retried every 60 s with a traceback) are rejected once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ohd.ingest import Ingestor
+from ohd.store import Store
+from tests.support.clock import FakeClock
+
+pytestmark = pytest.mark.reliability
+
+NEVER_REJECTED = {
+    "deep.yaml": b"type: unit_test\ntarget: shop/pricing.py\ndescription: " + b"[" * 5000 + b"]" * 5000 + b"\n",
+    "bigint.yaml": b"type: unit_test\ntarget: shop/pricing.py\nmax_attempts: " + b"9" * 5000 + b"\n",
+    "longtarget.yaml": b"type: unit_test\ntarget: " + b"a" * 5000 + b".py\n",
+    "x" * 250 + ".yaml": b"type: unit_test\ntarget: nope.py\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEVER_REJECTED), ids=lambda n: n[:12])
+def test_a_file_that_broke_ingest_is_rejected_once_with_a_short_error_file(
+        store: Store, clock: FakeClock, repo: Path, name: str) -> None:
+    path = repo / "tasks.d" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(NEVER_REJECTED[name])
+    assert Ingestor(store, clock).ingest_file(repo.resolve(), path) is None
+    assert not path.exists()
+    rejected = repo / "tasks.d" / ".rejected"
+    notes = [p for p in rejected.iterdir() if p.name.endswith(".error.txt")]
+    [note] = notes
+    assert len(note.name.encode()) <= 255
+    assert 0 < note.stat().st_size < 2000
+    assert len([p for p in rejected.iterdir() if not p.name.endswith(".error.txt")]) == 1
+    assert store.list_tasks() == []
