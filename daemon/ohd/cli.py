@@ -354,13 +354,12 @@ def cmd_hooks(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from ohd import taskfile
-    from ohd.ingest import check_rule_names
+    from ohd.ingest import check_rule_names, parse_bytes
 
     results = []
     for path in args.files:
         try:
-            spec = taskfile.parse(path.read_text(encoding="utf-8"), source=str(path))
+            spec = parse_bytes(path.read_bytes(), str(path))
             check_rule_names(spec, str(path))
             results.append({"file": str(path), "ok": True, "type": spec.type.value, "target": spec.target})
         except TaskFileError as exc:

@@ -35,3 +35,14 @@ def test_a_file_that_broke_ingest_is_rejected_once_with_a_short_error_file(
     assert 0 < note.stat().st_size < 2000
     assert len([p for p in rejected.iterdir() if not p.name.endswith(".error.txt")]) == 1
     assert store.list_tasks() == []
+
+
+@pytest.mark.parametrize("name", ["deep.yaml", "bigint.yaml"])
+def test_ohd_validate_reports_the_file_that_crashed_it(tmp_path: Path, name: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from ohd.cli import main
+
+    path = tmp_path / name
+    path.write_bytes(NEVER_REJECTED[name])
+    assert main(["validate", str(path)]) == 1
+    assert "cannot be read as a task file" in capsys.readouterr().out
