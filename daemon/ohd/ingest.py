@@ -16,7 +16,10 @@ ever read. Store and file work run in a thread so the loop never blocks on SQLit
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+import os
+import stat
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +45,7 @@ MAX_POLL_S = 0.1          # how often settling paths are re-checked
 RETRY_BASE_S = 1.0        # a file whose ingest failed is retried after this, doubling
 RETRY_MAX_S = 60.0
 NAME_MAX = 255
+MAX_FILE_BYTES = 1024 * 1024   # a task file is refused above 1 MiB
 
 
 def is_candidate(path: Path) -> bool:
@@ -87,7 +91,7 @@ class Ingestor:
             return
         self._settle_moves(repo.resolve())
         for path in sorted(tasks_dir.iterdir()):
-            if path.is_file() and is_candidate(path):
+            if not path.is_dir() and is_candidate(path):
                 self.submit_path(repo, path)
 
     def _settle_moves(self, repo: Path) -> None:
@@ -189,9 +193,12 @@ class Ingestor:
     def ingest_file(self, repo: Path, path: Path) -> int | None:
         """Ingest one settled file; the new task's id, or None (rejected, rule, moved, gone)."""
         try:
-            data = path.read_bytes()
+            data = read_task_file(path)
         except FileNotFoundError:
             log.debug("%s vanished before it was read", path)
+            return None
+        except TaskFileError as exc:
+            reject(path, str(exc))
             return None
         sha = hashlib.sha256(data).hexdigest()
         relpath = f"{TASKS_DIR}/{path.name}"
@@ -255,6 +262,28 @@ class Ingestor:
         path.rename(dest)
         self.store.mark_moved(str(repo), sha)
         log.debug("%s moved to %s", path, dest)
+
+
+def read_task_file(path: Path) -> bytes:
+    """The bytes of a regular file of at most MAX_FILE_BYTES, opened without following a symlink
+    or blocking on a FIFO; anything else is a `TaskFileError`."""
+    relpath = f"{TASKS_DIR}/{path.name}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise TaskFileError(relpath, "is a symbolic link; only regular files are read") from None
+        if exc.errno == errno.ENOENT:
+            raise FileNotFoundError(path) from None
+        raise TaskFileError(relpath, f"cannot be opened: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise TaskFileError(relpath, "is not a regular file (a FIFO, device or socket)")
+        data = file.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise TaskFileError(relpath, f"is larger than {MAX_FILE_BYTES // 1024} KiB")
+    return data
 
 
 def check_rule_names(spec: TaskSpec, relpath: str) -> None:

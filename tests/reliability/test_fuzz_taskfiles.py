@@ -46,3 +46,21 @@ def test_ohd_validate_reports_the_file_that_crashed_it(tmp_path: Path, name: str
     path.write_bytes(NEVER_REJECTED[name])
     assert main(["validate", str(path)]) == 1
     assert "cannot be read as a task file" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["dev_zero_link", "fifo", "huge"])
+def test_a_hostile_file_is_rejected_without_reading_it_whole_or_blocking(
+        store: Store, clock: FakeClock, repo: Path, kind: str) -> None:
+    import os
+    path = repo / "tasks.d" / "x.yaml"
+    path.parent.mkdir(exist_ok=True)
+    if kind == "dev_zero_link":
+        path.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_bytes(b"type: unit_test\ntarget: shop/pricing.py\ndescription: " + b"x" * 5_000_000 + b"\n")
+    assert Ingestor(store, clock).ingest_file(repo.resolve(), path) is None
+    assert not os.path.lexists(path)
+    assert store.list_tasks() == []
+    assert (repo / "tasks.d" / ".rejected" / "x.yaml.error.txt").exists()
