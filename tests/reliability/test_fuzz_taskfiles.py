@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ohd.ingest import Ingestor
 from ohd.store import Store
@@ -64,3 +66,44 @@ def test_a_hostile_file_is_rejected_without_reading_it_whole_or_blocking(
     assert not os.path.lexists(path)
     assert store.list_tasks() == []
     assert (repo / "tasks.d" / ".rejected" / "x.yaml.error.txt").exists()
+
+
+FUZZED = 0
+_KEYS = ["type", "target", "output", "description", "prompt", "max_attempts", "models", "rule_levels", "type"]
+_VALUES = st.one_of(st.text(max_size=40), st.integers(), st.floats(), st.booleans(), st.none(),
+                    st.sampled_from(["unit_test", "custom", "../x.py", "/etc/passwd", ".git/hooks/pre-commit",
+                                     "shop/pricing.py", "sub/.git/config", "tasks.d/y.yaml",
+                                     "!!python/object/apply:os.system ['touch pwned']", "*a", "&a [1]"]))
+_YAML = st.lists(st.tuples(st.sampled_from(_KEYS), _VALUES), max_size=8).map(
+    lambda items: "".join(f"{k}: {v}\n" for k, v in items).encode("utf-8", "surrogatepass"))
+_BOMB = st.just(b"a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
+                b"d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: [*d,*d,*d,*d,*d,*d,*d,*d,*d]\ntype: unit_test\n")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.one_of(st.binary(max_size=300), _YAML, _BOMB),
+       name=st.text(st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",)),
+                    min_size=1, max_size=250))
+def test_every_fuzzed_file_ends_in_done_or_rejected_once(tmp_path_factory: pytest.TempPathFactory,
+                                                          data: bytes, name: str) -> None:
+    global FUZZED
+    FUZZED += 1
+    from tests.support.databases import open_store
+    from tests.support.gitrepo import make_repo
+
+    base = tmp_path_factory.mktemp("fuzz")
+    repo = make_repo(base / "repo")
+    store = open_store(base / "db.sqlite")
+    try:
+        fname = (name.lstrip(".") or "x").encode("utf-8")[:250].decode("utf-8", "ignore") + ".yaml"
+        path = repo / "tasks.d" / fname
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data)
+        Ingestor(store, FakeClock()).ingest_file(repo.resolve(), path)
+        tasks = repo / "tasks.d"
+        ended = [p for d in (".done", ".rejected") if (tasks / d).exists()
+                 for p in (tasks / d).iterdir() if not p.name.endswith(".error.txt")]
+        assert not path.exists() and len(ended) == 1
+        assert not (base / "pwned").exists() and not (repo / "pwned").exists()
+    finally:
+        store.close()
