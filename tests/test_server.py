@@ -222,6 +222,8 @@ def test_submit_without_repo_uses_the_only_one(client: Client, store: Store, rep
     ({"type": "custom", "target": TARGET}, "requires output and prompt"),
     ({"type": "unit_test", "target": TARGET, "repo": "/nowhere"}, "not a repo this daemon serves"),
     ({"type": "unit_test", "target": TARGET, "schedule": "0 * * * *"}, "tasks.d"),
+    ({"type": "unit_test", "target": TARGET, "description": "x" * 20_001}, "at most 20000 characters"),
+    ({"type": "custom", "target": TARGET, "output": "n.md", "prompt": "x" * 200_001}, "at most 200000 characters"),
 ])
 def test_bad_submissions_are_400_and_enqueue_nothing(client: Client, store: Store, daemonish: Daemonish,
                                                      body: dict[str, Any], expected: str) -> None:

@@ -162,6 +162,15 @@ def test_bounds_are_inclusive_where_the_contract_says() -> None:
     assert parse("type: review\ntarget: a\nmin_quality: 1\n").min_quality == 1.0
 
 
+def test_a_description_or_prompt_too_long_for_a_prompt_is_refused_on_its_line() -> None:
+    err = error_of("type: review\ntarget: a.py\ndescription: " + "x" * 20_001 + "\n")
+    assert (err.field, err.line) == ("description", 3)
+    assert "at most 20000 characters" in err.message
+    err = error_of("type: custom\ntarget: a.py\noutput: n.md\nprompt: " + "x" * 200_001 + "\n")
+    assert (err.field, err.line) == ("prompt", 4)
+    assert parse("type: review\ntarget: a.py\ndescription: " + "x" * 20_000 + "\n").description == "x" * 20_000
+
+
 def test_custom_requires_output_and_prompt() -> None:
     err = error_of("type: custom\ntarget: a.py\nprompt: do it\n")
     assert (err.field, err.line) == ("output", 1)

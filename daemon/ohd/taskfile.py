@@ -25,6 +25,12 @@ from ohd.errors import TaskFileError
 
 log = logging.getLogger(__name__)
 
+# What a task file may put into a prompt, in characters: a description is words for the model
+# (a 5 MB one was sent whole, costing a free model's whole context), a custom prompt may quote
+# code. The target itself is capped where it is read (tasktypes.MAX_TARGET_BYTES).
+MAX_DESCRIPTION_CHARS = 20_000
+MAX_PROMPT_CHARS = 200_000
+
 
 class TaskType(StrEnum):
     """What a task asks a model to produce."""
@@ -94,7 +100,8 @@ class TaskSpec(pydantic.BaseModel, extra="forbid", frozen=True, json_schema_extr
         description="the source file, relative to the repo root; must stay inside it (no absolute paths, "
                     "no `..` out of it, nothing under `.git/`); an `on_change` rule without `schedule` "
                     "needs none (its tasks target the changed file)")
-    description: str = Field(default="", description="what you want, in words; goes into the prompt")
+    description: str = Field(default="", max_length=MAX_DESCRIPTION_CHARS,
+                             description="what you want, in words; goes into the prompt")
     priority: Priority = Field(default=Priority.NORMAL,
                                description="the queue's order, FIFO within one priority; highest first")
     output: str | None = Field(
@@ -114,7 +121,8 @@ class TaskSpec(pydantic.BaseModel, extra="forbid", frozen=True, json_schema_extr
                               description="answers to validate before giving up (a 429 does not spend one)")
     timeout_s: float = Field(default=120.0, gt=0.0, le=3600.0, strict=True,
                              description="the whole task's time limit, in seconds")
-    prompt: str | None = Field(default=None, description="the prompt, for `type: custom` (required there)")
+    prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS,
+                               description="the prompt, for `type: custom` (required there)")
     rule_levels: dict[str, Literal["error", "warning", "info", "off"]] = Field(
         default_factory=dict, description="this task's validation rule levels over the configuration's "
                                           "`rule_levels`, e.g. `{lint: error, coverage_delta: off}` "
@@ -277,6 +285,8 @@ def _meaning(info: FieldInfo) -> str:
                 bounds.append(f"{phrase} {_number(getattr(item, attr))}")
         if getattr(item, "min_length", None) == 1:
             bounds.append("not empty")
+        if isinstance(getattr(item, "max_length", None), int):
+            bounds.append(f"at most {item.max_length:,} characters")
     return f"{text}; {', '.join(bounds)}" if bounds else text
 
 
