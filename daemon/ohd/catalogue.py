@@ -177,16 +177,17 @@ class Catalogue:
         """Refresh now, then every `refresh_s` on the clock, until `stop` is set; never raises."""
         while not stop.is_set():
             try:
-                await self._until_stopped(stop)
+                await self.refresh_until_stopped(stop)
             except Exception:
                 log.exception("catalogue: refresh failed; retrying in %g s", self.refresh_s)
             # a model list still to be read (a server you run that is down) is asked for again soon
             await self._wait(stop, min(self.retry_s, self.refresh_s) if self.discover and not self.pool.models
                              else self.refresh_s)
 
-    async def _until_stopped(self, stop: asyncio.Event) -> None:
+    async def refresh_until_stopped(self, stop: asyncio.Event) -> None:
         """One refresh, cancelled when `stop` is set first: a slow or hung GET /models must not
-        hold the daemon's stop (it did, up to the request's timeout, past systemd's stop timeout)."""
+        hold the daemon's stop (it did, up to the request's timeout and retries, 55-92 s, past
+        systemd's stop timeout), neither in `run` nor at start-up."""
         refresh = await _unless_stopped(stop, self.refresh())
         if not refresh.cancelled() and (error := refresh.exception()) is not None:
             raise error

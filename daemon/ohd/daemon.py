@@ -234,7 +234,8 @@ class Daemon:
             self._log_sandbox(pool.ladder)
             catalogue = self._catalogue(pool)
             if catalogue is not None and catalogue.discover and not self.settings.openrouter:
-                await catalogue.refresh()   # a server you run: its own list, not OpenRouter's, from the start
+                # a server you run: its own list, not OpenRouter's, from the start (a SIGTERM ends the wait)
+                await catalogue.refresh_until_stopped(self.stop_event)
             if self.model_client is not None:
                 self.model_client.before_retry = pool.pace   # retries count against the quotas too
             rulebook = self.rulebook = rulebook_for(self.settings, self.store, self.clock)

@@ -41,10 +41,16 @@ class DaemonProcess:
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> DaemonProcess:
+    def launch(self) -> DaemonProcess:
+        """Start the process without waiting for its socket (a start-up that hangs before it listens)."""
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "ohd", "daemon", "--repo", str(self.repo)],
                                          env=self.env, stdout=log, stderr=log)
+        return self
+
+    def start(self) -> DaemonProcess:
+        self.launch()
+        assert self.proc is not None
         wait_for(lambda: self.ohd("status", "--json").returncode == 0 or self._died(), timeout=30,
                  what="the daemon to answer on its socket")
         assert self.proc.poll() is None, self.log.read_text()

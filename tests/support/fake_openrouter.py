@@ -13,7 +13,8 @@ In a test::
         assert server.requests_for("model-a")[0].headers["authorization"] == "Bearer sk-test"
 
 Each model has a queue of answers; when it is empty the server gives `default`
-(an `ok(...)` answer unless changed). `rate_limit(n, window_s)` makes it enforce a
+(an `ok(...)` answer unless changed); `script_catalogue` queues answers for `GET /models`
+the same way (then the list of `models`). `rate_limit(n, window_s)` makes it enforce a
 per-model sliding window (a 429 with `X-RateLimit-*` headers, reset in ms epoch), and
 `latency_s` delays every answer. An answer may echo what the client sent: `AUTH`
 (the `Authorization` header), `KEY` (its bearer token), `KEY_TAIL` (the token after its
@@ -249,6 +250,7 @@ class FakeOpenRouter:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._scripts: dict[str, collections.deque[Answer]] = {}
+        self._catalogue_script: collections.deque[Answer] = collections.deque()
         self._requests: list[Request] = []
         self._window: _Window | None = _Window(rpm, 60.0) if rpm else None
         self._generation = 0
@@ -261,6 +263,11 @@ class FakeOpenRouter:
         """Queue answers for `model`, given in order, one per request."""
         with self._lock:
             self._scripts.setdefault(model, collections.deque()).extend(answers)
+
+    def script_catalogue(self, answers: Iterable[Answer]) -> None:
+        """Queue answers for `GET /models` (e.g. `never_answer()`), one per request; then the real list."""
+        with self._lock:
+            self._catalogue_script.extend(answers)
 
     def rate_limit(self, limit: int | None, window_s: float = 60.0) -> None:
         """Allow `limit` requests per model per sliding `window_s`; None turns it off."""
@@ -353,6 +360,9 @@ class FakeOpenRouter:
         return self.api_key is None or headers.get("authorization") == f"Bearer {self.api_key}"
 
     def _catalogue(self) -> Answer:
+        with self._lock:
+            if self._catalogue_script:
+                return self._catalogue_script.popleft()
         data = [{"id": model, "name": model, "created": 1767268800, "description": "fake",
                  "context_length": 32768, "architecture": {"modality": "text->text"},
                  "pricing": {"prompt": "0", "completion": "0", "request": "0"},
