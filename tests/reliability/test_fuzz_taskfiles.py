@@ -107,3 +107,55 @@ def test_every_fuzzed_file_ends_in_done_or_rejected_once(tmp_path_factory: pytes
         assert not (base / "pwned").exists() and not (repo / "pwned").exists()
     finally:
         store.close()
+
+
+def test_a_running_daemon_rejects_hostile_files_keeps_answering_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """The unit tests above call the ingestor; here a real daemon (offline provider) meets them in
+    tasks.d/ at once, beside a good file: a FIFO, a symlink to /dev/zero, a 5 MB file and the
+    files that broke ingest. Each is rejected once, the good one runs, `ohd status` answers all
+    along, the daemon's memory stays small, and SIGTERM stops it (a FIFO used to block ingest,
+    and so the stop, for ever)."""
+    import os
+    import signal
+    import tempfile
+
+    from tests.e2e.helpers import DaemonProcess, daemon_env
+    from tests.support.gitrepo import make_repo
+    from tests.support.waiting import wait_for
+
+    repo = make_repo(tmp_path / "repo")
+    runtime = Path(tempfile.mkdtemp(prefix="ohd-hf-"))
+    daemon = DaemonProcess(daemon_env(tmp_path, runtime), repo, tmp_path / "daemon.log").start()
+    tasks = repo / "tasks.d"
+    try:
+        os.mkfifo(tasks / "fifo.yaml")
+        (tasks / "zero.yaml").symlink_to("/dev/zero")
+        (tasks / "huge.yaml").write_bytes(b"type: review\ntarget: shop/pricing.py\ndescription: " + b"x" * 5_000_000)
+        for name, data in NEVER_REJECTED.items():
+            (tasks / name).write_bytes(data)
+        (tasks / "good.yaml").write_text("type: review\ntarget: shop/pricing.py\n")
+        hostile = {"fifo.yaml", "zero.yaml", "huge.yaml", *NEVER_REJECTED}
+
+        def settled() -> bool:
+            assert daemon.ohd("status", "--json").returncode == 0      # answers while it ingests
+            rejected = {p.name for p in (tasks / ".rejected").glob("*") if not p.name.endswith(".error.txt")}
+            # the file whose name leaves no room for its .error.txt is moved under a shortened name
+            short = {name for name in hostile if len(name) < 100}
+            return (len(rejected) == len(hostile) and short <= rejected
+                    and (tasks / ".done" / "good.yaml").exists())
+
+        wait_for(settled, timeout=60, what="every hostile file in .rejected/ and the good one in .done/")
+        assert sorted(p.name for p in tasks.iterdir() if not p.name.startswith(".")) == []
+        [task] = daemon.json("tasks")["tasks"]
+        wait_for(lambda: daemon.json("show", str(task["id"]))["status"] == "completed", timeout=60,
+                 what="the good file's task to complete")
+        assert daemon.proc is not None
+        peak_kib = int(next(line.split()[1] for line in Path(f"/proc/{daemon.proc.pid}/status").read_text().splitlines()
+                            if line.startswith("VmHWM:")))
+        assert peak_kib < 512 * 1024, f"the daemon's memory peaked at {peak_kib} KiB"
+    finally:
+        code = daemon.stop(signal.SIGTERM)
+        for child in runtime.glob("*"):
+            child.unlink()
+        runtime.rmdir()
+    assert code == 0
