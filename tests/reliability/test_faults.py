@@ -66,7 +66,7 @@ FALLBACK = "fault/fallback"      # answers well to every task that gets to it (t
 REQUEST_TIMEOUT_S = 2.0
 TASK_TIMEOUT_S = 60.0
 MANY = 12                        # scripted answers per case: more than any case may ask for
-RESET_AT = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=600)   # X-RateLimit-Reset's instant
+RESET_IN = timedelta(seconds=600)   # X-RateLimit-Reset's instant, from the moment the cases are scripted
 TERMINAL = ("completed", "failed", "cancelled")
 
 
@@ -139,8 +139,7 @@ def cases() -> list[Case]:
         Case("error-in-200", _many(error_in_200_body()), classes=("server",), **transient),
         Case("429-retry-after", (rate_limited(retry_after=300),) * 2, "pending", ("rate_limited",),
              resume_s=(299, 301), asked=1),
-        Case("429-reset-only", (rate_limited(reset_ms=int(RESET_AT.timestamp() * 1000)),) * 2, "pending",
-             ("rate_limited",), asked=1),     # resumes at RESET_AT exactly (below)
+        Case("429-reset-only", (), "pending", ("rate_limited",), asked=1),   # scripted by `run` (below)
         Case("429-no-headers", (rate_limited(),) * 2, "pending", ("rate_limited",), resume_s=(59, 61), asked=1),
         Case("429-then-next", (rate_limited(retry_after=30),) * 2, "completed", ("rate_limited",),
              fallback=True, asked=1),
@@ -206,6 +205,7 @@ class Run:
     cli_status: list[subprocess.CompletedProcess[str]] = field(default_factory=list)
     proxy_received: list[bytes] = field(default_factory=list)
     daemon_exit: int | None = None
+    reset_at: datetime | None = None      # the 429-reset-only case's X-RateLimit-Reset
 
 
 class StatusPoller(threading.Thread):
@@ -255,15 +255,19 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         env.pop(name, None)
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         env[name] = proxy.url
+    # an instant fixed when the module was imported had passed by the time its daemon ran on a
+    # loaded machine under xdist (the task then resumed after the default cooldown): fix it now
+    reset_at = datetime.now(UTC).replace(microsecond=0) + RESET_IN
     with server:
         for case in CASES:
-            server.script(case.model, case.answers)
+            reset_only = (rate_limited(reset_ms=int(reset_at.timestamp() * 1000)),) * 2
+            server.script(case.model, reset_only if case.name == "429-reset-only" else case.answers)
             for name, answers in case.extra:
                 server.script(name, answers)
         env["OHD_BASE_URL"] = server.url
         daemon = DaemonProcess(env, repo, tmp / "daemon.log").start()
         client = Client(runtime / "ohd.sock", timeout=60.0)
-        result = Run(started=datetime.now(UTC))
+        result = Run(started=datetime.now(UTC), reset_at=reset_at)
         poller = StatusPoller(runtime / "ohd.sock", result)
         try:
             poller.start()
@@ -316,7 +320,8 @@ def test_each_fault_ends_in_its_state_with_its_error_class(run: Run, case: Case)
         assert task["executions"][-1]["model"] == FALLBACK and task["executions"][-1]["outcome"] == "accepted"
         assert task["attempts"] == 1 + own.count("malformed"), summary     # refusals, 429s, 5xx spend none
     if case.name == "429-reset-only":
-        assert abs(datetime.fromisoformat(task["not_before"]) - RESET_AT) <= timedelta(seconds=1), summary
+        assert run.reset_at is not None    # resumes at the header's instant exactly
+        assert abs(datetime.fromisoformat(task["not_before"]) - run.reset_at) <= timedelta(seconds=1), summary
     if case.resume_s is not None:
         low, high = case.resume_s
         resume = datetime.fromisoformat(task["not_before"])
