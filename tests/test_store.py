@@ -443,3 +443,66 @@ def test_postgresql_url_gives_a_postgres_database() -> None:
 def test_an_unknown_url_scheme_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
         open_database("mysql://localhost/ohd")
+
+
+# -- a full store (SQLite's max_page_count: a real SQLITE_FULL, without a small disk) ----------
+
+
+def _full(store: Store) -> int:
+    """Cap the database at its current size (this thread's connection); returns the old cap."""
+    store.db.connect(reuse_if_open=True)
+    cap = int(store.db.execute_sql("PRAGMA max_page_count").fetchone()[0])
+    pages = int(store.db.execute_sql("PRAGMA page_count").fetchone()[0])
+    store.db.execute_sql(f"PRAGMA max_page_count = {pages}")
+    return cap
+
+
+def test_a_full_store_raises_storage_unavailable_keeps_its_rows_and_writes_again_once_there_is_room(
+        tmp_path: Path, clock: FakeClock) -> None:
+    """Before: peewee's OperationalError 'database or disk is full' (or, from the transaction's
+    rollback that SQLite had already done, 'cannot rollback - no transaction is active')."""
+    from ohd.errors import StorageUnavailable
+
+    store = Store(open_database(f"sqlite:///{tmp_path / 'ohd.db'}"))
+    store.migrate()
+    first = store.enqueue("/repo", spec(), clock.now())
+    cap = _full(store)
+    long = spec(description="x" * 19_000)       # needs pages the cap does not allow
+    with pytest.raises(StorageUnavailable) as full:
+        store.enqueue("/repo", long, clock.now())
+    assert full.value.reason == StorageUnavailable.FULL and str(tmp_path / "ohd.db") in str(full.value)
+    assert store.trouble is not None and store.trouble.reason == StorageUnavailable.FULL
+    assert [t.id for t in store.list_tasks()] == [first]       # reads go on; nothing half-written
+    store.get_task(first)
+    store.db.execute_sql(f"PRAGMA max_page_count = {cap}")
+    second = store.enqueue("/repo", long, clock.now())
+    assert store.trouble is None
+    assert [t.id for t in store.list_tasks()] == [second, first]
+    assert store.db.execute_sql("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_a_read_only_transaction_on_a_full_store_does_not_say_it_can_be_written_again(
+        tmp_path: Path, clock: FakeClock) -> None:
+    from ohd.errors import StorageUnavailable
+
+    store = Store(open_database(f"sqlite:///{tmp_path / 'ohd.db'}"))
+    store.migrate()
+    _full(store)
+    with pytest.raises(StorageUnavailable):
+        store.enqueue("/repo", spec(description="x" * 19_000), clock.now())
+    assert store.reap(clock.now()) == []       # BEGIN IMMEDIATE ... COMMIT, nothing changed
+    assert store.trouble is not None
+
+
+def test_the_reason_is_found_anywhere_in_the_chain() -> None:
+    from ohd.errors import StorageUnavailable, unwritable_reason
+
+    try:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise peewee.OperationalError("cannot rollback - no transaction is active")
+    except peewee.OperationalError as exc:
+        assert unwritable_reason(exc) == StorageUnavailable.FULL
+    assert unwritable_reason(OSError(30, "Read-only file system")) == StorageUnavailable.READ_ONLY
+    assert unwritable_reason(ValueError("no")) is None

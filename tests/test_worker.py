@@ -333,7 +333,7 @@ def test_a_full_disk_fails_the_task_saying_so_and_leaves_the_old_file(
     monkeypatch.setattr(os, "replace", disk_full)
     run_pool(store, server, clock, ["m"])
     task = store.get_task(task_id)
-    assert task.status == "failed" and "No space left on device" in (task.error or "")
+    assert task.status == "failed" and (task.error or "").startswith(f"cannot write in {repo}: the disk is full")
     assert "internal error" not in (task.error or "") and task.lease_owner is None
     assert not (repo / "tests" / "test_pricing.py").exists()
     assert [e.outcome for e in store.executions(task_id)] == ["accepted"]      # what the model did is kept

@@ -41,7 +41,7 @@ from ohd.clock import Clock, SystemClock
 from ohd.calls import CallHistory
 from ohd.catalogue import Catalogue
 from ohd.config import DEFAULT_MODELS, Settings, key_file
-from ohd.errors import ConfigError, DaemonAlreadyRunning, OhdError, TaskFileError
+from ohd.errors import ConfigError, DaemonAlreadyRunning, OhdError, StorageUnavailable, TaskFileError, unwritable_reason
 from ohd.history import History
 from ohd.ingest import Ingestor
 from ohd.llm import Completion, ModelClient, OfflineProvider, http_client
@@ -78,25 +78,40 @@ class InstanceLock:
         self.handle: IO[str] | None = None
 
     def acquire(self) -> None:
+        """Take the lock; DaemonAlreadyRunning if another daemon holds it, StorageUnavailable when the
+        state dir's disk is full or read-only (said in one line, not a traceback)."""
+        try:
+            self._acquire()
+        except OSError as exc:
+            if (reason := unwritable_reason(exc)) is None:
+                raise
+            self.release()
+            raise StorageUnavailable(str(self.path), reason, str(exc), what="the lock file") from None
+
+    def _acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+", encoding="utf-8")
+        self.handle = handle
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             text = handle.read().strip()
             handle.close()
+            self.handle = None
             raise DaemonAlreadyRunning(str(self.path), int(text) if text.isdigit() else None) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
-        self.handle = handle
 
     def release(self) -> None:
         if self.handle is not None:
             fcntl.flock(self.handle, fcntl.LOCK_UN)
-            self.handle.close()
+            try:
+                self.handle.close()
+            except OSError:      # the pid could not be flushed (a full disk): nothing to keep
+                pass
             self.handle = None
 
 
@@ -399,21 +414,31 @@ class Daemon:
             loop.call_soon_threadsafe(pool.wake)
 
     async def _housekeeping(self, pool: Pool) -> None:
-        """Periodically return expired leases and wake tasks whose `not_before` passed."""
+        """Periodically return expired leases and wake tasks whose `not_before` passed. It never
+        ends before the daemon does: a round that fails (a full disk) is one log line, and the next
+        round tries again."""
         interval = max(0.5, min(5.0, self.settings.lease_s / 2))
         while not self.stop_event.is_set():
             try:
                 await asyncio.wait_for(self.stop_event.wait(), timeout=interval)
             except TimeoutError:
                 pass
-            now = self.clock.now()
-            reaped = await asyncio.to_thread(self.store.reap, now, self.settings.crash_limit)
-            if self.rulebook is not None:
-                await asyncio.to_thread(self.rulebook.release_held, now)   # a re-run follows at once
-            promoted = await asyncio.to_thread(self.store.promote_due, now)
-            if reaped or promoted:
-                log.info("housekeeping: %d lease(s) expired, %d task(s) due again", len(reaped), promoted)
-                pool.wake()
+            try:
+                await self._housekeeping_round(pool)
+            except StorageUnavailable as exc:
+                log.warning("housekeeping: %s; trying again in %gs", exc, interval)
+            except Exception as exc:
+                log.error("housekeeping failed (%s: %s); trying again in %gs", type(exc).__name__, exc, interval)
+
+    async def _housekeeping_round(self, pool: Pool) -> None:
+        now = self.clock.now()
+        reaped = await asyncio.to_thread(self.store.reap, now, self.settings.crash_limit)
+        if self.rulebook is not None:
+            await asyncio.to_thread(self.rulebook.release_held, now)   # a re-run follows at once
+        promoted = await asyncio.to_thread(self.store.promote_due, now)
+        if reaped or promoted:
+            log.info("housekeeping: %d lease(s) expired, %d task(s) due again", len(reaped), promoted)
+            pool.wake()
 
     # -- systemd: status line and SIGHUP ---------------------------------------------
 
@@ -508,8 +533,16 @@ class Daemon:
             "offline": self.settings.use_offline,
             "sandbox": pool.ladder.tests.sandbox().as_dict() if pool else None,
             "database": _redact(self.settings.database),
+            "storage": self._storage(),
             **self._progress(),
         }
+
+    def _storage(self) -> dict[str, Any] | None:
+        """Why the daemon waits for storage (the last write the store refused), None when it can write."""
+        trouble = self.store.trouble
+        if trouble is None:
+            return None
+        return {"error": str(trouble), "reason": trouble.reason, "path": trouble.path}
 
     def _progress(self) -> dict[str, Any]:
         """Now, today's tokens and cost, recent throughput and the queue's ETA (`ohd status`)."""

@@ -69,7 +69,12 @@ def deliver(store: Store, run: Run, content: str, now: datetime) -> Outcome:
     elif plan.conflict:   # ohd wrote the proposal too: `mv` over the output is ohd's content, not an edit
         store.record_written(run.task.repo, run.job.output + outputs.OHD_NEW_SUFFIX, plan.sha256, run.task.id, now)
     if not plan.unchanged:
-        outputs.apply(plan, root=run.repo)
+        try:
+            outputs.apply(plan, root=run.repo)
+        except TargetError:
+            if written is not None and not plan.conflict:   # nothing written (a full disk): the old file is
+                store.record_written(run.task.repo, run.job.output, written, run.task.id, now)   # still ohd's
+            raise
     decision = "unchanged" if plan.unchanged else "written_as_ohd_new" if plan.conflict else "written"
     rel = plan.path.relative_to(run.repo.resolve()).as_posix()
     report_rel = write_report(store, run, decision, rel, conflict=plan.conflict_reason)
@@ -120,7 +125,8 @@ def report_failure(store: Store, task: Task, run: Run | None, outcome: Outcome) 
     folder is gone or outside the repo, a full disk) the error says why."""
     report_rel, why = _report_beside(store, task, run, "failed", outcome.error)
     if report_rel is None:
-        return replace(outcome, error=f"{outcome.error}; no report was written ({why})")
+        why = "either" if why and why in (outcome.error or "") else f"({why})"    # a full repo: said once
+        return replace(outcome, error=f"{outcome.error}; no report was written {why}")
     return replace(outcome, report_path=report_rel)
 
 

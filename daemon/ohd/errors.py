@@ -47,6 +47,23 @@ class TargetError(OhdError):
         super().__init__(f"{path}: {reason}")
 
 
+class RepoUnwritable(TargetError):
+    """Nothing can be written in the repo now: its disk is full or its file system read-only (what
+    was there is left as it was). `path` is the repo, `reason` one of `StorageUnavailable.REASONS`."""
+
+    def __str__(self) -> str:
+        return f"cannot write in {self.path}: {self.reason}"
+
+
+def repo_unwritable(repo: object, exc: BaseException) -> RepoUnwritable | None:
+    """`RepoUnwritable` for a write in `repo` that failed because of its disk (full, read-only, an
+    I/O error); None for any other failure (a name too long, a permission), which says more itself."""
+    reason = unwritable_reason(exc)
+    if reason is None or reason == StorageUnavailable.LOCKED:
+        return None
+    return RepoUnwritable(str(repo), reason)
+
+
 class NotFound(OhdError):
     """An unknown id (CLI exit 1, HTTP 404)."""
 
@@ -188,6 +205,68 @@ class OutputConflict(OhdError):
     def __init__(self, path: str) -> None:
         self.path = path
         super().__init__(f"{path} was edited since ohd last wrote it")
+
+
+class StorageUnavailable(OhdError):
+    """The store cannot be written (or read) now: its disk is full, its file system read-only, the
+    database locked by another process, or an I/O error. Transient: the daemon holds what it was
+    doing and goes on once a write succeeds. `reason` is one of `REASONS`; `path` the store."""
+
+    FULL = "the disk is full"
+    READ_ONLY = "the file system is read-only"
+    LOCKED = "the database is locked by another process"
+    IO = "an I/O error (see the kernel log)"
+    REASONS = (FULL, READ_ONLY, LOCKED, IO)
+
+    def __init__(self, path: str, reason: str, detail: str = "", what: str = "the store") -> None:
+        self.path = path
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"cannot write {what} {path}: {reason}")
+
+    @property
+    def locked(self) -> bool:
+        return self.reason == self.LOCKED
+
+
+_ERRNO_REASONS = {28: StorageUnavailable.FULL, 122: StorageUnavailable.FULL,   # ENOSPC, EDQUOT
+                  30: StorageUnavailable.READ_ONLY, 5: StorageUnavailable.IO}   # EROFS, EIO
+# SQLite's primary result codes (`sqlite_errorname` of a sqlite3 error, extended names start with them)
+_SQLITE_REASONS = (("SQLITE_FULL", StorageUnavailable.FULL), ("SQLITE_READONLY", StorageUnavailable.READ_ONLY),
+                   ("SQLITE_BUSY", StorageUnavailable.LOCKED), ("SQLITE_LOCKED", StorageUnavailable.LOCKED),
+                   ("SQLITE_IOERR", StorageUnavailable.IO), ("SQLITE_CANTOPEN", StorageUnavailable.IO))
+_PG_REASONS = {"53100": StorageUnavailable.FULL, "25006": StorageUnavailable.READ_ONLY,   # disk_full, read only
+               "55P03": StorageUnavailable.LOCKED}                                          # lock_not_available
+
+
+def unwritable_reason(exc: BaseException) -> str | None:
+    """Why storage failed, if `exc` or any exception it was raised from or while handling says so
+    (a full disk, a read-only file system, a lock, an I/O error); None for any other failure. The
+    whole chain is walked: SQLite's 'cannot rollback' after a full disk is named a full disk."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, StorageUnavailable):
+            return current.reason
+        reason = _reason_of(current)
+        if reason is not None:
+            return reason
+        todo += [e for e in (current.__cause__, current.__context__) if e is not None]
+    return None
+
+
+def _reason_of(exc: BaseException) -> str | None:
+    if isinstance(exc, OSError) and exc.errno in _ERRNO_REASONS:
+        return _ERRNO_REASONS[exc.errno]
+    name = getattr(exc, "sqlite_errorname", None)
+    if isinstance(name, str):
+        return next((reason for prefix, reason in _SQLITE_REASONS if name.startswith(prefix)), None)
+    code = getattr(exc, "pgcode", None)
+    return _PG_REASONS.get(code) if isinstance(code, str) else None
 
 
 class ApiError(OhdError):

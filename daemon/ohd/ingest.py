@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ohd import validate
 from ohd.clock import Clock
-from ohd.errors import TargetError, TaskFileError
+from ohd.errors import StorageUnavailable, TargetError, TaskFileError
 from ohd.outputs import check_output, check_reports, resolve_inside
 from ohd.store import Store
 from ohd.taskfile import TaskSpec, parse
@@ -165,6 +165,10 @@ class Ingestor:
             seen = self._settling.pop(path)
             try:
                 task_id = await asyncio.to_thread(self.ingest_file, seen.repo, path)
+            except StorageUnavailable as exc:     # a full disk: one line, and the file waits in tasks.d/
+                log.warning("ingest of %s waits: %s; will retry", path, exc)
+                self._retry_later(path, seen)
+                continue
             except Exception:
                 log.exception("ingest of %s failed; will retry", path)
                 self._retry_later(path, seen)

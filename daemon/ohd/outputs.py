@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ohd.errors import TargetError
+from ohd.errors import TargetError, repo_unwritable
 from ohd.taskfile import TaskType, check_relpath
 
 log = logging.getLogger(__name__)
@@ -258,11 +258,11 @@ def _write_inside(root: Path, path: Path, payload: bytes) -> None:
     try:
         folder = _open_folders(base, folders)
     except OSError as exc:
-        raise TargetError(rel, _walk_error(folders, exc)) from exc
+        raise repo_unwritable(root, exc) or TargetError(rel, _walk_error(folders, exc)) from exc
     try:
         _replace_in(folder, name, payload)
-    except OSError as exc:
-        raise TargetError(rel, f"cannot write: {exc.strerror or exc}") from exc
+    except OSError as exc:     # a full disk or a read-only repo: the old file is intact, the temp one gone
+        raise repo_unwritable(root, exc) or TargetError(rel, f"cannot write: {exc.strerror or exc}") from exc
     finally:
         os.close(folder)
 

@@ -38,7 +38,15 @@ import pydantic
 
 from ohd import delivery
 from ohd.clock import Clock
-from ohd.errors import ApiError, DaemonAlreadyRunning, InvalidTransition, NotFound, OhdError, TargetError
+from ohd.errors import (
+    ApiError,
+    DaemonAlreadyRunning,
+    InvalidTransition,
+    NotFound,
+    OhdError,
+    StorageUnavailable,
+    TargetError,
+)
 from ohd.outputs import check_output, check_reports, resolve_inside
 from ohd.store import Store, Task, TaskStatus
 from ohd.taskfile import TaskSpec
@@ -90,6 +98,8 @@ def classify(exc: Exception) -> Reply:
     if isinstance(exc, InvalidTransition):
         return error_reply(409, str(exc), type(exc).__name__, task_id=exc.task_id, status=exc.status,
                            action=exc.action)
+    if isinstance(exc, StorageUnavailable):     # 507 Insufficient Storage; a lock passes: 503
+        return error_reply(503 if exc.locked else 507, str(exc), type(exc).__name__, reason=exc.reason)
     if isinstance(exc, TargetError):
         return error_reply(400, str(exc), type(exc).__name__, path=exc.path)
     if isinstance(exc, pydantic.ValidationError):

@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import peewee
 
 from ohd import migrations
-from ohd.errors import ConfigError, InvalidTransition, NotFound
+from ohd.errors import ConfigError, InvalidTransition, NotFound, StorageUnavailable, unwritable_reason
 from ohd.records import (
     QUARANTINED,
     TERMINAL,
@@ -60,22 +60,99 @@ def sqlite_path(url: str) -> Path | None:
     return Path(rest[1:]).expanduser() if rest.startswith("/~") else Path("/" + rest.lstrip("/"))
 
 
+class _Guarded:
+    """A peewee database whose storage failures (a full disk, a read-only file system, a lock, an
+    I/O error) are raised as `StorageUnavailable`, from any statement, BEGIN, COMMIT, ROLLBACK or
+    connect, whoever runs it (the store, the migrations, the governor, the rules). `trouble` is the
+    last such failure of a write, until a transaction that changed something commits again."""
+
+    where: str
+    trouble: StorageUnavailable | None = None
+
+    def _storage(self, exc: Exception) -> Exception:
+        reason = unwritable_reason(exc)
+        if reason is None:
+            return exc
+        failure = StorageUnavailable(self.where, reason, str(exc))
+        if reason != StorageUnavailable.LOCKED or self.trouble is None:
+            if self.trouble is None or self.trouble.reason != reason:
+                log.warning("%s", failure)
+            self.trouble = failure
+        return failure
+
+    def _guard(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(*args, **kwargs)
+        except (peewee.DatabaseError, OSError) as exc:
+            failure = self._storage(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+
+    def connect(self, reuse_if_open: bool = False) -> bool:
+        return bool(self._guard(super().connect, reuse_if_open))   # type: ignore[misc]
+
+    def execute_sql(self, sql: str, params: Any = None) -> Any:
+        return self._guard(super().execute_sql, sql, params)   # type: ignore[misc]
+
+    def begin(self, *args: Any, **kwargs: Any) -> None:
+        self._guard(super().begin, *args, **kwargs)   # type: ignore[misc]
+        self._state.ohd_changes = self._total_changes()    # per thread, as peewee's connection state
+
+    def commit(self) -> None:
+        self._guard(super().commit)   # type: ignore[misc]
+        after = self._total_changes()
+        if self.trouble is not None and (after is None or after != getattr(self._state, "ohd_changes", None)):
+            log.info("%s can be written again", self.where)
+            self.trouble = None
+
+    def rollback(self) -> None:
+        self._guard(super().rollback)   # type: ignore[misc]
+
+    def _total_changes(self) -> int | None:
+        """Rows this thread's connection changed so far (SQLite); None where it is not known (any
+        commit then counts as a write)."""
+        conn = getattr(self._state, "conn", None)
+        changes = getattr(conn, "total_changes", None)
+        return changes if isinstance(changes, int) else None
+
+    _state: Any
+
+
+class GuardedSqlite(_Guarded, peewee.SqliteDatabase):
+    pass
+
+
+class GuardedPostgres(_Guarded, peewee.PostgresqlDatabase):
+    pass
+
+
 def open_database(url: str) -> peewee.Database:
-    """`sqlite:///abs/path.db` (WAL, busy timeout, foreign keys) or `postgresql://...`."""
+    """`sqlite:///abs/path.db` (WAL, busy timeout, foreign keys) or `postgresql://...`; StorageUnavailable
+    when the SQLite file cannot be created (its disk full or read-only)."""
     parts = urlsplit(url)
     path = sqlite_path(url)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # created private (SQLite gives its -wal and -shm the database's mode), also by the CLI
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # created private (SQLite gives its -wal and -shm the database's mode), also by the CLI
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        except OSError as exc:
+            if (reason := unwritable_reason(exc)) is None:
+                raise
+            raise StorageUnavailable(str(path), reason, str(exc)) from exc
         pragmas = {"journal_mode": "wal", "busy_timeout": 5000, "foreign_keys": 1, "synchronous": "normal"}
-        return peewee.SqliteDatabase(str(path), pragmas=pragmas, timeout=5)
+        sqlite = GuardedSqlite(str(path), pragmas=pragmas, timeout=5)
+        sqlite.where = str(path)
+        return sqlite
     if parts.scheme in ("postgresql", "postgres"):
         params: dict[str, Any] = {"user": parts.username, "password": parts.password,
                                   "host": parts.hostname, "port": parts.port}
         params = {k: unquote(v) if isinstance(v, str) else v for k, v in params.items() if v is not None}
         params.update(parse_qsl(parts.query))
-        return peewee.PostgresqlDatabase(unquote(parts.path.lstrip("/")), **params)
+        postgres = GuardedPostgres(unquote(parts.path.lstrip("/")), **params)
+        postgres.where = f"{parts.scheme}://{parts.hostname or ''}/{unquote(parts.path.lstrip('/'))}"
+        return postgres
     raise ConfigError(f"unsupported database URL {parts.scheme}://... (use sqlite:/// or postgresql://)")
 
 
@@ -87,6 +164,11 @@ class Store:
         self.db = db
         self.m = bind_models(db)
         self._sqlite = isinstance(db, peewee.SqliteDatabase)
+
+    @property
+    def trouble(self) -> StorageUnavailable | None:
+        """Why the last write failed (a full disk, read-only, locked...), until a write succeeds again."""
+        return getattr(self.db, "trouble", None)
 
     def migrate(self) -> None:
         """Bring the schema up to date (idempotent)."""

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ohd import pyparse, sandbox, validate
-from ohd.errors import TargetError
+from ohd.errors import TargetError, repo_unwritable
 from ohd.validate import CoverageRun, PytestRun, RunStatus
 
 log = logging.getLogger(__name__)
@@ -236,13 +236,18 @@ def candidate_file(repo: Path, output: str, content: str) -> Iterator[str]:
         raise TargetError(output, "the output leaves the repository")
     digest = hashlib.sha256(f"{output}\0{content}".encode()).hexdigest()[:10]
     name = f"{_CANDIDATE}{digest}_{secrets.token_hex(3)}.py"   # concurrent tasks never share one
-    made = _make_dirs(intended.parent, root)
     path = intended.parent / name
+    made: list[Path] = []
     try:
-        path.write_text(content, encoding="utf-8")
+        try:
+            made = _make_dirs(intended.parent, root)
+            path.write_text(content, encoding="utf-8")
+        except OSError as exc:     # a full or read-only repo: said so, not an internal error
+            raise repo_unwritable(repo, exc) or exc
         yield path.relative_to(root).as_posix()
     finally:
-        path.unlink(missing_ok=True)
+        if path.exists() or path.is_symlink():    # unlink of a missing name fails on a read-only repo
+            path.unlink()
         for directory in reversed(made):
             _rmdir(directory)
 

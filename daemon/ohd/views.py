@@ -25,6 +25,9 @@ def status_text(status: dict[str, Any]) -> str:
             for name in QUEUE_ORDER),
         f"workers: {workers.get('busy', 0)}/{workers.get('size', 0)} busy",
     ]
+    if status.get("storage"):
+        lines.append(f"storage: waiting for storage: {status['storage']['error']}; held tasks go on once "
+                     "the store can be written")
     if status.get("sandbox"):
         lines.append(f"tests:   {status['sandbox']['level']} sandbox ({status['sandbox']['description']})")
     for task in status.get("running", []):

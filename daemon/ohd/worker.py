@@ -23,6 +23,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
+
 from ohd import delivery, gitrepo, ladder, outputs, routing, tasktypes, validate
 from ohd.alarm import Alarm
 from ohd.delivery import Outcome, Run
@@ -37,6 +39,7 @@ from ohd.errors import (
     OhdError,
     RateLimited,
     Refused,
+    StorageUnavailable,
     Unreachable,
 )
 from ohd.llm import Completion
@@ -54,6 +57,7 @@ Caller = Callable[[str, list[dict[str, str]], float, Job], Awaitable[Completion]
 T = TypeVar("T")
 RERUNS = 3   # times a task runs again because its target changed while it ran
 LIST_WAIT = timedelta(seconds=60)   # a task with no model yet looks again (the catalogue wakes it sooner)
+STORAGE_WAIT_S = 2.0   # the longest wait between two tries of a write the store refused (a full disk)
 
 
 class Pool:
@@ -171,6 +175,8 @@ class Pool:
                 try:
                     if await self.run_once(worker_id):
                         continue
+                except StorageUnavailable as exc:     # one line a try, not a traceback a second
+                    log.warning("worker %s: %s; trying again", worker_id, exc)
                 except Exception:
                     log.exception("worker %s: iteration failed", worker_id)
                 try:
@@ -200,6 +206,9 @@ class Pool:
             watcher = asyncio.create_task(self._watch(claim, work)) if renew else None
             try:
                 outcome = await self._await_work(claim, work)
+            except StorageUnavailable as exc:
+                await self._hold(claim, exc)
+                return
             finally:
                 if watcher is not None:
                     watcher.cancel()
@@ -207,8 +216,33 @@ class Pool:
                 run = self.prepared.pop(task.id, None)
             if outcome is not None and outcome.status is TaskStatus.FAILED and outcome.report_path is None:
                 outcome = await asyncio.to_thread(delivery.report_failure, self.store, task, run, outcome)
-            if outcome is not None and await self._commit(claim, outcome) is TaskStatus.CANCELLED:
+            if outcome is not None and await self._stored(self._commit, claim, outcome) is TaskStatus.CANCELLED:
                 await self._report_cancel(task.id, run)
+
+    async def _hold(self, claim: Claim, exc: StorageUnavailable) -> None:
+        """The store refused a write of the task's (its disk full, read-only, locked): nothing of this
+        run is recorded, so the task goes back to the queue as it was, once a write succeeds again
+        (tried at most `STORAGE_WAIT_S` apart); it is run again from the start then."""
+        log.warning("task %d: %s; holding the task until the store can be written", claim.task.id, exc,
+                    extra={"task_id": claim.task.id})
+        if await self._stored(self._store, self.store.release, claim.task.id, claim.worker_id,
+                              self.clock.now()) is not None:
+            log.info("task %d: the store can be written again; back in the queue", claim.task.id,
+                     extra={"task_id": claim.task.id, "status": TaskStatus.QUEUED.value})
+        self.wake_event.set()
+
+    async def _stored(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """`await fn(*args)`, tried again while the store cannot be written, until it can (or the pool
+        stops: then the task stays running, and the next start puts it back in the queue)."""
+        def stopping(_state: RetryCallState) -> bool:
+            return self.stop is not None and self.stop.is_set()
+
+        async for attempt in AsyncRetrying(retry=retry_if_exception_type(StorageUnavailable), stop=stopping,
+                                           wait=wait_exponential(multiplier=0.1, max=STORAGE_WAIT_S),
+                                           sleep=self.clock.sleep, reraise=True):
+            with attempt:
+                return await fn(*args)
+        raise AssertionError("unreachable: tenacity re-raises the last failure")
 
     async def _await_work(self, claim: Claim, work: asyncio.Task[Outcome]) -> Outcome | None:
         current = asyncio.current_task()
@@ -217,6 +251,8 @@ class Pool:
                 return await work
         except TimeoutError:
             return Outcome(TaskStatus.FAILED, error=f"timed out after {claim.task.timeout_s:g}s")
+        except StorageUnavailable:     # not the task's failure: `execute` holds it
+            raise
         except OhdError as exc:    # e.g. the output cannot be written (a full disk): the task says why
             log.error("task %d: %s", claim.task.id, exc)
             return Outcome(TaskStatus.FAILED, error=str(exc))
@@ -542,7 +578,10 @@ class Pool:
         interval = min(1.0, self.lease.total_seconds() / 3)
         while not work.done():
             await self.clock.sleep(interval)
-            ok = await self._store(self.store.renew, claim.task.id, claim.worker_id, self.clock.now(), self.lease)
+            try:
+                ok = await self._store(self.store.renew, claim.task.id, claim.worker_id, self.clock.now(), self.lease)
+            except StorageUnavailable:    # the store logged it; renewed again once it can be written
+                continue
             if not ok:
                 work.cancel()
                 return

@@ -76,6 +76,7 @@ class Answer:
     headers: tuple[tuple[str, str], ...] = ()
     delay_s: float = 0.0
     fault: str = ""
+    gate: threading.Event | None = None   # when set: sent only once the test sets this event (`held`)
 
     def render(self, model: str, generation: str, authorization: str = "") -> bytes:
         if self.raw is not None:
@@ -183,6 +184,13 @@ def slow(delay_s: float, answer: Answer | None = None) -> Answer:
     base = answer or ok()
     return Answer(status=base.status, json=base.json, raw=base.raw, headers=base.headers,
                   delay_s=base.delay_s + delay_s)
+
+
+def held(gate: threading.Event, answer: Answer | None = None) -> Answer:
+    """`answer` (default `ok()`), sent once the test sets `gate`: the request is in, its answer waits."""
+    base = answer or ok()
+    return Answer(status=base.status, json=base.json, raw=base.raw, headers=base.headers,
+                  delay_s=base.delay_s, gate=gate)
 
 
 def empty_message() -> Answer:
@@ -404,6 +412,11 @@ class _Handler(BaseHTTPRequestHandler):
         if answer.fault:
             self._fault(fake, answer, model or "")
             return
+        if answer.gate is not None:
+            while not answer.gate.wait(0.05):
+                if fake._stopping.is_set():
+                    self.close_connection = True
+                    return
         delay = fake.latency_s + answer.delay_s
         if delay > 0 and fake._stopping.wait(delay):
             self.close_connection = True
