@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import httpx
 import pytest
 
 from ohd import ladder, testrun
+from ohd.errors import ShutdownRequested
 from ohd.llm import Completion, ModelClient
 from ohd.store import Store, Task
 from ohd.taskfile import TaskSpec, TaskType
@@ -23,6 +25,7 @@ from ohd.validate import RunStatus
 from ohd.worker import Pool
 from tests.support.clock import FakeClock
 from tests.support.fake_openrouter import FakeOpenRouter, ok
+from tests.support.waiting import HANG_S, wait_for
 
 PASSING = """```python
 import pytest
@@ -247,6 +250,35 @@ def test_a_run_past_its_timeout_is_killed_and_leaves_nothing(repo: Path) -> None
     assert result.status is RunStatus.TIMEOUT and result.outcomes == (RunStatus.TIMEOUT,)
     assert not (repo / "tests" / "deep").exists()
     assert leftovers(repo) == []
+
+
+def test_a_stop_kills_the_runs_in_flight_and_lets_none_start(repo: Path) -> None:
+    """`Processes.stop` (the daemon's, at the grace deadline): the run in flight is killed at once and
+    gives no verdict (its task goes back to the queue), its candidate file is gone, and a run asked
+    for afterwards never starts."""
+    processes = testrun.Processes()
+    content = "import time\n\n\ndef test_slow() -> None:\n    time.sleep(600)\n"
+    options = testrun.Options(runs=1, timeout_s=600.0, processes=processes)
+    ended: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            testrun.run_candidate(repo, "tests/test_slow.py", content, options=options)
+        except BaseException as exc:   # the thread's outcome, read below
+            ended.append(exc)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    try:
+        wait_for(lambda: processes.running, what="the test run to start")
+    finally:
+        killed = processes.stop()
+        runner.join(timeout=HANG_S)
+    assert killed == 1 and not runner.is_alive()
+    assert [type(e) for e in ended] == [ShutdownRequested] and leftovers(repo) == []
+    with pytest.raises(ShutdownRequested):
+        testrun.run_candidate(repo, "tests/test_slow.py", content, options=options)
+    assert processes.running == 0 and leftovers(repo) == []
 
 
 def test_an_import_error_is_an_error_not_a_failure(repo: Path) -> None:

@@ -5,7 +5,8 @@ the queue, scan each repo's `tasks.d/` (files dropped while we were down), start
 observers, the workers and the socket; git-hook events waiting in each repo's spool go to
 the on_change rules once the rule files are read. The daemon runs under a umask of 0o077 and makes
 its state and runtime dirs 0700 and their files 0600 at start (`statedir`). SIGTERM/SIGINT only set a flag: the pool stops
-claiming, running tasks get `grace_s` to finish, the rest go back to `queued`.
+claiming, running tasks get `grace_s` to finish, the rest go back to `queued` (no attempt spent)
+and their test runs are killed; a start-up GET /models in flight is cancelled at once.
 Threads (watchdog, the socket server) reach the event loop only through
 `call_soon_threadsafe`.
 
@@ -59,6 +60,7 @@ from ohd.taskfile import TaskSpec, TaskType
 from ohd.ladder import Ladder
 from ohd.testrun import CANDIDATE_NAME
 from ohd.testrun import Options as TestRunOptions
+from ohd.testrun import Processes as TestProcesses
 from ohd.tasktypes import Job
 from ohd.views import eta_seconds
 from ohd.watch import TasksDirWatcher
@@ -146,11 +148,12 @@ def policy_of(settings: Settings) -> Policy:
                   cost_cap=settings.daily_cost_cap_usd or None)
 
 
-def ladder_of(settings: Settings) -> Ladder:
+def ladder_of(settings: Settings, processes: TestProcesses | None = None) -> Ladder:
     """How candidates are judged: pytest runs (never with the API key), `rule_levels`, and
     ruff / coverage.py where installed, in the strongest sandbox that works here (probed now), with
     ohd's own files hidden; `allow_risky_tests` switches the static screen (`safe_tests`) off unless
-    `rule_levels` names it; ConfigError names an unknown task type, rule or level."""
+    `rule_levels` names it; ConfigError names an unknown task type, rule or level. The test runs are
+    registered in `processes` (the daemon's, which a stop ends)."""
     try:
         levels = validate.parse_levels(settings.rule_levels, tuple(t.value for t in TaskType))
     except ValueError as exc:
@@ -163,7 +166,8 @@ def ladder_of(settings: Settings) -> Ladder:
                            secret_env=(settings.api_key_env,), python=settings.test_python,
                            slots=threading.BoundedSemaphore(settings.test_parallel or os.cpu_count() or 1),
                            redact=Redactor([settings.api_key.get_secret_value()] if settings.api_key else []).redact,
-                           jail=sandbox.detect(hide, settings.test_sandbox, memory_mb=settings.test_memory_mb))
+                           jail=sandbox.detect(hide, settings.test_sandbox, memory_mb=settings.test_memory_mb),
+                           processes=processes)
     return Ladder.detect(tests, levels)
 
 
@@ -215,6 +219,7 @@ class Daemon:
         self.repos = repos_of(settings)
         self.store = Store(open_database(settings.database))
         self.stop_event = asyncio.Event()
+        self.test_runs = TestProcesses()    # every pytest run of the ladder; killed at the grace deadline
         self.started = self.clock.monotonic()
         self.pool: Pool | None = None
         self.model_client: ModelClient | None = None
@@ -226,6 +231,12 @@ class Daemon:
             log.info("stopping: no new tasks are claimed; running tasks get %gs", self.settings.grace_s)
             self.notifier.stopping(f"stopping: running tasks get {self.settings.grace_s:g}s to finish")
         self.stop_event.set()
+
+    def _end_test_runs(self) -> None:
+        """The grace period is over: the test runs of the tasks cut off are killed, none starts again."""
+        killed = self.test_runs.stop()
+        if killed:
+            log.info("stopping: %d test run(s) of tasks going back to the queue killed", killed)
 
     def request_reload(self) -> None:
         """SIGHUP (on the loop thread): only sets the flag; `_reloads` does the work."""
@@ -245,7 +256,7 @@ class Daemon:
                         key_id=key_id_of(self.settings), rank=self._rank(self.settings))
             self.pool = pool
             pool.calls = CallHistory(self.store.db, self.settings.call_history_max_bytes, self.settings.call_history)
-            pool.ladder = ladder_of(self.settings)
+            pool.ladder = ladder_of(self.settings, self.test_runs)
             self._log_sandbox(pool.ladder)
             catalogue = self._catalogue(pool)
             if catalogue is not None and catalogue.discover and not self.settings.openrouter:
@@ -295,7 +306,7 @@ class Daemon:
             await asyncio.gather(
                 *extra,
                 self._reloads(pool, rulebook),
-                pool.run(self.stop_event, grace_s=self.settings.grace_s),
+                pool.run(self.stop_event, grace_s=self.settings.grace_s, cut_off=self._end_test_runs),
                 ingestor.run(self.stop_event, on_task=lambda _id: pool.wake()),
                 self._housekeeping(pool),
                 *([catalogue.run(self.stop_event)] if catalogue is not None else []),
@@ -488,7 +499,7 @@ class Daemon:
             pool.models = list(new.models)
         if LADDER_KEYS & live.keys():
             try:
-                pool.ladder = ladder_of(new)
+                pool.ladder = ladder_of(new, self.test_runs)
                 self._log_sandbox(pool.ladder)
             except ConfigError as exc:
                 log.error("reload: keeping the running validation settings: %s", exc)

@@ -52,10 +52,10 @@ EnvironmentFile=-%E/ohd/env
 Restart=on-failure
 # ...after a pause, so a broken configuration does not spin.
 RestartSec=5
-# SIGTERM to the daemon only: it lets running tasks finish for grace_s and puts the rest back in
-# the queue; a pytest run it started ends with it (SIGKILL to the rest comes after the timeout).
+# SIGTERM to the daemon only: it lets running tasks finish for grace_s, then kills the pytest runs
+# of the rest and puts them back in the queue (SIGKILL to anything left comes after the timeout).
 KillMode=mixed
-# Longer than the daemon's grace period (grace_s = 30 s) so tasks are released, not killed.
+# The daemon's grace period (grace_s = 30 s) and 10 s more, so tasks are released, not killed.
 TimeoutStopSec=45
 # ohd pings every WatchdogSec/2 from its event loop; a hung loop is restarted.
 WatchdogSec=60

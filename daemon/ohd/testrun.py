@@ -9,7 +9,8 @@ gone when `run_candidate` returns, also after a timeout or an error; the subproc
 sees the API key (`OPENROUTER_API_KEY`, the configured variable, every `OHD_*`
 variable), and what it prints comes back with `Options.redact` applied (a test that reads
 the key elsewhere and prints it leaks it into no report, prompt or store row); a run that
-outlives its timeout is killed with its whole process group.
+outlives its timeout is killed with its whole process group, and so is every run in flight when
+the daemon stops (`Processes.stop`, at the end of the grace period; none starts after it).
 `interpreter` picks the Python: the repo's own virtualenv when it has pytest, else ohd's.
 `measure_coverage` runs the repo's whole test suite under coverage.py (once per content of
 the target and the test files) and the candidate, for the `coverage_delta` rule. `runs_green`
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ohd import pyparse, sandbox, validate
-from ohd.errors import TargetError, repo_unwritable
+from ohd.errors import ShutdownRequested, TargetError, repo_unwritable
 from ohd.validate import CoverageRun, PytestRun, RunStatus
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,48 @@ def verbatim(text: str) -> str:
     return text
 
 
+class Processes:
+    """The test processes alive now, so that a stopping daemon can end them: `stop()` kills each
+    one's process group; a run it killed, and every later start, raises `ShutdownRequested` in its
+    thread (no verdict is made of a run cut short: its task is back in the queue).
+    Without it a run of a task cut off at the grace deadline went on in its thread, and the daemon's
+    exit waited for it (up to `test_timeout_s`, past systemd's stop timeout)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: set[subprocess.Popen[str]] = set()
+        self.stopped = False
+
+    @contextmanager
+    def started(self, start: Callable[[], subprocess.Popen[str]]) -> Iterator[subprocess.Popen[str]]:
+        """The process `start` makes, known here while the block runs (none once stopped)."""
+        with self._lock:        # a stop between the check and the start would miss the process
+            if self.stopped:
+                raise ShutdownRequested("the daemon is stopping: no test run starts")
+            proc = start()
+            self._live.add(proc)
+        try:
+            yield proc
+        finally:
+            with self._lock:
+                self._live.discard(proc)
+
+    @property
+    def running(self) -> int:
+        """How many test processes are alive now."""
+        with self._lock:
+            return len(self._live)
+
+    def stop(self) -> int:
+        """Kill every live test process with its group, and start none from now on; how many."""
+        with self._lock:
+            self.stopped = True
+            live = list(self._live)
+        for proc in live:
+            _kill(proc)
+        return len(live)
+
+
 @dataclass(frozen=True, slots=True)
 class Options:
     """How candidates are run: `runs` times (flaky tests differ), each within `timeout_s`."""
@@ -74,6 +117,7 @@ class Options:
     slots: threading.Semaphore | None = None   # test processes at once (None: no limit); a wait is not run time
     redact: Callable[[str], str] = verbatim   # masks the secrets in what a run prints (the daemon's Redactor)
     jail: sandbox.Jail | None = None   # where the tests run (None: the strongest level here, `sandbox.default()`)
+    processes: Processes | None = None   # where the runs are registered, to be ended at a stop (the daemon's)
 
     def sandbox(self) -> sandbox.Jail:
         return self.jail or sandbox.default()
@@ -307,7 +351,8 @@ def _once(python: str, repo: Path, rel: str, env: dict[str, str], options: Optio
     timeout_s = options.timeout_s
     report = scratch / f"report-{n}.xml"
     code, out = _run([python, *_PYTEST_ARGS, f"--rootdir={repo}", f"--junitxml={report}", rel],
-                     repo, env, timeout_s, options.slots, options.redact, jail=(options.sandbox(), scratch, keep))
+                     repo, env, timeout_s, options.slots, options.redact, jail=(options.sandbox(), scratch, keep),
+                     processes=options.processes)
     tally = read_junit(report)
     out = "\n".join(line for line in out.splitlines() if str(report) not in line)   # "generated xml file"
     if code is None:
@@ -325,17 +370,21 @@ _BACKSTOP_S = 30.0     # the jail ends its run at the time limit; past this much
 
 def _run(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float,
          slots: threading.Semaphore | None = None, redact: Callable[[str], str] = verbatim,
-         jail: Confinement | None = None) -> tuple[int | None, str]:
+         jail: Confinement | None = None, processes: Processes | None = None) -> tuple[int | None, str]:
     """Exit code (None: killed at the timeout, with everything it started) and combined output,
     `redact`ed; with `jail`, run in that sandbox (`ohd.jail` kills what the run left, even a
-    setsid'ed process); with `slots`, the process starts once a slot is free (the timeout counts from then)."""
+    setsid'ed process); with `slots`, the process starts once a slot is free (the timeout counts from then);
+    with `processes`, it is registered there while it runs (a stop kills it; none starts after one)."""
     limit = timeout_s
     if jail is not None:
         command = sandbox.command(jail[0], command, cwd=cwd, scratch=jail[1], keep=jail[2], timeout_s=timeout_s)
         limit = timeout_s + _BACKSTOP_S
-    with slots or contextlib.nullcontext():
-        proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+
+    def start() -> subprocess.Popen[str]:
+        return subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+
+    with slots or contextlib.nullcontext(), (processes or Processes()).started(start) as proc:
         try:
             out, _ = proc.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
@@ -346,6 +395,8 @@ def _run(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float,
             _drain(proc)
             raise
         _kill(proc)        # anything of its process group still there
+        if processes is not None and processes.stopped:   # killed by the stop: its task is back in the queue
+            raise ShutdownRequested("the daemon is stopping: the test run was killed")
         if jail is not None and proc.returncode == sandbox.TIMEOUT_EXIT and f"{sandbox.PREFIX}time limit" in out:
             return None, redact(out.replace(f"{sandbox.PREFIX}time limit", "").rstrip())
         return proc.returncode, redact(out)
@@ -474,7 +525,8 @@ def _covered(python: str, root: Path, rels: Sequence[str], env: dict[str, str], 
     coverage, timeout_s = [python, "-m", "coverage"], options.timeout_s
     code, out = _run([*coverage, "run", f"--rcfile={rcfile}", f"--data-file={data}", f"--include={target}",
                       *_PYTEST_ARGS, f"--rootdir={root}", f"--junitxml={junit}", *extra, *rels],
-                     root, env, timeout_s, options.slots, options.redact, jail=(options.sandbox(), scratch, keep))
+                     root, env, timeout_s, options.slots, options.redact, jail=(options.sandbox(), scratch, keep),
+                     processes=options.processes)
     what = ", ".join(rels) or "the repo's test suite"
     if code is None:
         raise _NotMeasured(f"pytest under coverage did not finish within {timeout_s:g}s ({what}; "
@@ -484,7 +536,8 @@ def _covered(python: str, root: Path, rels: Sequence[str], env: dict[str, str], 
         raise _NotMeasured(f"pytest under coverage could not run {what} (exit code {code}){f': {last}' if last else ''}")
     tests = (read_junit(junit) or Tally()).total
     code, out = _run([*coverage, "json", f"--rcfile={rcfile}", f"--data-file={data}", "-o", str(report)],
-                     root, env, timeout_s, options.slots, options.redact, jail=(options.sandbox(), scratch, keep))
+                     root, env, timeout_s, options.slots, options.redact, jail=(options.sandbox(), scratch, keep),
+                     processes=options.processes)
     if code != 0 or not report.is_file():
         if "No data" in out:
             return Measured(tests=tests)

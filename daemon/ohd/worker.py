@@ -137,8 +137,12 @@ class Pool:
         """State, cooldown and requests left of each configured model, from the store (any thread)."""
         return [view.as_dict() for view in self.governor.views(self.models, self.clock.now())]
 
-    async def run(self, stop: asyncio.Event, grace_s: float = 30.0) -> None:
-        """Run `size` workers until `stop` is set, then give running tasks `grace_s` to finish."""
+    async def run(self, stop: asyncio.Event, grace_s: float = 30.0,
+                  cut_off: Callable[[], object] | None = None) -> None:
+        """Run `size` workers until `stop` is set, then give running tasks `grace_s` to finish; those
+        still running are cancelled and go back to the queue. `cut_off` is called at that deadline,
+        before they are released: it ends what they started in threads (the daemon kills their test
+        runs), which a cancel cannot reach and the process's exit would wait for."""
         self.stop = stop
         self._spawn(self.size)
         self.alarm = Alarm(self.clock, self._promote)
@@ -151,6 +155,8 @@ class Pool:
         done, pending = await asyncio.wait(workers, timeout=grace_s) if workers else (set(), set())
         for job in pending:
             job.cancel()
+        if cut_off is not None:
+            cut_off()
         await asyncio.gather(*pending, return_exceptions=True)
 
     async def run_until_idle(self, worker_id: str = "w-test") -> int:
