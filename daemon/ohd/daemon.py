@@ -443,7 +443,8 @@ class Daemon:
 
     async def _housekeeping_round(self, pool: Pool) -> None:
         now = self.clock.now()
-        reaped = await asyncio.to_thread(self.store.reap, now, self.settings.crash_limit)
+        # not the tasks our own workers hold: their lease ran out because the store refused its renewal
+        reaped = await asyncio.to_thread(self.store.reap, now, self.settings.crash_limit, list(pool.busy.values()))
         if self.rulebook is not None:
             await asyncio.to_thread(self.rulebook.release_held, now)   # a re-run follows at once
         promoted = await asyncio.to_thread(self.store.promote_due, now)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -279,12 +279,15 @@ class Store:
                        .execute())
         return bool(changed)
 
-    def reap(self, now: datetime, crash_limit: int = CRASH_LIMIT) -> list[int]:
+    def reap(self, now: datetime, crash_limit: int = CRASH_LIMIT, keep: Collection[int] = ()) -> list[int]:
         """Running tasks whose lease expired go back to queued (cancelled if asked; failed when
-        interrupted `crash_limit` times, see `recover`); their ids."""
+        interrupted `crash_limit` times, see `recover`); their ids. `keep`: tasks a live worker of
+        the caller still runs (their renewals were refused, e.g. by a full disk): not reaped."""
         t = self.m.task
-        return self._interrupted((t.status == TaskStatus.RUNNING.value) & (t.lease_until < now), now, crash_limit,
-                                 "lease expired")
+        expired = (t.status == TaskStatus.RUNNING.value) & (t.lease_until < now)
+        if keep:
+            expired &= t.id.not_in(list(keep))
+        return self._interrupted(expired, now, crash_limit, "lease expired")
 
     def recover(self, now: datetime, crash_limit: int = CRASH_LIMIT) -> list[int]:
         """Every running task goes back to queued at once, its lease unexpired: call only when no
