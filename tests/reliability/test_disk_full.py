@@ -21,14 +21,16 @@ import subprocess
 import sys
 import tempfile
 import threading
-from datetime import datetime, timedelta
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from ohd.client import Client
 from ohd.errors import ApiError
+from ohd.store import Store, open_database
+from ohd.taskfile import TaskSpec
 
 from tests.e2e.helpers import DaemonProcess, daemon_env
 from tests.support.fake_openrouter import DEFAULT_CONTENT, FakeOpenRouter, held, ok
@@ -145,6 +147,20 @@ def _integrity(db: Path) -> str:
         return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
 
 
+def _left_running(db: Path, repo: Path) -> int:
+    """A task another daemon (on a shared store) was running, its lease due in 5 s; its id."""
+    store = Store(open_database(f"sqlite:///{db}"))
+    try:
+        now = datetime.now(UTC)
+        task_id = store.enqueue(str(repo), TaskSpec.model_validate(
+            {"type": "unit_test", "target": "shop/pricing.py", "models": [MODEL], "max_attempts": 1}), now)
+        claim = store.claim_next("gone-daemon", now, timedelta(seconds=5))
+        assert claim is not None and claim.task.id == task_id, claim
+        return task_id
+    finally:
+        store.close()
+
+
 def test_a_full_state_dir_holds_the_task_and_resumes_when_space_is_back(
         tmp_path: Path, tmpfs: list[Tmpfs], server: FakeOpenRouter) -> None:
     state = Tmpfs(tmp_path / "state").mount()
@@ -158,6 +174,7 @@ def test_a_full_state_dir_holds_the_task_and_resumes_when_space_is_back(
     try:
         task_id = _submit(env, repo)
         wait_for(lambda: server.requests_for(MODEL), what="the task's request to the model")
+        ghost = _left_running(state.path / "ohd.db", repo)   # its lease comes due while the disk is full
         state.fill()
         gate.set()     # the answer comes: its writes meet the full store
         reason = "the disk is full"
@@ -165,10 +182,13 @@ def test_a_full_state_dir_holds_the_task_and_resumes_when_space_is_back(
                           what="the daemon to say it waits for storage")
         assert _alive(daemon), log.read_text()
         assert reason in status["storage"]["error"], status["storage"]
-        # the lease (2 s) comes due while the store is full, and housekeeping (every 1 s) rounds pass it
+        # the leases come due while the store is full: the housekeeping's reap of the other daemon's
+        # task is refused (before, that ended the daemon), the held task's own is left to its worker
+        wait_for(lambda: not _alive(daemon) or "housekeeping: cannot write the store" in log.read_text(),
+                 what="the housekeeping to meet the full store")
         lease_until = datetime.fromisoformat(_task(daemon, task_id)["lease_until"])
         wait_for(lambda: not _alive(daemon) or datetime.fromisoformat(daemon.json("status")["now"])
-                 > lease_until + timedelta(seconds=3), what="the lease to come due and pass")
+                 > lease_until + timedelta(seconds=3), what="the held task's lease to come due and pass")
         assert _alive(daemon), log.read_text()
         text = daemon.ohd("status")
         assert text.returncode == 0 and "waiting for storage" in text.stdout and reason in text.stdout, text
@@ -183,6 +203,8 @@ def test_a_full_state_dir_holds_the_task_and_resumes_when_space_is_back(
         assert (task["status"], task["attempts"], task["error"]) == ("completed", 1, None), task
         assert task["crashes"] == 0, task      # held by a live worker: no crash, whatever its lease said
         assert (repo / OUTPUT).read_text() == _code(DEFAULT_CONTENT)
+        ghosted = wait_for(lambda: _settled(daemon, ghost), what="the other daemon's task, reaped once there is room")
+        assert (ghosted["status"], ghosted["crashes"]) == ("completed", 1), ghosted
         assert not daemon.json("status").get("storage")
         assert _alive(daemon)
     finally:
