@@ -212,6 +212,40 @@ def test_a_full_state_dir_holds_the_task_and_resumes_when_space_is_back(
     assert _integrity(state.path / "ohd.db") == "ok"
 
 
+def test_lease_renewals_refused_by_a_full_state_dir_start_again_once_space_is_back(
+        tmp_path: Path, tmpfs: list[Tmpfs], server: FakeOpenRouter) -> None:
+    """The task waits for its answer the whole time, so only its lease renewals meet the full disk."""
+    state = Tmpfs(tmp_path / "state").mount()
+    tmpfs.append(state)
+    repo = make_repo(tmp_path / "repo")
+    gate = threading.Event()
+    server.script(MODEL, [held(gate)])
+    env = _env(tmp_path, state.path, server, OHD_TEST_RUNS="0")
+    log = tmp_path / "daemon.log"
+    daemon = DaemonProcess(env, repo, log).start()
+    try:
+        task_id = _submit(env, repo)
+        wait_for(lambda: server.requests_for(MODEL), what="the task's request to the model")
+        state.fill()
+        refused = wait_for(lambda: not _alive(daemon) or (s := daemon.json("status")).get("storage") and s,
+                           what="a refused renewal")
+        assert _alive(daemon) and "the disk is full" in refused["storage"]["error"], log.read_text()
+        lease_until = datetime.fromisoformat(_task(daemon, task_id)["lease_until"])
+        wait_for(lambda: not _alive(daemon) or datetime.fromisoformat(daemon.json("status")["now"])
+                 > lease_until + timedelta(seconds=2), what="the lease to run out while the disk is full")
+        state.free()
+        wait_for(lambda: not _alive(daemon) or datetime.fromisoformat(_task(daemon, task_id)["lease_until"])
+                 > datetime.fromisoformat(daemon.json("status")["now"]), what="the lease renewed again")
+        assert _alive(daemon), log.read_text()
+        gate.set()
+        task = wait_for(lambda: _settled(daemon, task_id), what="the task to complete")
+        assert (task["status"], task["attempts"], task["crashes"]) == ("completed", 1, 0), task
+        assert len(server.requests_for(MODEL)) == 1      # never put back: it ran through
+    finally:
+        assert daemon.stop() == 0, log.read_text()
+    assert _integrity(state.path / "ohd.db") == "ok"
+
+
 def test_a_full_or_read_only_repo_fails_the_task_with_that_reason_and_keeps_the_old_output(
         tmp_path: Path, tmpfs: list[Tmpfs], server: FakeOpenRouter) -> None:
     disk = Tmpfs(tmp_path / "disk").mount()
