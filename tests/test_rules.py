@@ -647,3 +647,21 @@ async def tasks_after(src: Path, clock: FakeClock, book: RuleBook, change: Calla
         return ids
     finally:
         tree.stop()
+
+
+def test_reading_the_rules_skips_hostile_files_without_blocking_or_dying(tmp_path: Path) -> None:
+    """`read_rules` (the daemon's start-up, `ohd rules`, a reload) reads tasks.d/ as ingest does:
+    a FIFO blocked it for ever, a symlink to /dev/zero read until memory ran out, a deep
+    nesting raised RecursionError out of the daemon's start."""
+    import os
+
+    from ohd.rules import read_rules
+
+    tasks = tmp_path / "tasks.d"
+    tasks.mkdir()
+    os.mkfifo(tasks / "fifo.yaml")
+    (tasks / "zero.yaml").symlink_to("/dev/zero")
+    (tasks / "deep.yaml").write_bytes(b"type: review\ntarget: a.py\ndescription: " + b"[" * 5000 + b"]" * 5000)
+    (tasks / os.fsdecode(b"caf\xe9.yaml")).write_text("type: review\ntarget: a.py\nschedule: '@daily'\n")
+    (tasks / "nightly.yaml").write_text("type: review\ntarget: a.py\nschedule: '@daily'\n")
+    assert [relpath for relpath, _ in read_rules(tmp_path)] == ["tasks.d/nightly.yaml"]

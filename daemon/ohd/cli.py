@@ -354,12 +354,14 @@ def cmd_hooks(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from ohd.ingest import check_rule_names, parse_bytes
+    from ohd.ingest import check_rule_names
+    from ohd.outputs import read_task_file
+    from ohd.taskfile import parse_bytes
 
     results = []
     for path in args.files:
         try:
-            spec = parse_bytes(path.read_bytes(), str(path))
+            spec = parse_bytes(read_task_file(path, str(path)), str(path))
             check_rule_names(spec, str(path))
             results.append({"file": str(path), "ok": True, "type": spec.type.value, "target": spec.target})
         except TaskFileError as exc:

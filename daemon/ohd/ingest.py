@@ -16,10 +16,7 @@ ever read. Store and file work run in a thread so the loop never blocks on SQLit
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
-import os
-import stat
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,9 +25,9 @@ from pathlib import Path
 from ohd import validate
 from ohd.clock import Clock
 from ohd.errors import StorageUnavailable, TargetError, TaskFileError
-from ohd.outputs import check_output, check_reports, resolve_inside
+from ohd.outputs import check_output, check_reports, printable, read_task_file, resolve_inside
 from ohd.store import Store
-from ohd.taskfile import TaskSpec, parse
+from ohd.taskfile import TaskSpec, parse_bytes
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +42,6 @@ MAX_POLL_S = 0.1          # how often settling paths are re-checked
 RETRY_BASE_S = 1.0        # a file whose ingest failed is retried after this, doubling
 RETRY_MAX_S = 60.0
 NAME_MAX = 255
-MAX_FILE_BYTES = 1024 * 1024   # a task file is refused above 1 MiB
 
 
 def is_candidate(path: Path) -> bool:
@@ -268,27 +264,6 @@ class Ingestor:
         log.debug("%s moved to %s", path, dest)
 
 
-def read_task_file(path: Path) -> bytes:
-    """The bytes of a regular file of at most MAX_FILE_BYTES, opened without following a symlink
-    or blocking on a FIFO; anything else is a `TaskFileError`."""
-    relpath = f"{TASKS_DIR}/{path.name}"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise TaskFileError(relpath, "is a symbolic link; only regular files are read") from None
-        if exc.errno == errno.ENOENT:
-            raise FileNotFoundError(path) from None
-        raise TaskFileError(relpath, f"cannot be opened: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as file:
-        info = os.fstat(file.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise TaskFileError(relpath, "is not a regular file (a FIFO, device or socket)")
-        data = file.read(MAX_FILE_BYTES + 1)
-    if len(data) > MAX_FILE_BYTES:
-        raise TaskFileError(relpath, f"is larger than {MAX_FILE_BYTES // 1024} KiB")
-    return data
-
 
 def check_rule_names(spec: TaskSpec, relpath: str) -> None:
     """A task file's `rule_levels` must name rules that exist (the schema checks the levels)."""
@@ -296,18 +271,6 @@ def check_rule_names(spec: TaskSpec, relpath: str) -> None:
         raise TaskFileError(relpath, f"unknown rule(s) {', '.join(map(repr, unknown))} "
                                      f"(one of {', '.join(sorted(validate.RULES))})", field="rule_levels")
 
-
-def parse_bytes(data: bytes, relpath: str) -> TaskSpec:
-    """Parse a task file's bytes; text that is not UTF-8 is a `TaskFileError` too."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise TaskFileError(relpath, f"not UTF-8 text (byte {exc.start})") from None
-    try:
-        return parse(text, source=relpath)
-    except (RecursionError, ValueError) as exc:   # nesting too deep, an integer of 4,300+ digits
-        raise TaskFileError(relpath, f"cannot be read as a task file ({type(exc).__name__}: "
-                                     f"{str(exc)[:200]})") from None
 
 
 def check_target(repo: Path, target: str) -> Path:
@@ -329,11 +292,12 @@ def reject(path: Path, error: str) -> Path:
     dest = free_name(path.parent / REJECTED_DIR, path.name, None)
     make_folder(dest.parent)
     note = dest.parent / f"{dest.name}.error.txt"
-    note.write_text(error + "\n", encoding="utf-8")
+    note.write_text(printable(error) + "\n", encoding="utf-8")
     note.chmod(dest.parent.stat().st_mode & 0o664)      # readable as the user's own files are
     path.rename(dest)
-    log.warning("rejected %s: %s", path.name, error)
+    log.warning("rejected %s: %s", printable(path.name), printable(error))
     return dest
+
 
 
 def make_folder(folder: Path) -> None:

@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ohd.errors import TargetError, repo_unwritable
+from ohd.errors import TargetError, TaskFileError, repo_unwritable
 from ohd.taskfile import TaskType, check_relpath
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ REPORT_DIR = ".ohd"
 TASKS_DIR = "tasks.d"        # read by ingest: nothing ohd writes may land there
 GIT_DIR = ".git"
 _SNIFF_BYTES = 8192
+MAX_TASK_FILE_BYTES = 1024 * 1024    # a task file is refused above 1 MiB
 _NEW_FILE_MODE = 0o644
 # a new file gets its folder's bits without x and never world-writable; a new folder its parent's
 _FILE_BITS_OF_FOLDER = 0o664
@@ -105,6 +106,41 @@ def check_output(repo: Path, rel: str) -> Path:
 def is_report_path(path: PurePosixPath | Path) -> bool:
     """Whether `path` has the name and folder of a report (any target's, any task's)."""
     return path.parent.name == REPORT_DIR and _REPORT_NAME.fullmatch(path.name) is not None
+
+
+def read_task_file(path: Path, label: str | None = None) -> bytes:
+    """The bytes of the task file `path` (named `label` in errors, default `tasks.d/<name>`): a
+    regular file of at most MAX_TASK_FILE_BYTES with a UTF-8 name, opened without following a
+    symlink or blocking on a FIFO (a cloned repo can carry a `*.yaml` link to /dev/zero);
+    anything else is a `TaskFileError`. A missing file is `FileNotFoundError`."""
+    relpath = label or f"{TASKS_DIR}/{printable(path.name)}"
+    if printable(path.name) != path.name:
+        # the name would reach the store, the log and the error file, none of which holds such bytes
+        raise TaskFileError(relpath, "has a file name that is not UTF-8 text; rename it")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise TaskFileError(relpath, "is a symbolic link; only regular files are read") from None
+        if exc.errno == errno.ENOENT:
+            raise FileNotFoundError(path) from None
+        raise TaskFileError(relpath, f"cannot be opened: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise TaskFileError(relpath, "is not a regular file (a FIFO, device or socket)")
+        data = file.read(MAX_TASK_FILE_BYTES + 1)
+    if len(data) > MAX_TASK_FILE_BYTES:
+        raise TaskFileError(relpath, f"is larger than {MAX_TASK_FILE_BYTES // 1024} KiB")
+    return data
+
+
+def printable(text: str) -> str:
+    """`text` with the bytes of a non-UTF-8 file name (decoded by Python as lone surrogates)
+    shown as `\\xNN`, so it can be written as UTF-8."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:      # a surrogate no file name decodes to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def read_source(repo: Path, rel: str, max_bytes: int = 1_000_000) -> str:

@@ -28,11 +28,11 @@ import pathspec
 from ohd.clock import Clock
 from ohd.errors import OhdError, TargetError, TaskFileError
 from ohd.gitrepo import git
-from ohd.outputs import current_sha, resolve_inside
+from ohd.outputs import current_sha, read_task_file, resolve_inside
 from ohd.rulestore import RuleStore
 from ohd.schedule import Trigger, compile_cron, decide, next_fire
 from ohd.store import Store
-from ohd.taskfile import TaskSpec, TaskType, parse
+from ohd.taskfile import TaskSpec, TaskType, parse_bytes
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +105,9 @@ def read_rules(repo: Path) -> list[tuple[str, TaskSpec]]:
     folder = repo / TASKS_DIR
     for path in sorted(folder.glob("*.y*ml")) if folder.is_dir() else []:
         relpath = f"{TASKS_DIR}/{path.name}"
-        try:
-            spec = parse(path.read_text(encoding="utf-8"), source=relpath)
-        except (OSError, UnicodeDecodeError, TaskFileError):
+        try:       # read as ingest reads: a FIFO, a link to /dev/zero or a deep nesting is skipped
+            spec = parse_bytes(read_task_file(path), relpath)
+        except (OSError, TaskFileError):
             continue
         if spec.is_rule:
             found.append((relpath, spec))

@@ -235,6 +235,20 @@ def parse(text: str, source: str = "<task>") -> TaskSpec:
     raise _as_error(problems, source)
 
 
+def parse_bytes(data: bytes, source: str = "<task>") -> TaskSpec:
+    """`parse` for a file's bytes: text that is not UTF-8, nesting too deep for the YAML parser
+    or an integer of 4,300+ digits is a `TaskFileError` too, never another exception."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TaskFileError(source, f"not UTF-8 text (byte {exc.start})") from None
+    try:
+        return parse(text, source=source)
+    except (RecursionError, ValueError) as exc:
+        raise TaskFileError(source, f"cannot be read as a task file ({type(exc).__name__}: "
+                                    f"{str(exc)[:200]})") from None
+
+
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of a task file (for `ohd schema` and editors)."""
     return TaskSpec.model_json_schema()

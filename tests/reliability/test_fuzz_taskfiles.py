@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,18 @@ def test_a_file_that_broke_ingest_is_rejected_once_with_a_short_error_file(
     assert len(note.name.encode()) <= 255
     assert 0 < note.stat().st_size < 2000
     assert len([p for p in rejected.iterdir() if not p.name.endswith(".error.txt")]) == 1
+    assert store.list_tasks() == []
+
+
+def test_a_file_whose_name_is_not_utf8_is_rejected_once_saying_so(store: Store, clock: FakeClock, repo: Path) -> None:
+    path = repo / "tasks.d" / os.fsdecode(b"caf\xe9.yaml")         # Latin-1 bytes, as an old tool writes
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(b"type: review\ntarget: shop/pricing.py\n")
+    assert Ingestor(store, clock).ingest_file(repo.resolve(), path) is None
+    rejected = repo / "tasks.d" / ".rejected"
+    assert sorted(os.listdir(os.fsencode(rejected))) == [b"caf\xe9.yaml", b"caf\xe9.yaml.error.txt"]
+    note = (rejected / os.fsdecode(b"caf\xe9.yaml.error.txt")).read_text(encoding="utf-8")
+    assert note == "tasks.d/caf\\xe9.yaml: has a file name that is not UTF-8 text; rename it\n"
     assert store.list_tasks() == []
 
 
@@ -80,12 +93,19 @@ _BOMB = st.just(b"a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\
                 b"d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: [*d,*d,*d,*d,*d,*d,*d,*d,*d]\ntype: unit_test\n")
 
 
+# file names as the file system has them: bytes, 1-250 of them before `.yaml` (so up to NAME_MAX),
+# odd unicode, bytes that are not UTF-8 at all, and names within a few bytes of the limit
+_NAME_BYTES = st.one_of(
+    st.text(st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",)), min_size=1, max_size=250)
+    .map(lambda text: text.encode("utf-8")[:250]),
+    st.binary(min_size=1, max_size=250),
+    st.tuples(st.integers(235, 250), st.binary(max_size=4)).map(lambda nb: (b"n" * nb[0] + nb[1])[:250]))
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
-@given(data=st.one_of(st.binary(max_size=300), _YAML, _BOMB),
-       name=st.text(st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",)),
-                    min_size=1, max_size=250))
+@given(data=st.one_of(st.binary(max_size=300), _YAML, _BOMB), name=_NAME_BYTES)
 def test_every_fuzzed_file_ends_in_done_or_rejected_once(tmp_path_factory: pytest.TempPathFactory,
-                                                          data: bytes, name: str) -> None:
+                                                          data: bytes, name: bytes) -> None:
     global FUZZED
     FUZZED += 1
     from tests.support.databases import open_store
@@ -95,18 +115,25 @@ def test_every_fuzzed_file_ends_in_done_or_rejected_once(tmp_path_factory: pytes
     repo = make_repo(base / "repo")
     store = open_store(base / "db.sqlite")
     try:
-        fname = (name.lstrip(".") or "x").encode("utf-8")[:250].decode("utf-8", "ignore") + ".yaml"
-        path = repo / "tasks.d" / fname
+        raw = name.replace(b"/", b"_").replace(b"\x00", b"_").lstrip(b".") or b"x"
+        path = repo / "tasks.d" / os.fsdecode(raw[:250] + b".yaml")
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(data)
+        before = _files_outside(base, repo)
         Ingestor(store, FakeClock()).ingest_file(repo.resolve(), path)
         tasks = repo / "tasks.d"
         ended = [p for d in (".done", ".rejected") if (tasks / d).exists()
                  for p in (tasks / d).iterdir() if not p.name.endswith(".error.txt")]
         assert not path.exists() and len(ended) == 1
         assert not (base / "pwned").exists() and not (repo / "pwned").exists()
+        assert _files_outside(base, repo) == before      # nothing written beside the repo
     finally:
         store.close()
+
+
+def _files_outside(base: Path, repo: Path) -> set[Path]:
+    """Files under the test's base folder outside the repo, but the store's own (db, WAL, SHM)."""
+    return {p for p in base.rglob("*") if repo not in p.parents and not p.name.startswith("db.sqlite")}
 
 
 def test_a_running_daemon_rejects_hostile_files_keeps_answering_and_stops_on_sigterm(tmp_path: Path) -> None:
@@ -125,14 +152,18 @@ def test_a_running_daemon_rejects_hostile_files_keeps_answering_and_stops_on_sig
 
     repo = make_repo(tmp_path / "repo")
     runtime = Path(tempfile.mkdtemp(prefix="ohd-hf-"))
-    daemon = DaemonProcess(daemon_env(tmp_path, runtime), repo, tmp_path / "daemon.log").start()
     tasks = repo / "tasks.d"
+    # some are there before the start (a cloned repo can carry them): the start-up's own reading
+    # of tasks.d/ for standing rules blocked on the FIFO and died of the deep nesting
+    os.mkfifo(tasks / "fifo.yaml")
+    (tasks / "zero.yaml").symlink_to("/dev/zero")
+    (tasks / "deep.yaml").write_bytes(NEVER_REJECTED["deep.yaml"])
+    daemon = DaemonProcess(daemon_env(tmp_path, runtime), repo, tmp_path / "daemon.log").start()
     try:
-        os.mkfifo(tasks / "fifo.yaml")
-        (tasks / "zero.yaml").symlink_to("/dev/zero")
         (tasks / "huge.yaml").write_bytes(b"type: review\ntarget: shop/pricing.py\ndescription: " + b"x" * 5_000_000)
         for name, data in NEVER_REJECTED.items():
-            (tasks / name).write_bytes(data)
+            if name != "deep.yaml":
+                (tasks / name).write_bytes(data)
         (tasks / "good.yaml").write_text("type: review\ntarget: shop/pricing.py\n")
         hostile = {"fifo.yaml", "zero.yaml", "huge.yaml", *NEVER_REJECTED}
 
