@@ -443,6 +443,8 @@ class Daemon:
 
     async def _housekeeping_round(self, pool: Pool) -> None:
         now = self.clock.now()
+        if self.store.trouble is not None:     # an idle daemon finds out too that the store is back
+            await asyncio.to_thread(self.store.probe)
         # not the tasks our own workers hold: their lease ran out because the store refused its renewal
         reaped = await asyncio.to_thread(self.store.reap, now, self.settings.crash_limit, list(pool.busy.values()))
         if self.rulebook is not None:

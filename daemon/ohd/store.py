@@ -18,7 +18,7 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import peewee
@@ -169,6 +169,13 @@ class Store:
     def trouble(self) -> StorageUnavailable | None:
         """Why the last write failed (a full disk, read-only, locked...), until a write succeeds again."""
         return getattr(self.db, "trouble", None)
+
+    def probe(self) -> None:
+        """A write that changes no value (the migration ledger's first row set to itself): it commits
+        only if the store takes writes again, and then clears `trouble`; StorageUnavailable if not."""
+        with self._write():
+            cast(Any, self.db).execute_sql("UPDATE schema_migrations SET name = name "
+                                "WHERE name = (SELECT MIN(name) FROM schema_migrations)")
 
     def migrate(self) -> None:
         """Bring the schema up to date (idempotent)."""

@@ -212,6 +212,31 @@ def test_a_full_state_dir_holds_the_task_and_resumes_when_space_is_back(
     assert _integrity(state.path / "ohd.db") == "ok"
 
 
+def test_an_idle_daemon_stops_waiting_for_storage_once_space_is_back(
+        tmp_path: Path, tmpfs: list[Tmpfs], server: FakeOpenRouter) -> None:
+    """Nothing writes after the refused submit: the daemon itself finds out that the store is back."""
+    state = Tmpfs(tmp_path / "state").mount()
+    tmpfs.append(state)
+    repo = make_repo(tmp_path / "repo")
+    env = _env(tmp_path, state.path, server, OHD_TEST_RUNS="0")
+    log = tmp_path / "daemon.log"
+    daemon = DaemonProcess(env, repo, log).start()
+    try:
+        state.fill()
+        with pytest.raises(ApiError) as refused:
+            _submit(env, repo)
+        assert refused.value.status == 507, refused.value
+        assert "the disk is full" in daemon.json("status")["storage"]["error"]
+        wait_for(lambda: "housekeeping: cannot write the store" in log.read_text(),
+                 what="the daemon's own probe to be refused while the disk is full")
+        assert "the disk is full" in daemon.json("status")["storage"]["error"]
+        state.free()
+        wait_for(lambda: not daemon.json("status").get("storage"), what="the daemon to see the store writable")
+        assert daemon.json("tasks")["tasks"] == []     # the refused task was never half-stored
+    finally:
+        assert daemon.stop() == 0, log.read_text()
+
+
 def test_lease_renewals_refused_by_a_full_state_dir_start_again_once_space_is_back(
         tmp_path: Path, tmpfs: list[Tmpfs], server: FakeOpenRouter) -> None:
     """The task waits for its answer the whole time, so only its lease renewals meet the full disk."""
