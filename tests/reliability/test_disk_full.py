@@ -350,6 +350,32 @@ def test_a_daemon_started_on_a_full_or_read_only_state_dir_says_so_in_one_line_a
     assert _integrity(state.path / "ohd.db") == "ok"
 
 
+def test_a_store_locked_by_another_process_is_503_and_the_daemon_goes_on(
+        tmp_path: Path, server: FakeOpenRouter) -> None:
+    """Another process holds the store's write lock past the busy timeout (5 s); no root needed."""
+    repo = make_repo(tmp_path / "repo")
+    env = _env(tmp_path, tmp_path / "state", server, OHD_TEST_RUNS="0")
+    log = tmp_path / "daemon.log"
+    daemon = DaemonProcess(env, repo, log).start()
+    try:
+        holder = sqlite3.connect(tmp_path / "state" / "ohd.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(ApiError) as refused:
+                _submit(env, repo)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert refused.value.status == 503 and "locked" in refused.value.message, refused.value
+        task_id = _submit(env, repo)
+        task = wait_for(lambda: _settled(daemon, task_id), what="a task once the lock is let go")
+        assert task["status"] == "completed", task
+        assert [t["id"] for t in daemon.json("tasks")["tasks"]] == [task_id]   # the refused one left nothing
+        assert _alive(daemon)
+    finally:
+        assert daemon.stop() == 0, log.read_text()
+
+
 def test_the_filler_really_fills(tmp_path: Path, tmpfs: list[Tmpfs]) -> None:
     """The other tests' premise: after `fill`, nothing more can be written on the tmpfs."""
     disk = Tmpfs(tmp_path / "disk").mount()
