@@ -237,6 +237,31 @@ def test_an_idle_daemon_stops_waiting_for_storage_once_space_is_back(
         assert daemon.stop() == 0, log.read_text()
 
 
+def test_a_task_file_dropped_while_the_store_is_full_waits_in_tasks_d_and_runs_once_there_is_room(
+        tmp_path: Path, tmpfs: list[Tmpfs], server: FakeOpenRouter) -> None:
+    state = Tmpfs(tmp_path / "state").mount()
+    tmpfs.append(state)
+    repo = make_repo(tmp_path / "repo")
+    env = _env(tmp_path, state.path, server, OHD_TEST_RUNS="0")
+    log = tmp_path / "daemon.log"
+    daemon = DaemonProcess(env, repo, log).start()
+    try:
+        state.fill()
+        dropped = repo / "tasks.d" / "tests.yaml"
+        dropped.write_text(f"type: unit_test\ntarget: shop/pricing.py\nmodels: [{MODEL}]\nmax_attempts: 1\n")
+        wait_for(lambda: "ingest of" in log.read_text(), what="ingest to meet the full store")
+        assert "Traceback" not in log.read_text()
+        assert "the disk is full" in log.read_text()
+        assert dropped.exists() and not (repo / "tasks.d" / ".rejected").exists()   # waits where it was
+        state.free()
+        tasks = wait_for(lambda: [t for t in daemon.json("tasks")["tasks"] if t["status"] == "completed"],
+                         what="the dropped file's task to run once there is room")
+        assert len(tasks) == 1 and (repo / "tasks.d" / ".done" / "tests.yaml").exists(), tasks
+        assert "Traceback" not in log.read_text()
+    finally:
+        assert daemon.stop() == 0, log.read_text()
+
+
 def test_lease_renewals_refused_by_a_full_state_dir_start_again_once_space_is_back(
         tmp_path: Path, tmpfs: list[Tmpfs], server: FakeOpenRouter) -> None:
     """The task waits for its answer the whole time, so only its lease renewals meet the full disk."""
