@@ -168,8 +168,18 @@ def cut(text: str, limit: int) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Check:
+    """What a rule found in one candidate, before it has a level: the rules say only what they
+    found; the level of each comes from one place, `levels_for` (LEVELS and the user's overrides)."""
+
+    rule: str
+    passed: bool
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class RuleResult:
-    """One rule applied to one candidate."""
+    """One rule applied to one candidate, at the level it has for the task."""
 
     rule: str
     level: Level
@@ -232,7 +242,7 @@ def check(task_type: str, output: str, content: str, *, target_exists: bool,
     `levels` overrides the levels of `levels_for(task_type)` for this check (None: rule off).
     `target` is the target's path (a review of a `.py` target must name its definitions or lines).
     """
-    rules = [_file_exists(target_exists), _content_not_empty(output, content)]
+    rules: list[Check] = [_file_exists(target_exists), _content_not_empty(output, content)]
     tree: ast.Module | None = None
     if output.endswith(".py") or task_type in (_UNIT_TEST, _DOCSTRING):
         parsed = _parse(content)
@@ -254,7 +264,8 @@ def check(task_type: str, output: str, content: str, *, target_exists: bool,
     if lint is not None and not lint.error:
         rules.append(_lint(output, lint))
     table = {**levels_for(task_type), **(levels or {})}
-    leveled = tuple(replace(r, level=level) for r in rules if (level := table.get(r.rule, r.level)) is not None)
+    leveled = tuple(RuleResult(c.rule, level, c.passed, c.message)
+                    for c in rules if (level := table[c.rule]) is not None)
     return replace(decide(leveled, min_quality, test_run), lint=lint, coverage=coverage)
 
 
@@ -267,15 +278,15 @@ def decide(rules: tuple[RuleResult, ...], min_quality: float, test_run: PytestRu
     return Verdict(rules=rules, score=score, accepted=no_errors and score >= min_quality, test_run=test_run)
 
 
-def _file_exists(target_exists: bool) -> RuleResult:
+def _file_exists(target_exists: bool) -> Check:
     message = "the target file exists" if target_exists else "the target file does not exist"
-    return RuleResult("file_exists", Level.ERROR, target_exists, message)
+    return Check("file_exists", target_exists, message)
 
 
-def _content_not_empty(output: str, content: str) -> RuleResult:
+def _content_not_empty(output: str, content: str) -> Check:
     if content.strip():
-        return RuleResult("content_not_empty", Level.ERROR, True, f"{output} has content")
-    return RuleResult("content_not_empty", Level.ERROR, False, f"the content for {output} is empty")
+        return Check("content_not_empty", True, f"{output} has content")
+    return Check("content_not_empty", False, f"the content for {output} is empty")
 
 
 def _parse(content: str) -> ast.Module | SyntaxError:
@@ -287,18 +298,18 @@ def _parse(content: str) -> ast.Module | SyntaxError:
         return SyntaxError(str(exc))
 
 
-def _valid_python(output: str, parsed: ast.Module | SyntaxError) -> RuleResult:
+def _valid_python(output: str, parsed: ast.Module | SyntaxError) -> Check:
     if isinstance(parsed, ast.Module):
-        return RuleResult("valid_python", Level.ERROR, True, f"{output} is valid Python")
+        return Check("valid_python", True, f"{output} is valid Python")
     where = f" at line {parsed.lineno}" if parsed.lineno else ""
     detail = parsed.msg or str(parsed)
-    return RuleResult("valid_python", Level.ERROR, False, f"{output} is not valid Python: {detail}{where}")
+    return Check("valid_python", False, f"{output} is not valid Python: {detail}{where}")
 
 
-def _unit_test_rules(output: str, tree: ast.Module | None, module: str) -> list[RuleResult]:
+def _unit_test_rules(output: str, tree: ast.Module | None, module: str) -> list[Check]:
     if tree is None:
-        return [RuleResult("test_naming", Level.ERROR, False,
-                           f"{output} must be a pytest module, but it does not parse")]
+        return [Check("test_naming", False,
+                      f"{output} must be a pytest module, but it does not parse")]
     tests = collected_tests(tree)
     rules = [_test_naming(output, tests), _has_assertions(tree), _test_count(tests)]
     if module:
@@ -308,51 +319,51 @@ def _unit_test_rules(output: str, tree: ast.Module | None, module: str) -> list[
     return rules
 
 
-def _safe_tests(tree: ast.Module, original: str | None, module: str) -> RuleResult:
+def _safe_tests(tree: ast.Module, original: str | None, module: str) -> Check:
     """The static screen (`ohd.screen`): nothing a unit test should not need, unless the target uses it too."""
     target = _parse(original) if original is not None else None
     found = screen.screen(tree, target if isinstance(target, ast.Module) else None)
     if not found:
-        return RuleResult("safe_tests", Level.ERROR, True, "the tests start no process, open no socket and "
-                                                           "touch no system path")
+        return Check("safe_tests", True, "the tests start no process, open no socket and "
+                     "touch no system path")
     shown = "; ".join(map(str, found[:20])) + (f"; and {len(found) - 20} more" if len(found) > 20 else "")
-    return RuleResult("safe_tests", Level.ERROR, False,
-                      f"refused by the static screen before running: {shown}. A unit test of {module or 'the code'} "
-                      "needs none of this unless the code under test does: no processes, sockets, system or "
-                      "home paths or dynamic code; use tmp_path and monkeypatch")
+    return Check("safe_tests", False,
+                 f"refused by the static screen before running: {shown}. A unit test of {module or 'the code'} "
+                 "needs none of this unless the code under test does: no processes, sockets, system or "
+                 "home paths or dynamic code; use tmp_path and monkeypatch")
 
 
-def _not_vacuous(tree: ast.Module, module: str) -> RuleResult:
+def _not_vacuous(tree: ast.Module, module: str) -> Check:
     checks = astrules.test_checks(tree, module)
     if not checks:
-        return RuleResult("not_vacuous", Level.ERROR, False,
-                          f"there is no test to check {module}: define `def test_...` functions that assert on it")
+        return Check("not_vacuous", False,
+                     f"there is no test to check {module}: define `def test_...` functions that assert on it")
     problems = [f"{c.name} asserts nothing" for c in checks if not c.checks]
     problems += [f"{c.name} never checks anything from {module}" for c in checks if c.checks and not c.uses_target]
     problems += [f"`assert <constant>` at line {line} can never fail" for line in astrules.trivial_asserts(tree)]
     if not problems:
-        return RuleResult("not_vacuous", Level.ERROR, True, f"each of the {len(checks)} test(s) checks {module}")
-    return RuleResult("not_vacuous", Level.ERROR, False,
-                      "vacuous tests: " + "; ".join(problems) + ". Every test must assert on what the code "
-                      "under test returns, raises or changes (assert ... or pytest.raises)")
+        return Check("not_vacuous", True, f"each of the {len(checks)} test(s) checks {module}")
+    return Check("not_vacuous", False,
+                 "vacuous tests: " + "; ".join(problems) + ". Every test must assert on what the code "
+                 "under test returns, raises or changes (assert ... or pytest.raises)")
 
 
-def _exercises_target(tree: ast.Module, module: str) -> RuleResult:
+def _exercises_target(tree: ast.Module, module: str) -> Check:
     checks = astrules.test_checks(tree, module)
     calling = [c.name for c in checks if c.calls_target]
     if calling:
-        return RuleResult("exercises_target", Level.WARNING, True,
-                          f"{len(calling)} of the {len(checks)} test(s) call code from {module}")
-    return RuleResult("exercises_target", Level.WARNING, False,
-                      f"no test calls anything from {module}: checking that the module or its names exist "
-                      "(inspect.ismodule, callable, hasattr) is not a test of what the code does")
+        return Check("exercises_target", True,
+                     f"{len(calling)} of the {len(checks)} test(s) call code from {module}")
+    return Check("exercises_target", False,
+                 f"no test calls anything from {module}: checking that the module or its names exist "
+                 "(inspect.ismodule, callable, hasattr) is not a test of what the code does")
 
 
-def _runs_green(run: PytestRun) -> RuleResult:
+def _runs_green(run: PytestRun) -> Check:
     n = len(run.outcomes)
     names = f": {', '.join(run.failed_tests[:10])}" if run.failed_tests else ""
     if run.status is RunStatus.PASSED:
-        return RuleResult("runs_green", Level.ERROR, True, f"pytest passed in each of {n} run(s)")
+        return Check("runs_green", True, f"pytest passed in each of {n} run(s)")
     messages = {
         RunStatus.FAILED: f"the tests fail against the current code in every run ({n} of {n}){names}. "
                           "Fix the expected values to what the code really does; if you are sure the code "
@@ -366,49 +377,49 @@ def _runs_green(run: PytestRun) -> RuleResult:
         RunStatus.TIMEOUT: f"the tests did not finish within {run.timeout_s:g}s; no sleeping, "
                            "no network, no endless loops",
     }
-    return RuleResult("runs_green", Level.ERROR, False, messages[run.status])
+    return Check("runs_green", False, messages[run.status])
 
 
-def _lint(output: str, run: LintRun) -> RuleResult:
+def _lint(output: str, run: LintRun) -> Check:
     if not run.findings:
         already = f" ({run.preexisting} already in the original, not counted)" if run.preexisting else ""
-        return RuleResult("lint", Level.WARNING, True, f"{run.tool}: no findings{already}")
+        return Check("lint", True, f"{run.tool}: no findings{already}")
     shown = "; ".join(run.findings[:10]) + (f"; and {len(run.findings) - 10} more" if len(run.findings) > 10 else "")
     already = f" ({run.preexisting} more already in the original, not counted)" if run.preexisting else ""
-    return RuleResult("lint", Level.WARNING, False,
-                      f"{run.tool} finds {len(run.findings)} problem(s) in {output}: {shown}{already}")
+    return Check("lint", False,
+                 f"{run.tool} finds {len(run.findings)} problem(s) in {output}: {shown}{already}")
 
 
-def _coverage_delta(cov: CoverageRun) -> RuleResult:
+def _coverage_delta(cov: CoverageRun) -> Check:
     before, after = cov.percent(cov.before, cov.statements), cov.percent(cov.after, cov.statements)
     these = "with these in place of the current output" if cov.replaces else "with these added"
     figures = (f"coverage of {cov.target}: {before:g}% ({cov.before}/{cov.statements} lines) with the repo's "
                f"tests, {after:g}% ({cov.after}/{cov.statements}) {these} ({cov.gain:+g} points)")
     if cov.after < cov.before:
-        return RuleResult("coverage_delta", Level.INFO, False,
-                          f"{figures}: the tests run fewer lines of {cov.target} than the file they replace")
+        return Check("coverage_delta", False,
+                     f"{figures}: the tests run fewer lines of {cov.target} than the file they replace")
     if cov.after > cov.before or cov.before >= cov.statements:
-        return RuleResult("coverage_delta", Level.INFO, True, figures)
-    return RuleResult("coverage_delta", Level.INFO, False,
-                      f"{figures}: the tests run no line of {cov.target} that the repo's tests do not already run")
+        return Check("coverage_delta", True, figures)
+    return Check("coverage_delta", False,
+                 f"{figures}: the tests run no line of {cov.target} that the repo's tests do not already run")
 
 
-def _docstring_only(original: str, content: str, tree: ast.Module) -> RuleResult:
+def _docstring_only(original: str, content: str, tree: ast.Module) -> Check:
     before = _parse(original)
     if not isinstance(before, ast.Module):
-        return RuleResult("docstring_only", Level.ERROR, True, "the original does not parse; code not compared")
+        return Check("docstring_only", True, "the original does not parse; code not compared")
     where = astrules.first_difference(astrules.code_shape(before), astrules.code_shape(tree))
     if where is not None:
-        return RuleResult("docstring_only", Level.ERROR, False,
-                          f"the code changed outside docstrings (first at {where}); add or change docstrings "
-                          "only and return the rest of the module exactly as it was")
+        return Check("docstring_only", False,
+                     f"the code changed outside docstrings (first at {where}); add or change docstrings "
+                     "only and return the rest of the module exactly as it was")
     layout = astrules.layout_difference(original, content)
     if layout is not None:
-        return RuleResult("docstring_only", Level.ERROR, False,
-                          f"outside docstrings {layout}; add or change docstrings only and return the rest "
-                          "of the module exactly as it was, comments and formatting included")
-    return RuleResult("docstring_only", Level.ERROR, True,
-                      "only docstrings changed; the code, comments and layout are the same")
+        return Check("docstring_only", False,
+                     f"outside docstrings {layout}; add or change docstrings only and return the rest "
+                     "of the module exactly as it was, comments and formatting included")
+    return Check("docstring_only", True,
+                 "only docstrings changed; the code, comments and layout are the same")
 
 
 _FENCED = re.compile(r"^ {0,3}(`{3,}|~{3,})[^\n]*\n.*?(?:^ {0,3}\1[`~]*[ \t]*$|\Z)", re.MULTILINE | re.DOTALL)
@@ -418,30 +429,30 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CALLED = re.compile(r"\b([A-Za-z_][A-Za-z0-9_]*)\s*\(")
 
 
-def _review_rules(content: str, original: str, target: str) -> list[RuleResult]:
+def _review_rules(content: str, original: str, target: str) -> list[Check]:
     """A review is Markdown prose (not code) that names things that exist in the target."""
     prose = _FENCED.sub("", content)
     code_lines = sum(m.group(0).count("\n") for m in _FENCED.finditer(content))
     prose_lines = [line for line in prose.splitlines() if line.strip()]
     words = len(re.findall(r"[\w'’]+", prose))
     if _is_code(content):
-        shape = RuleResult("review_is_prose", Level.ERROR, False,
-                           "the answer is code, not a review: write the review in Markdown prose")
+        shape = Check("review_is_prose", False,
+                      "the answer is code, not a review: write the review in Markdown prose")
     elif words < _REVIEW_MIN_WORDS or code_lines > _REVIEW_CODE_RATIO * max(len(prose_lines), 1):
-        shape = RuleResult("review_is_prose", Level.ERROR, False,
-                           f"the review is {words} word(s) of prose and {code_lines} line(s) of code blocks: "
-                           "a review explains, in Markdown prose, what is wrong or right in the target and why")
+        shape = Check("review_is_prose", False,
+                      f"the review is {words} word(s) of prose and {code_lines} line(s) of code blocks: "
+                      "a review explains, in Markdown prose, what is wrong or right in the target and why")
     else:
-        shape = RuleResult("review_is_prose", Level.ERROR, True, f"Markdown prose ({words} words)")
+        shape = Check("review_is_prose", True, f"Markdown prose ({words} words)")
     named = review_mentions(prose, original, target)
     name = target or "the target"
     if named:
         shown = ", ".join(named[:8]) + (f" and {len(named) - 8} more" if len(named) > 8 else "")
-        grounded = RuleResult("review_names_target", Level.ERROR, True, f"the review names {shown} in {name}")
+        grounded = Check("review_names_target", True, f"the review names {shown} in {name}")
     else:
-        grounded = RuleResult("review_names_target", Level.ERROR, False,
-                              f"the review names nothing that exists in {name}: cite its functions, classes or "
-                              f"lines (as `name` or line N, within its {len(original.splitlines())} lines)")
+        grounded = Check("review_names_target", False,
+                         f"the review names nothing that exists in {name}: cite its functions, classes or "
+                         f"lines (as `name` or line N, within its {len(original.splitlines())} lines)")
     return [shape, grounded]
 
 
@@ -488,16 +499,16 @@ def collected_tests(tree: ast.Module) -> list[str]:
     return names
 
 
-def _test_naming(output: str, tests: list[str]) -> RuleResult:
+def _test_naming(output: str, tests: list[str]) -> Check:
     base = posixpath.basename(output)
     if not fnmatch.fnmatchcase(base, "test_*.py"):
-        return RuleResult("test_naming", Level.ERROR, False,
-                          f"{base} is not collected by pytest: the file name must match test_*.py")
+        return Check("test_naming", False,
+                     f"{base} is not collected by pytest: the file name must match test_*.py")
     if not tests:
-        return RuleResult("test_naming", Level.ERROR, False,
-                          "no test functions found: define `def test_...` at top level "
-                          "or `test_...` methods in a `Test...` class")
-    return RuleResult("test_naming", Level.ERROR, True, f"{len(tests)} test(s) collected by name")
+        return Check("test_naming", False,
+                     "no test functions found: define `def test_...` at top level "
+                     "or `test_...` methods in a `Test...` class")
+    return Check("test_naming", True, f"{len(tests)} test(s) collected by name")
 
 
 def count_assertions(tree: ast.Module) -> int:
@@ -516,27 +527,27 @@ def count_assertions(tree: ast.Module) -> int:
     return count
 
 
-def _has_assertions(tree: ast.Module) -> RuleResult:
+def _has_assertions(tree: ast.Module) -> Check:
     n = count_assertions(tree)
     if n:
-        return RuleResult("has_assertions", Level.INFO, True, f"{n} assertion(s)")
-    return RuleResult("has_assertions", Level.WARNING, False,
-                      "the tests assert nothing: add assert statements or pytest.raises checks")
+        return Check("has_assertions", True, f"{n} assertion(s)")
+    return Check("has_assertions", False,
+                 "the tests assert nothing: add assert statements or pytest.raises checks")
 
 
-def _test_count(tests: list[str]) -> RuleResult:
+def _test_count(tests: list[str]) -> Check:
     if len(tests) >= _MIN_TESTS:
-        return RuleResult("test_count", Level.INFO, True, f"{len(tests)} tests")
-    return RuleResult("test_count", Level.INFO, False,
-                      f"only {len(tests)} test(s); cover more of the module's behaviour")
+        return Check("test_count", True, f"{len(tests)} tests")
+    return Check("test_count", False,
+                 f"only {len(tests)} test(s); cover more of the module's behaviour")
 
 
-def _imports_target(tree: ast.Module, module: str) -> RuleResult:
+def _imports_target(tree: ast.Module, module: str) -> Check:
     if imports_module(tree, module):
-        return RuleResult("imports_target", Level.WARNING, True, f"the tests import {module}")
-    return RuleResult("imports_target", Level.WARNING, False,
-                      f"the tests never import the module under test: use `import {module}` "
-                      f"or `from {module} import ...`")
+        return Check("imports_target", True, f"the tests import {module}")
+    return Check("imports_target", False,
+                 f"the tests never import the module under test: use `import {module}` "
+                 f"or `from {module} import ...`")
 
 
 def imports_module(tree: ast.Module, module: str) -> bool:
