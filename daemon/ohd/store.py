@@ -60,6 +60,18 @@ def sqlite_path(url: str) -> Path | None:
     return Path(rest[1:]).expanduser() if rest.startswith("/~") else Path("/" + rest.lstrip("/"))
 
 
+def disk_reason(folder: Path) -> str | None:
+    """What the file system of `folder` says: full (no block left for us) or mounted read-only; None
+    when neither (or it cannot tell). SQLite names a -shm it cannot grow on a full disk an I/O error."""
+    try:
+        fs = os.statvfs(folder)
+    except OSError:
+        return None
+    if fs.f_flag & os.ST_RDONLY:
+        return StorageUnavailable.READ_ONLY
+    return StorageUnavailable.FULL if fs.f_bavail == 0 else None
+
+
 class _Guarded:
     """A peewee database whose storage failures (a full disk, a read-only file system, a lock, an
     I/O error) are raised as `StorageUnavailable`, from any statement, BEGIN, COMMIT, ROLLBACK or
@@ -73,6 +85,8 @@ class _Guarded:
         reason = unwritable_reason(exc)
         if reason is None:
             return exc
+        if reason == StorageUnavailable.IO and os.path.isabs(self.where):
+            reason = disk_reason(Path(self.where).parent) or reason
         failure = StorageUnavailable(self.where, reason, str(exc))
         if reason != StorageUnavailable.LOCKED or self.trouble is None:
             if self.trouble is None or self.trouble.reason != reason:
