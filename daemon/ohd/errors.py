@@ -104,9 +104,8 @@ class DaemonAlreadyRunning(OhdError):
 
 
 class ModelError(OhdError):
-    """A model call failed. `retryable` says whether the same model may be asked again."""
+    """A model call failed; `error_class` is its kind in the store, the metrics and `ohd show`."""
 
-    retryable = False
     error_class = "error"
 
     def __init__(self, model: str, message: str = "") -> None:
@@ -170,7 +169,6 @@ class ModelGone(ModelError):
 class ServerError(ModelError):
     """5xx, 408, a dropped connection, or an error inside a 200 body: transient."""
 
-    retryable = True
     error_class = "server"
 
 
@@ -197,14 +195,6 @@ class MalformedAnswer(ModelError):
 
     error_class = "malformed"
     answer: str | None = None     # the answer's text, when one came with nothing usable in it
-
-
-class OutputConflict(OhdError):
-    """The user edited the output since ohd wrote it; the new content goes to `<output>.ohd-new`."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        super().__init__(f"{path} was edited since ohd last wrote it")
 
 
 class StorageUnavailable(OhdError):
