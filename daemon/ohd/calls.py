@@ -4,11 +4,18 @@ An edge room beside `store`, on the same database (table `model_call`, migration
 `0005_model_call`). The worker records a call right after the model answered; `ohd show
 ID --calls` reads them back (the daemon may be down). The prompt is the messages sent;
 the API key travels in a header, never in a message, so it is never stored here.
+
+Invariant: a call's `pending` (JSON: its usage and the hash of the source it was asked about,
+migration `0008_crash_recovery`) is set while its answer has no verdict yet, and cleared in the
+transaction that records that verdict (`Store.record_execution(counts=True)`) or ends the task;
+so a pending call after a crash is an answer received and never judged, which the worker judges
+instead of asking again. A response cut by the size cap is never pending (it cannot be judged).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -41,17 +48,32 @@ class CallHistory:
         meta = type("Meta", (), {"database": db, "table_name": "model_call"})
         self.row: Any = type("ModelCallRow", (peewee.Model,), {
             "Meta": meta, "task_id": peewee.IntegerField(), "model": peewee.CharField(max_length=255),
-            "started_at": peewee.DateTimeField(), "prompt": peewee.TextField(), "response": peewee.TextField()})
+            "started_at": peewee.DateTimeField(), "prompt": peewee.TextField(), "response": peewee.TextField(),
+            "execution_id": peewee.IntegerField(null=True), "pending": peewee.TextField(null=True)})
 
     def record(self, task_id: int, model: str, started: datetime, messages: Sequence[dict[str, str]],
-               response: str) -> None:
+               response: str, pending: Mapping[str, Any] | None = None) -> None:
+        """One call; `pending`: what rebuilds the answer for a verdict after a crash (kept only when
+        the response is stored whole)."""
         if not self.enabled:
             return
+        stored = cap(response, self.max_bytes)
         self.db.connect(reuse_if_open=True)
         with self.db.atomic():
             self.row.insert(task_id=task_id, model=model, started_at=started,
-                            prompt=cap(render(messages), self.max_bytes),
-                            response=cap(response, self.max_bytes)).execute()
+                            prompt=cap(render(messages), self.max_bytes), response=stored,
+                            pending=json.dumps(pending) if pending is not None and stored == response else None
+                            ).execute()
+
+    def pending_answer(self, task_id: int) -> tuple[str, dict[str, Any]] | None:
+        """The task's latest answer that has no verdict yet (response, pending), or None (none, or
+        the call history is off)."""
+        if not self.enabled:
+            return None
+        self.db.connect(reuse_if_open=True)
+        r = self.row
+        row = r.select().where((r.task_id == task_id) & r.pending.is_null(False)).order_by(r.id.desc()).first()
+        return None if row is None else (row.response, json.loads(row.pending))
 
     def for_task(self, task_id: int) -> list[dict[str, Any]]:
         """The task's calls, oldest first."""

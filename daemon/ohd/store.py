@@ -437,8 +437,9 @@ class Store:
         from the two instants); `score` and `validation_ms` are its result's validation score and
         how long judging it took (None when it got no verdict). `counts`: an answer that spends an
         attempt; task.attempts goes up in the same transaction and the row gets the new number, so
-        attempts are recorded executions and a crash before the verdict spends none. `source_sha256`:
-        the target text the answer was judged against."""
+        attempts are recorded executions and a crash before the verdict spends none; the task's pending
+        call (`calls`) is closed and linked to this row in that transaction. `source_sha256`: the
+        target text the answer was judged against."""
         if latency_ms is None:
             latency_ms = round((finished_at - started_at).total_seconds() * 1000)
         t = self.m.task
@@ -446,13 +447,18 @@ class Store:
             if counts:
                 t.update(attempts=t.attempts + 1, updated_at=finished_at).where(t.id == task_id).execute()
                 attempt = self.get_task(task_id).attempts
-            return int(self.m.execution.insert(
+            execution_id = int(self.m.execution.insert(
                 task_id=task_id, attempt=attempt, model=model, started_at=started_at,
                 finished_at=finished_at, latency_ms=max(0, latency_ms), prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens, cost=cost, outcome=outcome,
                 error_class=error_class, error=error, score=score,
                 validation_ms=None if validation_ms is None else max(0, validation_ms),
                 source_sha256=source_sha256).execute())
+            if counts:      # the answer has its verdict: never judged again after a crash
+                c = self.m.model_call
+                c.update(pending=None, execution_id=execution_id).where(
+                    (c.task_id == task_id) & c.pending.is_null(False)).execute()
+            return execution_id
 
     # -- user actions ----------------------------------------------------------------
 

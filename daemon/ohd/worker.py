@@ -16,6 +16,7 @@ OpenRouter client or the offline provider) and never reads configuration.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -343,6 +344,8 @@ class Pool:
             return Outcome(TaskStatus.PENDING, not_before=self.clock.now() + LIST_WAIT, error=(
                 "waiting for the model server's list of models (GET /models has not answered yet); "
                 "the task resumes once it is read"))
+        if outcome := await self._rejudge(run, candidates):
+            return outcome
         while run.attempts < run.task.max_attempts:
             if refusal := self._too_long(run, candidates):
                 return refusal
@@ -367,6 +370,37 @@ class Pool:
             if outcome := await self._try_model(run, choice.model, candidates):
                 return outcome
         return await self._give_up(run)
+
+    async def _rejudge(self, run: Run, candidates: list[str]) -> Outcome | None:
+        """An answer received before a crash and never judged (its call is still pending in the call
+        history) is judged now, not asked for again: its request was counted when it was sent. Only
+        for the target's current text; an edited target, a cut response or call history off: asked
+        again. None: nothing to judge, or judged and rejected (the loop asks with its feedback)."""
+        found = await self._store(self.calls.pending_answer, run.task.id)
+        if found is None or run.attempts >= run.task.max_attempts:
+            return None
+        response, pending = found
+        if pending.get("source_sha256") != outputs.sha256_text(run.job.source):
+            log.info("task %d: %s changed since the answer received before the crash; asking again",
+                     run.task.id, run.task.target)
+            return None
+        try:
+            completion = Completion(content=response, **pending["completion"])
+            started, model = datetime.fromisoformat(pending["started"]), completion.model
+        except (KeyError, TypeError, ValueError) as exc:    # written by another version of ohd
+            log.warning("task %d: the answer received before the crash cannot be read back (%s); asking again",
+                        run.task.id, exc)
+            return None
+        log.info("task %d: judging the answer %s gave before the daemon stopped (not asked again)", run.task.id,
+                 completion.answered_by)
+        try:
+            content = tasktypes.extract(run.job.task_type, response)
+        except MalformedAnswer as exc:
+            exc.model, exc.answer = completion.answered_by, response
+            await self._record(run, model, started, completion, "malformed", exc, counts=True)
+            return await self._unusable(run, model, exc, candidates)
+        run.history.append({"model": completion.answered_by, "completion": completion, "started": started})
+        return await self._judge(run, model, content, candidates)
 
     def _too_long(self, run: Run, candidates: list[str]) -> Outcome | None:
         """Drop the candidates whose known context (`/models`) the prompt exceeds, before any call;
@@ -478,7 +512,8 @@ class Pool:
             await self._record(run, model, started, None, _outcome_of(exc), exc,
                                counts=isinstance(exc, MalformedAnswer))
             raise
-        await self._store(self.calls.record, run.task.id, completion.answered_by, started, messages, completion.content)
+        await self._store(self.calls.record, run.task.id, completion.answered_by, started, messages, completion.content,
+                          _pending(completion, started, run.job.source))
         try:
             content = tasktypes.extract(run.job.task_type, completion.content)
         except MalformedAnswer as exc:
@@ -609,6 +644,12 @@ class Pool:
 def prompt_tokens(messages: Sequence[dict[str, str]]) -> int:
     """About how many tokens `messages` are (4 characters a token, as for English and code)."""
     return -(-sum(len(message.get("content", "")) for message in messages) // 4)
+
+
+def _pending(completion: Completion, started: datetime, source: str) -> dict[str, Any]:
+    """What rebuilds `completion` (with its response) for a verdict after a crash (`Pool._rejudge`)."""
+    usage = {k: v for k, v in dataclasses.asdict(completion).items() if k != "content"}
+    return {"completion": usage, "started": started.isoformat(), "source_sha256": outputs.sha256_text(source)}
 
 
 def _outcome_of(exc: ModelError) -> str:
