@@ -1,6 +1,9 @@
 """Crash safety (issue 11, point 2): a real `ohd daemon` killed with SIGKILL at seeded random
 moments while it ingests a burst of task files, asks the fake server (with latency), validates and
-writes outputs; restarted at once each time. At the end nothing is lost or done twice.
+writes outputs; restarted at once each time. At the end nothing is lost or done twice. Two more
+runs aim their kills: at the ingest of a burst of 500 files (kills when `.done/` reaches seeded
+counts), and at the writes of outputs and reports (kills from inside the daemon at seeded write
+calls, see `test_kill_9_at_the_writes_...`).
 
 The tasks are cheap (unit_test with the static rules only: no pytest, no lint), so the run is
 about the daemon's bookkeeping, not the ladder. The seed and the counts are the constants below.
@@ -8,19 +11,22 @@ about the daemon's bookkeeping, not the ladder. The seed and the counts are the 
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from ohd import outputs
+from ohd.ingest import DONE_DIR, REJECTED_DIR
 from ohd.testrun import CANDIDATE_NAME
 from tests.e2e.helpers import DaemonProcess, daemon_env
 from tests.support.databases import open_store
-from tests.support.fake_openrouter import FakeOpenRouter
+from tests.support.fake_openrouter import FakeOpenRouter, held
 from tests.support.gitrepo import make_repo
 from tests.support.waiting import wait_for
 
@@ -91,3 +97,113 @@ def test_kill_9_at_random_moments_loses_nothing_and_does_nothing_twice(tmp_path:
     assert TASKS <= requests <= TASKS + KILLS * WORKERS
     assert outputs.leftovers(repo, CANDIDATE_NAME) == []
     assert integrity == [("ok",)]
+
+
+BURST = 500
+BAD_EVERY = 25          # every 25th file of the burst does not parse: it goes to .rejected/
+# the kills of the burst, in a seeded order: two when .done/ and .rejected/ have taken a seeded
+# number more files, two as ingest moves a file whose task is committed, two just after such a move
+BURST_KILLS = ("count", "count", "task-replace", "task-replace", "task-replace-after", "task-replace-after")
+BURST_TASK = """type: unit_test
+target: shop/pricing.py
+output: tests/test_burst_{n}.py
+description: burst file {n}
+models: [{model}]
+"""
+KILLPOINTS = Path(__file__).resolve().parents[1] / "support" / "killpoints"
+
+
+def aimed(env: dict[str, str], point: str) -> dict[str, str]:
+    """`env` for a daemon that SIGKILLs itself at `point` (`<what>-<call>[-after]:<n>`, see
+    tests/support/killpoints/sitecustomize.py)."""
+    return {**env, "CRASH_KILL_AT": point, "PYTHONPATH": f"{KILLPOINTS}{os.pathsep}{env['PYTHONPATH']}"}
+
+
+def died(daemon: DaemonProcess) -> int:
+    """Wait for a daemon that kills itself; its return code."""
+    assert daemon.proc is not None
+    wait_for(lambda: daemon.proc is not None and daemon.proc.poll() is not None, timeout=120,
+             what="the daemon to reach its kill point")
+    return daemon.proc.wait()
+
+
+@pytest.mark.timeout(600)
+def test_kill_9_while_ingesting_a_burst_makes_each_file_one_task(tmp_path: Path) -> None:
+    """500 files dropped at once, the daemon killed 6 times while it moves them to .done/: each file
+    ends in .done/ or .rejected/ once, each valid one is one task (its unique description), nothing
+    is left in tasks.d/ or pending in the store, and both crash windows of a move were met."""
+    rng = random.Random(SEED)
+    runtime = Path(tempfile.mkdtemp(prefix="ohd-rt-"))
+    repo = make_repo(tmp_path / "repo")
+    tasks_dir = repo / "tasks.d"
+    log = tmp_path / "daemon.log"
+    bad = {n for n in range(BURST) if n % BAD_EVERY == BAD_EVERY - 1}
+    kills = rng.sample(BURST_KILLS, len(BURST_KILLS))
+    started = time.monotonic()
+    with FakeOpenRouter(models=[MODEL]) as server:
+        server.default = held(threading.Event())      # no answer comes: the run is about ingest
+        env = daemon_env(tmp_path, runtime, OPENROUTER_API_KEY="sk-crash", OHD_BASE_URL=server.url,
+                         OHD_MODELS=MODEL, OHD_TEST_RUNS="0", OHD_WORKERS="1", OHD_GRACE_S="0",
+                         OHD_CRASH_LIMIT="1000", OHD_SETTLE_S="0")
+        for n in range(BURST):          # each file appears whole (a rename), all within a moment
+            (tasks_dir / f".t{n:03d}.part").write_text("type: nonsense\n" if n in bad else
+                                                       BURST_TASK.format(n=n, model=MODEL))
+        left_at_kill = []
+        for number, kill in enumerate(kills):
+            step = rng.randint(20, 60)
+            if kill == "count":
+                daemon = DaemonProcess(env, repo, log).start()
+                mark = moved(tasks_dir) + step
+                if number == 0:
+                    drop(tasks_dir)
+                wait_for(lambda: moved(tasks_dir) >= mark, timeout=120, what=f"{mark} files moved")
+                assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+            else:
+                daemon = DaemonProcess(aimed(env, f"{kill}:{step}"), repo, log).launch()
+                if number == 0:
+                    drop(tasks_dir)
+                assert died(daemon) == -signal.SIGKILL
+            left_at_kill.append(len(list(tasks_dir.glob("*.yaml"))))
+        daemon = DaemonProcess(env, repo, log).start()
+        try:
+            wait_for(lambda: not list(tasks_dir.glob("*.yaml")) and moved(tasks_dir) == BURST, timeout=120,
+                     what="tasks.d/ to be empty")
+        finally:
+            assert daemon.stop() == 0
+    seconds = time.monotonic() - started
+    store = open_store(tmp_path / "state" / "ohd.db")
+    try:
+        tasks = store.list_tasks(limit=10 * BURST)
+        pending = store.pending_files(str(repo))
+        integrity = store.db.execute_sql("PRAGMA integrity_check").fetchall()
+    finally:
+        store.close()
+    text = log.read_text()
+    moves, records = text.count("before a restart; moving the file"), text.count("was not recorded before a stop")
+    print(f"\ningest crash harness: {BURST} files, {len(kills)} kills ({', '.join(kills)}) with {left_at_kill} "
+          f"files still in tasks.d/, {len(tasks)} tasks; after a kill {moves} moves and {records} records "
+          f"of a move finished; {seconds:.1f} s")
+    assert all(left > 0 for left in left_at_kill)       # each kill came in the middle of the burst
+    assert moves >= kills.count("task-replace") and records >= kills.count("task-replace-after")
+    good = sorted(f"t{n:03d}.yaml" for n in range(BURST) if n not in bad)
+    assert sorted(p.name for p in (tasks_dir / DONE_DIR).iterdir()) == good
+    rejected = sorted(f"t{n:03d}.yaml" for n in bad)
+    assert sorted(p.name for p in (tasks_dir / REJECTED_DIR).iterdir()) == sorted(
+        rejected + [f"{name}.error.txt" for name in rejected])
+    assert sorted(os.listdir(tasks_dir)) == [DONE_DIR, REJECTED_DIR]
+    assert sorted(t.description for t in tasks) == sorted(f"burst file {n}" for n in range(BURST) if n not in bad)
+    assert sorted(t.source or "" for t in tasks) == [f"tasks.d/{name}" for name in good]
+    assert pending == []                                 # every move to .done/ is recorded
+    assert integrity == [("ok",)]
+
+
+def drop(tasks_dir: Path) -> None:
+    """The burst appears: each prepared file renamed to its task-file name, one after the other."""
+    for part in sorted(tasks_dir.glob(".t*.part")):
+        part.rename(tasks_dir / f"{part.name[1:-len('.part')]}.yaml")
+
+
+def moved(tasks_dir: Path) -> int:
+    """Files of the burst that have left tasks.d/ (for .done/ or .rejected/, not the error notes)."""
+    return sum(1 for folder in (DONE_DIR, REJECTED_DIR) if (tasks_dir / folder).is_dir()
+               for name in os.listdir(tasks_dir / folder) if not name.endswith(".error.txt"))
