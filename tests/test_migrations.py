@@ -22,7 +22,7 @@ SCHEMA = {
                   "prompt_tokens", "completion_tokens", "cost", "outcome", "error_class", "error",
                   "score", "validation_ms", "source_sha256"},
     "ingested_file": {"id", "repo", "relpath", "sha256", "task_id", "ingested_at", "pending_key"},
-    "written_file": {"id", "repo", "path", "sha256", "task_id", "written_at"},
+    "written_file": {"id", "repo", "path", "sha256", "task_id", "written_at", "previous_sha256"},
     "model_state": {"model", "state", "cooldown_until", "dead", "failures", "updated_at", "opened_at",
                     "rpm_limit"},
     "model_request": {"id", "model", "key_id", "free", "at"},
@@ -99,6 +99,6 @@ def test_crash_recovery_gives_existing_tasks_no_crash_and_existing_calls_nothing
                    "'2026-01-01 00:00:00.000000', '2026-01-01 00:00:00.000000', false)")
     db.execute_sql("INSERT INTO model_call (task_id, model, started_at, prompt, response) "
                    "VALUES (1, 'm', '2026-01-01 00:00:00', 'p', 'r')")
-    assert migrations.migrate(db) == ["0008_crash_recovery", "0009_execution_source"]
+    assert migrations.migrate(db) == ["0008_crash_recovery", "0009_execution_source", "0010_written_previous"]
     assert db.execute_sql("SELECT crashes FROM task").fetchall() == [(0,)]
     assert db.execute_sql("SELECT execution_id, pending FROM model_call").fetchall() == [(None, None)]

@@ -143,6 +143,17 @@ def test_plan_same_content_is_unchanged(tmp_path: Path) -> None:
     assert p.unchanged and not p.conflict and p.path == target
 
 
+def test_plan_overwrites_what_an_interrupted_write_of_ohd_was_replacing(tmp_path: Path) -> None:
+    """A kill between recording v2 and its rename leaves v1 (ohd's) with v2 recorded: not an edit."""
+    target = tmp_path / "t.py"
+    p = plan(target, "v2\n", current_sha=sha256_text("v1\n"), written_sha=sha256_text("v2\n"),
+             previous_sha=sha256_text("v1\n"))
+    assert p.path == target and not p.conflict and not p.unchanged
+    edited = plan(target, "v2\n", current_sha=sha256_text("edit\n"), written_sha=sha256_text("v2\n"),
+                  previous_sha=sha256_text("v1\n"))
+    assert edited.conflict and edited.conflict_reason == "edited_since_ohd_wrote"
+
+
 @pytest.mark.parametrize("written", [None, sha256_text("v1\n")])
 def test_plan_user_file_or_edit_is_a_conflict(tmp_path: Path, written: str | None) -> None:
     target = tmp_path / "t.py"

@@ -12,7 +12,7 @@ from typing import Any
 import peewee
 import pytest
 from ohd.errors import ConfigError, InvalidTransition, NotFound
-from ohd.store import Store, TaskStatus, open_database
+from ohd.store import Store, TaskStatus, Written, open_database
 from ohd.taskfile import TaskSpec
 
 from tests.support.clock import FakeClock
@@ -408,6 +408,24 @@ def test_written_hash_is_the_last_thing_ohd_wrote(store: Store, clock: FakeClock
     store.record_written(REPO, "tests/test_auth.py", "22" * 32, task_id, clock.now())
     assert store.written_hash(REPO, "tests/test_auth.py") == "22" * 32
     assert store.written_hash("/another/repo", "tests/test_auth.py") is None
+
+
+def test_a_recorded_write_keeps_what_it_replaces_until_it_landed(store: Store, clock: FakeClock) -> None:
+    task_id = store.enqueue(REPO, spec(), clock.now())
+    assert store.written(REPO, "t.py") is None
+    store.record_written(REPO, "t.py", "11" * 32, task_id, clock.now(), replacing="")
+    assert store.written(REPO, "t.py") == Written("11" * 32, "", task_id)
+    store.landed(REPO, "t.py", "11" * 32)
+    first = store.written(REPO, "t.py")
+    assert first == Written("11" * 32, None, task_id) and not first.landing
+    store.record_written(REPO, "t.py", "22" * 32, task_id, clock.now(), replacing="11" * 32)
+    during = store.written(REPO, "t.py")
+    assert during is not None and during.landing and during.holds("11" * 32) and during.holds("22" * 32)
+    store.landed(REPO, "t.py", "11" * 32)          # not the write under way: nothing changes
+    assert store.written(REPO, "t.py") == during
+    store.landed(REPO, "t.py", "22" * 32)
+    after = store.written(REPO, "t.py")
+    assert after is not None and not after.holds("11" * 32) and after.holds("22" * 32)
 
 
 def test_datetimes_come_back_aware_utc(store: Store) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from ohd import astrules, outputs, report, validate
 from ohd.errors import TargetError
 from ohd.records import QUARANTINED
-from ohd.store import Execution, Store, Task, TaskStatus
+from ohd.store import Execution, Store, Task, TaskStatus, Written
 from ohd.taskfile import TaskType
 from ohd.tasktypes import Job
 
@@ -62,25 +62,45 @@ def deliver(store: Store, run: Run, content: str, now: datetime) -> Outcome:
     if is_stale(run):
         return Outcome(TaskStatus.RUNNING, stale=True)
     intended = outputs.check_output(run.repo, run.job.output)
-    written = store.written_hash(run.task.repo, run.job.output)
-    plan = outputs.plan(intended, content, outputs.current_sha(intended), written, replaceable(run, intended, content))
-    if not plan.unchanged and not plan.conflict:
-        store.record_written(run.task.repo, run.job.output, plan.sha256, run.task.id, now)
+    repo, output, before = run.task.repo, run.job.output, store.written(run.task.repo, run.job.output)
+    current = outputs.current_sha(intended)
+    written, previous = (before.sha256, before.previous_sha256) if before is not None else (None, None)
+    plan = outputs.plan(intended, content, current, written, replaceable(run, intended, content), previous)
+    if not plan.unchanged and not plan.conflict:   # recorded first; until it lands, what it replaces is ohd's too
+        store.record_written(repo, output, plan.sha256, run.task.id, now, replacing=replacing(before, current))
     elif plan.conflict:   # ohd wrote the proposal too: `mv` over the output is ohd's content, not an edit
-        store.record_written(run.task.repo, run.job.output + outputs.OHD_NEW_SUFFIX, plan.sha256, run.task.id, now)
+        store.record_written(repo, output + outputs.OHD_NEW_SUFFIX, plan.sha256, run.task.id, now)
     if not plan.unchanged:
         try:
             outputs.apply(plan, root=run.repo)
         except TargetError:
-            if written is not None and not plan.conflict:   # nothing written (a full disk): the old file is
-                store.record_written(run.task.repo, run.job.output, written, run.task.id, now)   # still ohd's
+            if before is not None and not plan.conflict:   # nothing written (a full disk): the old file is
+                store.record_written(repo, output, before.sha256, before.task_id or run.task.id, now,
+                                     replacing=before.previous_sha256)   # still what it was
             raise
-    decision = "unchanged" if plan.unchanged else "written_as_ohd_new" if plan.conflict else "written"
+    decision = ("written_as_ohd_new" if plan.conflict else "unchanged" if plan.unchanged and not wrote_it(before, run)
+                else "written")
     rel = plan.path.relative_to(run.repo.resolve()).as_posix()
     report_rel = write_report(store, run, decision, rel, conflict=plan.conflict_reason)
+    if not plan.conflict and (not plan.unchanged or before is not None and before.landing):
+        store.landed(repo, output, plan.sha256)   # output and report are there: a rerun did not write it
     note = (f"model={run.history[-1]['model']}, attempts={run.attempts}, "
             f"score={run.verdict.score if run.verdict else 0.0:.2f}, output={rel}")
     return Outcome(TaskStatus.COMPLETED, output_path=rel, report_path=report_rel, note=note)
+
+
+def replacing(before: Written | None, current: str | None) -> str | None:
+    """What a write replaces, kept as ohd's until it lands: no file (''), or ohd's own bytes; a user's
+    file a docstring task may replace stays the user's (None), replaceable only by that proof again."""
+    if current is None:
+        return ""
+    return current if before is not None and before.holds(current) else None
+
+
+def wrote_it(before: Written | None, run: Run) -> bool:
+    """This task's own write, recorded by a run a kill cut short before its report (so its
+    output is already there): the task wrote it, it is not 'unchanged'."""
+    return before is not None and before.landing and before.task_id == run.task.id
 
 
 def give_up(store: Store, run: Run) -> Outcome:

@@ -240,6 +240,18 @@ def execution_source(db: peewee.Database) -> None:
     alter(SchemaMigrator.from_database(db).add_column("execution", "source_sha256", peewee.CharField(null=True)))
 
 
+def written_previous(db: peewee.Database) -> None:
+    """written_file gains previous_sha256: while a write ohd recorded is under way, the hash of what
+    the file held before it ('' for no file; NULL once the write landed). A kill between recording
+    the new hash and the rename leaves the old bytes, which are then still known as ohd's (or as
+    replaceable), not taken for the user's edit."""
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as alter
+
+    alter(SchemaMigrator.from_database(db).add_column("written_file", "previous_sha256",
+                                                      peewee.CharField(max_length=64, null=True)))
+
+
 # The history, oldest first. Append only.
 MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     ("0001_initial_schema", initial_schema),
@@ -251,6 +263,7 @@ MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     ("0007_execution_validation_ms", execution_validation_ms),
     ("0008_crash_recovery", crash_recovery),
     ("0009_execution_source", execution_source),
+    ("0010_written_previous", written_previous),
 )
 
 

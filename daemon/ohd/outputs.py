@@ -205,15 +205,16 @@ class WritePlan:
 
 
 def plan(intended: Path, content: str, current_sha: str | None, written_sha: str | None,
-         replaceable_sha: str | None = None) -> WritePlan:
+         replaceable_sha: str | None = None, previous_sha: str | None = None) -> WritePlan:
     """Decide, without touching the disk, how to write `content` to `intended`.
 
-    absent → write; already this content → unchanged; still what ohd last wrote, or exactly
-    `replaceable_sha` (a file the caller proved it may replace) → overwrite; anything else
-    (the user's file or the user's edit) → conflict, write `<intended>.ohd-new`.
+    absent → write; already this content → unchanged; still what ohd last wrote, or what that
+    write was replacing (`previous_sha`: a kill between its record and its rename left the old
+    bytes), or exactly `replaceable_sha` (a file the caller proved it may replace) → overwrite;
+    anything else (the user's file or the user's edit) → conflict, write `<intended>.ohd-new`.
     """
     sha = sha256_text(content)
-    if current_sha is None or current_sha in (written_sha, sha, replaceable_sha):
+    if current_sha is None or current_sha in (written_sha, sha, replaceable_sha, previous_sha):
         return WritePlan(path=intended, intended=intended, content=content, sha256=sha,
                          conflict=False, unchanged=current_sha == sha)
     side = intended.with_name(intended.name + OHD_NEW_SUFFIX)

@@ -112,6 +112,26 @@ class Execution:
         return {f.name: _iso(getattr(self, f.name)) for f in fields(self)}
 
 
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What ohd wrote at a path: `sha256`, its last (or current) write; `previous_sha256`, while
+    that write may not have landed (a kill came between its record and its rename), what the file
+    held before it ('' for no file), else None; `task_id`, the task that wrote it."""
+
+    sha256: str
+    previous_sha256: str | None
+    task_id: int | None
+
+    def holds(self, sha256: str | None) -> bool:
+        """Whether a file of this hash is what ohd wrote there (the write, or what it replaces)."""
+        return sha256 is not None and sha256 in (self.sha256, self.previous_sha256)
+
+    @property
+    def landing(self) -> bool:
+        """The write was recorded and has not been seen landed."""
+        return self.previous_sha256 is not None
+
+
 # -- query models (unbound; `bind_models` makes per-database copies) -------------------
 
 if TYPE_CHECKING:
@@ -208,6 +228,7 @@ class WrittenFileRow(peewee.Model):
     sha256 = peewee.CharField()
     task_id = peewee.IntegerField(null=True)
     written_at = UtcDateTimeField()
+    previous_sha256 = peewee.CharField(null=True)
 
 
 class ModelCallRow(peewee.Model):

@@ -32,6 +32,7 @@ from ohd.records import (
     Execution,
     Task,
     TaskStatus,
+    Written,
     bind_models,
     dict_rows,
     pending_key,
@@ -40,7 +41,7 @@ from ohd.records import (
 )
 from ohd.taskfile import Priority, TaskSpec
 
-__all__ = ["Claim", "Execution", "Store", "Task", "TaskStatus", "open_database"]
+__all__ = ["Claim", "Execution", "Store", "Task", "TaskStatus", "Written", "open_database"]
 
 log = logging.getLogger(__name__)
 
@@ -589,12 +590,33 @@ class Store:
         row = w.select(w.sha256).where((w.repo == repo) & (w.path == path)).first()
         return None if row is None else row.sha256
 
-    def record_written(self, repo: str, path: str, sha256: str, task_id: int, now: datetime) -> None:
+    def written(self, repo: str, path: str) -> Written | None:
+        """What ohd wrote at `path` in `repo` (and, while that write may not have landed, what it replaces)."""
+        self._read()
+        w = self.m.written_file
+        row = w.select(w.sha256, w.previous_sha256, w.task_id).where((w.repo == repo) & (w.path == path)).first()
+        return None if row is None else Written(row.sha256, row.previous_sha256, row.task_id)
+
+    def record_written(self, repo: str, path: str, sha256: str, task_id: int, now: datetime,
+                       replacing: str | None = None) -> None:
+        """Committed before ohd writes `sha256` at `path`. `replacing`: the hash of what the file holds
+        now ('' for no file), kept until `landed` as ohd's too, since a kill before the rename leaves
+        it there; None: the record is final (nothing is being written)."""
         w = self.m.written_file
         with self._write():
-            (w.insert(repo=repo, path=path, sha256=sha256, task_id=task_id, written_at=now)
+            (w.insert(repo=repo, path=path, sha256=sha256, task_id=task_id, written_at=now, previous_sha256=replacing)
              .on_conflict(conflict_target=[w.repo, w.path],
-                          update={w.sha256: sha256, w.task_id: task_id, w.written_at: now})
+                          update={w.sha256: sha256, w.task_id: task_id, w.written_at: now,
+                                  w.previous_sha256: replacing})
+             .execute())
+
+    def landed(self, repo: str, path: str, sha256: str) -> None:
+        """The write of `sha256` at `path` is on disk (and its task's report): what it replaced is no
+        longer ohd's there."""
+        w = self.m.written_file
+        with self._write():
+            (w.update(previous_sha256=None)
+             .where((w.repo == repo) & (w.path == path) & (w.sha256 == sha256) & w.previous_sha256.is_null(False))
              .execute())
 
 

@@ -526,8 +526,8 @@ class Pool:
     async def _judge(self, run: Run, model: str, content: str, candidates: list[str]) -> Outcome | None:
         """Validate (a unit_test candidate is run with pytest); a rejection feeds the next prompt,
         a possible bug is kept for the report, the same error twice moves on to the next model."""
-        written = await self._store(self.store.written_hash, run.task.repo, run.job.output)
-        ours = written is not None and outputs.current_sha(outputs.resolve_inside(run.repo, run.job.output)) == written
+        written = await self._store(self.store.written, run.task.repo, run.job.output)
+        ours = written is not None and written.holds(outputs.current_sha(outputs.resolve_inside(run.repo, run.job.output)))
         judging = self.clock.monotonic()
         verdict = run.verdict = await asyncio.to_thread(
             ladder.judge, run.repo, run.job, content, run.task.min_quality,

@@ -11,9 +11,12 @@ about the daemon's bookkeeping, not the ladder. The seed and the counts are the 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
 import signal
+import sqlite3
 import tempfile
 import threading
 import time
@@ -26,7 +29,7 @@ from ohd.ingest import DONE_DIR, REJECTED_DIR
 from ohd.testrun import CANDIDATE_NAME
 from tests.e2e.helpers import DaemonProcess, daemon_env
 from tests.support.databases import open_store
-from tests.support.fake_openrouter import FakeOpenRouter, held
+from tests.support.fake_openrouter import DEFAULT_CONTENT, FakeOpenRouter, held, ok
 from tests.support.gitrepo import make_repo
 from tests.support.waiting import wait_for
 
@@ -207,3 +210,94 @@ def moved(tasks_dir: Path) -> int:
     """Files of the burst that have left tasks.d/ (for .done/ or .rejected/, not the error notes)."""
     return sum(1 for folder in (DONE_DIR, REJECTED_DIR) if (tasks_dir / folder).is_dir()
                for name in os.listdir(tasks_dir / folder) if not name.endswith(".error.txt"))
+
+
+WRITE_TASKS = 24        # per round; round 2 gives the outputs of round 1 new content
+# the kills of each round, in a seeded order, each at a seeded one of the first 3 such calls
+WRITE_KILLS = ("output-open", "output-replace", "output-replace-after", "report-open", "report-replace-after")
+CONTENTS = (DEFAULT_CONTENT, "```python\nfrom shop.pricing import total\n\n\n"
+            "def test_total_of_two_prices_again() -> None:\n    assert total([2.0, 3.0]) == 5.0\n```\n")
+WRITE_TASK = """type: unit_test
+target: shop/pricing.py
+output: tests/test_gen_{n}.py
+description: round {round} output {n}
+models: [{model}]
+max_attempts: 1
+"""
+
+
+@pytest.mark.timeout(600)
+def test_kill_9_at_the_writes_of_outputs_and_reports_writes_each_once(tmp_path: Path) -> None:
+    """Two rounds of 24 tasks on the same 24 outputs (the second with new content, over what ohd
+    wrote in the first), the daemon killed 5 times a round from inside, at an output's or a report's
+    write: before its temp file (for an output: its hash is recorded), before or just after the rename.
+    The server answers at once, so the daemon's time goes to validating and writing. At the end every
+    output holds the second content and ohd's recorded hash, no `.ohd-new` was written, every task has
+    one accepted execution and a report that says it wrote its output, and no temp file is left."""
+    rng = random.Random(SEED)
+    runtime = Path(tempfile.mkdtemp(prefix="ohd-rt-"))
+    repo = make_repo(tmp_path / "repo")
+    log = tmp_path / "daemon.log"
+    database = tmp_path / "state" / "ohd.db"
+    landed: list[str] = []
+    started = time.monotonic()
+    with FakeOpenRouter(models=[MODEL]) as server:
+        env = daemon_env(tmp_path, runtime, OPENROUTER_API_KEY="sk-crash", OHD_BASE_URL=server.url,
+                         OHD_MODELS=MODEL, OHD_TEST_RUNS="0", OHD_WORKERS=str(WORKERS), OHD_LEASE_S="600",
+                         OHD_CRASH_LIMIT="1000",
+                         OHD_RULE_LEVELS='{"*": {"lint": "off", "coverage_delta": "off"}}', OHD_SETTLE_S="0")
+        for round, content in enumerate(CONTENTS, 1):
+            server.default = ok(content)
+            for n in range(WRITE_TASKS):
+                (repo / "tasks.d" / f"r{round}-{n:02d}.yaml").write_text(
+                    WRITE_TASK.format(n=n, round=round, model=MODEL))
+            for kill in rng.sample(WRITE_KILLS, len(WRITE_KILLS)):
+                point = f"{kill}:{rng.randint(1, 3)}"
+                daemon = DaemonProcess(aimed(env, point), repo, log).launch()
+                wait_for(lambda: daemon.proc is not None and daemon.proc.poll() is not None
+                         or completed(database) == round * WRITE_TASKS, timeout=120, what=f"the kill at {point}")
+                if daemon.stop(signal.SIGKILL) == -signal.SIGKILL and completed(database) < round * WRITE_TASKS:
+                    landed.append(point)
+            daemon = DaemonProcess(env, repo, log).start()
+            try:
+                wait_for(lambda: completed(database) == round * WRITE_TASKS, timeout=120,
+                         what=f"round {round} to complete")
+            finally:
+                assert daemon.stop() == 0
+        requests = len(server.completions())
+    seconds = time.monotonic() - started
+    store = open_store(database)
+    try:
+        tasks = store.list_tasks(limit=10 * WRITE_TASKS)
+        executions = {t.id: store.executions(t.id) for t in tasks}
+        paths = [f"tests/test_gen_{n}.py" for n in range(WRITE_TASKS)]
+        written = {path: store.written_hash(str(repo), path) for path in paths}
+        proposals = [store.written_hash(str(repo), path + outputs.OHD_NEW_SUFFIX) for path in paths]
+        integrity = store.db.execute_sql("PRAGMA integrity_check").fetchall()
+    finally:
+        store.close()
+    print(f"\nwrite crash harness: {len(landed)} kills at writes ({', '.join(landed)}), {len(tasks)} tasks, "
+          f"{requests} model requests, {seconds:.1f} s")
+    assert len(landed) >= 8                       # the kills came while there was work to cut
+    assert len(tasks) == 2 * WRITE_TASKS
+    assert {t.status for t in tasks} == {"completed"}, [(t.id, t.status, t.error) for t in tasks if t.status != "completed"]
+    assert all([e.outcome for e in executions[t.id]].count("accepted") == 1 for t in tasks)
+    assert sorted(repo.rglob(f"*{outputs.OHD_NEW_SUFFIX}")) == [] and proposals == [None] * WRITE_TASKS
+    for path, sha in written.items():
+        assert sha is not None and outputs.current_sha(repo / path) == sha == outputs.sha256_text(
+            CONTENTS[1].split("\n", 1)[1].rsplit("```", 1)[0]), path
+    for task in tasks:
+        report_json = json.loads((repo / (task.report_path or "")).read_text())
+        assert (task.output_path, report_json["output_path"], report_json["decision"]) == (
+            task.output, task.output, "written"), task.id
+    assert outputs.leftovers(repo, CANDIDATE_NAME) == []
+    assert integrity == [("ok",)]
+
+
+def completed(database: Path) -> int:
+    """Completed tasks in the store (read beside the daemon, as `ohd status` does not while it is down)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30)) as db:
+            return int(db.execute("SELECT count(*) FROM task WHERE status = 'completed'").fetchone()[0])
+    except sqlite3.OperationalError:      # not created yet, or not migrated yet
+        return 0
