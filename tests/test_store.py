@@ -410,20 +410,20 @@ def test_written_hash_is_the_last_thing_ohd_wrote(store: Store, clock: FakeClock
     assert store.written_hash("/another/repo", "tests/test_auth.py") is None
 
 
-def test_a_recorded_write_keeps_what_it_replaces_until_it_landed(store: Store, clock: FakeClock) -> None:
-    task_id = store.enqueue(REPO, spec(), clock.now())
+def test_a_recorded_write_keeps_what_it_replaces_until_its_task_finishes(store: Store, clock: FakeClock) -> None:
+    first, second = (store.enqueue(REPO, spec(), clock.now()) for _ in range(2))
     assert store.written(REPO, "t.py") is None
-    store.record_written(REPO, "t.py", "11" * 32, task_id, clock.now(), replacing="")
-    assert store.written(REPO, "t.py") == Written("11" * 32, "", task_id)
-    store.landed(REPO, "t.py", "11" * 32)
-    first = store.written(REPO, "t.py")
-    assert first == Written("11" * 32, None, task_id) and not first.landing
-    store.record_written(REPO, "t.py", "22" * 32, task_id, clock.now(), replacing="11" * 32)
+    store.record_written(REPO, "t.py", "11" * 32, first, clock.now(), replacing="")
+    assert store.written(REPO, "t.py") == Written("11" * 32, "", first)
+    store.finish(first, None, TaskStatus.COMPLETED, clock.now())
+    done = store.written(REPO, "t.py")
+    assert done == Written("11" * 32, None, first) and not done.landing
+    store.record_written(REPO, "t.py", "22" * 32, second, clock.now(), replacing="11" * 32)
     during = store.written(REPO, "t.py")
     assert during is not None and during.landing and during.holds("11" * 32) and during.holds("22" * 32)
-    store.landed(REPO, "t.py", "11" * 32)          # not the write under way: nothing changes
+    store.finish(first, None, TaskStatus.COMPLETED, clock.now())    # another task (and done): no change
     assert store.written(REPO, "t.py") == during
-    store.landed(REPO, "t.py", "22" * 32)
+    store.finish(second, None, TaskStatus.COMPLETED, clock.now())
     after = store.written(REPO, "t.py")
     assert after is not None and not after.holds("11" * 32) and after.holds("22" * 32)
 

@@ -66,7 +66,7 @@ def deliver(store: Store, run: Run, content: str, now: datetime) -> Outcome:
     current = outputs.current_sha(intended)
     written, previous = (before.sha256, before.previous_sha256) if before is not None else (None, None)
     plan = outputs.plan(intended, content, current, written, replaceable(run, intended, content), previous)
-    if not plan.unchanged and not plan.conflict:   # recorded first; until it lands, what it replaces is ohd's too
+    if not plan.unchanged and not plan.conflict:   # recorded first; what it replaces stays ohd's till the finish
         store.record_written(repo, output, plan.sha256, run.task.id, now, replacing=replacing(before, current))
     elif plan.conflict:   # ohd wrote the proposal too: `mv` over the output is ohd's content, not an edit
         store.record_written(repo, output + outputs.OHD_NEW_SUFFIX, plan.sha256, run.task.id, now)
@@ -82,15 +82,13 @@ def deliver(store: Store, run: Run, content: str, now: datetime) -> Outcome:
                 else "written")
     rel = plan.path.relative_to(run.repo.resolve()).as_posix()
     report_rel = write_report(store, run, decision, rel, conflict=plan.conflict_reason)
-    if not plan.conflict and (not plan.unchanged or before is not None and before.landing):
-        store.landed(repo, output, plan.sha256)   # output and report are there: a rerun did not write it
     note = (f"model={run.history[-1]['model']}, attempts={run.attempts}, "
             f"score={run.verdict.score if run.verdict else 0.0:.2f}, output={rel}")
     return Outcome(TaskStatus.COMPLETED, output_path=rel, report_path=report_rel, note=note)
 
 
 def replacing(before: Written | None, current: str | None) -> str | None:
-    """What a write replaces, kept as ohd's until it lands: no file (''), or ohd's own bytes; a user's
+    """What a write replaces, kept as ohd's until its task finishes: no file (''), or ohd's own bytes; a user's
     file a docstring task may replace stays the user's (None), replaceable only by that proof again."""
     if current is None:
         return ""
@@ -98,7 +96,7 @@ def replacing(before: Written | None, current: str | None) -> str | None:
 
 
 def wrote_it(before: Written | None, run: Run) -> bool:
-    """This task's own write, recorded by a run a kill cut short before its report (so its
+    """This task's own write, recorded by a run a kill cut short before the task finished (so its
     output is already there): the task wrote it, it is not 'unchanged'."""
     return before is not None and before.landing and before.task_id == run.task.id
 

@@ -242,7 +242,7 @@ def execution_source(db: peewee.Database) -> None:
 
 def written_previous(db: peewee.Database) -> None:
     """written_file gains previous_sha256: while a write ohd recorded is under way, the hash of what
-    the file held before it ('' for no file; NULL once the write landed). A kill between recording
+    the file held before it ('' for no file; NULL once its task finished). A kill between recording
     the new hash and the rename leaves the old bytes, which are then still known as ohd's (or as
     replaceable), not taken for the user's edit."""
     from playhouse.migrate import SchemaMigrator

@@ -114,9 +114,9 @@ class Execution:
 
 @dataclass(frozen=True, slots=True)
 class Written:
-    """What ohd wrote at a path: `sha256`, its last (or current) write; `previous_sha256`, while
-    that write may not have landed (a kill came between its record and its rename), what the file
-    held before it ('' for no file), else None; `task_id`, the task that wrote it."""
+    """What ohd wrote at a path: `sha256`, its last (or current) write; `previous_sha256`, until the
+    task of that write finished (a kill may have come between its record and its rename), what the
+    file held before it ('' for no file), else None; `task_id`, the task that wrote it."""
 
     sha256: str
     previous_sha256: str | None
@@ -128,7 +128,7 @@ class Written:
 
     @property
     def landing(self) -> bool:
-        """The write was recorded and has not been seen landed."""
+        """The write was recorded and its task has not finished since."""
         return self.previous_sha256 is not None
 
 

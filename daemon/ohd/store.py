@@ -390,9 +390,15 @@ class Store:
                                 lease_owner=None, lease_until=None).where(where).execute())
             if changed:
                 self._close_calls(task_id)
+                self._writes_landed(task_id)
         if not changed:
             log.warning("task %d: not finished as %s; it is no longer held by %s", task_id, status, worker_id)
         return bool(changed)
+
+    def _writes_landed(self, task_id: int) -> None:
+        """The task ended after its writes: what they replaced is no longer ohd's there."""
+        w = self.m.written_file
+        w.update(previous_sha256=None).where((w.task_id == task_id) & w.previous_sha256.is_null(False)).execute()
 
     def _close_calls(self, task_id: int) -> None:
         """The task's answers are history only from now on: none is judged or delivered again."""
@@ -600,8 +606,8 @@ class Store:
     def record_written(self, repo: str, path: str, sha256: str, task_id: int, now: datetime,
                        replacing: str | None = None) -> None:
         """Committed before ohd writes `sha256` at `path`. `replacing`: the hash of what the file holds
-        now ('' for no file), kept until `landed` as ohd's too, since a kill before the rename leaves
-        it there; None: the record is final (nothing is being written)."""
+        now ('' for no file), kept as ohd's too until the task finishes, since a kill before the rename
+        leaves it there; None: nothing but `sha256` is ohd's there."""
         w = self.m.written_file
         with self._write():
             (w.insert(repo=repo, path=path, sha256=sha256, task_id=task_id, written_at=now, previous_sha256=replacing)
@@ -610,14 +616,6 @@ class Store:
                                   w.previous_sha256: replacing})
              .execute())
 
-    def landed(self, repo: str, path: str, sha256: str) -> None:
-        """The write of `sha256` at `path` is on disk (and its task's report): what it replaced is no
-        longer ohd's there."""
-        w = self.m.written_file
-        with self._write():
-            (w.update(previous_sha256=None)
-             .where((w.repo == repo) & (w.path == path) & (w.sha256 == sha256) & w.previous_sha256.is_null(False))
-             .execute())
 
 
 def _rank_of(task: Task) -> int:
