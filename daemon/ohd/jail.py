@@ -351,7 +351,9 @@ def supervise(spec: dict[str, Any], argv: Sequence[str], in_pid_namespace: bool)
 
 
 def run(spec: dict[str, Any], argv: Sequence[str]) -> int:
-    parent = os.getppid()
+    # the parent may have died before the death signal was set (while this interpreter started):
+    # then we were reparented already, and the pid the spawner wrote into the spec says so
+    parent = int(spec.get("parent") or os.getppid())
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         return SETUP_EXIT

@@ -95,8 +95,9 @@ def hidden_paths(own: Iterable[Path | str] = (), environ: Mapping[str, str] | No
 def command(jail_: Jail, argv: Sequence[str], *, cwd: Path, scratch: Path, keep: Iterable[str] = (),
             timeout_s: float) -> list[str]:
     """`argv` run in `jail_` with cwd `cwd`, writable `scratch`, `keep` (and cwd, scratch) visible
-    in `namespace`, ended after `timeout_s` (exit TIMEOUT_EXIT)."""
-    spec = {"level": jail_.level.value, "cwd": str(cwd), "timeout_s": timeout_s,
+    in `namespace`, ended after `timeout_s` (exit TIMEOUT_EXIT). The calling process must be the
+    one that starts it: the launcher dies with it, also when it dies before the launcher is up."""
+    spec = {"level": jail_.level.value, "cwd": str(cwd), "timeout_s": timeout_s, "parent": os.getpid(),
             "limits": {"cpu_s": int(timeout_s * 2) + 10, "data_bytes": jail_.memory_mb << 20,
                        "fsize_bytes": jail_.file_mb << 20,
                        **({"nproc": jail_.processes} if jail_.level is Level.NAMESPACE else {})},

@@ -10,8 +10,10 @@ falls back when user namespaces are disabled (`max_user_namespaces = 0` in a use
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import shutil
 import socket
 import subprocess
@@ -247,3 +249,56 @@ def test_a_run_whose_escaped_process_holds_the_output_still_returns(tmp_path: Pa
             os.kill(pid, 9)
     assert result is None and "the output was cut" in out
     assert time.monotonic() - started < 60      # a hang bound: forever before
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# a daemon stand-in: builds the jailed command as testrun does (the spawner writes its pid into it),
+# starts it, prints the launcher's pid and waits to be killed -9
+PARENT = ("import subprocess, sys, json, time\nfrom ohd import sandbox\n"
+          "level, hidden, cwd, scratch, mark = sys.argv[1:]\n"
+          "jail = sandbox.Jail(sandbox.Level(level), tuple(json.loads(hidden)))\n"
+          "argv = sandbox.command(jail, [sys.executable, '-c', 'import time; time.sleep(300)', mark], cwd=cwd,\n"
+          "                       scratch=scratch, keep=sandbox.python_paths(), timeout_s=300)\n"
+          "child = subprocess.Popen(argv)\nprint(child.pid, flush=True)\ntime.sleep(600)\n")
+
+
+def _jailed_test(mark: str) -> list[int]:
+    """The jailed test's processes (not the launcher, whose argv holds the mark too)."""
+    return [pid for pid in _sleepers(mark) if b"jail.py" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+@pytest.mark.parametrize("when", ["while_it_starts", "while_the_test_runs"])
+@pytest.mark.parametrize("level", LEVELS, ids=lambda level: level.value)
+def test_the_launcher_and_its_test_die_with_a_daemon_killed_9(level: sandbox.Level, when: str, tmp_path: Path) -> None:
+    """The launcher dies with the process that started it (PR_SET_PDEATHSIG), also when that one
+    is killed -9 before the launcher's interpreter got to set it: then a launcher and its test ran
+    on to their time limit (seen at the `namespace` level after a daemon's kill -9)."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    mark = f"{os.getpid() % 1000}{time.monotonic_ns() % 100000}.75"
+    hidden = json.dumps(sandbox.hidden_paths([tmp_path / "state"]))
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, level.value, hidden, str(tmp_path), str(scratch), mark],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(sandbox.__file__).parents[1])})
+    try:
+        assert parent.stdout is not None
+        launcher = int(parent.stdout.readline())
+        if when == "while_the_test_runs":
+            wait_for(lambda: _jailed_test(mark), what="the jailed test to start")
+    finally:
+        parent.kill()
+        parent.wait()
+    try:
+        wait_for(lambda: not _sleepers(mark) and not _alive(launcher), timeout=20,
+                 what="the launcher and the jailed test to die with their parent")
+    finally:
+        for pid in [launcher, *_sleepers(mark)]:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
