@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -11,7 +12,7 @@ from typing import Any
 
 import peewee
 import pytest
-from ohd.errors import ConfigError, InvalidTransition, NotFound
+from ohd.errors import ConfigError, InvalidTransition, NotFound, StorageUnavailable
 from ohd.store import Store, TaskStatus, Written, open_database
 from ohd.taskfile import TaskSpec
 
@@ -479,7 +480,6 @@ def test_a_full_store_raises_storage_unavailable_keeps_its_rows_and_writes_again
         tmp_path: Path, clock: FakeClock) -> None:
     """Before: peewee's OperationalError 'database or disk is full' (or, from the transaction's
     rollback that SQLite had already done, 'cannot rollback - no transaction is active')."""
-    from ohd.errors import StorageUnavailable
 
     store = Store(open_database(f"sqlite:///{tmp_path / 'ohd.db'}"))
     store.migrate()
@@ -524,3 +524,43 @@ def test_the_reason_is_found_anywhere_in_the_chain() -> None:
         assert unwritable_reason(exc) == StorageUnavailable.FULL
     assert unwritable_reason(OSError(30, "Read-only file system")) == StorageUnavailable.READ_ONLY
     assert unwritable_reason(ValueError("no")) is None
+
+
+@pytest.fixture
+def writer_elsewhere(tmp_path: Path) -> Iterator[sqlite3.Connection]:
+    """Another process's connection to the store's SQLite file (a busy daemon, a user's `sqlite3`)."""
+    other = sqlite3.connect(tmp_path / "ohd.db", isolation_level=None, check_same_thread=False)
+    yield other
+    other.close()
+
+
+def busy_store(tmp_path: Path, **options: Any) -> Store:
+    st = Store(open_database(f"sqlite:///{tmp_path / 'ohd.db'}", busy_timeout_s=0.05), **options)
+    st.migrate()
+    return st
+
+
+def test_a_write_waits_for_a_writer_that_holds_the_lock_past_busy_timeout(
+        tmp_path: Path, clock: FakeClock, writer_elsewhere: sqlite3.Connection) -> None:
+    """SQLite's busy_timeout is one attempt: the store begins again (tenacity) instead of raising
+    "database is locked" to a worker, to the socket API or to a CLI command."""
+    st = busy_store(tmp_path)
+    writer_elsewhere.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(1.0, writer_elsewhere.execute, ("ROLLBACK",))   # 20 busy timeouts later
+    release.start()
+    try:
+        task_id = st.enqueue(REPO, spec(), clock.now())
+    finally:
+        release.join()
+    assert st.get_task(task_id).status == TaskStatus.QUEUED
+
+
+def test_a_writer_lock_held_past_the_wait_is_a_clear_storage_error(
+        tmp_path: Path, clock: FakeClock, writer_elsewhere: sqlite3.Connection) -> None:
+    st = busy_store(tmp_path, lock_wait_s=0.3)
+    writer_elsewhere.execute("BEGIN IMMEDIATE")        # held until the end of the test
+    with pytest.raises(StorageUnavailable) as caught:
+        st.enqueue(REPO, spec(), clock.now())
+    assert caught.value.locked and str(tmp_path / "ohd.db") in str(caught.value)
+    writer_elsewhere.execute("ROLLBACK")
+    assert st.list_tasks() == []

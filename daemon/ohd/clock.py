@@ -38,3 +38,9 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
+
+
+def pause(seconds: float) -> None:
+    """Block this thread for `seconds`: for code that runs on threads, not in the event loop
+    (the store's retries while another process holds the database's writer lock)."""
+    time.sleep(max(0.0, seconds))

@@ -18,6 +18,8 @@ from typing import Any, cast
 
 import peewee
 
+from ohd.transactions import write_transaction
+
 log = logging.getLogger(__name__)
 
 Migration = Callable[[peewee.Database], None]
@@ -312,7 +314,7 @@ def migrate(db: peewee.Database, steps: Sequence[tuple[str, Migration]] = MIGRAT
 def _exclusive(db: peewee.Database) -> Iterator[None]:
     """A transaction that holds the writer lock, so two processes never migrate at once."""
     if isinstance(db, peewee.SqliteDatabase):
-        with db.atomic("IMMEDIATE"):
+        with write_transaction(db):
             yield
         return
     with db.atomic():

@@ -24,6 +24,7 @@ from ohd import routing
 from ohd.records import TaskStatus, UtcDateTimeField
 from ohd.routing import Choice, ModelState, Policy, Usage
 from ohd.store import Store
+from ohd.transactions import write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +78,9 @@ class Governor:
     @contextmanager
     def _tx(self) -> Iterator[None]:
         """One write transaction that holds the governor's lock from its first statement."""
-        self.db.connect(reuse_if_open=True)
-        if self._sqlite:
-            with self.db.atomic("IMMEDIATE"):
-                yield
-            return
-        with self.db.atomic():
-            cast(Any, self.db).execute_sql("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        with write_transaction(self.db, self.store.lock_wait_s):
+            if not self._sqlite:
+                cast(Any, self.db).execute_sql("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
             yield
 
     # -- reservations --------------------------------------------------------------------

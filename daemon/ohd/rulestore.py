@@ -22,6 +22,7 @@ import peewee
 from ohd.records import Task, TaskStatus, dict_rows, task_from_row
 from ohd.store import Store
 from ohd.taskfile import TaskSpec
+from ohd.transactions import write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,7 @@ class RuleStore:
 
     @contextmanager
     def _write(self) -> Iterator[None]:
-        self.db.connect(reuse_if_open=True)
-        sqlite = isinstance(self.db, peewee.SqliteDatabase)
-        with self.db.atomic("IMMEDIATE") if sqlite else self.db.atomic():
+        with write_transaction(self.db, self.store.lock_wait_s):
             yield
 
     # -- schedules ------------------------------------------------------------------

@@ -40,6 +40,7 @@ from ohd.records import (
     tuple_rows,
 )
 from ohd.taskfile import Priority, TaskSpec
+from ohd.transactions import LOCK_WAIT_S, write_transaction
 
 __all__ = ["Claim", "Execution", "Store", "Task", "TaskStatus", "Written", "open_database"]
 
@@ -142,7 +143,7 @@ class GuardedPostgres(_Guarded, peewee.PostgresqlDatabase):
     pass
 
 
-def open_database(url: str) -> peewee.Database:
+def open_database(url: str, busy_timeout_s: float = 5.0) -> peewee.Database:
     """`sqlite:///abs/path.db` (WAL, busy timeout, foreign keys) or `postgresql://...`; StorageUnavailable
     when the SQLite file cannot be created (its disk full or read-only)."""
     parts = urlsplit(url)
@@ -156,8 +157,9 @@ def open_database(url: str) -> peewee.Database:
             if (reason := unwritable_reason(exc)) is None:
                 raise
             raise StorageUnavailable(str(path), reason, str(exc)) from exc
-        pragmas = {"journal_mode": "wal", "busy_timeout": 5000, "foreign_keys": 1, "synchronous": "normal"}
-        sqlite = GuardedSqlite(str(path), pragmas=pragmas, timeout=5)
+        pragmas = {"journal_mode": "wal", "busy_timeout": int(busy_timeout_s * 1000), "foreign_keys": 1,
+                   "synchronous": "normal"}
+        sqlite = GuardedSqlite(str(path), pragmas=pragmas, timeout=busy_timeout_s)
         sqlite.where = str(path)
         return sqlite
     if parts.scheme in ("postgresql", "postgres"):
@@ -175,9 +177,10 @@ def open_database(url: str) -> peewee.Database:
 class Store:
     """All reads and writes of ohd's state; safe to call from any thread."""
 
-    def __init__(self, db: peewee.Database) -> None:
+    def __init__(self, db: peewee.Database, lock_wait_s: float = LOCK_WAIT_S) -> None:
         self.db = db
         self.m = bind_models(db)
+        self.lock_wait_s = lock_wait_s   # a write waits this long for another process's writer lock
         self._sqlite = isinstance(db, peewee.SqliteDatabase)
 
     @property
@@ -203,9 +206,8 @@ class Store:
 
     @contextmanager
     def _write(self) -> Iterator[None]:
-        """One transaction holding the writer lock from its first statement (SQLite)."""
-        self.db.connect(reuse_if_open=True)
-        with self.db.atomic("IMMEDIATE") if self._sqlite else self.db.atomic():
+        """One transaction holding the writer lock from its first statement (SQLite), waiting for it."""
+        with write_transaction(self.db, self.lock_wait_s):
             yield
 
     def _read(self) -> None:
