@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +56,20 @@ def test_migrate_is_idempotent_and_records_each_name(db: peewee.Database) -> Non
     assert migrations.migrate(db) == []
     assert migrations.applied(db) == [name for name, _ in migrations.MIGRATIONS]
     assert columns(db) == SCHEMA
+
+
+def test_an_up_to_date_database_is_migrated_without_the_writer_lock(tmp_path: Path) -> None:
+    """Every command that opens the store migrates it first (`ohd tasks` too): on a current schema
+    that is a read, so it never waits for a writer nor makes 50 readers queue for the lock."""
+    path = tmp_path / "ohd.db"
+    migrations.migrate(open_database(f"sqlite:///{path}"))
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")         # another process is writing, for longer than busy_timeout
+    try:
+        assert migrations.migrate(open_database(f"sqlite:///{path}")) == []
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
 
 
 def test_a_fresh_database_has_nothing_applied(db: peewee.Database) -> None:
