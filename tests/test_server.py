@@ -157,6 +157,21 @@ def test_client_on_a_dead_socket_reports_daemon_not_running(sock: Path) -> None:
     assert "nobody is listening" in info.value.reason
 
 
+def test_a_daemon_that_takes_the_request_and_is_slow_to_answer_is_not_reported_as_not_running(sock: Path) -> None:
+    """Busy is not down: "start it with: ohd daemon" would be wrong advice, and a submit that timed
+    out may have been stored, so the user is told to look before sending it again."""
+    busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    busy.bind(str(sock))
+    busy.listen(1)           # the connection is accepted by the kernel, and nobody answers in time
+    try:
+        with pytest.raises(ApiError) as info:
+            Client(sock, timeout=0.3).post("/tasks", {"type": "unit_test"})
+    finally:
+        busy.close()
+    assert not isinstance(info.value, DaemonNotRunning) and info.value.status == 504
+    assert "did not answer within 0.3 s" in str(info.value) and "ohd tasks" in str(info.value)
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_unix_socket(server: ApiServer, sock: Path) -> None:
     done = subprocess.run(["curl", "-s", "--unix-socket", str(sock), "http://localhost/status"],

@@ -1,8 +1,9 @@
 """The socket client for the CLI: HTTP/1.1 over the daemon's Unix socket, standard library only.
 
 `ohd status` imports this module and nothing heavy, so it stays fast. Every failure to
-reach the daemon (no socket file, nobody listening, no answer in time) becomes
-`DaemonNotRunning`; error answers become the exception the server named when the data
+reach the daemon (no socket file, nobody listening) becomes `DaemonNotRunning`; a daemon
+that took the request and did not answer within `ANSWER_S` is busy, not down (`ApiError`
+504: a submit may have been stored). Error answers become the exception the server named when the data
 is there (`NotFound`, `InvalidTransition`), else `ApiError` with the status and message.
 A socket served by another user's process is refused before a byte is sent (SO_PEERCRED).
 """
@@ -21,6 +22,10 @@ from typing import Any
 from ohd.errors import ApiError, DaemonNotRunning, InvalidTransition, NotFound, OhdError
 
 log = logging.getLogger(__name__)
+
+# How long the CLI waits for the daemon's answer: a bound on a hang. A daemon that is
+# running but busy (50 `ohd submit` at once on a loaded machine) took over 10 s for `ohd status`.
+ANSWER_S = 60.0
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -60,7 +65,7 @@ def check_server(sock: socket.socket, path: Path) -> None:
 class Client:
     """One request per connection; JSON in, JSON (or text) out."""
 
-    def __init__(self, socket_path: Path, timeout: float = 10.0) -> None:
+    def __init__(self, socket_path: Path, timeout: float = ANSWER_S) -> None:
         self.socket_path = Path(socket_path)
         self.timeout = timeout
 
@@ -105,7 +110,11 @@ class Client:
         except PermissionError:
             raise self._not_running("permission denied on the socket (another user's daemon?)") from None
         except TimeoutError:
-            raise self._not_running(f"no answer within {self.timeout:g}s") from None
+            if conn.sock is None:
+                raise self._not_running(f"no answer within {self.timeout:g}s") from None
+            raise ApiError(504, f"the daemon on {self.socket_path} took the request but did not answer within "
+                                f"{self.timeout:g} s; it may have been carried out (`ohd tasks` shows the queue)",
+                           "Timeout") from None
         except BlockingIOError:     # the listen backlog is full: the daemon is overloaded
             raise ApiError(503, f"the daemon on {self.socket_path} is too busy to accept a connection; "
                                 "try again") from None
