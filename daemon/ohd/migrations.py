@@ -296,11 +296,11 @@ def migrate(db: peewee.Database, steps: Sequence[tuple[str, Migration]] = MIGRAT
     `steps` is the history (`MIGRATIONS`); tests pass a longer one to prove atomicity.
     """
     db.connect(reuse_if_open=True)
-    if {name for name, _ in steps} <= set(applied(db)):
-        return []     # a read: every command migrates first, and a current schema must not queue for the lock
     ledger = _ledger(db)
     done_now: list[str] = []
     for name, step in steps:
+        if name in applied(db):
+            continue    # a read first: every command migrates, and an applied step must not queue for the lock
         with _exclusive(db):
             ledger.create_table(safe=True)
             if ledger.select().where(ledger.name == name).exists():
