@@ -256,7 +256,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def open_store(args: argparse.Namespace) -> Any:
     from ohd.store import Store, open_database
 
-    store = Store(open_database(settings(args).database))
+    conf = settings(args)
+    store = Store(open_database(conf.database), lock_wait_s=conf.store_lock_wait_s)
     store.migrate()
     return store
 

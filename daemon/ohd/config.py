@@ -64,6 +64,7 @@ class Settings(BaseModel):
     offline: bool = False
     workers: int = Field(default=4, ge=1, le=256)
     database_url: str = ""
+    store_lock_wait_s: float = Field(default=30.0, ge=0)   # a write's wait for another process's SQLite lock
     state_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_state_dir(APP)))
     runtime_dir: Path = Field(default_factory=lambda: _runtime_dir())
     repos: list[Path] = Field(default_factory=list)

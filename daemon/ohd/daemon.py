@@ -217,7 +217,7 @@ class Daemon:
         self.reload_event = asyncio.Event()
         self.clock: Clock = clock or SystemClock()
         self.repos = repos_of(settings)
-        self.store = Store(open_database(settings.database))
+        self.store = Store(open_database(settings.database), lock_wait_s=settings.store_lock_wait_s)
         self.stop_event = asyncio.Event()
         self.test_runs = TestProcesses()    # every pytest run of the ladder; killed at the grace deadline
         self.started = self.clock.monotonic()

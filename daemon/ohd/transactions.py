@@ -30,7 +30,8 @@ from ohd.errors import StorageUnavailable, unwritable_reason
 
 log = logging.getLogger(__name__)
 
-LOCK_WAIT_S = 60.0    # how long a write waits for another process's writer lock, in all
+LOCK_WAIT_S = 30.0    # how long a write waits for another process's writer lock, in all (the
+# `store_lock_wait_s` setting): below the CLI's 60 s wait for an answer, so a submit learns why
 
 
 def is_busy(exc: BaseException) -> bool:

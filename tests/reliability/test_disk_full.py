@@ -379,9 +379,10 @@ def test_a_daemon_started_on_a_full_or_read_only_state_dir_says_so_in_one_line_a
 
 def test_a_store_locked_by_another_process_is_503_and_the_daemon_goes_on(
         tmp_path: Path, server: FakeOpenRouter) -> None:
-    """Another process holds the store's write lock past the busy timeout (5 s); no root needed."""
+    """Another process holds the store's write lock past the busy timeout (5 s) and the store's wait
+    for it (`store_lock_wait_s`, 1 s here: 30 by default); no root needed."""
     repo = make_repo(tmp_path / "repo")
-    env = _env(tmp_path, tmp_path / "state", server, OHD_TEST_RUNS="0")
+    env = _env(tmp_path, tmp_path / "state", server, OHD_TEST_RUNS="0", OHD_STORE_LOCK_WAIT_S="1")
     log = tmp_path / "daemon.log"
     daemon = DaemonProcess(env, repo, log).start()
     try:
