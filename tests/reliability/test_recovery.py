@@ -69,6 +69,17 @@ def _kill_while_asking(daemon: DaemonProcess, server: FakeOpenRouter, asked: int
         assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
 
 
+def _restart_until_completed(env: dict[str, str], repo: Path, log: Path, task_id: int) -> dict[str, Any]:
+    """Start a daemon again and wait for the interrupted task to complete; the task as shown."""
+    daemon = DaemonProcess(env, repo, log).start()
+    try:
+        task: dict[str, Any] = wait_for(lambda: (t := daemon.json("show", str(task_id)))["status"] == "completed" and t,
+                                        what="the interrupted task to complete after the restart")
+    finally:
+        daemon.stop()
+    return task
+
+
 def test_a_restart_after_kill_9_runs_the_interrupted_task_at_once(
         setup: tuple[FakeOpenRouter, dict[str, str], Path], tmp_path: Path) -> None:
     server, env, repo = setup
@@ -77,12 +88,7 @@ def test_a_restart_after_kill_9_runs_the_interrupted_task_at_once(
     daemon = DaemonProcess(env, repo, log).start()
     task_id = _submit(daemon, env)
     _kill_while_asking(daemon, server, 1)
-    daemon = DaemonProcess(env, repo, log).start()
-    try:
-        task = wait_for(lambda: (t := daemon.json("show", str(task_id)))["status"] == "completed" and t,
-                        what="the interrupted task to complete after the restart")
-    finally:
-        daemon.stop()
+    task = _restart_until_completed(env, repo, log, task_id)
     assert task["attempts"] == 1 and task["crashes"] == 1, task
     assert len(server.requests_for(MODEL)) == 2
     assert f"task {task_id}: interrupted by the daemon's crash; back to the queue" in log.read_text()
@@ -141,12 +147,7 @@ def test_a_daemon_killed_while_pytest_judges_the_answer_judges_it_again_without_
     finally:
         assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
         hold.unlink()       # a test process the kill left behind ends now, not at its time limit
-    daemon = DaemonProcess(env, repo, log).start()
-    try:
-        task = wait_for(lambda: (t := daemon.json("show", str(task_id)))["status"] == "completed" and t,
-                        what="the interrupted task to complete after the restart")
-    finally:
-        daemon.stop()
+    task = _restart_until_completed(env, repo, log, task_id)
     assert (task["attempts"], task["crashes"]) == (1, 1), task
     assert len(server.requests_for(MODEL)) == 1                     # judged again, not asked again
     assert "def test_total_once_released" in (repo / "tests" / "test_pricing.py").read_text()
