@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ohd import service
+from ohd.client import Client
 from tests.e2e.helpers import DaemonProcess, daemon_env, fake_openrouter
 from tests.support.waiting import wait_for
 
@@ -72,10 +73,12 @@ REVIEW = "# Review\n\n`total` (line 4) refuses a discount of 1.0; say so in its 
 
 
 def submit(daemon: DaemonProcess, repo: Path, n: int) -> int:
-    done = daemon.ohd("submit", "--type", "review", "--target", "shop/pricing.py", "--repo", str(repo),
-                      "--output", f"reviews/pricing_{n}.md")      # a review runs no pytest: quick under load
-    assert done.returncode == 0, done.stderr
-    return int(done.stdout.strip())
+    """Over the socket, not by `ohd submit`: a burst of them arrives within milliseconds, not one per
+    interpreter start (on a loaded machine each took longer than an answer, so none overlapped).
+    A review runs no pytest: quick under load."""
+    client = Client(Path(daemon.env["OHD_RUNTIME_DIR"]) / "ohd.sock", timeout=60.0)
+    return int(client.post("/tasks", {"type": "review", "target": "shop/pricing.py", "repo": str(repo),
+                                      "output": f"reviews/pricing_{n}.md"})["id"])
 
 
 def test_sighup_resizes_the_pool_without_losing_a_task(repo: Path, tmp_path: Path, runtime: Path,
@@ -84,7 +87,8 @@ def test_sighup_resizes_the_pool_without_losing_a_task(repo: Path, tmp_path: Pat
     config = tmp_path / "config.toml"
     config.write_text("workers = 1\n")
     (tmp_path / "answer.md").write_text(REVIEW)
-    with fake_openrouter("--latency-ms", "700", "--content-file", str(tmp_path / "answer.md")) as url:
+    # each answer takes 1.5 s: the three tasks submitted to three workers at once must overlap
+    with fake_openrouter("--latency-ms", "1500", "--content-file", str(tmp_path / "answer.md")) as url:
         env = daemon_env(tmp_path, runtime, OPENROUTER_API_KEY="sk-test", OHD_BASE_URL=url,
                          OHD_MODELS="fake/model-a:free", NOTIFY_SOCKET=str(path))
         daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()

@@ -26,7 +26,7 @@ from ohd.config import Settings
 from ohd.testrun import CANDIDATE_NAME
 from tests.e2e.helpers import ROOT, DaemonProcess, daemon_env
 from tests.support.databases import open_store
-from tests.support.fake_openrouter import FakeOpenRouter, never_answer, ok
+from tests.support.fake_openrouter import Answer, FakeOpenRouter, never_answer, ok
 from tests.support.gitrepo import make_repo
 from tests.support.waiting import wait_for
 
@@ -47,11 +47,19 @@ from shop.pricing import total
 
 def test_total_after_a_pause() -> None:
     pathlib.Path(os.environ["TMPDIR"], "{paused}").write_text("")
-    time.sleep({seconds})
+    deadline = time.monotonic() + {seconds}
+    while time.monotonic() < deadline and not pathlib.Path("{release}").exists():
+        time.sleep(0.05)
     assert total([1.0, 1.0]) == 2.0
 ```
 """
-QUICK, SLOW = (ok(TEST.format(paused=PAUSED, seconds=s)) for s in (1, 600))
+
+
+def answers(release: Path) -> tuple[Answer, Answer]:
+    """The quick answer (a 1 s pause) and the slow one (10 min, or until `release` exists: the
+    restarted daemon judges the slow answers it already has, not asking again, so they must end)."""
+    quick, slow = (ok(TEST.format(paused=PAUSED, seconds=s, release=release)) for s in (1, 600))
+    return quick, slow
 
 
 def timeout_stop_s() -> float:
@@ -142,8 +150,10 @@ def test_sigterm_in_a_busy_run_finishes_or_requeues_every_task_and_kills_its_tes
     scratch = tmp_path / "tmp"      # the daemon's TMPDIR: each test run's scratch dir is made in it
     scratch.mkdir()
     with FakeOpenRouter(models=[MODEL, SLOW_MODEL]) as server:
-        server.default = QUICK
-        server.script(SLOW_MODEL, [SLOW, SLOW])
+        release = repo / "release-the-slow-tests"
+        quick_answer, slow_answer = answers(release)
+        server.default = quick_answer
+        server.script(SLOW_MODEL, [slow_answer, slow_answer])
         env = daemon_env(tmp_path, runtime, OPENROUTER_API_KEY="sk-stop", OHD_BASE_URL=server.url,
                          OHD_MODELS=f"{MODEL},{SLOW_MODEL}", OHD_WORKERS="4", OHD_TEST_PARALLEL="4",
                          OHD_TEST_RUNS="1", OHD_TEST_TIMEOUT_S="600", OHD_GRACE_S=str(GRACE_S),
@@ -173,6 +183,7 @@ def test_sigterm_in_a_busy_run_finishes_or_requeues_every_task_and_kills_its_tes
         quick, slow = running[0::2], running[1::2]
         assert stopped == {**{i: ("completed", 1) for i in quick}, **{i: ("queued", 0) for i in slow + waiting}}, text
 
+        release.write_text("")
         daemon = DaemonProcess(env, repo, log).start()
         try:
             wait_for(lambda: daemon.json("status")["queue"].get("completed", 0) == len(running + waiting),
@@ -187,7 +198,9 @@ def test_sigterm_in_a_busy_run_finishes_or_requeues_every_task_and_kills_its_tes
         store.close()
     assert {(t.status, t.attempts) for t in tasks} == {("completed", 1)}
     assert set(accepted.values()) == {1}
-    quick_test = TEST.format(paused=PAUSED, seconds=1).split("```python\n")[1].split("```")[0]
+    assert len(server.completions()) == 6      # the slow answers were judged again after the restart, not asked for again
+    code_of = {s: TEST.format(paused=PAUSED, seconds=s, release=release).split("```python\n")[1].split("```")[0]
+               for s in (1, 600)}
     for n in range(6):
-        assert (repo / "tests" / f"test_stop_{n}.py").read_text() == quick_test
+        assert (repo / "tests" / f"test_stop_{n}.py").read_text() == code_of[600 if n in (1, 3) else 1]
     assert outputs.leftovers(repo, CANDIDATE_NAME) == [] and not _live_test_runs(repo)
