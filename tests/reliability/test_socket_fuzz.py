@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ohd.client import Client
@@ -95,6 +95,8 @@ def check(served: Served, data: bytes) -> list[int]:
     for status in statuses:
         assert status < 500 or status in (501, 505), answer[:2000]
     for head_end in re.finditer(rb"\r\n\r\n", answer):
+        if data.startswith(b"HEAD "):
+            break                      # no body: what follows the head is the next request's answer
         body = answer[head_end.end():]
         length = re.search(rb"Content-Length: (\d+)", answer[:head_end.start()][-400:])
         if length is not None and body and statuses and statuses[0] >= 400:
@@ -173,6 +175,10 @@ def test_random_bytes_get_a_clear_answer_or_a_closed_connection(served: Served, 
                                "9" * 5000, "two"]),
        body=st.binary(max_size=500) | json_values.map(lambda value: json.dumps(value).encode()),
        oversize=st.sampled_from([None, "header", "headers", "line"]))
+# a HEAD answer's Content-Length names a body it does not carry; the "body" sent after it is a second
+# request, whose answer follows the head (hypothesis found it: the check read that answer as JSON)
+@example(method="HEAD", path="/tasks/x", version="HTTP/1.1", headers=[], length="right",
+         body=b"GET /status HTTP/1.1\r\n\r\n", oversize=None)
 def test_malformed_requests_on_every_route_get_a_clear_answer(served: Served, method: str, path: str, version: str,
                                                               headers: list[tuple[str, str]], length: str,
                                                               body: bytes, oversize: str | None) -> None:
