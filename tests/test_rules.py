@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from watchdog.events import DirDeletedEvent
 
 from ohd import testrun
 from ohd.cli import main
@@ -579,6 +580,28 @@ def test_top_level_folders_are_followed_as_they_come_go_and_move(repo: Path, clo
             # after the change inside it was noted (seen failing once at load 13)
             await until(lambda: repo.resolve() / "renamed" in watched_paths())
             assert not {p for p in watched_paths() if p.name in (".git", "tasks.d", "new")}
+        finally:
+            tree.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_late_event_of_a_gone_watch_does_not_unwatch_the_folder_made_again(repo: Path,
+                                                                             clock: FakeClock) -> None:
+    """A folder removed and made again is reported by two emitters (the top level's and the
+    folder's own), whose events reach the handler in either order: a deletion heard after the
+    folder came back must leave it watched (seen failing in CI: the re-made folder lost its watch)."""
+    (repo / "pkg").mkdir()
+
+    async def scenario() -> None:
+        tree = watched(repo, clock)
+        try:
+            top = next(e.watch for e in tree.observer.emitters if Path(e.watch.path) == repo.resolve())
+            # what the folder's own emitter says late, after the folder is there again
+            tree.observer.event_queue.put((DirDeletedEvent(str(repo.resolve() / "pkg")), top))
+            await until(lambda: tree.observer.event_queue.empty())
+            (repo / "pkg" / "late.py").write_text("L = 1\n")
+            await until(lambda: tree.noted("pkg/late.py"))
         finally:
             tree.stop()
 

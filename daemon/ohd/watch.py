@@ -178,11 +178,11 @@ def watches_top_dir(repo: Path, folder: Path) -> bool:
 class _TreeHandler(FileSystemEventHandler):
     """Observer-thread side: drop ignored directories, hand repo-relative paths to `sink`.
 
-    `on_top_dir(folder, present)` hears of directories appearing at (True) or leaving (False)
-    the top of the repo, so the watcher can watch or forget them."""
+    `on_top_dir(folder)` hears of directories appearing at or leaving the top of the repo, so
+    the watcher can watch or forget them."""
 
     def __init__(self, repo: Path, sink: Callable[[Path, str], object],
-                 on_top_dir: Callable[[Path, bool], object] = lambda _folder, _present: None) -> None:
+                 on_top_dir: Callable[[Path], object] = lambda _folder: None) -> None:
         super().__init__()
         self.repo = repo
         self.sink = sink
@@ -208,17 +208,15 @@ class _TreeHandler(FileSystemEventHandler):
             log.exception("watch: tree callback for %s failed", relpath)
 
     def _directory(self, event: FileSystemEvent) -> None:
-        changes: list[tuple[Path, bool]] = []
-        if event.event_type in (EVENT_TYPE_DELETED, EVENT_TYPE_MOVED):
-            changes.append((Path(os.fsdecode(event.src_path)), False))
-        if event.event_type == EVENT_TYPE_CREATED:
-            changes.append((Path(os.fsdecode(event.src_path)), True))
+        if event.event_type not in (EVENT_TYPE_CREATED, EVENT_TYPE_DELETED, EVENT_TYPE_MOVED):
+            return
+        folders = [Path(os.fsdecode(event.src_path))]
         if event.event_type == EVENT_TYPE_MOVED:
-            changes.append((Path(os.fsdecode(event.dest_path)), True))
-        for folder, present in changes:
+            folders.append(Path(os.fsdecode(event.dest_path)))
+        for folder in folders:
             if folder.parent == self.repo:
                 try:
-                    self.on_top_dir(folder, present)
+                    self.on_top_dir(folder)
                 except Exception:   # the observer thread must survive it
                     log.exception("watch: could not follow the directory %s", folder)
 
@@ -268,7 +266,7 @@ class TreeWatcher:
         if repo in self.watched:
             return
         handler = _TreeHandler(repo, self._from_thread)
-        handler.on_top_dir = lambda folder, present: self._top_dir(handler, folder, present)
+        handler.on_top_dir = lambda folder: self._top_dir(handler, folder)
         self.observer.schedule(handler, str(repo), recursive=False, event_filter=TREE_DIR_EVENTS)
         for folder in sorted(repo.iterdir()):
             if folder.is_dir() and not folder.is_symlink() and watches_top_dir(repo, folder):
@@ -277,17 +275,20 @@ class TreeWatcher:
         self.watched.add(repo)
         log.info("watching the working tree of %s", repo)
 
-    def _top_dir(self, handler: _TreeHandler, folder: Path, present: bool) -> None:
-        """Observer thread: a directory appeared at or left the top of a repo."""
-        if not present:
-            watch = self._subtrees.pop(folder, None)
-            if watch is not None:
-                try:
-                    self.observer.unschedule(watch)
-                except KeyError:
-                    pass   # its emitter had already gone with the directory
-            return
-        if folder in self._subtrees or folder.is_symlink() or not watches_top_dir(handler.repo, folder):
+    def _top_dir(self, handler: _TreeHandler, folder: Path) -> None:
+        """Observer thread: an event said a directory appeared at or left the top of a repo.
+
+        Its watch is made to match what is on disk now, whatever the event said: the top level's
+        emitter and the folder's own both report a removal, in either order, so a late one may
+        come after the folder was made again. A folder that is there gets a new watch (the old
+        one may have died with the directory it watched)."""
+        watch = self._subtrees.pop(folder, None)
+        if watch is not None:
+            try:
+                self.observer.unschedule(watch)
+            except KeyError:
+                pass   # its emitter had already gone with the directory
+        if not folder.is_dir() or folder.is_symlink() or not watches_top_dir(handler.repo, folder):
             return
         self._subtrees[folder] = self.observer.schedule(handler, str(folder), recursive=True,
                                                         event_filter=TREE_DIR_EVENTS)
