@@ -22,6 +22,7 @@ cannot change live are named in a warning.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import fcntl
 import hashlib
 import logging
@@ -607,6 +608,9 @@ def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> N
     WATCHDOG_USEC and WATCHDOG_PID are read here and removed from the environment, so
     the processes ohd starts (git, pytest) do not talk to systemd in its name.
     """
+    # a hung daemon killed with SIGABRT (systemd's watchdog does so) leaves every thread's stack
+    # on stderr, the journal, first
+    faulthandler.enable(all_threads=True)
     notifier = Notifier(os.environ.pop("NOTIFY_SOCKET", None))
     watchdog_s = watchdog_interval(os.environ.pop("WATCHDOG_USEC", None), os.environ.pop("WATCHDOG_PID", None),
                                    os.getpid())

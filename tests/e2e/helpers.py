@@ -72,7 +72,13 @@ class DaemonProcess:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout=60)
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)    # its faulthandler writes every thread's stack to the log
+            self.proc.wait(timeout=30)
+            raise AssertionError(f"the daemon did not stop within 60 s of signal {sig}; its log, with the "
+                                 f"stacks it had:\n{self.log.read_text(errors='replace')[-20000:]}") from None
 
 
 def daemon_env(tmp: Path, runtime: Path, **extra: str) -> dict[str, str]:

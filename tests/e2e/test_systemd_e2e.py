@@ -195,3 +195,14 @@ def test_service_install_writes_the_unit_with_the_real_executable(repo: Path, tm
     assert done.returncode == 0, done.stderr
     assert not unit.exists()
     assert "  systemctl --user disable --now ohd.service\n" in done.stdout
+
+
+def test_a_daemon_killed_by_the_watchdog_leaves_the_stack_of_every_thread(repo: Path, tmp_path: Path,
+                                                                          runtime: Path) -> None:
+    """systemd's watchdog kills a hung daemon with SIGABRT: the journal (its stderr) then shows where
+    each thread was, the first thing needed to find why it hung."""
+    daemon = DaemonProcess(daemon_env(tmp_path, runtime), repo, tmp_path / "daemon.log").start()
+    assert daemon.stop(signal.SIGABRT) == -signal.SIGABRT
+    log = daemon.log.read_text()
+    assert "Fatal Python error: Aborted" in log
+    assert "Current thread" in log and "ohd/daemon.py" in log, log[-3000:]
