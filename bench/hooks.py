@@ -3,7 +3,7 @@
     python bench/hooks.py [--commits N] [--quick]
 
 Two fresh repos, one without hooks and one with ohd's pre-commit and post-commit hooks
-installed (`ohd.gitrepo.install_hooks`). Each round changes one file and times
+installed (`ohd.repo.gitrepo.install_hooks`). Each round changes one file and times
 `git commit` in both repos, alternating which goes first, so machine noise falls on
 both sides alike. Staging and draining the spool (what the daemon does) are not timed.
 Prints the median commit time of each side and the median of the per-round differences:
@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ohd.gitrepo import install_hooks  # noqa: E402
-from ohd.spool import spool_dir  # noqa: E402
+from ohd.intake.spool import spool_dir  # noqa: E402
+from ohd.repo.gitrepo import install_hooks  # noqa: E402
 from tests.support.gitrepo import git, make_repo  # noqa: E402
 
 WARMUP = 3

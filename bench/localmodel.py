@@ -73,7 +73,7 @@ REASON_CHARS = 150        # of a task's error in the table
 PARKED_S = 600           # a task deferred further than this while the server is up is reported, not awaited
 TERMINAL = {"completed", "failed", "cancelled"}
 # real modules, copied from ohd's own package (small, standard library only)
-MODULES = {"clock.py": None, "pyparse.py": None, "alarm.py": ("from ohd.clock import", "from .clock import")}
+MODULES = {"clock.py": None, "core/pyparse.py": None, "core/alarm.py": ("from ohd.clock import", "from .clock import")}
 
 
 @dataclass
@@ -108,7 +108,7 @@ def make_repo(root: Path) -> Path:
         text = (ROOT / "daemon" / "ohd" / name).read_text()
         if rewrite:
             text = text.replace(*rewrite)
-        (root / "realmods" / name).write_text(text)
+        (root / "realmods" / Path(name).name).write_text(text)
     (root / "tests").mkdir()
     (root / "tasks.d").mkdir()
     for args in (["init", "-q", "-b", "main"], ["config", "user.email", "bench@example.com"],

@@ -3,7 +3,7 @@
     python bench/sandbox.py [--runs 15]
 
 One real git repo with `shop/pricing.py` and one passing candidate test file; each run is one
-`python -m pytest` of it the way `ohd.testrun` runs it (scrubbed environment, private HOME and
+`python -m pytest` of it the way `ohd.ladder.testrun` runs it (scrubbed environment, private HOME and
 TMPDIR, junit report), once with no jail at all (how ohd ran tests before issue 11 point 7) and
 once per level this machine offers. The levels run interleaved (a noisy machine slows all of
 them alike); also printed: what `sandbox.detect` (the start-up probe) takes. Every number comes
@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "daemon"))
 
-from ohd import sandbox, testrun  # noqa: E402
+from ohd import testrun  # noqa: E402
+from ohd.ladder import sandbox
 from tests.support.gitrepo import make_repo  # noqa: E402
 
 CANDIDATE = "from shop.pricing import total\n\n\ndef test_total() -> None:\n    assert total([1.0, 2.0]) == 3.0\n"

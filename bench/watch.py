@@ -26,10 +26,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "daemon"))
 
 from ohd.clock import SystemClock  # noqa: E402
-from ohd.rules import RuleBook  # noqa: E402
-from ohd.store import Store, open_database  # noqa: E402
-from ohd.taskfile import parse  # noqa: E402
-from ohd.watch import TreeWatcher  # noqa: E402
+from ohd.core.taskfile import parse  # noqa: E402
+from ohd.intake.rules import RuleBook  # noqa: E402
+from ohd.intake.watch import TreeWatcher  # noqa: E402
+from ohd.store.store import Store, open_database  # noqa: E402
 from tests.support.gitrepo import make_repo  # noqa: E402
 
 RULE = "type: docstring\ntarget: src/f0.py\non_change: ['src/**/*.py']\n"

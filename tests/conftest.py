@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.support` importable
 
-from ohd.store import Store  # noqa: E402
+from ohd.store.store import Store  # noqa: E402
 from tests.support.clock import FakeClock  # noqa: E402
 from tests.support.databases import open_store  # noqa: E402
 from tests.support.gitrepo import make_repo  # noqa: E402

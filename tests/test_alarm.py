@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from ohd.alarm import Alarm
+from ohd.core.alarm import Alarm
 from tests.support.clock import FakeClock
 
 

@@ -94,6 +94,6 @@ def test_importing_ohd_does_not_import_the_api() -> None:
     import subprocess
     import sys
 
-    code = "import ohd.client, sys; print('ohd.api' in sys.modules, 'ohd.config' in sys.modules)"
+    code = "import ohd.cli.client, sys; print('ohd.cli.api' in sys.modules, 'ohd.config' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.split() == ["False", "False"]

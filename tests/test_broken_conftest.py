@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ohd import testrun
-from ohd.testrun import RunStatus
+from ohd.ladder import testrun
+from ohd.ladder.testrun import RunStatus
 
 GOOD = "from shop.pricing import total\n\n\ndef test_total() -> None:\n    assert total([1.0, 2.0]) == 3.0\n"
 

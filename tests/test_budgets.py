@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from ohd import routing
-from ohd.catalogue import Catalogue
 from ohd.config import load
-from ohd.daemon import policy_of
-from ohd.routing import Policy
-from ohd.store import Store
-from ohd.worker import Pool
+from ohd.core import routing
+from ohd.core.routing import Policy
+from ohd.models.catalogue import Catalogue
+from ohd.service.daemon import policy_of
+from ohd.store.store import Store
+from ohd.work.worker import Pool
 from tests.support.clock import FakeClock
 from tests.support.fake_openrouter import ok
 from tests.support.governed import GOOD, PricedOpenRouter, drive, refresh_then_run, run_tasks, submit

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from ohd.catalogue import Catalogue, Listing, parse, price
 from ohd.config import DEFAULT_MODELS, load
-from ohd.daemon import discovers, models_of
-from ohd.quotas import Governor
-from ohd.store import Store
-from ohd.worker import Pool
+from ohd.models.catalogue import Catalogue, Listing, parse, price
+from ohd.service.daemon import discovers, models_of
+from ohd.store.quotas import Governor
+from ohd.store.store import Store
+from ohd.work.worker import Pool
 from tests.support.clock import FakeClock
 from tests.support.fake_openrouter import Answer, garbage, not_found, ok
 from tests.support.governed import GOOD, PricedOpenRouter, drive, refresh_then_run, run_tasks, submit

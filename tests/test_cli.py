@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from ohd import taskfile
-from ohd.cli import main
-from ohd.llm import Completion, OfflineProvider
-from ohd.store import Store, open_database
-from ohd.taskfile import TaskSpec
-from ohd.tasktypes import Job
-from ohd.worker import Pool
+from ohd.cli.commands import main
+from ohd.core import taskfile
+from ohd.core.taskfile import TaskSpec
+from ohd.core.tasktypes import Job
+from ohd.models.llm import Completion, OfflineProvider
+from ohd.store.store import Store, open_database
+from ohd.work.worker import Pool
 from tests.support.clock import FakeClock
 from tests.support.gitrepo import git
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ohd.cli import main
+from ohd.cli.commands import main
 from ohd.config import unknown_variables
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,12 +15,12 @@ from typing import Any
 import httpx
 import pytest
 
-from ohd import delivery
-from ohd.llm import Completion, ModelClient
-from ohd.store import Store
-from ohd.taskfile import TaskSpec
-from ohd.tasktypes import Job
-from ohd.worker import Pool
+from ohd.core.taskfile import TaskSpec
+from ohd.core.tasktypes import Job
+from ohd.models.llm import Completion, ModelClient
+from ohd.store.store import Store
+from ohd.work import delivery
+from ohd.work.worker import Pool
 from tests.support.clock import FakeClock
 from tests.support.fake_openrouter import FakeOpenRouter, ok
 

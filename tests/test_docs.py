@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from ohd.cli import build_parser, main
+from ohd.cli.commands import build_parser, main
 from ohd.config import Settings
-from ohd.taskfile import reference_markdown
+from ohd.core.taskfile import reference_markdown
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- task-file-reference:start -->\n", "<!-- task-file-reference:end -->"
@@ -41,7 +41,7 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 
 def test_the_readme_task_file_table_is_the_one_the_schema_renders() -> None:
     assert task_file_block(README.read_text(encoding="utf-8")) == reference_markdown(), (
-        "README.md's task-file table differs from the schema in daemon/ohd/taskfile.py; regenerate it: "
+        "README.md's task-file table differs from the schema in daemon/ohd/core/taskfile.py; regenerate it: "
         "replace the lines between the task-file-reference markers with the output of `ohd schema --markdown`")
 
 
@@ -55,7 +55,7 @@ def test_ohd_schema_markdown_prints_the_table(capsys: pytest.CaptureFixture[str]
 
 
 def test_every_task_file_key_has_a_description_in_the_json_schema() -> None:
-    from ohd.taskfile import json_schema
+    from ohd.core.taskfile import json_schema
 
     undescribed = [name for name, prop in json_schema()["properties"].items() if not prop.get("description")]
     assert undescribed == []
@@ -178,7 +178,7 @@ def inline_task_examples(text: str) -> list[str]:
 
 def test_every_yaml_example_of_the_readme_is_a_valid_task_file() -> None:
     """Each example goes through the loader ohd itself uses on tasks.d/ files."""
-    from ohd.taskfile import parse
+    from ohd.core.taskfile import parse
 
     text = README.read_text(encoding="utf-8")
     blocks = yaml_examples(text)

@@ -18,13 +18,13 @@ import httpx
 import pytest
 
 from ohd.clock import Clock, SystemClock
+from ohd.core.routing import Health, Policy
+from ohd.core.taskfile import TaskSpec
+from ohd.core.tasktypes import Job
 from ohd.errors import RateLimited
-from ohd.llm import Completion, ModelClient
-from ohd.routing import Health, Policy
-from ohd.store import Store
-from ohd.taskfile import TaskSpec
-from ohd.tasktypes import Job
-from ohd.worker import Pool
+from ohd.models.llm import Completion, ModelClient
+from ohd.store.store import Store
+from ohd.work.worker import Pool
 from tests.support.clock import FakeClock
 from tests.support.databases import open_store
 from tests.support.fake_openrouter import FakeOpenRouter, ok, rate_limited, server_error

@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ohd import cli
-from ohd.gitrepo import (CHAINED_SUFFIX, commit_paths, hook_script, hooks_dir, install_hooks, is_ohd_hook,
+from ohd.cli import commands as cli
+from ohd.repo.gitrepo import (CHAINED_SUFFIX, commit_paths, hook_script, hooks_dir, install_hooks, is_ohd_hook,
                          uninstall_hooks)
-from ohd.spool import EventError, SpoolEvent, SpoolReader, parse_event, read_event, spool_dir, unquote
-from ohd.rules import RuleBook
-from ohd.store import Store, open_database
-from ohd.taskfile import parse
-from ohd.watch import SpoolWatcher
+from ohd.core.taskfile import parse
+from ohd.intake.rules import RuleBook
+from ohd.intake.spool import EventError, SpoolEvent, SpoolReader, parse_event, read_event, spool_dir, unquote
+from ohd.intake.watch import SpoolWatcher
+from ohd.store.store import Store, open_database
 from tests.e2e.helpers import DaemonProcess, daemon_env
 from tests.support.clock import FakeClock
 from tests.support.gitrepo import git, make_repo

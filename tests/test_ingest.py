@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ohd.ingest import Ingestor, is_candidate
-from ohd.store import Store
-from ohd.taskfile import parse
+from ohd.core.taskfile import parse
+from ohd.intake.ingest import Ingestor, is_candidate
+from ohd.store.store import Store
 from tests.support.clock import FakeClock
 
 SETTLE = 0.3

@@ -15,14 +15,14 @@ from typing import Any
 import httpx
 import pytest
 
-from ohd import ladder, testrun
+from ohd.core.taskfile import TaskSpec, TaskType
+from ohd.core.tasktypes import Job
 from ohd.errors import ShutdownRequested
-from ohd.llm import Completion, ModelClient
-from ohd.store import Store, Task
-from ohd.taskfile import TaskSpec, TaskType
-from ohd.tasktypes import Job
-from ohd.validate import RunStatus
-from ohd.worker import Pool
+from ohd.ladder import ladder, testrun
+from ohd.ladder.validate import RunStatus
+from ohd.models.llm import Completion, ModelClient
+from ohd.store.store import Store, Task
+from ohd.work.worker import Pool
 from tests.support.clock import FakeClock
 from tests.support.fake_openrouter import FakeOpenRouter, ok
 from tests.support.waiting import HANG_S, wait_for

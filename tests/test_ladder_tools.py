@@ -15,14 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from ohd import config, daemon, ladder, lintrun, outputs, report, sandbox, testrun, validate
+from ohd import config
+from ohd.core.taskfile import TaskSpec, TaskType
+from ohd.core.tasktypes import Job
 from ohd.errors import ConfigError
-from ohd.llm import Completion
-from ohd.store import Store
-from ohd.taskfile import TaskSpec, TaskType
-from ohd.tasktypes import Job
-from ohd.validate import Level, RunStatus
-from ohd.worker import Pool
+from ohd.ladder import ladder, lintrun, sandbox, testrun, validate
+from ohd.ladder.validate import Level, RunStatus
+from ohd.models.llm import Completion
+from ohd.repo import outputs
+from ohd.service import daemon
+from ohd.store.store import Store
+from ohd.work import report
+from ohd.work.worker import Pool
 from tests.support.clock import FakeClock
 from tests.support.gitrepo import git
 

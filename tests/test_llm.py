@@ -31,7 +31,7 @@ from ohd.errors import (
     ServerError,
     Unreachable,
 )
-from ohd.llm import Completion, ModelClient, OfflineProvider, reset_at
+from ohd.models.llm import Completion, ModelClient, OfflineProvider, reset_at
 
 from tests.support.clock import FakeClock
 from tests.support.waiting import wait_for
@@ -465,9 +465,9 @@ def test_fake_server_runs_as_a_process() -> None:
 
 
 def test_offline_provider_answers_from_the_job_without_network(clock: FakeClock) -> None:
-    from ohd import offline
-    from ohd.taskfile import TaskType
-    from ohd.tasktypes import Job
+    from ohd.models import offline
+    from ohd.core.taskfile import TaskType
+    from ohd.core.tasktypes import Job
 
     job = Job(task_type=TaskType.UNIT_TEST, target="app/calc.py", source='def add(a, b):\n    return a + b\n',
               module="app.calc", output="tests/test_calc.py")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ohd import logfmt
-from ohd.cli import main
+from ohd.cli.commands import main
 
 KEY = "sk-or-v1-0123456789abcdef"
 

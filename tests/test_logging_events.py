@@ -24,14 +24,14 @@ import httpx
 import pytest
 
 from ohd import logfmt
-from ohd.client import Client
+from ohd.cli.client import Client
 from ohd.clock import Clock, SystemClock
-from ohd.ingest import Ingestor
-from ohd.llm import Completion, ModelClient, OfflineProvider
-from ohd.server import ApiServer
-from ohd.store import Store
-from ohd.tasktypes import Job
-from ohd.worker import Pool
+from ohd.core.tasktypes import Job
+from ohd.intake.ingest import Ingestor
+from ohd.models.llm import Completion, ModelClient, OfflineProvider
+from ohd.service.server import ApiServer
+from ohd.store.store import Store
+from ohd.work.worker import Pool
 from tests.support.clock import FakeClock
 from tests.support.fake_openrouter import FakeOpenRouter, error, ok, rate_limited, server_error, slow
 from tests.support.waiting import wait_for

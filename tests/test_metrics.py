@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ohd.cli import main
-from ohd.client import UnixHTTPConnection
-from ohd.history import History, percentile
-from ohd.metrics import (
+from ohd.cli.client import UnixHTTPConnection
+from ohd.cli.commands import main
+from ohd.store.history import History, percentile
+from ohd.service.metrics import (
     Metrics,
     collect,
     escape_label,
@@ -26,9 +26,9 @@ from ohd.metrics import (
     prometheus,
     with_stats,
 )
-from ohd.server import ApiServer
-from ohd.store import Store, TaskStatus, open_database
-from ohd.taskfile import TaskSpec
+from ohd.core.taskfile import TaskSpec
+from ohd.service.server import ApiServer
+from ohd.store.store import Store, TaskStatus, open_database
 
 from tests.support.clock import FakeClock
 from tests.support.databases import BACKENDS, database_url

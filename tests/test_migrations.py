@@ -8,9 +8,9 @@ from pathlib import Path
 
 import peewee
 import pytest
-from ohd import migrations
-from ohd.records import bind_models
-from ohd.store import open_database
+from ohd.store import migrations
+from ohd.store.records import bind_models
+from ohd.store.store import open_database
 
 from tests.support.databases import BACKENDS, database_url
 

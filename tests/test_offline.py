@@ -12,13 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from ohd import ladder, offline, sandbox, testrun, validate, views
+from ohd.core import views
+from ohd.core.taskfile import TaskSpec, TaskType
+from ohd.core.tasktypes import Job, extract
 from ohd.errors import MalformedAnswer
-from ohd.llm import Completion, OfflineProvider
-from ohd.store import Store
-from ohd.taskfile import TaskSpec, TaskType
-from ohd.tasktypes import Job, extract
-from ohd.worker import Pool
+from ohd.ladder import ladder, sandbox, testrun, validate
+from ohd.models import offline
+from ohd.models.llm import Completion, OfflineProvider
+from ohd.store.store import Store
+from ohd.work.worker import Pool
 from tests.support.clock import FakeClock
 from tests.support.gitrepo import PRICING, git
 

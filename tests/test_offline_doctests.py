@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ohd import offline
-from ohd.taskfile import TaskType
-from ohd.tasktypes import Job, extract
+from ohd.core.taskfile import TaskType
+from ohd.core.tasktypes import Job, extract
+from ohd.models import offline
 
 # as boltons.iterutils.pairwise_iter and boltons.dictutils.OneToOne.unique write them
 MODULE = '''

@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from ohd.errors import TargetError
-from ohd.outputs import (
+from ohd.repo.outputs import (
     apply,
     atomic_write,
     check_output,

@@ -16,15 +16,15 @@ from typing import Any
 import httpx
 import pytest
 
-from ohd.catalogue import Catalogue
 from ohd.config import Settings, is_openrouter, load
-from ohd.daemon import policy_of
-from ohd.llm import Completion, ModelClient
-from ohd.routing import refused
+from ohd.core.routing import refused
+from ohd.core.tasktypes import Job
 from ohd.errors import ConfigError
-from ohd.store import Store
-from ohd.tasktypes import Job
-from ohd.worker import Pool
+from ohd.models.catalogue import Catalogue
+from ohd.models.llm import Completion, ModelClient
+from ohd.service.daemon import policy_of
+from ohd.store.store import Store
+from ohd.work.worker import Pool
 from tests.support.clock import FakeClock
 from tests.support.fake_openrouter import Answer, FakeOpenRouter, ok, slow
 from tests.support.governed import submit

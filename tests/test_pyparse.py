@@ -14,8 +14,9 @@ from tests.e2e.helpers import ROOT
 ANSWER = 'def test_x():\n    """Matches \\d+ digits."""\n    assert int("12") == 12\n'
 SCRIPT = f"""
 import warnings
-from ohd import pyparse, tasktypes, validate
-from ohd.taskfile import TaskType
+from ohd.core import pyparse, tasktypes
+from ohd.core.taskfile import TaskType
+from ohd.ladder import validate
 source = {ANSWER!r}
 pyparse.parse(source)
 tasktypes.check_target(TaskType.UNIT_TEST, "tests/test_x.py", source)

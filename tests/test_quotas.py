@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from ohd.quotas import Governor
-from ohd.routing import Health, Policy
-from ohd.store import Store, open_database
-from ohd.taskfile import TaskSpec
+from ohd.core.routing import Health, Policy
+from ohd.core.taskfile import TaskSpec
+from ohd.store.quotas import Governor
+from ohd.store.store import Store, open_database
 from tests.support.databases import BACKENDS, database_url
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)

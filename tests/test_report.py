@@ -6,9 +6,9 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from ohd.report import decision_sentence, render_json, render_markdown
-from ohd.taskfile import TaskType
-from ohd.validate import check
+from ohd.core.taskfile import TaskType
+from ohd.ladder.validate import check
+from ohd.work.report import decision_sentence, render_json, render_markdown
 
 
 def sample(decision: str = "written", output_path: str = "tests/test_auth.py") -> dict[str, Any]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from ohd import routing
-from ohd.routing import Choice, Health, ModelState, Policy, Usage
+from ohd.core import routing
+from ohd.core.routing import Choice, Health, ModelState, Policy, Usage
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 FREE = "vendor/model:free"

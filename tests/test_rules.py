@@ -14,17 +14,17 @@ from typing import Any
 import pytest
 from watchdog.events import DirDeletedEvent
 
-from ohd import testrun
-from ohd.cli import main
+from ohd.cli.commands import main
 from ohd.clock import SystemClock
-from ohd.ingest import Ingestor
-from ohd.outputs import atomic_write, sha256_text
-from ohd.records import TaskStatus
-from ohd.rules import RuleBook, compile_globs, is_ohd_file
-from ohd.store import Store
-from ohd.taskfile import TaskType, parse
-from ohd.validate import RunStatus
-from ohd.watch import TreeWatcher, _TreeHandler
+from ohd.core.taskfile import TaskType, parse
+from ohd.intake.ingest import Ingestor
+from ohd.intake.rules import RuleBook, compile_globs, is_ohd_file
+from ohd.intake.watch import TreeWatcher, _TreeHandler
+from ohd.ladder import testrun
+from ohd.ladder.validate import RunStatus
+from ohd.repo.outputs import atomic_write, sha256_text
+from ohd.store.records import TaskStatus
+from ohd.store.store import Store
 from tests.support.clock import FakeClock
 
 SETTLE = 0.3
@@ -612,8 +612,8 @@ def test_accepting_a_proposed_ohd_new_queues_nothing_but_a_later_user_edit_does(
         src: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
     """ohd proposes `src/app.py.ohd-new` beside the user's file; `mv` over `src/app.py` is ohd's
     own content arriving (real watchdog events): no task. The user's next edit is theirs: one."""
-    from ohd.delivery import Run, deliver
-    from ohd.tasktypes import Job
+    from ohd.work.delivery import Run, deliver
+    from ohd.core.tasktypes import Job
 
     put_rule(ingestor, clock, src, "docs.yaml", DOCS_RULE)
     edit(src, "src/app.py", "def run() -> int:\n    return 2\n")              # the user's own file
@@ -683,7 +683,7 @@ def test_reading_the_rules_skips_hostile_files_without_blocking_or_dying(tmp_pat
     nesting raised RecursionError out of the daemon's start."""
     import os
 
-    from ohd.rules import read_rules
+    from ohd.intake.rules import read_rules
 
     tasks = tmp_path / "tasks.d"
     tasks.mkdir()

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from ohd.errors import TaskFileError
-from ohd.schedule import compile_cron, decide, next_fire
+from ohd.intake.schedule import compile_cron, decide, next_fire
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 NIGHTLY = compile_cron("0 3 * * *", UTC, "tasks.d/nightly.yaml")

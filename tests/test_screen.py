@@ -1,11 +1,13 @@
-"""The static screen (`ohd.screen`, rule `safe_tests`): what a unit test should not need is named
+"""The static screen (`ohd.ladder.screen`, rule `safe_tests`): what a unit test should not need is named
 by line, unless the module under test uses it itself; `allow_risky_tests` and `rule_levels` switch it."""
 
 from __future__ import annotations
 
 import ast
 
-from ohd import config, daemon, screen, validate
+from ohd import config
+from ohd.ladder import screen, validate
+from ohd.service import daemon
 
 
 def found(tests: str, target: str | None = None) -> list[str]:

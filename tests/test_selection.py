@@ -19,17 +19,17 @@ from typing import Any
 import httpx
 import pytest
 
-from ohd import selection
-from ohd.cli import main
+from ohd.cli.commands import main
 from ohd.config import load
-from ohd.daemon import ranker, selection_of
-from ohd.history import History
-from ohd.llm import Completion, ModelClient
-from ohd.selection import Config, Measured, Prior
-from ohd.store import Store
-from ohd.taskfile import TaskSpec
-from ohd.tasktypes import Job
-from ohd.worker import Pool
+from ohd.core import selection
+from ohd.core.selection import Config, Measured, Prior
+from ohd.core.taskfile import TaskSpec
+from ohd.core.tasktypes import Job
+from ohd.models.llm import Completion, ModelClient
+from ohd.service.daemon import ranker, selection_of
+from ohd.store.history import History
+from ohd.store.store import Store
+from ohd.work.worker import Pool
 from tests.support.clock import FakeClock
 from tests.support.fake_openrouter import FakeOpenRouter, ok
 from tests.support.governed import GOOD

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from ohd.client import Client, UnixHTTPConnection
+from ohd.cli.client import Client, UnixHTTPConnection
+from ohd.core.taskfile import TaskSpec
 from ohd.errors import ApiError, DaemonAlreadyRunning, DaemonNotRunning, InvalidTransition, NotFound
-from ohd.server import ApiServer
-from ohd.store import Store, TaskStatus
-from ohd.taskfile import TaskSpec
+from ohd.service.server import ApiServer
+from ohd.store.store import Store, TaskStatus
 from tests.support.clock import FakeClock
 
 TARGET = "shop/pricing.py"
@@ -288,7 +288,7 @@ def test_show_task_with_executions(client: Client, store: Store, repo: Path, clo
 
 def test_ohd_tasks_json_prints_the_document_get_tasks_answers(
         client: Client, store: Store, repo: Path, clock: FakeClock, capsys: pytest.CaptureFixture[str]) -> None:
-    from ohd.cli import main
+    from ohd.cli.commands import main
 
     ids = [enqueue(store, repo, clock) for _ in range(2)]
     store.cancel(ids[0], clock.now())

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ohd import service
-from ohd.notify import Notifier, one_line, watchdog_interval
+from ohd.service import systemd as service
+from ohd.service.notify import Notifier, one_line, watchdog_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,7 +168,7 @@ def test_a_reload_installs_the_log_handlers_again_and_keeps_a_file_it_cannot_ope
     import logging
 
     from ohd.config import Settings
-    from ohd.supervision import apply_logging
+    from ohd.service.supervision import apply_logging
 
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
@@ -196,7 +196,7 @@ def test_a_reload_installs_the_log_handlers_again_and_keeps_a_file_it_cannot_ope
 
 def test_a_reload_takes_the_live_keys_and_names_the_rest(caplog: pytest.LogCaptureFixture) -> None:
     from ohd.config import Settings
-    from ohd.supervision import live_changes, summary
+    from ohd.service.supervision import live_changes, summary
 
     old = Settings()
     new = old.model_copy(update={"workers": 2, "models": ["a/b"], "free_rpm": 5, "log_level": "LOUD",
@@ -211,8 +211,9 @@ def test_a_reload_takes_the_live_keys_and_names_the_rest(caplog: pytest.LogCaptu
 
 
 def test_a_reload_applies_the_budget_and_selection_keys_to_the_running_pool() -> None:
-    from ohd import config, daemon
-    from ohd.worker import Pool
+    from ohd import config
+    from ohd.service import daemon
+    from ohd.work.worker import Pool
     from tests.support.clock import FakeClock
 
     settings = config.load(env={**os.environ, "OPENROUTER_API_KEY": "sk-test"})   # not offline: strict mode on
@@ -235,9 +236,10 @@ def test_a_reload_applies_the_budget_and_selection_keys_to_the_running_pool() ->
 def test_a_reload_that_changes_the_limits_decides_the_pending_tasks_again_at_once() -> None:
     from datetime import timedelta
 
-    from ohd import config, daemon
-    from ohd.taskfile import TaskSpec
-    from ohd.worker import Pool
+    from ohd import config
+    from ohd.service import daemon
+    from ohd.core.taskfile import TaskSpec
+    from ohd.work.worker import Pool
     from tests.support.clock import FakeClock
 
     clock = FakeClock()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ohd.views import eta_seconds, status_text
+from ohd.core.views import eta_seconds, status_text
 
 STATUS: dict[str, Any] = {
     "version": "0.1", "pid": 42, "uptime_s": 3700, "offline": False, "repos": ["/r"],

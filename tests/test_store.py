@@ -12,9 +12,9 @@ from typing import Any
 
 import peewee
 import pytest
+from ohd.core.taskfile import TaskSpec
 from ohd.errors import ConfigError, InvalidTransition, NotFound, StorageUnavailable
-from ohd.store import Store, TaskStatus, Written, open_database
-from ohd.taskfile import TaskSpec
+from ohd.store.store import Store, TaskStatus, Written, open_database
 
 from tests.support.clock import FakeClock
 from tests.support.databases import BACKENDS, database_url

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pydantic
 import pytest
 
+from ohd.core.taskfile import Priority, TaskSpec, TaskType, check_relpath, json_schema, parse
 from ohd.errors import TaskFileError
-from ohd.taskfile import Priority, TaskSpec, TaskType, check_relpath, json_schema, parse
 
 FULL = """\
 type: unit_test

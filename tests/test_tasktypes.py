@@ -6,9 +6,9 @@ import re
 
 import pytest
 
+from ohd.core.taskfile import TaskType
+from ohd.core.tasktypes import Job, default_output, extract, fence, fenced_blocks, import_root, messages, module_name
 from ohd.errors import MalformedAnswer, TaskFileError
-from ohd.taskfile import TaskType
-from ohd.tasktypes import Job, default_output, extract, fence, fenced_blocks, import_root, messages, module_name
 
 SOURCE = "def add(a, b):\n    return a + b\n"
 

@@ -6,8 +6,8 @@ import ast
 
 import pytest
 
-from ohd.taskfile import TaskType
-from ohd.validate import (Level, PytestRun, RuleResult, RunStatus, Verdict, check, count_assertions, decide,
+from ohd.core.taskfile import TaskType
+from ohd.ladder.validate import (Level, PytestRun, RuleResult, RunStatus, Verdict, check, count_assertions, decide,
                           imports_module, levels_for)
 
 GOOD_TESTS = """\

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from watchdog.events import DirCreatedEvent, FileDeletedEvent, FileMovedEvent, FileOpenedEvent
 
-from ohd.watch import TasksDirWatcher, event_path, looks_like_task_file
+from ohd.intake.watch import TasksDirWatcher, event_path, looks_like_task_file
 from tests.support.waiting import wait_for
 
 TASK = "type: review\ntarget: shop/pricing.py\n"

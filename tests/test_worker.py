@@ -14,15 +14,16 @@ from typing import Any
 import httpx
 import pytest
 
-from ohd import ladder, views
 from ohd.clock import SystemClock
-from ohd.llm import Completion, ModelClient
-from ohd.quotas import Governor
-from ohd.routing import Policy
-from ohd.store import Store
-from ohd.taskfile import TaskSpec
-from ohd.tasktypes import Job
-from ohd.worker import Pool
+from ohd.core import views
+from ohd.core.routing import Policy
+from ohd.core.taskfile import TaskSpec
+from ohd.core.tasktypes import Job
+from ohd.ladder import ladder
+from ohd.models.llm import Completion, ModelClient
+from ohd.store.quotas import Governor
+from ohd.store.store import Store
+from ohd.work.worker import Pool
 from tests.support.clock import FakeClock
 from tests.support.fake_openrouter import (
     FakeOpenRouter,

@@ -1,6 +1,6 @@
 """ohd: a local daemon that does development chores with LLMs in the background.
 
-For scripts: `from ohd import Client` (see `ohd.api`); the import is lazy, so `ohd status`
+For scripts: `from ohd import Client` (see `ohd.cli.api`); the import is lazy, so `ohd status`
 and the hooks do not pay for it.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ohd.api import Client
+    from ohd.cli.api import Client
 
 __version__ = "0.1.0"
 __all__ = ["Client", "__version__"]
@@ -17,7 +17,7 @@ __all__ = ["Client", "__version__"]
 
 def __getattr__(name: str) -> Any:
     if name == "Client":
-        from ohd.api import Client
+        from ohd.cli.api import Client
 
         return Client
     raise AttributeError(f"module 'ohd' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """`python -m ohd` runs the command line."""
 
-from ohd.cli import main
+from ohd.cli.commands import main
 
 raise SystemExit(main())

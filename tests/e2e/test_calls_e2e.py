@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from ohd.calls import MARKER, cap, render
+from ohd.store.calls import MARKER, cap, render
 from tests.e2e.helpers import DaemonProcess, daemon_env, fake_openrouter
 from tests.support.waiting import wait_for
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ohd import service
-from ohd.client import Client
+from ohd.cli.client import Client
+from ohd.service import systemd as service
 from tests.e2e.helpers import DaemonProcess, daemon_env, fake_openrouter
 from tests.support.waiting import wait_for
 
@@ -205,4 +205,4 @@ def test_a_daemon_killed_by_the_watchdog_leaves_the_stack_of_every_thread(repo: 
     assert daemon.stop(signal.SIGABRT) == -signal.SIGABRT
     log = daemon.log.read_text()
     assert "Fatal Python error: Aborted" in log
-    assert "Current thread" in log and "ohd/daemon.py" in log, log[-3000:]
+    assert "Current thread" in log and "ohd/service/daemon.py" in log, log[-3000:]

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from ohd.store import Store, open_database
-from ohd.taskfile import TaskSpec
+from ohd.core.taskfile import TaskSpec
+from ohd.store.store import Store, open_database
 from tests.e2e.helpers import ROOT, DaemonProcess, daemon_env
 from tests.support.databases import BACKENDS, database_url
 from tests.support.fake_openrouter import FakeOpenRouter
@@ -57,7 +57,7 @@ max_attempts: 1
 """
 # `python -m ohd ARGS`, held after its imports until its stdin closes: the release is one instant
 BARRIER = ("import sys\n"
-           "from ohd.cli import main\n"
+           "from ohd.cli.commands import main\n"
            "print('ready', flush=True)\n"
            "sys.stdin.buffer.read()\n"
            "raise SystemExit(main(sys.argv[1:]))\n")

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from ohd import outputs
-from ohd.ingest import DONE_DIR, REJECTED_DIR
-from ohd.testrun import CANDIDATE_NAME
+from ohd.intake.ingest import DONE_DIR, REJECTED_DIR
+from ohd.ladder.testrun import CANDIDATE_NAME
+from ohd.repo import outputs
 from tests.e2e.helpers import DaemonProcess, daemon_env
 from tests.support.databases import open_store
 from tests.support.fake_openrouter import DEFAULT_CONTENT, FakeOpenRouter, held, ok

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ohd.client import Client
+from ohd.cli.client import Client
+from ohd.core.taskfile import TaskSpec
 from ohd.errors import ApiError
-from ohd.store import Store, open_database
-from ohd.taskfile import TaskSpec
+from ohd.store.store import Store, open_database
 
 from tests.e2e.helpers import DaemonProcess, daemon_env
 from tests.support.fake_openrouter import DEFAULT_CONTENT, FakeOpenRouter, held, ok

@@ -29,13 +29,13 @@ from typing import Any
 import httpx
 import pytest
 
-from ohd.client import Client
+from ohd.cli.client import Client
 from ohd.clock import SystemClock
-from ohd.llm import Completion, ModelClient, http_client
-from ohd.store import Store
-from ohd.taskfile import TaskSpec
-from ohd.tasktypes import Job
-from ohd.worker import Pool
+from ohd.core.taskfile import TaskSpec
+from ohd.core.tasktypes import Job
+from ohd.models.llm import Completion, ModelClient, http_client
+from ohd.store.store import Store
+from ohd.work.worker import Pool
 from tests.e2e.helpers import DaemonProcess, daemon_env
 from tests.support.clock import FakeClock
 from tests.support.databases import open_store

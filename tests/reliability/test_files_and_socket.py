@@ -22,12 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from ohd import delivery, outputs, server
+from ohd.core.taskfile import TaskSpec, TaskType
+from ohd.core.tasktypes import Job
 from ohd.errors import DaemonAlreadyRunning, TargetError
-from ohd.ingest import Ingestor
-from ohd.store import Store
-from ohd.taskfile import TaskSpec, TaskType
-from ohd.tasktypes import Job
+from ohd.intake.ingest import Ingestor
+from ohd.repo import outputs
+from ohd.service import server
+from ohd.store.store import Store
+from ohd.work import delivery
 from tests.e2e.helpers import DaemonProcess, daemon_env
 from tests.support.clock import FakeClock
 from tests.support.gitrepo import git, make_repo
@@ -459,7 +461,7 @@ def test_a_store_the_cli_creates_is_private_too(tmp_path: Path) -> None:
 def test_the_cli_sends_nothing_to_a_socket_another_user_serves(tmp_path: Path) -> None:
     """Another user put a socket where ohd's belongs (a loosened runtime dir): the client refuses
     to talk to it, and the impostor receives not one byte."""
-    from ohd.client import Client
+    from ohd.cli.client import Client
     from ohd.errors import OhdError
 
     folder = Path(tempfile.mkdtemp(prefix="ohd-imp-"))

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ohd.ingest import Ingestor
-from ohd.store import Store
+from ohd.intake.ingest import Ingestor
+from ohd.store.store import Store
 from tests.support.clock import FakeClock
 
 pytestmark = pytest.mark.reliability
@@ -55,7 +55,7 @@ def test_a_file_whose_name_is_not_utf8_is_rejected_once_saying_so(store: Store, 
 @pytest.mark.parametrize("name", ["deep.yaml", "bigint.yaml"])
 def test_ohd_validate_reports_the_file_that_crashed_it(tmp_path: Path, name: str,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    from ohd.cli import main
+    from ohd.cli.commands import main
 
     path = tmp_path / name
     path.write_bytes(NEVER_REJECTED[name])

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from ohd import jail, sandbox
+from ohd.ladder import jail, sandbox
 from tests.e2e.helpers import DaemonProcess, daemon_env
 from tests.support.fake_openrouter import FakeOpenRouter, error, ok
 from tests.support.gitrepo import make_repo

@@ -24,14 +24,14 @@ from typing import Any
 import httpx
 import pytest
 
-from ohd import ladder, testrun
-from ohd.calls import CallHistory
-from ohd.client import Client
-from ohd.llm import Completion, ModelClient
-from ohd.store import Store
-from ohd.taskfile import TaskSpec
-from ohd.tasktypes import Job
-from ohd.worker import Pool
+from ohd.cli.client import Client
+from ohd.core.taskfile import TaskSpec
+from ohd.core.tasktypes import Job
+from ohd.ladder import ladder, testrun
+from ohd.models.llm import Completion, ModelClient
+from ohd.store.calls import CallHistory
+from ohd.store.store import Store
+from ohd.work.worker import Pool
 from tests.e2e.helpers import DaemonProcess, daemon_env
 from tests.support.clock import FakeClock
 from tests.support.fake_openrouter import FakeOpenRouter, never_answer, ok

@@ -2,7 +2,7 @@
 
 The daemon's key: a real daemon with a recognisable key; a child process without capabilities
 (what any other process of a normal user is) cannot read `/proc/<daemon pid>/environ` or `mem`.
-The jail (`ohd.jail`) at each level this machine has: the environment, HOME and TMPDIR, the
+The jail (`ohd.ladder.jail`) at each level this machine has: the environment, HOME and TMPDIR, the
 limits, every process killed at the end and at the time limit (setsid'ed ones too), and in
 `namespace` no network, ohd's dirs and HOME hidden, writes only in the scratch dir. `detect`
 falls back when user namespaces are disabled (`max_user_namespaces = 0` in a user namespace).
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from ohd import jail, sandbox, testrun
+from ohd.ladder import jail, sandbox, testrun
 from tests.e2e.helpers import DaemonProcess, daemon_env
 from tests.support.gitrepo import make_repo
 from tests.support.waiting import wait_for

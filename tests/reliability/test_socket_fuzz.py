@@ -21,10 +21,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ohd.client import Client
+from ohd.cli.client import Client
 from ohd.clock import SystemClock
-from ohd.server import MAX_BODY, MAX_CONNECTIONS, ApiServer
-from ohd.store import Store
+from ohd.service.server import MAX_BODY, MAX_CONNECTIONS, ApiServer
+from ohd.store.store import Store
 from tests.e2e.helpers import DaemonProcess, daemon_env
 from tests.support.clock import FakeClock
 from tests.support.databases import open_store

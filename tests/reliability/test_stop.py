@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from ohd import outputs
-from ohd.client import Client
+from ohd.cli.client import Client
 from ohd.config import Settings
-from ohd.testrun import CANDIDATE_NAME
+from ohd.ladder.testrun import CANDIDATE_NAME
+from ohd.repo import outputs
 from tests.e2e.helpers import ROOT, DaemonProcess, daemon_env
 from tests.support.databases import open_store
 from tests.support.fake_openrouter import Answer, FakeOpenRouter, never_answer, ok

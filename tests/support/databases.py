@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
-from ohd.store import Store, open_database
+from ohd.store.store import Store, open_database
 
 POSTGRES_URL = os.environ.get("OHD_TEST_POSTGRES_URL", "")
 BACKENDS = ("sqlite", "postgresql") if POSTGRES_URL else ("sqlite",)

@@ -14,14 +14,14 @@ from typing import Any
 
 import httpx
 
-from ohd.catalogue import Catalogue
 from ohd.clock import Clock
-from ohd.llm import Completion, ModelClient
-from ohd.routing import Policy
-from ohd.store import Store
-from ohd.taskfile import TaskSpec
-from ohd.tasktypes import Job
-from ohd.worker import Pool
+from ohd.core.routing import Policy
+from ohd.core.taskfile import TaskSpec
+from ohd.core.tasktypes import Job
+from ohd.models.catalogue import Catalogue
+from ohd.models.llm import Completion, ModelClient
+from ohd.store.store import Store
+from ohd.work.worker import Pool
 from tests.support.fake_openrouter import Answer, FakeOpenRouter
 
 GOOD = """```python

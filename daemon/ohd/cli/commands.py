@@ -1,0 +1,409 @@
+"""The `ohd` command: parse arguments, call one library function or the socket client, print.
+
+Exit codes: 0 ok, 1 error, 2 usage (and bad configuration), 3 daemon not running, 141 when
+stdout's reader went away (`| head`).
+Errors become messages and exit codes in `main()` only. Heavy rooms are imported
+inside the commands that need them, so `ohd status` loads little more than `client`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ohd import __version__
+from ohd.errors import ConfigError, DaemonNotRunning, OhdError, TaskFileError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+EXIT_BROKEN_PIPE = 128 + 13   # as a process ended by SIGPIPE: `ohd tasks | head`
+PRIORITIES = ("critical", "high", "normal", "low")
+TYPES = ("unit_test", "docstring", "review", "custom")
+STATUSES = ("pending", "queued", "running", "completed", "failed", "cancelled")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _WARNED.clear()
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        result: int = args.func(args)
+        sys.stdout.flush()   # here, not at exit: a reader gone by then is the BrokenPipe case below
+        return result
+    except ConfigError as exc:
+        print(f"ohd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except DaemonNotRunning as exc:
+        print(f"ohd: {exc}\n  start it with: ohd daemon --repo PATH", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except OhdError as exc:
+        print(f"ohd: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:   # the reader left (`| head`): stop quietly, as cat or ls do
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's flush at exit cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ohd", description="Development chores done by LLMs in the background.")
+    parser.add_argument("--version", action="version", version=f"ohd {__version__}")
+    parser.add_argument("--config", type=Path, help="TOML config file (default: $OHD_CONFIG, then the user config dir)")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str,
+                json_flag: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="print JSON")
+        return p
+
+    p = command("daemon", cmd_daemon, "run the daemon in the foreground", json_flag=False)
+    p.add_argument("--repo", action="append", type=Path, help="a repo to serve (repeatable; default: the current dir)")
+    p.add_argument("--workers", type=int, help="number of concurrent tasks")
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING")
+    p.add_argument("--log-format", default=None, choices=("text", "json"), help="text (default) or JSON lines")
+    p = command("logs", cmd_logs, "the daemon's recent log (the log file's tail, else the journalctl command)",
+                json_flag=False)
+    p.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default 50)")
+    p = command("status", cmd_status, "what the daemon is doing (over its socket)")
+    p.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2) until Ctrl-C")
+    p = command("submit", cmd_submit, "queue a task through the daemon; prints its id")
+    p.add_argument("--type", required=True, choices=TYPES)
+    p.add_argument("--target", required=True, help="the source file, relative to the repo")
+    p.add_argument("--repo", type=Path, help="the repo (default: the current dir)")
+    p.add_argument("--priority", choices=PRIORITIES, default="normal")
+    p.add_argument("--description", default="")
+    p.add_argument("--output", help="where the result goes (default per type)")
+    p.add_argument("--model", action="append", dest="models", help="a model id (repeatable; default: auto)")
+    p.add_argument("--prompt", help="the prompt (type custom)")
+    p = command("tasks", cmd_tasks, "list tasks (reads the store; works while the daemon is down)")
+    p.add_argument("--status", choices=STATUSES)
+    p.add_argument("--limit", type=int, default=50)
+    p = command("show", cmd_show, "one task with its model calls (reads the store)")
+    p.add_argument("id", type=int)
+    p.add_argument("--calls", action="store_true", help="also print each call's prompt and response")
+    for name, func, text in (("cancel", cmd_cancel, "cancel a queued or running task"),
+                             ("retry", cmd_retry, "queue a failed or cancelled task again")):
+        command(name, func, text).add_argument("id", type=int)
+    command("models", cmd_models, "the models, their state and measured stats (over the socket)")
+    p = command("select-model", cmd_select_model,
+                "how `auto` ranks the models for a task type, with each score component (reads the store)")
+    p.add_argument("--type", required=True, choices=TYPES)
+    p = command("metrics", cmd_metrics, "metrics: Prometheus text, or JSON (over the socket)", json_flag=False)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="the JSON snapshot")
+    fmt.add_argument("--prometheus", action="store_true", help="Prometheus text (the default)")
+    p = command("init", cmd_init, "prepare a repo: tasks.d/, examples, .git/info/exclude", json_flag=False)
+    p.add_argument("--repo", type=Path, default=Path("."))
+    p = command("hooks", cmd_hooks, "install or remove ohd's git hooks (pre-commit, post-commit)",
+                json_flag=False)
+    p.add_argument("action", choices=("install", "uninstall"))
+    p.add_argument("--repo", type=Path, default=Path("."))
+    p = command("service", cmd_service, "install or remove the systemd user unit (ohd.service)", json_flag=False)
+    p.add_argument("action", choices=("install", "uninstall"))
+    p.add_argument("--repo", action="append", type=Path, help="a repo the service serves (repeatable)")
+    p = command("validate", cmd_validate, "check task files without submitting them")
+    p.add_argument("files", nargs="+", type=Path)
+    p = command("schema", cmd_schema, "print the task-file JSON Schema", json_flag=False)
+    p.add_argument("--markdown", action="store_true", help="the task-file reference table (as in the README)")
+    p = command("rules", cmd_rules, "standing rules with their next firing and last task (reads the store)")
+    p.add_argument("--repo", action="append", type=Path, help="a repo (repeatable; default: the configured ones)")
+    p = command("demo", cmd_demo, "run ohd on a small temp repo and show what happened", json_flag=False)
+    p.add_argument("--keep", action="store_true", help="keep the temp repo")
+    return parser
+
+
+_WARNED: set[str] = set()
+
+
+def settings(args: argparse.Namespace, env_warnings: bool = True, **overrides: Any) -> Any:
+    """The settings; the `OHD_*` variables ohd ignores are warned about on stderr (the daemon
+    passes `env_warnings=False` and logs them, see `warn_unknown_variables`)."""
+    from ohd import config
+
+    conf = config.load(args.config, **overrides)
+    if env_warnings:
+        for problem in config.unknown_variables(os.environ, conf.api_key_env):
+            if problem not in _WARNED:          # once per command, which may load the settings twice
+                _WARNED.add(problem)
+                print(f"ohd: warning: {problem}", file=sys.stderr)
+    return conf
+
+
+def warn_unknown_variables(conf: Any) -> None:
+    """Log the `OHD_*` variables ohd ignores (the daemon, once its log is set up)."""
+    import logging
+
+    from ohd import config
+
+    for problem in config.unknown_variables(os.environ, conf.api_key_env):
+        logging.getLogger("ohd.config").warning(problem)
+
+
+def client(args: argparse.Namespace) -> Any:
+    from ohd.cli.client import Client
+
+    return Client(settings(args).socket_path)
+
+
+def emit(data: Any, as_json: bool, text: Callable[[Any], str]) -> None:
+    """`data` as JSON (a listing is an object keyed by what it lists, as the socket API answers
+    it: `{"tasks": [...]}`, so that it can grow keys) or as `text`."""
+    print(json.dumps(data, indent=2, default=str) if as_json else text(data))
+
+
+# -- commands -----------------------------------------------------------------
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from ohd.service import daemon
+
+    repos = [p.resolve() for p in args.repo] if args.repo else None
+    conf = settings(args, env_warnings=False, repos=repos, workers=args.workers, log_level=args.log_level,
+                    log_format=args.log_format)
+    from ohd import logfmt
+
+    logfmt.setup(conf.log_level, conf.log_format, [conf.api_key.get_secret_value()] if conf.api_key else [],
+                 conf.log_file)
+    warn_unknown_variables(conf)
+    daemon.serve(conf, reload=lambda: settings(args, env_warnings=False, repos=repos, workers=args.workers,
+                                               log_level=args.log_level, log_format=args.log_format,
+                                               api_key=conf.api_key))   # flags win; serve took the key variable away
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from ohd import logfmt
+
+    conf = settings(args)
+    if conf.log_file is None:
+        print("no log_file is configured; the daemon logs to stderr. Under systemd run:\n"
+              "    journalctl --user -u ohd -f")
+        return EXIT_OK
+    if not conf.log_file.exists():
+        print(f"{conf.log_file} does not exist yet (the daemon creates it when it starts)")
+        return EXIT_OK
+    for line in logfmt.tail(conf.log_file, args.lines):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from ohd.service import systemd as service
+
+    directory = service.unit_dir(os.environ)
+    if args.action == "uninstall":
+        lines = service.uninstall(directory, service.find_systemctl())
+    else:
+        import shutil
+
+        program = service.executable(sys.argv[0], shutil.which("ohd"), sys.executable)
+        start = service.exec_start(program, args.repo or (), args.config)
+        lines = service.install(directory, start, service.find_systemctl())
+    for line in lines:
+        print(line)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ohd.core import views
+
+    if args.watch is None:
+        emit(client(args).get("/status"), args.json, views.status_text)
+        return EXIT_OK
+    import time
+
+    try:
+        while True:
+            status = client(args).get("/status")
+            print("\033[H\033[2J", end="")     # clear the screen, cursor home
+            emit(status, args.json, views.status_text)
+            sys.stdout.flush()
+            time.sleep(max(0.2, args.watch))
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    body = {"type": args.type, "target": args.target, "repo": str((args.repo or Path.cwd()).resolve()),
+            "priority": args.priority, "description": args.description}
+    for key in ("output", "models", "prompt"):
+        if getattr(args, key):
+            body[key] = getattr(args, key)
+    answer = client(args).post("/tasks", body)
+    emit(answer, args.json, lambda a: str(a["id"]))
+    return EXIT_OK
+
+
+def open_store(args: argparse.Namespace) -> Any:
+    from ohd.store.store import Store, open_database
+
+    conf = settings(args)
+    store = Store(open_database(conf.database), lock_wait_s=conf.store_lock_wait_s)
+    store.migrate()
+    return store
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from ohd.core import views
+
+    tasks = [t.as_dict() for t in open_store(args).list_tasks(args.status, args.limit)]
+    emit({"tasks": tasks}, args.json, lambda d: views.tasks_text(d["tasks"]))   # the shape of GET /tasks
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from ohd.core import views
+
+    store = open_store(args)
+    data = store.get_task(args.id).as_dict()
+    data["executions"] = [e.as_dict() for e in store.executions(args.id)]
+    if args.calls:
+        from ohd.store.calls import CallHistory, calls_text
+
+        data["calls"] = CallHistory(store.db).for_task(args.id)
+        emit(data, args.json, lambda d: views.task_text(d) + "\n\n" + calls_text(d["calls"]))
+        return EXIT_OK
+    emit(data, args.json, views.task_text)
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from ohd.core import views
+
+    emit(client(args).post(f"/tasks/{args.id}/cancel"), args.json, views.task_text)
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from ohd.core import views
+
+    emit(client(args).post(f"/tasks/{args.id}/retry"), args.json, views.task_text)
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ohd.core import views
+
+    emit(client(args).get("/models"), args.json, lambda d: views.models_text(d["models"]))   # GET /models
+    return EXIT_OK
+
+
+def cmd_select_model(args: argparse.Namespace) -> int:
+    from ohd.core import selection
+    from ohd.clock import SystemClock
+    from ohd.service.daemon import OFFLINE_MODEL, discovers, key_id_of, policy_of, selection_of
+    from ohd.store.history import History
+    from ohd.store.quotas import Governor
+
+    conf = settings(args)
+    store = open_store(args)
+    measured = History(store.db, store.m).measured(args.type, conf.selection_history)
+    models = [OFFLINE_MODEL] if conf.use_offline else [m for m in conf.models if m != "auto"]
+    if not conf.use_offline and discovers(conf):     # the discovered list lives in the daemon: add the measured
+        models += sorted(set(measured) - set(models))
+    ranking = selection.rank(models, args.type, measured, selection_of(conf))
+    views = Governor(store, policy_of(conf), key_id_of(conf)).views(models, SystemClock().now())
+    states = {view.model: view.health.value for view in views}    # the governor skips all but ready
+    data = {"task_type": args.type, "enabled": conf.model_selection, "weights": dict(selection.WEIGHTS),
+            "ranking": [{**r.as_dict(), "state": states.get(r.model)} for r in ranking]}
+    emit(data, args.json, lambda d: selection.ranking_text(d["task_type"], d["ranking"]))
+    return EXIT_OK
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    if args.json:
+        emit(client(args).get("/metrics.json"), True, str)
+    else:
+        print(client(args).get_text("/metrics"), end="")
+    return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from ohd.repo import gitrepo
+
+    for line in gitrepo.init_repo(args.repo.resolve()):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_hooks(args: argparse.Namespace) -> int:
+    from ohd.repo import gitrepo
+
+    act = gitrepo.install_hooks if args.action == "install" else gitrepo.uninstall_hooks
+    for line in act(args.repo.resolve()):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from ohd.intake.ingest import check_rule_names
+    from ohd.repo.outputs import read_task_file
+    from ohd.core.taskfile import parse_bytes
+
+    results = []
+    for path in args.files:
+        try:
+            spec = parse_bytes(read_task_file(path, str(path)), str(path))
+            check_rule_names(spec, str(path))
+            results.append({"file": str(path), "ok": True, "type": spec.type.value, "target": spec.target})
+        except TaskFileError as exc:
+            results.append({"file": str(path), "ok": False, "error": str(exc)})
+        except OSError as exc:
+            results.append({"file": str(path), "ok": False, "error": f"{path}: {exc.strerror}"})
+    emit(results, args.json, lambda rs: "\n".join(
+        f"ok    {r['file']} ({r['type']} {r['target']})" if r["ok"] else f"error {r['error']}" for r in rs))
+    return EXIT_OK if all(r["ok"] for r in results) else EXIT_ERROR
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    from ohd.clock import SystemClock
+    from ohd.service.daemon import repos_of, rulebook_for
+    from ohd.intake.rules import listing_text, read_rules
+
+    conf = settings(args)
+    clock = SystemClock()
+    book = rulebook_for(conf, open_store(args), clock)
+    for repo in [p.resolve() for p in args.repo] if args.repo else repos_of(conf):
+        for relpath, spec in read_rules(repo):
+            try:
+                book.register(repo, relpath, spec)
+            except TaskFileError as exc:
+                print(f"ohd: {exc}", file=sys.stderr)
+    emit({"rules": book.listing(clock.now())}, args.json, lambda d: listing_text(d["rules"]))
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from ohd.core import taskfile
+
+    if args.markdown:
+        print(taskfile.reference_markdown(), end="")
+        return EXIT_OK
+    print(json.dumps(taskfile.json_schema(), indent=2))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ohd.cli import demo
+    from ohd.cli.client import Client
+
+    return demo.run(lambda socket: Client(socket).get("/status"), keep=args.keep, out=print)

@@ -1,0 +1,1 @@
+"""A user's repository: safe writes inside it (outputs) and git (gitrepo)."""

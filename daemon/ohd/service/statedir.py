@@ -1,0 +1,79 @@
+"""The daemon's own folders kept private: state dir and runtime dir 0700, what is in them 0600.
+
+The store holds the prompts (the repo's source) and the answers, the log names files and
+errors, the socket queues tasks: none of it is for other local users. The daemon runs
+under a umask of 0o077, so everything it creates for itself (the database and its
+`-wal`/`-shm`, the log, the lock, the socket) is private from the start; what an older
+version left readable is tightened at start-up, with a log line. Files ohd writes into a
+repo do not follow this umask: `outputs` gives them the mode of the folder they land in.
+Nothing here reads configuration; the daemon hands in the paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
+from ohd.errors import OhdError
+
+log = logging.getLogger("ohd.statedir")
+
+PRIVATE_UMASK = 0o077
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def private_umask() -> int:
+    """Set the daemon's umask to 0o077; returns the one it replaced."""
+    return os.umask(PRIVATE_UMASK)
+
+
+def secure(state_dir: Path, runtime_dir: Path, files: Iterable[Path] = ()) -> list[str]:
+    """Create the runtime dir (0700), refuse folders of another user, and tighten the state dir,
+    the runtime dir, every file and folder directly in them and `files` (the database elsewhere,
+    the log) to 0700/0600. Returns what was changed, as `path 0755 -> 0700` (also logged)."""
+    runtime_dir.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    changed: list[str] = []
+    for folder in (state_dir, runtime_dir):
+        _check_owner(folder)
+        changed += _tighten(folder)
+        for child in sorted(folder.iterdir()):
+            changed += _tighten(child)
+    for path in files:
+        changed += _tighten(path)
+    if changed:
+        log.warning("made private what others could read (left by an older ohd or created by hand): %s",
+                    ", ".join(changed))
+    return changed
+
+
+def _check_owner(folder: Path) -> None:
+    """A folder of another user could hold a socket or a database planted by them: refuse it."""
+    owner = folder.stat().st_uid
+    if owner != os.geteuid():
+        raise OhdError(f"{folder} belongs to uid {owner}, not to uid {os.geteuid()} that runs ohd; "
+                       "ohd keeps its state and socket only in folders of its own user")
+
+
+def _tighten(path: Path) -> list[str]:
+    """chmod a folder to 0700 and a regular file or socket to 0600 when group or others have bits;
+    symlinks and missing paths are left alone."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return []
+    if stat.S_ISDIR(st.st_mode):
+        wanted = DIR_MODE
+    elif stat.S_ISREG(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+        wanted = FILE_MODE
+    else:
+        return []
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & 0o077 or st.st_uid != os.geteuid():
+        return []
+    new = mode & ~0o077 | (wanted & 0o700)
+    os.chmod(path, new)
+    return [f"{path} {mode:04o} -> {new:04o}"]

@@ -1,0 +1,142 @@
+"""History: read-only SQL aggregates over the execution and task tables, for metrics and selection.
+
+Takes the database and the query models a `Store` was built with (`History(store.db,
+store.m)`); it is a sibling of `store` in the edge layer, so it does not import it.
+Invariant: nothing here writes. Every query groups in SQL except latencies, which come
+back as sorted lists so that percentiles are exact (`percentile`, nearest rank).
+Datetimes are timezone-aware UTC in and out, like the store's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import peewee
+
+from ohd.core.selection import Measured
+from ohd.store.records import Models, TaskStatus, tuple_rows
+
+log = logging.getLogger("ohd.history")
+
+UNKNOWN_TYPE = "unknown"   # an execution whose task row is gone
+# Outcomes of calls that got an answer from the model; only these measure its latency
+# (a 429 or a refused connection comes back at once and would make a model look fast).
+ANSWERED = ("accepted", "rejected", "malformed")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Calls of one model on one task type that ended with one outcome, summed."""
+
+    model: str
+    task_type: str
+    outcome: str
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+
+
+def percentile(sorted_values: Sequence[int], q: float) -> int | None:
+    """The nearest-rank `q` percentile (0 < q <= 1) of ascending values; None when empty."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+class History:
+    """Aggregates of what ohd did, read from the store's tables."""
+
+    def __init__(self, db: peewee.Database, models: Models) -> None:
+        self.db = db
+        self.m = models
+
+    def _read(self) -> None:
+        self.db.connect(reuse_if_open=True)
+
+    def usage(self) -> list[Usage]:
+        """Per (model, task type, outcome): calls, tokens and cost (cost unknown counts as 0)."""
+        self._read()
+        e, t, fn = self.m.execution, self.m.task, peewee.fn
+        query = (e.select(e.model, t.type, e.outcome, fn.COUNT(e.id), fn.SUM(e.prompt_tokens),
+                          fn.SUM(e.completion_tokens), fn.SUM(e.cost))
+                 .join(t, peewee.JOIN.LEFT_OUTER, on=(e.task_id == t.id))
+                 .group_by(e.model, t.type, e.outcome)
+                 .order_by(e.model, t.type, e.outcome))
+        return [Usage(str(model), str(kind or UNKNOWN_TYPE), str(outcome), int(calls), int(prompt or 0),
+                      int(completion or 0), float(cost or 0.0))
+                for model, kind, outcome, calls, prompt, completion, cost in tuple_rows(query)]
+
+    def latencies(self) -> dict[tuple[str, str], list[int]]:
+        """Latency (ms) of every answered call, ascending, per (model, task type)."""
+        self._read()
+        e, t = self.m.execution, self.m.task
+        query = (e.select(e.model, t.type, e.latency_ms)
+                 .join(t, peewee.JOIN.LEFT_OUTER, on=(e.task_id == t.id))
+                 .where(e.outcome.in_(ANSWERED)))
+        found: dict[tuple[str, str], list[int]] = {}
+        for model, kind, latency in tuple_rows(query):
+            found.setdefault((str(model), str(kind or UNKNOWN_TYPE)), []).append(int(latency))
+        return {key: sorted(values) for key, values in found.items()}
+
+    def measured(self, task_type: str, recent: int | None = None) -> dict[str, Measured]:
+        """Per model, its history on `task_type` as model selection weighs it (429s left out);
+        with `recent`, only the newest `recent` executions of any kind count (models change, and
+        a per-task query must not grow with the whole history)."""
+        self._read()
+        e, t, fn = self.m.execution, self.m.task, peewee.fn
+        window = self._newer_than(recent)
+        query = (e.select(e.model, e.outcome, fn.COUNT(e.id), fn.COUNT(e.score), fn.SUM(e.score))
+                 .join(t, on=(e.task_id == t.id))
+                 .where((t.type == task_type) & (e.outcome != "rate_limited") & (e.id > window))
+                 .group_by(e.model, e.outcome))
+        rows: dict[str, list[tuple[str, int, int, float]]] = {}
+        for model, outcome, calls, scored, total in tuple_rows(query):
+            rows.setdefault(str(model), []).append((str(outcome), int(calls), int(scored), float(total or 0.0)))
+        latencies = self._latencies_of(task_type, window)
+        return {model: Measured(calls=sum(r[1] for r in found),
+                                accepted=sum(r[1] for r in found if r[0] == "accepted"),
+                                scored=sum(r[2] for r in found), score_sum=sum(r[3] for r in found),
+                                answered=len(latencies.get(model, ())),
+                                latency_p50_ms=percentile(latencies.get(model, ()), 0.5))
+                for model, found in rows.items()}
+
+    def _newer_than(self, recent: int | None) -> int:
+        """The execution id after which the newest `recent` executions start (0: all of them)."""
+        if recent is None:
+            return 0
+        e = self.m.execution
+        newest = e.select(peewee.fn.MAX(e.id)).scalar()     # the primary key's index: no scan
+        return max(0, int(newest or 0) - recent)
+
+    def _latencies_of(self, task_type: str, window: int = 0) -> dict[str, list[int]]:
+        e, t = self.m.execution, self.m.task
+        query = (e.select(e.model, e.latency_ms).join(t, on=(e.task_id == t.id))
+                 .where((t.type == task_type) & e.outcome.in_(ANSWERED) & (e.id > window)))
+        found: dict[str, list[int]] = {}
+        for model, latency in tuple_rows(query):
+            found.setdefault(str(model), []).append(int(latency))
+        return {model: sorted(values) for model, values in found.items()}
+
+    def task_counts(self) -> dict[str, int]:
+        """Tasks per status; every status present."""
+        self._read()
+        t = self.m.task
+        counts = {status.value: 0 for status in TaskStatus}
+        for status, count in tuple_rows(t.select(t.status, peewee.fn.COUNT(t.id)).group_by(t.status)):
+            counts[str(status)] = int(count)
+        return counts
+
+    def completed_between(self, since: datetime, until: datetime) -> int:
+        """Tasks that finished as completed in [since, until]."""
+        self._read()
+        t = self.m.task
+        return int(t.select(t.id)
+                   .where((t.status == TaskStatus.COMPLETED.value) & (t.finished_at >= since)
+                          & (t.finished_at <= until))
+                   .count())

@@ -1,0 +1,324 @@
+"""The schema's history: named migration functions, applied once each, in order.
+
+Invariant: `migrate(db)` brings any database (SQLite or PostgreSQL) to the newest
+schema and records every applied name in `schema_migrations`, each migration in the
+same transaction as its record, so a crash leaves a migration either applied and
+recorded or neither. Migrations describe the tables as they were at that step (their
+own snapshot models), never through `store`'s query models, so old steps never
+change meaning. Add a step by appending a function to `MIGRATIONS`; never edit one
+that has shipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, cast
+
+import peewee
+
+from ohd.store.transactions import write_transaction
+
+log = logging.getLogger("ohd.migrations")
+
+Migration = Callable[[peewee.Database], None]
+_LOCK_KEY = 0x6F6864  # "ohd": the advisory lock taken while migrating PostgreSQL
+
+
+def initial_schema(db: peewee.Database) -> None:
+    """Tables task, execution, ingested_file, written_file, model_state."""
+
+    class Base(peewee.Model):
+        class Meta:
+            database = db
+
+    class Task(Base):
+        repo = peewee.TextField()
+        type = peewee.CharField(max_length=32)
+        target = peewee.TextField()
+        description = peewee.TextField(default="")
+        priority = peewee.CharField(max_length=16)
+        rank = peewee.IntegerField()
+        output = peewee.TextField(null=True)
+        models = peewee.TextField()                      # JSON list of model ids
+        min_quality = peewee.FloatField()
+        max_attempts = peewee.IntegerField()
+        timeout_s = peewee.FloatField()
+        prompt = peewee.TextField(null=True)
+        source = peewee.TextField(null=True)
+        status = peewee.CharField(max_length=16)
+        attempts = peewee.IntegerField(default=0)
+        error = peewee.TextField(null=True)
+        output_path = peewee.TextField(null=True)
+        report_path = peewee.TextField(null=True)
+        created_at = peewee.DateTimeField()
+        updated_at = peewee.DateTimeField()
+        started_at = peewee.DateTimeField(null=True)
+        finished_at = peewee.DateTimeField(null=True)
+        not_before = peewee.DateTimeField(null=True)
+        lease_owner = peewee.CharField(max_length=128, null=True)
+        lease_until = peewee.DateTimeField(null=True)
+        cancel_requested = peewee.BooleanField(default=False)
+
+        class Meta:
+            table_name = "task"
+            indexes = ((("status", "rank", "id"), False), (("status", "lease_until"), False))
+
+    class Execution(Base):
+        task = peewee.ForeignKeyField(Task, column_name="task_id", on_delete="CASCADE", index=True)
+        attempt = peewee.IntegerField()
+        model = peewee.CharField(max_length=255)
+        started_at = peewee.DateTimeField(index=True)
+        finished_at = peewee.DateTimeField()
+        latency_ms = peewee.IntegerField()
+        prompt_tokens = peewee.IntegerField()
+        completion_tokens = peewee.IntegerField()
+        cost = peewee.FloatField(null=True)
+        outcome = peewee.CharField(max_length=32)
+        error_class = peewee.CharField(max_length=64, null=True)
+        error = peewee.TextField(null=True)
+
+        class Meta:
+            table_name = "execution"
+
+    class IngestedFile(Base):
+        repo = peewee.TextField()
+        relpath = peewee.TextField()
+        sha256 = peewee.CharField(max_length=64)
+        task = peewee.ForeignKeyField(Task, column_name="task_id", null=True, on_delete="CASCADE")
+        ingested_at = peewee.DateTimeField()
+        # repo + sha256 while the file still waits for its move to .done/, NULL after:
+        # one pending row per content, yet the same content dropped again later is new.
+        pending_key = peewee.TextField(null=True, unique=True)
+
+        class Meta:
+            table_name = "ingested_file"
+            indexes = ((("repo", "sha256"), False),)
+
+    class WrittenFile(Base):
+        repo = peewee.TextField()
+        path = peewee.TextField()
+        sha256 = peewee.CharField(max_length=64)
+        task = peewee.ForeignKeyField(Task, column_name="task_id", null=True, on_delete="SET NULL")
+        written_at = peewee.DateTimeField()
+
+        class Meta:
+            table_name = "written_file"
+            indexes = ((("repo", "path"), True),)
+
+    class ModelState(Base):
+        model = peewee.CharField(max_length=255, primary_key=True)
+        state = peewee.CharField(max_length=16, default="ready")
+        cooldown_until = peewee.DateTimeField(null=True)
+        dead = peewee.BooleanField(default=False)
+        failures = peewee.IntegerField(default=0)
+        updated_at = peewee.DateTimeField(null=True)
+
+        class Meta:
+            table_name = "model_state"
+
+    db.create_tables([Task, Execution, IngestedFile, WrittenFile, ModelState], safe=False)
+
+
+def governor_state(db: peewee.Database) -> None:
+    """model_state gains opened_at (breaker) and rpm_limit (learned); model_request: one row per request."""
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as alter
+
+    migrator = SchemaMigrator.from_database(db)
+    alter(migrator.add_column("model_state", "opened_at", peewee.DateTimeField(null=True)),
+          migrator.add_column("model_state", "rpm_limit", peewee.IntegerField(null=True)))
+
+    class ModelRequest(peewee.Model):
+        model = peewee.CharField(max_length=255)
+        key_id = peewee.CharField(max_length=64)
+        free = peewee.BooleanField(default=False)
+        at = peewee.DateTimeField(index=True)
+
+        class Meta:
+            database = db
+            table_name = "model_request"
+            indexes = ((("model", "at"), False), (("key_id", "at"), False))
+
+    db.create_tables([ModelRequest], safe=False)
+
+
+def standing_rules(db: peewee.Database) -> None:
+    """rule_firing: one row per task a standing rule created; rule_clock: a schedule's last firing."""
+
+    class Base(peewee.Model):
+        class Meta:
+            database = db
+
+    class RuleFiring(Base):
+        repo = peewee.TextField()
+        rule = peewee.TextField()
+        path = peewee.TextField()
+        sha256 = peewee.CharField(max_length=64, null=True)
+        task_id = peewee.IntegerField()
+        origin = peewee.CharField(max_length=32)
+        fired_at = peewee.DateTimeField()
+
+        class Meta:
+            table_name = "rule_firing"
+            indexes = ((("repo", "rule", "path"), False),)
+
+    class RuleClock(Base):
+        repo = peewee.TextField()
+        rule = peewee.TextField()
+        last_fire = peewee.DateTimeField()
+
+        class Meta:
+            table_name = "rule_clock"
+            primary_key = peewee.CompositeKey("repo", "rule")
+
+    db.create_tables([RuleFiring, RuleClock], safe=False)
+
+
+def execution_score(db: peewee.Database) -> None:
+    """execution gains score: the validation score of the result (NULL when there was no verdict)."""
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as alter
+
+    alter(SchemaMigrator.from_database(db).add_column("execution", "score", peewee.FloatField(null=True)))
+
+
+def model_call(db: peewee.Database) -> None:
+    """Table model_call: each model call's prompt and response (`ohd show ID --calls`)."""
+
+    class ModelCall(peewee.Model):
+        task_id = peewee.IntegerField(index=True)
+        model = peewee.CharField(max_length=255)
+        started_at = peewee.DateTimeField()
+        prompt = peewee.TextField()
+        response = peewee.TextField()
+
+        class Meta:
+            database = db
+            table_name = "model_call"
+
+    db.create_tables([ModelCall], safe=False)
+
+
+def task_rule_levels(db: peewee.Database) -> None:
+    """task gains rule_levels: the task file's own validation rule levels (JSON; NULL: none)."""
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as alter
+
+    alter(SchemaMigrator.from_database(db).add_column("task", "rule_levels", peewee.TextField(null=True)))
+
+
+def execution_validation_ms(db: peewee.Database) -> None:
+    """execution gains validation_ms: how long judging its answer took (NULL when it got no verdict),
+    so latency_ms is the model call's own time."""
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as alter
+
+    alter(SchemaMigrator.from_database(db).add_column("execution", "validation_ms", peewee.IntegerField(null=True)))
+
+
+def crash_recovery(db: peewee.Database) -> None:
+    """task gains crashes: how many times a daemon's crash (or an expired lease) interrupted its run,
+    so a task that kills ohd is failed after a bounded number; model_call gains execution_id (the
+    execution that judged the answer) and pending (JSON: the call's usage and the source it was
+    asked about, while the answer may still be judged or delivered after a crash; NULL after)."""
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as alter
+
+    migrator = SchemaMigrator.from_database(db)
+    alter(migrator.add_column("task", "crashes", peewee.IntegerField(default=0)),
+          migrator.add_column("model_call", "execution_id", peewee.IntegerField(null=True)),
+          migrator.add_column("model_call", "pending", peewee.TextField(null=True)))
+
+
+def execution_source(db: peewee.Database) -> None:
+    """execution gains source_sha256: the hash of the target text an answer was judged against, so
+    an answer accepted for a text that changed since (the task runs again on the new one, or a
+    crash came between) is never delivered from the call history against the new text."""
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as alter
+
+    alter(SchemaMigrator.from_database(db).add_column("execution", "source_sha256", peewee.CharField(null=True)))
+
+
+def written_previous(db: peewee.Database) -> None:
+    """written_file gains previous_sha256: while a write ohd recorded is under way, the hash of what
+    the file held before it ('' for no file; NULL once its task finished). A kill between recording
+    the new hash and the rename leaves the old bytes, which are then still known as ohd's (or as
+    replaceable), not taken for the user's edit."""
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as alter
+
+    alter(SchemaMigrator.from_database(db).add_column("written_file", "previous_sha256",
+                                                      peewee.CharField(max_length=64, null=True)))
+
+
+# The history, oldest first. Append only.
+MIGRATIONS: tuple[tuple[str, Migration], ...] = (
+    ("0001_initial_schema", initial_schema),
+    ("0002_governor_state", governor_state),
+    ("0003_standing_rules", standing_rules),
+    ("0004_execution_score", execution_score),
+    ("0005_model_call", model_call),
+    ("0006_task_rule_levels", task_rule_levels),
+    ("0007_execution_validation_ms", execution_validation_ms),
+    ("0008_crash_recovery", crash_recovery),
+    ("0009_execution_source", execution_source),
+    ("0010_written_previous", written_previous),
+)
+
+
+class SchemaMigration(peewee.Model):
+    """The ledger of applied migrations (unbound; `_ledger` binds a copy to one database)."""
+
+    name = peewee.CharField(max_length=255, primary_key=True)
+    applied_at = peewee.DateTimeField(constraints=[peewee.SQL("DEFAULT CURRENT_TIMESTAMP")])
+
+
+def _ledger(db: peewee.Database) -> type[SchemaMigration]:
+    meta = type("Meta", (), {"database": db, "table_name": "schema_migrations"})
+    return type("SchemaMigration", (SchemaMigration,), {"Meta": meta, "__module__": __name__})
+
+
+def applied(db: peewee.Database) -> list[str]:
+    """Names already recorded, in the order they were applied."""
+    db.connect(reuse_if_open=True)
+    if not db.table_exists("schema_migrations"):
+        return []
+    ledger = _ledger(db)
+    return [row.name for row in ledger.select(ledger.name).order_by(ledger.applied_at, ledger.name)]
+
+
+def migrate(db: peewee.Database, steps: Sequence[tuple[str, Migration]] = MIGRATIONS) -> list[str]:
+    """Apply every migration not yet recorded; returns the names applied now (idempotent).
+
+    `steps` is the history (`MIGRATIONS`); tests pass a longer one to prove atomicity.
+    """
+    db.connect(reuse_if_open=True)
+    ledger = _ledger(db)
+    done_now: list[str] = []
+    for name, step in steps:
+        if name in applied(db):
+            continue    # a read first: every command migrates, and an applied step must not queue for the lock
+        with _exclusive(db):
+            ledger.create_table(safe=True)
+            if ledger.select().where(ledger.name == name).exists():
+                continue
+            step(db)
+            ledger.insert(name=name).execute()
+        log.info("schema migration %s applied", name)
+        done_now.append(name)
+    return done_now
+
+
+@contextmanager
+def _exclusive(db: peewee.Database) -> Iterator[None]:
+    """A transaction that holds the writer lock, so two processes never migrate at once."""
+    if isinstance(db, peewee.SqliteDatabase):
+        with write_transaction(db):
+            yield
+        return
+    with db.atomic():
+        cast(Any, db).execute_sql("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        yield

@@ -1,0 +1,219 @@
+"""SQL of the standing rules: their firings and their schedule clocks.
+
+Two tables (migration `0002_standing_rules`): `rule_firing` (one row per task a rule
+created: rule file, changed path, content hash at firing time, task id, origin) and
+`rule_clock` (per schedule rule, the last firing acted on). Invariant: the checks that
+decide whether a change fires (an open task for the same (rule, path), the hash of the
+last accepted run) and the task it creates are one writer transaction, so two callers
+(the watcher and the hook spool) never queue the same (rule, path) twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import peewee
+
+from ohd.core.taskfile import TaskSpec
+from ohd.store.records import Task, TaskStatus, dict_rows, task_from_row
+from ohd.store.store import Store
+from ohd.store.transactions import write_transaction
+
+log = logging.getLogger("ohd.rulestore")
+
+OPEN = (TaskStatus.PENDING.value, TaskStatus.QUEUED.value)
+HOLD_MARGIN_S = 5.0   # after a running task's time limit, before its re-run may start
+
+
+class RuleFiringRow(peewee.Model):
+    repo = peewee.TextField()
+    rule = peewee.TextField()
+    path = peewee.TextField()
+    sha256 = peewee.CharField(max_length=64, null=True)
+    task_id = peewee.IntegerField()
+    origin = peewee.CharField(max_length=32)
+    fired_at = peewee.DateTimeField()
+
+
+class RuleClockRow(peewee.Model):
+    repo = peewee.TextField()
+    rule = peewee.TextField()
+    last_fire = peewee.DateTimeField()
+
+    class Meta:
+        primary_key = peewee.CompositeKey("repo", "rule")
+
+
+def source_of(rule: str) -> str:
+    """The `source` of tasks a rule creates, e.g. `rule:tasks.d/tests.yaml`."""
+    return f"rule:{rule}"
+
+
+def _naive(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(tzinfo=None)
+
+
+def _aware(moment: datetime | str) -> datetime:
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+class RuleStore:
+    """Reads and writes of the rule tables, on the `Store`'s database (any thread)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.db = store.db
+        meta = {"database": store.db}
+        self.firing: Any = type("RuleFiring", (RuleFiringRow,), {
+            "Meta": type("Meta", (), {**meta, "table_name": "rule_firing"}), "__module__": __name__})
+        self.clock: Any = type("RuleClock", (RuleClockRow,), {
+            "Meta": type("Meta", (), {**meta, "table_name": "rule_clock"}), "__module__": __name__})
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        with write_transaction(self.db, self.store.lock_wait_s):
+            yield
+
+    # -- schedules ------------------------------------------------------------------
+
+    def last_fire(self, repo: Path, rule: str) -> datetime | None:
+        """The last firing acted on (or the rule's first sighting), if recorded."""
+        self.db.connect(reuse_if_open=True)
+        c = self.clock
+        row = c.select(c.last_fire).where((c.repo == str(repo)) & (c.rule == rule)).first()
+        return None if row is None else _aware(row.last_fire)
+
+    def baseline(self, repo: Path, rule: str, now: datetime) -> datetime:
+        """`last_fire`, recording `now` first for a rule never seen (no firing before it counts)."""
+        known = self.last_fire(repo, rule)
+        if known is not None:
+            return known
+        self.set_last_fire(repo, rule, now)
+        return now
+
+    def set_last_fire(self, repo: Path, rule: str, when: datetime) -> None:
+        c = self.clock
+        with self._write():
+            (c.insert(repo=str(repo), rule=rule, last_fire=_naive(when))
+             .on_conflict(conflict_target=[c.repo, c.rule], update={c.last_fire: _naive(when)})
+             .execute())
+
+    def fire_schedule(self, repo: Path, rule: str, spec: TaskSpec, fire_time: datetime,
+                      now: datetime) -> int:
+        """The task of one firing, its record and the new `last_fire`, in one transaction."""
+        with self._write():
+            task_id = self.store.enqueue(str(repo), spec, now, source=source_of(rule))
+            self._record(repo, rule, spec.file, None, task_id, "schedule", fire_time)
+            self.set_last_fire(repo, rule, fire_time)
+        return task_id
+
+    # -- changes --------------------------------------------------------------------
+
+    def fire_change(self, repo: Path, rule: str, spec: TaskSpec, sha256: str, origin: str,
+                    now: datetime) -> tuple[int, TaskStatus] | None:
+        """Queue the task of a changed file unless it would be redundant; its id and status
+        (pending when it waits for the running one), or None.
+
+        Redundant: a pending/queued task for the same (rule, path) exists (it will read
+        the newest content); the running one was fired for this very content; or,
+        nothing running, the last accepted run was for this content.
+        """
+        with self._write():
+            open_, running, running_until = self._open(repo, rule, spec.file)
+            if open_:
+                # The queued task will read the newest content: remember that one for it.
+                self.firing.update(sha256=sha256).where(self.firing.id.in_(open_)).execute()
+                return None
+            if running is not None:
+                if running == sha256:
+                    return None
+            elif self._last_accepted(repo, rule, spec.file) == sha256:
+                return None
+            task_id = self.store.enqueue(str(repo), spec, now, source=source_of(rule))
+            self._record(repo, rule, spec.file, sha256, task_id, origin, now)
+            if running_until is not None:
+                self._hold(task_id, running_until, now)
+        return task_id, TaskStatus.PENDING if running_until is not None else TaskStatus.QUEUED
+
+    def _hold(self, task_id: int, until: datetime, now: datetime) -> None:
+        """The re-run waits (pending) until the running task's time limit has surely passed,
+        so it follows that task instead of running beside it; `promote_due` queues it then."""
+        t = self.store.m.task
+        (t.update(status=TaskStatus.PENDING.value, not_before=max(until, now), updated_at=now)
+         .where(t.id == task_id).execute())
+
+    def release_held(self, now: datetime) -> list[int]:
+        """Held re-runs whose running task has ended become due now (not at its time limit);
+        their ids. Held = pending, from a rule, never started (a task the governor deferred
+        has started and keeps its own time)."""
+        f, t = self.firing, self.store.m.task
+        self.db.connect(reuse_if_open=True)
+        held = dict_rows(f.select(f.task_id, f.repo, f.rule, f.path).join(t, on=(f.task_id == t.id))
+                         .where((t.status == TaskStatus.PENDING.value) & t.started_at.is_null()
+                                & (t.not_before > now)))
+        released = []
+        for row in held:
+            ahead = self._firings(Path(row["repo"]), row["rule"], row["path"]).where(
+                t.status == TaskStatus.RUNNING.value)
+            if ahead.exists():
+                continue
+            with self._write():
+                changed = (t.update(not_before=now, updated_at=now)
+                           .where((t.id == row["task_id"]) & (t.status == TaskStatus.PENDING.value)
+                                  & t.started_at.is_null()).execute())
+            if changed:
+                released.append(int(row["task_id"]))
+        return released
+
+    def _open(self, repo: Path, rule: str, path: str) -> tuple[list[int], str | None, datetime | None]:
+        """(firings whose task is pending/queued, the content hash of a running one, the time
+        by which that one has ended: started_at + its time limit)."""
+        rows = self._firings(repo, rule, path).where(
+            self.store.m.task.status.in_([*OPEN, TaskStatus.RUNNING.value]))
+        open_: list[int] = []
+        running, until = None, None
+        for row in dict_rows(rows):
+            if row["status"] in OPEN:
+                open_.append(row["id"])
+            else:
+                running = row["sha256"] or ""
+                started = _aware(row["started_at"]) if row["started_at"] else None
+                until = None if started is None else started + timedelta(seconds=row["timeout_s"] + HOLD_MARGIN_S)
+        return open_, running, until
+
+    def _last_accepted(self, repo: Path, rule: str, path: str) -> str | None:
+        t = self.store.m.task
+        rows = dict_rows(self._firings(repo, rule, path).where(t.status == TaskStatus.COMPLETED.value)
+                         .order_by(self.firing.id.desc()).limit(1))
+        return rows[0]["sha256"] if rows else None
+
+    def _firings(self, repo: Path, rule: str, path: str) -> Any:
+        f, t = self.firing, self.store.m.task
+        return (f.select(f.id, f.sha256, t.status, t.started_at, t.timeout_s).join(t, on=(f.task_id == t.id))
+                .where((f.repo == str(repo)) & (f.rule == rule) & (f.path == path)))
+
+    def _record(self, repo: Path, rule: str, path: str, sha256: str | None, task_id: int,
+                origin: str, fired_at: datetime) -> None:
+        self.firing.insert(repo=str(repo), rule=rule, path=path, sha256=sha256, task_id=task_id,
+                           origin=origin, fired_at=_naive(fired_at)).execute()
+
+    # -- listing --------------------------------------------------------------------
+
+    def last_task(self, repo: Path, rule: str) -> Task | None:
+        """The newest task the rule created."""
+        self.db.connect(reuse_if_open=True)
+        f = self.firing
+        row = (f.select(f.task_id).where((f.repo == str(repo)) & (f.rule == rule))
+               .order_by(f.id.desc()).first())
+        if row is None:
+            return None
+        t = self.store.m.task
+        tasks = dict_rows(t.select().where(t.id == row.task_id))
+        return task_from_row(tasks[0]) if tasks else None

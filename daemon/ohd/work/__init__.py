@@ -1,0 +1,1 @@
+"""Doing a task: the worker pool, delivering outputs and reports, and the reports' text."""
