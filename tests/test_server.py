@@ -19,7 +19,17 @@ import pytest
 
 from ohd.cli.client import Client, UnixHTTPConnection
 from ohd.core.taskfile import TaskSpec
-from ohd.errors import ApiError, DaemonAlreadyRunning, DaemonNotRunning, InvalidTransition, NotFound
+from ohd.errors import (
+    ApiError,
+    ConfigError,
+    DaemonAlreadyRunning,
+    DaemonNotRunning,
+    InvalidTransition,
+    NotFound,
+    OhdError,
+    StorageUnavailable,
+    TargetError,
+)
 from ohd.service.server import ApiServer
 from ohd.store.store import Store, TaskStatus
 from tests.support.clock import FakeClock
@@ -33,11 +43,14 @@ class Daemonish:
 
     wakes: list[int] = field(default_factory=list)
     status_failures: int = 0
+    status_error: Exception | None = None
 
     def wake(self) -> None:
         self.wakes.append(1)
 
     def status(self) -> dict[str, Any]:
+        if self.status_error is not None:
+            raise self.status_error
         if self.status_failures:
             self.status_failures -= 1
             raise RuntimeError("status snapshot blew up")
@@ -427,3 +440,25 @@ def test_head_gives_the_headers_without_a_body(server: ApiServer, sock: Path) ->
         assert conn.getresponse().status == 200
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize(("error", "status"), [
+    (NotFound("task", 7), 404), (InvalidTransition(3, "running", "retry"), 409),
+    (StorageUnavailable("/s/ohd.db", StorageUnavailable.FULL), 507),
+    (StorageUnavailable("/s/ohd.db", StorageUnavailable.LOCKED), 503),
+    (TargetError("shop/x.py", "does not exist"), 400), (ApiError(418, "a teapot", "Teapot"), 418),
+    (ConfigError("bad value"), 400)])
+def test_an_error_the_server_answers_is_the_one_the_client_raises(client: Client, daemonish: Daemonish,
+                                                                 error: OhdError, status: int) -> None:
+    """One mapping both ways (`errors.http_answer`, `errors.from_http`): the exception a handler
+    raised comes back from the client with its data, or as ApiError with its status, kind and text."""
+    daemonish.status_error = error
+    with pytest.raises(OhdError) as raised:
+        client.get("/status")
+    got = raised.value
+    if isinstance(error, (NotFound, InvalidTransition)):
+        assert type(got) is type(error) and vars(got) == {**vars(error), **({"ident": "7"} if isinstance(error, NotFound) else {})}
+    else:
+        assert isinstance(got, ApiError) and (got.status, str(got)) == (status, str(error))
+        assert got.kind == (error.kind if isinstance(error, ApiError) else type(error).__name__)
+

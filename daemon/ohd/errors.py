@@ -9,6 +9,7 @@ message to be parsed. Classification of model failures happens once, in `llm.py`
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 
 class OhdError(Exception):
@@ -267,6 +268,34 @@ class ApiError(OhdError):
         self.message = message
         self.kind = kind
         super().__init__(message)
+
+
+def http_answer(exc: OhdError) -> tuple[int, dict[str, Any]]:
+    """The socket API's answer to `exc`: its HTTP status and JSON body (`error`, `kind`, and the data
+    a client needs to raise the same exception again; `from_http` is the way back)."""
+    body: dict[str, Any] = {"error": str(exc), "kind": type(exc).__name__}
+    if isinstance(exc, ApiError):
+        return exc.status, {"error": exc.message, "kind": exc.kind or type(exc).__name__}
+    if isinstance(exc, NotFound):
+        return 404, {**body, "what": exc.kind, "id": str(exc.ident)}
+    if isinstance(exc, InvalidTransition):
+        return 409, {**body, "task_id": exc.task_id, "status": exc.status, "action": exc.action}
+    if isinstance(exc, StorageUnavailable):     # 507 Insufficient Storage; a lock passes: 503
+        return 503 if exc.locked else 507, {**body, "reason": exc.reason}
+    if isinstance(exc, TargetError):
+        return 400, {**body, "path": exc.path}
+    return 400, body
+
+
+def from_http(status: int, info: dict[str, Any], path: str) -> OhdError:
+    """The exception for an error answer of the socket API: the one `http_answer` was given when the
+    answer carries its data (`NotFound`, `InvalidTransition`), else `ApiError` with status and message."""
+    if status == 404:
+        return NotFound(str(info.get("what") or "resource"), info.get("id") or path)
+    if status == 409 and all(key in info for key in ("task_id", "status", "action")):
+        return InvalidTransition(int(info["task_id"]), str(info["status"]), str(info["action"]))
+    kind = info.get("kind")
+    return ApiError(status, str(info.get("error") or f"HTTP {status} for {path}"), str(kind) if kind else None)
 
 
 class ShutdownRequested(BaseException):

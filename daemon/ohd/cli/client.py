@@ -19,7 +19,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from ohd.errors import ApiError, DaemonNotRunning, InvalidTransition, NotFound, OhdError
+from ohd.errors import ApiError, DaemonNotRunning, OhdError, from_http
 
 log = logging.getLogger("ohd.client")
 
@@ -131,15 +131,8 @@ class Client:
 
 
 def error_from(status: int, data: bytes, path: str) -> Exception:
-    """The exception for an error answer: the server's kind when it carries the data, else ApiError."""
-    info = _error_info(data)
-    message = str(info.get("error") or f"HTTP {status} for {path}")
-    kind = info.get("kind")
-    if status == 404:
-        return NotFound(str(info.get("what") or "resource"), info.get("id") or path)
-    if status == 409 and all(key in info for key in ("task_id", "status", "action")):
-        return InvalidTransition(int(info["task_id"]), str(info["status"]), str(info["action"]))
-    return ApiError(status, message, str(kind) if kind else None)
+    """The exception for an error answer (`errors.from_http`, the way back of the server's mapping)."""
+    return from_http(status, _error_info(data), path)
 
 
 def _error_info(data: bytes) -> dict[str, Any]:

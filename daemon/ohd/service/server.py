@@ -38,15 +38,7 @@ import pydantic
 
 from ohd.clock import Clock
 from ohd.work import delivery
-from ohd.errors import (
-    ApiError,
-    DaemonAlreadyRunning,
-    InvalidTransition,
-    NotFound,
-    OhdError,
-    StorageUnavailable,
-    TargetError,
-)
+from ohd.errors import ApiError, DaemonAlreadyRunning, NotFound, OhdError, TargetError, http_answer
 from ohd.core.taskfile import TaskSpec
 from ohd.repo.outputs import check_output, check_reports, resolve_inside
 from ohd.store.store import Store, Task, TaskStatus
@@ -90,25 +82,14 @@ def error_reply(code: int, message: str, kind: str, /, **data: Any) -> Reply:
 
 
 def classify(exc: Exception) -> Reply:
-    """An exception raised by a handler → its error answer (500 for the unexpected)."""
-    if isinstance(exc, ApiError):
-        return error_reply(exc.status, exc.message, exc.kind or type(exc).__name__)
-    if isinstance(exc, NotFound):
-        return error_reply(404, str(exc), type(exc).__name__, what=exc.kind, id=str(exc.ident))
-    if isinstance(exc, InvalidTransition):
-        return error_reply(409, str(exc), type(exc).__name__, task_id=exc.task_id, status=exc.status,
-                           action=exc.action)
-    if isinstance(exc, StorageUnavailable):     # 507 Insufficient Storage; a lock passes: 503
-        return error_reply(503 if exc.locked else 507, str(exc), type(exc).__name__, reason=exc.reason)
-    if isinstance(exc, TargetError):
-        return error_reply(400, str(exc), type(exc).__name__, path=exc.path)
+    """An exception raised by a handler → its error answer (`errors.http_answer`; 500 for the unexpected)."""
     if isinstance(exc, pydantic.ValidationError):
         problems = [(".".join(str(p) for p in err["loc"]) or "task", str(err["msg"]).removeprefix("Value error, "))
                     for err in exc.errors()]
         text = "; ".join(f"{field}: {msg}" for field, msg in problems)
         return error_reply(400, f"invalid task: {text}", "ValidationError", fields=[f for f, _ in problems])
     if isinstance(exc, OhdError):
-        return error_reply(400, str(exc), type(exc).__name__)
+        return json_reply(*http_answer(exc))
     log.exception("socket API: unexpected failure")
     return error_reply(500, f"internal error: {type(exc).__name__}: {exc}", type(exc).__name__)
 
