@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ohd.clock import Clock
+from ohd.clock import Clock, first
 from ohd.core.taskfile import TaskSpec, parse_bytes
 from ohd.errors import StorageUnavailable, TargetError, TaskFileError
 from ohd.ladder import validate
@@ -146,14 +146,9 @@ class Ingestor:
     async def _wait(self, stop: asyncio.Event) -> None:
         """A short clock sleep while paths settle; otherwise until a submit or `stop`."""
         if self._settling:
-            await self.clock.sleep(min(MAX_POLL_S, max(0.01, self.settle_s / 3)))
-            return
-        waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(self._wakeup.wait())]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+            await first(self.clock, stop, timeout=min(MAX_POLL_S, max(0.01, self.settle_s / 3)))
+        else:
+            await first(self.clock, stop, self._wakeup)
 
     async def _ingest_settled(self) -> list[int]:
         created: list[int] = []

@@ -25,7 +25,7 @@ from typing import Any
 
 import pathspec
 
-from ohd.clock import Clock
+from ohd.clock import Clock, first
 from ohd.core.taskfile import TaskSpec, TaskType, parse_bytes
 from ohd.errors import OhdError, TargetError, TaskFileError
 from ohd.intake.schedule import Trigger, compile_cron, decide, next_fire
@@ -268,13 +268,7 @@ class RuleBook:
             await self._wait(stop, delay)
 
     async def _wait(self, stop: asyncio.Event, delay: float) -> None:
-        waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(self._wakeup.wait()),
-                   asyncio.create_task(self.clock.sleep(delay))]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+        await first(self.clock, stop, self._wakeup, timeout=delay)
 
     # -- listing --------------------------------------------------------------------
 

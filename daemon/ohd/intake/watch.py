@@ -34,7 +34,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import ObservedWatch
 
-from ohd.clock import Clock
+from ohd.clock import Clock, first
 from ohd.ladder.testrun import CANDIDATE_PREFIX
 from ohd.repo.gitrepo import ignored_paths
 
@@ -356,14 +356,8 @@ class TreeWatcher:
 
     async def _wait(self, stop: asyncio.Event) -> None:
         """Until the earliest quiet period ends, or (nothing pending) a new event, or `stop`."""
-        waiters: list[asyncio.Task[object]] = [asyncio.create_task(stop.wait())]
         if self._pending:
             left = min(self._pending.values()) + self.quiet_s - self.clock.monotonic()
-            waiters.append(asyncio.create_task(self.clock.sleep(max(0.01, left))))
+            await first(self.clock, stop, timeout=max(0.01, left))
         else:
-            waiters.append(asyncio.create_task(self._wakeup.wait()))
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+            await first(self.clock, stop, self._wakeup)

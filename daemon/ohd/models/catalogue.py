@@ -22,7 +22,7 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol, TypeVar
 
-from ohd.clock import Clock
+from ohd.clock import Clock, first
 from ohd.core import routing
 from ohd.errors import OhdError
 from ohd.store.quotas import Governor
@@ -193,7 +193,7 @@ class Catalogue:
             raise error
 
     async def _wait(self, stop: asyncio.Event, seconds: float) -> None:
-        await _unless_stopped(stop, self.clock.sleep(seconds))
+        await first(self.clock, stop, timeout=seconds)
 
 
 async def _unless_stopped(stop: asyncio.Event, work: Awaitable[T]) -> asyncio.Future[T]:
