@@ -16,7 +16,7 @@ from ohd.config import load
 from ohd.core import routing
 from ohd.core.routing import Policy
 from ohd.models.catalogue import Catalogue
-from ohd.service.daemon import policy_of
+from ohd.service.assemble import policy_of
 from ohd.store.store import Store
 from ohd.work.worker import Pool
 from tests.support.clock import FakeClock

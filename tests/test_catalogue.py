@@ -6,6 +6,7 @@ Against the fake OpenRouter (a real HTTP server) with a real SQLite store and a 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from datetime import datetime
 from decimal import Decimal
@@ -16,7 +17,7 @@ import pytest
 
 from ohd.config import DEFAULT_MODELS, load
 from ohd.models.catalogue import Catalogue, Listing, parse, price
-from ohd.service.daemon import discovers, models_of
+from ohd.service.assemble import discovers, models_of
 from ohd.store.quotas import Governor
 from ohd.store.store import Store
 from ohd.work.worker import Pool
@@ -84,6 +85,34 @@ def test_discovery_keeps_only_the_free_models_and_updates_the_pool_list_in_place
     assert seen == {"same_list": True, "models": [FREE_A, ZERO_PRICED, FREE_B], "status": "completed"}
     assert [r.model for r in server.completions()] == [FREE_A]
     assert server.requests_for(PAID) == []
+
+
+class Recorded(list[str]):
+    """A model list that notes the thread of each change made to it."""
+
+    def __init__(self, items: list[str]) -> None:
+        super().__init__(items)
+        self.threads: list[int] = []
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self.threads.append(threading.get_ident())
+        super().__setitem__(index, value)
+
+
+def test_the_discovered_list_is_changed_on_the_event_loop_thread(
+        store: Store, server: PricedOpenRouter, clock: FakeClock) -> None:
+    """The workers read the pool's list on the loop thread. A refresh reads the store in a thread of
+    its own, but changes the list on the loop's (it changed it from that other thread)."""
+    seen: dict[str, Any] = {}
+
+    async def step(pool: Pool, catalogue: Catalogue) -> None:
+        pool.models = recorded = Recorded(pool.models)
+        assert await catalogue.refresh()
+        seen.update(models=list(pool.models), threads=recorded.threads, loop=threading.get_ident())
+
+    drive(store, server, clock, ["configured/model:free"], step, discover=True)
+    assert seen["models"] == [FREE_A, ZERO_PRICED, FREE_B]
+    assert seen["threads"] == [seen["loop"]]
 
 
 def test_without_discovery_the_configured_list_stays(store: Store, server: PricedOpenRouter,
@@ -166,8 +195,11 @@ def test_the_loop_refreshes_every_interval_on_the_clock_and_stops(store: Store, 
     class Holder:
         models: list[str] = []
 
+    def use_models(models: list[str]) -> None:
+        holder.models = list(models)
+
     holder = Holder()
-    catalogue = Catalogue(fetch, Governor(store), clock, holder, discover=True, refresh_s=900)
+    catalogue = Catalogue(fetch, Governor(store), clock, holder, discover=True, refresh_s=900, use_models=use_models)
     asyncio.run(asyncio.wait_for(catalogue.run(stop), timeout=10))
     assert [(at - calls[0]).total_seconds() for at in calls] == [0, 900, 1800]
     assert holder.models == [FREE_A]

@@ -23,7 +23,8 @@ from ohd.ladder import ladder, lintrun, sandbox, testrun, validate
 from ohd.ladder.validate import Level, RunStatus
 from ohd.models.llm import Completion
 from ohd.repo import outputs
-from ohd.service import daemon
+from ohd.service import assemble, daemon
+from ohd.service.live import Live
 from ohd.store.store import Store
 from ohd.work import report
 from ohd.work.worker import Pool
@@ -275,13 +276,13 @@ def test_rule_levels_come_from_the_config_file_and_the_environment(tmp_path: Pat
     settings = config.load(path, env={})
     assert settings.rule_levels == {"unit_test": {"lint": "error", "coverage_delta": "off"},
                                     "*": {"valid_python": "error"}}
-    table = daemon.ladder_of(settings).levels
+    table = assemble.ladder_of(settings).levels
     assert validate.levels_for("unit_test", table)["lint"] is Level.ERROR
     assert validate.levels_for("unit_test", table)["coverage_delta"] is None
     assert validate.levels_for("docstring", table)["lint"] is Level.WARNING
 
     from_env = config.load(env={"OHD_RULE_LEVELS": json.dumps({"docstring": {"docstring_only": "warning"}})})
-    assert validate.levels_for("docstring", daemon.ladder_of(from_env).levels)["docstring_only"] is Level.WARNING
+    assert validate.levels_for("docstring", assemble.ladder_of(from_env).levels)["docstring_only"] is Level.WARNING
 
 
 @pytest.mark.parametrize(("raw", "says"), [
@@ -291,7 +292,7 @@ def test_rule_levels_come_from_the_config_file_and_the_environment(tmp_path: Pat
 def test_an_unknown_task_type_or_rule_is_a_clear_config_error(raw: dict[str, dict[str, str]], says: str) -> None:
     settings = config.Settings(rule_levels=raw)   # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=says):
-        daemon.ladder_of(settings)
+        assemble.ladder_of(settings)
 
 
 def test_an_unknown_level_is_refused_when_the_file_is_read(tmp_path: Path) -> None:
@@ -308,11 +309,11 @@ def test_a_rule_switched_off_is_not_measured(repo: Path) -> None:
 
 
 def test_the_daemon_finds_the_installed_tools(monkeypatch: pytest.MonkeyPatch) -> None:
-    built = daemon.ladder_of(config.Settings())
+    built = assemble.ladder_of(config.Settings())
     assert built.ruff and built.coverage             # both are in the test extra
     monkeypatch.setenv("PATH", "")
     monkeypatch.setattr(lintrun.sysconfig, "get_path", lambda name: os.devnull)
-    assert daemon.ladder_of(config.Settings()).ruff is None
+    assert assemble.ladder_of(config.Settings()).ruff is None
 
 
 def test_a_reload_applies_rule_levels_and_keeps_the_running_ones_when_invalid(
@@ -321,13 +322,13 @@ def test_a_reload_applies_rule_levels_and_keeps_the_running_ones_when_invalid(
     running = daemon.Daemon(settings)
     pool = Pool(running.store, call=None, clock=FakeClock(), models=["m"])  # type: ignore[arg-type]
     try:
-        running._apply(settings.model_copy(update={"rule_levels": {"unit_test": {"lint": "error"}},
-                                                   "test_runs": 1}), pool)
+        running.reloader.apply(settings.model_copy(update={"rule_levels": {"unit_test": {"lint": "error"}},
+                                                   "test_runs": 1}), Live(pool))
         assert validate.levels_for("unit_test", pool.ladder.levels)["lint"] is Level.ERROR
         assert pool.ladder.tests.runs == 1 and running.settings.test_runs == 1
         applied = pool.ladder
         with caplog.at_level("ERROR"):
-            running._apply(running.settings.model_copy(update={"rule_levels": {"unit_tst": {"lint": "off"}}}), pool)
+            running.reloader.apply(running.settings.model_copy(update={"rule_levels": {"unit_tst": {"lint": "off"}}}), Live(pool))
         assert "keeping the running validation settings: rule_levels: unknown task type 'unit_tst'" in caplog.text
         assert pool.ladder is applied and running.settings.rule_levels == {"unit_test": {"lint": "error"}}
     finally:
@@ -408,7 +409,7 @@ def test_test_processes_wait_for_a_free_slot_and_the_wait_is_not_run_time(repo: 
     assert log.read_text().split() == ["start", "end"] * 4      # never two at once
     assert testrun.Options().slots is None                     # tests and tools: no limit by default
     settings = config.load(env={"OHD_TEST_PARALLEL": "3"})
-    slots = daemon.ladder_of(settings).tests.slots
+    slots = assemble.ladder_of(settings).tests.slots
     assert slots is not None and [slots.acquire(blocking=False) for _ in range(4)] == [True, True, True, False]
 
 

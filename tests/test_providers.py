@@ -22,7 +22,8 @@ from ohd.core.tasktypes import Job
 from ohd.errors import ConfigError
 from ohd.models.catalogue import Catalogue
 from ohd.models.llm import Completion, ModelClient
-from ohd.service.daemon import policy_of
+from ohd.service.assemble import policy_of
+from ohd.service.live import Live
 from ohd.store.store import Store
 from ohd.work.worker import Pool
 from tests.support.clock import FakeClock
@@ -157,7 +158,7 @@ def test_discovery_reads_an_ollama_model_list(store: Store, server: LocalServer,
 
             pool = Pool(store, call, clock, models=["configured/model:free"], size=1)
             catalogue = Catalogue(client.list_models, pool.governor, clock, pool, discover=True,
-                                  unknown_price_paid=unknown_price_paid)
+                                  unknown_price_paid=unknown_price_paid, use_models=Live(pool).use_models)
             assert await catalogue.refresh()
             return pool
 

@@ -7,7 +7,7 @@ import ast
 
 from ohd import config
 from ohd.ladder import screen, validate
-from ohd.service import daemon
+from ohd.service import assemble
 
 
 def found(tests: str, target: str | None = None) -> list[str]:
@@ -62,7 +62,7 @@ def test_the_rule_rejects_before_pytest_and_says_why() -> None:
 
 def test_allow_risky_tests_switches_the_screen_off_unless_rule_levels_names_it() -> None:
     def level(**env: str) -> object:
-        levels = daemon.ladder_of(config.load(env=env)).levels
+        levels = assemble.ladder_of(config.load(env=env)).levels
         return validate.levels_for("unit_test", levels)["safe_tests"]
 
     assert level() is validate.Level.ERROR

@@ -26,7 +26,7 @@ from ohd.core.selection import Config, Measured, Prior
 from ohd.core.taskfile import TaskSpec
 from ohd.core.tasktypes import Job
 from ohd.models.llm import Completion, ModelClient
-from ohd.service.daemon import ranker, selection_of
+from ohd.service.assemble import ranker, selection_of
 from ohd.store.history import History
 from ohd.store.store import Store
 from ohd.work.worker import Pool

@@ -196,7 +196,8 @@ def test_a_reload_installs_the_log_handlers_again_and_keeps_a_file_it_cannot_ope
 
 def test_a_reload_takes_the_live_keys_and_names_the_rest(caplog: pytest.LogCaptureFixture) -> None:
     from ohd.config import Settings
-    from ohd.service.supervision import live_changes, summary
+    from ohd.service.status import summary
+    from ohd.service.supervision import live_changes
 
     old = Settings()
     new = old.model_copy(update={"workers": 2, "models": ["a/b"], "free_rpm": 5, "log_level": "LOUD",
@@ -213,6 +214,8 @@ def test_a_reload_takes_the_live_keys_and_names_the_rest(caplog: pytest.LogCaptu
 def test_a_reload_applies_the_budget_and_selection_keys_to_the_running_pool() -> None:
     from ohd import config
     from ohd.service import daemon
+    from ohd.service.assemble import policy_of, rank_of
+    from ohd.service.live import Live
     from ohd.work.worker import Pool
     from tests.support.clock import FakeClock
 
@@ -220,14 +223,14 @@ def test_a_reload_applies_the_budget_and_selection_keys_to_the_running_pool() ->
     running = daemon.Daemon(settings)
     running.store.migrate()         # a reload of the limits decides pending tasks again (reads the store)
     pool = Pool(running.store, call=None, clock=FakeClock(), models=["m"],  # type: ignore[arg-type]
-                policy=daemon.policy_of(settings), rank=running._rank(settings))
+                policy=policy_of(settings), rank=rank_of(settings, running.store))
     try:
         assert pool.rank is not None and not pool.governor.policy.allow_paid
-        running._apply(settings.model_copy(update={"allow_paid": True, "daily_request_cap": 40,
-                                                   "model_selection": False}), pool)
+        running.reloader.apply(settings.model_copy(update={"allow_paid": True, "daily_request_cap": 40,
+                                                           "model_selection": False}), Live(pool))
         assert pool.governor.policy.allow_paid and pool.governor.policy.request_cap == 40
         assert pool.rank is None                                 # configured order from now on
-        running._apply(running.settings.model_copy(update={"model_selection": True}), pool)
+        running.reloader.apply(running.settings.model_copy(update={"model_selection": True}), Live(pool))
         assert pool.rank is not None
     finally:
         running.store.close()
@@ -237,8 +240,10 @@ def test_a_reload_that_changes_the_limits_decides_the_pending_tasks_again_at_onc
     from datetime import timedelta
 
     from ohd import config
-    from ohd.service import daemon
     from ohd.core.taskfile import TaskSpec
+    from ohd.service import daemon
+    from ohd.service.assemble import policy_of
+    from ohd.service.live import Live
     from ohd.work.worker import Pool
     from tests.support.clock import FakeClock
 
@@ -247,13 +252,13 @@ def test_a_reload_that_changes_the_limits_decides_the_pending_tasks_again_at_onc
     running = daemon.Daemon(settings, clock)
     running.store.migrate()
     pool = Pool(running.store, call=None, clock=clock, models=["m:free"],  # type: ignore[arg-type]
-                policy=daemon.policy_of(settings))
+                policy=policy_of(settings))
     try:
         task_id = running.store.enqueue("/repo", TaskSpec.model_validate(
             {"type": "unit_test", "target": "a.py"}), clock.now())
         assert running.store.claim_next("w", clock.now(), timedelta(seconds=60)) is not None
         running.store.defer(task_id, "w", clock.now() + timedelta(hours=12), clock.now(), "free_rpd spent")
-        running._apply(settings.model_copy(update={"free_rpd": 1000}), pool)
+        running.reloader.apply(settings.model_copy(update={"free_rpd": 1000}), Live(pool))
         assert running.store.get_task(task_id).status == "queued"       # not at UTC midnight
     finally:
         running.store.close()

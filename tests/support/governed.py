@@ -20,6 +20,7 @@ from ohd.core.taskfile import TaskSpec
 from ohd.core.tasktypes import Job
 from ohd.models.catalogue import Catalogue
 from ohd.models.llm import Completion, ModelClient
+from ohd.service.live import Live
 from ohd.store.store import Store
 from ohd.work.worker import Pool
 from tests.support.fake_openrouter import Answer, FakeOpenRouter
@@ -73,7 +74,8 @@ def drive(store: Store, server: FakeOpenRouter, clock: Clock, models: list[str],
                 return await client.complete(model, messages, timeout_s)
 
             pool = Pool(store, call, clock, models=models, size=1, policy=policy)
-            catalogue = Catalogue(client.list_models, pool.governor, clock, pool, discover=discover)
+            catalogue = Catalogue(client.list_models, pool.governor, clock, pool, discover=discover,
+                                  use_models=Live(pool).use_models)
             await step(pool, catalogue)
             return pool
 

@@ -308,23 +308,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_select_model(args: argparse.Namespace) -> int:
-    from ohd.core import selection
     from ohd.clock import SystemClock
-    from ohd.service.daemon import OFFLINE_MODEL, discovers, key_id_of, policy_of, selection_of
-    from ohd.store.history import History
-    from ohd.store.quotas import Governor
+    from ohd.core import selection
+    from ohd.service.assemble import selection_report
 
-    conf = settings(args)
-    store = open_store(args)
-    measured = History(store.db, store.m).measured(args.type, conf.selection_history)
-    models = [OFFLINE_MODEL] if conf.use_offline else [m for m in conf.models if m != "auto"]
-    if not conf.use_offline and discovers(conf):     # the discovered list lives in the daemon: add the measured
-        models += sorted(set(measured) - set(models))
-    ranking = selection.rank(models, args.type, measured, selection_of(conf))
-    views = Governor(store, policy_of(conf), key_id_of(conf)).views(models, SystemClock().now())
-    states = {view.model: view.health.value for view in views}    # the governor skips all but ready
-    data = {"task_type": args.type, "enabled": conf.model_selection, "weights": dict(selection.WEIGHTS),
-            "ranking": [{**r.as_dict(), "state": states.get(r.model)} for r in ranking]}
+    data = selection_report(settings(args), open_store(args), args.type, SystemClock().now())
     emit(data, args.json, lambda d: selection.ranking_text(d["task_type"], d["ranking"]))
     return EXIT_OK
 
@@ -376,7 +364,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_rules(args: argparse.Namespace) -> int:
     from ohd.clock import SystemClock
-    from ohd.service.daemon import repos_of, rulebook_for
+    from ohd.service.assemble import repos_of, rulebook_for
     from ohd.intake.rules import listing_text, read_rules
 
     conf = settings(args)

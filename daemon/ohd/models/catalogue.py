@@ -4,8 +4,10 @@ A service room over a fetch of `GET /models` (`llm.ModelClient.list_models`) and
 store-backed governor. Each refresh reads the server's list and, only when it has the
 expected shape, (1) gives the governor the models' prices (the budget's "has a price"),
 (2) revives every model the governor marked dead (404) that is listed again, and (3) in
-discovery mode replaces the pool's model list, in place, by the free models it lists (on
-a server you run, not OpenRouter, every model it lists without a price).
+discovery mode has the pool's model list replaced by the free models it lists (on a server
+you run, not OpenRouter, every model it lists without a price): (1) and (2) read the store
+in a thread, (3) is done on the event loop thread by `use_models`, the one writer of the
+pool's list (the daemon's `live.Live`).
 Invariant: a refresh that fails or returns garbage changes nothing (logged; the previous
 list stays), and the pool's list is never emptied by a refresh. Refreshes run every
 `refresh_s` seconds on the injected clock (a plain loop; no scheduler thread), every
@@ -36,7 +38,7 @@ RETRY_S = 5.0   # a model list not read yet is asked for again this often
 
 
 class HasModels(Protocol):
-    """What holds the model list `auto` expands to (the pool): read at each use, changed in place."""
+    """What holds the model list `auto` expands to (the pool): read at each use, changed by `use_models`."""
 
     models: list[str]
 
@@ -117,11 +119,15 @@ class Catalogue:
 
     def __init__(self, fetch: Fetch, governor: Governor, clock: Clock, pool: HasModels, *,
                  discover: bool = False, refresh_s: float = 3600.0, unknown_price_paid: bool = True,
-                 retry_s: float = RETRY_S, on_change: Callable[[], Awaitable[None]] | None = None) -> None:
+                 retry_s: float = RETRY_S, on_change: Callable[[], Awaitable[None]] | None = None,
+                 use_models: Callable[[list[str]], None] | None = None) -> None:
+        if discover and use_models is None:
+            raise ValueError("a discovering catalogue needs `use_models`, the writer of the pool's list")
         self.fetch = fetch
         self.governor = governor
         self.clock = clock
-        self.pool = pool                # its `models` list is updated in place
+        self.pool = pool                # its `models` list is read; `use_models` replaces it (on the loop)
+        self.use_models = use_models
         self.discover = discover
         self.refresh_s = refresh_s
         self.unknown_price_paid = unknown_price_paid   # False: a server you run, unpriced = free
@@ -143,13 +149,16 @@ class Catalogue:
                         type(data).__name__)
             return False
         before = list(self.pool.models)
-        await asyncio.to_thread(self.apply, listings, self.clock.now())
+        free = await asyncio.to_thread(self.apply, listings, self.clock.now())
+        if free is not None:
+            self._discovered(free)      # here, on the loop thread the workers read the list on
         if self.on_change is not None and self.pool.models != before:
             await self.on_change()
         return True
 
-    def apply(self, listings: Sequence[Listing], now: datetime) -> None:
-        """Prices to the governor, relisted dead models revived, the discovered list (store: a thread)."""
+    def apply(self, listings: Sequence[Listing], now: datetime) -> list[str] | None:
+        """Prices to the governor, relisted dead models revived (store: a thread); returns the free
+        models when discovering (None: not), for `_discovered` on the loop thread."""
         self.listings = tuple(listings)
         self.refreshed_at = now
         priced = {entry.model: not entry.costs_nothing(self.unknown_price_paid) for entry in listings}
@@ -160,8 +169,7 @@ class Catalogue:
             if model in listed:
                 self.governor.revive(model, now)
                 log.info("catalogue: model %s is listed again; revived", model)
-        if self.discover:
-            self._discovered([model for model, has_price in priced.items() if not has_price])
+        return [model for model, has_price in priced.items() if not has_price] if self.discover else None
 
     def _discovered(self, free: list[str]) -> None:
         models = self.pool.models
@@ -170,7 +178,8 @@ class Catalogue:
             return
         if free != models:
             added, dropped = set(free) - set(models), set(models) - set(free)
-            models[:] = free            # one slice assignment: readers see the old or the new list
+            assert self.use_models is not None      # a discovering catalogue has one
+            self.use_models(free)
             log.info("catalogue: %d free model(s) (+%d, -%d)", len(free), len(added), len(dropped))
 
     async def run(self, stop: asyncio.Event) -> None:

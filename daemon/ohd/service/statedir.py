@@ -6,18 +6,21 @@ under a umask of 0o077, so everything it creates for itself (the database and it
 `-wal`/`-shm`, the log, the lock, the socket) is private from the start; what an older
 version left readable is tightened at start-up, with a log line. Files ohd writes into a
 repo do not follow this umask: `outputs` gives them the mode of the folder they land in.
+One daemon per state dir: `InstanceLock` holds an exclusive `flock` on its `ohd.lock`.
 Nothing here reads configuration; the daemon hands in the paths.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import stat
 from collections.abc import Iterable
 from pathlib import Path
+from typing import IO
 
-from ohd.errors import OhdError
+from ohd.errors import DaemonAlreadyRunning, OhdError, StorageUnavailable, unwritable_reason
 
 log = logging.getLogger("ohd.statedir")
 
@@ -77,3 +80,48 @@ def _tighten(path: Path) -> list[str]:
     new = mode & ~0o077 | (wanted & 0o700)
     os.chmod(path, new)
     return [f"{path} {mode:04o} -> {new:04o}"]
+
+
+class InstanceLock:
+    """An exclusive `flock` on `<state_dir>/ohd.lock`, holding our pid; released on exit."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle: IO[str] | None = None
+
+    def acquire(self) -> None:
+        """Take the lock; DaemonAlreadyRunning if another daemon holds it, StorageUnavailable when the
+        state dir's disk is full or read-only (said in one line, not a traceback)."""
+        try:
+            self._acquire()
+        except OSError as exc:
+            if (reason := unwritable_reason(exc)) is None:
+                raise
+            self.release()
+            raise StorageUnavailable(str(self.path), reason, str(exc), what="the lock file") from None
+
+    def _acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")
+        self.handle = handle
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            text = handle.read().strip()
+            handle.close()
+            self.handle = None
+            raise DaemonAlreadyRunning(str(self.path), int(text) if text.isdigit() else None) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+
+    def release(self) -> None:
+        if self.handle is not None:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            try:
+                self.handle.close()
+            except OSError:      # the pid could not be flushed (a full disk): nothing to keep
+                pass
+            self.handle = None

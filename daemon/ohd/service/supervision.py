@@ -1,6 +1,5 @@
-"""What the daemon tells its supervisor, and what a SIGHUP may change while it runs.
+"""What a SIGHUP may change while the daemon runs.
 
-The STATUS line for sd_notify is built from the queue counts and the pool's snapshot.
 A reload compares the running settings with freshly read ones: `LIVE_KEYS` are applied
 to the running daemon, any other changed key is only named (it needs a restart), and
 the running settings never take a value that failed to apply. The rule files of
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +31,6 @@ LADDER_KEYS = frozenset({"test_runs", "test_timeout_s", "test_python", "test_par
                          "test_sandbox", "test_memory_mb", "allow_risky_tests"})   # how candidates are judged
 LOG_KEYS = frozenset({"log_level", "log_format", "log_file"})
 LIVE_KEYS = frozenset({"workers", "models"}) | LOG_KEYS | POLICY_KEYS | LADDER_KEYS | SELECTION_KEYS
-
-
-def summary(counts: Mapping[str, int], workers: Mapping[str, Any]) -> str:
-    """The one-line STATUS: queue counts and busy workers."""
-    return (f"{counts.get('queued', 0)} queued, {counts.get('running', 0)} running, "
-            f"{counts.get('pending', 0)} pending, {counts.get('completed', 0)} completed, "
-            f"{counts.get('failed', 0)} failed; workers {workers['busy']}/{workers['size']} busy")
 
 
 def live_changes(old: Settings, new: Settings) -> dict[str, Any]:
