@@ -14,10 +14,15 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ohd import __version__
 from ohd.errors import ConfigError, DaemonNotRunning, OhdError, TaskFileError
+
+if TYPE_CHECKING:     # for the annotations only: the commands import what they use when they run
+    from ohd.cli.client import Client
+    from ohd.config import Settings
+    from ohd.store.store import Store
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 EXIT_BROKEN_PIPE = 128 + 13   # as a process ended by SIGPIPE: `ohd tasks | head`
@@ -134,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 _WARNED: set[str] = set()
 
 
-def settings(args: argparse.Namespace, env_warnings: bool = True, **overrides: Any) -> Any:
+def settings(args: argparse.Namespace, env_warnings: bool = True, **overrides: Any) -> Settings:
     """The settings; the `OHD_*` variables ohd ignores are warned about on stderr (the daemon
     passes `env_warnings=False` and logs them, see `warn_unknown_variables`)."""
     from ohd import config
@@ -148,7 +153,7 @@ def settings(args: argparse.Namespace, env_warnings: bool = True, **overrides: A
     return conf
 
 
-def warn_unknown_variables(conf: Any) -> None:
+def warn_unknown_variables(conf: Settings) -> None:
     """Log the `OHD_*` variables ohd ignores (the daemon, once its log is set up)."""
     import logging
 
@@ -158,7 +163,7 @@ def warn_unknown_variables(conf: Any) -> None:
         logging.getLogger("ohd.config").warning(problem)
 
 
-def client(args: argparse.Namespace) -> Any:
+def client(args: argparse.Namespace) -> Client:
     from ohd.cli.client import Client
 
     return Client(settings(args).socket_path)
@@ -253,7 +258,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def open_store(args: argparse.Namespace) -> Any:
+def open_store(args: argparse.Namespace) -> Store:
     from ohd.store.store import Store, open_database
 
     conf = settings(args)
