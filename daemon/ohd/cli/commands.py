@@ -370,17 +370,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_rules(args: argparse.Namespace) -> int:
     from ohd.clock import SystemClock
     from ohd.service.assemble import repos_of, rulebook_for
-    from ohd.intake.rules import listing_text, read_rules
+    from ohd.intake.rules import listing_text
 
     conf = settings(args)
     clock = SystemClock()
     book = rulebook_for(conf, open_store(args), clock)
     for repo in [p.resolve() for p in args.repo] if args.repo else repos_of(conf):
-        for relpath, spec in read_rules(repo):
-            try:
-                book.register(repo, relpath, spec)
-            except TaskFileError as exc:
-                print(f"ohd: {exc}", file=sys.stderr)
+        book.load(repo, on_error=lambda exc: print(f"ohd: {exc}", file=sys.stderr))
     emit({"rules": book.listing(clock.now())}, args.json, lambda d: listing_text(d["rules"]))
     return EXIT_OK
 

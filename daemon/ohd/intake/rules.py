@@ -174,6 +174,24 @@ class RuleBook:
         wanted = None if repo is None else repo.resolve()
         return [r for r in current if (r.repo / r.relpath).is_file() and wanted in (None, r.repo)]
 
+    def load(self, repo: Path, on_error: Callable[[TaskFileError], object] = lambda _exc: None,
+             forget_others: bool = False) -> list[Rule]:
+        """Register every rule file of `repo`'s tasks.d/ (`read_rules`); a file `register` refuses goes
+        to `on_error` (by default nowhere: ingest rejects it and says why). With `forget_others`, a rule
+        of `repo` whose file is no rule now is forgotten (a SIGHUP's re-read)."""
+        loaded: list[Rule] = []
+        for relpath, spec in read_rules(repo):
+            try:
+                loaded.append(self.register(repo, relpath, spec))
+            except TaskFileError as exc:
+                on_error(exc)
+        if forget_others:
+            names = {rule.relpath for rule in loaded}
+            for rule in self.rules(repo):
+                if rule.relpath not in names:
+                    self.forget(repo, rule.relpath)
+        return loaded
+
     # -- changes --------------------------------------------------------------------
 
     def changed(self, repo: Path, relpaths: Sequence[str], origin: str) -> list[int]:

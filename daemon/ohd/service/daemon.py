@@ -37,13 +37,13 @@ from datetime import timedelta
 from pathlib import Path
 
 from ohd import __version__
-from ohd.clock import Clock, SystemClock
+from ohd.clock import Clock, SystemClock, first
 from ohd.config import Settings
 from ohd.core.taskfile import TaskSpec
 from ohd.core.tasktypes import Job
-from ohd.errors import StorageUnavailable, TaskFileError
+from ohd.errors import StorageUnavailable
 from ohd.intake.ingest import Ingestor
-from ohd.intake.rules import RuleBook, read_rules
+from ohd.intake.rules import RuleBook
 from ohd.intake.spool import SpoolReader, find_spool
 from ohd.intake.watch import SpoolWatcher, TasksDirWatcher, TreeWatcher
 from ohd.ladder import sandbox
@@ -61,7 +61,6 @@ from ohd.service.notify import Notifier, watchdog_interval
 from ohd.service.reload import Reloader
 from ohd.service.server import ApiServer
 from ohd.service.status import StatusView
-from ohd.service.supervision import first
 from ohd.store.calls import CallHistory
 from ohd.store.store import Store, TaskStatus, open_database, sqlite_path
 from ohd.work import delivery
@@ -169,7 +168,7 @@ class Daemon:
             self.notifier.ready(await asyncio.to_thread(self.view.summary, pool.snapshot()))
             extra = [self._report_status(pool)] if self.notifier.enabled else []
             if self.watchdog_s is not None:
-                extra.append(self.notifier.keep_alive(self.stop_event, self.watchdog_s))
+                extra.append(self.notifier.keep_alive(self.stop_event, self.watchdog_s, self.clock))
             await asyncio.gather(
                 *extra,
                 self.reloader.run(self.stop_event, live, rulebook, self.view.summary),
@@ -278,11 +277,7 @@ class Daemon:
         """Hook events left while the daemon was down, once the rules of tasks.d/ are known
         (read here: ingest registers them only after they settle)."""
         for repo in self.repos:
-            for relpath, spec in await asyncio.to_thread(read_rules, repo):
-                try:
-                    rulebook.register(repo, relpath, spec)
-                except TaskFileError:
-                    pass   # ingest rejects the file and says why
+            await asyncio.to_thread(rulebook.load, repo)
             await asyncio.to_thread(spool.scan, repo, self.clock.now())
 
     @staticmethod
@@ -298,10 +293,7 @@ class Daemon:
         round tries again."""
         interval = max(0.5, min(5.0, self.settings.lease_s / 2))
         while not self.stop_event.is_set():
-            try:
-                await asyncio.wait_for(self.stop_event.wait(), timeout=interval)
-            except TimeoutError:
-                pass
+            await first(self.clock, self.stop_event, timeout=interval)
             try:
                 await self._housekeeping_round(pool)
             except StorageUnavailable as exc:
@@ -332,7 +324,7 @@ class Daemon:
             if line != last:
                 self.notifier.status(line)
                 last = line
-            await first(self.stop_event, timeout=1.0)
+            await first(self.clock, self.stop_event, timeout=1.0)
 
 
 def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:

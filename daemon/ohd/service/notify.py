@@ -16,6 +16,8 @@ import asyncio
 import logging
 import socket
 
+from ohd.clock import Clock, first
+
 log = logging.getLogger("ohd.notify")
 
 
@@ -83,15 +85,12 @@ class Notifier:
     def watchdog(self) -> bool:
         return self.send("WATCHDOG=1")
 
-    async def keep_alive(self, stop: asyncio.Event, interval: float) -> None:
+    async def keep_alive(self, stop: asyncio.Event, interval: float, clock: Clock) -> None:
         """WATCHDOG=1 every `interval` seconds until `stop`; runs on the event loop, so a
         stalled loop stops the pings and systemd restarts the daemon."""
         while not stop.is_set():
             self.watchdog()
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=interval)
-            except TimeoutError:
-                pass
+            await first(clock, stop, timeout=interval)
 
 
 def _sockaddr(address: str) -> str:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ohd.clock import Clock
+from ohd.clock import Clock, first
 from ohd.config import Settings
 from ohd.errors import ConfigError, OhdError
 from ohd.intake.rules import RuleBook
@@ -27,7 +27,7 @@ from ohd.ladder.testrun import Processes as TestProcesses
 from ohd.service.assemble import ladder_of, log_sandbox, policy_of, rank_of
 from ohd.service.live import Live
 from ohd.service.notify import Notifier
-from ohd.service.supervision import (LADDER_KEYS, POLICY_KEYS, SELECTION_KEYS, apply_logging, first, live_changes,
+from ohd.service.supervision import (LADDER_KEYS, POLICY_KEYS, SELECTION_KEYS, apply_logging, live_changes,
                                      reread_rules)
 from ohd.store.store import Store
 
@@ -56,7 +56,7 @@ class Reloader:
 
     async def run(self, stop: asyncio.Event, live: Live, rulebook: RuleBook, summary: Summary) -> None:
         while not stop.is_set():
-            await first(stop, self.event)
+            await first(self.clock, stop, self.event)
             if self.event.is_set() and not stop.is_set():
                 self.event.clear()
                 await self.reload(live, rulebook, summary)

@@ -8,15 +8,13 @@ tasks.d/ are registered again (rules whose file is gone or no rule any more forg
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 from typing import Any
 
 from ohd import logfmt
 from ohd.config import Settings
-from ohd.errors import TaskFileError
-from ohd.intake.rules import RuleBook, read_rules
+from ohd.intake.rules import RuleBook
 
 log = logging.getLogger("ohd.supervision")
 
@@ -69,23 +67,4 @@ def apply_logging(old: Settings, live: dict[str, Any]) -> None:
 def reread_rules(repos: list[Path], rulebook: RuleBook) -> None:
     """Register every rule file of each repo's tasks.d/ again; forget rules whose file is no rule now."""
     for repo in repos:
-        found = read_rules(repo)
-        for relpath, spec in found:
-            try:
-                rulebook.register(repo, relpath, spec)
-            except TaskFileError:
-                pass   # ingest rejects the file and says why
-        names = {relpath for relpath, _spec in found}
-        for rule in rulebook.rules(repo):
-            if rule.relpath not in names:
-                rulebook.forget(repo, rule.relpath)
-
-
-async def first(*events: asyncio.Event, timeout: float | None = None) -> None:
-    """Return when any of `events` is set (or after `timeout` seconds)."""
-    waits = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for wait in waits:
-            wait.cancel()
+        rulebook.load(repo, forget_others=True)
