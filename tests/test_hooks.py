@@ -20,8 +20,9 @@ import pytest
 import yaml
 
 from ohd.cli import commands as cli
-from ohd.repo.gitrepo import (CHAINED_SUFFIX, commit_paths, hook_script, hooks_dir, install_hooks, is_ohd_hook,
+from ohd.repo.gitrepo import (commit_paths, hook_script, hooks_dir, install_hooks, is_ohd_hook,
                          uninstall_hooks)
+from ohd.core.layout import CHAINED_SUFFIX
 from ohd.core.taskfile import parse
 from ohd.intake.rules import RuleBook
 from ohd.intake.spool import EventError, SpoolEvent, SpoolReader, parse_event, read_event, spool_dir, unquote

@@ -16,6 +16,7 @@ from watchdog.events import DirDeletedEvent
 
 from ohd.cli.commands import main
 from ohd.clock import SystemClock
+from ohd.core import layout
 from ohd.core.taskfile import TaskType, parse
 from ohd.intake.ingest import Ingestor
 from ohd.intake.rules import RuleBook, compile_globs, is_ohd_file
@@ -657,7 +658,7 @@ def test_the_ladders_candidate_files_are_never_seen_by_the_watch(
     assert paths == ["markers/after"]
     assert book.changed(repo, paths, "watch") == []
     assert _TreeHandler(repo, lambda _repo, _rel: None).relevant(
-        repo / "tests" / f"{testrun.CANDIDATE_PREFIX}0123456789_abcdef.py") is None
+        repo / "tests" / f"{layout.CANDIDATE_PREFIX}0123456789_abcdef.py") is None
 
 
 async def tasks_after(src: Path, clock: FakeClock, book: RuleBook, change: Callable[[], None],

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr, ValidationError, field_validator
 
+from ohd.core import layout
 from ohd.errors import ConfigError
 
 APP = "ohd"
@@ -130,12 +131,12 @@ class Settings(BaseModel):
 
     @property
     def socket_path(self) -> Path:
-        return self.runtime_dir / "ohd.sock"
+        return layout.socket_path(self.runtime_dir)
 
     @property
     def database(self) -> str:
         """The database URL; the default is a SQLite file in the state directory."""
-        return self.database_url or f"sqlite:///{self.state_dir / 'ohd.db'}"
+        return self.database_url or f"sqlite:///{layout.database_path(self.state_dir)}"
 
     @property
     def openrouter(self) -> bool:

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from ohd.intake.ingest import DONE_DIR, REJECTED_DIR
-from ohd.ladder.testrun import CANDIDATE_NAME
+from ohd.core.layout import CANDIDATE_NAME, DONE_DIR, OHD_NEW_SUFFIX, REJECTED_DIR
 from ohd.repo import outputs
 from tests.e2e.helpers import DaemonProcess, daemon_env
 from tests.support.databases import open_store
@@ -272,7 +271,7 @@ def test_kill_9_at_the_writes_of_outputs_and_reports_writes_each_once(tmp_path: 
         executions = {t.id: store.executions(t.id) for t in tasks}
         paths = [f"tests/test_gen_{n}.py" for n in range(WRITE_TASKS)]
         written = {path: store.written_hash(str(repo), path) for path in paths}
-        proposals = [store.written_hash(str(repo), path + outputs.OHD_NEW_SUFFIX) for path in paths]
+        proposals = [store.written_hash(str(repo), path + OHD_NEW_SUFFIX) for path in paths]
         integrity = store.db.execute_sql("PRAGMA integrity_check").fetchall()
     finally:
         store.close()
@@ -282,7 +281,7 @@ def test_kill_9_at_the_writes_of_outputs_and_reports_writes_each_once(tmp_path: 
     assert len(tasks) == 2 * WRITE_TASKS
     assert {t.status for t in tasks} == {"completed"}, [(t.id, t.status, t.error) for t in tasks if t.status != "completed"]
     assert all([e.outcome for e in executions[t.id]].count("accepted") == 1 for t in tasks)
-    assert sorted(repo.rglob(f"*{outputs.OHD_NEW_SUFFIX}")) == [] and proposals == [None] * WRITE_TASKS
+    assert sorted(repo.rglob(f"*{OHD_NEW_SUFFIX}")) == [] and proposals == [None] * WRITE_TASKS
     for path, sha in written.items():
         assert sha is not None and outputs.current_sha(repo / path) == sha == outputs.sha256_text(
             CONTENTS[1].split("\n", 1)[1].rsplit("```", 1)[0]), path

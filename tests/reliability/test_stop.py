@@ -22,7 +22,7 @@ import pytest
 
 from ohd.cli.client import Client
 from ohd.config import Settings
-from ohd.ladder.testrun import CANDIDATE_NAME
+from ohd.core.layout import CANDIDATE_NAME
 from ohd.repo import outputs
 from tests.e2e.helpers import ROOT, DaemonProcess, daemon_env
 from tests.support.databases import open_store

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ohd import __version__
+from ohd.core import layout
 from ohd.errors import ConfigError, DaemonNotRunning, OhdError, TaskFileError
 
 if TYPE_CHECKING:     # for the annotations only: the commands import what they use when they run
@@ -116,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="the JSON snapshot")
     fmt.add_argument("--prometheus", action="store_true", help="Prometheus text (the default)")
-    p = command("init", cmd_init, "prepare a repo: tasks.d/, examples, .git/info/exclude", json_flag=False)
+    p = command("init", cmd_init, f"prepare a repo: {layout.TASKS_DIR}/, examples, {layout.GIT_DIR}/info/exclude",
+                json_flag=False)
     p.add_argument("--repo", type=Path, default=Path("."))
     p = command("hooks", cmd_hooks, "install or remove ohd's git hooks (pre-commit, post-commit)",
                 json_flag=False)

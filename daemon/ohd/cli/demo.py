@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ohd.core import views
+from ohd.core import layout, views
 from ohd.errors import DaemonNotRunning, OhdError
 from ohd.store.store import Store, open_database
 
@@ -42,10 +42,10 @@ def run(fetch_status: StatusFetcher, keep: bool = False, out: Callable[[str], No
         daemon = subprocess.Popen([sys.executable, "-m", "ohd", "daemon", "--repo", str(repo)], env=env,
                                   stdout=subprocess.DEVNULL, stderr=log_file)
     try:
-        socket = base / "run" / "ohd.sock"
+        socket = layout.socket_path(base / "run")
         status = _wait_ready(fetch_status, socket, daemon, timeout_s)
-        (repo / "tasks.d" / "pricing-tests.yaml").write_text(TASK, encoding="utf-8")
-        out("dropped tasks.d/pricing-tests.yaml\n")
+        (layout.tasks_dir(repo) / "pricing-tests.yaml").write_text(TASK, encoding="utf-8")
+        out(f"dropped {layout.task_relpath('pricing-tests.yaml')}\n")
         status = _wait_done(fetch_status, socket, daemon, timeout_s)
         out("$ ohd status\n" + views.status_text(status) + "\n")
         return _show(base, repo, out)
@@ -60,7 +60,7 @@ def run(fetch_status: StatusFetcher, keep: bool = False, out: Callable[[str], No
 def _make_repo(repo: Path) -> Path:
     (repo / "shop").mkdir(parents=True)
     (repo / "tests").mkdir()
-    (repo / "tasks.d").mkdir()
+    layout.tasks_dir(repo).mkdir()
     (repo / "shop" / "__init__.py").write_text("", encoding="utf-8")
     (repo / "tests" / "__init__.py").write_text("", encoding="utf-8")
     source = resources.files("ohd").joinpath("examples", "pricing.py").read_text(encoding="utf-8")
@@ -103,7 +103,7 @@ def _poll(probe: Callable[[], dict[str, Any] | None], daemon: subprocess.Popen[b
 
 
 def _show(base: Path, repo: Path, out: Callable[[str], None]) -> int:
-    store = Store(open_database(f"sqlite:///{base / 'state' / 'ohd.db'}"))
+    store = Store(open_database(f"sqlite:///{layout.database_path(base / 'state')}"))
     task = store.get_task(1)
     data = task.as_dict()
     data["executions"] = [e.as_dict() for e in store.executions(task.id)]

@@ -21,6 +21,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from ohd.core import layout
 from ohd.errors import TaskFileError
 
 log = logging.getLogger("ohd.taskfile")
@@ -72,8 +73,8 @@ def check_relpath(value: str) -> str:
         raise ValueError(f"'{raw}' names the repo root, not a file")
     if norm == ".." or norm.startswith("../"):
         raise ValueError(f"'{raw}' leaves the repo")
-    if norm.split("/", 1)[0] == ".git":
-        raise ValueError(f"'{raw}' is inside .git/")
+    if norm.split("/", 1)[0] == layout.GIT_DIR:
+        raise ValueError(f"'{raw}' is inside {layout.GIT_DIR}/")
     return norm
 
 
@@ -98,8 +99,8 @@ class TaskSpec(pydantic.BaseModel, extra="forbid", frozen=True, json_schema_extr
     target: str | None = Field(
         default=None, json_schema_extra={"default_text": "(required)"},
         description="the source file, relative to the repo root; must stay inside it (no absolute paths, "
-                    "no `..` out of it, nothing under `.git/`); an `on_change` rule without `schedule` "
-                    "needs none (its tasks target the changed file)")
+                    f"no `..` out of it, nothing under `{layout.GIT_DIR}/`); an `on_change` rule without "
+                    "`schedule` needs none (its tasks target the changed file)")
     description: str = Field(default="", max_length=MAX_DESCRIPTION_CHARS,
                              description="what you want, in words; goes into the prompt")
     priority: Priority = Field(default=Priority.NORMAL,
@@ -110,8 +111,9 @@ class TaskSpec(pydantic.BaseModel, extra="forbid", frozen=True, json_schema_extr
                     "`test_<module>.py` where the repo's tests live (an existing one beside the source or in "
                     "the nearest `tests/` folder holding tests, walking up from the source; else at that "
                     "folder's top), else `tests/test_<module>.py` when the repo has `tests/`, else beside "
-                    "the source; `docstring` the target itself; `review` `.ohd/reviews/<file>.md` beside "
-                    "the source; `custom` has none (required there)")
+                    "the source; `docstring` the target itself; `review` "
+                    f"`{layout.REPORT_DIR}/{layout.REVIEWS_DIR}/<file>.md` beside the source; `custom` has none "
+                    "(required there)")
     models: list[str] = Field(default_factory=lambda: ["auto"], min_length=1,
                               description="model ids tried in order; `auto` = the configured list, "
                                           "ranked per task type (see Model selection)")

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from ohd.core import pyparse
+from ohd.core import layout, pyparse
 from ohd.core.taskfile import TaskType
 from ohd.errors import MalformedAnswer, TargetError, TaskFileError
 
@@ -99,7 +99,7 @@ def default_output(task_type: TaskType, target: str, has_tests_dir: bool, test_f
     if task_type is TaskType.DOCSTRING:
         return target
     if task_type is TaskType.REVIEW:
-        return posixpath.join(directory, ".ohd", "reviews", f"{name}.md")
+        return layout.review_output(directory, name)
     raise TaskFileError("<task>", "a custom task needs an explicit output path", field="output")
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ohd.clock import Clock, first
+from ohd.core import layout
 from ohd.core.taskfile import TaskSpec, parse_bytes
 from ohd.errors import StorageUnavailable, TargetError, TaskFileError
 from ohd.ladder import validate
@@ -31,10 +32,6 @@ from ohd.store.store import Store
 
 log = logging.getLogger("ohd.ingest")
 
-TASKS_DIR = "tasks.d"
-DONE_DIR = ".done"
-REJECTED_DIR = ".rejected"
-TASK_SUFFIXES = frozenset({".yaml", ".yml"})
 # Names that editors write next to the file they save (vim, emacs, gedit, ...).
 EDITOR_TEMP_SUFFIXES = ("~", ".swp", ".swx", ".tmp")
 EDITOR_TEMP_NAMES = frozenset({"4913"})
@@ -51,7 +48,7 @@ def is_candidate(path: Path) -> bool:
         return False
     if name.endswith(EDITOR_TEMP_SUFFIXES) or (name.startswith("#") and name.endswith("#")):
         return False
-    return path.suffix.lower() in TASK_SUFFIXES
+    return path.suffix.lower() in layout.TASK_SUFFIXES
 
 
 @dataclass(slots=True)
@@ -82,7 +79,7 @@ class Ingestor:
 
     def scan(self, repo: Path) -> None:
         """Submit every candidate file at the top level of `repo/tasks.d`."""
-        tasks_dir = repo / TASKS_DIR
+        tasks_dir = layout.tasks_dir(repo)
         if not tasks_dir.is_dir():
             return
         self._settle_moves(repo.resolve())
@@ -99,12 +96,13 @@ class Ingestor:
         for relpath, sha256 in self.store.pending_files(str(repo)):
             if not (repo / relpath).exists():
                 self.store.mark_moved(str(repo), sha256)
-                log.info("%s: its move to %s/ was not recorded before a stop; recorded now", relpath, DONE_DIR)
+                log.info("%s: its move to %s/ was not recorded before a stop; recorded now", relpath,
+                         layout.DONE_DIR)
 
     def submit_path(self, repo: Path, path: Path) -> None:
         """Note that `path` (in `repo/tasks.d/`) appeared or changed; it is ingested once settled."""
         repo = repo.resolve()
-        tasks_dir = repo / TASKS_DIR
+        tasks_dir = layout.tasks_dir(repo)
         if not is_candidate(path) or path.parent.resolve() != tasks_dir.resolve():
             log.debug("ignoring %s: not a task file at the top of %s", path, tasks_dir)
             return
@@ -196,7 +194,7 @@ class Ingestor:
             reject(path, str(exc))
             return None
         sha = hashlib.sha256(data).hexdigest()
-        relpath = f"{TASKS_DIR}/{path.name}"
+        relpath = layout.task_relpath(path.name)
         recovered = self.store.pending_ingest(str(repo), sha)
         if recovered is not None:
             log.info("task %d was queued from %s before a restart; moving the file", recovered, relpath)
@@ -252,7 +250,7 @@ class Ingestor:
                      "handled by a later version of ohd", relpath)
 
     def _move_done(self, repo: Path, path: Path, sha: str, task_id: int) -> None:
-        dest = free_name(path.parent / DONE_DIR, path.name, str(task_id))
+        dest = free_name(path.parent / layout.DONE_DIR, path.name, str(task_id))
         make_folder(dest.parent)
         path.rename(dest)
         self.store.mark_moved(str(repo), sha)
@@ -284,9 +282,9 @@ def check_target(repo: Path, target: str) -> Path:
 
 def reject(path: Path, error: str) -> Path:
     """Write `.rejected/<name>.error.txt`, then move the file beside it (in that order)."""
-    dest = free_name(path.parent / REJECTED_DIR, path.name, None)
+    dest = free_name(path.parent / layout.REJECTED_DIR, path.name, None)
     make_folder(dest.parent)
-    note = dest.parent / f"{dest.name}.error.txt"
+    note = layout.error_file(dest)
     note.write_text(printable(error) + "\n", encoding="utf-8")
     note.chmod(dest.parent.stat().st_mode & 0o664)      # readable as the user's own files are
     path.rename(dest)
@@ -306,8 +304,9 @@ def free_name(folder: Path, name: str, tag: str | None) -> Path:
     """`folder/name`, or `folder/<stem>.<tag><suffix>` (then `.<n>`) when that is taken."""
     stem, suffix = Path(name).stem, Path(name).suffix
     # the name, a `.<tag>.<n>` and `.error.txt` must fit NAME_MAX (255 bytes)
-    room = NAME_MAX - len(".error.txt") - len(f".{tag}.") - 8 - len(suffix.encode("utf-8", "surrogateescape"))
-    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX - len(".error.txt"):
+    room = (NAME_MAX - len(layout.ERROR_SUFFIX) - len(f".{tag}.") - 8
+            - len(suffix.encode("utf-8", "surrogateescape")))
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX - len(layout.ERROR_SUFFIX):
         stem = stem.encode("utf-8", "surrogateescape")[:room].decode("utf-8", "ignore")
         name = stem + suffix
     candidate = folder / name

@@ -26,6 +26,7 @@ from typing import Any
 import pathspec
 
 from ohd.clock import Clock, first
+from ohd.core import layout
 from ohd.core.taskfile import TaskSpec, TaskType, parse_bytes
 from ohd.errors import OhdError, TargetError, TaskFileError
 from ohd.intake.schedule import Trigger, compile_cron, decide, next_fire
@@ -36,9 +37,6 @@ from ohd.store.store import Store
 
 log = logging.getLogger("ohd.rules")
 
-TASKS_DIR = "tasks.d"
-OHD_DIR = ".ohd"
-CONFLICT_SUFFIX = ".ohd-new"
 MAX_WAIT_S = 60.0        # the schedule loop re-checks at least this often (suspend, clock jumps)
 DEFAULT_GRACE = timedelta(hours=1)
 
@@ -83,8 +81,8 @@ def compile_globs(globs: Sequence[str], source: str) -> pathspec.GitIgnoreSpec:
 def is_ohd_file(relpath: str) -> bool:
     """ohd's own paths, which never trigger a rule."""
     parts = relpath.split("/")
-    return (parts[0] in (TASKS_DIR, ".git") or OHD_DIR in parts[:-1]
-            or relpath.endswith(CONFLICT_SUFFIX))
+    return (parts[0] in (layout.TASKS_DIR, layout.GIT_DIR) or layout.REPORT_DIR in parts[:-1]
+            or relpath.endswith(layout.OHD_NEW_SUFFIX))
 
 
 def file_sha(repo: Path, relpath: str) -> str | None:
@@ -102,9 +100,9 @@ def file_sha(repo: Path, relpath: str) -> str | None:
 def read_rules(repo: Path) -> list[tuple[str, TaskSpec]]:
     """The rule files at the top of `repo/tasks.d` that parse (for `ohd rules` without a daemon)."""
     found: list[tuple[str, TaskSpec]] = []
-    folder = repo / TASKS_DIR
-    for path in sorted(folder.glob("*.y*ml")) if folder.is_dir() else []:
-        relpath = f"{TASKS_DIR}/{path.name}"
+    folder = layout.tasks_dir(repo)
+    for path in sorted(folder.glob(layout.TASK_GLOB)) if folder.is_dir() else []:
+        relpath = layout.task_relpath(path.name)
         try:       # read as ingest reads: a FIFO, a link to /dev/zero or a deep nesting is skipped
             spec = parse_bytes(read_task_file(path), relpath)
         except (OSError, TaskFileError):
@@ -213,7 +211,7 @@ class RuleBook:
     def _ohd_content(self, repo: Path, relpath: str) -> set[str]:
         """Hashes of what ohd wrote at `relpath` and proposed beside it (`<relpath>.ohd-new`, which
         the user accepts by moving it over `relpath`)."""
-        hashes = (self.store.written_hash(str(repo), path) for path in (relpath, relpath + CONFLICT_SUFFIX))
+        hashes = (self.store.written_hash(str(repo), path) for path in (relpath, relpath + layout.OHD_NEW_SUFFIX))
         return {sha for sha in hashes if sha is not None}
 
     def _fire_change(self, rule: Rule, relpath: str, sha: str, origin: str) -> list[int]:
@@ -311,7 +309,7 @@ class RuleBook:
 def listing_text(rows: Sequence[dict[str, Any]]) -> str:
     """`ohd rules` as text: one line per rule."""
     if not rows:
-        return "no standing rules (a task file in tasks.d/ with schedule: or on_change:)"
+        return f"no standing rules (a task file in {layout.TASKS_DIR}/ with schedule: or on_change:)"
     lines = []
     for row in rows:
         trigger = f"schedule '{row['schedule']}'" if row["schedule"] else f"on_change {row['on_change']}"

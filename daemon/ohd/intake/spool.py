@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
 
+from ohd.core import layout
 from ohd.errors import OhdError
-from ohd.repo.gitrepo import SPOOL_PARTS, commit_paths, git_dir
+from ohd.repo.gitrepo import commit_paths, git_dir
 
 log = logging.getLogger("ohd.spool")
 
-REJECTED_DIR = "rejected"
-EVENT_SUFFIX = ".event"
 MAGIC = "ohd-event 1"
 KINDS = frozenset({"pre-commit", "post-commit"})
 MAX_EVENT_BYTES = 64 * 1024 * 1024
@@ -66,7 +65,7 @@ def spool_dir(repo: Path) -> Path:
     common = git_dir(repo)
     if common is None:
         raise OhdError(f"{repo} is not a git repository: no hook spool")
-    return common.joinpath(*SPOOL_PARTS)
+    return layout.spool_dir(common)
 
 
 def find_spool(repo: Path) -> Path | None:
@@ -146,7 +145,7 @@ def _paths(lines: list[str]) -> tuple[str, ...]:
 
 def _check_path(path: str) -> str:
     pure = PurePosixPath(path)
-    if pure.is_absolute() or ".." in pure.parts or not pure.parts or pure.parts[0] == ".git":
+    if pure.is_absolute() or ".." in pure.parts or not pure.parts or pure.parts[0] == layout.GIT_DIR:
         raise EventError(f"path: {path[:200]!r} is not a path inside the repository")
     return str(pure)
 
@@ -174,7 +173,7 @@ def unquote(quoted: str) -> str:
 
 def is_event_name(name: str) -> bool:
     """A finished event file (the hooks' temp files start with a dot)."""
-    return name.endswith(EVENT_SUFFIX) and not name.startswith(".")
+    return name.endswith(layout.EVENT_SUFFIX) and not name.startswith(".")
 
 
 # -- reading the spool ---------------------------------------------------------------------
@@ -272,7 +271,7 @@ def _mtime(path: Path) -> float:
 
 def reject(path: Path, error: str) -> Path | None:
     """Move a bad event to `<spool>/rejected/` with `<name>.error.txt` (error file first)."""
-    folder = path.parent / REJECTED_DIR
+    folder = path.parent / layout.SPOOL_REJECTED_DIR
     dest = folder / path.name
     number = 0
     while dest.exists():
@@ -280,12 +279,12 @@ def reject(path: Path, error: str) -> Path | None:
         dest = folder / f"{path.stem}.{number}{path.suffix}"
     try:
         folder.mkdir(exist_ok=True)
-        (folder / f"{dest.name}.error.txt").write_text(f"{path.name}: {error}\n", encoding="utf-8")
+        layout.error_file(dest).write_text(f"{path.name}: {error}\n", encoding="utf-8")
         path.rename(dest)
     except FileNotFoundError:
         return None
     except OSError as exc:   # cannot move it: delete it rather than read it again and again
-        log.error("hooks: cannot move bad event %s to %s/ (%s); deleting it", path, REJECTED_DIR, exc)
+        log.error("hooks: cannot move bad event %s to %s/ (%s); deleting it", path, layout.SPOOL_REJECTED_DIR, exc)
         path.unlink(missing_ok=True)
         return None
     log.warning("hooks: rejected %s: %s", path.name, error)

@@ -35,13 +35,11 @@ from watchdog.observers import Observer
 from watchdog.observers.api import ObservedWatch
 
 from ohd.clock import Clock, first
-from ohd.ladder.testrun import CANDIDATE_PREFIX
+from ohd.core import layout
 from ohd.repo.gitrepo import ignored_paths
 
 log = logging.getLogger("ohd.watch")
 
-TASKS_DIR = "tasks.d"
-TASK_SUFFIXES = frozenset({".yaml", ".yml"})
 FORWARDED = frozenset({EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED})
 STOP_TIMEOUT_S = 5.0
 # What the kernel is asked to report: writes, creations and moves. Never opens, reads or closes
@@ -57,7 +55,7 @@ def looks_like_task_file(path: Path) -> bool:
     """`*.yaml`/`*.yml` and not a dotfile; this suffix rule already drops editor temp
     names (`x.yaml~`, `x.yaml.swp`, `#x.yaml#`, `4913`). `ingest.is_candidate` re-checks
     every path; the two services may not import each other, hence the small copy."""
-    return not path.name.startswith(".") and path.suffix.lower() in TASK_SUFFIXES
+    return not path.name.startswith(".") and path.suffix.lower() in layout.TASK_SUFFIXES
 
 
 def event_path(event: FileSystemEvent) -> Path | None:
@@ -115,7 +113,7 @@ class TasksDirWatcher(_ObserverOwner):
 
     def watch(self, repo: Path) -> None:
         """Watch `repo/tasks.d/` (created if missing); before or after `start`."""
-        tasks_dir = repo / TASKS_DIR
+        tasks_dir = layout.tasks_dir(repo)
         if tasks_dir in self.watched:
             return
         tasks_dir.mkdir(parents=True, exist_ok=True)
@@ -130,11 +128,9 @@ class TasksDirWatcher(_ObserverOwner):
 
 # -- the git-hook spool ---------------------------------------------------------------------
 
-SPOOL_EVENT_SUFFIX = ".event"
-
 
 def _is_spool_event(path: Path) -> bool:
-    return not path.name.startswith(".") and path.name.endswith(SPOOL_EVENT_SUFFIX)
+    return not path.name.startswith(".") and path.name.endswith(layout.EVENT_SUFFIX)
 
 
 class SpoolWatcher(_ObserverOwner):
@@ -155,7 +151,6 @@ class SpoolWatcher(_ObserverOwner):
 
 # -- the working tree (standing rules, issue 4) ------------------------------------------
 
-TREE_SKIPPED_DIRS = frozenset({".git", ".ohd", ".venv", "venv", "__pycache__"})
 TREE_EVENTS = frozenset({EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED, EVENT_TYPE_MOVED})
 TREE_DIR_EVENTS: list[type[FileSystemEvent]] = [*FILE_EVENTS, DirCreatedEvent, DirMovedEvent,
                                                 DirDeletedEvent]
@@ -171,8 +166,8 @@ def watches_top_dir(repo: Path, folder: Path) -> bool:
     those cost an inotify watch per directory (`.git/objects/*`, a venv's thousands), and the
     git directory holds the hook spool: the daemon creating it under a recursive watch made
     watchdog register `.git/ohd/inbox` twice and print a warning listing every watched folder."""
-    return (folder.parent == repo and folder.name != TASKS_DIR and folder.name not in TREE_SKIPPED_DIRS
-            and not is_venv(folder))
+    return (folder.parent == repo and folder.name != layout.TASKS_DIR
+            and folder.name not in layout.TREE_SKIPPED_DIRS and not is_venv(folder))
 
 
 class _TreeHandler(FileSystemEventHandler):
@@ -227,9 +222,10 @@ class _TreeHandler(FileSystemEventHandler):
             parts = path.relative_to(self.repo).parts
         except ValueError:
             return None
-        if not parts or parts[0] == TASKS_DIR or any(p in TREE_SKIPPED_DIRS for p in parts[:-1]):
+        if (not parts or parts[0] == layout.TASKS_DIR
+                or any(p in layout.TREE_SKIPPED_DIRS for p in parts[:-1])):
             return None
-        if parts[-1].startswith(CANDIDATE_PREFIX):
+        if parts[-1].startswith(layout.CANDIDATE_PREFIX):
             return None
         for depth in range(1, len(parts)):
             folder = self.repo.joinpath(*parts[:depth])
@@ -293,7 +289,7 @@ class TreeWatcher:
         self._subtrees[folder] = self.observer.schedule(handler, str(folder), recursive=True,
                                                         event_filter=TREE_DIR_EVENTS)
         for root, dirs, files in os.walk(folder):   # written before the watch began
-            dirs[:] = [d for d in dirs if d not in TREE_SKIPPED_DIRS]
+            dirs[:] = [d for d in dirs if d not in layout.TREE_SKIPPED_DIRS]
             for name in files:
                 handler.deliver(Path(root) / name)
 

@@ -16,6 +16,8 @@ import ast
 import fnmatch
 from dataclasses import dataclass
 
+from ohd.core import layout
+
 RISKY_MODULES = ("socket", "ssl", "subprocess", "ctypes", "cffi", "multiprocessing", "pty", "sqlite3",
                  "urllib.request", "http.client", "http.server", "ftplib", "smtplib", "telnetlib", "xmlrpc",
                  "socketserver", "requests", "httpx", "aiohttp", "urllib3", "paramiko", "pexpect", "sh",
@@ -26,8 +28,10 @@ RISKY_CALLS = ("os.system", "os.popen", "os.exec*", "os.spawn*", "os.posix_spawn
                "asyncio.create_subprocess_*", "eval", "exec", "compile", "__import__",
                "builtins.eval", "builtins.exec", "breakpoint", "sys.settrace")
 _SYSTEM_PREFIXES = ("/proc/", "/sys/", "/etc/", "/run/", "/var/run/", "/root/", "/home/", "~/", "/dev/tcp/")
-_SECRET_PARTS = (".ssh/", ".gnupg", ".git/hooks", ".git/config", ".netrc", ".aws/", ".config/ohd", "ohd.sock",
-                 "ohd.db", "/environ")
+# the user's keys and credentials, git's hooks and config (a hook runs code), ohd's config and
+# its own socket and database (their names are the layout's), a process's environment
+_SECRET_PARTS = (".ssh/", ".gnupg", f"{layout.GIT_DIR}/hooks", f"{layout.GIT_DIR}/config", ".netrc", ".aws/",
+                 ".config/ohd", layout.SOCKET_NAME, layout.DATABASE_NAME, "/environ")
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ohd.core import pyparse
+from ohd.core import layout, pyparse
 from ohd.errors import ShutdownRequested, TargetError, repo_unwritable
 from ohd.ladder import sandbox, validate
 from ohd.ladder.validate import CoverageRun, PytestRun, RunStatus
@@ -51,11 +51,7 @@ log = logging.getLogger("ohd.testrun")
 OUTPUT_CHARS = 8000          # pytest output kept per result (the report)
 _FAILED_LINE = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
 _STOPPERS = (RunStatus.ERROR, RunStatus.TIMEOUT)   # no point in running again
-CANDIDATE_PREFIX = "test_ohd_candidate_"    # the working-tree watch never reports a file named so
-_CANDIDATE = CANDIDATE_PREFIX
-CANDIDATE_NAME = re.compile(r"test_ohd_candidate_[0-9a-f]{10}_[0-9a-f]{6}\.py")   # `candidate_file`'s names
 _PYTEST_ARGS = ("-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--color=no")  # over a repo's addopts
-_REPO_VENVS = (".venv/bin/python", "venv/bin/python")   # where `test_python = "auto"` looks first
 _PROBE = ("import importlib.util as u, json, sys; print(json.dumps([u.find_spec('pytest') is not None, "
           "u.find_spec('coverage') is not None, [sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path]]))")
 _TEST_NAME = re.compile(r"(?:^test_.*|.*_test)\.py$")
@@ -140,8 +136,9 @@ def interpreter(repo: Path, setting: str = "auto") -> Interpreter:
     if setting != "auto":
         path = Path(setting).expanduser()
         return probe(str(path if path.is_absolute() else repo / path))
-    for rel in _REPO_VENVS:
-        if (repo / rel).is_file() and (found := probe(str(repo / rel))).pytest:
+    for venv in layout.VENV_DIRS:
+        python = repo / venv / "bin" / "python"
+        if python.is_file() and (found := probe(str(python))).pytest:
             return found
     return Interpreter(sys.executable, pytest=True, coverage=coverage_available())
 
@@ -277,10 +274,10 @@ def candidate_file(repo: Path, output: str, content: str) -> Iterator[str]:
     repo-relative path; the file and any directory made for it are gone afterwards."""
     root = repo.resolve()
     intended = (root / output).resolve()
-    if not intended.is_relative_to(root) or ".git" in intended.relative_to(root).parts:
+    if not intended.is_relative_to(root) or layout.GIT_DIR in intended.relative_to(root).parts:
         raise TargetError(output, "the output leaves the repository")
     digest = hashlib.sha256(f"{output}\0{content}".encode()).hexdigest()[:10]
-    name = f"{_CANDIDATE}{digest}_{secrets.token_hex(3)}.py"   # concurrent tasks never share one
+    name = f"{layout.CANDIDATE_PREFIX}{digest}_{secrets.token_hex(3)}.py"   # concurrent tasks never share one
     path = intended.parent / name
     made: list[Path] = []
     try:
@@ -439,7 +436,8 @@ def measure_coverage(repo: Path, output: str, content: str, *, target: str, impo
                 return _covered(python, root, rels, jailed, target_path, Path(scratch), options, extra, keep)
 
             base = _suite(root, output, target, python, lambda: covered(
-                [], f"--ignore={output}", f"--ignore-glob=*/{_CANDIDATE}*", "--continue-on-collection-errors"))
+                [], f"--ignore={output}", f"--ignore-glob=*/{layout.CANDIDATE_PREFIX}*",
+                "--continue-on-collection-errors"))
             old = covered([output]) if current else Measured()
             with candidate_file(repo, output, content) as rel:
                 new = covered([rel])
@@ -511,7 +509,7 @@ def repo_files(root: Path, wanted: Callable[[str], bool]) -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     return sorted({n for n in listed.decode(errors="replace").split("\0") if n and wanted(posixpath.basename(n))
-                   and not posixpath.basename(n).startswith(_CANDIDATE)})
+                   and not posixpath.basename(n).startswith(layout.CANDIDATE_PREFIX)})
 
 
 def _covered(python: str, root: Path, rels: Sequence[str], env: dict[str, str], target: Path, scratch: Path,

@@ -17,11 +17,9 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-from ohd.core import pyparse, tasktypes
+from ohd.core import layout, pyparse, tasktypes
 from ohd.errors import OhdError
 
-EXCLUDES = (".ohd/", "tasks.d/.done/", "tasks.d/.rejected/", "*.ohd-new")
-EXAMPLES = ("unit-test.yaml", "docstring.yaml", "review.yaml", "custom.yaml")
 EXAMPLE_TARGET = "daemon/ohd/clock.py"
 # never an example target: packaging and tool scripts, and folders that hold no importable code
 _NOT_EXAMPLES = frozenset({"setup.py", "conftest.py", "noxfile.py", "fabfile.py", "manage.py", "__main__.py"})
@@ -61,7 +59,6 @@ def python_files(repo: Path) -> list[str]:
 
 
 _TEST_FILE = re.compile(r"(?:^test_.*|.*_test)\.py$")
-_CANDIDATE = "test_ohd_candidate_"     # the ladder's transient copies of an answer
 
 
 def test_files(repo: Path) -> list[str]:
@@ -72,7 +69,7 @@ def test_files(repo: Path) -> list[str]:
     except OhdError:
         return []
     return sorted({p for p in listed.split("\0") if _TEST_FILE.match(Path(p).name)
-                   and not Path(p).name.startswith(_CANDIDATE)})
+                   and not Path(p).name.startswith(layout.CANDIDATE_PREFIX)})
 
 
 def init_repo(repo: Path) -> list[str]:
@@ -80,18 +77,19 @@ def init_repo(repo: Path) -> list[str]:
     if not repo.is_dir():
         raise OhdError(f"{repo} is not a directory")
     done = [f"repo: {repo}"]
-    tasks_dir = repo / "tasks.d"
-    (tasks_dir / "examples").mkdir(parents=True, exist_ok=True)
+    examples = layout.tasks_dir(repo) / layout.EXAMPLES_DIR
+    examples.mkdir(parents=True, exist_ok=True)
     target = _example_target(repo)
-    for name in EXAMPLES:
-        path = tasks_dir / "examples" / name
+    for name in layout.EXAMPLE_TASKS:
+        path = examples / name
         if path.exists():
             continue
         text = resources.files("ohd").joinpath("examples", name).read_text(encoding="utf-8")
         path.write_text(text.replace(f"target: {EXAMPLE_TARGET}", f"target: {target}"), encoding="utf-8")
         done.append(f"wrote {path.relative_to(repo)}")
     done.extend(_exclude(repo))
-    done.append(f"next: cp tasks.d/examples/unit-test.yaml tasks.d/my-task.yaml (target: {target})")
+    first = (examples / layout.EXAMPLE_TASKS[0]).relative_to(repo)
+    done.append(f"next: cp {first} {layout.task_relpath('my-task.yaml')} (target: {target})")
     return done
 
 
@@ -132,12 +130,12 @@ def _has_public_code(source: str) -> bool:
 def _exclude(repo: Path) -> list[str]:
     gdir = git_dir(repo)
     if gdir is None:
-        return ["not a git repo: skipped .git/info/exclude (add .ohd/ to your ignore rules)"]
+        return [f"not a git repo: skipped {layout.GIT_DIR}/info/exclude (add {layout.REPORT_DIR}/ to your ignore rules)"]
     exclude = gdir / "info" / "exclude"
     exclude.parent.mkdir(parents=True, exist_ok=True)
     text = exclude.read_text(encoding="utf-8") if exclude.exists() else ""
     present = set(re.split(r"\r?\n", text))
-    missing = [e for e in EXCLUDES if e not in present]
+    missing = [e for e in layout.GIT_EXCLUDES if e not in present]
     if not missing:
         return []
     block = ("" if text.endswith("\n") or not text else "\n") + "# ohd\n" + "\n".join(missing) + "\n"
@@ -150,8 +148,6 @@ def _exclude(repo: Path) -> list[str]:
 
 HOOK_NAMES = ("pre-commit", "post-commit")
 HOOK_MARKER = b"\n# ohd-hook "       # the second line of ohd's hook scripts
-CHAINED_SUFFIX = ".ohd-chained"       # the user's own hook, moved aside; ours runs it first
-SPOOL_PARTS = ("ohd", "inbox")
 
 
 def hook_script(name: str) -> str:
@@ -187,7 +183,8 @@ def install_hooks(repo: Path) -> list[str]:
     """
     folder = hooks_dir(repo)
     for name in HOOK_NAMES:
-        path, chained = folder / name, folder / (name + CHAINED_SUFFIX)
+        path = folder / name
+        chained = layout.chained_hook(path)
         if _present(path) and not is_ohd_hook(path) and _present(chained):
             raise OhdError(f"{path} is not ohd's and {chained.name} exists already; "
                            "move one of them away and run `ohd hooks install` again")
@@ -196,7 +193,7 @@ def install_hooks(repo: Path) -> list[str]:
     done.extend(_install_hook(folder / name, hook_script(name)) for name in HOOK_NAMES)
     common = git_dir(repo)
     if common is not None:
-        common.joinpath(*SPOOL_PARTS).mkdir(parents=True, exist_ok=True)
+        layout.spool_dir(common).mkdir(parents=True, exist_ok=True)
     return done
 
 
@@ -206,7 +203,8 @@ def uninstall_hooks(repo: Path) -> list[str]:
     folder = hooks_dir(repo)
     done = [f"hooks folder: {folder}"]
     for name in HOOK_NAMES:
-        path, chained = folder / name, folder / (name + CHAINED_SUFFIX)
+        path = folder / name
+        chained = layout.chained_hook(path)
         if is_ohd_hook(path):
             path.unlink()
             if _present(chained):
@@ -237,9 +235,9 @@ def _install_hook(path: Path, script: str) -> str:
         _write_executable(path, script)
         return f"{name}: updated"
     if _present(path):
-        os.rename(path, path.with_name(name + CHAINED_SUFFIX))
+        os.rename(path, layout.chained_hook(path))
         _write_executable(path, script)
-        return f"{name}: installed; your hook is now {name}{CHAINED_SUFFIX} and runs first"
+        return f"{name}: installed; your hook is now {layout.chained_hook(path).name} and runs first"
     _write_executable(path, script)
     return f"{name}: installed"
 

@@ -27,15 +27,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from ohd.core import layout
 from ohd.core.taskfile import TaskType, check_relpath
 from ohd.errors import TargetError, TaskFileError, repo_unwritable
 
 log = logging.getLogger("ohd.outputs")
 
-OHD_NEW_SUFFIX = ".ohd-new"
-REPORT_DIR = ".ohd"
-TASKS_DIR = "tasks.d"        # read by ingest: nothing ohd writes may land there
-GIT_DIR = ".git"
 _SNIFF_BYTES = 8192
 MAX_TASK_FILE_BYTES = 1024 * 1024    # a task file is refused above 1 MiB
 _NEW_FILE_MODE = 0o644
@@ -62,7 +59,8 @@ def resolve_inside(repo: Path, rel: str) -> Path:
         raise TargetError(rel, f"resolves to {path}, which is outside the repo {root}")
     inner = path.relative_to(root).parts
     if _in_git(PurePosixPath(rel).parts) or _in_git(inner):
-        raise TargetError(rel, "is inside .git/ (or names a .git file), which ohd never reads or writes")
+        raise TargetError(rel, f"is inside {layout.GIT_DIR}/ (or names a {layout.GIT_DIR} file), "
+                               "which ohd never reads or writes")
     if not inner:
         raise TargetError(rel, "names the repo root, not a file")
     return path
@@ -70,16 +68,16 @@ def resolve_inside(repo: Path, rel: str) -> Path:
 
 def _in_git(parts: tuple[str, ...]) -> bool:
     """A `.git` component at any depth: the repo's, a nested repository's folder, a submodule's file."""
-    return any(part.casefold() == GIT_DIR for part in parts)
+    return any(part.casefold() == layout.GIT_DIR for part in parts)
 
 
 def check_writable(repo: Path, rel: str) -> Path:
     """`resolve_inside`, and TargetError inside `tasks.d/` (its `.done/`, `.rejected/` too): a file
     written there would be read back as a task file."""
     path = resolve_inside(repo, rel)
-    tasks_dir = (repo / TASKS_DIR).resolve()     # also when tasks.d/ is a symlink, or one leads into it
-    if path.is_relative_to(tasks_dir) or PurePosixPath(rel.strip()).parts[:1] == (TASKS_DIR,):
-        raise TargetError(rel, f"is inside {TASKS_DIR}/, where ohd reads task files; ohd writes nothing there")
+    tasks_dir = layout.tasks_dir(repo).resolve()     # also when tasks.d/ is a symlink, or one leads into it
+    if path.is_relative_to(tasks_dir) or PurePosixPath(rel.strip()).parts[:1] == (layout.TASKS_DIR,):
+        raise TargetError(rel, f"is inside {layout.TASKS_DIR}/, where ohd reads task files; ohd writes nothing there")
     return path
 
 
@@ -98,14 +96,14 @@ def check_output(repo: Path, rel: str) -> Path:
     """`check_writable`, and TargetError if ohd writes its reports there (an output never replaces one)."""
     path = check_writable(repo, rel)
     if is_report_path(path):
-        raise TargetError(rel, f"is where ohd writes its reports (`{REPORT_DIR}/<file>.<type>.json|md` "
+        raise TargetError(rel, f"is where ohd writes its reports (`{layout.REPORT_DIR}/<file>.<type>.json|md` "
                                "beside the source); give the task another output")
     return path
 
 
 def is_report_path(path: PurePosixPath | Path) -> bool:
     """Whether `path` has the name and folder of a report (any target's, any task's)."""
-    return path.parent.name == REPORT_DIR and _REPORT_NAME.fullmatch(path.name) is not None
+    return path.parent.name == layout.REPORT_DIR and _REPORT_NAME.fullmatch(path.name) is not None
 
 
 def read_task_file(path: Path, label: str | None = None) -> bytes:
@@ -113,7 +111,7 @@ def read_task_file(path: Path, label: str | None = None) -> bytes:
     regular file of at most MAX_TASK_FILE_BYTES with a UTF-8 name, opened without following a
     symlink or blocking on a FIFO (a cloned repo can carry a `*.yaml` link to /dev/zero);
     anything else is a `TaskFileError`. A missing file is `FileNotFoundError`."""
-    relpath = label or f"{TASKS_DIR}/{printable(path.name)}"
+    relpath = label or layout.task_relpath(printable(path.name))
     if printable(path.name) != path.name:
         # the name would reach the store, the log and the error file, none of which holds such bytes
         raise TaskFileError(relpath, "has a file name that is not UTF-8 text; rename it")
@@ -217,7 +215,7 @@ def plan(intended: Path, content: str, current_sha: str | None, written_sha: str
     if current_sha is None or current_sha in (written_sha, sha, replaceable_sha, previous_sha):
         return WritePlan(path=intended, intended=intended, content=content, sha256=sha,
                          conflict=False, unchanged=current_sha == sha)
-    side = intended.with_name(intended.name + OHD_NEW_SUFFIX)
+    side = layout.ohd_new(intended)
     reason = NOT_WRITTEN_BY_OHD if written_sha is None else EDITED_SINCE_WRITTEN
     return WritePlan(path=side, intended=intended, content=content, sha256=sha,
                      conflict=True, unchanged=False, conflict_reason=reason)
@@ -393,7 +391,6 @@ def _fsync_dir(directory: Path) -> None:
 
 
 _TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")   # `_replace_in`'s temp file: `.<name>.<8 hex>.tmp`
-_SKIPPED = frozenset({GIT_DIR, ".venv", "venv", "node_modules", "__pycache__", TASKS_DIR})
 
 
 def leftovers(repo: Path, candidate: re.Pattern[str]) -> list[Path]:
@@ -403,7 +400,7 @@ def leftovers(repo: Path, candidate: re.Pattern[str]) -> list[Path]:
     are not searched; symlinked folders are not followed."""
     found = []
     for folder, dirs, files in os.walk(repo):
-        dirs[:] = [d for d in dirs if d not in _SKIPPED]
+        dirs[:] = [d for d in dirs if d not in layout.LEFTOVERS_SKIPPED_DIRS]
         found += [Path(folder) / name for name in files if _TEMP_NAME.fullmatch(name) or candidate.fullmatch(name)]
     return sorted(found)
 
@@ -415,6 +412,6 @@ def report_paths(repo: Path, target_rel: str, task_type: str, task_id: int | Non
         rel = PurePosixPath(check_relpath(target_rel))
     except ValueError as exc:
         raise TargetError(target_rel, str(exc)) from exc
-    folder = repo / rel.parent / REPORT_DIR
+    folder = layout.report_dir(repo / rel.parent)
     stem = f"{rel.name}.{task_type}" + ("" if task_id is None else f".{task_id}")
     return folder / f"{stem}.json", folder / f"{stem}.md"

@@ -39,6 +39,7 @@ from pathlib import Path
 from ohd import __version__
 from ohd.clock import Clock, SystemClock, first
 from ohd.config import Settings
+from ohd.core import layout
 from ohd.core.taskfile import TaskSpec
 from ohd.core.tasktypes import Job
 from ohd.errors import StorageUnavailable
@@ -47,7 +48,6 @@ from ohd.intake.rules import RuleBook
 from ohd.intake.spool import SpoolReader, find_spool
 from ohd.intake.watch import SpoolWatcher, TasksDirWatcher, TreeWatcher
 from ohd.ladder import sandbox
-from ohd.ladder.testrun import CANDIDATE_NAME
 from ohd.ladder.testrun import Processes as TestProcesses
 from ohd.models.catalogue import Catalogue
 from ohd.models.llm import Completion, ModelClient, OfflineProvider, http_client
@@ -204,7 +204,7 @@ class Daemon:
     def _remove_leftovers(repo: Path) -> None:
         """Temp files of writes and candidate test files a killed daemon left: one line per repo."""
         gone = []
-        for path in outputs.leftovers(repo, CANDIDATE_NAME):
+        for path in outputs.leftovers(repo, layout.CANDIDATE_NAME):
             try:
                 path.unlink()
             except OSError as exc:
@@ -342,7 +342,7 @@ def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> N
                                    os.getpid())
     sandbox.seal(os.environ, {settings.api_key_env, "OPENROUTER_API_KEY"})   # the key: in `settings` only
     statedir.private_umask()   # the store, its WAL, the log, the lock, the socket: 0600 (outputs: their folder's)
-    lock = statedir.InstanceLock(settings.state_dir / "ohd.lock")
+    lock = statedir.InstanceLock(layout.lock_path(settings.state_dir))
     lock.acquire()
     try:
         statedir.secure(settings.state_dir, settings.runtime_dir, private_files(settings))

@@ -37,6 +37,7 @@ from urllib.parse import parse_qs, urlsplit
 import pydantic
 
 from ohd.clock import Clock
+from ohd.core import layout
 from ohd.work import delivery
 from ohd.errors import ApiError, DaemonAlreadyRunning, NotFound, OhdError, TargetError, http_answer
 from ohd.core.taskfile import TaskSpec
@@ -227,7 +228,8 @@ class ApiServer:
         data = json_object(request.body)
         repo = self.repo_for(data.pop("repo", None))
         if data.get("schedule") is not None or data.get("on_change") is not None:
-            raise ApiError(400, "standing rules (schedule, on_change) belong in a file in tasks.d/, not the API")
+            raise ApiError(400, f"standing rules (schedule, on_change) belong in a file in {layout.TASKS_DIR}/, "
+                                "not the API")
         spec = TaskSpec.model_validate(data)
         check_paths(repo, spec)
         task_id = self.store.enqueue(str(repo), spec, self.clock.now(), source="api")

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ohd.core import layout
 from ohd.core.taskfile import TaskType
 from ohd.core.tasktypes import Job
 from ohd.errors import TargetError
@@ -71,7 +72,7 @@ def deliver(store: Store, run: Run, content: str, now: datetime) -> Outcome:
     if not plan.unchanged and not plan.conflict:   # recorded first; what it replaces stays ohd's till the finish
         store.record_written(repo, output, plan.sha256, run.task.id, now, replacing=replacing(before, current))
     elif plan.conflict:   # ohd wrote the proposal too: `mv` over the output is ohd's content, not an edit
-        store.record_written(repo, output + outputs.OHD_NEW_SUFFIX, plan.sha256, run.task.id, now)
+        store.record_written(repo, output + layout.OHD_NEW_SUFFIX, plan.sha256, run.task.id, now)
     if not plan.unchanged:
         try:
             outputs.apply(plan, root=run.repo)

@@ -22,11 +22,11 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ohd.core import layout
 from ohd.core.tasktypes import fence
 
 log = logging.getLogger("ohd.report")
 
-_OHD_NEW = ".ohd-new"
 # CSI (colours, cursor moves), OSC (titles, links) and other two-byte ESC sequences
 _ESCAPES = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
 
@@ -74,7 +74,7 @@ def decision_sentence(data: Mapping[str, Any]) -> str:
     if decision == "written":
         return f"Wrote {path}."
     if decision == "written_as_ohd_new":
-        intended = data.get("intended_output") or (path.removesuffix(_OHD_NEW))
+        intended = data.get("intended_output") or (path.removesuffix(layout.OHD_NEW_SUFFIX))
         if data.get("conflict") == "not_written_by_ohd":
             return (f"{intended} exists and was not written by ohd, so ohd did not replace it; "
                     f"the new content is in {path}.")
