@@ -163,14 +163,18 @@ class RuleBook:
             log.info("rule %s forgotten", relpath)
 
     def rules(self, repo: Path | None = None) -> list[Rule]:
-        """The live rules (of one repo), after forgetting those whose file is gone."""
+        """The registered rules (of one repo); nothing is looked at on disk."""
+        wanted = None if repo is None else repo.resolve()
         with self._lock:
-            current = list(self._rules.values())
-        for rule in current:
+            return [rule for rule in self._rules.values() if wanted in (None, rule.repo)]
+
+    def live_rules(self, repo: Path | None = None) -> list[Rule]:
+        """The rules (of one repo) whose file is still there; those whose file is gone are forgotten
+        first (a deleted rule file stops firing at once, before its deletion is ingested)."""
+        for rule in self.rules(repo):
             if not (rule.repo / rule.relpath).is_file():
                 self.forget(rule.repo, rule.relpath)
-        wanted = None if repo is None else repo.resolve()
-        return [r for r in current if (r.repo / r.relpath).is_file() and wanted in (None, r.repo)]
+        return self.rules(repo)
 
     def load(self, repo: Path, on_error: Callable[[TaskFileError], object] = lambda _exc: None,
              forget_others: bool = False) -> list[Rule]:
@@ -195,7 +199,7 @@ class RuleBook:
     def changed(self, repo: Path, relpaths: Sequence[str], origin: str) -> list[int]:
         """Tasks for the on_change rules matching these repo-relative paths; the new ids."""
         repo = repo.resolve()
-        rules = [r for r in self.rules(repo) if r.globs is not None]
+        rules = [r for r in self.live_rules(repo) if r.globs is not None]
         created: list[int] = []
         for relpath in dict.fromkeys(posixpath.normpath(p) for p in relpaths):
             matching = [r for r in rules if r.matches(relpath)]
@@ -230,7 +234,7 @@ class RuleBook:
     def due(self, now: datetime) -> list[int]:
         """Fire the schedules due at `now` (missed firings: once, within the grace period)."""
         created: list[int] = []
-        for rule in self.rules():
+        for rule in self.live_rules():
             if rule.trigger is None:
                 continue
             last = self.db.baseline(rule.repo, rule.relpath, now)
@@ -254,7 +258,7 @@ class RuleBook:
     def next_firing(self, now: datetime) -> datetime | None:
         """The earliest pending firing of any schedule (may be in the past: then `due` it)."""
         times = []
-        for rule in self.rules():
+        for rule in self.live_rules():
             if rule.trigger is not None:
                 last = self.db.last_fire(rule.repo, rule.relpath) or now
                 fire = next_fire(rule.trigger, last)
@@ -291,7 +295,7 @@ class RuleBook:
     def listing(self, now: datetime) -> list[dict[str, Any]]:
         """Each rule with its next firing time and its last task (for `ohd rules`)."""
         rows = []
-        for rule in sorted(self.rules(), key=lambda r: (str(r.repo), r.relpath)):
+        for rule in sorted(self.live_rules(), key=lambda r: (str(r.repo), r.relpath)):
             upcoming = None
             if rule.trigger is not None:
                 upcoming = next_fire(rule.trigger, max(now, self.db.last_fire(rule.repo, rule.relpath) or now))
