@@ -694,3 +694,18 @@ def test_reading_the_rules_skips_hostile_files_without_blocking_or_dying(tmp_pat
     (tasks / os.fsdecode(b"caf\xe9.yaml")).write_text("type: review\ntarget: a.py\nschedule: '@daily'\n")
     (tasks / "nightly.yaml").write_text("type: review\ntarget: a.py\nschedule: '@daily'\n")
     assert [relpath for relpath, _ in read_rules(tmp_path)] == ["tasks.d/nightly.yaml"]
+
+
+def test_the_rule_files_read_at_start_and_on_sighup_are_those_ingest_takes(
+        repo: Path, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
+    """One rule for what a task file's name is: `read_rules` listed `*.y*ml` (case-sensitive, dotfiles
+    included), ingest takes `.yaml`/`.yml` in any case and no dotfile; so a re-read at start-up or on
+    SIGHUP forgot NIGHTLY.YAML that ingest had registered, and registered a dotfile ingest ignores."""
+    rule = "type: review\ntarget: shop/pricing.py\nschedule: '@daily'\n"
+    put_rule(ingestor, clock, repo, "NIGHTLY.YAML", rule)
+    (repo / "tasks.d" / ".hidden.yaml").write_text(rule)
+    (repo / "tasks.d" / "weekly.yaml~").write_text(rule)
+    registered = sorted(r.relpath for r in book.rules(repo))
+    assert registered == ["tasks.d/NIGHTLY.YAML"]
+    book.load(repo, forget_others=True)               # what a SIGHUP does
+    assert sorted(r.relpath for r in book.rules(repo)) == registered

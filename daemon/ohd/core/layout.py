@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Final
 
 # -- a repo's working tree -----------------------------------------------------------------
@@ -31,7 +31,9 @@ EXAMPLES_DIR: Final = "examples"       # in tasks.d/: `ohd init`'s example task 
 # the examples `ohd init` writes there (copies of the package's `examples/`); the first is named in its advice
 EXAMPLE_TASKS: Final = ("unit-test.yaml", "docstring.yaml", "review.yaml", "custom.yaml")
 TASK_SUFFIXES: Final = frozenset({".yaml", ".yml"})   # a task file's name ends so (any case)
-TASK_GLOB: Final = "*.y*ml"            # how `read_rules` (`ohd rules` without a daemon) lists tasks.d/
+# not ohd's names: an editor's copy beside a task file, and vim's probe of a folder
+_EDITOR_TEMP_SUFFIXES: Final = ("~", ".swp", ".swx", ".tmp")
+_EDITOR_TEMP_NAMES: Final = frozenset({"4913"})
 ERROR_SUFFIX: Final = ".error.txt"     # `<refused file>.error.txt` says why (tasks.d/ and the spool)
 REPORT_DIR: Final = ".ohd"             # `<a target's dir>/.ohd/`: its reports
 REVIEWS_DIR: Final = "reviews"         # in .ohd/: a review's default output, `<name>.md`
@@ -116,3 +118,14 @@ def lock_path(state_dir: Path) -> Path:
 def socket_path(runtime_dir: Path) -> Path:
     """`<runtime dir>/ohd.sock`."""
     return runtime_dir / SOCKET_NAME
+
+
+def is_task_file_name(name: str) -> bool:
+    """A task file's name: `*.yaml`/`*.yml` (any case), not a dotfile, not an editor's temp file.
+    Ingest, the tasks.d/ watch and the rule re-read all ask this."""
+    if not name or name.startswith(".") or name in _EDITOR_TEMP_NAMES:
+        return False
+    if name.endswith(_EDITOR_TEMP_SUFFIXES) or (name.startswith("#") and name.endswith("#")):
+        return False
+    return PurePosixPath(name).suffix.lower() in TASK_SUFFIXES
+

@@ -33,8 +33,6 @@ from ohd.store.store import Store
 log = logging.getLogger("ohd.ingest")
 
 # Names that editors write next to the file they save (vim, emacs, gedit, ...).
-EDITOR_TEMP_SUFFIXES = ("~", ".swp", ".swx", ".tmp")
-EDITOR_TEMP_NAMES = frozenset({"4913"})
 MAX_POLL_S = 0.1          # how often settling paths are re-checked
 RETRY_BASE_S = 1.0        # a file whose ingest failed is retried after this, doubling
 RETRY_MAX_S = 60.0
@@ -42,13 +40,8 @@ NAME_MAX = 255
 
 
 def is_candidate(path: Path) -> bool:
-    """A task file name: `*.yaml`/`*.yml`, not a dotfile, not an editor temp file."""
-    name = path.name
-    if not name or name.startswith(".") or name in EDITOR_TEMP_NAMES:
-        return False
-    if name.endswith(EDITOR_TEMP_SUFFIXES) or (name.startswith("#") and name.endswith("#")):
-        return False
-    return path.suffix.lower() in layout.TASK_SUFFIXES
+    """A task file name (`layout.is_task_file_name`)."""
+    return layout.is_task_file_name(path.name)
 
 
 @dataclass(slots=True)

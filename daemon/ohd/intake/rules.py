@@ -101,7 +101,7 @@ def read_rules(repo: Path) -> list[tuple[str, TaskSpec]]:
     """The rule files at the top of `repo/tasks.d` that parse (for `ohd rules` without a daemon)."""
     found: list[tuple[str, TaskSpec]] = []
     folder = layout.tasks_dir(repo)
-    for path in sorted(folder.glob(layout.TASK_GLOB)) if folder.is_dir() else []:
+    for path in sorted(p for p in folder.iterdir() if layout.is_task_file_name(p.name)) if folder.is_dir() else []:
         relpath = layout.task_relpath(path.name)
         try:       # read as ingest reads: a FIFO, a link to /dev/zero or a deep nesting is skipped
             spec = parse_bytes(read_task_file(path), relpath)

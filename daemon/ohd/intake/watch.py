@@ -52,10 +52,9 @@ FILE_EVENTS: list[type[FileSystemEvent]] = [FileCreatedEvent, FileModifiedEvent,
 
 
 def looks_like_task_file(path: Path) -> bool:
-    """`*.yaml`/`*.yml` and not a dotfile; this suffix rule already drops editor temp
-    names (`x.yaml~`, `x.yaml.swp`, `#x.yaml#`, `4913`). `ingest.is_candidate` re-checks
-    every path; the two services may not import each other, hence the small copy."""
-    return not path.name.startswith(".") and path.suffix.lower() in layout.TASK_SUFFIXES
+    """A task file name (`layout.is_task_file_name`): editor temp names (`x.yaml~`, `x.yaml.swp`,
+    `#x.yaml#`, `4913`) and dotfiles never reach ingest."""
+    return layout.is_task_file_name(path.name)
 
 
 def event_path(event: FileSystemEvent) -> Path | None:
