@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import peewee
 import pytest
-from ohd.store import migrations
-from ohd.store.records import bind_models
+from ohd.store import schema
 from ohd.store.store import open_database
 
 from tests.support.databases import BACKENDS, database_url
@@ -47,14 +47,14 @@ def columns(db: peewee.Database) -> dict[str, set[str]]:
 
 
 def test_migrate_builds_the_final_schema(db: peewee.Database) -> None:
-    assert migrations.migrate(db) == [name for name, _ in migrations.MIGRATIONS]
+    assert schema.migrate(db) == [name for name, _ in schema.MIGRATIONS]
     assert columns(db) == SCHEMA
 
 
 def test_migrate_is_idempotent_and_records_each_name(db: peewee.Database) -> None:
-    migrations.migrate(db)
-    assert migrations.migrate(db) == []
-    assert migrations.applied(db) == [name for name, _ in migrations.MIGRATIONS]
+    schema.migrate(db)
+    assert schema.migrate(db) == []
+    assert schema.applied(db) == [name for name, _ in schema.MIGRATIONS]
     assert columns(db) == SCHEMA
 
 
@@ -62,18 +62,18 @@ def test_an_up_to_date_database_is_migrated_without_the_writer_lock(tmp_path: Pa
     """Every command that opens the store migrates it first (`ohd tasks` too): on a current schema
     that is a read, so it never waits for a writer nor makes 50 readers queue for the lock."""
     path = tmp_path / "ohd.db"
-    migrations.migrate(open_database(f"sqlite:///{path}"))
+    schema.migrate(open_database(f"sqlite:///{path}"))
     writer = sqlite3.connect(path, isolation_level=None)
     writer.execute("BEGIN IMMEDIATE")         # another process is writing, for longer than busy_timeout
     try:
-        assert migrations.migrate(open_database(f"sqlite:///{path}")) == []
+        assert schema.migrate(open_database(f"sqlite:///{path}")) == []
     finally:
         writer.execute("ROLLBACK")
         writer.close()
 
 
 def test_a_fresh_database_has_nothing_applied(db: peewee.Database) -> None:
-    assert migrations.applied(db) == []
+    assert schema.applied(db) == []
 
 
 def test_a_failing_step_leaves_neither_its_changes_nor_its_record(db: peewee.Database) -> None:
@@ -82,23 +82,25 @@ def test_a_failing_step_leaves_neither_its_changes_nor_its_record(db: peewee.Dat
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        migrations.migrate(db, (*migrations.MIGRATIONS, ("0099_broken", broken)))
+        schema.migrate(db, (*schema.MIGRATIONS, ("0099_broken", broken)))
     assert "half_done" not in db.get_tables()
-    assert migrations.applied(db) == [name for name, _ in migrations.MIGRATIONS]
+    assert schema.applied(db) == [name for name, _ in schema.MIGRATIONS]
     assert columns(db) == SCHEMA
 
 
 def test_the_store_query_models_name_exactly_the_migrated_columns(db: peewee.Database) -> None:
-    migrations.migrate(db)
-    models = bind_models(db)
-    for model in (models.task, models.execution, models.ingested_file, models.written_file,
-                  models.model_state, models.model_call):
-        table = model._meta.table_name
-        assert {f.column_name for f in model._meta.sorted_fields} == SCHEMA[table], table
+    """Every table has one model in `schema` (bound under its table's name), naming its columns."""
+    schema.migrate(db)
+    tables = schema.bind(db)
+    assert {f.name for f in dataclasses.fields(tables)} == set(SCHEMA)
+    for name, migrated in SCHEMA.items():
+        model = getattr(tables, name)
+        assert model._meta.table_name == name and model._meta.database is db
+        assert {f.column_name for f in model._meta.sorted_fields} == migrated, name
 
 
 def test_migration_names_are_unique_and_ordered() -> None:
-    names = [name for name, _ in migrations.MIGRATIONS]
+    names = [name for name, _ in schema.MIGRATIONS]
     assert names == sorted(set(names))
 
 
@@ -106,14 +108,14 @@ def test_crash_recovery_gives_existing_tasks_no_crash_and_existing_calls_nothing
         db: peewee.Database) -> None:
     """0008 on a database in use: its tasks were interrupted by no crash, and its recorded calls
     are history only (never judged again after a crash)."""
-    before = [step for step in migrations.MIGRATIONS if step[0] < "0008"]
-    migrations.migrate(db, before)
+    before = [step for step in schema.MIGRATIONS if step[0] < "0008"]
+    schema.migrate(db, before)
     db.execute_sql("INSERT INTO task (repo, type, target, description, priority, rank, models, min_quality, "
                    "max_attempts, timeout_s, status, attempts, created_at, updated_at, cancel_requested) "
                    "VALUES ('/r', 'review', 'a.py', '', 'normal', 1, '[]', 0.5, 3, 60, 'running', 1, "
                    "'2026-01-01 00:00:00.000000', '2026-01-01 00:00:00.000000', false)")
     db.execute_sql("INSERT INTO model_call (task_id, model, started_at, prompt, response) "
                    "VALUES (1, 'm', '2026-01-01 00:00:00', 'p', 'r')")
-    assert migrations.migrate(db) == ["0008_crash_recovery", "0009_execution_source", "0010_written_previous"]
+    assert schema.migrate(db) == ["0008_crash_recovery", "0009_execution_source", "0010_written_previous"]
     assert db.execute_sql("SELECT crashes FROM task").fetchall() == [(0,)]
     assert db.execute_sql("SELECT execution_id, pending FROM model_call").fetchall() == [(None, None)]

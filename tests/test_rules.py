@@ -24,7 +24,7 @@ from ohd.intake.watch import TreeWatcher, _TreeHandler
 from ohd.ladder import testrun
 from ohd.ladder.validate import RunStatus
 from ohd.repo.outputs import atomic_write, sha256_text
-from ohd.store.records import TaskStatus
+from ohd.store.schema import TaskStatus
 from ohd.store.store import Store
 from tests.support.clock import FakeClock
 

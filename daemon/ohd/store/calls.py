@@ -1,6 +1,6 @@
 """The local history of model calls: each call's prompt and response, size-capped.
 
-An edge room beside `store`, on the same database (table `model_call`, migration
+An edge room beside `store`, on the same database (table `model_call` of `schema`, migration
 `0005_model_call`). The worker records a call right after the model answered; `ohd show
 ID --calls` reads them back (the daemon may be down). The prompt is the messages sent;
 the API key travels in a header, never in a message, so it is never stored here.
@@ -14,12 +14,14 @@ instead of asking again. A response cut by the size cap is never pending (it can
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import peewee
+
+from ohd.store import schema
+from ohd.store.transactions import atomic_write, connect
 
 DEFAULT_MAX_BYTES = 200_000
 MARKER = "\n[... truncated by ohd: {omitted} more bytes]"
@@ -45,11 +47,7 @@ class CallHistory:
         self.db = db
         self.max_bytes = max_bytes
         self.enabled = enabled
-        meta = type("Meta", (), {"database": db, "table_name": "model_call"})
-        self.row: Any = type("ModelCallRow", (peewee.Model,), {
-            "Meta": meta, "task_id": peewee.IntegerField(), "model": peewee.CharField(max_length=255),
-            "started_at": peewee.DateTimeField(), "prompt": peewee.TextField(), "response": peewee.TextField(),
-            "execution_id": peewee.IntegerField(null=True), "pending": peewee.TextField(null=True)})
+        self.row = schema.bind(db).model_call
 
     def record(self, task_id: int, model: str, started: datetime, messages: Sequence[dict[str, str]],
                response: str, pending: Mapping[str, Any] | None = None) -> None:
@@ -58,26 +56,26 @@ class CallHistory:
         if not self.enabled:
             return
         stored = cap(response, self.max_bytes)
-        self.db.connect(reuse_if_open=True)
-        with self.db.atomic():
+        # one attempt, within SQLite's busy timeout: the call history is given the database alone,
+        # not the store's wait for another writer (`Store.lock_wait_s`)
+        with atomic_write(self.db, wait_s=0):
             self.row.insert(task_id=task_id, model=model, started_at=started,
                             prompt=cap(render(messages), self.max_bytes), response=stored,
-                            pending=json.dumps(pending) if pending is not None and stored == response else None
-                            ).execute()
+                            pending=pending if stored == response else None).execute()
 
     def pending_answer(self, task_id: int) -> tuple[str, dict[str, Any]] | None:
         """The task's latest answer that has no verdict yet (response, pending), or None (none, or
         the call history is off)."""
         if not self.enabled:
             return None
-        self.db.connect(reuse_if_open=True)
+        connect(self.db)
         r = self.row
         row = r.select().where((r.task_id == task_id) & r.pending.is_null(False)).order_by(r.id.desc()).first()
-        return None if row is None else (row.response, json.loads(row.pending))
+        return None if row is None else (row.response, row.pending)
 
     def for_task(self, task_id: int) -> list[dict[str, Any]]:
         """The task's calls, oldest first."""
-        self.db.connect(reuse_if_open=True)
+        connect(self.db)
         r = self.row
         rows = r.select().where(r.task_id == task_id).order_by(r.started_at, r.id)
         return [{"model": row.model, "started_at": str(row.started_at), "prompt": row.prompt,

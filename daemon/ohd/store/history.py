@@ -1,7 +1,7 @@
 """History: read-only SQL aggregates over the execution and task tables, for metrics and selection.
 
-Takes the database and the query models a `Store` was built with (`History(store.db,
-store.m)`); it is a sibling of `store` in the edge layer, so it does not import it.
+Takes the database and the tables a `Store` was built with (`History(store.db, store.m)`, the
+`schema`'s models bound to it); it is a sibling of `store` in the edge layer, so it does not import it.
 Invariant: nothing here writes. Every query groups in SQL except latencies, which come
 back as sorted lists so that percentiles are exact (`percentile`, nearest rank).
 Datetimes are timezone-aware UTC in and out, like the store's.
@@ -18,7 +18,9 @@ from datetime import datetime
 import peewee
 
 from ohd.core.selection import Measured
-from ohd.store.records import Models, TaskStatus, tuple_rows
+from ohd.store.records import tuple_rows
+from ohd.store.schema import Tables, TaskStatus
+from ohd.store.transactions import connect
 
 log = logging.getLogger("ohd.history")
 
@@ -52,12 +54,12 @@ def percentile(sorted_values: Sequence[int], q: float) -> int | None:
 class History:
     """Aggregates of what ohd did, read from the store's tables."""
 
-    def __init__(self, db: peewee.Database, models: Models) -> None:
+    def __init__(self, db: peewee.Database, models: Tables) -> None:
         self.db = db
         self.m = models
 
     def _read(self) -> None:
-        self.db.connect(reuse_if_open=True)
+        connect(self.db)
 
     def usage(self) -> list[Usage]:
         """Per (model, task type, outcome): calls, tokens and cost (cost unknown counts as 0)."""

@@ -1,29 +1,32 @@
-"""The schema's history: named migration functions, applied once each, in order.
+"""The schema's history: the migration steps that have shipped, each a function of the database.
 
-Invariant: `migrate(db)` brings any database (SQLite or PostgreSQL) to the newest
-schema and records every applied name in `schema_migrations`, each migration in the
-same transaction as its record, so a crash leaves a migration either applied and
-recorded or neither. Migrations describe the tables as they were at that step (their
-own snapshot models), never through `store`'s query models, so old steps never
-change meaning. Add a step by appending a function to `MIGRATIONS`; never edit one
-that has shipped.
+Each step describes the tables as they were at that step (its own snapshot models), never through
+the store's query models, so an old step never changes meaning; `schema.MIGRATIONS` lists them in
+order and `schema.migrate(db)` applies the missing ones, each in one transaction with its record in
+`schema_migrations`, on SQLite or PostgreSQL. Never edit a step that has shipped; a new column is
+`add_column(...)` at the end of `schema.MIGRATIONS`, a bigger change a new function here.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any, cast
+from collections.abc import Callable
 
 import peewee
 
-from ohd.store.transactions import write_transaction
-
-log = logging.getLogger("ohd.migrations")
-
 Migration = Callable[[peewee.Database], None]
-_LOCK_KEY = 0x6F6864  # "ohd": the advisory lock taken while migrating PostgreSQL
+
+
+def add_column(table: str, column: str, declared: peewee.Field) -> Migration:
+    """The step that adds one column to `table` as `declared` (a fresh field: this step's snapshot)."""
+
+    def step(db: peewee.Database) -> None:
+        from playhouse.migrate import SchemaMigrator
+        from playhouse.migrate import migrate as alter
+
+        alter(SchemaMigrator.from_database(db).add_column(table, column, declared))
+
+    step.__doc__ = f"{table} gains {column}."
+    return step
 
 
 def initial_schema(db: peewee.Database) -> None:
@@ -252,73 +255,3 @@ def written_previous(db: peewee.Database) -> None:
 
     alter(SchemaMigrator.from_database(db).add_column("written_file", "previous_sha256",
                                                       peewee.CharField(max_length=64, null=True)))
-
-
-# The history, oldest first. Append only.
-MIGRATIONS: tuple[tuple[str, Migration], ...] = (
-    ("0001_initial_schema", initial_schema),
-    ("0002_governor_state", governor_state),
-    ("0003_standing_rules", standing_rules),
-    ("0004_execution_score", execution_score),
-    ("0005_model_call", model_call),
-    ("0006_task_rule_levels", task_rule_levels),
-    ("0007_execution_validation_ms", execution_validation_ms),
-    ("0008_crash_recovery", crash_recovery),
-    ("0009_execution_source", execution_source),
-    ("0010_written_previous", written_previous),
-)
-
-
-class SchemaMigration(peewee.Model):
-    """The ledger of applied migrations (unbound; `_ledger` binds a copy to one database)."""
-
-    name = peewee.CharField(max_length=255, primary_key=True)
-    applied_at = peewee.DateTimeField(constraints=[peewee.SQL("DEFAULT CURRENT_TIMESTAMP")])
-
-
-def _ledger(db: peewee.Database) -> type[SchemaMigration]:
-    meta = type("Meta", (), {"database": db, "table_name": "schema_migrations"})
-    return type("SchemaMigration", (SchemaMigration,), {"Meta": meta, "__module__": __name__})
-
-
-def applied(db: peewee.Database) -> list[str]:
-    """Names already recorded, in the order they were applied."""
-    db.connect(reuse_if_open=True)
-    if not db.table_exists("schema_migrations"):
-        return []
-    ledger = _ledger(db)
-    return [row.name for row in ledger.select(ledger.name).order_by(ledger.applied_at, ledger.name)]
-
-
-def migrate(db: peewee.Database, steps: Sequence[tuple[str, Migration]] = MIGRATIONS) -> list[str]:
-    """Apply every migration not yet recorded; returns the names applied now (idempotent).
-
-    `steps` is the history (`MIGRATIONS`); tests pass a longer one to prove atomicity.
-    """
-    db.connect(reuse_if_open=True)
-    ledger = _ledger(db)
-    done_now: list[str] = []
-    for name, step in steps:
-        if name in applied(db):
-            continue    # a read first: every command migrates, and an applied step must not queue for the lock
-        with _exclusive(db):
-            ledger.create_table(safe=True)
-            if ledger.select().where(ledger.name == name).exists():
-                continue
-            step(db)
-            ledger.insert(name=name).execute()
-        log.info("schema migration %s applied", name)
-        done_now.append(name)
-    return done_now
-
-
-@contextmanager
-def _exclusive(db: peewee.Database) -> Iterator[None]:
-    """A transaction that holds the writer lock, so two processes never migrate at once."""
-    if isinstance(db, peewee.SqliteDatabase):
-        with write_transaction(db):
-            yield
-        return
-    with db.atomic():
-        cast(Any, db).execute_sql("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-        yield

@@ -1,7 +1,7 @@
 """The governor's memory in SQL: model state (cooldowns, breakers, learned limits) and requests sent.
 
-An edge room beside `store`, on the same database (the `Store`'s `db` and query models,
-plus its own `model_request` model). Decisions come from `routing` (pure); this module
+An edge room beside `store`, on the same database and the `Store`'s bound tables (`model_state`,
+`model_request`, `task`). Decisions come from `routing` (pure); this module
 reads rows into values, asks `routing`, and writes the answer back. Invariant: choosing
 a model and recording the request to it happen in ONE write transaction (SQLite
 `BEGIN IMMEDIATE`; PostgreSQL an advisory transaction lock), so any number of workers in
@@ -22,22 +22,14 @@ import peewee
 
 from ohd.core import routing
 from ohd.core.routing import Choice, ModelState, Policy, Usage
-from ohd.store.records import TaskStatus, UtcDateTimeField
+from ohd.store.schema import TaskStatus
 from ohd.store.store import Store
-from ohd.store.transactions import write_transaction
+from ohd.store.transactions import atomic_write, connect
 
 log = logging.getLogger("ohd.quotas")
 
 _LOCK_KEY = 0x6F6867  # PostgreSQL advisory lock of the governor ("ohg")
 KEEP = timedelta(days=2)  # request rows older than this are pruned (the daily window is 1 UTC day)
-
-
-class RequestRow(peewee.Model):
-    id = peewee.AutoField()
-    model = peewee.CharField()
-    key_id = peewee.CharField()
-    free = peewee.BooleanField()
-    at = UtcDateTimeField()
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +59,7 @@ class Governor:
         self.db = store.db
         self.policy = policy or Policy()
         self.key_id = key_id
-        meta = type("Meta", (), {"database": self.db, "table_name": "model_request"})
-        self.request = cast(type[RequestRow], type("RequestRow", (RequestRow,),
-                                                   {"Meta": meta, "__module__": __name__}))
-        self._sqlite = isinstance(self.db, peewee.SqliteDatabase)
+        self.request = store.m.model_request
         self.priced: Mapping[str, bool] = {}   # model -> has a price, per the catalogue (swapped whole)
         self.contexts: Mapping[str, int] = {}  # model -> context in tokens, per the catalogue (swapped whole)
         self._refusals_logged: set[str] = set()
@@ -78,9 +67,7 @@ class Governor:
     @contextmanager
     def _tx(self) -> Iterator[None]:
         """One write transaction that holds the governor's lock from its first statement."""
-        with write_transaction(self.db, self.store.lock_wait_s):
-            if not self._sqlite:
-                cast(Any, self.db).execute_sql("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        with atomic_write(self.db, self.store.lock_wait_s, lock=_LOCK_KEY):
             yield
 
     # -- reservations --------------------------------------------------------------------
@@ -137,7 +124,7 @@ class Governor:
 
     def requests_today(self, now: datetime) -> int:
         """Requests recorded since UTC midnight, every model (what `daily_request_cap` counts)."""
-        self.db.connect(reuse_if_open=True)
+        connect(self.db)
         r = self.request
         return int(r.select().where(r.at >= routing.utc_midnight(now)).count())
 
@@ -198,7 +185,7 @@ class Governor:
 
     def breaker_open(self, model: str, now: datetime) -> bool:
         """The model's breaker is open now (no probe due yet)."""
-        self.db.connect(reuse_if_open=True)
+        connect(self.db)
         return routing.health(self._state(model), now, self.policy) is routing.Health.OPEN
 
     def unreachable(self, model: str, now: datetime, reason: str) -> ModelState:
@@ -221,7 +208,7 @@ class Governor:
     def succeeded(self, model: str, now: datetime) -> bool:
         """An answer came back: the failure streak ends and an open breaker closes (True: it was open)."""
         ms = self.store.m.model_state
-        self.db.connect(reuse_if_open=True)
+        connect(self.db)
         if not ms.select().where((ms.model == model) & ((ms.failures > 0) | ms.opened_at.is_null(False))).exists():
             return False    # the common case: nothing to change, no write lock taken
         with self._tx():
@@ -241,7 +228,7 @@ class Governor:
     def dead_models(self) -> list[str]:
         """The models marked gone (404), for the catalogue to revive when listed again."""
         ms = self.store.m.model_state
-        self.db.connect(reuse_if_open=True)
+        connect(self.db)
         return [row.model for row in ms.select(ms.model).where(ms.dead == True)]  # noqa: E712
 
     def revive(self, model: str, now: datetime) -> None:
@@ -252,12 +239,12 @@ class Governor:
     # -- reading -------------------------------------------------------------------------
 
     def state(self, model: str) -> ModelState:
-        self.db.connect(reuse_if_open=True)
+        connect(self.db)
         return self._state(model)
 
     def views(self, models: Sequence[str], now: datetime) -> list[ModelView]:
         """Health, cooldown and requests left (this window, today) of each model."""
-        self.db.connect(reuse_if_open=True)
+        connect(self.db)
         views = []
         for model in models:
             state = self._state(model)
@@ -271,7 +258,7 @@ class Governor:
 
     def next_due(self, now: datetime) -> datetime | None:
         """The earliest `not_before` of a pending task (when the pool should wake next)."""
-        self.db.connect(reuse_if_open=True)
+        connect(self.db)
         t = self.store.m.task
         row = (t.select(peewee.fn.MIN(t.not_before).alias("due"))
                .where((t.status == TaskStatus.PENDING.value) & t.not_before.is_null(False)).first())

@@ -1,6 +1,6 @@
 """SQL of the standing rules: their firings and their schedule clocks.
 
-Two tables (migration `0002_standing_rules`): `rule_firing` (one row per task a rule
+Two tables of `schema` (migration `0003_standing_rules`): `rule_firing` (one row per task a rule
 created: rule file, changed path, content hash at firing time, task id, origin) and
 `rule_clock` (per schedule rule, the last firing acted on). Invariant: the checks that
 decide whether a change fires (an open task for the same (rule, path), the hash of the
@@ -13,16 +13,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import peewee
-
 from ohd.core.taskfile import TaskSpec
-from ohd.store.records import Task, TaskStatus, dict_rows, task_from_row
+from ohd.store.records import dict_rows
+from ohd.store.schema import Task, TaskStatus, task_from_row
 from ohd.store.store import Store
-from ohd.store.transactions import write_transaction
+from ohd.store.transactions import atomic_write, connect
 
 log = logging.getLogger("ohd.rulestore")
 
@@ -30,38 +29,9 @@ OPEN = (TaskStatus.PENDING.value, TaskStatus.QUEUED.value)
 HOLD_MARGIN_S = 5.0   # after a running task's time limit, before its re-run may start
 
 
-class RuleFiringRow(peewee.Model):
-    repo = peewee.TextField()
-    rule = peewee.TextField()
-    path = peewee.TextField()
-    sha256 = peewee.CharField(max_length=64, null=True)
-    task_id = peewee.IntegerField()
-    origin = peewee.CharField(max_length=32)
-    fired_at = peewee.DateTimeField()
-
-
-class RuleClockRow(peewee.Model):
-    repo = peewee.TextField()
-    rule = peewee.TextField()
-    last_fire = peewee.DateTimeField()
-
-    class Meta:
-        primary_key = peewee.CompositeKey("repo", "rule")
-
-
 def source_of(rule: str) -> str:
     """The `source` of tasks a rule creates, e.g. `rule:tasks.d/tests.yaml`."""
     return f"rule:{rule}"
-
-
-def _naive(moment: datetime) -> datetime:
-    return moment.astimezone(UTC).replace(tzinfo=None)
-
-
-def _aware(moment: datetime | str) -> datetime:
-    if isinstance(moment, str):
-        moment = datetime.fromisoformat(moment)
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 class RuleStore:
@@ -70,25 +40,22 @@ class RuleStore:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.db = store.db
-        meta = {"database": store.db}
-        self.firing: Any = type("RuleFiring", (RuleFiringRow,), {
-            "Meta": type("Meta", (), {**meta, "table_name": "rule_firing"}), "__module__": __name__})
-        self.clock: Any = type("RuleClock", (RuleClockRow,), {
-            "Meta": type("Meta", (), {**meta, "table_name": "rule_clock"}), "__module__": __name__})
+        self.firing = store.m.rule_firing
+        self.clock = store.m.rule_clock
 
     @contextmanager
     def _write(self) -> Iterator[None]:
-        with write_transaction(self.db, self.store.lock_wait_s):
+        with atomic_write(self.db, self.store.lock_wait_s):
             yield
 
     # -- schedules ------------------------------------------------------------------
 
     def last_fire(self, repo: Path, rule: str) -> datetime | None:
         """The last firing acted on (or the rule's first sighting), if recorded."""
-        self.db.connect(reuse_if_open=True)
+        connect(self.db)
         c = self.clock
         row = c.select(c.last_fire).where((c.repo == str(repo)) & (c.rule == rule)).first()
-        return None if row is None else _aware(row.last_fire)
+        return None if row is None else row.last_fire
 
     def baseline(self, repo: Path, rule: str, now: datetime) -> datetime:
         """`last_fire`, recording `now` first for a rule never seen (no firing before it counts)."""
@@ -101,8 +68,8 @@ class RuleStore:
     def set_last_fire(self, repo: Path, rule: str, when: datetime) -> None:
         c = self.clock
         with self._write():
-            (c.insert(repo=str(repo), rule=rule, last_fire=_naive(when))
-             .on_conflict(conflict_target=[c.repo, c.rule], update={c.last_fire: _naive(when)})
+            (c.insert(repo=str(repo), rule=rule, last_fire=when)
+             .on_conflict(conflict_target=[c.repo, c.rule], update={c.last_fire: when})
              .execute())
 
     def fire_schedule(self, repo: Path, rule: str, spec: TaskSpec, fire_time: datetime,
@@ -154,7 +121,7 @@ class RuleStore:
         their ids. Held = pending, from a rule, never started (a task the governor deferred
         has started and keeps its own time)."""
         f, t = self.firing, self.store.m.task
-        self.db.connect(reuse_if_open=True)
+        connect(self.db)
         held = dict_rows(f.select(f.task_id, f.repo, f.rule, f.path).join(t, on=(f.task_id == t.id))
                          .where((t.status == TaskStatus.PENDING.value) & t.started_at.is_null()
                                 & (t.not_before > now)))
@@ -184,7 +151,7 @@ class RuleStore:
                 open_.append(row["id"])
             else:
                 running = row["sha256"] or ""
-                started = _aware(row["started_at"]) if row["started_at"] else None
+                started = row["started_at"]
                 until = None if started is None else started + timedelta(seconds=row["timeout_s"] + HOLD_MARGIN_S)
         return open_, running, until
 
@@ -202,13 +169,13 @@ class RuleStore:
     def _record(self, repo: Path, rule: str, path: str, sha256: str | None, task_id: int,
                 origin: str, fired_at: datetime) -> None:
         self.firing.insert(repo=str(repo), rule=rule, path=path, sha256=sha256, task_id=task_id,
-                           origin=origin, fired_at=_naive(fired_at)).execute()
+                           origin=origin, fired_at=fired_at).execute()
 
     # -- listing --------------------------------------------------------------------
 
     def last_task(self, repo: Path, rule: str) -> Task | None:
         """The newest task the rule created."""
-        self.db.connect(reuse_if_open=True)
+        connect(self.db)
         f = self.firing
         row = (f.select(f.task_id).where((f.repo == str(repo)) & (f.rule == rule))
                .order_by(f.id.desc()).first())

@@ -4,14 +4,13 @@ The only code that writes SQL (with `migrations`). Invariant: every state change
 one committed transaction before anything acts on it; a claim moves exactly one
 `queued` task to `running` under a lease (SQLite: `BEGIN IMMEDIATE`; PostgreSQL:
 `FOR UPDATE SKIP LOCKED`), so two workers never run the same task and an expired
-lease returns the task to the queue. Datetimes are stored as naive UTC and returned
-timezone-aware UTC. Query models are bound per `Store` to the database it was given
-(no module-level database); every call connects its own thread if needed.
+lease returns the task to the queue. The tables are `schema`'s, bound per `Store` to the
+database it was given (no module-level database); a read connects its own thread if needed
+and a write is one `atomic_write` (`transactions`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Collection, Iterator
@@ -24,23 +23,11 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import peewee
 
 from ohd.errors import ConfigError, InvalidTransition, NotFound, StorageUnavailable, unwritable_reason
-from ohd.store import migrations
-from ohd.store.records import (
-    QUARANTINED,
-    TERMINAL,
-    Claim,
-    Execution,
-    Task,
-    TaskStatus,
-    Written,
-    bind_models,
-    dict_rows,
-    pending_key,
-    task_from_row,
-    tuple_rows,
-)
 from ohd.core.taskfile import Priority, TaskSpec
-from ohd.store.transactions import LOCK_WAIT_S, write_transaction
+from ohd.store import schema
+from ohd.store.records import Claim, Execution, Written, dict_rows, pending_key, tuple_rows
+from ohd.store.schema import QUARANTINED, TERMINAL, Task, TaskStatus, task_from_row, task_row
+from ohd.store.transactions import LOCK_WAIT_S, atomic_write, connect
 
 __all__ = ["Claim", "Execution", "Store", "Task", "TaskStatus", "Written", "open_database"]
 
@@ -179,7 +166,7 @@ class Store:
 
     def __init__(self, db: peewee.Database, lock_wait_s: float = LOCK_WAIT_S) -> None:
         self.db = db
-        self.m = bind_models(db)
+        self.m = schema.bind(db)
         self.lock_wait_s = lock_wait_s   # a write waits this long for another process's writer lock
         self._sqlite = isinstance(db, peewee.SqliteDatabase)
 
@@ -197,7 +184,7 @@ class Store:
 
     def migrate(self) -> None:
         """Bring the schema up to date (idempotent)."""
-        migrations.migrate(self.db)
+        schema.migrate(self.db)
 
     def close(self) -> None:
         """Close this thread's connection."""
@@ -207,11 +194,11 @@ class Store:
     @contextmanager
     def _write(self) -> Iterator[None]:
         """One transaction holding the writer lock from its first statement (SQLite), waiting for it."""
-        with write_transaction(self.db, self.lock_wait_s):
+        with atomic_write(self.db, self.lock_wait_s):
             yield
 
     def _read(self) -> None:
-        self.db.connect(reuse_if_open=True)
+        connect(self.db)
 
     # -- creating tasks --------------------------------------------------------------
 
@@ -221,14 +208,7 @@ class Store:
             return self._insert_task(repo, spec, now, source)
 
     def _insert_task(self, repo: str, spec: TaskSpec, now: datetime, source: str | None) -> int:
-        row = {"repo": repo, "type": spec.type.value, "target": spec.file, "description": spec.description,
-               "priority": spec.priority.value, "rank": spec.priority.rank, "output": spec.output,
-               "models": json.dumps(list(spec.models)), "min_quality": spec.min_quality,
-               "max_attempts": spec.max_attempts, "timeout_s": spec.timeout_s, "prompt": spec.prompt,
-               "source": source, "status": TaskStatus.QUEUED.value, "attempts": 0, "created_at": now,
-               "updated_at": now, "cancel_requested": False, "crashes": 0,
-               "rule_levels": json.dumps(spec.rule_levels, sort_keys=True) if spec.rule_levels else None}
-        return int(self.m.task.insert(**row).execute())
+        return int(self.m.task.insert(**task_row(repo, spec, now, source)).execute())
 
     def ingest_file(self, repo: str, relpath: str, sha256: str, spec: TaskSpec, now: datetime) -> int:
         """The ingested_file row and its task in one transaction; a pending duplicate returns its task."""

@@ -1,4 +1,6 @@
-"""Write transactions on the store's database, and patience while another process writes.
+"""How the store reaches its database: this thread's connection, and write transactions that wait
+while another process writes. Every read of the store begins with `connect(db)`, every write is
+`with atomic_write(db):` (nothing else in ohd opens a connection or a transaction).
 
 SQLite has one writer at a time. A write transaction here begins with `BEGIN IMMEDIATE`, so
 it holds the writer lock from its first statement and cannot fail half-way for want of it;
@@ -7,7 +9,9 @@ it runs out, tenacity begins again (a warning per retry) until `LOCK_WAIT_S` hav
 burst of writers (50 `ohd` processes, the daemon's workers, ingest, a user's `sqlite3`) queues
 instead of failing with "database is locked". A lock still held after that is raised as the store
 names it (`StorageUnavailable`, locked: a plain message from the CLI, 503 on the socket).
-PostgreSQL locks rows, not the database: a plain transaction. Nothing here reads or writes rows.
+PostgreSQL locks rows, not the database: a plain transaction, which takes an advisory transaction
+lock first when the writer names one (`lock`: the governor's, the migrations'), so the writers of
+one kind run one at a time there as on SQLite. Nothing here reads or writes rows.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from typing import Any, cast
 
 import peewee
 from tenacity import (
@@ -39,11 +44,23 @@ def is_busy(exc: BaseException) -> bool:
     return unwritable_reason(exc) == StorageUnavailable.LOCKED
 
 
-@contextmanager
-def write_transaction(db: peewee.Database, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
-    """One transaction holding the writer lock from its first statement (nested: a savepoint)."""
+def connect(db: peewee.Database) -> None:
+    """This thread's connection to `db`, opened if it is not (peewee keeps one per thread)."""
     db.connect(reuse_if_open=True)
-    if not isinstance(db, peewee.SqliteDatabase) or db.in_transaction():
+
+
+@contextmanager
+def atomic_write(db: peewee.Database, wait_s: float = LOCK_WAIT_S, lock: int | None = None) -> Iterator[None]:
+    """One transaction holding the writer lock from its first statement (nested: a savepoint).
+    `lock`: on PostgreSQL, the key of an advisory lock held until the transaction ends."""
+    connect(db)
+    if not isinstance(db, peewee.SqliteDatabase):
+        with db.atomic():
+            if lock is not None:
+                cast(Any, db).execute_sql("SELECT pg_advisory_xact_lock(%s)", (lock,))
+            yield
+        return
+    if db.in_transaction():
         with db.atomic():
             yield
         return

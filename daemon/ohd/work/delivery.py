@@ -22,7 +22,7 @@ from ohd.core.tasktypes import Job
 from ohd.errors import TargetError
 from ohd.ladder import astrules, validate
 from ohd.repo import outputs
-from ohd.store.records import QUARANTINED
+from ohd.store.schema import QUARANTINED
 from ohd.store.store import Execution, Store, Task, TaskStatus, Written
 from ohd.work import report
 

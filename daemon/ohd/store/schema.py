@@ -1,0 +1,355 @@
+"""The store's schema, declared once: every table's peewee model, the task row's value, the migrations.
+
+Every query in `store/` runs on these models, bound to one database by `bind(db)` (copies, so two
+stores on two databases never share state; nothing is bound at module level). The tables are made
+by `MIGRATIONS`, applied by `migrate(db)`; each step describes its tables as they were then (the
+shipped ones live in `migrations`), and `tests/test_migrations.py` checks that these models name
+exactly the migrated columns. Adding a task column: the column here, its `Task` field here, a step
+at the end of `MIGRATIONS`; the insert and the row -> `Task` mapping follow from the fields.
+Datetimes are stored one way (`fields.UtcDateTimeField`): aware UTC in, naive UTC in the database.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, TypeVar, cast
+
+import peewee
+
+from ohd.core.taskfile import TaskSpec
+from ohd.store import migrations
+from ohd.store.fields import JsonField, UtcDateTimeField
+from ohd.store.transactions import atomic_write, connect
+
+log = logging.getLogger("ohd.migrations")
+
+_MIGRATE_LOCK = 0x6F6864  # "ohd": the advisory lock taken while migrating PostgreSQL
+
+
+class TaskStatus(StrEnum):
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+# how the error of a quarantined completion begins: ohd's tests fail against the code, a possible bug
+QUARANTINED = "quarantined: "
+
+
+def iso(value: Any) -> Any:
+    """A value as JSON carries it: datetimes in ISO text, tuples as lists."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return list(value) if isinstance(value, tuple) else value
+
+
+# -- the tables --------------------------------------------------------------------------
+# Unbound: `bind` makes copies bound to one database. Each names its table (`table_name`).
+
+class TaskRow(peewee.Model):
+    id = peewee.AutoField()
+    repo = peewee.TextField()
+    type = peewee.CharField()
+    target = peewee.TextField()
+    description = peewee.TextField()
+    priority = peewee.CharField()
+    rank = peewee.IntegerField()
+    output = peewee.TextField(null=True)
+    models = JsonField(load=tuple)                   # a list of model ids
+    min_quality = peewee.FloatField()
+    max_attempts = peewee.IntegerField()
+    timeout_s = peewee.FloatField()
+    prompt = peewee.TextField(null=True)
+    source = peewee.TextField(null=True)
+    status = peewee.CharField(default=TaskStatus.QUEUED.value)
+    attempts = peewee.IntegerField(default=0)
+    error = peewee.TextField(null=True)
+    output_path = peewee.TextField(null=True)
+    report_path = peewee.TextField(null=True)
+    created_at = UtcDateTimeField()
+    updated_at = UtcDateTimeField()
+    started_at = UtcDateTimeField(null=True)
+    finished_at = UtcDateTimeField(null=True)
+    not_before = UtcDateTimeField(null=True)
+    lease_owner = peewee.CharField(null=True)
+    lease_until = UtcDateTimeField(null=True)
+    cancel_requested = peewee.BooleanField(default=False)
+    rule_levels = JsonField(null=True, sort_keys=True, empty=dict)   # rule -> level; NULL: none
+    crashes = peewee.IntegerField(default=0)
+
+    class Meta:
+        table_name = "task"
+
+
+class ExecutionRow(peewee.Model):
+    id = peewee.AutoField()
+    task_id = peewee.IntegerField()
+    attempt = peewee.IntegerField()
+    model = peewee.CharField()
+    started_at = UtcDateTimeField()
+    finished_at = UtcDateTimeField()
+    latency_ms = peewee.IntegerField()
+    prompt_tokens = peewee.IntegerField()
+    completion_tokens = peewee.IntegerField()
+    cost = peewee.FloatField(null=True)
+    outcome = peewee.CharField()
+    error_class = peewee.CharField(null=True)
+    error = peewee.TextField(null=True)
+    score = peewee.FloatField(null=True)
+    validation_ms = peewee.IntegerField(null=True)
+    source_sha256 = peewee.CharField(null=True)
+
+    class Meta:
+        table_name = "execution"
+
+
+class IngestedFileRow(peewee.Model):
+    id = peewee.AutoField()
+    repo = peewee.TextField()
+    relpath = peewee.TextField()
+    sha256 = peewee.CharField()
+    task_id = peewee.IntegerField(null=True)
+    ingested_at = UtcDateTimeField()
+    pending_key = peewee.TextField(null=True)   # `pending_key(repo, sha256)` until moved to .done/
+
+    class Meta:
+        table_name = "ingested_file"
+
+
+class WrittenFileRow(peewee.Model):
+    id = peewee.AutoField()
+    repo = peewee.TextField()
+    path = peewee.TextField()
+    sha256 = peewee.CharField()
+    task_id = peewee.IntegerField(null=True)
+    written_at = UtcDateTimeField()
+    previous_sha256 = peewee.CharField(null=True)
+
+    class Meta:
+        table_name = "written_file"
+
+
+class ModelCallRow(peewee.Model):
+    id = peewee.AutoField()
+    task_id = peewee.IntegerField()
+    model = peewee.CharField()
+    started_at = UtcDateTimeField()
+    prompt = peewee.TextField()
+    response = peewee.TextField()
+    execution_id = peewee.IntegerField(null=True)
+    pending = JsonField(null=True)
+
+    class Meta:
+        table_name = "model_call"
+
+
+class ModelStateRow(peewee.Model):
+    model = peewee.CharField(primary_key=True)
+    state = peewee.CharField()
+    cooldown_until = UtcDateTimeField(null=True)
+    dead = peewee.BooleanField()
+    failures = peewee.IntegerField()
+    updated_at = UtcDateTimeField(null=True)
+    opened_at = UtcDateTimeField(null=True)
+    rpm_limit = peewee.IntegerField(null=True)
+
+    class Meta:
+        table_name = "model_state"
+
+
+class ModelRequestRow(peewee.Model):
+    id = peewee.AutoField()
+    model = peewee.CharField()
+    key_id = peewee.CharField()
+    free = peewee.BooleanField()
+    at = UtcDateTimeField()
+
+    class Meta:
+        table_name = "model_request"
+
+
+class RuleFiringRow(peewee.Model):
+    id = peewee.AutoField()
+    repo = peewee.TextField()
+    rule = peewee.TextField()
+    path = peewee.TextField()
+    sha256 = peewee.CharField(null=True)
+    task_id = peewee.IntegerField()
+    origin = peewee.CharField()
+    fired_at = UtcDateTimeField()
+
+    class Meta:
+        table_name = "rule_firing"
+
+
+class RuleClockRow(peewee.Model):
+    repo = peewee.TextField()
+    rule = peewee.TextField()
+    last_fire = UtcDateTimeField()
+
+    class Meta:
+        table_name = "rule_clock"
+        primary_key = peewee.CompositeKey("repo", "rule")
+
+
+class SchemaMigrationRow(peewee.Model):
+    """The ledger of applied migrations; `migrate` makes it (its default is the database's clock)."""
+
+    name = peewee.CharField(max_length=255, primary_key=True)
+    applied_at = peewee.DateTimeField(constraints=[peewee.SQL("DEFAULT CURRENT_TIMESTAMP")])
+
+    class Meta:
+        table_name = "schema_migrations"
+
+
+@dataclass(frozen=True, slots=True)
+class Tables:
+    """Every table's model, bound to one database; the field names are the table names."""
+
+    task: type[TaskRow]
+    execution: type[ExecutionRow]
+    ingested_file: type[IngestedFileRow]
+    written_file: type[WrittenFileRow]
+    model_call: type[ModelCallRow]
+    model_state: type[ModelStateRow]
+    model_request: type[ModelRequestRow]
+    rule_firing: type[RuleFiringRow]
+    rule_clock: type[RuleClockRow]
+    schema_migrations: type[SchemaMigrationRow]
+
+
+MODELS: tuple[type[peewee.Model], ...] = (
+    TaskRow, ExecutionRow, IngestedFileRow, WrittenFileRow, ModelCallRow, ModelStateRow, ModelRequestRow,
+    RuleFiringRow, RuleClockRow, SchemaMigrationRow)
+
+M = TypeVar("M", bound=peewee.Model)
+
+
+def _bound(model: type[M], db: peewee.Database) -> type[M]:
+    meta = type("Meta", (), {"database": db, "table_name": model._meta.table_name})
+    return cast(type[M], type(model.__name__, (model,), {"Meta": meta, "__module__": __name__}))
+
+
+def bind(db: peewee.Database) -> Tables:
+    """The models bound to `db` alone (the tables themselves are made by `migrate`)."""
+    bound: dict[str, Any] = {model._meta.table_name: _bound(model, db) for model in MODELS}
+    return Tables(**bound)
+
+
+# -- the task row's value ------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """A task as its row holds it (every column but `rank`, the priority's order), as `task_from_row` reads it."""
+
+    id: int
+    repo: str
+    type: str
+    target: str
+    description: str
+    priority: str
+    output: str | None
+    models: tuple[str, ...]
+    min_quality: float
+    max_attempts: int
+    timeout_s: float
+    prompt: str | None
+    source: str | None
+    status: str
+    attempts: int
+    error: str | None
+    output_path: str | None
+    report_path: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    not_before: datetime | None
+    lease_owner: str | None
+    lease_until: datetime | None
+    cancel_requested: bool
+    rule_levels: dict[str, str] = field(default_factory=dict)   # rule -> level, over the configuration's
+    crashes: int = 0     # runs a daemon's crash (or an expired lease) interrupted; at the limit it fails
+
+    @property
+    def quarantined(self) -> bool:
+        """Completed without an output: the tests fail against the code (a possible bug, reported)."""
+        return self.status == TaskStatus.COMPLETED and (self.error or "").startswith(QUARANTINED)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: ISO datetimes, models as a list; `quarantined` beside `status`."""
+        return {**{f.name: iso(getattr(self, f.name)) for f in fields(self)}, "quarantined": self.quarantined}
+
+
+TASK_FIELDS = tuple(f.name for f in fields(Task))
+# the task columns that take the task file's value of the same name (the others: `task_row`)
+SPEC_COLUMNS = tuple(name for name in TaskRow._meta.fields
+                     if name in TaskSpec.model_fields and name not in ("type", "target", "priority"))
+
+
+def task_row(repo: str, spec: TaskSpec, now: datetime, source: str | None) -> dict[str, Any]:
+    """The row of a new task: the spec's values of `SPEC_COLUMNS` (their fields store them), these,
+    and the columns' defaults (queued, no attempt, no crash)."""
+    return {**{name: getattr(spec, name) for name in SPEC_COLUMNS}, "repo": repo, "type": spec.type.value,
+            "target": spec.file, "priority": spec.priority.value, "rank": spec.priority.rank,
+            "source": source, "created_at": now, "updated_at": now}
+
+
+def task_from_row(row: dict[str, Any]) -> Task:
+    """A `task` row (a select's dict, its fields' values) as a Task."""
+    return Task(**{name: row[name] for name in TASK_FIELDS})
+
+
+# -- the migrations ------------------------------------------------------------------------
+
+# The history, oldest first. Append only; a new column is one step: `migrations.add_column(...)`.
+MIGRATIONS: tuple[tuple[str, migrations.Migration], ...] = (
+    ("0001_initial_schema", migrations.initial_schema),
+    ("0002_governor_state", migrations.governor_state),
+    ("0003_standing_rules", migrations.standing_rules),
+    ("0004_execution_score", migrations.execution_score),
+    ("0005_model_call", migrations.model_call),
+    ("0006_task_rule_levels", migrations.task_rule_levels),
+    ("0007_execution_validation_ms", migrations.execution_validation_ms),
+    ("0008_crash_recovery", migrations.crash_recovery),
+    ("0009_execution_source", migrations.execution_source),
+    ("0010_written_previous", migrations.written_previous),
+)
+
+
+def applied(db: peewee.Database) -> list[str]:
+    """Names already recorded, in the order they were applied."""
+    connect(db)
+    if not db.table_exists(SchemaMigrationRow._meta.table_name):
+        return []
+    ledger = _bound(SchemaMigrationRow, db)
+    return [row.name for row in ledger.select(ledger.name).order_by(ledger.applied_at, ledger.name)]
+
+
+def migrate(db: peewee.Database, steps: Sequence[tuple[str, migrations.Migration]] = MIGRATIONS) -> list[str]:
+    """Apply every step not yet recorded, each in one transaction with its record; returns the names
+    applied now (idempotent). Two processes never migrate at once (the writer lock; on PostgreSQL an
+    advisory lock). `steps` is the history; tests pass a longer one to prove atomicity."""
+    connect(db)
+    ledger = _bound(SchemaMigrationRow, db)
+    done_now: list[str] = []
+    for name, step in steps:
+        if name in applied(db):
+            continue    # a read first: every command migrates, and an applied step must not queue for the lock
+        with atomic_write(db, lock=_MIGRATE_LOCK):
+            ledger.create_table(safe=True)
+            if ledger.select().where(ledger.name == name).exists():
+                continue
+            step(db)
+            ledger.insert(name=name).execute()
+        log.info("schema migration %s applied", name)
+        done_now.append(name)
+    return done_now
