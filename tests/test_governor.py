@@ -23,8 +23,9 @@ from ohd.core.taskfile import TaskSpec
 from ohd.core.tasktypes import Job
 from ohd.errors import RateLimited
 from ohd.models.llm import Completion, ModelClient
+from ohd.store.quotas import Governor
 from ohd.store.store import Store
-from ohd.work.worker import Pool
+from ohd.work.worker import Pool, pace_retries
 from tests.support.clock import FakeClock
 from tests.support.databases import open_store
 from tests.support.fake_openrouter import FakeOpenRouter, ok, rate_limited, server_error
@@ -263,14 +264,14 @@ def test_retries_inside_one_call_are_paced_too(repo: Path, store: Store, server:
 
     async def main() -> None:
         async with httpx.AsyncClient() as http:
-            client = ModelClient(http, server.url, "sk-test", clock, retries=2)
+            governor = Governor(store, policy)      # as the daemon wires them: one governor for both
+            client = ModelClient(http, server.url, "sk-test", clock, retries=2,
+                                 before_retry=pace_retries(governor, clock))
 
             async def call(model: str, messages: list[dict[str, str]], timeout_s: float, job: Job) -> Completion:
                 return await client.complete(model, messages, timeout_s)
 
-            pool = Pool(store, call, clock, models=AB, policy=policy)
-            client.before_retry = pool.pace
-            await pool.run_until_idle()
+            await Pool(store, call, clock, models=AB, governor=governor).run_until_idle()
 
     asyncio.run(main())
     assert store.get_task(task_id).status == "completed"

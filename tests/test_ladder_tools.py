@@ -381,8 +381,7 @@ def test_a_task_whose_python_has_no_pytest_fails_before_any_model_is_asked(
         asked.append(model)
         raise AssertionError("no model should be asked")
 
-    pool = Pool(store, call, clock, models=["m"])
-    pool.ladder = ladder.Ladder(tests=testrun.Options(python=str(bare)))
+    pool = Pool(store, call, clock, models=["m"], ladder=ladder.Ladder(tests=testrun.Options(python=str(bare))))
     asyncio.run(pool.run_until_idle())
     task = store.get_task(task_id)
     assert task.status == "failed" and asked == []
@@ -541,8 +540,7 @@ def test_the_pool_tells_the_ladder_when_the_candidate_replaces_ohds_own_output(
     task_id = store.enqueue(str(repo), TaskSpec.model_validate(
         {"type": "unit_test", "target": "shop/pricing.py", "min_quality": 0.0, "max_attempts": 1}), clock.now())
     store.record_written(str(repo), "tests/test_pricing.py", outputs.sha256_text(GOOD), task_id, clock.now())
-    pool = Pool(store, call, clock, models=["m"])
-    pool.ladder = ladder.Ladder(tests=testrun.Options(runs=1), coverage=True)
+    pool = Pool(store, call, clock, models=["m"], ladder=ladder.Ladder(tests=testrun.Options(runs=1), coverage=True))
     asyncio.run(pool.run_until_idle())
     task = store.get_task(task_id)
     assert task.report_path, task.error

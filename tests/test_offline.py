@@ -443,8 +443,8 @@ def run_offline_pool(store: Store, clock: FakeClock, runs: int = 2, jail: sandbo
         return await provider.complete(model, messages, timeout_s, job)
 
     async def main() -> Pool:
-        pool = Pool(store, call, clock, models=["offline"], size=1)
-        pool.ladder = ladder.Ladder(tests=testrun.Options(runs=runs, jail=jail))
+        pool = Pool(store, call, clock, models=["offline"], size=1,
+                    ladder=ladder.Ladder(tests=testrun.Options(runs=runs, jail=jail)))
         await pool.run_until_idle()
         return pool
 

@@ -23,7 +23,7 @@ from ohd.ladder import ladder
 from ohd.models.llm import Completion, ModelClient
 from ohd.store.quotas import Governor
 from ohd.store.store import Store
-from ohd.work.worker import Pool
+from ohd.work.worker import Pool, pace_retries
 from tests.support.clock import FakeClock
 from tests.support.fake_openrouter import (
     FakeOpenRouter,
@@ -463,7 +463,7 @@ def test_a_retry_refused_by_an_open_breaker_is_not_a_429(store: Store, clock: Fa
     pool = Pool(store, never_called, clock, models=["m"], size=1)
     pool.governor.unreachable("m", clock.now(), "cannot connect (Connection refused)")
     with pytest.raises(Unreachable) as raised:
-        asyncio.run(pool.pace("m"))
+        asyncio.run(pace_retries(pool.governor, clock)("m"))
     assert not isinstance(raised.value, RateLimited)
     assert "breaker" in str(raised.value)
 

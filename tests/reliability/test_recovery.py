@@ -260,9 +260,8 @@ def _run_pool(store: Store, server: FakeOpenRouter, clock: FakeClock, calls: dic
                     raise Killed
                 return await client.complete(model, messages, timeout_s)
 
-            pool = Pool(store, call, clock, models=[MODEL], size=1)
-            pool.calls = CallHistory(store.db, **(calls or {}))
-            pool.ladder = ladder.Ladder(tests=testrun.Options(runs=0))
+            pool = Pool(store, call, clock, models=[MODEL], size=1, calls=CallHistory(store.db, **(calls or {})),
+                        ladder=ladder.Ladder(tests=testrun.Options(runs=0)))
             await pool.run_until_idle()
 
     asyncio.run(main())

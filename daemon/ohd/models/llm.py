@@ -184,7 +184,8 @@ class ModelClient:
 
     def __init__(self, http: httpx.AsyncClient, base_url: str, api_key: str | None, clock: Clock,
                  *, app_url: str = "", app_title: str = "ohd", max_tokens: int = 4096,
-                 temperature: float = 0.2, retries: int = 2) -> None:
+                 temperature: float = 0.2, retries: int = 2,
+                 before_retry: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.http = http
         self.base_url = base_url.rstrip("/")
         self.clock = clock
@@ -195,8 +196,8 @@ class ModelClient:
         self._redactor = Redactor([api_key] if api_key else [])
         self._rate_limit_streak: dict[str, int] = {}
         self._rate_limits_seen: dict[str, int] = {}   # 429s received per model, ever
-        # awaited before each retry (e.g. the pool reserving a request slot); may raise a ModelError
-        self.before_retry: Callable[[str], Awaitable[None]] | None = None
+        # awaited before each retry (e.g. the quotas reserving a request slot); may raise a ModelError
+        self.before_retry = before_retry
 
     def __repr__(self) -> str:  # never show the headers (they hold the key)
         return f"ModelClient(base_url={self.base_url!r})"

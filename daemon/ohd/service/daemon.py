@@ -31,7 +31,7 @@ import faulthandler
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import timedelta
 from pathlib import Path
@@ -62,10 +62,11 @@ from ohd.service.reload import Reloader
 from ohd.service.server import ApiServer
 from ohd.service.status import StatusView
 from ohd.store.calls import CallHistory
+from ohd.store.quotas import Governor
 from ohd.store.store import Store, TaskStatus, open_database, sqlite_path
 from ohd.work import delivery
 from ohd.work.delivery import Outcome
-from ohd.work.worker import Caller, Pool
+from ohd.work.worker import Caller, Pool, pace_retries
 
 log = logging.getLogger("ohd.daemon")
 
@@ -113,23 +114,22 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reloader.request)
         async with AsyncExitStack() as stack:
-            call, models = await self._models(stack)
+            governor = Governor(self.store, policy_of(self.settings), key_id_of(self.settings))
+            call, models = await self._models(stack, pace_retries(governor, self.clock))  # retries count too
             self.store.migrate()
             self._recover()
             pool = Pool(self.store, call, self.clock, models=models, size=self.settings.workers,
-                        lease=timedelta(seconds=self.settings.lease_s), policy=policy_of(self.settings),
-                        key_id=key_id_of(self.settings), rank=rank_of(self.settings, self.store))
+                        lease=timedelta(seconds=self.settings.lease_s), governor=governor,
+                        rank=rank_of(self.settings, self.store), ladder=ladder_of(self.settings, self.test_runs),
+                        calls=CallHistory(self.store.db, self.settings.call_history_max_bytes,
+                                          self.settings.call_history))
             self.pool = self.view.pool = pool
             live = Live(pool)     # from now on the one writer of its models, policy, ranking and ladder
-            pool.calls = CallHistory(self.store.db, self.settings.call_history_max_bytes, self.settings.call_history)
-            pool.ladder = ladder_of(self.settings, self.test_runs)
             log_sandbox(pool.ladder)
             catalogue = self._catalogue(pool, live)
             if catalogue is not None and catalogue.discover and not self.settings.openrouter:
                 # a server you run: its own list, not OpenRouter's, from the start (a SIGTERM ends the wait)
                 await catalogue.refresh_until_stopped(self.stop_event)
-            if self.model_client is not None:
-                self.model_client.before_retry = pool.pace   # retries count against the quotas too
             rulebook = self.rulebook = rulebook_for(self.settings, self.store, self.clock)
             ingestor = Ingestor(self.store, self.clock, settle_s=self.settings.settle_s,
                                 on_rule=lambda repo, rel, spec: self._on_rule(loop, rulebook, repo, rel, spec))
@@ -215,8 +215,10 @@ class Daemon:
             log.info("removed %d leftover file(s) of interrupted writes and validations in %s: %s%s", len(gone),
                      repo, ", ".join(gone[:5]), ", ..." if len(gone) > 5 else "")
 
-    async def _models(self, stack: AsyncExitStack) -> tuple[Caller, list[str]]:
-        """The caller and model list: OpenRouter (or any OpenAI-compatible server), or offline."""
+    async def _models(self, stack: AsyncExitStack, before_retry: Callable[[str], Awaitable[None]]
+                      ) -> tuple[Caller, list[str]]:
+        """The caller and model list: OpenRouter (or any OpenAI-compatible server), or offline;
+        `before_retry` paces the retries inside one model call."""
         if self.settings.use_offline:
             offline = OfflineProvider(self.clock)
             log.warning("no API key (%s is not set): using the offline provider; results are "
@@ -235,7 +237,7 @@ class Daemon:
                      else "no API key sent")
         client = ModelClient(http, self.settings.base_url, key, self.clock, app_url=self.settings.app_url,
                              app_title=self.settings.app_title, max_tokens=self.settings.max_tokens,
-                             temperature=self.settings.temperature)
+                             temperature=self.settings.temperature, before_retry=before_retry)
         self.model_client = client
 
         request_timeout_s = self.settings.request_timeout_s
