@@ -1,4 +1,4 @@
-"""The architecture is checked, not remembered: import-linter contracts and mypy --strict."""
+"""The architecture is checked, not remembered: import-linter contracts, mypy --strict and ruff."""
 
 from __future__ import annotations
 
@@ -24,5 +24,12 @@ def test_import_rules_hold() -> None:
 
 def test_package_is_strictly_typed() -> None:
     done = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_package_passes_ruff() -> None:
+    """ohd's own code under the rules it is held to (`[tool.ruff]` in pyproject.toml)."""
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "daemon/ohd"], cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr

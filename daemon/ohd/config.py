@@ -38,7 +38,8 @@ _LIST_KEYS = {"models", "repos", "paid_models"}
 # `OHD_*` variables ohd reads that are no setting: the config file's path, the git hooks' switch
 # (`OHD_HOOKS=off`), the test suite's PostgreSQL
 NOT_SETTINGS = frozenset({"OHD_CONFIG", "OHD_HOOKS", "OHD_TEST_POSTGRES_URL"})
-_DICT_KEYS = {"rate_limits", "daily_limits", "model_priors", "model_tags", "rule_levels"}   # JSON objects in OHD_* variables
+# JSON objects in OHD_* variables
+_DICT_KEYS = {"rate_limits", "daily_limits", "model_priors", "model_tags", "rule_levels"}
 
 
 class ModelPrior(BaseModel):

@@ -117,7 +117,8 @@ class ModelError(OhdError):
     def __str__(self) -> str:
         # from the attributes as they are now: the worker names the model of an answer that
         # `tasktypes.extract` found malformed (raised there as model "?") after the fact
-        return f"{self.model}: {self.error_class}: {self.message}" if self.message else f"{self.model}: {self.error_class}"
+        kind = f"{self.model}: {self.error_class}"
+        return f"{kind}: {self.message}" if self.message else kind
 
 
 class RateLimited(ModelError):

@@ -30,9 +30,9 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from urllib.parse import quote, quote_plus
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 FORMATS = ("text", "json")
 CONTEXT = ("task_id", "model", "status", "outcome")

@@ -350,9 +350,9 @@ def cmd_hooks(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from ohd.core.taskfile import parse_bytes
     from ohd.intake.ingest import check_rule_names
     from ohd.repo.outputs import read_task_file
-    from ohd.core.taskfile import parse_bytes
 
     results = []
     for path in args.files:
@@ -371,8 +371,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_rules(args: argparse.Namespace) -> int:
     from ohd.clock import SystemClock
-    from ohd.service.assemble import repos_of, rulebook_for
     from ohd.intake.rules import listing_text
+    from ohd.service.assemble import repos_of, rulebook_for
 
     conf = settings(args)
     clock = SystemClock()

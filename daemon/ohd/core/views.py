@@ -95,7 +95,8 @@ def tasks_text(tasks: Sequence[dict[str, Any]]) -> str:
 
 def task_text(task: dict[str, Any]) -> str:
     lines = [f"task {task['id']}: {task['type']} {task['target']} ({task['repo']})",
-             f"  status:   {status_label(task)}" + (f" (not before {task['not_before']})" if task.get("not_before") else ""),
+             f"  status:   {status_label(task)}"
+             + (f" (not before {task['not_before']})" if task.get("not_before") else ""),
              f"  priority: {task['priority']}   attempts: {task['attempts']}/{task['max_attempts']}",
              f"  source:   {task.get('source') or '-'}"]
     if task.get("description"):
@@ -169,4 +170,4 @@ def _duration(seconds: float) -> str:
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip() for row in rows)

@@ -7,8 +7,9 @@ is gone (checked before every use, so a deleted rule never fires again).
 `changed(repo, paths, origin)` turns changed files into tasks, `due(now)` turns cron
 firings into tasks. Invariants: a rule never fires for ohd's own files (`.ohd/`,
 `*.ohd-new`, `tasks.d/`) nor for a file whose content is what ohd last wrote there or
-proposed beside it as `<file>.ohd-new` (no loops, and accepting a proposal is no change); one pending/queued task per (rule, path); no task for content the last
-accepted run already saw (`rulestore`). Safe to call from any thread.
+proposed beside it as `<file>.ohd-new` (no loops, and accepting a proposal is no change);
+one pending/queued task per (rule, path); no task for content the last accepted run already saw
+(`rulestore`). Safe to call from any thread.
 """
 
 from __future__ import annotations

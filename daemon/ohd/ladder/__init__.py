@@ -1,1 +1,3 @@
-"""Judging an answer: the validation ladder, its static rules and screen, pytest, ruff and coverage runs, and the sandbox they run in."""
+"""Judging an answer: the validation ladder, its static rules and screen, pytest, ruff and coverage
+runs, and the sandbox they run in.
+"""

@@ -285,7 +285,10 @@ def candidate_file(repo: Path, output: str, content: str) -> Iterator[str]:
             made = _make_dirs(intended.parent, root)
             path.write_text(content, encoding="utf-8")
         except OSError as exc:     # a full or read-only repo: said so, not an internal error
-            raise repo_unwritable(repo, exc) or exc
+            unwritable = repo_unwritable(repo, exc)
+            if unwritable is None:
+                raise
+            raise unwritable from exc
         yield path.relative_to(root).as_posix()
     finally:
         if path.exists() or path.is_symlink():    # unlink of a missing name fails on a read-only repo
@@ -532,7 +535,8 @@ def _covered(python: str, root: Path, rels: Sequence[str], env: dict[str, str], 
                            "test_timeout_s bounds it)")
     if code not in (0, 1, 5):     # 5: no tests collected (a repo without tests)
         last = _last_line(out)
-        raise _NotMeasured(f"pytest under coverage could not run {what} (exit code {code}){f': {last}' if last else ''}")
+        detail = f": {last}" if last else ""
+        raise _NotMeasured(f"pytest under coverage could not run {what} (exit code {code}){detail}")
     tests = (read_junit(junit) or Tally()).total
     code, out = _run([*coverage, "json", f"--rcfile={rcfile}", f"--data-file={data}", "-o", str(report)],
                      root, env, timeout_s, options.slots, options.redact, jail=(options.sandbox(), scratch, keep),

@@ -44,7 +44,7 @@ class Level(StrEnum):
         return {"error": 1.0, "warning": 0.5, "info": 0.25}[self.value]
 
 
-E, W, I = Level.ERROR, Level.WARNING, Level.INFO
+E, W, I = Level.ERROR, Level.WARNING, Level.INFO  # noqa: E741 (the table below reads as E/W/I)
 # The level of each rule per task type ("*": every type); None switches a rule off.
 LEVELS: dict[str, dict[str, Level | None]] = {
     "*": {"file_exists": E, "content_not_empty": E, "valid_python": E, "lint": W},
@@ -71,7 +71,8 @@ def unknown_rules(names: Iterable[str]) -> list[str]:
     return sorted(set(names) - RULES)
 
 
-def parse_levels(raw: Mapping[str, Mapping[str, str]], task_types: tuple[str, ...]) -> dict[str, dict[str, Level | None]]:
+def parse_levels(raw: Mapping[str, Mapping[str, str]],
+                 task_types: tuple[str, ...]) -> dict[str, dict[str, Level | None]]:
     """The `rule_levels` setting as a level table; ValueError names the unknown type, rule or level."""
     table: dict[str, dict[str, Level | None]] = {}
     for task_type, rules in raw.items():

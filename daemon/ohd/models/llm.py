@@ -40,8 +40,7 @@ from tenacity import (
 )
 
 from ohd.clock import Clock
-from ohd.logfmt import CURRENT_TASK, Redactor
-from ohd.models import offline
+from ohd.core.tasktypes import Job
 from ohd.errors import (
     AuthFailed,
     BadRequest,
@@ -56,7 +55,8 @@ from ohd.errors import (
     ServerError,
     Unreachable,
 )
-from ohd.core.tasktypes import Job
+from ohd.logfmt import CURRENT_TASK, Redactor
+from ohd.models import offline
 
 log = logging.getLogger("ohd.llm")
 

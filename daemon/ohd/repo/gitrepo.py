@@ -130,7 +130,8 @@ def _has_public_code(source: str) -> bool:
 def _exclude(repo: Path) -> list[str]:
     gdir = git_dir(repo)
     if gdir is None:
-        return [f"not a git repo: skipped {layout.GIT_DIR}/info/exclude (add {layout.REPORT_DIR}/ to your ignore rules)"]
+        return [f"not a git repo: skipped {layout.GIT_DIR}/info/exclude "
+                f"(add {layout.REPORT_DIR}/ to your ignore rules)"]
     exclude = gdir / "info" / "exclude"
     exclude.parent.mkdir(parents=True, exist_ok=True)
     text = exclude.read_text(encoding="utf-8") if exclude.exists() else ""

@@ -41,7 +41,7 @@ _FILE_BITS_OF_FOLDER = 0o664
 _FOLDER_BITS = 0o2775
 _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # `<file>.<type>.json|md` (a target's latest report) and `<file>.<type>.<task id>.json|md`
-_REPORT_NAME = re.compile(r".+\.(?:%s)(?:\.\d+)?\.(?:json|md)" % "|".join(t.value for t in TaskType))
+_REPORT_NAME = re.compile(r".+\.(?:" + "|".join(t.value for t in TaskType) + r")(?:\.\d+)?\.(?:json|md)")
 
 
 def resolve_inside(repo: Path, rel: str) -> Path:

@@ -1,1 +1,3 @@
-"""The running daemon: its wiring, supervision, the socket API, systemd, the state directory, notifications and metrics."""
+"""The running daemon: its wiring, supervision, the socket API, systemd, the state directory,
+notifications and metrics.
+"""

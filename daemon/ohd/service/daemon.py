@@ -8,10 +8,10 @@ and STATUS read, and `statedir` keeps the state dir private and holds its lock.
 Start-up: take the single-instance lock, migrate the store, return expired leases to
 the queue, scan each repo's `tasks.d/` (files dropped while we were down), start the
 observers, the workers and the socket; git-hook events waiting in each repo's spool go to
-the on_change rules once the rule files are read. The daemon runs under a umask of 0o077 and makes
-its state and runtime dirs 0700 and their files 0600 at start (`statedir`). SIGTERM/SIGINT only set a flag: the pool stops
-claiming, running tasks get `grace_s` to finish, the rest go back to `queued` (no attempt spent)
-and their test runs are killed; a start-up GET /models in flight is cancelled at once.
+the on_change rules once the rule files are read. The daemon runs under a umask of 0o077 and
+makes its state and runtime dirs 0700 and their files 0600 at start (`statedir`). SIGTERM/SIGINT
+only set a flag: the pool stops claiming, running tasks get `grace_s` to finish, the rest go back
+to `queued` (no attempt spent) and their test runs are killed; a start-up GET /models in flight is cancelled at once.
 Threads (watchdog, the socket server) reach the event loop only through
 `call_soon_threadsafe`.
 
@@ -53,8 +53,20 @@ from ohd.models.catalogue import Catalogue
 from ohd.models.llm import Completion, ModelClient, OfflineProvider, http_client
 from ohd.repo import outputs
 from ohd.service import statedir
-from ohd.service.assemble import (OFFLINE_MODEL, discovers, history_of, key_id_of, ladder_of, log_sandbox, models_of,
-                                  policy_of, private_files, rank_of, repos_of, rulebook_for)
+from ohd.service.assemble import (
+    OFFLINE_MODEL,
+    discovers,
+    history_of,
+    key_id_of,
+    ladder_of,
+    log_sandbox,
+    models_of,
+    policy_of,
+    private_files,
+    rank_of,
+    repos_of,
+    rulebook_for,
+)
 from ohd.service.live import Live
 from ohd.service.metrics import prometheus, with_stats
 from ohd.service.notify import Notifier, watchdog_interval

@@ -240,7 +240,7 @@ def _latency_series(metrics: Metrics) -> list[Series]:
     for m in metrics.models:
         if not m.stats.answered:
             continue
-        for label, value in zip(QUANTILES, (m.stats.latency_p50_ms, m.stats.latency_p95_ms)):
+        for label, value in zip(QUANTILES, (m.stats.latency_p50_ms, m.stats.latency_p95_ms), strict=True):
             if value is not None:
                 series.append(("", {"model": m.model, "quantile": label}, value / 1000))
         series += [("_sum", {"model": m.model}, m.stats.latency_sum_ms / 1000),

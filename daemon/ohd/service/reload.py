@@ -27,8 +27,7 @@ from ohd.ladder.testrun import Processes as TestProcesses
 from ohd.service.assemble import ladder_of, log_sandbox, policy_of, rank_of
 from ohd.service.live import Live
 from ohd.service.notify import Notifier
-from ohd.service.supervision import (LADDER_KEYS, POLICY_KEYS, SELECTION_KEYS, apply_logging, live_changes,
-                                     reread_rules)
+from ohd.service.supervision import LADDER_KEYS, POLICY_KEYS, SELECTION_KEYS, apply_logging, live_changes, reread_rules
 from ohd.store.store import Store
 
 log = logging.getLogger("ohd.daemon")   # a reload's lines are the daemon's, as they always were

@@ -38,11 +38,11 @@ import pydantic
 
 from ohd.clock import Clock
 from ohd.core import layout
-from ohd.work import delivery
-from ohd.errors import ApiError, DaemonAlreadyRunning, NotFound, OhdError, TargetError, http_answer
 from ohd.core.taskfile import TaskSpec
+from ohd.errors import ApiError, DaemonAlreadyRunning, NotFound, OhdError, TargetError, http_answer
 from ohd.repo.outputs import check_output, check_reports, resolve_inside
 from ohd.store.store import Store, Task, TaskStatus
+from ohd.work import delivery
 
 log = logging.getLogger("ohd.server")
 

@@ -143,7 +143,7 @@ def _apply(manager: str | None, steps: Sequence[Sequence[str]]) -> list[str]:
         return ["systemctl --user is not available here (no user manager); run this where it is:",
                 *(f"  {c}" for c in commands)]
     lines = []
-    for step, command in zip(steps, commands):
+    for step, command in zip(steps, commands, strict=True):
         error = _run(manager, *step)
         lines.append(f"ran: {command}" if error is None else f"failed: {command}: {error}")
     return lines

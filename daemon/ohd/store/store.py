@@ -22,8 +22,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import peewee
 
-from ohd.errors import ConfigError, InvalidTransition, NotFound, StorageUnavailable, unwritable_reason
 from ohd.core.taskfile import Priority, TaskSpec
+from ohd.errors import ConfigError, InvalidTransition, NotFound, StorageUnavailable, unwritable_reason
 from ohd.store import schema
 from ohd.store.records import Claim, Execution, Written, dict_rows, pending_key, tuple_rows
 from ohd.store.schema import QUARANTINED, TERMINAL, Task, TaskStatus, task_from_row, task_row
@@ -279,7 +279,7 @@ class Store:
         with self._write():
             changed = (t.update(lease_until=now + lease, updated_at=now)
                        .where((t.id == task_id) & (t.status == TaskStatus.RUNNING.value)
-                              & (t.lease_owner == worker_id) & (t.cancel_requested == False))
+                              & (t.lease_owner == worker_id) & (t.cancel_requested == False))  # noqa: E712 (peewee: SQL, not Python)
                        .execute())
         return bool(changed)
 
@@ -308,7 +308,7 @@ class Store:
             rows = list(query if self._sqlite else query.for_update())
             ends = [self._end_interrupted(row.id, row.crashes + 1, row.cancel_requested, now, crash_limit)
                     for row in rows]
-        for row, status in zip(rows, ends):
+        for row, status in zip(rows, ends, strict=True):
             then = {TaskStatus.CANCELLED: "cancelled as requested", TaskStatus.QUEUED: "back to the queue",
                     TaskStatus.FAILED: f"failed: {poison_reason(row.crashes + 1)}"}[status]
             log.warning("task %d: %s; %s", row.id, why, then, extra={"task_id": row.id, "status": status.value})
@@ -491,8 +491,8 @@ class Store:
                 raise InvalidTransition(task_id, task.status, "retry")
             self._close_calls(task_id)
             t.update(status=TaskStatus.QUEUED.value, attempts=0, crashes=0, error=None, cancel_requested=False,
-                     report_path=None, output_path=None, not_before=None, started_at=None, finished_at=None, lease_owner=None,
-                     lease_until=None, updated_at=now).where(t.id == task_id).execute()
+                     report_path=None, output_path=None, not_before=None, started_at=None, finished_at=None,
+                     lease_owner=None, lease_until=None, updated_at=now).where(t.id == task_id).execute()
             return self.get_task(task_id)
 
     # -- reading ---------------------------------------------------------------------

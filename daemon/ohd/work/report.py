@@ -105,7 +105,8 @@ def _possible_bug_section(data: Mapping[str, Any], verdict: Mapping[str, Any] | 
         return ""
     run: Mapping[str, Any] = (verdict or {}).get("test_run") or {}
     failing = ", ".join(run.get("failed_tests") or []) or "see pytest's output"
-    return f"## Possible bug\n\nFailing tests: {_cell(failing)}\n\nThe quarantined tests:\n\n{fence(str(code), 'python')}"
+    return (f"## Possible bug\n\nFailing tests: {_cell(failing)}\n\n"
+            f"The quarantined tests:\n\n{fence(str(code), 'python')}")
 
 
 def _pytest_section(verdict: Mapping[str, Any] | None, decision: Any) -> str:

@@ -13,10 +13,19 @@ import ast
 import keyword
 from dataclasses import dataclass, field
 
-from ohd.models.offline.guards import find_guard
-from ohd.models.offline.source import (NOTE, bound_in, cannot, params, parse, public_defs, rebound_names,
-                                repeated, without_docstring)
 from ohd.core.tasktypes import Job, fence
+from ohd.models.offline.guards import find_guard
+from ohd.models.offline.source import (
+    NOTE,
+    bound_in,
+    cannot,
+    params,
+    parse,
+    public_defs,
+    rebound_names,
+    repeated,
+    without_docstring,
+)
 
 _EMPTY_BUILTINS = frozenset({"list", "dict", "set", "tuple", "frozenset", "str", "int", "float", "bool"})
 _ANNOTATION_NAMES = frozenset({*_EMPTY_BUILTINS, "bytes", "object", "type", "None"})
