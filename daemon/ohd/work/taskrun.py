@@ -394,7 +394,8 @@ class Round:
         a possible bug is kept for the report, the same error twice moves on to the next model."""
         run, clock = self.run, self.pool.clock
         written = await _store(self.pool.store.written, self.task.repo, run.job.output)
-        ours = written is not None and written.holds(outputs.current_sha(outputs.resolve_inside(run.repo, run.job.output)))
+        current = outputs.current_sha(outputs.resolve_inside(run.repo, run.job.output))
+        ours = written is not None and written.holds(current)
         judging = clock.monotonic()
         verdict = run.verdict = await asyncio.to_thread(
             ladder.judge, run.repo, run.job, content, self.task.min_quality,
@@ -458,4 +459,6 @@ def _pending(completion: Completion, started: datetime, source: str) -> dict[str
 
 
 def _outcome_of(exc: ModelError) -> str:
-    return "rate_limited" if isinstance(exc, RateLimited) else "malformed" if isinstance(exc, MalformedAnswer) else "error"
+    if isinstance(exc, RateLimited):
+        return "rate_limited"
+    return "malformed" if isinstance(exc, MalformedAnswer) else "error"

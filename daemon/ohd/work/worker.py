@@ -33,7 +33,7 @@ from ohd.store.quotas import Governor
 from ohd.store.store import Claim, Store, TaskStatus
 from ohd.work import delivery
 from ohd.work.delivery import Outcome, Run
-from ohd.work.taskrun import Caller as Caller   # re-exported: the daemon builds one
+from ohd.work.taskrun import Caller as Caller  # re-exported: the daemon builds one
 from ohd.work.taskrun import TaskRun
 
 log = logging.getLogger("ohd.worker")
