@@ -11,6 +11,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -400,12 +401,21 @@ def test_test_processes_wait_for_a_free_slot_and_the_wait_is_not_run_time(repo: 
                  "    time.sleep(0.3)\n"
                  f"    with open({str(log)!r}, 'a') as out:\n        out.write('end\\n')\n"
                  "    assert total([1.0]) == 1.0\n")
-    options = testrun.Options(runs=1, timeout_s=5.0, slots=threading.BoundedSemaphore(1), jail=WATCHED)
+    slots = threading.BoundedSemaphore(1)
+    options = testrun.Options(runs=1, timeout_s=60.0, slots=slots, jail=WATCHED)
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda n: testrun.run_candidate(repo, f"tests/test_slot{n}.py", candidate,
                                                                  options=options), range(4)))
     assert [r.status for r in results] == [RunStatus.PASSED] * 4
     assert log.read_text().split() == ["start", "end"] * 4      # never two at once
+    # a run that waits longer than its time limit for a slot is not timed out: the limit counts from
+    # its start (a limit of a few seconds against runs waiting for each other timed out at load 40)
+    waiting = testrun.Options(runs=1, timeout_s=15.0, slots=slots, jail=WATCHED)
+    with ThreadPoolExecutor(1) as pool:
+        with slots:
+            late = pool.submit(testrun.run_candidate, repo, "tests/test_slot_late.py", candidate, options=waiting)
+            time.sleep(16.0)
+        assert late.result().status is RunStatus.PASSED
     assert testrun.Options().slots is None                     # tests and tools: no limit by default
     settings = config.load(env={"OHD_TEST_PARALLEL": "3"})
     slots = assemble.ladder_of(settings).tests.slots

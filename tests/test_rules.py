@@ -519,16 +519,24 @@ def test_the_daemon_runs_rules_from_saves_without_looping_on_its_own_output(
 def test_the_daemon_runs_a_held_rerun_when_the_running_task_ends_not_at_its_time_limit(
         repo: Path, tmp_path: Path) -> None:
     """A save while the rule's task runs holds one re-run; the daemon queues it once the first
-    ends (within a housekeeping tick), long before that task's 125 s time limit."""
-    from tests.e2e.helpers import DaemonProcess, daemon_env, fake_openrouter
+    ends (within a housekeeping tick), long before that task's 125 s time limit. The first answer
+    is held until the re-run exists: with a fixed 2.5 s latency, a loaded machine noted the save
+    after the first task had ended (seen failing at load 13: 'created_at < finished_at')."""
+    import threading
+
+    from tests.e2e.helpers import DaemonProcess, daemon_env
+    from tests.support.fake_openrouter import FakeOpenRouter, held, ok
     from tests.support.waiting import wait_for
 
     (repo / "tasks.d" / "reviews.yaml").write_text(
         "type: review\ntarget: shop/pricing.py\non_change: ['shop/**/*.py']\n")
-    (tmp_path / "answer.md").write_text("# Review\n\n`total` (line 4) refuses a discount of 1.0; "
-                                        "say so in its docstring.\n")      # a review the review rules accept
-    with fake_openrouter("--latency-ms", "2500", "--content-file", str(tmp_path / "answer.md")) as url:
-        env = daemon_env(tmp_path, tmp_path / "run", OPENROUTER_API_KEY="sk-test", OHD_BASE_URL=url,
+    review = ("# Review\n\n`total` (line 4) refuses a discount of 1.0; "
+              "say so in its docstring.\n")      # a review the review rules accept
+    gate = threading.Event()
+    with FakeOpenRouter(models=["fake/model-a:free"]) as server:
+        server.default = ok(review)
+        server.script("fake/model-a:free", [held(gate, ok(review))])
+        env = daemon_env(tmp_path, tmp_path / "run", OPENROUTER_API_KEY="sk-test", OHD_BASE_URL=server.url,
                          OHD_MODELS="fake/model-a:free", OHD_QUIET_S="0.3", OHD_WORKERS="2",
                          OHD_LEASE_S="2")      # housekeeping every lease_s / 2 = 1 s
         daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
@@ -544,10 +552,12 @@ def test_the_daemon_runs_a_held_rerun_when_the_running_task_ends_not_at_its_time
             wait_for(lambda: [t for t in tasks() if t["status"] == "running"], timeout=30, what="the first run")
             pricing.write_text(pricing.read_text() + "\nSECOND = 2\n")
             wait_for(lambda: len(tasks()) == 2, timeout=30, what="the held re-run")
+            gate.set()
             wait_for(lambda: [t["status"] in ("completed", "failed") for t in tasks()] == [True, True], timeout=60,
                      what="the re-run to follow the first (its hold would last 125 s)")
             first, rerun = sorted(tasks(), key=lambda t: t["id"])
         finally:
+            gate.set()
             assert daemon.stop() == 0, (tmp_path / "daemon.log").read_text()[-3000:]
     shown = [daemon.json("show", str(t["id"])) for t in (first, rerun)]
     assert shown[1]["created_at"] < shown[0]["finished_at"]                  # saved while the first ran

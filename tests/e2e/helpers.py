@@ -68,16 +68,16 @@ class DaemonProcess:
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 
-    def stop(self, sig: int = signal.SIGTERM) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout=60)
+            return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.send_signal(signal.SIGABRT)    # its faulthandler writes every thread's stack to the log
             self.proc.wait(timeout=30)
-            raise AssertionError(f"the daemon did not stop within 60 s of signal {sig}; its log, with the "
+            raise AssertionError(f"the daemon did not stop within {timeout:g} s of signal {sig}; its log, with the "
                                  f"stacks it had:\n{self.log.read_text(errors='replace')[-20000:]}") from None
 
 

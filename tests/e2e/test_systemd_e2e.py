@@ -81,6 +81,7 @@ def submit(daemon: DaemonProcess, repo: Path, n: int) -> int:
                                       "output": f"reviews/pricing_{n}.md"})["id"])
 
 
+@pytest.mark.timeout(900)   # a bound for a hang, above its own waits
 def test_sighup_resizes_the_pool_without_losing_a_task(repo: Path, tmp_path: Path, runtime: Path,
                                                        notify_socket: tuple[socket.socket, Path]) -> None:
     sock, path = notify_socket
@@ -110,9 +111,11 @@ def test_sighup_resizes_the_pool_without_losing_a_task(repo: Path, tmp_path: Pat
             receive_until(sock, "READY=1", seen)
             assert daemon.json("status")["workers"]["size"] == 1
             ids += [submit(daemon, repo, n) for n in range(9, 11)]
-            wait_for(lambda: all(daemon.json("show", str(i))["status"] in ("completed", "failed")
-                                 for i in ids), timeout=120, what="every task to finish")
-            tasks = [daemon.json("show", str(i)) for i in ids]
+            # over the socket: 11 `ohd show` processes a poll took minutes at load 40 (the test's 180 s ran out)
+            api = Client(runtime / "ohd.sock", timeout=60.0)
+            wait_for(lambda: all(api.get(f"/tasks/{i}")["status"] in ("completed", "failed") for i in ids),
+                     timeout=300, what="every task to finish")
+            tasks = [api.get(f"/tasks/{i}") for i in ids]
             workers = daemon.json("status")["workers"]
         finally:
             assert daemon.stop() == 0
