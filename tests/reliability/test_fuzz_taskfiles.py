@@ -102,6 +102,7 @@ _NAME_BYTES = st.one_of(
     st.tuples(st.integers(235, 250), st.binary(max_size=4)).map(lambda nb: (b"n" * nb[0] + nb[1])[:250]))
 
 
+@pytest.mark.timeout(900)   # a bound for a hang: 200 examples, each a git repo and a store (180 s ran out at load 20+)
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.one_of(st.binary(max_size=300), _YAML, _BOMB), name=_NAME_BYTES)
 def test_every_fuzzed_file_ends_in_done_or_rejected_once(tmp_path_factory: pytest.TempPathFactory,

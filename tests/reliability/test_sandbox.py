@@ -224,7 +224,7 @@ def test_the_namespace_jail_cannot_be_undone_from_inside(tmp_path: Path) -> None
 
 @pytest.mark.skipif(not NAMESPACES, reason="no user namespaces here")
 def test_detect_falls_back_when_user_namespaces_are_disabled() -> None:
-    probe = ("import sys\nfrom ohd import sandbox\nj = sandbox.detect(sandbox.hidden_paths())\n"
+    probe = ("import sys\nfrom ohd.ladder import sandbox\nj = sandbox.detect(sandbox.hidden_paths())\n"
              "print(j.level.value)\nprint(j.detail)\n")
     done = subprocess.run(["unshare", "--user", "--map-root-user", "sh", "-c",
                            f"echo 0 > /proc/sys/user/max_user_namespaces && exec {sys.executable} -c '{probe}'"],
@@ -261,7 +261,7 @@ def _alive(pid: int) -> bool:
 
 # a daemon stand-in: builds the jailed command as testrun does (the spawner writes its pid into it),
 # starts it, prints the launcher's pid and waits to be killed -9
-PARENT = ("import subprocess, sys, json, time\nfrom ohd import sandbox\n"
+PARENT = ("import subprocess, sys, json, time\nfrom ohd.ladder import sandbox\n"
           "level, hidden, cwd, scratch, mark = sys.argv[1:]\n"
           "jail = sandbox.Jail(sandbox.Level(level), tuple(json.loads(hidden)))\n"
           "argv = sandbox.command(jail, [sys.executable, '-c', 'import time; time.sleep(300)', mark], cwd=cwd,\n"

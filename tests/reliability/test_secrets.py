@@ -147,7 +147,7 @@ class Run:
 
 def _cli_batch(env: dict[str, str], commands: list[list[str]]) -> list[str]:
     """Each `ohd` command's stdout, run in one interpreter (one start-up instead of one per command)."""
-    script = ("import contextlib, io, json, sys\nfrom ohd.cli import main\nout = []\n"
+    script = ("import contextlib, io, json, sys\nfrom ohd.cli.commands import main\nout = []\n"
               "for argv in json.loads(sys.argv[1]):\n    buf = io.StringIO()\n"
               "    with contextlib.redirect_stdout(buf):\n        code = main(argv)\n"
               "    assert code == 0, (argv, code)\n    out.append(buf.getvalue())\n"
