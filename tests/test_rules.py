@@ -306,6 +306,9 @@ def test_missed_firings_beyond_grace_are_skipped(
 def test_the_schedule_loop_fires_at_the_firing_time(
         repo: Path, store: Store, book: RuleBook, ingestor: Ingestor, clock: FakeClock) -> None:
     put_rule(ingestor, clock, repo, "nightly.yaml", NIGHTLY_RULE)
+    # ten minutes before the firing: the loop's 60 s steps then take 10 rounds, not 900 (900 took 2 s
+    # here idle, and ran out of the 10 s bound on a slow, loaded machine)
+    clock.advance((datetime(2026, 1, 2, 2, 50, tzinfo=UTC) - clock.now()).total_seconds())
     fired: list[int] = []
 
     async def scenario() -> None:
@@ -316,7 +319,7 @@ def test_the_schedule_loop_fires_at_the_firing_time(
         stop.set()
         await runner
 
-    asyncio.run(asyncio.wait_for(scenario(), timeout=10))
+    asyncio.run(asyncio.wait_for(scenario(), timeout=60))
     assert len(fired) == 1 and clock.now() >= datetime(2026, 1, 2, 3, 0, tzinfo=UTC)
 
 
