@@ -262,3 +262,26 @@ def test_a_reload_that_changes_the_limits_decides_the_pending_tasks_again_at_onc
         assert running.store.get_task(task_id).status == "queued"       # not at UTC midnight
     finally:
         running.store.close()
+
+
+def test_a_notify_socket_nobody_reads_never_blocks_the_daemon(tmp_path: Path) -> None:
+    """sd_notify must not wait: a listener that stops reading fills its queue, and a blocking send
+    then held the daemon's stop for ever (CI: 'did not stop within 60 s', stack in Notifier.send)."""
+    import socket as sockets
+    import threading
+
+    from ohd.service.notify import Notifier
+
+    path = tmp_path / "notify.sock"
+    with sockets.socket(sockets.AF_UNIX, sockets.SOCK_DGRAM) as listener:
+        listener.bind(str(path))
+        notifier = Notifier(str(path))
+        done = threading.Event()
+
+        def flood() -> None:
+            for _ in range(10_000):       # far beyond a datagram queue's room
+                notifier.status("x" * 200)
+            done.set()
+
+        threading.Thread(target=flood, daemon=True).start()
+        assert done.wait(30), "a send blocked on a full notify socket"

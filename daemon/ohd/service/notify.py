@@ -61,7 +61,9 @@ class Notifier:
             return False
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.sendto("\n".join(fields).encode(), self.address)
+                # never wait (as systemd's own sd_notify): a listener that stopped reading must
+                # not hold the event loop; a full queue drops this message like any failure
+                sock.sendto("\n".join(fields).encode(), socket.MSG_DONTWAIT, self.address)
         except OSError as exc:
             if not self._failed:
                 log.warning("sd_notify to %r failed: %s (further failures are not logged)",
