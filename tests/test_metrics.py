@@ -28,10 +28,10 @@ from ohd.service.metrics import (
 )
 from ohd.core.taskfile import TaskSpec
 from ohd.service.server import ApiServer
-from ohd.store.store import Store, TaskStatus, open_database
+from ohd.store.store import Store, TaskStatus
 
 from tests.support.clock import FakeClock
-from tests.support.databases import BACKENDS, database_url
+from tests.support.databases import BACKENDS, store_on
 
 MODEL_A = "vendor/model-a:free"
 MODEL_B = 'we"ird\\mo\ndel'          # every character the format escapes in a label value
@@ -142,11 +142,8 @@ def test_the_strict_parser_refuses_what_the_format_forbids() -> None:
 
 @pytest.fixture(params=BACKENDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    with database_url(request.param, tmp_path) as url:
-        store = Store(open_database(url))
-        store.migrate()
-        yield store
-        store.close()
+    with store_on(request.param, tmp_path) as st:
+        yield st
 
 
 def add_task(store: Store, clock: FakeClock, kind: str) -> int:

@@ -13,7 +13,7 @@ from ohd.core.routing import Health, Policy
 from ohd.core.taskfile import TaskSpec
 from ohd.store.quotas import Governor
 from ohd.store.store import Store, open_database
-from tests.support.databases import BACKENDS, database_url
+from tests.support.databases import BACKENDS, store_on
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 S = timedelta(seconds=1)
@@ -34,11 +34,8 @@ def db_path(tmp_path: Path) -> Path:
 @pytest.fixture(params=BACKENDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     """The same behaviour on SQLite and, when OHD_TEST_POSTGRES_URL is set, PostgreSQL."""
-    with database_url(request.param, tmp_path) as url:
-        st = Store(open_database(url))
-        st.migrate()
+    with store_on(request.param, tmp_path) as st:
         yield st
-        st.close()
 
 
 def test_reserve_allows_up_to_the_limit_then_names_the_instant_a_slot_frees(store: Store) -> None:

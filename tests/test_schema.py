@@ -14,18 +14,15 @@ from ohd.store.calls import CallHistory
 from ohd.store.rulestore import RuleStore
 from ohd.store.store import Store, open_database
 
-from tests.support.databases import BACKENDS, database_url
+from tests.support.databases import BACKENDS, store_on
 
 REPO = "/home/me/project"
 
 
 @pytest.fixture(params=BACKENDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    with database_url(request.param, tmp_path) as url:
-        st = Store(open_database(url))
-        st.migrate()
+    with store_on(request.param, tmp_path) as st:
         yield st
-        st.close()
 
 
 def test_the_task_value_has_every_column_of_the_task_row_but_its_rank() -> None:

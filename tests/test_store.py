@@ -17,7 +17,7 @@ from ohd.errors import ConfigError, InvalidTransition, NotFound, StorageUnavaila
 from ohd.store.store import Store, TaskStatus, Written, open_database
 
 from tests.support.clock import FakeClock
-from tests.support.databases import BACKENDS, database_url
+from tests.support.databases import BACKENDS, store_on
 
 LEASE = timedelta(seconds=60)
 REPO = "/home/me/project"
@@ -25,11 +25,8 @@ REPO = "/home/me/project"
 
 @pytest.fixture(params=BACKENDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    with database_url(request.param, tmp_path) as url:
-        st = Store(open_database(url))
-        st.migrate()
+    with store_on(request.param, tmp_path) as st:
         yield st
-        st.close()
 
 
 def spec(**fields: Any) -> TaskSpec:

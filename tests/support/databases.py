@@ -43,6 +43,18 @@ def database_url(backend: str, tmp_path: Path) -> Iterator[str]:
         admin.close()
 
 
+@contextmanager
+def store_on(backend: str, tmp_path: Path) -> Iterator[Store]:
+    """A migrated store on an empty database of `backend` (one of BACKENDS), closed afterwards."""
+    with database_url(backend, tmp_path) as url:
+        store = Store(open_database(url))
+        store.migrate()
+        try:
+            yield store
+        finally:
+            store.close()
+
+
 def open_store(path: Path) -> Store:
     """A migrated store on the SQLite file `path` (created with its folder if missing)."""
     store = Store(open_database(f"sqlite:///{path}"))
