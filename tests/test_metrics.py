@@ -194,6 +194,7 @@ def test_per_model_and_per_task_type_stats(store: Store, clock: FakeClock) -> No
     assert a is not None
     unit = dict(a.by_task_type)["unit_test"].as_dict()
     assert unit == {"calls": 24, "accepted": 12, "rejected": 6, "errors": 1, "malformed": 2, "rate_limited": 3,
+                    "agent_requests": 0,
                     "success_rate": 0.5, "latency_p50_ms": 1000, "latency_p95_ms": 1900,
                     "prompt_tokens": 2000, "completion_tokens": 1000, "cost": pytest.approx(0.02)}
     review = dict(a.by_task_type)["review"]

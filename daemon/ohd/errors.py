@@ -285,7 +285,22 @@ def http_answer(exc: OhdError) -> tuple[int, dict[str, Any]]:
         return 503 if exc.locked else 507, {**body, "reason": exc.reason}
     if isinstance(exc, TargetError):
         return 400, {**body, "path": exc.path}
+    if isinstance(exc, ModelError):
+        return _model_status(exc), {**body, "model": exc.model, "error_class": exc.error_class,
+                                    **({"retry_at": exc.reset_at.isoformat()} if isinstance(exc, RateLimited) else {})}
     return 400, body
+
+
+def _model_status(exc: ModelError) -> int:
+    """A model failure as an HTTP status for whoever asked through ohd (the agent proxy): the request's
+    own fault is 4xx (400 too large or wrong, 403 refused, 404 no model left, 429 wait until
+    `retry_at`); the model server's is 5xx (502, 503 unreachable, 504 timed out). ohd's key being
+    refused upstream is 502: the asker's credentials are fine."""
+    for kind, status in ((RateLimited, 429), (BadRequest, 400), (Refused, 403), (ModelGone, 404),
+                         (ModelTimeout, 504), (Unreachable, 503)):
+        if isinstance(exc, kind):
+            return status
+    return 502
 
 
 def from_http(status: int, info: dict[str, Any], path: str) -> OhdError:

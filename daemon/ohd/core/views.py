@@ -136,7 +136,8 @@ def _model_line(model: dict[str, Any], now: datetime | None = None) -> str:
     if stats and stats.get("calls"):
         line += (f"  calls {stats['calls']}, accepted {stats.get('accepted', 0)}, "
                  f"success {stats.get('success_rate') or 0:.0%}, 429s {stats.get('rate_limited', 0)}, "
-                 f"p50 {stats.get('latency_p50_ms') or '-'} ms, p95 {stats.get('latency_p95_ms') or '-'} ms")
+                 + (f"agent requests {stats['agent_requests']}, " if stats.get("agent_requests") else "")
+                 + f"p50 {stats.get('latency_p50_ms') or '-'} ms, p95 {stats.get('latency_p95_ms') or '-'} ms")
     elif stats is not None:
         line += "  no calls yet"
     return line

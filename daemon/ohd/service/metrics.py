@@ -7,10 +7,11 @@ format 0.0.4 by hand (HELP and TYPE before each family's samples, label values e
 for backslash, double quote and newline). Invariant: nothing here writes or keeps state
 between snapshots; the uptime and the time come in as values.
 
-Definitions: success rate = accepted / calls (every call, 429s included); latency
+Definitions: success rate = accepted / calls (every call, 429s included, but not a coding
+agent's requests, which get no verdict of their own: `agent_requests` counts them); latency
 percentiles are nearest-rank over calls that got an answer (accepted, rejected,
-malformed), so fast refusals do not make a model look quick; cost is in USD, with an
-unknown cost counted as 0.
+malformed, agent requests), so fast refusals do not make a model look quick; cost is in USD,
+with an unknown cost counted as 0.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from datetime import datetime, timedelta
 from itertools import chain
 from typing import Any
 
-from ohd.store.history import History, Usage, percentile
+from ohd.store.history import AGENT_REQUEST, History, Usage, percentile
 
 log = logging.getLogger("ohd.metrics")
 
-OUTCOMES = ("accepted", "rejected", "error", "malformed", "rate_limited")
+OUTCOMES = ("accepted", "rejected", "error", "malformed", "rate_limited", AGENT_REQUEST)
 QUANTILES = ("0.5", "0.95")   # the label values of the two latency percentiles
 HOUR = timedelta(hours=1)
 DEFAULT_WINDOW = timedelta(minutes=10)
@@ -55,14 +56,15 @@ class CallStats:
 
     @property
     def success_rate(self) -> float | None:
-        """accepted / calls; None before the first call."""
-        return self.count("accepted") / self.calls if self.calls else None
+        """accepted / calls (an agent's requests left out); None before the first such call."""
+        judged = self.calls - self.count(AGENT_REQUEST)
+        return self.count("accepted") / judged if judged else None
 
     def as_dict(self) -> dict[str, Any]:
         rate = self.success_rate
         return {"calls": self.calls, "accepted": self.count("accepted"), "rejected": self.count("rejected"),
                 "errors": self.count("error"), "malformed": self.count("malformed"),
-                "rate_limited": self.count("rate_limited"),
+                "rate_limited": self.count("rate_limited"), "agent_requests": self.count(AGENT_REQUEST),
                 "success_rate": None if rate is None else round(rate, 4),
                 "latency_p50_ms": self.latency_p50_ms, "latency_p95_ms": self.latency_p95_ms,
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,

@@ -25,9 +25,11 @@ from ohd.store.transactions import connect
 log = logging.getLogger("ohd.history")
 
 UNKNOWN_TYPE = "unknown"   # an execution whose task row is gone
+AGENT_REQUEST = "agent_request"   # an answer to a coding agent's request (through the proxy): no verdict of its own
 # Outcomes of calls that got an answer from the model; only these measure its latency
 # (a 429 or a refused connection comes back at once and would make a model look fast).
-ANSWERED = ("accepted", "rejected", "malformed")
+ANSWERED = ("accepted", "rejected", "malformed", AGENT_REQUEST)
+UNJUDGED = ("rate_limited", AGENT_REQUEST)   # left out of a model's success on a task type (selection)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +89,8 @@ class History:
         return {key: sorted(values) for key, values in found.items()}
 
     def measured(self, task_type: str, recent: int | None = None) -> dict[str, Measured]:
-        """Per model, its history on `task_type` as model selection weighs it (429s left out);
+        """Per model, its history on `task_type` as model selection weighs it (429s and agent requests
+        left out of its calls, which are judged by the run's diff; their latency counts);
         with `recent`, only the newest `recent` executions of any kind count (models change, and
         a per-task query must not grow with the whole history)."""
         self._read()
@@ -95,7 +98,7 @@ class History:
         window = self._newer_than(recent)
         query = (e.select(e.model, e.outcome, fn.COUNT(e.id), fn.COUNT(e.score), fn.SUM(e.score))
                  .join(t, on=(e.task_id == t.id))
-                 .where((t.type == task_type) & (e.outcome != "rate_limited") & (e.id > window))
+                 .where((t.type == task_type) & e.outcome.not_in(UNJUDGED) & (e.id > window))
                  .group_by(e.model, e.outcome))
         rows: dict[str, list[tuple[str, int, int, float]]] = {}
         for model, outcome, calls, scored, total in tuple_rows(query):

@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
-from ohd.clock import Clock
 from ohd.core import routing, tasktypes
 from ohd.core.routing import Choice
 from ohd.core.taskfile import TaskType
@@ -36,7 +33,6 @@ from ohd.errors import (
     ContextOverflow,
     MalformedAnswer,
     ModelError,
-    ModelGone,
     OhdError,
     RateLimited,
     Refused,
@@ -46,35 +42,17 @@ from ohd.ladder import ladder, validate
 from ohd.ladder.ladder import Ladder
 from ohd.models.llm import Completion
 from ohd.repo import gitrepo, outputs
-from ohd.store.calls import CallHistory
-from ohd.store.quotas import Governor
-from ohd.store.store import Store, Task, TaskStatus
+from ohd.store.store import Task, TaskStatus
 from ohd.work import delivery
 from ohd.work.delivery import Outcome, Run
+from ohd.work.governed import Caller as Caller  # re-exported: the pool's and the daemon's type
+from ohd.work.governed import Means as Means  # re-exported: what a run uses of its pool
+from ohd.work.governed import answered, failed, in_thread, outcome_of, prompt_tokens, rate_limited, record, unreachable
 
 log = logging.getLogger("ohd.worker")
 
-Caller = Callable[[str, list[dict[str, str]], float, Job], Awaitable[Completion]]
-T = TypeVar("T")
 RERUNS = 3   # times a task runs again because its target changed while it ran
 LIST_WAIT = timedelta(seconds=60)   # a task with no model yet looks again (the catalogue wakes it sooner)
-
-
-class Means(Protocol):
-    """What a task's run uses of its pool (`worker.Pool`)."""
-
-    store: Store
-    clock: Clock
-    call: Caller
-    governor: Governor
-    calls: CallHistory      # prompts and responses
-    ladder: Ladder          # how candidates are judged
-    hold_s: float           # a slot this close is waited for in place instead of deferring
-    models: list[str]       # what `auto` expands to
-    rank: Callable[[str, list[str]], list[str]] | None   # (task type, models) -> best first; None: as configured
-    unreachable: dict[str, str]   # model -> why its server could not be reached (until it answers)
-
-    def wake(self) -> None: ...
 
 
 class TaskRun:
@@ -173,7 +151,7 @@ class Round:
         rank, models = self.pool.rank, self.pool.models
         if rank is None or "auto" not in (self.task.models or ("auto",)):
             return models
-        return await _store(rank, self.task.type, models)
+        return await in_thread(rank, self.task.type, models)
 
     async def _turn(self) -> Outcome | None:
         """Ask the first candidate that may be sent a request now; None: go on."""
@@ -182,7 +160,7 @@ class Round:
         if not self.candidates:
             return Outcome(TaskStatus.FAILED, error="every model failed: " + "; ".join(self.run.model_errors.values())
                            if self.run.model_errors else "every model failed; see the executions")
-        choice = await _store(self.pool.governor.acquire, self.candidates, self.pool.clock.now())
+        choice = await in_thread(self.pool.governor.acquire, self.candidates, self.pool.clock.now())
         if choice.model is None:
             return await self._wait(choice)
         return await self._try_model(choice.model)
@@ -195,7 +173,7 @@ class Round:
         wait = (choice.at - self.pool.clock.now()).total_seconds()
         down = next((self.pool.unreachable[m] for m in self.candidates if m in self.pool.unreachable), None)
         # a server that is down is not waited for in place, nor a slot an older task waits for
-        if wait > self.pool.hold_s or down or await _store(self.pool.store.waits_before, self.task, choice.at):
+        if wait > self.pool.hold_s or down or await in_thread(self.pool.store.waits_before, self.task, choice.at):
             return Outcome(TaskStatus.PENDING, not_before=choice.at, error=choice.reason or (
                 f"waiting for the model server: {down}; the next probe at {choice.at.isoformat()}, "
                 "and the task resumes once the server answers" if down else
@@ -228,7 +206,7 @@ class Round:
     async def _pending_answer(self) -> tuple[Completion, datetime] | None:
         """The answer received before a crash and never judged, with when it was asked for; None:
         none, no attempt left, or not for the target's current text or not readable (asked again)."""
-        found = await _store(self.pool.calls.pending_answer, self.task.id)
+        found = await in_thread(self.pool.calls.pending_answer, self.task.id)
         if found is None or self.run.attempts >= self.task.max_attempts:
             return None
         response, pending = found
@@ -280,7 +258,7 @@ class Round:
         """What a request that brought no candidate leads to; None: choose a model again."""
         match exc:
             case RateLimited():
-                await _store(self.pool.governor.rate_limited, model, exc.reset_at, exc.limit, self.pool.clock.now())
+                await rate_limited(self.pool, model, exc)
                 log.debug("task %d: %s rate limited until %s; next model", self.task.id, model, exc.reset_at)
                 return None
             case ContextOverflow():      # another model may have a larger context; no attempt spent
@@ -290,7 +268,7 @@ class Round:
             case Refused():              # this model will not take it (402, 403); the next one may
                 self._refused(model, exc)
             case Unreachable():          # no attempt spent; the open breaker defers the task to its probe
-                await self._unreachable(model, exc)
+                await unreachable(self.pool, model, exc)
             case MalformedAnswer():
                 await self._answered(model)   # it did answer
                 return await self._unusable(model, exc)
@@ -312,18 +290,10 @@ class Round:
         log.info("task %d: %s refused the request (%s); %s", self.task.id, model, exc.message,
                  "next model" if self.candidates else "no model left")
 
-    async def _unreachable(self, model: str, exc: Unreachable) -> None:
-        if not exc.sent:
-            await _store(self.pool.governor.unsent, model)
-        await _store(self.pool.governor.unreachable, model, self.pool.clock.now(), exc.message)
-        self.pool.unreachable[model] = str(exc)
-
     async def _dropped(self, model: str, exc: ModelError) -> None:
         """Any other failure: noted on the model (gone, or one more towards its breaker) and the
         model is not asked again for this task."""
-        governor = self.pool.governor
-        note = governor.gone if isinstance(exc, ModelGone) else governor.failed
-        await _store(note, model, self.pool.clock.now())
+        await failed(self.pool, model, exc)
         self.run.model_errors[model] = str(exc)
         log.debug("task %d: %s failed (%s); next model", self.task.id, model, exc.error_class)
         self.candidates.remove(model)
@@ -360,11 +330,7 @@ class Round:
         return None if self.candidates else await self._give_up()
 
     async def _answered(self, model: str) -> None:
-        """The model answered: its breaker closes, and tasks waiting for it decide again now."""
-        self.pool.unreachable.pop(model, None)
-        if await _store(self.pool.governor.succeeded, model, self.pool.clock.now()):
-            await _store(self.pool.store.promote_due, self.pool.clock.now(), True)
-            self.pool.wake()
+        await answered(self.pool, model)
 
     async def _ask(self, model: str) -> str:
         """Call one model and record the execution; returns the extracted candidate."""
@@ -374,9 +340,9 @@ class Round:
                                               run.job)
         except ModelError as exc:
             # an answer, if a useless one, costs an attempt (counted with its execution row)
-            await self._record(model, started, None, _outcome_of(exc), exc, counts=isinstance(exc, MalformedAnswer))
+            await self._record(model, started, None, outcome_of(exc), exc, counts=isinstance(exc, MalformedAnswer))
             raise
-        await _store(self.pool.calls.record, self.task.id, completion.answered_by, started, messages,
+        await in_thread(self.pool.calls.record, self.task.id, completion.answered_by, started, messages,
                      completion.content, _pending(completion, started, run.job.source))
         try:
             content = tasktypes.extract(run.job.task_type, completion.content)
@@ -393,7 +359,7 @@ class Round:
         """Validate (a unit_test candidate is run with pytest); a rejection feeds the next prompt,
         a possible bug is kept for the report, the same error twice moves on to the next model."""
         run, clock = self.run, self.pool.clock
-        written = await _store(self.pool.store.written, self.task.repo, run.job.output)
+        written = await in_thread(self.pool.store.written, self.task.repo, run.job.output)
         current = outputs.current_sha(outputs.resolve_inside(run.repo, run.job.output))
         ours = written is not None and written.holds(current)
         judging = clock.monotonic()
@@ -432,33 +398,14 @@ class Round:
         run = self.run
         if counts:
             run.attempts += 1
-        await _store(functools.partial(
-            self.pool.store.record_execution, self.task.id, run.attempts,
-            completion.answered_by if completion else model, started, self.pool.clock.now(),
-            completion.prompt_tokens if completion else 0, completion.completion_tokens if completion else 0,
-            completion.cost if completion else None, outcome,
-            exc.error_class if exc else None, str(exc) if exc else None, verdict.score if verdict else None,
-            latency_ms=completion.latency_ms if completion else None, validation_ms=validation_ms, counts=counts,
-            source_sha256=outputs.sha256_text(run.job.source) if counts else None))
+        await record(self.pool, self.task.id, run.attempts, model, started, completion, outcome, exc,
+                     score=verdict.score if verdict else None, validation_ms=validation_ms, counts=counts,
+                     source_sha256=outputs.sha256_text(run.job.source) if counts else None)
 
 
-async def _store(fn: Callable[..., T], *args: Any) -> T:
-    """Run a store call in a thread so a busy SQLite lock never stalls the loop."""
-    return await asyncio.to_thread(fn, *args)
-
-
-def prompt_tokens(messages: Sequence[dict[str, str]]) -> int:
-    """About how many tokens `messages` are (4 characters a token, as for English and code)."""
-    return -(-sum(len(message.get("content", "")) for message in messages) // 4)
 
 
 def _pending(completion: Completion, started: datetime, source: str) -> dict[str, Any]:
     """What rebuilds `completion` (with its response) for a verdict after a crash (`Round._rejudge`)."""
     usage = {k: v for k, v in dataclasses.asdict(completion).items() if k != "content"}
     return {"completion": usage, "started": started.isoformat(), "source_sha256": outputs.sha256_text(source)}
-
-
-def _outcome_of(exc: ModelError) -> str:
-    if isinstance(exc, RateLimited):
-        return "rate_limited"
-    return "malformed" if isinstance(exc, MalformedAnswer) else "error"
