@@ -9,7 +9,7 @@ ladder's transient `test_ohd_candidate_*.py`. In the git dir: the hooks' spool
 aside as `<hook>.ohd-chained`. In the state dir `ohd.db` and `ohd.lock`, in the runtime dir
 `ohd.sock`. The hook scripts (`githooks/`) are shell and spell the spool's names themselves.
 
-No other module spells these names, and the hooks spell them alike (tests/test_layout.py checks
+No other module spells these names, and the hooks spell them alike (tests/core/test_layout.py checks
 both): a name changes here or nowhere. Pure and a leaf: it imports nothing of ohd, so every
 layer may import it, `config` too (see the contracts in pyproject.toml).
 """

@@ -3,7 +3,7 @@
 Every query in `store/` runs on these models, bound to one database by `bind(db)` (copies, so two
 stores on two databases never share state; nothing is bound at module level). The tables are made
 by `MIGRATIONS`, applied by `migrate(db)`; each step describes its tables as they were then (the
-shipped ones live in `migrations`), and `tests/test_migrations.py` checks that these models name
+shipped ones live in `migrations`), and `tests/store/test_migrations.py` checks that these models name
 exactly the migrated columns. Adding a task column: the column here, its `Task` field here, a step
 at the end of `MIGRATIONS`; the insert and the row -> `Task` mapping follow from the fields.
 Datetimes are stored one way (`fields.UtcDateTimeField`): aware UTC in, naive UTC in the database.

@@ -52,7 +52,7 @@ KEY = "sk-or-v1-0123456789abcdef-very-secret"
 MODEL = "vendor/coder-7b:free"
 MESSAGES = [{"role": "system", "content": "You write pytest tests."},
             {"role": "user", "content": "Write tests for app/auth.py"}]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

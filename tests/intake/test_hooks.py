@@ -33,7 +33,7 @@ from tests.support.clock import FakeClock
 from tests.support.gitrepo import git, make_repo
 from tests.support.waiting import wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HOOKS = ROOT / "hooks"
 SHELLS = [s for s in ("sh", "dash") if shutil.which(s)]
 SHA = "0123456789abcdef0123456789abcdef01234567"

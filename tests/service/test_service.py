@@ -16,7 +16,7 @@ import pytest
 from ohd.service import systemd as service
 from ohd.service.notify import Notifier, one_line, watchdog_interval
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- the unit ---------------------------------------------------------------------
