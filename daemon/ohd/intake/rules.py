@@ -119,7 +119,7 @@ class RuleBook:
     def __init__(self, store: Store, clock: Clock, *, timezone: tzinfo | None = None,
                  grace: timedelta = DEFAULT_GRACE) -> None:
         self.store = store
-        self.db = RuleStore(store)
+        self.firings = RuleStore(store)
         self.clock = clock
         self.timezone = timezone
         self.grace = grace
@@ -220,7 +220,7 @@ class RuleBook:
         return {sha for sha in hashes if sha is not None}
 
     def _fire_change(self, rule: Rule, relpath: str, sha: str, origin: str) -> list[int]:
-        fired = self.db.fire_change(rule.repo, rule.relpath, rule.task_spec(relpath), sha, origin,
+        fired = self.firings.fire_change(rule.repo, rule.relpath, rule.task_spec(relpath), sha, origin,
                                     self.clock.now())
         if fired is None:
             log.debug("rule %s: %s needs no task (one is open, or this content was done)", rule.relpath, relpath)
@@ -238,10 +238,10 @@ class RuleBook:
         for rule in self.live_rules():
             if rule.trigger is None:
                 continue
-            last = self.db.baseline(rule.repo, rule.relpath, now)
+            last = self.firings.baseline(rule.repo, rule.relpath, now)
             decision = decide(rule.trigger, last, now, self.grace)
             if decision.fire is not None:
-                task_id = self.db.fire_schedule(rule.repo, rule.relpath, rule.task_spec(rule.spec.file),
+                task_id = self.firings.fire_schedule(rule.repo, rule.relpath, rule.task_spec(rule.spec.file),
                                                 decision.fire, now)
                 log.info("task %d queued by rule %s (firing of %s%s)", task_id, rule.relpath,
                          decision.fire.isoformat(), "; earlier missed firings collapsed" if decision.skipped else "",
@@ -249,19 +249,19 @@ class RuleBook:
                 created.append(task_id)
             elif decision.mark is not None:
                 log.warning("rule %s: firing(s) missed beyond the %s grace period; skipped", rule.relpath, self.grace)
-                self.db.set_last_fire(rule.repo, rule.relpath, decision.mark)
+                self.firings.set_last_fire(rule.repo, rule.relpath, decision.mark)
         return created
 
     def release_held(self, now: datetime) -> list[int]:
         """Re-runs held behind a running task of their rule and path become due once it ended."""
-        return self.db.release_held(now)
+        return self.firings.release_held(now)
 
     def next_firing(self, now: datetime) -> datetime | None:
         """The earliest pending firing of any schedule (may be in the past: then `due` it)."""
         times = []
         for rule in self.live_rules():
             if rule.trigger is not None:
-                last = self.db.last_fire(rule.repo, rule.relpath) or now
+                last = self.firings.last_fire(rule.repo, rule.relpath) or now
                 fire = next_fire(rule.trigger, last)
                 if fire is not None:
                     times.append(fire)
@@ -299,8 +299,8 @@ class RuleBook:
         for rule in sorted(self.live_rules(), key=lambda r: (str(r.repo), r.relpath)):
             upcoming = None
             if rule.trigger is not None:
-                upcoming = next_fire(rule.trigger, max(now, self.db.last_fire(rule.repo, rule.relpath) or now))
-            last = self.db.last_task(rule.repo, rule.relpath)
+                upcoming = next_fire(rule.trigger, max(now, self.firings.last_fire(rule.repo, rule.relpath) or now))
+            last = self.firings.last_task(rule.repo, rule.relpath)
             rows.append({"repo": str(rule.repo), "rule": rule.relpath, "type": rule.spec.type.value,
                          "target": rule.spec.target, "schedule": rule.spec.schedule,
                          "on_change": rule.spec.on_change,

@@ -41,7 +41,7 @@ class RuleStore:
         self.store = store
         self.db = store.db
         self.firing = store.m.rule_firing
-        self.clock = store.m.rule_clock
+        self.clocks = store.m.rule_clock
 
     @contextmanager
     def _write(self) -> Iterator[None]:
@@ -53,7 +53,7 @@ class RuleStore:
     def last_fire(self, repo: Path, rule: str) -> datetime | None:
         """The last firing acted on (or the rule's first sighting), if recorded."""
         connect(self.db)
-        c = self.clock
+        c = self.clocks
         row = c.select(c.last_fire).where((c.repo == str(repo)) & (c.rule == rule)).first()
         return None if row is None else row.last_fire
 
@@ -66,7 +66,7 @@ class RuleStore:
         return now
 
     def set_last_fire(self, repo: Path, rule: str, when: datetime) -> None:
-        c = self.clock
+        c = self.clocks
         with self._write():
             (c.insert(repo=str(repo), rule=rule, last_fire=when)
              .on_conflict(conflict_target=[c.repo, c.rule], update={c.last_fire: when})
