@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -238,3 +239,22 @@ def test_stop_ends_the_server(store: Store, server: FakeOpenRouter, clock: FakeC
                 await http.get(url + "/models")
 
     asyncio.run(main())
+
+
+def test_the_proxy_leaves_the_daemons_signal_handlers_alone(store: Store, server: FakeOpenRouter,
+                                                            clock: FakeClock) -> None:
+    """uvicorn installs its own SIGTERM/SIGINT handlers while it serves; inside the daemon they
+    would take the daemon's graceful stop away."""
+    def daemons(signum: int, frame: object) -> None:
+        raise AssertionError("not sent in this test")
+
+    async def scenario(rig: Rig) -> None:
+        await rig.http.get("/models")
+        assert signal.getsignal(signal.SIGTERM) is daemons and signal.getsignal(signal.SIGINT) is daemons
+
+    before = {sig: signal.signal(sig, daemons) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        drive(store, server, clock, [A], scenario)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
