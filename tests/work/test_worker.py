@@ -146,6 +146,7 @@ def closed_port() -> int:
         return int(probe.getsockname()[1])
 
 
+@pytest.mark.timeout(900)   # 10 pytest runs of the ladder: 13 s here, over 180 s at load 30
 def test_a_model_server_that_is_down_loses_no_task_and_they_resume_once_it_answers(
         repo: Path, store: Store, clock: FakeClock) -> None:
     port = closed_port()
