@@ -50,7 +50,7 @@ def test_ohd_schema_markdown_prints_the_table(capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert out == reference_markdown()
     assert out.startswith("| key | default | meaning |\n")
-    assert "| `type` | (required) | what the task produces: `unit_test`, `docstring`, `review` or `custom` |" in out
+    assert "| `type` | (required) | what the task produces: `unit_test`, `docstring`, `review`, `custom` or `change` |" in out
     assert "| `max_attempts` | `3` |" in out and "at least 1, at most 10" in out
 
 

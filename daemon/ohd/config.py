@@ -37,9 +37,10 @@ DEFAULT_MODELS = (
 _LIST_KEYS = {"models", "repos", "paid_models"}
 # `OHD_*` variables ohd reads that are no setting: the config file's path, the git hooks' switch
 # (`OHD_HOOKS=off`), the test suite's PostgreSQL
-NOT_SETTINGS = frozenset({"OHD_CONFIG", "OHD_HOOKS", "OHD_TEST_POSTGRES_URL"})
+# and the agent runners' proxy token in an agent's environment
+NOT_SETTINGS = frozenset({"OHD_CONFIG", "OHD_HOOKS", "OHD_TEST_POSTGRES_URL", "OHD_AGENT_KEY"})
 # JSON objects in OHD_* variables
-_DICT_KEYS = {"rate_limits", "daily_limits", "model_priors", "model_tags", "rule_levels"}
+_DICT_KEYS = {"rate_limits", "daily_limits", "model_priors", "model_tags", "rule_levels", "agents"}
 
 
 class ModelPrior(BaseModel):
@@ -50,6 +51,22 @@ class ModelPrior(BaseModel):
     quality: float = Field(default=0.5, ge=0, le=1)       # expected validation score
     success: float = Field(default=0.5, ge=0, le=1)       # expected accepted / calls
     latency_ms: float | None = Field(default=None, gt=0)  # expected p50; None: neutral
+
+
+class AgentSettings(BaseModel):
+    """`[agents]`: how ohd starts the coding agents of the agent runners (see the README's Agent runners).
+
+    Templates are argv lists, never a shell line; their placeholders are `{prompt_file}`, `{model}`,
+    `{base_url}`, `{api_key_env}` (the NAME of the variable holding the run's proxy token),
+    `{worktree}` and `{target}`. The agent's environment holds `pass_env` and what its runner needs.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    aider: list[str] = Field(default_factory=lambda: ["aider"], min_length=1)   # the argv before aider's options
+    openhands_python: str = "python3"   # an interpreter that has openhands-sdk and openhands-tools
+    command: list[str] = Field(default_factory=list)   # runner `command`'s argv template
+    pass_env: list[str] = Field(default_factory=lambda: ["PATH", "HOME", "LANG", "LC_ALL", "TMPDIR"])
 
 
 class Settings(BaseModel):
@@ -124,6 +141,7 @@ class Settings(BaseModel):
     selection_prior_calls: float = Field(default=5.0, ge=0)             # the prior weighs this many calls
     selection_latency_ref_ms: float = Field(default=10_000.0, gt=0)     # the p50 that scores 0.5
     selection_history: int = Field(default=1000, ge=1)                  # newest executions weighed
+    agents: AgentSettings = Field(default_factory=AgentSettings)        # the agent runners (issue 13)
 
     @field_validator("repos")
     @classmethod

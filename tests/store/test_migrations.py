@@ -18,7 +18,8 @@ SCHEMA = {
     "task": {"id", "repo", "type", "target", "description", "priority", "rank", "output", "models",
              "min_quality", "max_attempts", "timeout_s", "prompt", "source", "status", "attempts",
              "error", "output_path", "report_path", "created_at", "updated_at", "started_at",
-             "finished_at", "not_before", "lease_owner", "lease_until", "cancel_requested", "rule_levels", "crashes"},
+             "finished_at", "not_before", "lease_owner", "lease_until", "cancel_requested", "rule_levels", "crashes",
+             "runner", "check_command", "deliver", "base_commit"},
     "execution": {"id", "task_id", "attempt", "model", "started_at", "finished_at", "latency_ms",
                   "prompt_tokens", "completion_tokens", "cost", "outcome", "error_class", "error",
                   "score", "validation_ms", "source_sha256"},
@@ -30,6 +31,8 @@ SCHEMA = {
     "rule_firing": {"id", "repo", "rule", "path", "sha256", "task_id", "origin", "fired_at"},
     "rule_clock": {"repo", "rule", "last_fire"},
     "model_call": {"id", "task_id", "model", "started_at", "prompt", "response", "execution_id", "pending"},
+    "agent_run": {"id", "task_id", "attempt", "runner", "argv", "worktree", "started_at", "ended_at", "pid", "exit_code",
+                  "outcome", "error", "stdout", "stderr", "diff", "diff_stat", "requests", "models"},
     "schema_migrations": {"name", "applied_at"},
 }
 
@@ -116,6 +119,7 @@ def test_crash_recovery_gives_existing_tasks_no_crash_and_existing_calls_nothing
                    "'2026-01-01 00:00:00.000000', '2026-01-01 00:00:00.000000', false)")
     db.execute_sql("INSERT INTO model_call (task_id, model, started_at, prompt, response) "
                    "VALUES (1, 'm', '2026-01-01 00:00:00', 'p', 'r')")
-    assert schema.migrate(db) == ["0008_crash_recovery", "0009_execution_source", "0010_written_previous"]
+    assert schema.migrate(db) == ["0008_crash_recovery", "0009_execution_source", "0010_written_previous",
+                                  "0011_agent_runs"]
     assert db.execute_sql("SELECT crashes FROM task").fetchall() == [(0,)]
     assert db.execute_sql("SELECT execution_id, pending FROM model_call").fetchall() == [(None, None)]

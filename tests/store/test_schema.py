@@ -39,9 +39,10 @@ def test_a_new_task_keeps_every_column_the_task_file_names(store: Store) -> None
     now = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
     task = store.get_task(store.enqueue(REPO, spec, now, source="tasks.d/a.yaml"))
     assert set(schema.SPEC_COLUMNS) == {"description", "output", "models", "min_quality", "max_attempts",
-                                        "timeout_s", "prompt", "rule_levels"}
+                                        "timeout_s", "prompt", "rule_levels", "runner", "check_command", "deliver"}
     for name in schema.SPEC_COLUMNS:
         expected = getattr(spec, name)
+        expected = expected.value if hasattr(expected, "value") else expected
         assert getattr(task, name) == (tuple(expected) if isinstance(expected, list) else expected), name
     assert (task.type, task.target, task.priority, task.source) == ("custom", "src/a.py", "high", "tasks.d/a.yaml")
     assert (task.status, task.attempts, task.crashes, task.cancel_requested) == ("queued", 0, 0, False)
@@ -91,3 +92,16 @@ def test_rows_older_versions_wrote_in_iso_text_read_the_same(tmp_path: Path) -> 
     assert CallHistory(store.db).for_task(1)[0]["started_at"] == "2026-03-01 12:00:00+00:00"
     assert RuleStore(store).last_fire(Path(REPO), "r") == datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
     store.close()
+
+
+def test_an_agent_task_keeps_its_runner_check_delivery_and_base_commit(store: Store) -> None:
+    spec = TaskSpec.model_validate({"type": "change", "target": "src/a.py", "runner": "command",
+                                    "check_command": "pytest -q", "deliver": "branch"})
+    task = store.get_task(store.enqueue(REPO, spec, datetime(2026, 3, 1, tzinfo=UTC), base_commit="ab" * 20))
+    assert (task.runner, task.check_command, task.deliver, task.base_commit) == (
+        "command", ("pytest", "-q"), "branch", "ab" * 20)
+    assert task.agent and task.as_dict()["check_command"] == ["pytest", "-q"]
+    plain = store.get_task(store.enqueue(REPO, TaskSpec.model_validate({"type": "review", "target": "a.py"}),
+                                         datetime(2026, 3, 1, tzinfo=UTC)))
+    assert (plain.runner, plain.check_command, plain.deliver, plain.base_commit, plain.agent) == (
+        "llm", None, "patch", None, False)

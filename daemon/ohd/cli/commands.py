@@ -28,7 +28,9 @@ if TYPE_CHECKING:     # for the annotations only: the commands import what they 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 EXIT_BROKEN_PIPE = 128 + 13   # as a process ended by SIGPIPE: `ohd tasks | head`
 PRIORITIES = ("critical", "high", "normal", "low")
-TYPES = ("unit_test", "docstring", "review", "custom")
+TYPES = ("unit_test", "docstring", "review", "custom", "change")
+RUNNERS = ("llm", "openhands", "aider", "command")
+DELIVERIES = ("patch", "branch", "apply")
 STATUSES = ("pending", "queued", "running", "completed", "failed", "cancelled")
 
 
@@ -100,12 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="where the result goes (default per type)")
     p.add_argument("--model", action="append", dest="models", help="a model id (repeatable; default: auto)")
     p.add_argument("--prompt", help="the prompt (type custom)")
+    p.add_argument("--runner", choices=RUNNERS, help="who does it: one model call (llm, the default) or an agent")
+    p.add_argument("--check-command", help="an agent runner's check, run in its worktree (must exit 0)")
+    p.add_argument("--deliver", choices=DELIVERIES, help="where an agent's diff goes (default patch)")
     p = command("tasks", cmd_tasks, "list tasks (reads the store; works while the daemon is down)")
     p.add_argument("--status", choices=STATUSES)
     p.add_argument("--limit", type=int, default=50)
     p = command("show", cmd_show, "one task with its model calls (reads the store)")
     p.add_argument("id", type=int)
     p.add_argument("--calls", action="store_true", help="also print each call's prompt and response")
+    p.add_argument("--diff", action="store_true", help="print an agent runner's diff (the accepted one, else the last)")
+    p = command("apply", cmd_apply, "apply an agent task's stored diff to the working copy (its files must be clean)",
+                json_flag=False)
+    p.add_argument("id", type=int)
     for name, func, text in (("cancel", cmd_cancel, "cancel a queued or running task"),
                              ("retry", cmd_retry, "queue a failed or cancelled task again")):
         command(name, func, text).add_argument("id", type=int)
@@ -252,7 +261,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     body = {"type": args.type, "target": args.target, "repo": str((args.repo or Path.cwd()).resolve()),
             "priority": args.priority, "description": args.description}
-    for key in ("output", "models", "prompt"):
+    for key in ("output", "models", "prompt", "runner", "check_command", "deliver"):
         if getattr(args, key):
             body[key] = getattr(args, key)
     answer = client(args).post("/tasks", body)
@@ -283,6 +292,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     store = open_store(args)
     data = store.get_task(args.id).as_dict()
     data["executions"] = [e.as_dict() for e in store.executions(args.id)]
+    if args.diff:
+        sys.stdout.write(stored_diff(store, args.id))
+        return EXIT_OK
     if args.calls:
         from ohd.store.calls import CallHistory, calls_text
 
@@ -290,6 +302,44 @@ def cmd_show(args: argparse.Namespace) -> int:
         emit(data, args.json, lambda d: views.task_text(d) + "\n\n" + calls_text(d["calls"]))
         return EXIT_OK
     emit(data, args.json, views.task_text)
+    return EXIT_OK
+
+
+def stored_diff(store: Store, task_id: int) -> str:
+    """The diff of an agent task's accepted run, else of its last run that has one; OhdError if none."""
+    from ohd.store.agentruns import AgentRuns
+
+    task = store.get_task(task_id)
+    runs = AgentRuns(store.db).for_task(task_id)
+    with_diff = [run for run in runs if run.diff]
+    accepted = [run for run in with_diff if run.outcome == "accepted"]
+    if not (accepted or with_diff):
+        why = "it is not run by an agent (runner llm)" if not task.agent else (
+            "no run of its agent left one" if runs else "its agent has not run yet")
+        raise OhdError(f"task {task_id} has no diff: {why}")
+    return (accepted or with_diff)[-1].diff or ""
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from ohd.repo import worktrees
+
+    store = open_store(args)
+    task = store.get_task(args.id)
+    if not task.agent:
+        raise OhdError(f"task {args.id} is not run by an agent (runner llm); it has no diff to apply")
+    from ohd.store.agentruns import AgentRuns
+
+    diff = AgentRuns(store.db).accepted_diff(args.id)
+    if diff is None:
+        raise OhdError(f"task {args.id} has no accepted diff (status {task.status}); `ohd show {args.id} --diff` "
+                       "prints the last one")
+    repo = Path(task.repo)
+    dirty = worktrees.touched_dirty(repo, worktrees.patch_paths(repo, diff))
+    if dirty:
+        raise OhdError(f"not applied: {', '.join(dirty)} changed in the working copy of {repo}; commit or stash "
+                       f"them, then run `ohd apply {args.id}` again")
+    worktrees.apply_to_working_copy(repo, diff)
+    print(f"applied task {args.id}'s diff to {repo}")
     return EXIT_OK
 
 

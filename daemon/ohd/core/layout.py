@@ -63,6 +63,16 @@ CHAINED_SUFFIX: Final = ".ohd-chained"   # `<hook>.ohd-chained`: the user's own 
 DATABASE_NAME: Final = "ohd.db"        # in the state dir: the SQLite store (when no database_url)
 LOCK_NAME: Final = "ohd.lock"          # in the state dir: one daemon per state dir
 SOCKET_NAME: Final = "ohd.sock"        # in the runtime dir: the API socket
+WORKTREES_DIR: Final = "worktrees"     # in the state dir: one git worktree per agent run, and its files
+AGENT_RUN_PREFIX: Final = "task-"      # `task-<id>-<attempt>`: an agent run's worktree (and its files' stem)
+PROMPT_SUFFIX: Final = ".prompt.md"    # `<run>.prompt.md` beside the worktree: what the agent is asked
+STDOUT_SUFFIX: Final = ".stdout"       # `<run>.stdout`, `<run>.stderr`: the agent's output while it runs
+STDERR_SUFFIX: Final = ".stderr"
+
+# -- an agent runner's result in the repo ----------------------------------------------------
+
+PATCH_SUFFIX: Final = ".patch"          # `.ohd/task-<id>.patch` at the repo root: an agent's diff
+BRANCH_PREFIX: Final = "ohd/task-"      # `refs/heads/ohd/task-<id>`: an agent's commit, never checked out
 
 
 def tasks_dir(repo: Path) -> Path:
@@ -118,6 +128,41 @@ def lock_path(state_dir: Path) -> Path:
 def socket_path(runtime_dir: Path) -> Path:
     """`<runtime dir>/ohd.sock`."""
     return runtime_dir / SOCKET_NAME
+
+
+def worktrees_dir(state_dir: Path) -> Path:
+    """`<state dir>/worktrees`: the agent runs' worktrees and their files."""
+    return state_dir / WORKTREES_DIR
+
+
+def run_name(task_id: int, attempt: int) -> str:
+    """`task-<id>-<attempt>`: an agent run's worktree under `worktrees_dir`."""
+    return f"{AGENT_RUN_PREFIX}{task_id}-{attempt}"
+
+
+def run_file(worktree: Path, suffix: str) -> Path:
+    """`<worktree><suffix>` beside the worktree (its prompt, stdout, stderr): never inside it."""
+    return worktree.with_name(worktree.name + suffix)
+
+
+def is_run_file(name: str) -> bool:
+    """A name `worktrees_dir` holds for an agent run: its worktree or one of its files."""
+    return name.startswith(AGENT_RUN_PREFIX)
+
+
+def patch_path(task_id: int) -> str:
+    """`.ohd/task-<id>.patch` (repo-relative): an agent's diff delivered as a patch."""
+    return f"{REPORT_DIR}/{AGENT_RUN_PREFIX}{task_id}{PATCH_SUFFIX}"
+
+
+def summary_path(task_id: int) -> str:
+    """`.ohd/task-<id>.md` (repo-relative): the summary beside the patch."""
+    return f"{REPORT_DIR}/{AGENT_RUN_PREFIX}{task_id}.md"
+
+
+def branch_ref(task_id: int) -> str:
+    """`refs/heads/ohd/task-<id>`: the branch an agent's commit is delivered on."""
+    return f"refs/heads/{BRANCH_PREFIX}{task_id}"
 
 
 def is_task_file_name(name: str) -> bool:

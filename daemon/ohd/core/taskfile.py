@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+import shlex
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any, Literal
@@ -40,6 +41,24 @@ class TaskType(StrEnum):
     DOCSTRING = "docstring"
     REVIEW = "review"
     CUSTOM = "custom"
+    CHANGE = "change"
+
+
+class Runner(StrEnum):
+    """Who does a task: one chat completion (`llm`) or a coding agent in a worktree of the repo."""
+
+    LLM = "llm"
+    OPENHANDS = "openhands"
+    AIDER = "aider"
+    COMMAND = "command"
+
+
+class Deliver(StrEnum):
+    """Where an agent's diff goes: a patch file, a branch, or applied to a clean working copy."""
+
+    PATCH = "patch"
+    BRANCH = "branch"
+    APPLY = "apply"
 
 
 class Priority(StrEnum):
@@ -83,6 +102,16 @@ def missing_for_type(task_type: TaskType, prompt: str | None, output: str | None
     if task_type is not TaskType.CUSTOM:
         return []
     return [name for name, value in (("output", output), ("prompt", prompt)) if not value]
+
+
+def runner_problem(task_type: TaskType, runner: Runner) -> str | None:
+    """Why `runner` cannot do `task_type`, or None: a `change` needs an agent, a `custom` task one call."""
+    if task_type is TaskType.CHANGE and runner is Runner.LLM:
+        return ("type change needs an agent runner: set runner to openhands, aider or command "
+                "(llm, the default, makes one model call and cannot edit a repo)")
+    if task_type is TaskType.CUSTOM and runner is not Runner.LLM:
+        return f"type custom is one model call with its own prompt; runner {runner.value} cannot run it (use change)"
+    return None
 
 
 # the JSON Schema's form of `_type_requirements`' rule on `target`, for editors
@@ -136,6 +165,19 @@ class TaskSpec(pydantic.BaseModel, extra="forbid", frozen=True, json_schema_extr
     on_change: list[str] | None = Field(default=None, min_length=1,
                                         description="a standing rule: globs of repo paths whose changes "
                                                     "create a task for the changed file (see Standing rules)")
+    runner: Runner = Field(default=Runner.LLM,
+                           description="who does the task: one model call (`llm`), or a coding agent run in "
+                                       "its own git worktree whose diff is the result (see Agent runners)")
+    check_command: list[str] | None = Field(
+        default=None, json_schema_extra={"default_text": "-"},
+        description="an agent runner's check: a command (a string split like a shell does, or a list) run in "
+                    "the agent's worktree after it; it must exit 0 for the diff to be accepted")
+    deliver: Deliver = Field(default=Deliver.PATCH,
+                             description="where an agent's diff goes: "
+                                         f"`{layout.REPORT_DIR}/{layout.AGENT_RUN_PREFIX}<id>{layout.PATCH_SUFFIX}` "
+                                         f"with a summary beside it, a branch `{layout.BRANCH_PREFIX}<id>` (never "
+                                         "checked out), or applied to the working copy when the touched files are "
+                                         "clean there")
 
     @field_validator("target", "output")
     @classmethod
@@ -152,6 +194,19 @@ class TaskSpec(pydantic.BaseModel, extra="forbid", frozen=True, json_schema_extr
         if any(level is True for level in value.values()):
             raise ValueError("on, yes and true are not levels: a level is error, warning, info or off")
         return {rule: "off" if level is False else level for rule, level in value.items()}
+
+    @field_validator("check_command", mode="before")
+    @classmethod
+    def _argv(cls, value: Any) -> Any:
+        """A string is split as a shell would (no shell runs it); a list is the argv itself."""
+        if isinstance(value, str):
+            try:
+                value = shlex.split(value)
+            except ValueError as exc:
+                raise ValueError(f"cannot split the command: {exc}") from None
+        if isinstance(value, list) and (not value or any(not isinstance(v, str) or not v for v in value)):
+            raise ValueError("the command must be a non-empty string or a list of non-empty strings")
+        return value
 
     @field_validator("models")
     @classmethod
@@ -186,7 +241,16 @@ class TaskSpec(pydantic.BaseModel, extra="forbid", frozen=True, json_schema_extr
         missing = missing_for_type(self.type, self.prompt, self.output)
         if missing:
             raise ValueError(f"type {self.type.value} requires {' and '.join(missing)}")
+        if problem := runner_problem(self.type, self.runner):
+            why = PydanticCustomError("runner_required", problem)
+            raise pydantic.ValidationError.from_exception_data(
+                "TaskSpec", [InitErrorDetails(type=why, loc=("runner",), input=self.runner.value)])
         return self
+
+    @property
+    def agent(self) -> bool:
+        """Run by a coding agent in a worktree (not one model call)."""
+        return self.runner is not Runner.LLM
 
     @property
     def file(self) -> str:

@@ -212,6 +212,31 @@ def _answer_format(job: Job) -> str:
             "else inside code fences.")
 
 
+def agent_prompt(task_type: TaskType, target: str, description: str, output: str | None,
+                 feedback: Sequence[str] = ()) -> str:
+    """What a coding agent is asked (the prompt file of an agent runner): the task in words, the file
+    it is about, and why earlier attempts were refused. The agent edits its worktree; its diff is the
+    result, so it is told to leave everything else (and git) alone."""
+    what = {
+        TaskType.CHANGE: f"Make this change to the repository (the file it is about: `{target}`).",
+        TaskType.UNIT_TEST: f"Write pytest tests for `{target}` in `{output or 'a test file beside it'}`: real "
+                            "assertions about behaviour the code has; do not change the code under test.",
+        TaskType.DOCSTRING: f"Add or improve the docstrings of `{target}`; change nothing but docstrings.",
+        TaskType.REVIEW: f"Review `{target}` and write the review in Markdown to `{output or target}`; "
+                         "change no code.",
+    }.get(task_type, f"Work on `{target}` as described.")
+    parts = [what]
+    if description:
+        parts.append(f"What the task author wants:\n{description}")
+    parts.append("Edit the files in the current directory (a git worktree of the repository). Do not commit, "
+                 "do not touch anything outside this directory, and leave the git configuration alone: the "
+                 "changes you leave in the files are the result.")
+    if feedback:
+        listed = "\n".join(f"- {message}" for message in feedback)
+        parts.append(f"Earlier attempts were refused for these reasons; avoid them:\n{listed}")
+    return "\n\n".join(parts) + "\n"
+
+
 def fence(text: str, lang: str = "") -> str:
     """`text` in a fenced block whose fence is longer than any backtick run inside it."""
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)

@@ -25,8 +25,9 @@ from pathlib import Path
 from ohd.clock import Clock, first
 from ohd.core import layout
 from ohd.core.taskfile import TaskSpec, parse_bytes
-from ohd.errors import StorageUnavailable, TargetError, TaskFileError
+from ohd.errors import OhdError, StorageUnavailable, TargetError, TaskFileError
 from ohd.ladder import validate
+from ohd.repo import worktrees
 from ohd.repo.outputs import check_output, check_reports, printable, read_task_file, resolve_inside
 from ohd.store.store import Store
 
@@ -193,17 +194,20 @@ class Ingestor:
             log.info("task %d was queued from %s before a restart; moving the file", recovered, relpath)
             self._move_done(repo, path, sha, recovered)
             return None
-        spec = self._accept(repo, path, relpath, data, sha)
-        if spec is None:
+        accepted = self._accept(repo, path, relpath, data, sha)
+        if accepted is None:
             return None
-        task_id = self.store.ingest_file(str(repo), relpath, sha, spec, self.clock.now())
+        spec, base = accepted
+        task_id = self.store.ingest_file(str(repo), relpath, sha, spec, self.clock.now(), base)
         log.info("task %d queued from %s (%s %s)", task_id, relpath, spec.type, spec.target,
                  extra={"task_id": task_id, "status": "queued"})
         self._move_done(repo, path, sha, task_id)
         return task_id
 
-    def _accept(self, repo: Path, path: Path, relpath: str, data: bytes, sha: str) -> TaskSpec | None:
-        """The spec of a one-shot task file; None after rejecting it or leaving a rule in place."""
+    def _accept(self, repo: Path, path: Path, relpath: str, data: bytes,
+                sha: str) -> tuple[TaskSpec, str | None] | None:
+        """The spec of a one-shot task file and its base commit (agent runners); None after rejecting
+        it or leaving a rule in place."""
         try:
             spec = parse_bytes(data, relpath)
             check_rule_names(spec, relpath)
@@ -225,7 +229,11 @@ class Ingestor:
         except TargetError as exc:
             reject(path, f"{relpath}: field 'output': {exc}")
             return None
-        return spec
+        try:
+            return spec, worktrees.base_commit(repo) if spec.agent else None
+        except OhdError as exc:
+            reject(path, f"{relpath}: field 'runner': {exc}")
+            return None
 
     def _take_rule(self, repo: Path, path: Path, relpath: str, spec: TaskSpec, sha: str) -> None:
         if self.on_rule is None:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pathspec
 
@@ -31,6 +31,7 @@ from ohd.core import layout
 from ohd.core.taskfile import TaskSpec, TaskType, parse_bytes
 from ohd.errors import OhdError, TargetError, TaskFileError
 from ohd.intake.schedule import Trigger, compile_cron, decide, next_fire
+from ohd.repo import worktrees
 from ohd.repo.gitrepo import git
 from ohd.repo.outputs import current_sha, read_task_file, resolve_inside
 from ohd.store.rulestore import RuleStore
@@ -220,8 +221,11 @@ class RuleBook:
         return {sha for sha in hashes if sha is not None}
 
     def _fire_change(self, rule: Rule, relpath: str, sha: str, origin: str) -> list[int]:
+        base = self._base_commit(rule)
+        if base is False:
+            return []
         fired = self.firings.fire_change(rule.repo, rule.relpath, rule.task_spec(relpath), sha, origin,
-                                    self.clock.now())
+                                         self.clock.now(), base)
         if fired is None:
             log.debug("rule %s: %s needs no task (one is open, or this content was done)", rule.relpath, relpath)
             return []
@@ -229,6 +233,17 @@ class RuleBook:
         log.info("task %d %s by rule %s for %s (%s)", task_id, status.value, rule.relpath, relpath, origin,
                  extra={"task_id": task_id, "status": status.value})
         return [task_id]
+
+    def _base_commit(self, rule: Rule) -> str | None | Literal[False]:
+        """The repo's HEAD for an agent runner's task (None for `llm`); False when the repo has no
+        commit: the firing makes no task and the log says why."""
+        if not rule.spec.agent:
+            return None
+        try:
+            return worktrees.base_commit(rule.repo)
+        except OhdError as exc:
+            log.error("rule %s: no task: %s", rule.relpath, exc)
+            return False
 
     # -- schedules ------------------------------------------------------------------
 
@@ -241,8 +256,12 @@ class RuleBook:
             last = self.firings.baseline(rule.repo, rule.relpath, now)
             decision = decide(rule.trigger, last, now, self.grace)
             if decision.fire is not None:
+                base = self._base_commit(rule)
+                if base is False:    # refused (logged): not again before the next firing
+                    self.firings.set_last_fire(rule.repo, rule.relpath, decision.fire)
+                    continue
                 task_id = self.firings.fire_schedule(rule.repo, rule.relpath, rule.task_spec(rule.spec.file),
-                                                decision.fire, now)
+                                                     decision.fire, now, base)
                 log.info("task %d queued by rule %s (firing of %s%s)", task_id, rule.relpath,
                          decision.fire.isoformat(), "; earlier missed firings collapsed" if decision.skipped else "",
                          extra={"task_id": task_id, "status": "queued"})

@@ -61,6 +61,11 @@ def python_files(repo: Path) -> list[str]:
 _TEST_FILE = re.compile(r"(?:^test_.*|.*_test)\.py$")
 
 
+def is_test_file(name: str) -> bool:
+    """A test module's file name, as pytest finds them: `test_*.py` or `*_test.py`."""
+    return _TEST_FILE.match(name) is not None
+
+
 def test_files(repo: Path) -> list[str]:
     """The repo's test files (`test_*.py`, `*_test.py`; tracked, or untracked and not
     ignored), repo-relative and sorted; [] outside a git repo."""

@@ -34,6 +34,8 @@ from ohd.logfmt import Redactor
 from ohd.store.history import History
 from ohd.store.quotas import Governor
 from ohd.store.store import Store, sqlite_path
+from ohd.work.agentproc import AgentConfig
+from ohd.work.agentrun import AgentSetup
 
 log = logging.getLogger("ohd.daemon")   # the sandbox's line is the daemon's, as it always was
 
@@ -179,3 +181,17 @@ def private_files(settings: Settings) -> list[Path]:
     if database is not None:
         files += [database, database.with_name(database.name + "-wal"), database.with_name(database.name + "-shm")]
     return files
+
+
+def agent_config_of(settings: Settings) -> AgentConfig:
+    """`[agents]` as the agent runners' plain values."""
+    agents = settings.agents
+    return AgentConfig(aider=tuple(agents.aider), openhands_python=agents.openhands_python,
+                       command=tuple(agents.command), pass_env=tuple(agents.pass_env))
+
+
+def agents_of(settings: Settings) -> AgentSetup:
+    """What the pool runs agent tasks with: the state dir (their worktrees), `[agents]`, the call
+    history's cap for their output (the proxy is added by the daemon once it runs)."""
+    return AgentSetup(state_dir=settings.state_dir, config=agent_config_of(settings),
+                      max_bytes=settings.call_history_max_bytes)

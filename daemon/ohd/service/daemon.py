@@ -33,7 +33,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from ohd import __version__
@@ -51,10 +51,11 @@ from ohd.ladder import sandbox
 from ohd.ladder.testrun import Processes as TestProcesses
 from ohd.models.catalogue import Catalogue
 from ohd.models.llm import Completion, ModelClient, OfflineProvider, http_client
-from ohd.repo import outputs
+from ohd.repo import outputs, worktrees
 from ohd.service import statedir
 from ohd.service.assemble import (
     OFFLINE_MODEL,
+    agents_of,
     discovers,
     history_of,
     key_id_of,
@@ -73,10 +74,11 @@ from ohd.service.notify import Notifier, watchdog_interval
 from ohd.service.reload import Reloader
 from ohd.service.server import ApiServer
 from ohd.service.status import StatusView
+from ohd.store.agentruns import AgentRuns
 from ohd.store.calls import CallHistory
 from ohd.store.quotas import Governor
 from ohd.store.store import Store, TaskStatus, open_database, sqlite_path
-from ohd.work import delivery
+from ohd.work import agentproc, delivery
 from ohd.work.delivery import Outcome
 from ohd.work.worker import Caller, Pool, pace_retries
 
@@ -134,7 +136,7 @@ class Daemon:
                         lease=timedelta(seconds=self.settings.lease_s), governor=governor,
                         rank=rank_of(self.settings, self.store), ladder=ladder_of(self.settings, self.test_runs),
                         calls=CallHistory(self.store.db, self.settings.call_history_max_bytes,
-                                          self.settings.call_history))
+                                          self.settings.call_history), agents=agents_of(self.settings))
             self.pool = self.view.pool = pool
             live = Live(pool)     # from now on the one writer of its models, policy, ranking and ladder
             log_sandbox(pool.ladder)
@@ -211,6 +213,20 @@ class Daemon:
                 delivery.report_cancel(self.store, task_id, now, while_running=True)
         for repo in self.repos:
             self._remove_leftovers(repo)
+        self._remove_orphan_agents(now)
+
+    def _remove_orphan_agents(self, now: datetime) -> None:
+        """No task runs yet: an agent a crash left running is killed with its group, and every agent
+        worktree under our state dir (an orphan) removed; their runs are marked interrupted."""
+        runs, folder = AgentRuns(self.store.db), layout.worktrees_dir(self.settings.state_dir)
+        for run in runs.unfinished(str(folder)):
+            if run.pid is not None and agentproc.kill_orphan(run.pid, Path(run.worktree)):
+                log.warning("task %d: its agent (pid %d) outlived the last daemon; killed with its process group",
+                            run.task_id, run.pid, extra={"task_id": run.task_id})
+        worktrees.sweep(self.settings.state_dir)
+        ended = runs.end_unfinished(now, "the daemon stopped while the agent ran", str(folder))
+        if ended:
+            log.info("%d agent run(s) interrupted by the last stop marked ended; their worktrees are removed", ended)
 
     @staticmethod
     def _remove_leftovers(repo: Path) -> None:

@@ -40,6 +40,7 @@ from ohd.clock import Clock
 from ohd.core import layout
 from ohd.core.taskfile import TaskSpec
 from ohd.errors import ApiError, DaemonAlreadyRunning, NotFound, OhdError, TargetError, http_answer
+from ohd.repo import worktrees
 from ohd.repo.outputs import check_output, check_reports, resolve_inside
 from ohd.store.store import Store, Task, TaskStatus
 from ohd.work import delivery
@@ -232,7 +233,8 @@ class ApiServer:
                                 "not the API")
         spec = TaskSpec.model_validate(data)
         check_paths(repo, spec)
-        task_id = self.store.enqueue(str(repo), spec, self.clock.now(), source="api")
+        base = worktrees.base_commit(repo) if spec.agent else None   # OhdError (400) when it has no commit
+        task_id = self.store.enqueue(str(repo), spec, self.clock.now(), source="api", base_commit=base)
         log.info("task %d queued over the socket: %s %s", task_id, spec.type.value, spec.target,
                  extra={"task_id": task_id, "status": TaskStatus.QUEUED.value})
         self.notify()

@@ -255,3 +255,43 @@ def written_previous(db: peewee.Database) -> None:
 
     alter(SchemaMigrator.from_database(db).add_column("written_file", "previous_sha256",
                                                       peewee.CharField(max_length=64, null=True)))
+
+
+def agent_runs(db: peewee.Database) -> None:
+    """task gains runner (who does it: `llm` or a coding agent), check_command (JSON argv run after an
+    agent), deliver (where an agent's diff goes) and base_commit (the repo's HEAD when the task was
+    created: an agent's worktree starts there); table agent_run: one row per agent attempt (its argv,
+    never holding the proxy token; worktree, times, pid (its process group, killed at a restart),
+    exit code, outcome, capped output, diff and requests)."""
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as alter
+
+    class AgentRun(peewee.Model):
+        task_id = peewee.IntegerField(index=True)
+        attempt = peewee.IntegerField()
+        runner = peewee.CharField(max_length=32)
+        argv = peewee.TextField()                       # JSON list
+        worktree = peewee.TextField()
+        started_at = peewee.DateTimeField()
+        ended_at = peewee.DateTimeField(null=True)
+        pid = peewee.IntegerField(null=True)
+        exit_code = peewee.IntegerField(null=True)
+        outcome = peewee.CharField(max_length=32, null=True)
+        error = peewee.TextField(null=True)
+        stdout = peewee.TextField(default="")
+        stderr = peewee.TextField(default="")
+        diff = peewee.TextField(null=True)
+        diff_stat = peewee.TextField(null=True)
+        requests = peewee.IntegerField(default=0)
+        models = peewee.TextField(null=True)            # JSON list
+
+        class Meta:
+            database = db
+            table_name = "agent_run"
+
+    migrator = SchemaMigrator.from_database(db)
+    alter(migrator.add_column("task", "runner", peewee.CharField(max_length=16, default="llm")),
+          migrator.add_column("task", "check_command", peewee.TextField(null=True)),
+          migrator.add_column("task", "deliver", peewee.CharField(max_length=16, default="patch")),
+          migrator.add_column("task", "base_commit", peewee.CharField(max_length=64, null=True)))
+    AgentRun.create_table()

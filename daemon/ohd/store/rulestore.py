@@ -73,10 +73,10 @@ class RuleStore:
              .execute())
 
     def fire_schedule(self, repo: Path, rule: str, spec: TaskSpec, fire_time: datetime,
-                      now: datetime) -> int:
+                      now: datetime, base_commit: str | None = None) -> int:
         """The task of one firing, its record and the new `last_fire`, in one transaction."""
         with self._write():
-            task_id = self.store.enqueue(str(repo), spec, now, source=source_of(rule))
+            task_id = self.store.enqueue(str(repo), spec, now, source=source_of(rule), base_commit=base_commit)
             self._record(repo, rule, spec.file, None, task_id, "schedule", fire_time)
             self.set_last_fire(repo, rule, fire_time)
         return task_id
@@ -84,7 +84,7 @@ class RuleStore:
     # -- changes --------------------------------------------------------------------
 
     def fire_change(self, repo: Path, rule: str, spec: TaskSpec, sha256: str, origin: str,
-                    now: datetime) -> tuple[int, TaskStatus] | None:
+                    now: datetime, base_commit: str | None = None) -> tuple[int, TaskStatus] | None:
         """Queue the task of a changed file unless it would be redundant; its id and status
         (pending when it waits for the running one), or None.
 
@@ -103,7 +103,7 @@ class RuleStore:
                     return None
             elif self._last_accepted(repo, rule, spec.file) == sha256:
                 return None
-            task_id = self.store.enqueue(str(repo), spec, now, source=source_of(rule))
+            task_id = self.store.enqueue(str(repo), spec, now, source=source_of(rule), base_commit=base_commit)
             self._record(repo, rule, spec.file, sha256, task_id, origin, now)
             if running_until is not None:
                 self._hold(task_id, running_until, now)

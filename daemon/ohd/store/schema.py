@@ -84,6 +84,10 @@ class TaskRow(peewee.Model):
     cancel_requested = peewee.BooleanField(default=False)
     rule_levels = JsonField(null=True, sort_keys=True, empty=dict)   # rule -> level; NULL: none
     crashes = peewee.IntegerField(default=0)
+    runner = peewee.CharField(default="llm")          # llm, or the coding agent that runs it
+    check_command = JsonField(null=True, load=tuple)  # an argv run in an agent's worktree after it
+    deliver = peewee.CharField(default="patch")       # where an agent's diff goes
+    base_commit = peewee.CharField(null=True)         # the repo's HEAD at creation (agent runners only)
 
     class Meta:
         table_name = "task"
@@ -200,6 +204,30 @@ class RuleClockRow(peewee.Model):
         primary_key = peewee.CompositeKey("repo", "rule")
 
 
+class AgentRunRow(peewee.Model):
+    id = peewee.AutoField()
+    task_id = peewee.IntegerField()
+    attempt = peewee.IntegerField()
+    runner = peewee.CharField()
+    argv = JsonField(load=tuple)     # never holds the proxy token (it travels in the agent's environment)
+    worktree = peewee.TextField()
+    started_at = UtcDateTimeField()
+    ended_at = UtcDateTimeField(null=True)
+    pid = peewee.IntegerField(null=True)      # the agent's process group while it runs (a restart kills it)
+    exit_code = peewee.IntegerField(null=True)
+    outcome = peewee.CharField(null=True)     # accepted, rejected, failed, timed_out, cancelled; NULL: running
+    error = peewee.TextField(null=True)
+    stdout = peewee.TextField(default="")
+    stderr = peewee.TextField(default="")
+    diff = peewee.TextField(null=True)
+    diff_stat = peewee.TextField(null=True)
+    requests = peewee.IntegerField(default=0)  # model requests through the proxy
+    models = JsonField(null=True, load=tuple)   # the models that answered them
+
+    class Meta:
+        table_name = "agent_run"
+
+
 class SchemaMigrationRow(peewee.Model):
     """The ledger of applied migrations; `migrate` makes it (its default is the database's clock)."""
 
@@ -223,12 +251,13 @@ class Tables:
     model_request: type[ModelRequestRow]
     rule_firing: type[RuleFiringRow]
     rule_clock: type[RuleClockRow]
+    agent_run: type[AgentRunRow]
     schema_migrations: type[SchemaMigrationRow]
 
 
 MODELS: tuple[type[peewee.Model], ...] = (
     TaskRow, ExecutionRow, IngestedFileRow, WrittenFileRow, ModelCallRow, ModelStateRow, ModelRequestRow,
-    RuleFiringRow, RuleClockRow, SchemaMigrationRow)
+    RuleFiringRow, RuleClockRow, AgentRunRow, SchemaMigrationRow)
 
 M = TypeVar("M", bound=peewee.Model)
 
@@ -278,6 +307,15 @@ class Task:
     cancel_requested: bool
     rule_levels: dict[str, str] = field(default_factory=dict)   # rule -> level, over the configuration's
     crashes: int = 0     # runs a daemon's crash (or an expired lease) interrupted; at the limit it fails
+    runner: str = "llm"  # llm (one model call) or a coding agent (openhands, aider, command)
+    check_command: tuple[str, ...] | None = None   # run in an agent's worktree after it; must exit 0
+    deliver: str = "patch"   # an agent's diff: patch, branch or apply
+    base_commit: str | None = None   # the repo's HEAD when the task was created (agent runners)
+
+    @property
+    def agent(self) -> bool:
+        """Run by a coding agent in a worktree, not one model call."""
+        return self.runner != "llm"
 
     @property
     def quarantined(self) -> bool:
@@ -295,12 +333,15 @@ SPEC_COLUMNS = tuple(name for name in TaskRow._meta.fields
                      if name in TaskSpec.model_fields and name not in ("type", "target", "priority"))
 
 
-def task_row(repo: str, spec: TaskSpec, now: datetime, source: str | None) -> dict[str, Any]:
-    """The row of a new task: the spec's values of `SPEC_COLUMNS` (their fields store them), these,
-    and the columns' defaults (queued, no attempt, no crash)."""
-    return {**{name: getattr(spec, name) for name in SPEC_COLUMNS}, "repo": repo, "type": spec.type.value,
-            "target": spec.file, "priority": spec.priority.value, "rank": spec.priority.rank,
-            "source": source, "created_at": now, "updated_at": now}
+def task_row(repo: str, spec: TaskSpec, now: datetime, source: str | None,
+             base_commit: str | None = None) -> dict[str, Any]:
+    """The row of a new task: the spec's values of `SPEC_COLUMNS` (their fields store them; enums as
+    their values), these, and the columns' defaults (queued, no attempt, no crash)."""
+    spec_values = {name: getattr(spec, name) for name in SPEC_COLUMNS}
+    return {**{k: v.value if isinstance(v, StrEnum) else v for k, v in spec_values.items()},
+            "repo": repo, "type": spec.type.value, "target": spec.file, "priority": spec.priority.value,
+            "rank": spec.priority.rank, "source": source, "created_at": now, "updated_at": now,
+            "base_commit": base_commit}
 
 
 def task_from_row(row: dict[str, Any]) -> Task:
@@ -322,6 +363,7 @@ MIGRATIONS: tuple[tuple[str, migrations.Migration], ...] = (
     ("0008_crash_recovery", migrations.crash_recovery),
     ("0009_execution_source", migrations.execution_source),
     ("0010_written_previous", migrations.written_previous),
+    ("0011_agent_runs", migrations.agent_runs),
 )
 
 

@@ -202,25 +202,30 @@ class Store:
 
     # -- creating tasks --------------------------------------------------------------
 
-    def enqueue(self, repo: str, spec: TaskSpec, now: datetime, source: str | None = None) -> int:
-        """Queue one task from a spec; returns its id."""
+    def enqueue(self, repo: str, spec: TaskSpec, now: datetime, source: str | None = None,
+                base_commit: str | None = None) -> int:
+        """Queue one task from a spec; returns its id. `base_commit`: the repo's HEAD now (an agent
+        runner's worktree starts there; the caller reads it, git being the repo's room)."""
         with self._write():
-            return self._insert_task(repo, spec, now, source)
+            return self._insert_task(repo, spec, now, source, base_commit)
 
-    def _insert_task(self, repo: str, spec: TaskSpec, now: datetime, source: str | None) -> int:
-        return int(self.m.task.insert(**task_row(repo, spec, now, source)).execute())
+    def _insert_task(self, repo: str, spec: TaskSpec, now: datetime, source: str | None,
+                     base_commit: str | None = None) -> int:
+        return int(self.m.task.insert(**task_row(repo, spec, now, source, base_commit)).execute())
 
-    def ingest_file(self, repo: str, relpath: str, sha256: str, spec: TaskSpec, now: datetime) -> int:
+    def ingest_file(self, repo: str, relpath: str, sha256: str, spec: TaskSpec, now: datetime,
+                    base_commit: str | None = None) -> int:
         """The ingested_file row and its task in one transaction; a pending duplicate returns its task."""
         try:
-            return self._ingest(repo, relpath, sha256, spec, now)
+            return self._ingest(repo, relpath, sha256, spec, now, base_commit)
         except peewee.IntegrityError:      # another process ingested the same content just now
             existing = self.pending_ingest(repo, sha256)
             if existing is None:
                 raise
             return existing
 
-    def _ingest(self, repo: str, relpath: str, sha256: str, spec: TaskSpec, now: datetime) -> int:
+    def _ingest(self, repo: str, relpath: str, sha256: str, spec: TaskSpec, now: datetime,
+                base_commit: str | None) -> int:
         files, key = self.m.ingested_file, pending_key(repo, sha256)
         with self._write():
             existing = files.select(files.task_id).where(files.pending_key == key).first()
@@ -228,7 +233,7 @@ class Store:
                 return int(existing.task_id)
             file_id = files.insert(repo=repo, relpath=relpath, sha256=sha256, ingested_at=now,
                                    pending_key=key).execute()
-            task_id = self._insert_task(repo, spec, now, relpath)
+            task_id = self._insert_task(repo, spec, now, relpath, base_commit)
             files.update(task_id=task_id).where(files.id == file_id).execute()
             return task_id
 

@@ -32,6 +32,7 @@ from ohd.store.calls import CallHistory
 from ohd.store.quotas import Governor
 from ohd.store.store import Claim, Store, TaskStatus
 from ohd.work import delivery
+from ohd.work.agentrun import AgentRun, AgentSetup
 from ohd.work.delivery import Outcome, Run
 from ohd.work.taskrun import Caller as Caller  # re-exported: the daemon builds one
 from ohd.work.taskrun import TaskRun
@@ -49,10 +50,12 @@ class Pool:
                  size: int = 4, lease: timedelta = timedelta(seconds=60), name: str = "w",
                  governor: Governor | None = None, policy: Policy | None = None, key_id: str = "default",
                  hold_s: float = 1.0, rank: Callable[[str, list[str]], list[str]] | None = None,
-                 calls: CallHistory | None = None, ladder: Ladder | None = None) -> None:
+                 calls: CallHistory | None = None, ladder: Ladder | None = None,
+                 agents: AgentSetup | None = None) -> None:
         """`governor`: the quotas (the daemon's also paces its model client's retries, `pace_retries`);
         by default one over `store` with `policy` and `key_id`. `calls`: where prompts and responses
-        go (default: kept in full); `ladder`: how candidates are judged (default: `Ladder()`)."""
+        go (default: kept in full); `ladder`: how candidates are judged (default: `Ladder()`); `agents`:
+        how agent runners' tasks run (None: they fail, saying so)."""
         self.store = store
         self.call = call
         self.clock = clock
@@ -65,6 +68,7 @@ class Pool:
         self.ladder = ladder if ladder is not None else Ladder()   # pytest runs, rule levels, lint (a reload swaps it)
         self.rank = rank            # (task type, models) -> best first (`auto`); None: configured order
         self.calls = calls if calls is not None else CallHistory(store.db)   # prompts and responses
+        self.agents = agents        # the agent runners' state dir, [agents] settings and proxy
         self.unreachable: dict[str, str] = {}   # model -> why its server could not be reached (until it answers)
         self.busy: dict[str, int] = {}
         self.wake_event = asyncio.Event()
@@ -180,7 +184,7 @@ class Pool:
         self.busy[claim.worker_id] = task.id
         log.info("task %d running: %s %s (worker %s)", task.id, task.type, task.target, claim.worker_id,
                  extra={"task_id": task.id, "status": TaskStatus.RUNNING.value})
-        taskrun = TaskRun(task, self)
+        taskrun: TaskRun | AgentRun = AgentRun(task, self) if task.agent else TaskRun(task, self)
         with task_context(task.id):     # the model client's lines carry the task too
             work = asyncio.create_task(taskrun.outcome())
             watcher = asyncio.create_task(self._watch(claim, work)) if renew else None
@@ -230,10 +234,13 @@ class Pool:
                 return await fn(*args)
         raise AssertionError("unreachable: tenacity re-raises the last failure")
 
-    async def _await_work(self, claim: Claim, taskrun: TaskRun, work: asyncio.Task[Outcome]) -> Outcome | None:
+    async def _await_work(self, claim: Claim, taskrun: TaskRun | AgentRun,
+                          work: asyncio.Task[Outcome]) -> Outcome | None:
         current = asyncio.current_task()
+        # an agent's run has `timeout_s` each attempt (agentrun), its checks after it theirs
+        limit = None if claim.task.agent else claim.task.timeout_s
         try:
-            async with asyncio.timeout(claim.task.timeout_s):
+            async with asyncio.timeout(limit):
                 return await work
         except TimeoutError:
             return Outcome(TaskStatus.FAILED, error=f"timed out after {claim.task.timeout_s:g}s")
@@ -318,7 +325,7 @@ class Pool:
                 work.cancel()
                 return
 
-    async def _release(self, claim: Claim, taskrun: TaskRun) -> None:
+    async def _release(self, claim: Claim, taskrun: TaskRun | AgentRun) -> None:
         status = await self._store(self.store.release, claim.task.id, claim.worker_id, self.clock.now())
         if status is not None:
             log.info("task %d %s", claim.task.id, "released back to the queue" if status is TaskStatus.QUEUED
