@@ -5,9 +5,9 @@ store-backed governor. Each refresh reads the server's list and, only when it ha
 expected shape, (1) gives the governor the models' prices (the budget's "has a price"),
 (2) revives every model the governor marked dead (404) that is listed again, and (3) in
 discovery mode has the pool's model list replaced by the free models it lists (on a server
-you run, not OpenRouter, every model it lists without a price): (1) and (2) read the store
-in a thread, (3) is done on the event loop thread by `use_models`, the one writer of the
-pool's list (the daemon's `live.Live`).
+you run, not OpenRouter, every model it lists without a price): (1) is swapped whole on the
+event loop thread (the one the workers read it on), (2) reads the store in a thread, (3) is
+done on the loop thread by `use_models`, the one writer of the pool's list (`live.Live`).
 Invariant: a refresh that fails or returns garbage changes nothing (logged; the previous
 list stays), and the pool's list is never emptied by a refresh. Refreshes run every
 `refresh_s` seconds on the injected clock (a plain loop; no scheduler thread), every
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -149,27 +149,29 @@ class Catalogue:
                         type(data).__name__)
             return False
         before = list(self.pool.models)
-        free = await asyncio.to_thread(self.apply, listings, self.clock.now())
+        self.listings, self.refreshed_at = tuple(listings), self.clock.now()
+        # the prices and contexts the workers read, swapped whole here on the loop thread they read on
+        priced = {entry.model: not entry.costs_nothing(self.unknown_price_paid) for entry in listings}
+        self.governor.priced = priced
+        self.governor.contexts = {entry.model: entry.context for entry in listings if entry.context}
+        free = await asyncio.to_thread(self.apply, listings, priced, self.refreshed_at)
         if free is not None:
             self._discovered(free)      # here, on the loop thread the workers read the list on
         if self.on_change is not None and self.pool.models != before:
             await self.on_change()
         return True
 
-    def apply(self, listings: Sequence[Listing], now: datetime) -> list[str] | None:
-        """Prices to the governor, relisted dead models revived (store: a thread); returns the free
-        models when discovering (None: not), for `_discovered` on the loop thread."""
-        self.listings = tuple(listings)
-        self.refreshed_at = now
-        priced = {entry.model: not entry.costs_nothing(self.unknown_price_paid) for entry in listings}
-        self.governor.priced = priced  # one swap
-        self.governor.contexts = {entry.model: entry.context for entry in listings if entry.context}
+    def apply(self, listings: Sequence[Listing], priced: Mapping[str, bool], now: datetime) -> list[str] | None:
+        """Relisted dead models revived (store: a thread); returns the free models of `priced` when
+        discovering (None: not), for `_discovered` on the loop thread."""
         listed = {entry.model for entry in listings}
         for model in self.governor.dead_models():
             if model in listed:
                 self.governor.revive(model, now)
                 log.info("catalogue: model %s is listed again; revived", model)
-        return [model for model, has_price in priced.items() if not has_price] if self.discover else None
+        if not self.discover:
+            return None
+        return [model for model, has_price in priced.items() if not has_price]
 
     def _discovered(self, free: list[str]) -> None:
         models = self.pool.models
