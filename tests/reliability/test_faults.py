@@ -66,6 +66,7 @@ FALLBACK = "fault/fallback"      # answers well to every task that gets to it (t
 REQUEST_TIMEOUT_S = 2.0
 TASK_TIMEOUT_S = 60.0
 MANY = 12                        # scripted answers per case: more than any case may ask for
+PACED_RPM = 2                    # the per-minute limit of case 500-paced (below its 1 + 2 retries)
 RESET_IN = timedelta(seconds=600)   # X-RateLimit-Reset's instant, from the moment the cases are scripted
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -119,6 +120,10 @@ def cases() -> list[Case]:
         Case("502", _many(server_error(502, "Provider returned error")), classes=("server",), **transient),
         Case("503", _many(server_error(503, "No available provider")), classes=("server",), **transient),
         Case("500-then-next", _many(server_error(500)), "completed", ("server",), fallback=True, asked=3),
+        # `rate_limits` allows it PACED_RPM requests a minute: the client's retries are paced by the
+        # governor (`pace_retries`), so the second retry is not sent; the task waits for the window
+        Case("500-paced", _many(server_error(500)), "pending", ("rate_limited",), resume_s=(50, 65),
+             asked=PACED_RPM),
         Case("hang", _many(slow(30.0)), classes=("timeout",), **transient),
         Case("never-answers", _many(never_answer()), classes=("timeout",), **transient),
         Case("keepalive-trickle", _many(trickle(0.2)), classes=("timeout",), **transient),
@@ -250,7 +255,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     server = FakeOpenRouter(models=[FALLBACK, *(m for case in CASES for m in case.models if m != FALLBACK)])
     env = daemon_env(tmp, runtime, OPENROUTER_API_KEY=KEY, OHD_WORKERS=str(len(CASES) + 2),
                      OHD_MODELS=FALLBACK, OHD_REQUEST_TIMEOUT_S=str(REQUEST_TIMEOUT_S), OHD_TEST_RUNS="0",
-                     OHD_GRACE_S="0")
+                     OHD_GRACE_S="0", OHD_RATE_LIMITS=f'{{"fault/500-paced": {PACED_RPM}}}')
     for name in ("NO_PROXY", "no_proxy"):
         env.pop(name, None)
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
