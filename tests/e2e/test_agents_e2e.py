@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ohd.clock import SystemClock
 from ohd.core import layout
 
 from tests.e2e.helpers import DaemonProcess, daemon_env
@@ -64,3 +65,69 @@ def test_a_daemon_killed_mid_run_leaves_no_worktree_and_no_agent_after_restart(t
         assert daemon.stop() == 0
     assert git(repo, "worktree", "list").count("\n") == 1     # the re-run's worktree went with its cancel
     assert not worktree.exists()
+
+
+PROXIED_AGENT = """\
+import json, os, pathlib, sys, urllib.request
+base_url, target, key = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3]).read_text()
+assert key not in os.environ.values() and key not in pathlib.Path(sys.argv[4]).read_text()
+assert not any(key in str(p.read_bytes()) for p in pathlib.Path(".").rglob("*") if p.is_file())
+request = urllib.request.Request(base_url + "/chat/completions", method="POST", data=json.dumps(
+    {"model": "whatever", "messages": [{"role": "user", "content": "name a constant"}]}).encode(),
+    headers={"Authorization": "Bearer " + os.environ["OHD_AGENT_KEY"], "Content-Type": "application/json"})
+answer = json.load(urllib.request.urlopen(request, timeout=60))
+path = pathlib.Path(target)
+path.write_text(path.read_text() + "\\nANSWER = " + repr(answer["choices"][0]["message"]["content"]) + "\\n")
+print("answered by", answer["model"])
+"""
+
+
+def test_an_agents_requests_go_through_the_governor_and_rotate_on_429(tmp_path: Path) -> None:
+    from ohd.repo import worktrees
+    from ohd.store.agentruns import AgentRuns
+    from ohd.store.quotas import Governor
+
+    from tests.support.databases import open_store
+    from tests.support.fake_openrouter import FakeOpenRouter, ok, rate_limited
+
+    a, b, key = "vendor/model-a", "vendor/model-b", "sk-or-v1-e2e-secret"
+    runtime = Path(tempfile.mkdtemp(prefix="ohd-rt-"))
+    repo = make_repo(tmp_path / "repo")
+    agent = tmp_path / "agent.py"
+    agent.write_text(PROXIED_AGENT)
+    (tmp_path / "key.txt").write_text(key)      # for the agent to look for it: never in its env, worktree, prompt
+    (tmp_path / "config.toml").write_text("[agents]\ncommand = " + json.dumps(
+        [sys.executable, str(agent), "{base_url}", "{target}", str(tmp_path / "key.txt"), "{prompt_file}"]) + "\n")
+    with FakeOpenRouter(api_key=key, models=[a, b]) as server:
+        server.script(a, [rate_limited(retry_after=600)])
+        server.script(b, [ok("42")])
+        env = daemon_env(tmp_path, runtime, OPENROUTER_API_KEY=key, OHD_BASE_URL=server.url,
+                         OHD_MODELS=f"{a},{b}", OHD_MODEL_SELECTION="false")
+        daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
+        try:
+            (repo / "tasks.d" / "change.yaml").write_text(
+                "type: change\ntarget: shop/pricing.py\ndescription: add the answer\nrunner: command\n")
+            wait_for(lambda: daemon.json("show", "1")["status"] in ("completed", "failed"), timeout=120,
+                     what="the agent task's end")
+            shown = daemon.json("show", "1")
+            diff = daemon.ohd("show", "1", "--diff").stdout
+        finally:
+            assert daemon.stop() == 0
+        sent = [request.model for request in server.completions()]
+        assert all(request.headers.get("authorization") == f"Bearer {key}" for request in server.completions())
+    assert shown["status"] == "completed", (shown["error"], (tmp_path / "daemon.log").read_text()[-3000:])
+    assert sent == [a, b]                                          # the 429, then the next model
+    assert "+ANSWER = '42'" in diff and key not in diff
+    store = open_store(tmp_path / "state" / "ohd.db")
+    try:
+        [run] = AgentRuns(store.db).for_task(1)
+        assert (run.requests, run.models, run.outcome) == (1, (b,), "accepted")
+        assert "answered by vendor/model-b" in run.stdout and all(key not in part for part in run.argv)
+        assert [(e.model, e.outcome) for e in store.executions(1)] == [(a, "rate_limited"), (b, "agent_request")]
+        governor = Governor(store)
+        assert governor.state(a).cooldown_until is not None                   # a cools down, in the store
+        assert governor.requests_today(SystemClock().now()) == 2              # both requests counted
+    finally:
+        store.close()
+    assert "ANSWER" not in (repo / "shop" / "pricing.py").read_text()
+    assert worktrees.base_commit(repo) == shown["base_commit"]

@@ -186,7 +186,8 @@ def private_files(settings: Settings) -> list[Path]:
 def agent_config_of(settings: Settings) -> AgentConfig:
     """`[agents]` as the agent runners' plain values."""
     agents = settings.agents
-    return AgentConfig(aider=tuple(agents.aider), openhands_python=agents.openhands_python,
+    aider = (os.path.expanduser(agents.aider[0]), *agents.aider[1:])
+    return AgentConfig(aider=aider, openhands_python=os.path.expanduser(agents.openhands_python),
                        command=tuple(agents.command), pass_env=tuple(agents.pass_env))
 
 

@@ -51,6 +51,7 @@ from ohd.ladder import sandbox
 from ohd.ladder.testrun import Processes as TestProcesses
 from ohd.models.catalogue import Catalogue
 from ohd.models.llm import Completion, ModelClient, OfflineProvider, http_client
+from ohd.models.proxy import Proxy
 from ohd.repo import outputs, worktrees
 from ohd.service import statedir
 from ohd.service.assemble import (
@@ -132,11 +133,15 @@ class Daemon:
             call, models = await self._models(stack, pace_retries(governor, self.clock))  # retries count too
             self.store.migrate()
             self._recover()
+            agents = agents_of(self.settings)
+            agents.proxy = proxy = Proxy(self.clock)     # the agents' model requests, through the governor
+            await proxy.start()
+            stack.push_async_callback(proxy.stop)
             pool = Pool(self.store, call, self.clock, models=models, size=self.settings.workers,
                         lease=timedelta(seconds=self.settings.lease_s), governor=governor,
                         rank=rank_of(self.settings, self.store), ladder=ladder_of(self.settings, self.test_runs),
                         calls=CallHistory(self.store.db, self.settings.call_history_max_bytes,
-                                          self.settings.call_history), agents=agents_of(self.settings))
+                                          self.settings.call_history), agents=agents)
             self.pool = self.view.pool = pool
             live = Live(pool)     # from now on the one writer of its models, policy, ranking and ladder
             log_sandbox(pool.ladder)

@@ -4,10 +4,10 @@ judged, the accepted diff delivered; the pool (`worker.py`) supervises it as it 
 An attempt: a detached worktree of the task's base commit (`repo/worktrees.py`) under the state
 dir; the prompt in a file beside it (never inside: it is not part of the diff); the model list
 from the governor (candidates as for `llm`: `auto` expanded and ranked, dead and unpermitted
-models left out); when the daemon runs the local proxy, a grant whose every request goes through
-the governor (`forward`), so the agent's requests are paced, counted and rotated on 429 like
-ohd's own; the agent started by `agentproc` with the task's `timeout_s` as its limit, its row in
-`agent_run` first. Its result is the worktree's diff against the base commit, accepted only when
+models left out); a grant of the daemon's agent proxy (`models/proxy.py`) whose every request is
+one `governed.governed_call` over those candidates, so the agent's requests are paced, counted,
+rotated on 429 and recorded like ohd's own; the agent started by `agentproc` with the task's
+`timeout_s` as its limit, its row in `agent_run` first. Its result is the worktree's diff against the base commit, accepted only when
 it is not empty, stays inside the repo and out of `.git/`, parses where it is Python, applies to
 the base commit and passes `check_command`; nothing outside the worktree the agent could reach
 (the user's uncommitted files, the repo's hooks and config) may have changed. A rejected attempt
@@ -27,26 +27,25 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
-from ohd.clock import Clock
 from ohd.core import layout, pyparse, routing, tasktypes
 from ohd.core.taskfile import TaskType
 from ohd.core.tasktypes import Job
 from ohd.errors import OhdError, TargetError
 from ohd.ladder import ladder
-from ohd.ladder.ladder import Ladder
+from ohd.models.llm import Completion
+from ohd.models.proxy import Forward, Grant, Proxy
 from ohd.repo import gitrepo, outputs, worktrees
 from ohd.repo.worktrees import AgentResultError
 from ohd.store.agentruns import MAX_DIFF_BYTES, AgentRuns
 from ohd.store.calls import DEFAULT_MAX_BYTES
-from ohd.store.quotas import Governor
 from ohd.store.store import Store, Task, TaskStatus
-from ohd.work import agentproc
+from ohd.work import agentproc, governed
 from ohd.work.agentproc import AgentConfig, AgentSetupError, Exit, Invocation
 from ohd.work.delivery import Outcome, Run
 
@@ -56,50 +55,20 @@ LIST_WAIT = timedelta(seconds=60)   # no model list yet (`auto` before GET /mode
 TAIL_CHARS = 2000                   # of the agent's or the check's output in a rejection's feedback
 
 
-class Grant(Protocol):
-    """One run's access to the proxy (models/proxy.py): its token and what it was used for."""
-
-    token: str
-    requests: int
-    models_used: list[str]
-
-
-class Proxy(Protocol):
-    """The local OpenAI-compatible proxy (models/proxy.py) as an agent run uses it."""
-
-    @property
-    def base_url(self) -> str: ...
-
-    def open(self, forward: Callable[[list[dict[str, Any]], dict[str, Any]], Awaitable[Any]],
-             models: list[str]) -> Any: ...
-
-    def close(self, grant: Any) -> None: ...
-
-
-# (task, candidates, messages, params, timeout_s) -> the completion, through the governor (work/governed.py)
-Forward = Callable[[Task, list[str], list[dict[str, Any]], dict[str, Any], float], Awaitable[Any]]
-
-
 @dataclass
 class AgentSetup:
     """What the pool needs to run agent tasks (the daemon builds it from `[agents]`)."""
 
     state_dir: Path
     config: AgentConfig = field(default_factory=AgentConfig)
-    proxy: Proxy | None = None        # None: the agent gets no model access through ohd
-    forward: Forward | None = None    # one governed request (needed with `proxy`)
+    proxy: Proxy | None = None        # started by the daemon; None: the agent gets no model access through ohd
     max_bytes: int = DEFAULT_MAX_BYTES
 
 
-class Means(Protocol):
-    """What an agent task's run uses of its pool (`worker.Pool`)."""
+class Means(governed.Means, Protocol):
+    """What an agent task's run uses of its pool (`worker.Pool`): what a governed request needs, and
+    the agent runners' setup."""
 
-    store: Store
-    clock: Clock
-    governor: Governor
-    models: list[str]
-    rank: Callable[[str, list[str]], list[str]] | None
-    ladder: Ladder          # how a unit_test run's test files are judged
     agents: AgentSetup | None
 
 
@@ -176,14 +145,14 @@ class AgentRun:
         except OhdError as exc:
             return Outcome(TaskStatus.FAILED, error=f"cannot make the agent's worktree: {exc}")
         run_id: int | None = None
-        grant: Any = None
+        grant: Grant | None = None
         outcome: str = "failed"
         error: str | None = None
         try:
             prompt_file = layout.run_file(worktree, layout.PROMPT_SUFFIX)
             prompt_file.write_text(self._prompt(repo), encoding="utf-8")
-            if setup.proxy is not None and setup.forward is not None:
-                grant = setup.proxy.open(self._forward(setup.forward, attempt.models), attempt.models)
+            if setup.proxy is not None:
+                grant = setup.proxy.open(self._forward(attempt), attempt.models)
                 token, base_url = grant.token, setup.proxy.base_url
             else:
                 token, base_url = secrets.token_urlsafe(24), ""
@@ -246,12 +215,14 @@ class AgentRun:
         finally:
             await asyncio.to_thread(worktrees.remove, repo, worktree)
 
-    def _forward(self, forward: Forward, models: list[str]) -> Callable[[list[dict[str, Any]], dict[str, Any]],
-                                                                         Awaitable[Any]]:
-        task = self.task
+    def _forward(self, attempt: Attempt) -> Forward:
+        """What the proxy does with each of the agent's requests: one governed request over the
+        attempt's candidates (paced, counted, rotated on 429, recorded under the attempt)."""
+        task, pool = self.task, self.pool
 
-        async def one(messages: list[dict[str, Any]], params: dict[str, Any]) -> Any:
-            return await forward(task, models, messages, params, task.timeout_s)
+        async def one(messages: list[dict[str, Any]], params: dict[str, Any]) -> Completion:
+            return await governed.governed_call(pool, task, attempt.models, messages, params, task.timeout_s,
+                                                attempt=attempt.number)
 
         return one
 
