@@ -3,16 +3,17 @@ judged, the accepted diff delivered; the pool (`worker.py`) supervises it as it 
 
 An attempt: a detached worktree of the task's base commit (`repo/worktrees.py`) under the state
 dir; the prompt in a file beside it (never inside: it is not part of the diff); the model list
-from the governor (candidates as for `llm`: `auto` expanded and ranked, dead and unpermitted
-models left out); a grant of the daemon's agent proxy (`models/proxy.py`) whose every request is
-one `governed.governed_call` over those candidates, so the agent's requests are paced, counted,
-rotated on 429 and recorded like ohd's own; the agent started by `agentproc` with the task's
-`timeout_s` as its limit, its row in `agent_run` first. Its result is the worktree's diff against the base commit, accepted only when
-it is not empty, stays inside the repo and out of `.git/`, parses where it is Python, applies to
-the base commit and passes `check_command`; nothing outside the worktree the agent could reach
-(the user's uncommitted files, the repo's hooks and config) may have changed. A rejected attempt
-spends one, and the next is told why. The worktree is removed after every attempt, whatever
-happened (a crash leaves it to the daemon's start-up sweep).
+from the governor (candidates as for `llm`: `auto` expanded and ranked, dead models left out;
+budgets and free-only mode apply to each request); a grant of the daemon's agent proxy
+(`models/proxy.py`) whose every request is one `governed.governed_call` over those candidates, so
+the agent's requests are paced, counted, rotated on 429 and recorded like ohd's own; the agent
+started by `agentproc` with the task's `timeout_s` as its limit, its row in `agent_run` first. Its
+result is the worktree's diff against the base commit, accepted only when it is not empty, stays
+inside the repo and out of `.git/`, parses where it is Python, applies to the base commit and
+passes `check_command`; nothing outside the worktree the agent could reach (the user's uncommitted
+files, the repo's hooks and config) may have changed. A rejected attempt spends one, and the next
+is told why. The worktree is removed after every attempt, whatever happened (a crash leaves it to
+the daemon's start-up sweep).
 
 Delivery never touches the user's working copy unless the task says `deliver: apply` and the
 touched files are clean there: a patch `.ohd/task-<id>.patch` with its summary `.ohd/task-<id>.md`
