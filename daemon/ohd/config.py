@@ -142,11 +142,26 @@ class Settings(BaseModel):
     selection_latency_ref_ms: float = Field(default=10_000.0, gt=0)     # the p50 that scores 0.5
     selection_history: int = Field(default=1000, ge=1)                  # newest executions weighed
     agents: AgentSettings = Field(default_factory=AgentSettings)        # the agent runners (issue 13)
+    # the web listener (issue 14): "host:port" ("127.0.0.1:8767", "[::1]:8767"); "" = off
+    http_listen: str = ""
+    http_metrics_public: bool = True     # GET /metrics without the token (a scraper has none)
 
     @field_validator("repos")
     @classmethod
     def _absolute_repos(cls, repos: list[Path]) -> list[Path]:
         return [Path(r).expanduser().resolve() for r in repos]
+
+    @field_validator("http_listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value.strip():
+            listen_address(value)       # ValueError: the message says what is wrong
+        return value.strip()
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """The web listener's (host, port); None when it is off."""
+        return listen_address(self.http_listen) if self.http_listen else None
 
     @property
     def socket_path(self) -> Path:
@@ -174,6 +189,22 @@ def is_openrouter(url: str) -> bool:
     """The host of `url` is openrouter.ai (or a subdomain of it)."""
     host = (urlsplit(url).hostname or "").lower()
     return host == "openrouter.ai" or host.endswith(".openrouter.ai")
+
+
+def listen_address(value: str) -> tuple[str, int]:
+    """`host:port` (an IPv6 host in brackets) -> (host, port); ValueError saying what is wrong."""
+    host, colon, port = value.strip().rpartition(":")
+    if not colon or not host:
+        raise ValueError(f"{value!r} is not host:port (e.g. \"127.0.0.1:8767\")")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{value!r}: write an IPv6 address in brackets, e.g. \"[::1]:8767\"")
+    if not host or any(c.isspace() or c in "/[]@" for c in host):
+        raise ValueError(f"{value!r}: {host!r} is not a host name or address")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: the port must be a number from 1 to 65535")
+    return host, int(port)
 
 
 def _runtime_dir() -> Path:

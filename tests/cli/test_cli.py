@@ -24,6 +24,15 @@ def test_status_without_a_daemon_exits_3(capsys: pytest.CaptureFixture[str]) -> 
     assert "not running" in capsys.readouterr().err
 
 
+def test_dashboard_says_how_to_turn_the_listener_on(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["dashboard"]) == 1
+    assert 'set http_listen = "127.0.0.1:8767"' in capsys.readouterr().err
+    monkeypatch.setenv("OHD_HTTP_LISTEN", "127.0.0.1:8767")
+    assert main(["dashboard"]) == 1          # on, but the daemon has not made its token yet
+    assert "no token in" in capsys.readouterr().err
+
+
 def test_no_command_and_bad_arguments_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     with pytest.raises(SystemExit) as exc:

@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="the JSON snapshot")
     fmt.add_argument("--prometheus", action="store_true", help="Prometheus text (the default)")
+    p = command("dashboard", cmd_dashboard, "print the web listener's URL with its token (http_listen)")
+    p.add_argument("--open", action="store_true", help="also open it in a browser")
     p = command("init", cmd_init, f"prepare a repo: {layout.TASKS_DIR}/, examples, {layout.GIT_DIR}/info/exclude",
                 json_flag=False)
     p.add_argument("--repo", type=Path, default=Path("."))
@@ -379,6 +381,28 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         emit(client(args).get("/metrics.json"), True, str)
     else:
         print(client(args).get_text("/metrics"), end="")
+    return EXIT_OK
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from ohd.service import statedir
+    from ohd.service.web.guard import base_url
+
+    conf = settings(args)
+    if conf.http_address is None:
+        raise OhdError('the web listener is off: set http_listen = "127.0.0.1:8767" in the config file '
+                       "(or OHD_HTTP_LISTEN=127.0.0.1:8767) and restart the daemon")
+    path = layout.web_token_path(conf.state_dir)
+    if not path.exists():
+        raise OhdError(f"no token in {path} yet: the daemon makes it when it starts with http_listen set; "
+                       "start (or restart) it")
+    url = f"{base_url(*conf.http_address)}/?token={statedir.read_web_token(path)}"
+    emit({"url": url}, args.json, lambda d: d["url"])
+    if args.open:
+        import webbrowser
+
+        if not webbrowser.open(url, new=2):
+            print("ohd: no browser could be started here; open the URL above yourself", file=sys.stderr)
     return EXIT_OK
 
 

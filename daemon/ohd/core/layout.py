@@ -6,8 +6,9 @@ bad ones to `tasks.d/.rejected/` with `<name>.error.txt`; `ohd init`'s examples 
 `.ohd/reviews/`), a result that would overwrite the user's edit as `<output>.ohd-new`, the
 ladder's transient `test_ohd_candidate_*.py`. In the git dir: the hooks' spool
 `<git common dir>/ohd/inbox/` (`*.event`, bad ones in `rejected/`) and a user's own hook moved
-aside as `<hook>.ohd-chained`. In the state dir `ohd.db` and `ohd.lock`, in the runtime dir
-`ohd.sock`. The hook scripts (`githooks/`) are shell and spell the spool's names themselves.
+aside as `<hook>.ohd-chained`. In the state dir `ohd.db`, `ohd.lock` and the web listener's
+`web.token`, in the runtime dir `ohd.sock`; `ohd metrics --textfile DIR` writes `DIR/ohd.prom`.
+The hook scripts (`githooks/`) are shell and spell the spool's names themselves.
 
 No other module spells these names, and the hooks spell them alike (tests/core/test_layout.py checks
 both): a name changes here or nowhere. Pure and a leaf: it imports nothing of ohd, so every
@@ -63,6 +64,8 @@ CHAINED_SUFFIX: Final = ".ohd-chained"   # `<hook>.ohd-chained`: the user's own 
 DATABASE_NAME: Final = "ohd.db"        # in the state dir: the SQLite store (when no database_url)
 LOCK_NAME: Final = "ohd.lock"          # in the state dir: one daemon per state dir
 SOCKET_NAME: Final = "ohd.sock"        # in the runtime dir: the API socket
+WEB_TOKEN_NAME: Final = "web.token"    # in the state dir: the web listener's token (0600)
+TEXTFILE_NAME: Final = "ohd.prom"      # `ohd metrics --textfile DIR` writes DIR/ohd.prom (node_exporter's)
 WORKTREES_DIR: Final = "worktrees"     # in the state dir: one git worktree per agent run, and its files
 AGENT_RUN_PREFIX: Final = "task-"      # `task-<id>-<attempt>`: an agent run's worktree (and its files' stem)
 PROMPT_SUFFIX: Final = ".prompt.md"    # `<run>.prompt.md` beside the worktree: what the agent is asked
@@ -128,6 +131,11 @@ def lock_path(state_dir: Path) -> Path:
 def socket_path(runtime_dir: Path) -> Path:
     """`<runtime dir>/ohd.sock`."""
     return runtime_dir / SOCKET_NAME
+
+
+def web_token_path(state_dir: Path) -> Path:
+    """`<state dir>/web.token`: the web listener's token."""
+    return state_dir / WEB_TOKEN_NAME
 
 
 def worktrees_dir(state_dir: Path) -> Path:

@@ -14,25 +14,22 @@ answer's `model` is the one that really answered. `stream: true` is answered as 
 (one chunk with the whole content, one with the finish reason and usage, then `[DONE]`), because most
 agent clients stream by default. Only the text content passes, both ways (no tool calls). A
 `ModelError` becomes its status through `errors.http_answer` (429 with `Retry-After` when no model can
-take a request before then). Runs inside the daemon's event loop (uvicorn's `Server.serve` as a task);
-the daemon keeps its own signal handlers.
+take a request before then). Runs inside the daemon's event loop (`models/asgi.py`: uvicorn's
+`Server.serve` as a task); the daemon keeps its own signal handlers.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hmac
 import json
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pydantic
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -40,6 +37,7 @@ from starlette.routing import Route
 
 from ohd.clock import Clock
 from ohd.errors import ModelError, RateLimited, http_answer
+from ohd.models.asgi import Served
 from ohd.models.llm import Completion
 
 log = logging.getLogger("ohd.proxy")
@@ -95,22 +93,13 @@ class _Refusal(Exception):
         super().__init__(message)
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server without its signal handlers: the daemon owns SIGTERM and SIGINT."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 class Proxy:
     """The server and its sessions; `start` binds 127.0.0.1 on a free port (`base_url` after it)."""
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self._sessions: dict[str, _Session] = {}
-        self._server: _Server | None = None
-        self._serving: asyncio.Task[None] | None = None
+        self._served: Served | None = None
         self._port: int | None = None
         self.app = Starlette(routes=[
             Route(path, self._chat, methods=["POST"]) for path in ("/v1/chat/completions", "/chat/completions")
@@ -119,25 +108,19 @@ class Proxy:
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="off",
-                                log_config=None, access_log=False, server_header=False,
-                                timeout_graceful_shutdown=int(STOP_GRACE_S))
-        self._server = server = _Server(config)
-        self._serving = serving = asyncio.create_task(server.serve(), name="ohd-proxy")
-        while not server.started:
-            if serving.done():      # it could not bind (uvicorn exits on a startup failure)
-                raise OSError(f"the agent proxy could not start on 127.0.0.1: {serving.exception()!r}")
-            await asyncio.sleep(0.01)
-        self._port = int(server.servers[0].sockets[0].getsockname()[1])
+        self._served = served = Served(self.app, "127.0.0.1", 0, name="ohd-proxy", grace_s=STOP_GRACE_S)
+        try:
+            await served.start()
+        except OSError as exc:
+            self._served = None
+            raise OSError(f"the agent proxy could not start on 127.0.0.1: {exc}") from exc
+        self._port = served.port
         log.info("agent proxy listening on %s", self.base_url)
 
     async def stop(self) -> None:
-        if self._server is None or self._serving is None:
-            return
-        self._server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError, SystemExit):
-            await self._serving
-        self._server = self._serving = None
+        served, self._served = self._served, None
+        if served is not None:
+            await served.stop()
         self._port = None
 
     @property

@@ -5,14 +5,14 @@ into values and objects (the CLI builds from it too), `reload` does a SIGHUP, `l
 one writer of what changes in the running pool, `status` is what `ohd status`, the metrics
 and STATUS read, and `statedir` keeps the state dir private and holds its lock.
 
-Start-up: take the single-instance lock, migrate the store, return expired leases to
-the queue, scan each repo's `tasks.d/` (files dropped while we were down), start the
-observers, the workers and the socket; git-hook events waiting in each repo's spool go to
-the on_change rules once the rule files are read. The daemon runs under a umask of 0o077 and
+Start-up: take the single-instance lock, migrate the store, return expired leases to the queue,
+scan each repo's `tasks.d/` (files dropped while we were down), start the observers, the workers,
+the socket and (`http_listen`) the web listener; git-hook events waiting in each repo's spool go
+to the on_change rules once the rule files are read. The daemon runs under a umask of 0o077 and
 makes its state and runtime dirs 0700 and their files 0600 at start (`statedir`). SIGTERM/SIGINT
 only set a flag: the pool stops claiming, running tasks get `grace_s` to finish, the rest go back
-to `queued` (no attempt spent) and their test runs are killed; a start-up GET /models in flight is cancelled at once.
-Threads (watchdog, the socket server) reach the event loop only through
+to `queued` (no attempt spent) and their test runs are killed; a start-up GET /models in flight is
+cancelled at once. Threads (watchdog, the socket server) reach the event loop only through
 `call_soon_threadsafe`.
 
 Under systemd (`Type=notify`) the daemon says READY once the socket listens, STATUS (a
@@ -75,6 +75,7 @@ from ohd.service.notify import Notifier, watchdog_interval
 from ohd.service.reload import Reloader
 from ohd.service.server import ApiServer
 from ohd.service.status import StatusView
+from ohd.service.web.listener import WebListener
 from ohd.store.agentruns import AgentRuns
 from ohd.store.calls import CallHistory
 from ohd.store.quotas import Governor
@@ -172,14 +173,22 @@ class Daemon:
                     spool_watcher.watch(repo, inbox)
             spool_watcher.start()
             stack.callback(spool_watcher.stop)
+            def metrics_text() -> str:
+                return prometheus(self.view.metrics())
+
             server = ApiServer(self.settings.socket_path, self.store, repos=self.repos, clock=self.clock,
-                               metrics=lambda: prometheus(self.view.metrics()),
+                               metrics=metrics_text,
                                metrics_json=lambda: self.view.metrics().as_dict(),
                                annotate_models=lambda states: with_stats(states, self.view.metrics()),
                                status=self.view.status, wake=lambda: loop.call_soon_threadsafe(pool.wake),
                                models=pool.model_states)
             server.start()
             stack.callback(server.stop)
+            if (address := self.settings.http_address) is not None:
+                web = WebListener(*address, statedir.web_token(layout.web_token_path(self.settings.state_dir)),
+                                  server.dispatch, metrics_text, metrics_public=self.settings.http_metrics_public)
+                await web.start()
+                stack.push_async_callback(web.stop)
             log.info("ohd %s ready: pid %d, %d worker(s), models %s, repos %s, socket %s", __version__,
                      os.getpid(), pool.size, ", ".join(pool.models) or
                      f"(those {self.settings.base_url}/models lists, once it answers)", ", ".join(map(str, self.repos)),

@@ -58,11 +58,13 @@ MAX_TASK_ID = 2**63 - 1     # SQLite's INTEGER: a larger id names no task
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """One parsed request as a handler sees it: path parameters, query, raw body."""
+    """One parsed request as a handler sees it: path parameters, query, raw body, and the door it
+    came in by (`socket`, or the web listener's `web`), which the log lines name."""
 
     params: tuple[str, ...]
     query: dict[str, str]
     body: bytes
+    via: str = "socket"
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +182,8 @@ class ApiServer:
 
     # -- dispatch -----------------------------------------------------------------
 
-    def dispatch(self, method: str, target: str, body: bytes) -> Reply:
-        """Route one request; never raises."""
+    def dispatch(self, method: str, target: str, body: bytes, via: str = "socket") -> Reply:
+        """Route one request; never raises. The web listener serves this same table (`via="web"`)."""
         parts = urlsplit(target)
         path = parts.path.rstrip("/") or "/"
         query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
@@ -194,7 +196,7 @@ class ApiServer:
                 allowed.append(route_method)
                 continue
             try:
-                return handler(Request(match.groups(), query, body))
+                return handler(Request(match.groups(), query, body, via))
             except Exception as exc:  # the catch-all at the top of a request: never kills the server
                 return classify(exc)
         if allowed:
@@ -235,7 +237,7 @@ class ApiServer:
         check_paths(repo, spec)
         base = worktrees.base_commit(repo) if spec.agent else None   # OhdError (400) when it has no commit
         task_id = self.store.enqueue(str(repo), spec, self.clock.now(), source="api", base_commit=base)
-        log.info("task %d queued over the socket: %s %s", task_id, spec.type.value, spec.target,
+        log.info("task %d queued over the %s: %s %s", task_id, request.via, spec.type.value, spec.target,
                  extra={"task_id": task_id, "status": TaskStatus.QUEUED.value})
         self.notify()
         return json_reply(201, {"id": task_id, "status": TaskStatus.QUEUED.value})
@@ -244,14 +246,15 @@ class ApiServer:
         task = self.store.cancel(parse_task_id(request.params[0]), self.clock.now())
         if task.status == TaskStatus.CANCELLED:     # committed: now its report (or why none)
             task = delivery.report_cancel(self.store, task.id, self.clock.now())
-            log.info("task %d cancelled over the socket", task.id, extra={"task_id": task.id, "status": task.status})
+            log.info("task %d cancelled over the %s", task.id, request.via,
+                     extra={"task_id": task.id, "status": task.status})
         else:       # still running: its worker stops it and logs the transition
-            log.info("task %d: cancel requested over the socket; its worker stops it", task.id)
+            log.info("task %d: cancel requested over the %s; its worker stops it", task.id, request.via)
         return json_reply(200, task.as_dict())
 
     def retry(self, request: Request) -> Reply:
         task = self.store.retry(parse_task_id(request.params[0]), self.clock.now())
-        log.info("task %d queued again (retry over the socket)", task.id,
+        log.info("task %d queued again (retry over the %s)", task.id, request.via,
                  extra={"task_id": task.id, "status": task.status})
         self.notify()
         return json_reply(200, task.as_dict())

@@ -6,15 +6,19 @@ under a umask of 0o077, so everything it creates for itself (the database and it
 `-wal`/`-shm`, the log, the lock, the socket) is private from the start; what an older
 version left readable is tightened at start-up, with a log line. Files ohd writes into a
 repo do not follow this umask: `outputs` gives them the mode of the folder they land in.
-One daemon per state dir: `InstanceLock` holds an exclusive `flock` on its `ohd.lock`.
+One daemon per state dir: `InstanceLock` holds an exclusive `flock` on its `ohd.lock`. The web
+listener's token (`web_token`) is made once, at the first start with the listener on, and kept.
 Nothing here reads configuration; the daemon hands in the paths.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
+import re
+import secrets
 import stat
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,6 +31,8 @@ log = logging.getLogger("ohd.statedir")
 PRIVATE_UMASK = 0o077
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+TOKEN_BYTES = 32                                   # secrets.token_urlsafe(32): 43 characters
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,512}")      # what a token file may hold (one made by hand too)
 
 
 def private_umask() -> int:
@@ -125,3 +131,38 @@ class InstanceLock:
             except OSError:      # the pid could not be flushed (a full disk): nothing to keep
                 pass
             self.handle = None
+
+
+def web_token(path: Path) -> str:
+    """The web listener's token in `path` (0600), made there with `secrets.token_urlsafe` if there is
+    none yet. Written whole or not at all (a temp file linked into place: never a half-written
+    token, never one replaced under a running browser); OhdError for a file that holds no token."""
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        try:
+            os.write(fd, (secrets.token_urlsafe(TOKEN_BYTES) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)          # fails if another process made one meanwhile: theirs is kept
+            log.info("made the web listener's token in %s", path)
+        except FileExistsError:
+            pass
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    return read_web_token(path)
+
+
+def read_web_token(path: Path) -> str:
+    """The token `path` holds; OhdError when it cannot be read or holds none."""
+    try:
+        text = path.read_text(encoding="ascii", errors="replace").strip()
+    except OSError as exc:
+        raise OhdError(f"cannot read the web listener's token {path}: {exc.strerror or exc}") from None
+    if _TOKEN.fullmatch(text) is None:
+        raise OhdError(f"{path} holds no token (16 to 512 of A-Z a-z 0-9 _ -); remove it and start the daemon: "
+                       "it makes a new one")
+    return text
