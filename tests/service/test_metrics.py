@@ -21,8 +21,6 @@ from ohd.store.history import History, percentile
 from ohd.service.metrics import (
     Metrics,
     collect,
-    escape_label,
-    format_value,
     prometheus,
     with_stats,
 )
@@ -46,11 +44,19 @@ VALUE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|[+-]?Inf|NaN"
 TYPES = ("counter", "gauge", "summary", "histogram", "untyped")
 
 
+class Series(dict[tuple[tuple[str, str], ...], float]):
+    """A family's samples by their labels; the labels' order does not matter (prometheus_client
+    writes them sorted by name), so keys are stored, and looked up, sorted."""
+
+    def __getitem__(self, labels: tuple[tuple[str, str], ...]) -> float:
+        return super().__getitem__(tuple(sorted(labels)))
+
+
 @dataclass
 class Family:
     help: str
     type: str = ""
-    samples: dict[tuple[tuple[str, str], ...], float] = field(default_factory=dict)
+    samples: Series = field(default_factory=Series)
 
 
 def parse_exposition(text: str) -> dict[str, Family]:
@@ -77,6 +83,7 @@ def parse_exposition(text: str) -> dict[str, Family]:
             assert name in [current + suffix for suffix in suffixes], f"{where}: sample outside its family"
             if name != current:                     # a summary's _sum and _count, keyed apart
                 labels = (("__name__", name),) + labels
+            labels = tuple(sorted(labels))
             assert labels not in families[current].samples, f"{where}: duplicate series"
             families[current].samples[labels] = value
     return families
@@ -289,10 +296,23 @@ def test_the_prometheus_client_parser_reads_every_family_and_the_latency_summary
     assert weird == {MODEL_A, MODEL_B}
 
 
-def test_label_values_and_numbers_are_written_as_the_format_wants() -> None:
-    assert escape_label(MODEL_B) == 'we\\"ird\\\\mo\\ndel'
-    assert [format_value(v) for v in (3, 2.0, 0.25, 1e-05, float("nan"), float("inf"))] == \
-        ["3", "2", "0.25", "1e-05", "NaN", "+Inf"]
+def test_a_label_value_with_every_escaped_character_reads_back_whole(store: Store, clock: FakeClock) -> None:
+    """MODEL_B holds a double quote, a backslash and a newline: both parsers read the same id back."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fill(store, clock)
+    text = prometheus(snapshot(store, clock))
+    assert 'model="we\\"ird\\\\mo\\ndel"' in text
+    assert parse_exposition(text)["ohd_model_success_ratio"].samples[(("model", MODEL_B),)] == 0
+    ratios = {s.labels["model"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+              if s.name == "ohd_model_success_ratio"}
+    assert ratios == {MODEL_A: pytest.approx(14 / 26), MODEL_B: 0.0}
+
+
+def test_without_an_uptime_there_is_no_uptime_series(store: Store, clock: FakeClock) -> None:
+    """`ohd metrics --textfile` has no daemon whose uptime it could give."""
+    families = parse_exposition(prometheus(collect(History(store.db, store.m), clock.now(), None)))
+    assert "ohd_uptime_seconds" not in families and "ohd_tasks" in families
 
 
 def test_model_states_get_their_measured_stats(store: Store, clock: FakeClock) -> None:
@@ -386,3 +406,43 @@ def test_the_daemon_serves_metrics_of_its_own_work(repo: Path, tmp_path: Path) -
     families = parse_exposition(text)
     assert families["ohd_model_calls_total"].samples[
         (("model", "offline"), ("task_type", "review"), ("outcome", "accepted"))] == 1
+
+
+# -- `ohd metrics --textfile`: node_exporter's textfile collector, no daemon ----------------
+
+
+def test_the_textfile_is_written_whole_from_the_store_without_a_daemon(db_path: Path, clock: FakeClock,
+                                                                        tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.support.databases import open_store
+
+    sqlite = open_store(db_path)          # the CLI's default database
+    try:
+        fill(sqlite, clock)
+    finally:
+        sqlite.close()
+    collector = tmp_path / "textfile"
+    collector.mkdir()
+    (collector / "ohd.prom").write_text("stale\n")
+    os.chmod(collector / "ohd.prom", 0o640)
+    before = (collector / "ohd.prom").stat().st_ino
+    assert main(["metrics", "--textfile", str(collector)]) == 0
+    assert sorted(os.listdir(collector)) == ["ohd.prom"]           # no temp file left beside it
+    written = collector / "ohd.prom"
+    assert written.stat().st_ino != before       # a new file renamed over the old, never rewritten in place
+    assert written.stat().st_mode & 0o777 == 0o640                 # a mode the user gave it is kept
+    text = written.read_text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert "ohd_uptime_seconds" not in families                    # no daemon, no uptime
+    calls = {(s.labels["model"], s.labels["task_type"], s.labels["outcome"]): s.value
+             for s in families["ohd_model_calls"].samples}
+    assert calls[(MODEL_A, "unit_test", "accepted")] == 12
+    assert {s.labels["status"]: s.value for s in families["ohd_tasks"].samples}["completed"] == 3
+    assert parse_exposition(text)["ohd_model_latency_seconds"].type == "summary"
+
+
+def test_the_textfile_needs_an_existing_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["metrics", "--textfile", str(tmp_path / "missing")]) == 1
+    assert "is not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists()

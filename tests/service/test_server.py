@@ -368,8 +368,8 @@ def test_metrics_from_the_store_when_no_metrics_callable(client: Client, store: 
     text = client.get_text("/metrics")
     lines = text.splitlines()
     assert lines[:2] == ["# HELP ohd_tasks Tasks in the store, by status.", "# TYPE ohd_tasks gauge"]
-    assert 'ohd_tasks{status="queued"} 1' in lines
-    assert 'ohd_tasks{status="failed"} 0' in lines
+    assert 'ohd_tasks{status="queued"} 1.0' in lines
+    assert 'ohd_tasks{status="failed"} 0.0' in lines
     assert text.endswith("\n")
 
 

@@ -122,10 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("select-model", cmd_select_model,
                 "how `auto` ranks the models for a task type, with each score component (reads the store)")
     p.add_argument("--type", required=True, choices=TYPES)
-    p = command("metrics", cmd_metrics, "metrics: Prometheus text, or JSON (over the socket)", json_flag=False)
+    p = command("metrics", cmd_metrics, "metrics: Prometheus text, or JSON (over the socket), or a textfile",
+                json_flag=False)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="the JSON snapshot")
     fmt.add_argument("--prometheus", action="store_true", help="Prometheus text (the default)")
+    fmt.add_argument("--textfile", type=Path, metavar="DIR",
+                     help=f"write DIR/{layout.TEXTFILE_NAME} atomically from the store, no daemon needed "
+                          "(node_exporter's textfile collector)")
     p = command("dashboard", cmd_dashboard, "print the web listener's URL with its token (http_listen)")
     p.add_argument("--open", action="store_true", help="also open it in a browser")
     p = command("init", cmd_init, f"prepare a repo: {layout.TASKS_DIR}/, examples, {layout.GIT_DIR}/info/exclude",
@@ -377,6 +381,9 @@ def cmd_select_model(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
+    if args.textfile is not None:
+        write_textfile(open_store(args), args.textfile / layout.TEXTFILE_NAME)
+        return EXIT_OK
     if args.json:
         emit(client(args).get("/metrics.json"), True, str)
     else:
@@ -404,6 +411,19 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         if not webbrowser.open(url, new=2):
             print("ohd: no browser could be started here; open the URL above yourself", file=sys.stderr)
     return EXIT_OK
+
+
+def write_textfile(store: Store, path: Path) -> None:
+    """The metrics read from the store (no uptime: no daemon is asked), written whole: a temp file
+    renamed over `path`, so node_exporter never reads half of one."""
+    from ohd.clock import SystemClock
+    from ohd.repo.outputs import atomic_write
+    from ohd.service.assemble import history_of
+    from ohd.service.metrics import collect, prometheus
+
+    if not path.parent.is_dir():
+        raise OhdError(f"{path.parent} is not a directory (give the textfile collector's directory)")
+    atomic_write(path, prometheus(collect(history_of(store), SystemClock().now(), None)))
 
 
 def cmd_init(args: argparse.Namespace) -> int:

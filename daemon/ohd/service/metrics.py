@@ -2,10 +2,9 @@
 
 `collect(history, now, uptime_s)` reads the aggregates (`ohd.store.history`) once and builds
 a frozen `Metrics`; `summarize` (pure) turns usage rows and latency lists into per-model
-and per-(model, task type) `CallStats`; `prometheus(metrics)` writes the text exposition
-format 0.0.4 by hand (HELP and TYPE before each family's samples, label values escaped
-for backslash, double quote and newline). Invariant: nothing here writes or keeps state
-between snapshots; the uptime and the time come in as values.
+and per-(model, task type) `CallStats`; `prometheus(metrics)` is the text exposition format,
+written by prometheus_client from `SnapshotCollector`'s families. Invariant: nothing here writes
+or keeps state between snapshots; the uptime (None without a daemon) and the time come in as values.
 
 Definitions: success rate = accepted / calls (every call, 429s included, but not a coding
 agent's requests, which get no verdict of their own: `agent_requests` counts them); latency
@@ -17,12 +16,15 @@ with an unknown cost counted as 0.
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import chain
 from typing import Any
+
+from prometheus_client import generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from ohd.store.history import AGENT_REQUEST, History, Usage, percentile
 
@@ -106,7 +108,7 @@ class Metrics:
     """One snapshot; `as_dict` is the JSON of `GET /metrics.json` and `ohd metrics --json`."""
 
     generated_at: datetime
-    uptime_s: float
+    uptime_s: float | None          # None: no daemon (`ohd metrics --textfile` reads the store itself)
     tasks: Mapping[str, int]
     totals: CallStats
     throughput: Throughput
@@ -116,7 +118,8 @@ class Metrics:
         return next((m for m in self.models if m.model == model_id), None)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"generated_at": self.generated_at.isoformat(), "uptime_s": round(self.uptime_s, 3),
+        uptime = None if self.uptime_s is None else round(self.uptime_s, 3)
+        return {"generated_at": self.generated_at.isoformat(), "uptime_s": uptime,
                 "tasks": dict(self.tasks), "totals": self.totals.as_dict(),
                 "throughput": self.throughput.as_dict(), "models": [m.as_dict() for m in self.models]}
 
@@ -124,7 +127,8 @@ class Metrics:
 # -- building a snapshot ----------------------------------------------------------------
 
 
-def collect(history: History, now: datetime, uptime_s: float, window: timedelta = DEFAULT_WINDOW) -> Metrics:
+def collect(history: History, now: datetime, uptime_s: float | None,
+            window: timedelta = DEFAULT_WINDOW) -> Metrics:
     """Read the aggregates once and build the snapshot at `now`."""
     totals, models = summarize(history.usage(), history.latencies())
     throughput = Throughput(completed_last_hour=history.completed_between(now - HOUR, now),
@@ -177,101 +181,75 @@ def with_stats(states: Sequence[Mapping[str, Any]], metrics: Metrics) -> list[di
     return merged
 
 
-# -- Prometheus text exposition format 0.0.4 ------------------------------------------
+# -- Prometheus: the snapshot as metric families, written by prometheus_client ----------------
 
-Sample = tuple[Mapping[str, str], float]
-Series = tuple[str, Mapping[str, str], float]     # a sample with its name's suffix (a summary's `_sum`)
+
+class SnapshotCollector(Collector):
+    """A prometheus_client collector over one snapshot (the store-derived figures): the families
+    below, in this order. The exposition itself (HELP and TYPE lines, escaping, number format) is
+    prometheus_client's `generate_latest`; no format code is ohd's."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        if m.uptime_s is not None:      # none without a daemon (`ohd metrics --textfile`)
+            yield GaugeMetricFamily("ohd_uptime_seconds", "Seconds since the daemon started.", value=m.uptime_s)
+        tasks = GaugeMetricFamily("ohd_tasks", "Tasks in the store, by status.", labels=["status"])
+        for status, count in sorted(m.tasks.items()):
+            tasks.add_metric([status], count)
+        yield tasks
+        yield GaugeMetricFamily("ohd_tasks_completed_last_hour", "Tasks completed in the last hour.",
+                                value=m.throughput.completed_last_hour)
+        yield GaugeMetricFamily("ohd_throughput_tasks_per_minute",
+                                f"Tasks completed per minute over the last {m.throughput.window_s:g} seconds.",
+                                value=m.throughput.per_minute)
+        yield from self._calls()
+        success = GaugeMetricFamily("ohd_model_success_ratio", "Accepted results / calls, by model.", labels=["model"])
+        for model in m.models:
+            if (rate := model.stats.success_rate) is not None:
+                success.add_metric([model.model], rate)
+        yield success
+        yield self._latency()
+
+    def _calls(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily("ohd_model_calls", "Model calls, by model, task type and outcome.",
+                                    labels=["model", "task_type", "outcome"])
+        tokens = CounterMetricFamily("ohd_model_tokens", "Tokens used, by model, task type and kind (prompt, "
+                                     "completion).", labels=["model", "task_type", "kind"])
+        cost = CounterMetricFamily("ohd_model_cost_usd", "Cost of model calls in USD (unknown cost counts as 0).",
+                                   labels=["model", "task_type"])
+        for model in self.metrics.models:
+            for kind, stats in model.by_task_type:
+                for outcome in list(OUTCOMES) + sorted(set(stats.outcomes) - set(OUTCOMES)):
+                    calls.add_metric([model.model, kind, outcome], stats.count(outcome))
+                tokens.add_metric([model.model, kind, "prompt"], stats.prompt_tokens)
+                tokens.add_metric([model.model, kind, "completion"], stats.completion_tokens)
+                cost.add_metric([model.model, kind], stats.cost)
+        yield from (calls, tokens, cost)
+
+    def _latency(self) -> Metric:
+        """A summary with quantiles (prometheus_client's SummaryMetricFamily has none: samples by hand)."""
+        name = "ohd_model_latency_seconds"
+        latency = Metric(name, "Latency of the calls that got an answer, by model: percentiles (nearest rank), "
+                               "sum and count.", "summary")
+        for model in self.metrics.models:
+            stats = model.stats
+            if not stats.answered:
+                continue
+            for label, value in zip(QUANTILES, (stats.latency_p50_ms, stats.latency_p95_ms), strict=True):
+                if value is not None:
+                    latency.add_sample(name, {"model": model.model, "quantile": label}, value / 1000)
+            latency.add_sample(name + "_sum", {"model": model.model}, stats.latency_sum_ms / 1000)
+            latency.add_sample(name + "_count", {"model": model.model}, stats.answered)
+        return latency
 
 
 def prometheus(metrics: Metrics) -> str:
-    """The snapshot in the Prometheus text format; ends with a newline.
+    """The snapshot in the Prometheus text format (0.0.4), as `generate_latest` writes it.
 
-    `promtool check metrics` passes on it: units are spelled out (`_seconds`), and the latency
-    percentiles are a summary, the only type a `quantile` label belongs to.
+    `promtool check metrics` passes on it: units are spelled out (`_seconds`), counters end in
+    `_total`, and the latency percentiles are a summary, the only type a `quantile` label belongs to.
     """
-    families: list[tuple[str, str, str, Sequence[Sample | Series]]] = [
-        ("ohd_uptime_seconds", "gauge", "Seconds since the daemon started.", [({}, metrics.uptime_s)]),
-        ("ohd_tasks", "gauge", "Tasks in the store, by status.",
-         [({"status": status}, count) for status, count in sorted(metrics.tasks.items())]),
-        ("ohd_tasks_completed_last_hour", "gauge", "Tasks completed in the last hour.",
-         [({}, metrics.throughput.completed_last_hour)]),
-        ("ohd_throughput_tasks_per_minute", "gauge",
-         f"Tasks completed per minute over the last {metrics.throughput.window_s:g} seconds.",
-         [({}, metrics.throughput.per_minute)]),
-        ("ohd_model_calls_total", "counter", "Model calls, by model, task type and outcome.", _call_samples(metrics)),
-        ("ohd_model_tokens_total", "counter", "Tokens used, by model, task type and kind (prompt, completion).",
-         _token_samples(metrics)),
-        ("ohd_model_cost_usd_total", "counter", "Cost of model calls in USD (unknown cost counts as 0).",
-         [({"model": m.model, "task_type": kind}, s.cost) for m in metrics.models for kind, s in m.by_task_type]),
-        ("ohd_model_success_ratio", "gauge", "Accepted results / calls, by model.",
-         [({"model": m.model}, rate) for m in metrics.models if (rate := m.stats.success_rate) is not None]),
-        ("ohd_model_latency_seconds", "summary",
-         "Latency of the calls that got an answer, by model: percentiles (nearest rank), sum and count.",
-         _latency_series(metrics)),
-    ]
-    lines = []
-    for name, kind, help_text, samples in families:
-        lines += [f"# HELP {name} {escape_help(help_text)}", f"# TYPE {name} {kind}"]
-        lines += [f"{name}{suffix}{format_labels(labels)} {format_value(value)}"
-                  for suffix, labels, value in map(_series, samples)]
-    return "\n".join(lines) + "\n"
-
-
-def _series(sample: Sample | Series) -> Series:
-    return sample if len(sample) == 3 else ("", sample[0], sample[1])
-
-
-def _call_samples(metrics: Metrics) -> list[Sample]:
-    samples: list[Sample] = []
-    for m in metrics.models:
-        for kind, stats in m.by_task_type:
-            outcomes = list(OUTCOMES) + sorted(set(stats.outcomes) - set(OUTCOMES))
-            samples += [({"model": m.model, "task_type": kind, "outcome": outcome}, stats.count(outcome))
-                        for outcome in outcomes]
-    return samples
-
-
-def _token_samples(metrics: Metrics) -> list[Sample]:
-    return [({"model": m.model, "task_type": kind, "kind": which}, tokens)
-            for m in metrics.models for kind, s in m.by_task_type
-            for which, tokens in (("prompt", s.prompt_tokens), ("completion", s.completion_tokens))]
-
-
-def _latency_series(metrics: Metrics) -> list[Series]:
-    series: list[Series] = []
-    for m in metrics.models:
-        if not m.stats.answered:
-            continue
-        for label, value in zip(QUANTILES, (m.stats.latency_p50_ms, m.stats.latency_p95_ms), strict=True):
-            if value is not None:
-                series.append(("", {"model": m.model, "quantile": label}, value / 1000))
-        series += [("_sum", {"model": m.model}, m.stats.latency_sum_ms / 1000),
-                   ("_count", {"model": m.model}, m.stats.answered)]
-    return series
-
-
-def escape_label(value: str) -> str:
-    """A label value as the format wants it: backslash, double quote and newline escaped."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def escape_help(text: str) -> str:
-    """HELP text escapes backslash and newline (quotes stay as they are)."""
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def format_labels(labels: Mapping[str, str]) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{key}="{escape_label(value)}"' for key, value in labels.items()) + "}"
-
-
-def format_value(value: float) -> str:
-    """Integers without a decimal point; NaN and infinities as Prometheus spells them."""
-    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
-        return str(int(value))
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
+    return generate_latest(SnapshotCollector(metrics)).decode("utf-8")

@@ -42,6 +42,8 @@ from ohd.core.taskfile import TaskSpec
 from ohd.errors import ApiError, DaemonAlreadyRunning, NotFound, OhdError, TargetError, http_answer
 from ohd.repo import worktrees
 from ohd.repo.outputs import check_output, check_reports, resolve_inside
+from ohd.service.metrics import collect, prometheus
+from ohd.store.history import History
 from ohd.store.store import Store, Task, TaskStatus
 from ohd.work import delivery
 
@@ -96,13 +98,6 @@ def classify(exc: Exception) -> Reply:
         return json_reply(*http_answer(exc))
     log.exception("socket API: unexpected failure")
     return error_reply(500, f"internal error: {type(exc).__name__}: {exc}", type(exc).__name__)
-
-
-def prometheus_counts(counts: dict[str, int]) -> str:
-    """Minimal Prometheus exposition of the queue: one gauge per task status."""
-    lines = ["# HELP ohd_tasks Tasks in the store, by status.", "# TYPE ohd_tasks gauge"]
-    lines += [f'ohd_tasks{{status="{status}"}} {count}' for status, count in sorted(counts.items())]
-    return "\n".join(lines) + "\n"
 
 
 class ApiServer:
@@ -260,7 +255,8 @@ class ApiServer:
         return json_reply(200, task.as_dict())
 
     def get_metrics(self, request: Request) -> Reply:
-        text = self.metrics() if self.metrics is not None else prometheus_counts(self.store.counts())
+        text = self.metrics() if self.metrics is not None else \
+            prometheus(collect(History(self.store.db, self.store.m), self.clock.now(), None))   # no uptime known
         return Reply(200, text.encode(), METRICS_TYPE)
 
     def get_metrics_json(self, request: Request) -> Reply:
