@@ -4,7 +4,8 @@
 
 Not CI: the first run installs each agent into a venv cached under the user cache dir
 (`ohd-bench/aider-venv`: `aider-chat`; `ohd-bench/openhands-venv`: `openhands-sdk` and
-`openhands-tools`), several minutes each. Run it with a Python that has ohd installed.
+`openhands-tools`, which need Python 3.12+: `--openhands-base-python`), several minutes each.
+Run it with a Python that has ohd installed.
 
 Per agent and server, one `type: change` task (`max_attempts: 1`) on a small real repo (the
 package `shop/` with ohd's example `pricing.py`), submitted over the daemon's socket, with the
@@ -47,8 +48,8 @@ DESCRIPTION = "Add a module-level constant BENCH = 1 at the end of shop/pricing.
 WHOLE_EDIT = f"shop/pricing.py\n```python\n{PRICING.rstrip()}\n\nBENCH = 1\n```\n"
 
 
-def agent_venv(agent: str) -> Path:
-    """The agent's cached venv, built on first use; its bin folder."""
+def agent_venv(agent: str, base_python: str) -> Path:
+    """The agent's cached venv, built on first use with `base_python`; its bin folder."""
     venv = Path(platformdirs.user_cache_dir("ohd-bench")) / f"{agent}-venv"
     probe = {"aider": "import aider.main", "openhands": "import openhands.sdk, openhands.tools.preset.default"}[agent]
     python = venv / "bin" / "python"
@@ -56,9 +57,12 @@ def agent_venv(agent: str) -> Path:
         return venv / "bin"
     print(f"first run: installing {' '.join(PACKAGES[agent])} into {venv} (cached for later runs)", flush=True)
     venv.parent.mkdir(parents=True, exist_ok=True)
-    for step in ([sys.executable, "-m", "venv", str(venv)], [str(python), "-m", "pip", "install", "-q",
-                                                            *PACKAGES[agent]]):
-        subprocess.run(step, check=True)
+    for step in ([base_python, "-m", "venv", "--clear", str(venv)], [str(python), "-m", "pip", "install", "-q",
+                                                                    *PACKAGES[agent]]):
+        if subprocess.run(step).returncode != 0:
+            raise SystemExit(f"{' '.join(step)} failed" + (" (openhands-sdk needs Python 3.12 or later: give one "
+                                                           "with --openhands-base-python)" if agent == "openhands"
+                                                           else ""))
     return venv / "bin"
 
 
@@ -68,8 +72,9 @@ def agents_setting(agent: str, bin_dir: Path) -> dict[str, Any]:
     return {"openhands_python": str(bin_dir / "python")}
 
 
-def run_one(agent: str, server: str, url: str, models: list[str], workdir: Path, sent: Any) -> dict[str, Any]:
-    bin_dir = agent_venv(agent)
+def run_one(agent: str, server: str, url: str, models: list[str], workdir: Path, sent: Any,
+            base_python: str) -> dict[str, Any]:
+    bin_dir = agent_venv(agent, base_python)
     base = workdir / f"{agent}-{server}"
     repo = make_repo(base / "repo")
     settings = {"OHD_AGENTS": json.dumps(agents_setting(agent, bin_dir)), "OHD_MODELS": ",".join(models),
@@ -104,8 +109,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agent", action="append", choices=sorted(PACKAGES), help="default: both")
     parser.add_argument("--server", action="append", choices=("fake", "local"), help="default: fake")
+    parser.add_argument("--openhands-base-python", default="python3.12",
+                        help="the interpreter OpenHands' venv is made with (openhands-sdk needs 3.12+)")
     args = parser.parse_args()
     agents, servers = args.agent or sorted(PACKAGES), args.server or ["fake"]
+
+    def python_for(agent: str) -> str:
+        return args.openhands_base_python if agent == "openhands" else sys.executable
     results = []
     with tempfile.TemporaryDirectory(prefix="ohd-bench-agents-") as tmp:
         for server in servers:
@@ -115,7 +125,7 @@ def main() -> int:
                         fake.script(FAKE_MODELS[0], [rate_limited(retry_after=600)])
                         fake.default = ok(WHOLE_EDIT)
                         results.append(run_one(agent, server, fake.url, FAKE_MODELS, Path(tmp),
-                                               lambda f=fake: len(f.completions())))
+                                               lambda f=fake: len(f.completions()), python_for(agent)))
                 else:
                     from bench.llamaserver import ALIAS, LlamaServer, free_port, gguf_path, llama_venv
 
@@ -123,7 +133,8 @@ def main() -> int:
                     llama = LlamaServer(python, gguf_path(python), free_port(), Path(tmp) / "llama.log")
                     llama.start()
                     try:
-                        results.append(run_one(agent, server, llama.url, [ALIAS], Path(tmp), lambda: None))
+                        results.append(run_one(agent, server, llama.url, [ALIAS], Path(tmp), lambda: None,
+                                               python_for(agent)))
                     finally:
                         llama.kill()
     for result in results:
