@@ -20,7 +20,16 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ohd.core import layout
 from ohd.errors import ConfigError
@@ -90,6 +99,8 @@ class Settings(BaseModel):
     lease_s: float = Field(default=60.0, gt=0)
     crash_limit: int = Field(default=3, ge=1)   # runs of one task crashes may interrupt before it fails
     grace_s: float = Field(default=30.0, ge=0)
+    heartbeat_s: float = Field(default=5.0, gt=0)       # the daemon's heartbeat in the store's `daemon` table
+    daemon_lost_s: float = Field(default=30.0, gt=0)    # a daemon silent this long is lost: its leases return
     request_timeout_s: float = Field(default=120.0, gt=0)
     # the one proxy for the model server (http:// or https://); HTTP_PROXY and the like are ignored
     proxy: str = Field(default="", pattern=r"^(https?://\S+)?$")
@@ -162,6 +173,13 @@ class Settings(BaseModel):
     def http_address(self) -> tuple[str, int] | None:
         """The web listener's (host, port); None when it is off."""
         return listen_address(self.http_listen) if self.http_listen else None
+
+    @model_validator(mode="after")
+    def _lost_after_heartbeats(self) -> Settings:
+        if self.daemon_lost_s <= self.heartbeat_s:
+            raise ValueError(f"daemon_lost_s ({self.daemon_lost_s:g}) must be longer than heartbeat_s "
+                             f"({self.heartbeat_s:g}): a live daemon would be taken for lost between two heartbeats")
+        return self
 
     @property
     def socket_path(self) -> Path:

@@ -63,3 +63,19 @@ def test_the_eta_is_no_sooner_than_the_last_pending_task_may_run() -> None:
     assert eta_seconds({"queued": 5, "pending": 1}, 2.0, wait_s=3600.0) == 3630.0   # then one more task
     assert eta_seconds({"queued": 5, "pending": 1}, 2.0, wait_s=10.0) == 180.0      # the queue takes longer
     assert eta_seconds({"queued": 5, "pending": 0}, 2.0, wait_s=3600.0) == 150.0      # nothing waits
+
+
+def _daemon(daemon_id: str, state: str, **more: Any) -> dict[str, Any]:
+    return {"id": daemon_id, "state": state, "version": "0.1", "workers": 4, "started_at": "2026-11-25T11:00:00+00:00",
+            "heartbeat_age_s": 1.0, "running": 0, "self": False, **more}
+
+
+def test_status_text_lists_the_fleet_only_when_another_daemon_is_not_stopped() -> None:
+    alone = [_daemon("h-1-aa", "alive", self=True), _daemon("h-2-bb", "stopped")]
+    assert "fleet:" not in status_text({**STATUS, "fleet": alone})
+    fleet = [*alone, _daemon("g-3-cc", "lost", heartbeat_age_s=95.0, running=2)]
+    text = status_text({**STATUS, "fleet": fleet})
+    assert "fleet:   1 alive, 1 lost, 1 stopped" in text
+    assert "  alive h-1-aa (this daemon)  v0.1, 4 workers, up 1h00m, heartbeat 0m01s ago, 0 running" in text
+    assert "  lost  g-3-cc  v0.1, 4 workers, up 1h00m, heartbeat 1m35s ago, 2 running" in text
+    assert "h-2-bb" not in text

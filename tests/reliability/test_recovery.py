@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from ohd.store.store import Store
 from ohd.work.worker import Pool
 from tests.e2e.helpers import DaemonProcess, daemon_env
 from tests.support.clock import FakeClock
+from tests.support.databases import BACKENDS, database_url
 from tests.support.fake_openrouter import FakeOpenRouter, never_answer, ok
 from tests.support.gitrepo import make_repo
 from tests.support.waiting import wait_for
@@ -80,18 +82,32 @@ def _restart_until_completed(env: dict[str, str], repo: Path, log: Path, task_id
     return task
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_restart_after_kill_9_runs_the_interrupted_task_at_once(
-        setup: tuple[FakeOpenRouter, dict[str, str], Path], tmp_path: Path) -> None:
+        setup: tuple[FakeOpenRouter, dict[str, str], Path], tmp_path: Path, backend: str) -> None:
+    """On SQLite the restart returns every running task (it holds the state dir's lock); on PostgreSQL,
+    which other daemons may share, those of its predecessor on this host and state dir (issue 15)."""
     server, env, repo = setup
     server.script(MODEL, [never_answer(), ok()])
     log = tmp_path / "daemon.log"
-    daemon = DaemonProcess(env, repo, log).start()
-    task_id = _submit(daemon, env)
-    _kill_while_asking(daemon, server, 1)
-    task = _restart_until_completed(env, repo, log, task_id)
+    with database_url(backend, tmp_path) as url:
+        env = {**env, "OHD_DATABASE_URL": url, "OHD_DAEMON_LOST_S": "3600"}   # neither lost nor expired
+        daemon = DaemonProcess(env, repo, log).start()
+        task_id = _submit(daemon, env)
+        _kill_while_asking(daemon, server, 1)
+        restarted = DaemonProcess(env, repo, log).start()
+        up = time.monotonic()
+        try:
+            task = wait_for(lambda: (t := restarted.json("show", str(task_id)))["status"] == "completed" and t,
+                            what="the interrupted task to complete after the restart")
+            took_s = time.monotonic() - up
+        finally:
+            restarted.stop()
     assert task["attempts"] == 1 and task["crashes"] == 1, task
     assert len(server.requests_for(MODEL)) == 2
-    assert f"task {task_id}: interrupted by the daemon's crash; back to the queue" in log.read_text()
+    assert took_s < 20, took_s      # at start-up: not once the dead daemon is lost, nor at the lease's end (1 h)
+    why = "interrupted by the daemon's crash" if backend == "sqlite" else "its daemon was lost"
+    assert f"task {task_id}: {why}; back to the queue" in log.read_text()
 
 
 def test_a_task_that_three_crashes_interrupted_is_failed_with_that_reason(

@@ -33,6 +33,8 @@ SCHEMA = {
     "model_call": {"id", "task_id", "model", "started_at", "prompt", "response", "execution_id", "pending"},
     "agent_run": {"id", "task_id", "attempt", "runner", "argv", "worktree", "started_at", "ended_at", "pid", "exit_code",
                   "outcome", "error", "stdout", "stderr", "diff", "diff_stat", "requests", "models"},
+    "daemon": {"id", "host", "pid", "version", "state_dir", "repos", "workers", "started_at", "heartbeat_at",
+               "stopped_at"},
     "schema_migrations": {"name", "applied_at"},
 }
 
@@ -120,6 +122,6 @@ def test_crash_recovery_gives_existing_tasks_no_crash_and_existing_calls_nothing
     db.execute_sql("INSERT INTO model_call (task_id, model, started_at, prompt, response) "
                    "VALUES (1, 'm', '2026-01-01 00:00:00', 'p', 'r')")
     assert schema.migrate(db) == ["0008_crash_recovery", "0009_execution_source", "0010_written_previous",
-                                  "0011_agent_runs"]
+                                  "0011_agent_runs", "0012_daemons"]
     assert db.execute_sql("SELECT crashes FROM task").fetchall() == [(0,)]
     assert db.execute_sql("SELECT execution_id, pending FROM model_call").fetchall() == [(None, None)]

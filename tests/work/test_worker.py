@@ -21,10 +21,12 @@ from ohd.core.taskfile import TaskSpec
 from ohd.core.tasktypes import Job
 from ohd.ladder import ladder
 from ohd.models.llm import Completion, ModelClient
+from ohd.store.fleet import worker_prefix
 from ohd.store.quotas import Governor
 from ohd.store.store import Store
 from ohd.work.worker import Pool, pace_retries
 from tests.support.clock import FakeClock
+from tests.support.databases import BACKENDS, store_on
 from tests.support.fake_openrouter import (
     FakeOpenRouter,
     error,
@@ -544,3 +546,45 @@ def test_a_model_whose_unusable_answers_differ_moves_on_after_the_second(
     run_pool(store, server, clock, ["model-a", "model-b"])
     assert [r.body["model"] for r in server.completions()] == ["model-a", "model-a", "model-b"]
     assert store.get_task(task_id).status == "completed"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stalled_daemon_cannot_finish_a_task_another_daemon_took_over(
+        repo: Path, tmp_path: Path, backend: str) -> None:
+    """Daemon A's worker claims and stalls (no renewal) inside the model call; its lease expires and
+    daemon B takes the task. A's answer then arrives: its commit is refused (its lease owner is not
+    B's, though both are worker 0), A calls no model again, and B completes the task once."""
+    clock = SystemClock()
+    calls: list[str] = []
+    answer = {"A": asyncio.Event(), "B": asyncio.Event()}
+
+    def caller(daemon: str) -> Any:
+        async def call(model: str, messages: list[dict[str, str]], timeout_s: float, job: Job) -> Completion:
+            calls.append(daemon)
+            await answer[daemon].wait()
+            return Completion(model, GOOD, 10, 10, 0.0, 5, "stop", None)
+        return call
+
+    async def main(store: Store) -> None:
+        task_id = store.enqueue(str(repo), spec(), clock.now())
+        a = Pool(store, caller("A"), clock, models=["m"], name=worker_prefix("host-1-aaaaaaaa"),
+                 lease=timedelta(seconds=0.5))
+        b = Pool(store, caller("B"), clock, models=["m"], name=worker_prefix("host-2-bbbbbbbb"))
+        a_run = asyncio.create_task(a.run_once(a.name + "0", renew=False))    # stalled: it renews nothing
+        await asyncio.to_thread(wait_for, lambda: calls == ["A"], 30, what="A's model call")
+        await asyncio.sleep(0.6)
+        assert store.reap(clock.now()) == [task_id]          # A's lease expired: the task is free
+        b_run = asyncio.create_task(b.run_once(b.name + "0"))
+        await asyncio.to_thread(wait_for, lambda: calls == ["A", "B"], 30, what="B's model call")
+        answer["A"].set()
+        await a_run
+        held = store.get_task(task_id)
+        assert (held.status, held.lease_owner) == ("running", b.name + "0")   # A's commit was refused
+        answer["B"].set()
+        await b_run
+        done = store.get_task(task_id)
+        assert done.status == "completed"
+        assert calls == ["A", "B"]                            # A asked no model again
+
+    with store_on(backend, tmp_path) as store:
+        asyncio.run(main(store))

@@ -30,6 +30,7 @@ def status_text(status: dict[str, Any]) -> str:
                      "the store can be written")
     if status.get("sandbox"):
         lines.append(f"tests:   {status['sandbox']['level']} sandbox ({status['sandbox']['description']})")
+    lines.extend(fleet_lines(status.get("fleet") or [], now))
     for task in status.get("running", []):
         started = _when(task.get("started_at"))
         since = (f"for {_duration((now - started).total_seconds())}" if now and started
@@ -55,6 +56,23 @@ def status_text(status: dict[str, Any]) -> str:
         lines.append("models:")
         lines.extend("  " + _model_line(m, now) for m in models)
     return "\n".join(lines)
+
+
+def fleet_lines(fleet: Sequence[dict[str, Any]], now: datetime | None) -> list[str]:
+    """The daemons on the database when there is more than one that is not stopped (one daemon alone
+    shows none): one line each, the stopped ones counted."""
+    listed = [d for d in fleet if d.get("state") != "stopped"]
+    if len(listed) < 2:
+        return []
+    states = {state: sum(1 for d in fleet if d.get("state") == state) for state in ("alive", "lost", "stopped")}
+    lines = ["fleet:   " + ", ".join(f"{count} {state}" for state, count in states.items() if count)]
+    for d in listed:
+        started = _when(d.get("started_at"))
+        up = _duration((now - started).total_seconds()) if now and started else "?"
+        lines.append(f"  {d.get('state', '?'):<5} {d.get('id')}{' (this daemon)' if d.get('self') else ''}  "
+                     f"v{d.get('version', '?')}, {d.get('workers', 0)} workers, up {up}, heartbeat "
+                     f"{_duration(d.get('heartbeat_age_s') or 0)} ago, {d.get('running', 0)} running")
+    return lines
 
 
 def _budget_line(budget: dict[str, Any]) -> str:

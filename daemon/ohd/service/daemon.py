@@ -31,6 +31,7 @@ import faulthandler
 import logging
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta
@@ -78,6 +79,7 @@ from ohd.service.status import StatusView
 from ohd.service.web.listener import WebListener
 from ohd.store.agentruns import AgentRuns
 from ohd.store.calls import CallHistory
+from ohd.store.fleet import Fleet, new_daemon_id, worker_prefix
 from ohd.store.quotas import Governor
 from ohd.store.store import Store, TaskStatus, open_database, sqlite_path
 from ohd.work import agentproc, delivery
@@ -96,6 +98,10 @@ class Daemon:
         self.clock: Clock = clock or SystemClock()
         self.repos = repos_of(settings)
         self.store = Store(open_database(settings.database), lock_wait_s=settings.store_lock_wait_s)
+        # this start's row in the fleet (`daemon` table); its id prefixes our workers' lease owners
+        self.host = socket.gethostname()
+        self.daemon_id = new_daemon_id(self.host, os.getpid())
+        self.fleet = Fleet(self.store.db)
         self.stop_event = asyncio.Event()
         self.test_runs = TestProcesses()    # every pytest run of the ladder; killed at the grace deadline
         # SIGHUP: `reload` reads the configuration again; the reloader holds the running settings
@@ -133,17 +139,20 @@ class Daemon:
             governor = Governor(self.store, policy_of(self.settings), key_id_of(self.settings))
             call, models = await self._models(stack, pace_retries(governor, self.clock))  # retries count too
             self.store.migrate()
+            self._register()
             self._recover()
             agents = agents_of(self.settings)
             agents.proxy = proxy = Proxy(self.clock)     # the agents' model requests, through the governor
             await proxy.start()
             stack.push_async_callback(proxy.stop)
             pool = Pool(self.store, call, self.clock, models=models, size=self.settings.workers,
+                        name=worker_prefix(self.daemon_id),
                         lease=timedelta(seconds=self.settings.lease_s), governor=governor,
                         rank=rank_of(self.settings, self.store), ladder=ladder_of(self.settings, self.test_runs),
                         calls=CallHistory(self.store.db, self.settings.call_history_max_bytes,
                                           self.settings.call_history), agents=agents)
             self.pool = self.view.pool = pool
+            self.view.fleet = self.fleet_status
             live = Live(pool)     # from now on the one writer of its models, policy, ranking and ladder
             log_sandbox(pool.ladder)
             catalogue = self._catalogue(pool, live)
@@ -181,7 +190,7 @@ class Daemon:
                                metrics_json=lambda: self.view.metrics().as_dict(),
                                annotate_models=lambda states: with_stats(states, self.view.metrics()),
                                status=self.view.status, wake=lambda: loop.call_soon_threadsafe(pool.wake),
-                               models=pool.model_states)
+                               models=pool.model_states, daemons=self.fleet_status)
             server.start()
             stack.callback(server.stop)
             if (address := self.settings.http_address) is not None:
@@ -203,31 +212,96 @@ class Daemon:
                 pool.run(self.stop_event, grace_s=self.settings.grace_s, cut_off=self._end_test_runs),
                 ingestor.run(self.stop_event, on_task=lambda _id: pool.wake()),
                 self._housekeeping(pool),
+                self._heartbeat(pool),
                 *([catalogue.run(self.stop_event)] if catalogue is not None else []),
                 rulebook.run(self.stop_event, on_tasks=lambda _ids: pool.wake()),
                 tree.run(self.stop_event, lambda repo, paths: self._tree_changed(rulebook, pool, repo, paths)),
                 self._scan_spools(spool, rulebook),
             )
+        self._deregister()
         self.store.close()
         log.info("stopped")
 
+    # -- the fleet: our row, our heartbeat, the leases of daemons that are gone -------------------
+
+    @property
+    def lost_after(self) -> timedelta:
+        return timedelta(seconds=self.settings.daemon_lost_s)
+
+    def _register(self) -> None:
+        """Our row in the `daemon` table: a daemon of an earlier start on this host and state dir is
+        lost from now on (we hold the state dir's lock), so its leases are returned at once."""
+        self.fleet.register(self.daemon_id, host=self.host, pid=os.getpid(), version=__version__,
+                            state_dir=str(self.settings.state_dir), repos=[str(repo) for repo in self.repos],
+                            workers=self.settings.workers, now=self.clock.now())
+        log.info("daemon %s registered (heartbeat every %gs; lost after %gs without one)", self.daemon_id,
+                 self.settings.heartbeat_s, self.settings.daemon_lost_s)
+
+    def _deregister(self) -> None:
+        """A clean stop: our row says so, and the fleet lists us as stopped (never fails the stop)."""
+        try:
+            self.fleet.deregister(self.daemon_id, self.clock.now())
+        except StorageUnavailable as exc:
+            log.warning("cannot record the stop in the fleet (%s); others see this daemon as lost", exc)
+
+    def fleet_status(self) -> list[dict[str, object]]:
+        """The daemons on this database (`ohd status`, GET /daemons; any thread)."""
+        return [{**info.as_dict(), "self": info.id == self.daemon_id}
+                for info in self.fleet.daemons(self.clock.now(), self.lost_after)]
+
+    async def _heartbeat(self, pool: Pool) -> None:
+        """Every `heartbeat_s`: our heartbeat, then the tasks of daemons lost or stopped go back to the
+        queue at once (not at their lease's expiry). A round that fails is one log line."""
+        while not self.stop_event.is_set():
+            await first(self.clock, self.stop_event, timeout=self.settings.heartbeat_s)
+            if self.stop_event.is_set():
+                return
+            try:
+                if await asyncio.to_thread(self._heartbeat_round, pool.size):
+                    pool.wake()
+            except StorageUnavailable as exc:
+                log.warning("heartbeat: %s; trying again in %gs", exc, self.settings.heartbeat_s)
+            except Exception as exc:
+                log.error("heartbeat failed (%s: %s); trying again in %gs", type(exc).__name__, exc,
+                          self.settings.heartbeat_s)
+
+    def _heartbeat_round(self, workers: int) -> list[int]:
+        now = self.clock.now()
+        if not self.fleet.heartbeat(self.daemon_id, now, workers):     # our row was dropped meanwhile
+            self._register()
+        returned = self.store.return_leases(self.fleet.gone(now, self.lost_after), now, self.settings.crash_limit)
+        self._reported(returned, now)
+        if returned:
+            log.info("heartbeat: %d task(s) of lost daemons back in the queue", len(returned))
+        return returned
+
     def _recover(self) -> None:
         """The tasks our dead predecessor was running: on SQLite every one back to the queue now (we
-        hold the state dir's lock, so no other daemon can run them), on PostgreSQL those whose lease
-        expired (another daemon may share the database); each counts a crash, and a task at
-        `crash_limit` is failed with its report. Then the leftovers of interrupted writes go."""
+        hold the state dir's lock, so no other daemon can run them), on PostgreSQL those of daemons
+        lost or stopped (our predecessor on this host and state dir among them: we hold its lock) and
+        those whose lease expired; each counts a crash, and a task at `crash_limit` is failed with its
+        report. Then the leftovers of interrupted writes go."""
         now, limit = self.clock.now(), self.settings.crash_limit
-        sqlite = sqlite_path(self.settings.database) is not None
-        for task_id in self.store.recover(now, limit) if sqlite else self.store.reap(now, limit):
+        if sqlite_path(self.settings.database) is not None:
+            returned = self.store.recover(now, limit)
+        else:
+            gone = self.fleet.gone(now, self.lost_after)
+            returned = self.store.return_leases(gone, now, limit) + self.store.reap(now, limit)
+        self._reported(returned, now)
+        for repo in self.repos:
+            self._remove_leftovers(repo)
+        self._remove_orphan_agents(now)
+
+    def _reported(self, interrupted: list[int], now: datetime) -> None:
+        """Interrupted tasks that were failed (at `crash_limit`) get their report, and cancelled ones
+        theirs; a requeued task nothing."""
+        for task_id in interrupted:
             task = self.store.get_task(task_id)
             if task.status == TaskStatus.FAILED.value:
                 failed = delivery.report_failure(self.store, task, None, Outcome(TaskStatus.FAILED, error=task.error))
                 self.store.record_report(task_id, TaskStatus.FAILED, failed.report_path, failed.error or "", now)
             else:   # a cancel that came in while it ran gets its report; a requeued task nothing
                 delivery.report_cancel(self.store, task_id, now, while_running=True)
-        for repo in self.repos:
-            self._remove_leftovers(repo)
-        self._remove_orphan_agents(now)
 
     def _remove_orphan_agents(self, now: datetime) -> None:
         """No task runs yet: an agent a crash left running is killed with its group, and every agent

@@ -109,6 +109,7 @@ class ApiServer:
                  metrics: Callable[[], str] | None = None,
                  metrics_json: Callable[[], dict[str, Any]] | None = None,
                  annotate_models: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
+                 daemons: Callable[[], list[dict[str, Any]]] | None = None,
                  request_s: float = REQUEST_S, max_connections: int = MAX_CONNECTIONS) -> None:
         self.socket_path = socket_path
         self.request_s = request_s
@@ -122,6 +123,7 @@ class ApiServer:
         self.metrics = metrics
         self.metrics_json = metrics_json
         self.annotate_models = annotate_models  # adds measured stats to the model states
+        self.daemons = daemons                  # the fleet: the daemons on this database
         self.routes: tuple[tuple[str, re.Pattern[str], Handler], ...] = (
             ("GET", re.compile(r"/status"), self.get_status),
             ("GET", re.compile(r"/tasks"), self.list_tasks),
@@ -132,6 +134,7 @@ class ApiServer:
             ("GET", re.compile(r"/metrics"), self.get_metrics),
             ("GET", re.compile(r"/metrics\.json"), self.get_metrics_json),
             ("GET", re.compile(r"/models"), self.get_models),
+            ("GET", re.compile(r"/daemons"), self.get_daemons),
         )
         self._httpd: _UnixHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -253,6 +256,10 @@ class ApiServer:
                  extra={"task_id": task.id, "status": task.status})
         self.notify()
         return json_reply(200, task.as_dict())
+
+    def get_daemons(self, request: Request) -> Reply:
+        """The fleet: every daemon on this database (alive, lost or stopped in the last day)."""
+        return json_reply(200, {"daemons": self.daemons() if self.daemons is not None else []})
 
     def get_metrics(self, request: Request) -> Reply:
         text = self.metrics() if self.metrics is not None else \

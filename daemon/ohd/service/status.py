@@ -10,7 +10,7 @@ models, no budget). Nothing here reads configuration: the daemon hands in the va
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -34,6 +34,7 @@ class StatusView:
         self.database = _redact(database)
         self.started = clock.monotonic()
         self.pool: Pool | None = None   # set once the daemon has built it
+        self.fleet: Callable[[], list[dict[str, Any]]] | None = None   # the daemons on the database
 
     def summary(self, workers: Mapping[str, Any]) -> str:
         """The one-line STATUS (reads the store: call it in a thread)."""
@@ -55,6 +56,7 @@ class StatusView:
             "sandbox": pool.ladder.tests.sandbox().as_dict() if pool else None,
             "database": self.database,
             "storage": self._storage(),
+            "fleet": self.fleet() if self.fleet is not None else [],
             **self._progress(),
         }
 

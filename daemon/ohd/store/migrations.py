@@ -295,3 +295,28 @@ def agent_runs(db: peewee.Database) -> None:
           migrator.add_column("task", "deliver", peewee.CharField(max_length=16, default="patch")),
           migrator.add_column("task", "base_commit", peewee.CharField(max_length=64, null=True)))
     AgentRun.create_table()
+
+
+def daemons(db: peewee.Database) -> None:
+    """Table daemon: one row per daemon start (a fleet on one database, issue 15). Its id (fresh
+    each start) prefixes its workers' lease owners (`<id>/w0`); host, pid, version, state_dir (with
+    host, the identity a restart finds its previous instance by), repos (JSON list), workers, when it
+    started, its last heartbeat, and when it stopped cleanly (NULL while it runs or after a crash)."""
+
+    class Daemon(peewee.Model):
+        id = peewee.CharField(max_length=255, primary_key=True)
+        host = peewee.CharField(max_length=255)
+        pid = peewee.IntegerField()
+        version = peewee.CharField(max_length=64)
+        state_dir = peewee.TextField()
+        repos = peewee.TextField()                      # JSON list
+        workers = peewee.IntegerField()
+        started_at = peewee.DateTimeField()
+        heartbeat_at = peewee.DateTimeField()
+        stopped_at = peewee.DateTimeField(null=True)
+
+        class Meta:
+            database = db
+            table_name = "daemon"
+
+    Daemon.create_table()

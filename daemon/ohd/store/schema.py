@@ -228,6 +228,22 @@ class AgentRunRow(peewee.Model):
         table_name = "agent_run"
 
 
+class DaemonRow(peewee.Model):
+    id = peewee.CharField(primary_key=True)     # `<host>-<pid>-<8 hex>`, fresh each start; prefixes its lease owners
+    host = peewee.CharField()
+    pid = peewee.IntegerField()
+    version = peewee.CharField()
+    state_dir = peewee.TextField()              # with host: the identity a restart finds its predecessor by
+    repos = JsonField(load=tuple)               # a list of repo paths
+    workers = peewee.IntegerField()
+    started_at = UtcDateTimeField()
+    heartbeat_at = UtcDateTimeField()
+    stopped_at = UtcDateTimeField(null=True)    # a clean stop; NULL while it runs (or after a crash)
+
+    class Meta:
+        table_name = "daemon"
+
+
 class SchemaMigrationRow(peewee.Model):
     """The ledger of applied migrations; `migrate` makes it (its default is the database's clock)."""
 
@@ -252,12 +268,13 @@ class Tables:
     rule_firing: type[RuleFiringRow]
     rule_clock: type[RuleClockRow]
     agent_run: type[AgentRunRow]
+    daemon: type[DaemonRow]
     schema_migrations: type[SchemaMigrationRow]
 
 
 MODELS: tuple[type[peewee.Model], ...] = (
     TaskRow, ExecutionRow, IngestedFileRow, WrittenFileRow, ModelCallRow, ModelStateRow, ModelRequestRow,
-    RuleFiringRow, RuleClockRow, AgentRunRow, SchemaMigrationRow)
+    RuleFiringRow, RuleClockRow, AgentRunRow, DaemonRow, SchemaMigrationRow)
 
 M = TypeVar("M", bound=peewee.Model)
 
@@ -364,6 +381,7 @@ MIGRATIONS: tuple[tuple[str, migrations.Migration], ...] = (
     ("0009_execution_source", migrations.execution_source),
     ("0010_written_previous", migrations.written_previous),
     ("0011_agent_runs", migrations.agent_runs),
+    ("0012_daemons", migrations.daemons),
 )
 
 

@@ -11,7 +11,9 @@ and a write is one `atomic_write` (`transactions`).
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 import os
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -297,6 +299,21 @@ class Store:
         if keep:
             expired &= t.id.not_in(list(keep))
         return self._interrupted(expired, now, crash_limit, "lease expired")
+
+    def return_leases(self, daemons: Collection[str], now: datetime, crash_limit: int = CRASH_LIMIT) -> list[int]:
+        """Running tasks leased to a worker of one of `daemons` (ids of daemons that are lost or
+        stopped, `fleet`; their workers' owners are `<id>/w<n>`) go back to the queue at once, their
+        leases unexpired; each counts a crash, as in `reap`. Their ids."""
+        t = self.m.task
+        if not daemons:
+            return []
+        held = functools.reduce(operator.or_, (peewee.fn.SUBSTR(t.lease_owner, 1, len(d) + 1) == f"{d}/"
+                                               for d in daemons))
+        where = (t.status == TaskStatus.RUNNING.value) & held
+        self._read()
+        if not t.select(t.id).where(where).exists():
+            return []      # a plain read first: every heartbeat asks
+        return self._interrupted(where, now, crash_limit, "its daemon was lost")
 
     def recover(self, now: datetime, crash_limit: int = CRASH_LIMIT) -> list[int]:
         """Every running task goes back to queued at once, its lease unexpired: call only when no
