@@ -236,6 +236,28 @@ def test_a_reload_applies_the_budget_and_selection_keys_to_the_running_pool() ->
         running.store.close()
 
 
+def test_a_reload_gives_the_agent_runs_that_start_from_then_on_the_new_agents_settings(tmp_path: Path) -> None:
+    from ohd import config
+    from ohd.service import daemon
+    from ohd.service.assemble import agents_of
+    from ohd.service.live import Live
+    from ohd.work.worker import Pool
+    from tests.support.clock import FakeClock
+
+    settings = config.load(env=dict(os.environ))
+    running = daemon.Daemon(settings)
+    pool = Pool(running.store, call=None, clock=FakeClock(), models=["m"],  # type: ignore[arg-type]
+                agents=agents_of(settings))
+    try:
+        assert pool.agents is not None and pool.agents.config.command == ()
+        running.reloader.apply(settings.model_copy(update={"agents": config.AgentSettings(
+            command=["my-agent", "{prompt_file}"], aider=["~/bin/aider"])}), Live(pool))
+        assert pool.agents.config.command == ("my-agent", "{prompt_file}")
+        assert pool.agents.config.aider == (str(Path.home() / "bin" / "aider"),)
+    finally:
+        running.store.close()
+
+
 def test_a_reload_that_changes_the_limits_decides_the_pending_tasks_again_at_once() -> None:
     from datetime import timedelta
 

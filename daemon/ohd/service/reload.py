@@ -24,7 +24,7 @@ from ohd.config import Settings
 from ohd.errors import ConfigError, OhdError
 from ohd.intake.rules import RuleBook
 from ohd.ladder.testrun import Processes as TestProcesses
-from ohd.service.assemble import ladder_of, log_sandbox, policy_of, rank_of
+from ohd.service.assemble import agent_config_of, ladder_of, log_sandbox, policy_of, rank_of
 from ohd.service.live import Live
 from ohd.service.notify import Notifier
 from ohd.service.supervision import LADDER_KEYS, POLICY_KEYS, SELECTION_KEYS, apply_logging, live_changes, reread_rules
@@ -84,6 +84,8 @@ class Reloader:
             pool.resize(new.workers)
         if "models" in changes and not self.settings.use_offline:
             live.use_models(list(new.models))
+        if "agents" in changes:
+            live.use_agents(agent_config_of(new))
         if LADDER_KEYS & changes.keys():
             try:
                 live.use_ladder(ladder_of(new, self.test_runs))

@@ -28,7 +28,7 @@ SELECTION_KEYS = frozenset({"model_selection", "model_priors", "model_tags", "se
 LADDER_KEYS = frozenset({"test_runs", "test_timeout_s", "test_python", "test_parallel", "rule_levels",
                          "test_sandbox", "test_memory_mb", "allow_risky_tests"})   # how candidates are judged
 LOG_KEYS = frozenset({"log_level", "log_format", "log_file"})
-LIVE_KEYS = frozenset({"workers", "models"}) | LOG_KEYS | POLICY_KEYS | LADDER_KEYS | SELECTION_KEYS
+LIVE_KEYS = frozenset({"workers", "models", "agents"}) | LOG_KEYS | POLICY_KEYS | LADDER_KEYS | SELECTION_KEYS
 
 
 def live_changes(old: Settings, new: Settings) -> dict[str, Any]:
