@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from ohd.core import layout
+from ohd.core import events, layout
 from ohd.errors import ConfigError
 
 APP = "ohd"
@@ -49,7 +49,7 @@ _LIST_KEYS = {"models", "repos", "paid_models"}
 # and the agent runners' proxy token in an agent's environment
 NOT_SETTINGS = frozenset({"OHD_CONFIG", "OHD_HOOKS", "OHD_TEST_POSTGRES_URL", "OHD_AGENT_KEY"})
 # JSON objects in OHD_* variables
-_DICT_KEYS = {"rate_limits", "daily_limits", "model_priors", "model_tags", "rule_levels", "agents"}
+_DICT_KEYS = {"rate_limits", "daily_limits", "model_priors", "model_tags", "rule_levels", "agents", "webhooks"}
 
 
 class ModelPrior(BaseModel):
@@ -76,6 +76,39 @@ class AgentSettings(BaseModel):
     openhands_python: str = "python3"   # an interpreter that has openhands-sdk and openhands-tools
     command: list[str] = Field(default_factory=list)   # runner `command`'s argv template
     pass_env: list[str] = Field(default_factory=lambda: ["PATH", "HOME", "LANG", "LC_ALL", "TMPDIR"])
+
+
+class WebhookSettings(BaseModel):
+    """One entry of `webhooks`: where ohd posts which events (README "Webhooks"). The secret is read
+    from the variable `secret_env` names, never from the file, and never logged."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str
+    events: list[str] = Field(default_factory=lambda: list(events.EVENTS), min_length=1)
+    secret_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    format: Literal["json", "slack", "discord"] = "json"
+    secret: SecretStr | None = Field(default=None, exclude=True, repr=False)   # from $secret_env, by `load`
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"a webhook URL is http:// or https:// with a host, not {url.split('?')[0][:60]!r}")
+        return url
+
+    @field_validator("events")
+    @classmethod
+    def _known_events(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in events.EVENTS:
+                raise ValueError(f"unknown webhook event {name!r} (known: {', '.join(events.EVENTS)})")
+        return list(dict.fromkeys(names))
+
+    @property
+    def key(self) -> str:
+        return events.hook_key(self.url)
 
 
 class Settings(BaseModel):
@@ -156,6 +189,12 @@ class Settings(BaseModel):
     # the web listener (issue 14): "host:port" ("127.0.0.1:8767", "[::1]:8767"); "" = off
     http_listen: str = ""
     http_metrics_public: bool = True     # GET /metrics without the token (a scraper has none)
+    # webhooks (issue 14): events posted through the store's outbox, at least once, in order per task
+    webhooks: list[WebhookSettings] = Field(default_factory=list)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)       # each delivery's HTTP time limit
+    webhook_retry_s: float = Field(default=5.0, gt=0)          # the first retry's wait; doubled per failure
+    webhook_retry_max_s: float = Field(default=900.0, gt=0)    # the longest wait between two tries
+    webhook_max_age_s: float = Field(default=86400.0, gt=0)    # an event undelivered this long is dead
 
     @field_validator("repos")
     @classmethod
@@ -180,6 +219,11 @@ class Settings(BaseModel):
             raise ValueError(f"daemon_lost_s ({self.daemon_lost_s:g}) must be longer than heartbeat_s "
                              f"({self.heartbeat_s:g}): a live daemon would be taken for lost between two heartbeats")
         return self
+
+    @property
+    def hook_secret_envs(self) -> frozenset[str]:
+        """The variables that hold the webhooks' secrets (not settings: no warning for them)."""
+        return frozenset(hook.secret_env for hook in self.webhooks if hook.secret_env)
 
     @property
     def socket_path(self) -> Path:
@@ -255,6 +299,7 @@ def load(config_file: Path | None = None, env: Mapping[str, str] | None = None,
     key_env = str(values.get("api_key_env", "OPENROUTER_API_KEY"))
     if env.get(key_env):
         values["api_key"] = env[key_env]
+    values["webhooks"] = _hook_secrets(values.get("webhooks", []), env)
     try:
         return Settings(**values)
     except ValidationError as exc:
@@ -278,7 +323,34 @@ def _read_toml(path: Path, required: bool) -> dict[str, Any]:
     if "api_key" in data:
         raise ConfigError(f"{path}: do not put the API key in the config file; "
                           "set OPENROUTER_API_KEY (or the variable named by api_key_env)")
+    hooks = data.get("webhooks", [])
+    if isinstance(hooks, list) and any(isinstance(hook, dict) and "secret" in hook for hook in hooks):
+        raise ConfigError(f"{path}: do not put a webhook's secret in the config file; "
+                          "name the variable that holds it in secret_env")
     return data
+
+
+def webhook(url: str, secret_env: str | None = None, fmt: str = "json",
+            env: Mapping[str, str] | None = None) -> WebhookSettings:
+    """One webhook from the command line (`ohd webhooks test`), its secret read as the daemon reads it;
+    ConfigError when it is not valid or `secret_env` is not set."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {"url": url, "secret_env": secret_env, "format": fmt}
+    try:
+        hook = WebhookSettings(**_hook_secrets([values], env)[0])
+    except ValidationError as exc:
+        raise ConfigError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
+    if secret_env and hook.secret is None:
+        raise ConfigError(f"--secret-env names {secret_env}, which is not set (or empty)")
+    return hook
+
+
+def _hook_secrets(hooks: Any, env: Mapping[str, str]) -> Any:
+    """Each webhook with its secret read from the variable its `secret_env` names (when set)."""
+    if not isinstance(hooks, list):
+        return hooks    # the model says what is wrong with it
+    return [{**hook, "secret": env[name]} if isinstance(hook, dict) and isinstance(name := hook.get("secret_env"), str)
+            and env.get(name) else hook for hook in hooks]
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
@@ -294,7 +366,8 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     return values
 
 
-def unknown_variables(env: Mapping[str, str], api_key_env: str = "OPENROUTER_API_KEY") -> list[str]:
+def unknown_variables(env: Mapping[str, str], api_key_env: str = "OPENROUTER_API_KEY",
+                      secrets: frozenset[str] = frozenset()) -> list[str]:
     """A warning per `OHD_*` variable of `env` that ohd ignores, naming the closest setting.
 
     Unknown keys of the TOML file are errors; a variable may belong to another program, so
@@ -303,7 +376,8 @@ def unknown_variables(env: Mapping[str, str], api_key_env: str = "OPENROUTER_API
     known = {f"OHD_{key.upper()}" for key in set(Settings.model_fields) - {"api_key"}}
     problems = []
     for name in sorted(env):
-        if not name.startswith("OHD_") or name in known or name in NOT_SETTINGS or name == api_key_env:
+        if (not name.startswith("OHD_") or name in known or name in NOT_SETTINGS or name == api_key_env
+                or name in secrets):
             continue
         if name == "OHD_API_KEY":
             problems.append(f"{name} is ignored: the API key is read from {api_key_env} "

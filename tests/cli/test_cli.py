@@ -146,3 +146,42 @@ def test_init_picks_a_real_importable_module_with_functions_as_the_example(
     asyncio.run(Pool(store, call, clock, models=["offline"], size=1).run_until_idle())
     task = store.get_task(task_id)
     assert (task.status, task.error) == ("completed", None)
+
+
+# -- ohd webhooks test --------------------------------------------------------------------
+
+def test_webhooks_test_sends_a_signed_sample_without_a_daemon(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.support.receiver import Receiver
+
+    receiver = Receiver().start()
+    monkeypatch.setenv("MY_HOOK_SECRET", "sample-secret")
+    try:
+        assert main(["webhooks", "test", receiver.url, "--secret-env", "MY_HOOK_SECRET"]) == 0
+        assert main(["webhooks", "test", receiver.url, "--format", "discord", "--event", "task.failed"]) == 0
+        receiver.answer = 500
+        assert main(["webhooks", "test", receiver.url]) == 1
+    finally:
+        receiver.stop()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("task.completed delivered, HTTP 200") and "HTTP 500" in out[2]
+    signed, discord, _ = receiver.tried()
+    assert signed.signed_with("sample-secret") and signed.json["data"]["sample"] is True
+    assert signed.event == "task.completed" and signed.delivery == "0"
+    assert list(discord.json) == ["content"] and "x-ohd-signature" not in discord.headers
+
+
+def test_webhooks_test_says_why_it_was_not_delivered(capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["webhooks", "test", f"http://127.0.0.1:{port}/x", "--json"]) == 1
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["delivered"] is False and answer["status"] is None and "ConnectError" in answer["error"]
+    assert main(["webhooks", "test", "ftp://example.com/x"]) == 2
+    assert main(["webhooks", "test", "https://example.com/x", "--secret-env", "UNSET_SECRET_VAR"]) == 2
+    assert main(["webhooks", "test", "https://example.com/x", "--event", "task.exploded"]) == 2
+    err = capsys.readouterr().err
+    assert "http:// or https://" in err and "UNSET_SECRET_VAR" in err and "task.exploded" in err

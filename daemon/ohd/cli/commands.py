@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("service", cmd_service, "install or remove the systemd user unit (ohd.service)", json_flag=False)
     p.add_argument("action", choices=("install", "uninstall"))
     p.add_argument("--repo", action="append", type=Path, help="a repo the service serves (repeatable)")
+    p = command("webhooks", cmd_webhooks, "send a sample webhook event now and print the answer (no daemon needed)")
+    p.add_argument("action", choices=("test",))
+    p.add_argument("url", help="the receiver (http:// or https://)")
+    p.add_argument("--secret-env", help="the variable holding the secret that signs it (X-Ohd-Signature)")
+    p.add_argument("--format", choices=("json", "slack", "discord"), default="json")
+    p.add_argument("--event", default="task.completed", help="the sample's event (default task.completed)")
     p = command("validate", cmd_validate, "check task files without submitting them")
     p.add_argument("files", nargs="+", type=Path)
     p = command("schema", cmd_schema, "print the task-file JSON Schema", json_flag=False)
@@ -163,7 +169,7 @@ def settings(args: argparse.Namespace, env_warnings: bool = True, **overrides: A
 
     conf = config.load(args.config, **overrides)
     if env_warnings:
-        for problem in config.unknown_variables(os.environ, conf.api_key_env):
+        for problem in config.unknown_variables(os.environ, conf.api_key_env, conf.hook_secret_envs):
             if problem not in _WARNED:          # once per command, which may load the settings twice
                 _WARNED.add(problem)
                 print(f"ohd: warning: {problem}", file=sys.stderr)
@@ -176,7 +182,7 @@ def warn_unknown_variables(conf: Settings) -> None:
 
     from ohd import config
 
-    for problem in config.unknown_variables(os.environ, conf.api_key_env):
+    for problem in config.unknown_variables(os.environ, conf.api_key_env, conf.hook_secret_envs):
         logging.getLogger("ohd.config").warning(problem)
 
 
@@ -441,6 +447,26 @@ def cmd_hooks(args: argparse.Namespace) -> int:
     for line in act(args.repo.resolve()):
         print(line)
     return EXIT_OK
+
+
+def cmd_webhooks(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from ohd import config
+    from ohd.clock import SystemClock
+    from ohd.core import events
+    from ohd.webhooks import sender
+
+    if args.event not in events.EVENTS:
+        raise ConfigError(f"unknown webhook event {args.event!r} (known: {', '.join(events.EVENTS)})")
+    hook = config.webhook(args.url, args.secret_env, args.format)
+    target = sender.Target(hook.url, hook.format, hook.secret)
+    answer = asyncio.run(sender.send_sample(target, args.event, SystemClock()))
+    emit({"url": target.label, "event": args.event, "status": answer.status, "delivered": answer.error is None,
+          "error": answer.error}, args.json,
+         lambda a: f"{a['url']}: {a['event']} " + ("delivered" if a["delivered"] else "not delivered")
+         + (f", HTTP {a['status']}" if a["status"] is not None else "") + (f" ({a['error']})" if a["error"] else ""))
+    return EXIT_OK if answer.error is None else EXIT_ERROR
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -55,6 +55,10 @@ def status_text(status: dict[str, Any]) -> str:
     if models:
         lines.append("models:")
         lines.extend("  " + _model_line(m, now) for m in models)
+    hooks = status.get("webhooks", [])
+    if hooks:
+        lines.append("webhooks:")
+        lines.extend("  " + _hook_line(hook) for hook in hooks)
     return "\n".join(lines)
 
 
@@ -73,6 +77,13 @@ def fleet_lines(fleet: Sequence[dict[str, Any]], now: datetime | None) -> list[s
                      f"v{d.get('version', '?')}, {d.get('workers', 0)} workers, up {up}, heartbeat "
                      f"{_duration(d.get('heartbeat_age_s') or 0)} ago, {d.get('running', 0)} running")
     return lines
+
+
+def _hook_line(hook: dict[str, Any]) -> str:
+    line = f"{hook['hook']}: {hook['delivered']} delivered, {hook['pending']} pending, {hook['dead']} dead"
+    if hook.get("last_error"):
+        line += f"; last error {hook['last_error_at']}: {hook['last_error']}"
+    return line
 
 
 def _budget_line(budget: dict[str, Any]) -> str:

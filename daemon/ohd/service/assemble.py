@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from ohd.clock import Clock
 from ohd.config import DEFAULT_MODELS, Settings, key_file
 from ohd.core import selection
+from ohd.core.events import Hook
 from ohd.core.routing import Policy
 from ohd.core.taskfile import TaskType
 from ohd.errors import ConfigError
@@ -34,6 +35,7 @@ from ohd.logfmt import Redactor
 from ohd.store.history import History
 from ohd.store.quotas import Governor
 from ohd.store.store import Store, sqlite_path
+from ohd.webhooks.sender import Retry, Target
 from ohd.work.agentproc import AgentConfig
 from ohd.work.agentrun import AgentSetup
 
@@ -45,6 +47,26 @@ OFFLINE_MODEL = "offline"
 def repos_of(settings: Settings) -> list[Path]:
     """The repos to serve: those configured, else the current directory."""
     return list(settings.repos) or [Path.cwd().resolve()]
+
+
+def hooks_of(settings: Settings) -> list[Hook]:
+    """The webhooks as the store writes their outbox rows: each one's key and events."""
+    return [Hook(hook.key, frozenset(hook.events)) for hook in settings.webhooks]
+
+
+def webhook_targets(settings: Settings) -> list[Target]:
+    """The webhooks as the sender posts to them; a `secret_env` that is not set is a ConfigError
+    (the daemon's: the commands that only read need no secret)."""
+    for number, hook in enumerate(settings.webhooks):
+        if hook.secret_env and hook.secret is None:
+            raise ConfigError(f"webhooks[{number}] ({hook.key}): secret_env names {hook.secret_env}, "
+                              "which is not set (or empty) in the daemon's environment")
+    return [Target(hook.url, hook.format, hook.secret) for hook in settings.webhooks]
+
+
+def webhook_retry(settings: Settings) -> Retry:
+    return Retry(first_s=settings.webhook_retry_s, max_s=settings.webhook_retry_max_s,
+                 max_age=timedelta(seconds=settings.webhook_max_age_s), timeout_s=settings.webhook_timeout_s)
 
 
 def rulebook_for(settings: Settings, store: Store, clock: Clock) -> RuleBook:

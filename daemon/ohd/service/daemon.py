@@ -32,10 +32,11 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from ohd import __version__
 from ohd.clock import Clock, SystemClock, first
@@ -60,6 +61,7 @@ from ohd.service.assemble import (
     agents_of,
     discovers,
     history_of,
+    hooks_of,
     key_id_of,
     ladder_of,
     log_sandbox,
@@ -69,6 +71,8 @@ from ohd.service.assemble import (
     rank_of,
     repos_of,
     rulebook_for,
+    webhook_retry,
+    webhook_targets,
 )
 from ohd.service.live import Live
 from ohd.service.metrics import prometheus, with_stats
@@ -80,8 +84,10 @@ from ohd.service.web.listener import WebListener
 from ohd.store.agentruns import AgentRuns
 from ohd.store.calls import CallHistory
 from ohd.store.fleet import Fleet, new_daemon_id, worker_prefix
+from ohd.store.outbox import Outbox
 from ohd.store.quotas import Governor
 from ohd.store.store import Store, TaskStatus, open_database, sqlite_path
+from ohd.webhooks import sender as webhooks
 from ohd.work import agentproc, delivery
 from ohd.work.delivery import Outcome
 from ohd.work.worker import Caller, Pool, pace_retries
@@ -97,7 +103,9 @@ class Daemon:
         self.watchdog_s = watchdog_s
         self.clock: Clock = clock or SystemClock()
         self.repos = repos_of(settings)
-        self.store = Store(open_database(settings.database), lock_wait_s=settings.store_lock_wait_s)
+        self.hooks = webhook_targets(settings)   # first: a hook's secret missing stops the start here
+        self.store = Store(open_database(settings.database), lock_wait_s=settings.store_lock_wait_s,
+                           hooks=hooks_of(settings))
         # this start's row in the fleet (`daemon` table); its id prefixes our workers' lease owners
         self.host = socket.gethostname()
         self.daemon_id = new_daemon_id(self.host, os.getpid())
@@ -107,7 +115,7 @@ class Daemon:
         # SIGHUP: `reload` reads the configuration again; the reloader holds the running settings
         self.reloader = Reloader(settings, self.store, self.clock, self.repos, self.test_runs, self.notifier, reload)
         self.view = StatusView(self.store, history_of(self.store), self.clock, offline=settings.use_offline,
-                               database=settings.database)
+                               database=settings.database, webhooks=[(t.key, t.label) for t in self.hooks])
         self.pool: Pool | None = None
         self.model_client: ModelClient | None = None
         self.rulebook: RuleBook | None = None
@@ -204,6 +212,8 @@ class Daemon:
                      self.settings.socket_path)
             self.notifier.ready(await asyncio.to_thread(self.view.summary, pool.snapshot()))
             extra = [self._report_status(pool)] if self.notifier.enabled else []
+            if self.hooks:
+                extra.append(await self._webhooks(stack))
             if self.watchdog_s is not None:
                 extra.append(self.notifier.keep_alive(self.stop_event, self.watchdog_s, self.clock))
             await asyncio.gather(
@@ -274,6 +284,15 @@ class Daemon:
         if returned:
             log.info("heartbeat: %d task(s) of lost daemons back in the queue", len(returned))
         return returned
+
+    async def _webhooks(self, stack: AsyncExitStack) -> Coroutine[Any, Any, None]:
+        """The sender of the webhooks' outbox, until the daemon stops (events left undelivered wait
+        in the store for the next start)."""
+        http = await stack.enter_async_context(webhooks.http_client())
+        outbox = Outbox(self.store.db, self.settings.store_lock_wait_s)
+        sender = webhooks.Sender(outbox, http, self.clock, self.hooks, webhook_retry(self.settings))
+        log.info("webhooks: %s", ", ".join(target.label for target in self.hooks))
+        return sender.run(self.stop_event)
 
     def _recover(self) -> None:
         """The tasks our dead predecessor was running: on SQLite every one back to the queue now (we
@@ -458,7 +477,8 @@ def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> N
     notifier = Notifier(os.environ.pop("NOTIFY_SOCKET", None))
     watchdog_s = watchdog_interval(os.environ.pop("WATCHDOG_USEC", None), os.environ.pop("WATCHDOG_PID", None),
                                    os.getpid())
-    sandbox.seal(os.environ, {settings.api_key_env, "OPENROUTER_API_KEY"})   # the key: in `settings` only
+    # the key and the webhooks' secrets: in `settings` only
+    sandbox.seal(os.environ, {settings.api_key_env, "OPENROUTER_API_KEY", *settings.hook_secret_envs})
     statedir.private_umask()   # the store, its WAL, the log, the lock, the socket: 0600 (outputs: their folder's)
     lock = statedir.InstanceLock(layout.lock_path(settings.state_dir))
     lock.acquire()

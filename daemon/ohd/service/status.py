@@ -10,7 +10,7 @@ models, no budget). Nothing here reads configuration: the daemon hands in the va
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -19,6 +19,7 @@ from ohd.clock import Clock
 from ohd.core.views import eta_seconds
 from ohd.service.metrics import DEFAULT_WINDOW, HOUR, Metrics, Throughput, collect
 from ohd.store.history import History
+from ohd.store.outbox import Outbox
 from ohd.store.store import Store
 from ohd.work.worker import Pool
 
@@ -26,8 +27,11 @@ from ohd.work.worker import Pool
 class StatusView:
     """What the daemon is doing, read now (see the module's docstring)."""
 
-    def __init__(self, store: Store, history: History, clock: Clock, *, offline: bool, database: str) -> None:
+    def __init__(self, store: Store, history: History, clock: Clock, *, offline: bool, database: str,
+                 webhooks: Sequence[tuple[str, str]] = ()) -> None:
         self.store = store
+        self.webhooks = tuple(webhooks)   # (key, label) of each configured hook
+        self.outbox = Outbox(store.db)
         self.history = history
         self.clock = clock
         self.offline = offline          # the offline provider answers (no API key)
@@ -57,8 +61,14 @@ class StatusView:
             "database": self.database,
             "storage": self._storage(),
             "fleet": self.fleet() if self.fleet is not None else [],
+            "webhooks": self._webhooks(),
             **self._progress(),
         }
+
+    def _webhooks(self) -> list[dict[str, Any]]:
+        """Each hook's deliveries (pending, delivered, dead) and its last error."""
+        labels = dict(self.webhooks)
+        return [{"hook": labels[view["key"]], **view} for view in self.outbox.summary(list(labels))]
 
     def _storage(self) -> dict[str, Any] | None:
         """Why the daemon waits for storage (the last write the store refused), None when it can write."""

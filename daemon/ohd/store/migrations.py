@@ -320,3 +320,29 @@ def daemons(db: peewee.Database) -> None:
             table_name = "daemon"
 
     Daemon.create_table()
+
+
+def webhook_outbox(db: peewee.Database) -> None:
+    """Table webhook_outbox: one row per (event, hook), written in the transaction of the state change
+    that causes it; the sender marks it delivered, or tries it again later, or dead past its age."""
+
+    class WebhookOutbox(peewee.Model):
+        hook = peewee.CharField(max_length=64)
+        event = peewee.CharField(max_length=64)
+        task_id = peewee.IntegerField(null=True)
+        model = peewee.CharField(max_length=255, null=True)
+        payload = peewee.TextField()                    # JSON object
+        created_at = peewee.DateTimeField()
+        attempts = peewee.IntegerField(default=0)
+        next_try_at = peewee.DateTimeField()
+        delivered_at = peewee.DateTimeField(null=True)
+        dead_at = peewee.DateTimeField(null=True)
+        last_error = peewee.TextField(null=True)
+        last_try_at = peewee.DateTimeField(null=True)
+
+        class Meta:
+            database = db
+            table_name = "webhook_outbox"
+            indexes = ((("hook", "delivered_at", "dead_at", "id"), False),)
+
+    WebhookOutbox.create_table()

@@ -20,8 +20,9 @@ from typing import Any, cast
 
 import peewee
 
-from ohd.core import routing
+from ohd.core import events, routing
 from ohd.core.routing import Choice, ModelState, Policy, Usage
+from ohd.store import outbox
 from ohd.store.schema import TaskStatus
 from ohd.store.store import Store
 from ohd.store.transactions import atomic_write, connect
@@ -30,6 +31,10 @@ log = logging.getLogger("ohd.quotas")
 
 _LOCK_KEY = 0x6F6867  # PostgreSQL advisory lock of the governor ("ohg")
 KEEP = timedelta(days=2)  # request rows older than this are pruned (the daily window is 1 UTC day)
+
+
+def iso_or_none(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,9 +148,25 @@ class Governor:
         model, r = state.model, self.request
         r.insert(model=model, key_id=self.key_id, free=routing.is_free(model), at=now).execute()
         r.delete().where(r.at < now - KEEP).execute()
+        if self.store.hooks:
+            self._quota_events(state, now)
         if choice.probe:
             self._save(routing.after_probe(state, now), now)
             log.info("model %s: breaker half-open; one probe request", model)
+
+    def _quota_events(self, state: ModelState, now: datetime) -> None:
+        """In the request's transaction: `quota.exhausted` when this request used the last one of a
+        daily quota (the model's or the key's free requests, or `daily_request_cap`); the minute's
+        window is pacing, not a quota."""
+        resets = routing.next_utc_midnight(now).isoformat()
+        _, left_today = routing.remaining(state, self._usage(state, now), now, self.policy)
+        quotas = [("daily requests", state.model)] if left_today == 0 else []
+        cap = self.policy.request_cap
+        if cap is not None and self.requests_today(now) == cap:
+            quotas.append(("daily_request_cap", "*"))
+        for quota, model in quotas:
+            outbox.record(self.store.m, self.store.hooks, events.QUOTA_EXHAUSTED, now,
+                          {"model": model, "quota": quota, "resets_at": resets}, model=model)
 
     def _usage(self, state: ModelState, now: datetime) -> Usage:
         """The counts that this model's known limits need (no query for a limit it does not have)."""
@@ -168,8 +189,13 @@ class Governor:
     def rate_limited(self, model: str, until: datetime, limit: int | None, now: datetime) -> ModelState:
         """A 429: cool down until `until` (never shorter than a running cooldown); learn the limit."""
         with self._tx():
-            state = routing.after_rate_limit(self._state(model), until, limit, now)
+            before = self._state(model)
+            state = routing.after_rate_limit(before, until, limit, now)
             self._save(state, now)
+            if before.cooldown_until is None or before.cooldown_until <= now:   # a new cooldown, not a longer one
+                outbox.record(self.store.m, self.store.hooks, events.MODEL_COOLDOWN, now,
+                              {"model": model, "until": iso_or_none(state.cooldown_until), "rpm_limit": limit},
+                              model=model)
         return state
 
     def failed(self, model: str, now: datetime) -> ModelState:

@@ -244,6 +244,27 @@ class DaemonRow(peewee.Model):
         table_name = "daemon"
 
 
+class WebhookOutboxRow(peewee.Model):
+    """One event for one hook (`store/outbox.py`); its id is the delivery id a receiver sees."""
+
+    id = peewee.AutoField()
+    hook = peewee.CharField()                  # `events.hook_key` of the hook's URL (never the URL)
+    event = peewee.CharField()
+    task_id = peewee.IntegerField(null=True)   # what it is about: a task, or a model
+    model = peewee.CharField(null=True)
+    payload = JsonField()                      # the event's data (a JSON object)
+    created_at = UtcDateTimeField()
+    attempts = peewee.IntegerField(default=0)
+    next_try_at = UtcDateTimeField()
+    delivered_at = UtcDateTimeField(null=True)
+    dead_at = UtcDateTimeField(null=True)      # given up: older than the bound, its last error kept
+    last_error = peewee.TextField(null=True)
+    last_try_at = UtcDateTimeField(null=True)
+
+    class Meta:
+        table_name = "webhook_outbox"
+
+
 class SchemaMigrationRow(peewee.Model):
     """The ledger of applied migrations; `migrate` makes it (its default is the database's clock)."""
 
@@ -269,12 +290,13 @@ class Tables:
     rule_clock: type[RuleClockRow]
     agent_run: type[AgentRunRow]
     daemon: type[DaemonRow]
+    webhook_outbox: type[WebhookOutboxRow]
     schema_migrations: type[SchemaMigrationRow]
 
 
 MODELS: tuple[type[peewee.Model], ...] = (
     TaskRow, ExecutionRow, IngestedFileRow, WrittenFileRow, ModelCallRow, ModelStateRow, ModelRequestRow,
-    RuleFiringRow, RuleClockRow, AgentRunRow, DaemonRow, SchemaMigrationRow)
+    RuleFiringRow, RuleClockRow, AgentRunRow, DaemonRow, WebhookOutboxRow, SchemaMigrationRow)
 
 M = TypeVar("M", bound=peewee.Model)
 
@@ -382,6 +404,7 @@ MIGRATIONS: tuple[tuple[str, migrations.Migration], ...] = (
     ("0010_written_previous", migrations.written_previous),
     ("0011_agent_runs", migrations.agent_runs),
     ("0012_daemons", migrations.daemons),
+    ("0013_webhook_outbox", migrations.webhook_outbox),
 )
 
 

@@ -15,7 +15,7 @@ import functools
 import logging
 import operator
 import os
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,9 +24,11 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import peewee
 
+from ohd.core import events
+from ohd.core.events import Hook
 from ohd.core.taskfile import Priority, TaskSpec
 from ohd.errors import ConfigError, InvalidTransition, NotFound, StorageUnavailable, unwritable_reason
-from ohd.store import schema
+from ohd.store import outbox, schema
 from ohd.store.records import Claim, Execution, Written, dict_rows, pending_key, tuple_rows
 from ohd.store.schema import QUARANTINED, TERMINAL, Task, TaskStatus, task_from_row, task_row
 from ohd.store.transactions import LOCK_WAIT_S, atomic_write, connect
@@ -35,6 +37,9 @@ __all__ = ["Claim", "Execution", "Store", "Task", "TaskStatus", "Written", "open
 
 log = logging.getLogger("ohd.store")
 
+# what a task's webhook event says of it (`events.envelope`'s data)
+_EVENT_FIELDS = frozenset({"id", "repo", "type", "target", "runner", "status", "quarantined", "attempts", "error",
+                           "output_path", "report_path", "created_at", "finished_at"})
 CRASH_LIMIT = 3   # runs of one task a crash may interrupt before it is failed (a task that kills ohd)
 
 
@@ -166,10 +171,11 @@ def open_database(url: str, busy_timeout_s: float = 5.0) -> peewee.Database:
 class Store:
     """All reads and writes of ohd's state; safe to call from any thread."""
 
-    def __init__(self, db: peewee.Database, lock_wait_s: float = LOCK_WAIT_S) -> None:
+    def __init__(self, db: peewee.Database, lock_wait_s: float = LOCK_WAIT_S, hooks: Sequence[Hook] = ()) -> None:
         self.db = db
         self.m = schema.bind(db)
         self.lock_wait_s = lock_wait_s   # a write waits this long for another process's writer lock
+        self.hooks = tuple(hooks)        # the webhooks: a task's end writes their outbox rows with it
         self._sqlite = isinstance(db, peewee.SqliteDatabase)
 
     @property
@@ -344,6 +350,7 @@ class Store:
             t.update(status=TaskStatus.FAILED.value, error=poison_reason(crashes), finished_at=now, updated_at=now,
                      lease_owner=None, lease_until=None).where(t.id == task_id).execute()
             self._close_calls(task_id)
+            self._task_event(task_id, now)
             return TaskStatus.FAILED
         return self._leave_running(task_id, now, TaskStatus.QUEUED, cancel_requested)
 
@@ -395,9 +402,22 @@ class Store:
             if changed:
                 self._close_calls(task_id)
                 self._writes_landed(task_id)
+                self._task_event(task_id, now)
         if not changed:
             log.warning("task %d: not finished as %s; it is no longer held by %s", task_id, status, worker_id)
         return bool(changed)
+
+    def _task_event(self, task_id: int, now: datetime) -> None:
+        """In the transaction that ended the task: its webhook event (completed, quarantined or failed;
+        a cancel is the user's own doing and has none), one outbox row per hook that takes it."""
+        if not self.hooks:
+            return
+        task = self.get_task(task_id)
+        name = {TaskStatus.COMPLETED: events.TASK_QUARANTINED if task.quarantined else events.TASK_COMPLETED,
+                TaskStatus.FAILED: events.TASK_FAILED}.get(TaskStatus(task.status))
+        if name is not None:
+            data = {key: value for key, value in task.as_dict().items() if key in _EVENT_FIELDS}
+            outbox.record(self.m, self.hooks, name, now, data, task_id=task_id)
 
     def _writes_landed(self, task_id: int) -> None:
         """The task ended after its writes: what they replaced is no longer ohd's there."""

@@ -1,0 +1,1 @@
+"""Webhooks: the sender that delivers the store's outbox to the configured receivers."""
