@@ -25,6 +25,24 @@ class _Server(uvicorn.Server):
         yield
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) and listening; OSError (EADDRINUSE, ...) naming the cause.
+
+    Made with proto IPPROTO_TCP, as asyncio makes its own: asyncio sets TCP_NODELAY only on
+    connections of such a socket, and without it every answer on a kept-alive connection waited
+    ~40 ms (Nagle's algorithm against the client's delayed ACK). bench/web.py shows it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def _serve(server: uvicorn.Server, sock: socket.socket) -> None:
     """uvicorn's serve; its `sys.exit` at a failed start-up (which would stop the loop) as an OSError."""
     try:
@@ -47,8 +65,7 @@ class Served:
 
     async def start(self) -> None:
         """Bind (here, so that a taken port is an OSError naming it), then serve until `stop`."""
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.create_server((self.host, self._config.port), family=family, backlog=128)
+        sock = listening_socket(self.host, self._config.port)
         self._server = server = _Server(self._config)
         self._serving = serving = asyncio.create_task(_serve(server, sock), name=self.name)
         while not server.started:
