@@ -126,6 +126,7 @@ def test_agent_requests_are_in_the_call_history_and_the_metrics(store: Store, se
     data = stats.stats.as_dict()
     assert (data["calls"], data["agent_requests"], data["accepted"], data["success_rate"]) == (1, 1, 0, None)
     assert data["latency_p50_ms"] is not None and data["cost"] == 0.5
-    assert 'outcome="agent_request"} 1' in metrics.prometheus(snapshot)
+    assert 'ohd_model_calls_total{model="vendor/model-a",outcome="agent_request",task_type="unit_test"} 1.0' in (
+        metrics.prometheus(snapshot))
     [execution] = store.executions(1)
     assert (execution.outcome, execution.attempt, store.get_task(1).attempts) == ("agent_request", 1, 0)
