@@ -145,3 +145,17 @@ def test_summary_counts_and_keeps_the_last_error(store: Store, clock: FakeClock)
     [view] = outbox.summary(["failures"])
     assert (view["delivered"], view["dead"], view["pending"]) == (1, 1, 1)
     assert (view["last_error"], view["last_error_at"]) == ("ConnectError: refused", clock.now().isoformat())
+
+
+def test_prune_deletes_the_rows_done_before_the_instant_only(store: Store, clock: FakeClock) -> None:
+    outbox = Outbox(store.db)
+    for _ in range(3):
+        store.finish(running(store, clock), "w1", TaskStatus.FAILED, clock.now(), error="x")
+    a, b, c = outbox.due("failures", clock.now())
+    outbox.delivered(a.id, clock.now())
+    outbox.failed(b.id, clock.now(), "HTTP 500", None)
+    clock.advance(60)
+    assert outbox.prune("failures", clock.now() - timedelta(seconds=61)) == 0
+    assert outbox.prune("failures", clock.now()) == 2
+    assert [d.id for d in outbox.due("failures", clock.now())] == [c.id]     # the pending one stays
+    assert outbox.summary(["all"])[0]["pending"] == 3                       # another hook's rows too

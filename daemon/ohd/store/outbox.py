@@ -5,7 +5,8 @@ model's cooldown or a quota used up, so an event row exists if and only if its s
 committed (one row per hook that takes the event; no hook configured, no row). `Outbox` is the
 sender's side: the rows due now, one per subject (a task, a model) and the oldest undelivered one
 of it, so a subject's later event never overtakes an earlier one; then delivered, tried again
-later, or dead once older than the bound. Nothing here sends HTTP or reads configuration.
+later, or dead once older than the bound; a week after that it is deleted (`prune`). Nothing here
+sends HTTP or reads configuration.
 """
 
 from __future__ import annotations
@@ -91,6 +92,16 @@ class Outbox:
         changes.update({"next_try_at": retry_at} if retry_at is not None else {"dead_at": now})
         with atomic_write(self.db, self.lock_wait_s):
             o.update(**changes).where(o.id == delivery_id).execute()
+
+    def prune(self, hook: str, before: datetime) -> int:
+        """Rows of `hook` delivered or dead before `before` are deleted (the outbox is not a log); how many."""
+        o = self.rows
+        done = (o.hook == hook) & ((o.delivered_at < before) | (o.dead_at < before))
+        connect(self.db)
+        if not o.select(o.id).where(done).exists():
+            return 0    # the common case: a read, no writer lock
+        with atomic_write(self.db, self.lock_wait_s):
+            return int(o.delete().where(done).execute())
 
     def summary(self, hooks: Sequence[str]) -> list[dict[str, Any]]:
         """Per hook key: rows pending, delivered and dead, the last error and when, the last delivery."""

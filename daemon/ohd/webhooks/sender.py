@@ -30,6 +30,8 @@ from ohd.store.outbox import Delivery, Outbox
 log = logging.getLogger("ohd.webhooks")
 
 POLL_S = 1.0   # how often an idle hook looks for new rows (a task's end commits them on a worker's thread)
+KEEP = timedelta(days=7)   # delivered and dead rows are deleted this long after (`ohd status` counts those kept)
+PRUNE_S = 3600.0           # how often a hook's loop deletes them
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +114,13 @@ class Sender:
         return sum(await asyncio.gather(*(self.round(target) for target in self.targets)))
 
     async def _loop(self, target: Target, stop: asyncio.Event) -> None:
+        pruned: float | None = None
         while not stop.is_set():
             try:
                 await self.round(target)
+                if pruned is None or self.clock.monotonic() - pruned >= PRUNE_S:
+                    await asyncio.to_thread(self.outbox.prune, target.key, self.clock.now() - KEEP)
+                    pruned = self.clock.monotonic()
                 wait = await asyncio.to_thread(self._idle_s, target)
             except Exception:
                 log.exception("webhook %s: round failed; trying again in %gs", target.label, POLL_S)
