@@ -119,6 +119,13 @@ def _env(tmp_path: Path, state: Path, server: FakeOpenRouter, **extra: str) -> d
     return env
 
 
+def _renewed_since(daemon: DaemonProcess, task_id: int) -> bool:
+    """The task's lease runs past the daemon's "now" read before it: renewed meanwhile (the 2 s lease
+    read first would have run out while a slow `ohd status` of a loaded machine ran)."""
+    now = datetime.fromisoformat(daemon.json("status")["now"])
+    return datetime.fromisoformat(_task(daemon, task_id)["lease_until"]) > now
+
+
 def _client(env: dict[str, str]) -> Client:
     return Client(Path(env["OHD_RUNTIME_DIR"]) / "ohd.sock", timeout=60.0)
 
@@ -284,8 +291,7 @@ def test_lease_renewals_refused_by_a_full_state_dir_start_again_once_space_is_ba
         wait_for(lambda: not _alive(daemon) or datetime.fromisoformat(daemon.json("status")["now"])
                  > lease_until + timedelta(seconds=2), what="the lease to run out while the disk is full")
         state.free()
-        wait_for(lambda: not _alive(daemon) or datetime.fromisoformat(_task(daemon, task_id)["lease_until"])
-                 > datetime.fromisoformat(daemon.json("status")["now"]), what="the lease renewed again")
+        wait_for(lambda: not _alive(daemon) or _renewed_since(daemon, task_id), what="the lease renewed again")
         assert _alive(daemon), log.read_text()
         gate.set()
         task = wait_for(lambda: _settled(daemon, task_id), what="the task to complete")
