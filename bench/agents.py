@@ -133,7 +133,7 @@ def main() -> int:
                     llama = LlamaServer(python, gguf_path(python), free_port(), Path(tmp) / "llama.log")
                     llama.start()
                     try:
-                        results.append(run_one(agent, server, llama.url, [ALIAS], Path(tmp), lambda: None,
+                        results.append(run_one(agent, server, llama.url + "/v1", [ALIAS], Path(tmp), lambda: None,
                                                python_for(agent)))
                     finally:
                         llama.kill()

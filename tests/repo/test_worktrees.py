@@ -36,6 +36,19 @@ def test_a_worktree_is_detached_at_the_base_commit_and_leaves_the_working_copy_a
     assert git(repo, "rev-parse", "HEAD").strip() == base
 
 
+def test_an_agents_own_files_and_folders_are_not_its_change(repo: Path, tmp_path: Path) -> None:
+    """Aider leaves `.aider.chat.history.md` and a `.aider.tags.cache.v4/` folder: neither is part of
+    the diff (a run against llama.cpp that got no answer at all was accepted on that folder alone)."""
+    wt, base = worktree_of(repo, tmp_path)
+    (wt / ".aider.chat.history.md").write_text("# chat\n")
+    (wt / ".aider.tags.cache.v4").mkdir()
+    (wt / ".aider.tags.cache.v4" / "cache.db").write_bytes(b"SQLite format 3\x00")
+    assert worktrees.diff(wt, base, (".aider*",)) == ""
+    (wt / "shop" / "new.py").write_text("x = 2\n")
+    patch = worktrees.diff(wt, base, (".aider*",))
+    assert "shop/new.py" in patch and ".aider" not in patch
+
+
 def test_remove_forgets_the_worktree_in_its_repo(repo: Path, tmp_path: Path) -> None:
     wt, _ = worktree_of(repo, tmp_path)
     layout.run_file(wt, layout.PROMPT_SUFFIX).write_text("do it")

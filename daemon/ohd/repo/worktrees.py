@@ -136,7 +136,9 @@ def sweep(state_dir: Path, keep: Collection[str] = ()) -> list[str]:
 def diff(worktree: Path, commit: str, leftovers: Sequence[str] = ()) -> str:
     """Everything the agent changed, staged: `git add -A` (but the `leftovers` globs: an agent's own
     state files), then `git diff --cached --binary <commit>`."""
-    _git(worktree, "add", "-A", "--", ".", *(f":(exclude,glob){glob}" for glob in leftovers))
+    # a glob pathspec names paths, not the files under a folder it matches: `<glob>/**` is those
+    excluded = [f":(exclude,glob){pattern}" for glob in leftovers for pattern in (glob, f"{glob}/**")]
+    _git(worktree, "add", "-A", "--", ".", *excluded)
     raw = _git(worktree, "diff", "--cached", "--binary", "--no-color", "--no-ext-diff", commit).stdout
     try:
         return raw.decode("utf-8")
