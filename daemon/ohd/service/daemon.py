@@ -81,6 +81,7 @@ from ohd.service.reload import Reloader
 from ohd.service.server import ApiServer
 from ohd.service.status import StatusView
 from ohd.service.web.listener import WebListener
+from ohd.service.web.pages import page_routes
 from ohd.store.agentruns import AgentRuns
 from ohd.store.calls import CallHistory
 from ohd.store.fleet import Fleet, new_daemon_id, worker_prefix
@@ -202,8 +203,11 @@ class Daemon:
             server.start()
             stack.callback(server.stop)
             if (address := self.settings.http_address) is not None:
-                web = WebListener(*address, statedir.web_token(layout.web_token_path(self.settings.state_dir)),
-                                  server.dispatch, metrics_text, metrics_public=self.settings.http_metrics_public)
+                token = statedir.web_token(layout.web_token_path(self.settings.state_dir))
+                pages = page_routes(server.dispatch, CallHistory(self.store.db).for_task,
+                                    AgentRuns(self.store.db).accepted_diff, token)
+                web = WebListener(*address, token, server.dispatch, metrics_text,
+                                  metrics_public=self.settings.http_metrics_public, pages=pages)
                 await web.start()
                 stack.push_async_callback(web.stop)
             log.info("ohd %s ready: pid %d, %d worker(s), models %s, repos %s, socket %s", __version__,
