@@ -47,7 +47,8 @@ _LIST_KEYS = {"models", "repos", "paid_models"}
 # `OHD_*` variables ohd reads that are no setting: the config file's path, the git hooks' switch
 # (`OHD_HOOKS=off`), the test suite's PostgreSQL
 # and the agent runners' proxy token in an agent's environment
-NOT_SETTINGS = frozenset({"OHD_CONFIG", "OHD_HOOKS", "OHD_TEST_POSTGRES_URL", "OHD_AGENT_KEY"})
+NOT_SETTINGS = frozenset({"OHD_CONFIG", "OHD_HOOKS", "OHD_TEST_POSTGRES_URL", "OHD_AGENT_KEY",
+                          "OHD_DASHBOARD_SCREENSHOTS"})   # the dashboard test saves its screenshots there
 # JSON objects in OHD_* variables
 _DICT_KEYS = {"rate_limits", "daily_limits", "model_priors", "model_tags", "rule_levels", "agents", "webhooks"}
 
