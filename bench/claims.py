@@ -36,7 +36,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import quote
 
 import platformdirs
 
@@ -45,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from ohd.core.taskfile import TaskSpec  # noqa: E402
 from ohd.store.store import Store, open_database  # noqa: E402
+from tests.support.databases import postgres_schema  # noqa: E402
 
 HUEY = "huey==3.5.4"
 LEASE = timedelta(minutes=10)
@@ -60,20 +60,8 @@ def database(backend: str, tmp: Path, postgres_url: str) -> Iterator[str]:
         path = tmp / f"ohd-{uuid.uuid4().hex[:8]}.db"
         yield f"sqlite:///{path}"
         return
-    import psycopg2
-
-    schema = f"ohd_bench_{uuid.uuid4().hex[:12]}"
-    admin = psycopg2.connect(postgres_url)
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cur:
-            cur.execute(f'CREATE SCHEMA "{schema}"')
-        sep = "&" if "?" in postgres_url else "?"
-        yield f"{postgres_url}{sep}options={quote(f'-c search_path={schema}')}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        admin.close()
+    with postgres_schema(postgres_url, prefix="ohd_bench") as url:
+        yield url
 
 
 def fill(url: str, tasks: int) -> None:

@@ -27,16 +27,24 @@ def database_url(backend: str, tmp_path: Path) -> Iterator[str]:
     if backend == "sqlite":
         yield f"sqlite:///{tmp_path / 'state' / 'ohd.db'}"
         return
+    with postgres_schema(POSTGRES_URL) as url:
+        yield url
+
+
+@contextmanager
+def postgres_schema(server_url: str, prefix: str = "ohd_test") -> Iterator[str]:
+    """A URL of `server_url` whose search_path is a fresh schema (its name begins with `prefix`),
+    dropped with everything in it afterwards."""
     import psycopg2
 
-    schema = f"ohd_test_{uuid.uuid4().hex[:12]}"
-    admin = psycopg2.connect(POSTGRES_URL)
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = psycopg2.connect(server_url)
     admin.autocommit = True
     try:
         with admin.cursor() as cur:
             cur.execute(f'CREATE SCHEMA "{schema}"')
-        sep = "&" if "?" in POSTGRES_URL else "?"
-        yield f"{POSTGRES_URL}{sep}options={quote(f'-c search_path={schema}')}"
+        sep = "&" if "?" in server_url else "?"
+        yield f"{server_url}{sep}options={quote(f'-c search_path={schema}')}"
     finally:
         with admin.cursor() as cur:
             cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
