@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -178,7 +179,8 @@ def test_chat_formats(store: Store, clock: FakeClock, receiver: Receiver, fmt: s
 
 
 def test_a_hanging_hook_does_not_delay_another(tmp_path: Path, receiver: Receiver) -> None:
-    """A hook that accepts the connection and never answers waits out its timeout alone."""
+    """A hook that accepts the connection and never answers waits out its timeout alone: the other
+    hook's event is delivered while the hung one's request is still open (not failed yet)."""
     asyncio.run(hanging_hook(tmp_path, receiver))
 
 
@@ -186,21 +188,34 @@ async def hanging_hook(tmp_path: Path, receiver: Receiver) -> None:
     store = open_store(tmp_path / "ohd.db")
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
-    hole.listen(8)                                       # connections queue, nobody reads them
+    hole.listen(8)
+    held: list[socket.socket] = []        # connections accepted and never read or answered
+
+    def hold() -> None:
+        while True:
+            try:
+                held.append(hole.accept()[0])
+            except OSError:
+                return
+    threading.Thread(target=hold, daemon=True).start()
     hang, good = Target(f"http://127.0.0.1:{hole.getsockname()[1]}/hook"), Target(receiver.url)
     clock = SystemClock()
     with_hooks(store, hang, good)
     stop = asyncio.Event()
     async with sender.http_client() as http:
-        s = Sender(Outbox(store.db), http, clock, [hang, good], Retry(timeout_s=20))
+        s = Sender(Outbox(store.db), http, clock, [hang, good], Retry(timeout_s=600))
         running = asyncio.ensure_future(s.run(stop))
-        await asyncio.sleep(1.5)                         # the hung hook is now waiting on its first round
         finish(store, FakeClock(clock.now()))
         began = time.monotonic()
-        while not receiver.delivered():
+        while not (held and receiver.delivered()):   # a hang bound far below the hung hook's 600 s timeout
             await asyncio.sleep(0.05)
-            assert time.monotonic() - began < 15, "the good hook waited for the hung one"
+            assert time.monotonic() - began < 300, "the good hook was not delivered"
+        views = {v["key"]: v for v in Outbox(store.db).summary([hang.key, good.key])}
         stop.set()
         running.cancel()
+    for conn in held:
+        conn.close()
     hole.close()
+    assert views[hang.key]["pending"] == 1 and views[hang.key]["last_error"] is None, views   # still waiting
+    assert views[good.key]["delivered"] == 1, views
     assert json.loads(receiver.delivered()[0].body)["event"] == events.TASK_COMPLETED

@@ -79,7 +79,7 @@ def test_an_agent_that_hangs_is_killed_at_its_limit_with_its_grandchild(tmp_path
     assert done.timed_out and done.code is None and done.stdout == "started\n"
     assert time.monotonic() - started < 30
     grandchild = int(pids.read_text())
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60     # a hang bound: a killed process is gone at once
     while alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not alive(grandchild)
@@ -100,7 +100,7 @@ def test_a_cancel_kills_the_group(tmp_path: Path) -> None:
 
     asyncio.run(cancelled())     # SIGTERM is ignored by the agent: SIGKILL after the grace
     grandchild = int(pids.read_text())
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60     # a hang bound: a killed process is gone at once
     while alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not alive(grandchild)
