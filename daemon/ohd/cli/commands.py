@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -154,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="the task-file reference table (as in the README)")
     p = command("rules", cmd_rules, "standing rules with their next firing and last task (reads the store)")
     p.add_argument("--repo", action="append", type=Path, help="a repo (repeatable; default: the configured ones)")
+    p = command("db", cmd_db, "the database: migrate (create or upgrade the schema), copy every table to another "
+                "database (e.g. PostgreSQL), check its integrity (exit 1 on a problem)")
+    p.add_argument("action", choices=("migrate", "copy", "check"))
+    p.add_argument("--url", help="migrate, check: the database (default: the configured one)")
+    p.add_argument("--to", metavar="URL", help="copy: the target (postgresql://... or sqlite:///...)")
+    p.add_argument("--from", dest="source", metavar="URL", help="copy: the source (default: the configured one)")
+    p.add_argument("--replace", action="store_true", help="copy: delete the target's rows first")
     p = command("demo", cmd_demo, "run ohd on a small temp repo and show what happened", json_flag=False)
     p.add_argument("--keep", action="store_true", help="keep the temp repo")
     return parser
@@ -511,6 +519,79 @@ def cmd_schema(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(json.dumps(taskfile.json_schema(), indent=2))
     return EXIT_OK
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    if args.action == "copy" and not args.to:
+        raise ConfigError("ohd db copy needs --to URL (the target database)")
+    if args.action != "copy" and (args.to or args.source or args.replace):
+        raise ConfigError("--to, --from and --replace are flags of ohd db copy")
+    return {"migrate": cmd_db_migrate, "copy": cmd_db_copy, "check": cmd_db_check}[args.action](args)
+
+
+def _database(args: argparse.Namespace, url: str | None) -> Any:
+    """The peewee database of `url`, or of the configured one (not migrated)."""
+    from ohd.store.store import open_database
+
+    conf = settings(args)
+    return open_database(url or conf.database)
+
+
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    from ohd.store import schema
+
+    db = _database(args, args.url)
+    done = schema.migrate(db)
+    version = schema.applied(db)[-1]
+    emit({"applied": done, "version": version}, args.json,
+         lambda d: "\n".join([f"applied {name}" for name in d["applied"]]
+                             + [f"the schema is up to date ({d['version']})"]))
+    return EXIT_OK
+
+
+def cmd_db_copy(args: argparse.Namespace) -> int:
+    from ohd.clock import SystemClock
+    from ohd.store import admin, schema
+    from ohd.store.fleet import ALIVE, Fleet
+
+    conf = settings(args)
+    source, target = _database(args, args.source), _database(args, args.to)
+    if schema.applied(source):
+        alive = [info.id for info in Fleet(source).daemons(SystemClock().now(), timedelta(seconds=conf.daemon_lost_s))
+                 if info.state == ALIVE]
+        if alive:
+            raise OhdError(f"daemon(s) {', '.join(alive)} run on the source: stop them first (what they "
+                           "write during the copy would not be copied)")
+    try:
+        copied = admin.copy(source, target, replace=args.replace)
+    except admin.TargetNotEmpty as exc:
+        raise OhdError(f"{target.where} is not empty ({exc}); give --replace to delete its rows first") from None
+    where = getattr(target, "where", args.to)
+    emit({"target": where, "source_counts": copied.source, "target_counts": copied.target,
+          "verified": copied.verified}, args.json,
+         lambda d: "\n".join([f"{name:16} {count:>8}" + ("" if d["target_counts"][name] == count
+                                                          else f"  target has {d['target_counts'][name]}")
+                              for name, count in d["source_counts"].items()]
+                             + [f"copied {copied.rows} row(s) to {where}: "
+                                + ("every table's count matches" if d["verified"] else "COUNTS DIFFER")]
+                             + ([f"to use it: database_url = \"{args.to}\" in the config file (or "
+                                 "OHD_DATABASE_URL), then start the daemons"] if d["verified"] else [])))
+    return EXIT_OK if copied.verified else EXIT_ERROR
+
+
+def cmd_db_check(args: argparse.Namespace) -> int:
+    from ohd.clock import SystemClock
+    from ohd.store import admin
+
+    conf = settings(args)
+    checked = admin.check(_database(args, args.url), SystemClock().now(), timedelta(seconds=conf.daemon_lost_s))
+    emit(checked.as_dict(), args.json, lambda d: "\n".join(
+        [f"schema: {d['version'] or 'none'}" + (f" ({len(d['missing'])} migration(s) missing)" if d["missing"]
+                                                 else "")]
+        + [f"{name:16} {count:>8}" for name, count in d["counts"].items()]
+        + [f"problem: {problem}" for problem in d["problems"]]
+        + ["ok" if d["ok"] else f"{len(d['problems'])} problem(s)"]))
+    return EXIT_OK if checked.ok else EXIT_ERROR
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -12,7 +12,8 @@ Datetimes are stored one way (`fields.UtcDateTimeField`): aware UTC in, naive UT
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from enum import StrEnum
@@ -419,20 +420,43 @@ def applied(db: peewee.Database) -> list[str]:
 
 def migrate(db: peewee.Database, steps: Sequence[tuple[str, migrations.Migration]] = MIGRATIONS) -> list[str]:
     """Apply every step not yet recorded, each in one transaction with its record; returns the names
-    applied now (idempotent). Two processes never migrate at once (the writer lock; on PostgreSQL an
-    advisory lock). `steps` is the history; tests pass a longer one to prove atomicity."""
+    applied now (idempotent). One process migrates at a time: on SQLite each step holds the writer
+    lock; on PostgreSQL the whole run holds a session advisory lock (`pg_advisory_lock`, keyed by the
+    schema), so a daemon starting beside another that migrates waits for it, then finds nothing
+    left to do. `steps` is the history; tests pass a longer one to prove atomicity."""
     connect(db)
-    ledger = _bound(SchemaMigrationRow, db)
-    done_now: list[str] = []
-    for name, step in steps:
-        if name in applied(db):
-            continue    # a read first: every command migrates, and an applied step must not queue for the lock
-        with atomic_write(db, lock=_MIGRATE_LOCK):
-            ledger.create_table(safe=True)
-            if ledger.select().where(ledger.name == name).exists():
+    if all(name in applied(db) for name, _ in steps):
+        return []    # a read first: every command migrates, and an up-to-date schema must not queue for a lock
+    with _migrating(db):
+        ledger = _bound(SchemaMigrationRow, db)
+        done_now: list[str] = []
+        for name, step in steps:
+            if name in applied(db):
                 continue
-            step(db)
-            ledger.insert(name=name).execute()
-        log.info("schema migration %s applied", name)
-        done_now.append(name)
-    return done_now
+            with atomic_write(db):
+                ledger.create_table(safe=True)
+                if ledger.select().where(ledger.name == name).exists():
+                    continue
+                step(db)
+                ledger.insert(name=name).execute()
+            log.info("schema migration %s applied", name)
+            done_now.append(name)
+        return done_now
+
+
+@contextmanager
+def _migrating(db: peewee.Database) -> Iterator[None]:
+    """PostgreSQL: hold the migrations' advisory lock of this schema for the block (waiting for
+    another process that holds it, with a log line); SQLite: nothing (each step takes the writer lock)."""
+    if isinstance(db, peewee.SqliteDatabase):
+        yield
+        return
+    run = cast(Any, db).execute_sql
+    key = (_MIGRATE_LOCK,)     # with the schema's hash: the tests' schemas on one database do not wait for each other
+    if not run("SELECT pg_try_advisory_lock(%s, hashtext(current_schema()))", key).fetchone()[0]:
+        log.info("another process is migrating this schema; waiting for it")
+        run("SELECT pg_advisory_lock(%s, hashtext(current_schema()))", key)
+    try:
+        yield
+    finally:
+        run("SELECT pg_advisory_unlock(%s, hashtext(current_schema()))", key)
