@@ -73,7 +73,8 @@ base_url, target, key = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3]).read
 assert key not in os.environ.values() and key not in pathlib.Path(sys.argv[4]).read_text()
 assert not any(key in str(p.read_bytes()) for p in pathlib.Path(".").rglob("*") if p.is_file())
 request = urllib.request.Request(base_url + "/chat/completions", method="POST", data=json.dumps(
-    {"model": "whatever", "messages": [{"role": "user", "content": "name a constant"}]}).encode(),
+    {"model": "whatever", "messages": [{"role": "user", "content": "name a constant"}], "temperature": 0.5,
+     "tools": [{"type": "function", "function": {"name": "finish", "parameters": {"type": "object"}}}]}).encode(),
     headers={"Authorization": "Bearer " + os.environ["OHD_AGENT_KEY"], "Content-Type": "application/json"})
 answer = json.load(urllib.request.urlopen(request, timeout=60))
 path = pathlib.Path(target)
@@ -114,9 +115,11 @@ def test_an_agents_requests_go_through_the_governor_and_rotate_on_429(tmp_path: 
         finally:
             assert daemon.stop() == 0
         sent = [request.model for request in server.completions()]
+        relayed = server.completions()[-1].body
         assert all(request.headers.get("authorization") == f"Bearer {key}" for request in server.completions())
     assert shown["status"] == "completed", (shown["error"], (tmp_path / "daemon.log").read_text()[-3000:])
     assert sent == [a, b]                                          # the 429, then the next model
+    assert relayed["temperature"] == 0.5 and relayed["tools"][0]["function"]["name"] == "finish"   # sent on whole
     assert "+ANSWER = '42'" in diff and key not in diff
     store = open_store(tmp_path / "state" / "ohd.db")
     try:

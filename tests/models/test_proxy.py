@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from ohd.core.routing import Policy
@@ -20,7 +21,7 @@ from ohd.store.quotas import Governor
 from ohd.store.store import Store
 from tests.support.clock import FakeClock
 from tests.support.fake_openrouter import KEY as ECHO_KEY
-from tests.support.fake_openrouter import FakeOpenRouter, error, ok, rate_limited
+from tests.support.fake_openrouter import FakeOpenRouter, error, ok, rate_limited, tool_calls
 from tests.support.proxied import HELLO, KEY, Rig
 
 A, B = "vendor/model-a", "vendor/model-b"
@@ -258,3 +259,143 @@ def test_the_proxy_leaves_the_daemons_signal_handlers_alone(store: Store, server
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "str_replace_editor", "description": "Edit a file",
+    "parameters": {"type": "object", "properties": {"path": {"type": "string"}, "new_str": {"type": "string"}},
+                   "required": ["path"]}}}]
+EDIT_ARGS = {"path": "shop/pricing.py", "new_str": "ADDED = 1\n"}
+
+
+def agent(rig: Rig, grant: Any) -> openai.AsyncOpenAI:
+    """The OpenAI SDK as an agent uses it (OpenHands and Aider reach models through it, via LiteLLM)."""
+    return openai.AsyncOpenAI(base_url=rig.proxy.base_url, api_key=grant.token, max_retries=0, timeout=30)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_agents_tool_calls_come_back_through_the_proxy(store: Store, server: FakeOpenRouter, clock: FakeClock,
+                                                          stream: bool) -> None:
+    """A request with tools is sent on whole (tools, tool_choice and sampling settings arrive at the
+    server, the model is the governor's), and the answer's tool calls come back as the server sent
+    them, as JSON and as OpenAI's stream chunks (read by the OpenAI SDK's own stream accumulator);
+    the next request carries the tool's result, and both are counted as agent requests."""
+    server.script(A, [tool_calls([("str_replace_editor", EDIT_ARGS), ("finish", {})], prompt_tokens=40,
+                                 completion_tokens=9),
+                      ok("done", prompt_tokens=50, completion_tokens=1)])
+    found: dict[str, Any] = {}
+
+    async def scenario(rig: Rig) -> None:
+        grant = rig.open()
+        client = agent(rig, grant)
+        asked: dict[str, Any] = {"model": "openai/gpt-4o", "messages": HELLO, "tools": TOOLS, "tool_choice": "auto",
+                                 "temperature": 0.3, "max_tokens": 321, "stop": ["</done>"], "seed": 7}
+        if stream:
+            async with client.chat.completions.stream(**asked) as events:
+                async for _ in events:
+                    pass
+                first = await events.get_final_completion()
+        else:
+            first = await client.chat.completions.create(**asked)
+        found["first"] = first
+        message = first.choices[0].message
+        follow_up = [*HELLO, message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "edited"}]
+        found["second"] = await client.chat.completions.create(
+            model="openai/gpt-4o", messages=follow_up, tools=TOOLS, stream=False)
+        found["grant"] = (grant.requests, list(grant.models_used))
+
+    rig = drive(store, server, clock, [A, B], scenario)
+    first = found["first"]
+    assert first.model == A and first.choices[0].finish_reason == "tool_calls"
+    calls = first.choices[0].message.tool_calls
+    assert [(c.id, c.type, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("call_0", "function", "str_replace_editor", EDIT_ARGS), ("call_1", "function", "finish", {})]
+    assert not first.choices[0].message.content
+    assert (first.usage.prompt_tokens, first.usage.completion_tokens) == (40, 9)
+    assert found["second"].choices[0].message.content == "done" and found["grant"] == (2, [A])
+    sent, again = [r.body for r in server.completions()]
+    assert sent["model"] == A and "stream" not in sent and sent["usage"] == {"include": True}
+    assert (sent["tools"], sent["tool_choice"], sent["temperature"], sent["max_tokens"], sent["stop"],
+            sent["seed"]) == (TOOLS, "auto", 0.3, 321, ["</done>"], 7)
+    assert sent["messages"] == HELLO
+    assert again["messages"][2]["tool_calls"][0]["function"] == {"name": "str_replace_editor",
+                                                                  "arguments": json.dumps(EDIT_ARGS)}
+    assert again["messages"][3] == {"role": "tool", "tool_call_id": "call_0", "content": "edited"}
+    assert again["max_tokens"] == 4096                  # no bound given: ohd's own
+    executions = store.executions(rig.task_id)
+    assert [(e.model, e.outcome, e.prompt_tokens) for e in executions] == [(A, "agent_request", 40),
+                                                                          (A, "agent_request", 50)]
+    calls_kept = CallHistory(store.db).for_task(rig.task_id)
+    assert "[tool call] str_replace_editor" in calls_kept[0]["response"]
+    assert "[tool call] str_replace_editor" in calls_kept[1]["prompt"] and "edited" in calls_kept[1]["prompt"]
+
+
+def test_the_stream_of_a_tool_call_answer_is_openais_chunks(store: Store, server: FakeOpenRouter,
+                                                            clock: FakeClock) -> None:
+    """The chunks themselves: the role first, each tool call with its index, id, name and arguments,
+    the finish reason with the usage last, then [DONE]."""
+    server.script(A, [tool_calls([("str_replace_editor", EDIT_ARGS)], content="Editing.")])
+
+    async def scenario(rig: Rig) -> None:
+        answer = await rig.post(rig.open().token, {"messages": HELLO, "tools": TOOLS, "stream": True})
+        assert answer.status_code == 200, answer.text
+        events = sse_events(answer)
+        assert events[-1] == "[DONE]"
+        deltas = [json.loads(event)["choices"][0] for event in events[:-1]]
+        assert deltas[0]["delta"] == {"role": "assistant", "content": "Editing."}
+        assert deltas[1]["delta"] == {"tool_calls": [{"index": 0, "id": "call_0", "type": "function", "function": {
+            "name": "str_replace_editor", "arguments": json.dumps(EDIT_ARGS)}}]}
+        assert [d["finish_reason"] for d in deltas] == [None, None, "tool_calls"]
+        assert "usage" in json.loads(events[-2])
+
+    drive(store, server, clock, [A], scenario)
+
+
+def test_response_format_and_other_parameters_arrive_and_fallbacks_do_not(store: Store, server: FakeOpenRouter,
+                                                                          clock: FakeClock) -> None:
+    """Every field of the agent's request goes to the server but those that would route around the
+    governor (`models`, `route`) or that the proxy answers itself (`stream`, `stream_options`)."""
+    fields = {"response_format": {"type": "json_object"}, "top_p": 0.9, "presence_penalty": 0.1,
+              "max_completion_tokens": 99, "parallel_tool_calls": False, "user": "agent-1",
+              "provider": {"order": ["FakeProvider"]}, "usage": {"include": False}}
+
+    async def scenario(rig: Rig) -> None:
+        answer = await rig.post(rig.open().token, {"model": "x", "messages": HELLO, **fields, "models": [B],
+                                                   "route": "fallback", "stream": True,
+                                                   "stream_options": {"include_usage": True}})
+        assert answer.status_code == 200, answer.text
+
+    drive(store, server, clock, [A, B], scenario)
+    [sent] = [r.body for r in server.completions()]
+    assert sent == {"model": A, "messages": HELLO, **fields, "usage": {"include": True}}
+
+
+def test_a_model_without_tool_support_refuses_and_the_next_answers(store: Store, server: FakeOpenRouter,
+                                                                   clock: FakeClock) -> None:
+    """OpenRouter's 404 "No endpoints found that support tool use" is that model refusing this
+    request, not a model gone: the next candidate answers, and the first stays alive."""
+    server.script(A, [error(404, "No endpoints found that support tool use. Try disabling \"tool_choice\".")])
+    server.script(B, [tool_calls([("finish", {})])])
+
+    async def scenario(rig: Rig) -> None:
+        answer = await rig.post(rig.open().token, {"messages": HELLO, "tools": TOOLS})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "finish"
+
+    drive(store, server, clock, [A, B], scenario)
+    assert Governor(store).dead_models() == []
+
+
+def test_a_tool_call_repeating_the_key_is_not_relayed(store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    """The key check covers the whole relayed answer, tool call arguments too: that answer is not used."""
+    server.script(A, [tool_calls([("run", {"command": f"echo {ECHO_KEY}"})])])
+    server.script(B, [tool_calls([("run", {"command": "ls"})])])
+
+    async def scenario(rig: Rig) -> None:
+        answer = await rig.post(rig.open().token, {"messages": HELLO, "tools": TOOLS})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"] == B and KEY not in answer.text
+
+    drive(store, server, clock, [A, B], scenario)
+    assert [(e.model, e.outcome) for e in store.executions(1)] == [(A, "malformed"), (B, "agent_request")]

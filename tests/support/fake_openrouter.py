@@ -16,7 +16,9 @@ Each model has a queue of answers; when it is empty the server gives `default`
 (an `ok(...)` answer unless changed); `script_catalogue` queues answers for `GET /models`
 the same way (then the list of `models`). `rate_limit(n, window_s)` makes it enforce a
 per-model sliding window (a 429 with `X-RateLimit-*` headers, reset in ms epoch), and
-`latency_s` delays every answer. An answer may echo what the client sent: `AUTH`
+`latency_s` delays every answer. `tool_calls(...)` answers with calls of the request's tools
+(content None, `finish_reason` "tool_calls"); every request's body is kept whole (`requests`),
+so a test sees the parameters that arrived. An answer may echo what the client sent: `AUTH`
 (the `Authorization` header), `KEY` (its bearer token), `KEY_TAIL` (the token after its
 last '-') and `KEY_URL` (URL-encoded) are replaced in its body and header values;
 `echo_key(...)` is an error that does so, `redirect(location)` a 3xx. Besides answers, a
@@ -112,6 +114,20 @@ def ok(content: str = DEFAULT_CONTENT, *, prompt_tokens: int = 100, completion_t
         if cost is not None:
             body["usage"]["cost"] = cost
     return Answer(json=body)
+
+
+def tool_calls(calls: Iterable[tuple[str, dict[str, Any]]], *, content: str | None = None,
+               prompt_tokens: int = 120, completion_tokens: int = 30, cost: float | None = 0.0) -> Answer:
+    """An answer that calls tools (OpenAI's shape, as OpenRouter relays it): `calls` are (function
+    name, arguments), each with an id `call_<n>` and its arguments as a JSON string; `content`
+    beside them (None, as most models send); `finish_reason` "tool_calls"."""
+    answer = ok("", prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=cost,
+                finish_reason="tool_calls")
+    message = {"role": "assistant", "content": content, "tool_calls": [
+        {"id": f"call_{n}", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+        for n, (name, arguments) in enumerate(calls)]}
+    answer.json["choices"][0]["message"] = message
+    return answer
 
 
 def error(status: int, message: str, *, headers: Iterable[tuple[str, str]] = (),

@@ -5,7 +5,9 @@ ModelClient against the fake OpenRouter, on a real SQLite store, and the real ag
         grant = rig.open()                       # one agent run's session (token)
         answer = await rig.post(grant.token, {"messages": [...]})
 
-`rig.task` is the task the requests are filed under; `rig.http` a real HTTP client for the proxy.
+`rig.task` is the task the requests are filed under; `rig.http` a real HTTP client for the proxy. As
+in the daemon, the requests are relayed whole (`ModelClient.relay`: tools, parameters, tool calls back);
+`relay=False` sends only their text through the pool's caller (as offline).
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ class Rig:
     """Store, fake server, pool and proxy for one test (an async context: the proxy runs in its loop)."""
 
     def __init__(self, store: Store, server: FakeOpenRouter, clock: Clock, models: list[str], *,
-                 policy: Policy | None = None, hold_s: float = 1.0, repo: str = "/tmp/ohd-proxy-test-repo") -> None:
+                 policy: Policy | None = None, hold_s: float = 1.0, repo: str = "/tmp/ohd-proxy-test-repo",
+                 relay: bool = True) -> None:
         self.store, self.server, self.clock, self.models = store, server, clock, models
+        self.relaying = relay
         self.policy = policy or Policy(free_rpm=None, free_rpd=None)
         self.hold_s = hold_s
         self.task_id = store.enqueue(repo, TaskSpec.model_validate(
@@ -53,6 +57,7 @@ class Rig:
         async def call(model: str, messages: list[dict[str, str]], timeout_s: float, job: Job) -> Completion:
             return await client.complete(model, messages, timeout_s)
 
+        self.relay = client.relay if self.relaying else None
         self.pool = Pool(self.store, call, self.clock, models=self.models, size=1, policy=self.policy,
                          hold_s=self.hold_s)
         await self.proxy.start()
@@ -71,7 +76,7 @@ class Rig:
         task = self.task
 
         async def forward(messages: list[dict[str, Any]], params: dict[str, Any]) -> Completion:
-            return await governed_call(self.pool, task, candidates, messages, params, 30.0)
+            return await governed_call(self.pool, task, candidates, messages, params, 30.0, relay=self.relay)
 
         return self.proxy.open(forward, candidates)
 

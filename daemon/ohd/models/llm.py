@@ -66,6 +66,13 @@ MAX_COOLDOWN = timedelta(hours=1)
 LIST_MODELS_TIMEOUT_S = 30.0
 MAX_MESSAGE_CHARS = 400   # of an error message (cut after the key is masked: no piece of it stays)
 OFFLINE_MODEL = "offline"
+# What of an agent's request `ModelClient.relay` does not send on: the model is the governor's choice,
+# the answer is asked for whole (the proxy streams it to the agent), and OpenRouter's own fallbacks
+# (`models`, `route`) would send the request to models the governor never chose
+NOT_RELAYED = frozenset({"model", "messages", "stream", "stream_options", "models", "route"})
+# A 404 for a request a model cannot serve as asked (OpenRouter: "No endpoints found that support
+# tool use"): that model refuses this request, it is not gone
+UNSUPPORTED = re.compile(r"no endpoints? found that supports?\b", re.IGNORECASE)
 # How servers word a prompt that does not fit (llama.cpp, OpenAI, vLLM, OpenRouter, Ollama)
 CONTEXT_OVERFLOW = re.compile(r"context (size|length|window)|maximum context|too many tokens|prompt is too long"
                               r"|input is too long|exceeds the (available )?context", re.IGNORECASE)
@@ -85,6 +92,9 @@ class Completion:
     finish_reason: str | None
     generation_id: str | None
     served: str | None = None
+    # a relayed request's answer (`ModelClient.relay`): the server's choices as it sent them (the
+    # message with its tool calls, the finish reason); None for ohd's own calls
+    choices: tuple[dict[str, Any], ...] | None = None
 
     @property
     def answered_by(self) -> str:
@@ -204,12 +214,32 @@ class ModelClient:
 
     async def complete(self, model: str, messages: list[dict[str, str]], timeout_s: float) -> Completion:
         """Ask `model`; transient failures are retried `retries` times, then raised."""
+        body = {"model": model, "messages": messages, "max_tokens": self.max_tokens,
+                "temperature": self.temperature, "usage": {"include": True}}
+        return await self._retried(model, body, timeout_s, relayed=False)
+
+    async def relay(self, model: str, messages: list[dict[str, Any]], params: Mapping[str, Any],
+                    timeout_s: float) -> Completion:
+        """Ask `model` an agent's request as it came: its messages whole (tool calls and tool results
+        included) and its other fields (`tools`, `tool_choice`, `temperature`, `max_tokens`, `stop`,
+        `response_format`, ...) sent on, but for `NOT_RELAYED`; `max_tokens` is ohd's when the agent
+        sets no bound. The answer's choices come back as the server sent them (`Completion.choices`):
+        an answer that is only tool calls is an answer. Retried, classified and logged as `complete`."""
+        body = {name: value for name, value in params.items() if name not in NOT_RELAYED}
+        body["model"], body["messages"] = model, messages
+        usage = body.get("usage")
+        body["usage"] = {**usage, "include": True} if isinstance(usage, dict) else {"include": True}
+        if "max_tokens" not in body and "max_completion_tokens" not in body:
+            body["max_tokens"] = self.max_tokens
+        return await self._retried(model, body, timeout_s, relayed=True)
+
+    async def _retried(self, model: str, body: dict[str, Any], timeout_s: float, *, relayed: bool) -> Completion:
         async for attempt in self._retrying():
             with attempt:
                 number = attempt.retry_state.attempt_number
                 if number > 1 and self.before_retry is not None:
                     await self.before_retry(model)      # a retry is one more request to the server
-                return await self._complete_once(model, messages, timeout_s, number)
+                return await self._complete_once(model, body, timeout_s, number, relayed=relayed)
         raise AssertionError("unreachable: tenacity re-raises the last failure")
 
     async def list_models(self) -> list[dict[str, Any]]:
@@ -229,17 +259,15 @@ class ModelClient:
             before_sleep=_log_retry,
         )
 
-    async def _complete_once(self, model: str, messages: list[dict[str, str]], timeout_s: float,
-                             attempt: int = 1) -> Completion:
+    async def _complete_once(self, model: str, body: dict[str, Any], timeout_s: float, attempt: int = 1, *,
+                             relayed: bool = False) -> Completion:
         """One request, logged once whatever its outcome."""
-        body = {"model": model, "messages": messages, "max_tokens": self.max_tokens,
-                "temperature": self.temperature, "usage": {"include": True}}
         started, seen = self.clock.monotonic(), self._rate_limits_seen.get(model, 0)
         try:
             response = await self._send(model, "POST", "/chat/completions", timeout_s, body)
             latency_ms = max(0, round((self.clock.monotonic() - started) * 1000))
             self._raise_for_status(model, response, seen)
-            completion = self._unechoed(_completion(model, response, latency_ms))
+            completion = self._unechoed(_completion(model, response, latency_ms, relayed))
         except (ModelError, asyncio.CancelledError) as exc:
             if isinstance(exc, ModelError):
                 self._redact(exc)   # before anything reads it: the log line, the store, a report
@@ -281,7 +309,8 @@ class ModelClient:
     def _unechoed(self, completion: Completion) -> Completion:
         """The answer, unless it repeats the key (a server or model echoing what it was sent, or a
         prompt injection at work): then nothing of it is used, stored or written."""
-        if any(isinstance(field, str) and self._redactor.holds(field) for field in astuple(completion)):
+        fields = [*astuple(completion), json.dumps(completion.choices) if completion.choices else None]
+        if any(isinstance(field, str) and self._redactor.holds(field) for field in fields):
             raise MalformedAnswer(completion.model, "the answer repeats the API key ohd sent; it is not used "
                                                     "(nor stored) and the model is asked again")
         return completion
@@ -332,6 +361,8 @@ class ModelClient:
         error = _status_error(status)
         if error is BadRequest and CONTEXT_OVERFLOW.search(message):
             error = ContextOverflow
+        if error is ModelGone and UNSUPPORTED.search(message):
+            error = Refused
         raise error(model, message)
 
 
@@ -437,8 +468,9 @@ def _error_message(body: Any, response: httpx.Response) -> str:
     return text.strip() or response.reason_phrase
 
 
-def _completion(model: str, response: httpx.Response, latency_ms: int) -> Completion:
-    """Turn a 2xx answer into a `Completion`, or raise: a 200 can still be a failure."""
+def _completion(model: str, response: httpx.Response, latency_ms: int, relayed: bool = False) -> Completion:
+    """Turn a 2xx answer into a `Completion`, or raise: a 200 can still be a failure. `relayed`: an
+    agent's request, whose answer may be tool calls alone and keeps its choices whole."""
     body = _json(response)
     if not isinstance(body, dict):
         raise MalformedAnswer(model, "the answer is not a JSON object")
@@ -451,8 +483,10 @@ def _completion(model: str, response: httpx.Response, latency_ms: int) -> Comple
     finish_reason = choice.get("finish_reason")
     if finish_reason == "error":
         raise ServerError(model, "the model stopped with finish_reason 'error'")
-    content = _content(choice.get("message"))
-    if not content.strip():
+    message = choice.get("message")
+    content = _content(message)
+    calls = relayed and isinstance(message, dict) and bool(message.get("tool_calls") or message.get("function_call"))
+    if not content.strip() and not calls:
         raise MalformedAnswer(model, f"the answer is empty (finish_reason {finish_reason!r})")
     usage: dict[str, Any] = body["usage"] if isinstance(body.get("usage"), dict) else {}
     generation_id, served = body.get("id"), body.get("model")
@@ -461,7 +495,8 @@ def _completion(model: str, response: httpx.Response, latency_ms: int) -> Comple
         completion_tokens=_count(usage.get("completion_tokens")), cost=_cost(usage.get("cost")),
         latency_ms=latency_ms, finish_reason=finish_reason if isinstance(finish_reason, str) else None,
         generation_id=generation_id if isinstance(generation_id, str) else None,
-        served=served.strip() if isinstance(served, str) and served.strip() else None)
+        served=served.strip() if isinstance(served, str) and served.strip() else None,
+        choices=tuple(c for c in choices if isinstance(c, dict)) if relayed else None)
 
 
 def _content(message: Any) -> str:

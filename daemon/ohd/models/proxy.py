@@ -10,9 +10,13 @@ key (the model client masks it in errors and refuses answers that repeat it).
 
 Routes: `POST /v1/chat/completions` (and `/chat/completions`), `GET /v1/models` (and `/models`). The
 `model` a request names is recorded but does not route: the session's governor decides, and the
-answer's `model` is the one that really answered. `stream: true` is answered as Server-Sent Events
-(one chunk with the whole content, one with the finish reason and usage, then `[DONE]`), because most
-agent clients stream by default. Only the text content passes, both ways (no tool calls). A
+answer's `model` is the one that really answered. The request's other fields (`tools`, `tool_choice`,
+`temperature`, `max_tokens`, `stop`, `response_format`, ...) go to `forward` as they came, and with a
+relaying forward (`governed.Relay`) on to the model server; its answer's choices come back as the
+server sent them (content, tool calls, finish reason). The model server is always asked for the whole
+answer; `stream: true` is answered as Server-Sent Events in OpenAI's chunk shape, because most agent
+clients stream by default: per choice a chunk with the role and content, one per tool call (its index,
+id, name and whole arguments), then one with the finish reason and usage, then `[DONE]`. A
 `ModelError` becomes its status through `errors.http_answer` (429 with `Retry-After` when no model can
 take a request before then). Runs inside the daemon's event loop (`models/asgi.py`: uvicorn's
 `Server.serve` as a task); the daemon keeps its own signal handlers.
@@ -214,19 +218,41 @@ class _Answer:
         return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                 "total_tokens": c.prompt_tokens + c.completion_tokens}
 
+    def _choices(self) -> list[dict[str, Any]]:
+        """The answer's choices: the server's as it sent them (a relayed request), else the text."""
+        c = self.completion
+        if not c.choices:
+            return [{"index": 0, "message": {"role": "assistant", "content": c.content},
+                     "finish_reason": c.finish_reason or "stop"}]
+        found = []
+        for n, choice in enumerate(c.choices):
+            message = choice.get("message")
+            message = {"role": "assistant", **message} if isinstance(message, dict) else {"role": "assistant"}
+            finish = choice.get("finish_reason") or ("tool_calls" if message.get("tool_calls") else "stop")
+            found.append({**choice, "index": choice.get("index", n), "message": message, "finish_reason": finish})
+        return found
+
     def body(self) -> dict[str, Any]:
         """The `chat.completion` object."""
-        return {**self._head("chat.completion"), "usage": self._usage(), "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": self.completion.content},
-            "finish_reason": self.completion.finish_reason or "stop"}]}
+        return {**self._head("chat.completion"), "usage": self._usage(), "choices": self._choices()}
 
     def events(self) -> bytes:
-        """The same answer as Server-Sent Events: the content, the finish reason with usage, `[DONE]`."""
-        chunks = [{**self._head("chat.completion.chunk"), "choices": [{
-                      "index": 0, "delta": {"role": "assistant", "content": self.completion.content},
-                      "finish_reason": None}]},
-                  {**self._head("chat.completion.chunk"), "usage": self._usage(), "choices": [{
-                      "index": 0, "delta": {}, "finish_reason": self.completion.finish_reason or "stop"}]}]
+        """The same answer as Server-Sent Events (OpenAI's chunks): per choice its role and content
+        (and any other field of its message), one chunk per tool call, its finish reason; the last
+        chunk carries the usage; then `[DONE]`."""
+        head = self._head("chat.completion.chunk")
+        chunks: list[dict[str, Any]] = []
+        choices = self._choices()
+        for choice in choices:
+            index, message = choice["index"], dict(choice["message"])
+            calls = message.pop("tool_calls", None)
+            chunks.append({**head, "choices": [{"index": index, "delta": message, "finish_reason": None}]})
+            for n, call in enumerate(calls if isinstance(calls, list) else []):
+                delta = {"tool_calls": [{"index": n, **call} if isinstance(call, dict) else call]}
+                chunks.append({**head, "choices": [{"index": index, "delta": delta, "finish_reason": None}]})
+        for n, choice in enumerate(choices):
+            end = {"index": choice["index"], "delta": {}, "finish_reason": choice["finish_reason"]}
+            chunks.append({**head, "choices": [end], **({"usage": self._usage()} if n == len(choices) - 1 else {})})
         lines = [f"data: {json.dumps(chunk)}\n\n" for chunk in chunks] + ["data: [DONE]\n\n"]
         return "".join(lines).encode()
 

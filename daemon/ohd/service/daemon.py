@@ -91,6 +91,7 @@ from ohd.store.store import Store, TaskStatus, open_database, sqlite_path
 from ohd.webhooks import sender as webhooks
 from ohd.work import agentproc, delivery
 from ohd.work.delivery import Outcome
+from ohd.work.governed import Relay
 from ohd.work.worker import Caller, Pool, pace_retries
 
 log = logging.getLogger("ohd.daemon")
@@ -152,6 +153,7 @@ class Daemon:
             self._recover()
             agents = agents_of(self.settings)
             agents.proxy = proxy = Proxy(self.clock)     # the agents' model requests, through the governor
+            agents.relay = self._relay()
             await proxy.start()
             stack.push_async_callback(proxy.stop)
             pool = Pool(self.store, call, self.clock, models=models, size=self.settings.workers,
@@ -387,6 +389,19 @@ class Daemon:
             return await client.complete(model, messages, min(timeout_s, request_timeout_s))
 
         return call_model, models_of(self.settings)
+
+    def _relay(self) -> Relay | None:
+        """How an agent's request reaches the model server whole (None offline: its text, to the offline
+        provider); each within `request_timeout_s`, as ohd's own requests."""
+        client, request_timeout_s = self.model_client, self.settings.request_timeout_s
+        if client is None:
+            return None
+
+        async def relay(model: str, messages: list[dict[str, Any]], params: dict[str, Any],
+                        timeout_s: float) -> Completion:
+            return await client.relay(model, messages, params, min(timeout_s, request_timeout_s))
+
+        return relay
 
     def _catalogue(self, pool: Pool, live: Live) -> Catalogue | None:
         """Online only: GET /models for prices, revivals of relisted models and (discovery) the list."""

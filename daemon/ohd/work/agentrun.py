@@ -63,6 +63,9 @@ class AgentSetup:
     state_dir: Path
     config: AgentConfig = field(default_factory=AgentConfig)
     proxy: Proxy | None = None        # started by the daemon; None: the agent gets no model access through ohd
+    # how the proxy's requests reach the model server whole (tools, sampling, tool calls back); None
+    # (the offline provider): only their text, through the pool's caller
+    relay: governed.Relay | None = None
     max_bytes: int = DEFAULT_MAX_BYTES
 
 
@@ -220,10 +223,11 @@ class AgentRun:
         """What the proxy does with each of the agent's requests: one governed request over the
         attempt's candidates (paced, counted, rotated on 429, recorded under the attempt)."""
         task, pool = self.task, self.pool
+        relay = pool.agents.relay if pool.agents else None
 
         async def one(messages: list[dict[str, Any]], params: dict[str, Any]) -> Completion:
             return await governed.governed_call(pool, task, attempt.models, messages, params, task.timeout_s,
-                                                attempt=attempt.number)
+                                                attempt=attempt.number, relay=relay)
 
         return one
 

@@ -49,6 +49,8 @@ from ohd.store.store import Store, Task
 log = logging.getLogger("ohd.worker")
 
 Caller = Callable[[str, list[dict[str, str]], float, Job], Awaitable[Completion]]   # (model, messages, timeout, job)
+# (model, messages, params, timeout): an agent's request sent on whole (`ModelClient.relay`)
+Relay = Callable[[str, list[dict[str, Any]], dict[str, Any], float], Awaitable[Completion]]
 T = TypeVar("T")
 
 
@@ -135,15 +137,18 @@ def prompt_tokens(messages: Sequence[dict[str, str]]) -> int:
 
 
 async def governed_call(means: Means, task: Task, candidates: list[str], messages: list[dict[str, Any]],
-                        params: dict[str, Any], timeout_s: float, *, attempt: int | None = None) -> Completion:
+                        params: dict[str, Any], timeout_s: float, *, attempt: int | None = None,
+                        relay: Relay | None = None) -> Completion:
     """Ask the first candidate the governor allows now, rotating as a task's call does, and return
     its answer; raises the `ModelError` that ends the request (`RateLimited` with the instant a
-    model can take one, when that is further than `hold_s`). `params`, the request's other fields
-    (the agent's `model`, sampling settings, tools), are not sent: the model client sends its own
-    `max_tokens` and `temperature`, as for ohd's own calls. `attempt`: the task's attempt the rows
-    are filed under (default: the one in progress)."""
-    request = _Request(means, task, candidates, [_text(m) for m in messages], timeout_s,
-                       task.attempts + 1 if attempt is None else attempt)
+    model can take one, when that is further than `hold_s` or when an older task waits for that
+    slot). With `relay` the request goes as it came: its messages whole and `params`, its other
+    fields (tools, tool_choice, sampling settings, ...; the agent's `model` is never routed on),
+    and the answer keeps its choices (tool calls). Without it (the offline provider) only the
+    messages' text is sent, through the pool's caller. `attempt`: the task's attempt the rows are
+    filed under (default: the one in progress)."""
+    request = _Request(means, task, candidates, messages, params, timeout_s,
+                       task.attempts + 1 if attempt is None else attempt, relay)
     if params.get("model"):
         log.debug("task %d: agent request for %r; the governor chooses among %s", task.id, params["model"],
                   ", ".join(candidates))
@@ -153,9 +158,10 @@ async def governed_call(means: Means, task: Task, candidates: list[str], message
 class _Request:
     """One request's walk over its candidates (best first; a model dropped is not asked again)."""
 
-    def __init__(self, means: Means, task: Task, candidates: list[str], messages: list[dict[str, str]],
-                 timeout_s: float, attempt: int) -> None:
-        self.means, self.task, self.messages = means, task, messages
+    def __init__(self, means: Means, task: Task, candidates: list[str], messages: list[dict[str, Any]],
+                 params: dict[str, Any], timeout_s: float, attempt: int, relay: Relay | None) -> None:
+        self.means, self.task, self.raw, self.params, self.relay = means, task, messages, params, relay
+        self.messages = [_text(m) for m in messages]     # what the call history and the context check read
         self.timeout_s, self.attempt = timeout_s, attempt
         self.left = list(dict.fromkeys(candidates))
         self.job = _job(task)
@@ -203,13 +209,16 @@ class _Request:
         """One call to `model` (its slot is reserved), recorded whatever its outcome."""
         means, task, started = self.means, self.task, self.means.clock.now()
         try:
-            completion = await means.call(model, self.messages, self.timeout_s, self.job)
+            if self.relay is not None:
+                completion = await self.relay(model, self.raw, self.params, self.timeout_s)
+            else:
+                completion = await means.call(model, self.messages, self.timeout_s, self.job)
         except ModelError as exc:
             await record(means, task.id, self.attempt, model, started, None, outcome_of(exc), exc)
             raise
         await answered(means, model)
         await in_thread(means.calls.record, task.id, completion.answered_by, started, self.messages,
-                        completion.content)
+                        _said(completion))
         await record(means, task.id, self.attempt, model, started, completion, AGENT_REQUEST, None)
         log.debug("task %d: agent request answered by %s", task.id, completion.answered_by)
         return completion
@@ -239,11 +248,32 @@ class _Request:
 
 
 def _text(message: dict[str, Any]) -> dict[str, str]:
-    """A chat message as the model client sends it: its role and its text (parts joined)."""
+    """A chat message as text: its role and its text (parts joined), the tool calls it makes after it
+    (the call history's prompt, the context estimate; without a relay, what the model is sent)."""
     content = message.get("content")
     if isinstance(content, list):
         content = "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-    return {"role": str(message.get("role", "user")), "content": content if isinstance(content, str) else ""}
+    text = (content if isinstance(content, str) else "") + _calls_text(message.get("tool_calls"))
+    return {"role": str(message.get("role", "user")), "content": text}
+
+
+def _said(completion: Completion) -> str:
+    """What the call history keeps of an answer: its text, and each tool call it makes."""
+    if not completion.choices:
+        return completion.content
+    message = completion.choices[0].get("message")
+    return completion.content + (_calls_text(message.get("tool_calls")) if isinstance(message, dict) else "")
+
+
+def _calls_text(calls: Any) -> str:
+    if not isinstance(calls, list):
+        return ""
+    lines = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            lines.append(f"\n[tool call] {function.get('name')}({function.get('arguments') or ''})")
+    return "".join(lines)
 
 
 def _job(task: Task) -> Job:
