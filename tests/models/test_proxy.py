@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from ohd.core.routing import Policy
+from ohd.core.taskfile import TaskSpec
 from ohd.models import proxy as proxy_module
 from ohd.store.calls import CallHistory
 from ohd.store.quotas import Governor
@@ -399,3 +400,34 @@ def test_a_tool_call_repeating_the_key_is_not_relayed(store: Store, server: Fake
 
     drive(store, server, clock, [A, B], scenario)
     assert [(e.model, e.outcome) for e in store.executions(1)] == [(A, "malformed"), (B, "agent_request")]
+
+
+@pytest.mark.parametrize("older", ["normal", "low"])
+def test_an_agent_request_waits_behind_an_older_task_for_the_next_slot(store: Store, server: FakeOpenRouter,
+                                                                       clock: FakeClock, older: str) -> None:
+    """As a task's call does (FIFO): the model's next slot is within `hold_s`, but an older pending
+    task of at least the agent task's priority is due by then, so the agent is told to come back
+    (429 + Retry-After) instead of taking that slot in place; an older task of lower priority does
+    not hold it back (the request waits for the slot in place and is answered)."""
+    spec = TaskSpec.model_validate({"type": "unit_test", "target": "shop/other.py", "output": "tests/test_o.py",
+                                    "priority": older})
+    waiting = store.enqueue("/tmp/ohd-proxy-test-repo", spec, clock.now())
+    claim = store.claim_next("w-other", clock.now(), timedelta(seconds=60))
+    assert claim is not None and claim.task.id == waiting
+    store.defer(waiting, "w-other", clock.now() + timedelta(seconds=30), clock.now(), "waiting for a slot")
+    statuses: list[int] = []
+
+    async def scenario(rig: Rig) -> None:
+        assert rig.task_id > waiting
+        grant = rig.open()
+        for _ in range(2):
+            answer = await rig.post(grant.token, {"messages": HELLO})
+            statuses.append(answer.status_code)
+        if older == "normal":
+            assert 1 <= int(answer.headers["retry-after"]) <= 61, answer.text
+            assert "an older task waits" in answer.json()["error"]["message"]
+
+    drive(store, server, clock, [A], scenario, policy=Policy(free_rpm=None, free_rpd=None, rpm={A: 1}),
+          hold_s=120.0)
+    assert statuses == ([200, 429] if older == "normal" else [200, 200])
+    assert len(server.completions()) == statuses.count(200)

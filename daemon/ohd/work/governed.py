@@ -192,7 +192,8 @@ class _Request:
 
     async def _wait(self, choice: Choice) -> None:
         """No candidate can be sent a request now: a slot this close is waited for in place, a later
-        one (or a server that is down) is the asker's to wait for."""
+        one (or a server that is down, or a slot an older task waits for: FIFO, as a task's call
+        does) is the asker's to wait for."""
         means, names = self.means, ", ".join(self.left)
         if choice.at is None:
             raise ModelGone(names, choice.reason or "no usable model: every candidate is gone")
@@ -203,6 +204,9 @@ class _Request:
                 f"waiting for the model server ({down}); try again after {choice.at.isoformat()}" if down else
                 f"no model can take a request now (cooling, over quota or breaker open); "
                 f"try again after {choice.at.isoformat()}"))
+        if await in_thread(means.store.waits_before, self.task, choice.at):
+            raise RateLimited(names, choice.at, f"an older task waits for the next request slot; try again after "
+                                                f"{choice.at.isoformat()}")
         await means.clock.sleep(max(0.0, wait))
 
     async def _ask(self, model: str) -> Completion:
