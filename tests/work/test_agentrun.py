@@ -286,3 +286,61 @@ def test_a_unit_test_runs_test_file_is_judged_by_the_ladder(repo: Path, store: S
     pool.agents = setup_for(tmp_path, agent_script(tmp_path, EDIT))
     asyncio.run(pool.run_until_idle())
     assert "must write a test file" in (store.get_task(nothing).error or "")
+
+
+USERS_REPO = "root = pathlib.Path(subprocess.run(['git', 'rev-parse', '--git-common-dir'], capture_output=True, " \
+             "text=True).stdout.strip()).parent\n"
+CACHES = USERS_REPO + """
+# the user's editable install: Python compiles the user's module into the user's __pycache__
+subprocess.run([sys.executable, '-P', '-c', 'import shop.pricing'], env={**os.environ, 'PYTHONPATH': str(root)}, check=True)
+assert list((root / 'shop' / '__pycache__').glob('pricing.*.pyc'))
+(root / '.coverage').write_text('coverage data')
+(root / '.hypothesis' / 'examples').mkdir(parents=True)
+(root / '.hypothesis' / 'examples' / 'a').write_text('x')
+(root / 'tests' / 'test_ohd_candidate_0123456789_abcdef.py').write_text('# a validation of ohd')
+(root / 'tests' / 'test_other.py').write_text(OTHER)
+tmp = pathlib.Path(os.environ['TMPDIR'])
+assert tmp.is_relative_to(root)
+(tmp / 'scratch.txt').write_text('scratch')
+""" + EDIT
+OTHER = "def test_other() -> None:\n    assert True\n"
+
+
+def test_caches_ohds_own_files_and_the_agents_temp_dir_in_the_repo_are_not_writes_outside(
+        repo: Path, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What changes in the user's repo while the agent runs that is not the user's work: bytecode and
+    other caches, ohd's state dir and the agent's TMPDIR when they are inside the repo (the run's
+    prompt and output files change there), another task's output ohd wrote (as recorded), a
+    validation's transient file. None of these refuses the run."""
+    from ohd.repo.outputs import sha256_text
+
+    monkeypatch.setenv("TMPDIR", str(repo / ".tmp"))
+    (repo / ".tmp").mkdir()
+    other = queue(store, repo)
+    store.record_written(str(repo), "tests/test_other.py", sha256_text(OTHER), other, SystemClock().now())
+    store.cancel(other, SystemClock().now())
+    task_id = queue(store, repo)
+    script = agent_script(tmp_path, f"OTHER = {OTHER!r}\n" + CACHES)
+    setup = AgentSetup(state_dir=repo / ".ohd-state",
+                       config=AgentConfig(command=(sys.executable, str(script), "{prompt_file}", "{target}")))
+    run(store, setup)
+    task = store.get_task(task_id)
+    assert task.status == "completed", task.error
+    assert "+ADDED = 1" in (repo / layout.patch_path(task_id)).read_text()
+
+
+@pytest.mark.parametrize("escape", [
+    "(root / 'shop' / 'pricing.py').write_text('# replaced\\n')",              # the user's tracked file
+    "(root / 'tests' / 'test_other.py').write_text('# not what ohd wrote\\n')",   # a path ohd wrote, other bytes
+    "(root / 'notes.txt').write_text('a new file')",
+    "subprocess.run(['git', 'config', 'core.hooksPath', '/tmp/evil'], check=True)",   # the repo's shared config
+])
+def test_a_real_write_into_the_users_repo_is_still_caught(repo: Path, store: Store, tmp_path: Path,
+                                                          escape: str) -> None:
+    other = queue(store, repo)
+    store.record_written(str(repo), "tests/test_other.py", "0" * 64, other, SystemClock().now())
+    store.cancel(other, SystemClock().now())
+    task_id = queue(store, repo)
+    run(store, setup_for(tmp_path, agent_script(tmp_path, USERS_REPO + escape + "\n" + EDIT)))
+    task = store.get_task(task_id)
+    assert task.status == "failed" and "wrote outside its worktree" in (task.error or ""), task.error

@@ -393,6 +393,12 @@ def _fsync_dir(directory: Path) -> None:
 _TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")   # `_replace_in`'s temp file: `.<name>.<8 hex>.tmp`
 
 
+def is_transient(name: str) -> bool:
+    """A file name ohd uses for a moment in a repo: an atomic write's temp file, the ladder's copy of a
+    candidate test (`layout.CANDIDATE_NAME`)."""
+    return bool(_TEMP_NAME.fullmatch(name) or layout.CANDIDATE_NAME.fullmatch(name))
+
+
 def leftovers(repo: Path, candidate: re.Pattern[str]) -> list[Path]:
     """Files a killed daemon left in `repo`: temp files of interrupted atomic writes, and names
     matching `candidate` (the ladder's copies of an answer); sorted. Call only while no write or

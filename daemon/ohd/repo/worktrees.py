@@ -13,9 +13,11 @@ uncommitted files, the repo's hooks and config) so a run that changed them is re
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Collection, Sequence
@@ -29,6 +31,12 @@ log = logging.getLogger("ohd.worktrees")
 GIT_TIMEOUT_S = 120
 # what of the repo's git dir an agent could change to run code later, or to point the repo elsewhere
 _GUARDED_GIT_PARTS = ("config", "hooks", "info")
+# what tools regenerate in a working copy, never anyone's work: the guard does not count a change there
+# (Python compiling the user's module into its __pycache__ while the agent runs the tests with the user's
+# editable install, the user's own pytest or mypy run meanwhile)
+CACHE_DIRS = frozenset({layout.PYCACHE_DIR, ".pytest_cache", ".mypy_cache", ".ruff_cache", ".hypothesis", ".tox",
+                        ".nox", ".cache"})
+CACHE_NAME = re.compile(r".*\.py[co]|\.coverage(\..+)?")
 
 
 class AgentResultError(OhdError):
@@ -239,16 +247,26 @@ def patch_paths(repo: Path, patch: str) -> list[str]:
 
 # -- what an agent must not change outside its worktree --------------------------------------
 
-def guard_snapshot(repo: Path) -> dict[str, str]:
+def guard_snapshot(repo: Path, skip: Sequence[Path] = (), own: Sequence[str] = ()) -> dict[str, str]:
     """A hash of each file an agent could change outside its worktree to harm the user: the working
-    copy's uncommitted and untracked files, and the repo's git config, hooks and info folder."""
+    copy's uncommitted and untracked files, and the repo's git config, hooks and info folder. Not
+    counted: ohd's own folders in the repo (`tasks.d/`, `.ohd/`), caches (`CACHE_DIRS`, `CACHE_NAME`),
+    what is under a folder of `skip` (ohd's state dir, the agent's temp dir, when they are inside the
+    repo) and the runner's own state (`own`: globs of a top-level name, e.g. `.aider*`, as in `diff`)."""
     found: dict[str, str] = {}
+    root = repo.resolve()
+    skipped = [PurePosixPath(folder.resolve().relative_to(root).as_posix()).parts for folder in skip
+               if folder.resolve().is_relative_to(root) and folder.resolve() != root]
     status = _git(repo, "status", "--porcelain", "-z", "--untracked-files=all", check=False).stdout
     for entry in (e for e in status.decode("utf-8", "surrogateescape").split("\0") if e):
         rel = entry[3:]
         parts = PurePosixPath(rel).parts
-        if parts and parts[0] != layout.TASKS_DIR and layout.REPORT_DIR not in parts:   # ohd's own comings and goings
-            found[rel] = _hash(repo / rel)
+        if not parts or parts[0] == layout.TASKS_DIR or layout.REPORT_DIR in parts:   # ohd's own comings and goings
+            continue
+        if _regenerated(parts) or any(parts[:len(s)] == s for s in skipped) or any(
+                fnmatch.fnmatchcase(parts[0], glob) for glob in own):
+            continue
+        found[rel] = _hash(repo / rel)
     common = Path(_text(_git(repo, "rev-parse", "--git-common-dir")))
     common = common if common.is_absolute() else (repo / common).resolve()
     for part in _GUARDED_GIT_PARTS:
@@ -257,6 +275,11 @@ def guard_snapshot(repo: Path) -> dict[str, str]:
         for path in files:
             found[f"{layout.GIT_DIR}/{path.relative_to(common).as_posix()}"] = _hash(path)
     return found
+
+
+def _regenerated(parts: Sequence[str]) -> bool:
+    """A cache file: under a cache folder, or named as one (bytecode, coverage data)."""
+    return any(part in CACHE_DIRS for part in parts[:-1]) or bool(CACHE_NAME.fullmatch(parts[-1]))
 
 
 def guard_changes(before: dict[str, str], after: dict[str, str]) -> list[str]:

@@ -167,7 +167,7 @@ class AgentRun:
             except AgentSetupError as exc:
                 error = str(exc)
                 return Outcome(TaskStatus.FAILED, error=error)
-            guard = await asyncio.to_thread(worktrees.guard_snapshot, repo)
+            guard = await asyncio.to_thread(self._snapshot, setup, repo, invoked)
             run_id = await asyncio.to_thread(self.runs.start, task.id, attempt.number, task.runner,
                                              list(invoked.argv), str(worktree), clock.now())
             log.info("task %d: attempt %d: %s starting in %s", task.id, attempt.number, task.runner, worktree,
@@ -183,7 +183,7 @@ class AgentRun:
             if grant is not None:
                 attempt.requests, attempt.models_used = grant.requests, list(grant.models_used)
             try:
-                await self._judge(setup, repo, worktree, base, guard, attempt)
+                await self._judge(setup, repo, worktree, base, guard, attempt, invoked)
             except AgentResultError as exc:
                 outcome, error = "rejected", str(exc)
                 self.feedback.append(error)
@@ -240,13 +240,34 @@ class AgentRun:
                                               gitrepo.test_files(repo) if task_type is TaskType.UNIT_TEST else ())
         return tasktypes.agent_prompt(task_type, task.target, task.description, output, self.feedback)
 
+    def _snapshot(self, setup: AgentSetup, repo: Path, invoked: Invocation) -> dict[str, str]:
+        """What the agent must not change outside its worktree (`worktrees.guard_snapshot`): ohd's state
+        dir, the agent's temp dir and its runner's own files are not the user's (blocking)."""
+        temp = invoked.env.get("TMPDIR")
+        skip = [setup.state_dir, *([Path(temp)] if temp else [])]
+        return worktrees.guard_snapshot(repo, skip, agentproc.LEFTOVERS.get(self.task.runner, ()))
+
+    def _outside(self, before: dict[str, str], after: dict[str, str]) -> list[str]:
+        """The paths changed outside the worktree while the agent ran, but for ohd's own doings there
+        (another task's output written as recorded, a validation's or a write's transient file)."""
+        store, repo = self.pool.store, self.task.repo
+        found = []
+        for rel in worktrees.guard_changes(before, after):
+            if outputs.is_transient(PurePosixPath(rel).name):
+                continue
+            written = store.written(repo, rel)
+            if written is not None and written.holds(after.get(rel)):
+                continue
+            found.append(rel)
+        return found
+
     async def _judge(self, setup: AgentSetup, repo: Path, worktree: Path, base: str, guard: dict[str, str],
-                     attempt: Attempt) -> None:
+                     attempt: Attempt, invoked: Invocation) -> None:
         """AgentResultError unless the attempt's diff may be delivered."""
         done = attempt.exit
         assert done is not None
-        changed = await asyncio.to_thread(worktrees.guard_changes, guard,
-                                          await asyncio.to_thread(worktrees.guard_snapshot, repo))
+        changed = await asyncio.to_thread(self._outside, guard,
+                                          await asyncio.to_thread(self._snapshot, setup, repo, invoked))
         if changed:
             raise AgentResultError("the agent wrote outside its worktree, into the user's repo: "
                                    f"{', '.join(changed[:10])} changed while it ran (its diff is not used)")
