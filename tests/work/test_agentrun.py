@@ -302,6 +302,9 @@ assert list((root / 'shop' / '__pycache__').glob('pricing.*.pyc'))
 tmp = pathlib.Path(os.environ['TMPDIR'])
 assert tmp.is_relative_to(root)
 (tmp / 'scratch.txt').write_text('scratch')
+# the agent's git housekeeping in its worktree: gc rewrites the repo's .git/info/refs (update-server-info)
+subprocess.run(['git', 'gc', '-q'], check=True)
+assert (root / '.git' / 'info' / 'refs').is_file()
 """ + EDIT
 OTHER = "def test_other() -> None:\n    assert True\n"
 

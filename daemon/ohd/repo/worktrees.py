@@ -31,6 +31,9 @@ log = logging.getLogger("ohd.worktrees")
 GIT_TIMEOUT_S = 120
 # what of the repo's git dir an agent could change to run code later, or to point the repo elsewhere
 _GUARDED_GIT_PARTS = ("config", "hooks", "info")
+# what git itself writes there: `info/refs` is `git update-server-info`'s list of refs, which every
+# `git gc` and `git repack` rewrites (an agent's commits in its worktree start `git gc --auto`)
+_GIT_WRITES = frozenset({"info/refs"})
 # what tools regenerate in a working copy, never anyone's work: the guard does not count a change there
 # (Python compiling the user's module into its __pycache__ while the agent runs the tests with the user's
 # editable install, the user's own pytest or mypy run meanwhile)
@@ -251,6 +254,7 @@ def guard_snapshot(repo: Path, skip: Sequence[Path] = (), own: Sequence[str] = (
     """A hash of each file an agent could change outside its worktree to harm the user: the working
     copy's uncommitted and untracked files, and the repo's git config, hooks and info folder. Not
     counted: ohd's own folders in the repo (`tasks.d/`, `.ohd/`), caches (`CACHE_DIRS`, `CACHE_NAME`),
+    what git itself rewrites in its folder (`_GIT_WRITES`),
     what is under a folder of `skip` (ohd's state dir, the agent's temp dir, when they are inside the
     repo) and the runner's own state (`own`: globs of a top-level name, e.g. `.aider*`, as in `diff`)."""
     found: dict[str, str] = {}
@@ -273,7 +277,8 @@ def guard_snapshot(repo: Path, skip: Sequence[Path] = (), own: Sequence[str] = (
         base = common / part
         files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file()) if base.is_dir() else []
         for path in files:
-            found[f"{layout.GIT_DIR}/{path.relative_to(common).as_posix()}"] = _hash(path)
+            if (rel := path.relative_to(common).as_posix()) not in _GIT_WRITES:
+                found[f"{layout.GIT_DIR}/{rel}"] = _hash(path)
     return found
 
 

@@ -11,9 +11,9 @@ started by `agentproc` with the task's `timeout_s` as its limit, its row in `age
 result is the worktree's diff against the base commit, accepted only when it is not empty, stays
 inside the repo and out of `.git/`, parses where it is Python, applies to the base commit and
 passes `check_command`; nothing outside the worktree the agent could reach (the user's uncommitted
-files, the repo's hooks and config) may have changed. A rejected attempt spends one, and the next
-is told why. The worktree is removed after every attempt, whatever happened (a crash leaves it to
-the daemon's start-up sweep).
+files, the repo's hooks and config; caches and ohd's own files aside) may have changed. A
+rejected attempt spends one, and the next is told why. The worktree is removed after every
+attempt, whatever happened (a crash leaves it to the daemon's start-up sweep).
 
 Delivery never touches the user's working copy unless the task says `deliver: apply` and the
 touched files are clean there: a patch `.ohd/task-<id>.patch` with its summary `.ohd/task-<id>.md`
