@@ -244,7 +244,8 @@ def test_prometheus_text_parses_and_has_the_samples(store: Store, clock: FakeClo
     assert types == {"ohd_uptime_seconds": "gauge", "ohd_tasks": "gauge", "ohd_tasks_completed_last_hour": "gauge",
                      "ohd_throughput_tasks_per_minute": "gauge", "ohd_model_calls_total": "counter",
                      "ohd_model_tokens_total": "counter", "ohd_model_cost_usd_total": "counter",
-                     "ohd_model_success_ratio": "gauge", "ohd_model_latency_seconds": "summary"}
+                     "ohd_model_success_ratio": "gauge", "ohd_model_latency_seconds": "summary",
+                     "ohd_model_requests_saved_total": "counter", "ohd_accepted_outputs_per_request": "gauge"}
     calls = families["ohd_model_calls_total"].samples
     unit = (("model", MODEL_A), ("task_type", "unit_test"))
     assert calls[unit + (("outcome", "accepted"),)] == 12
@@ -287,7 +288,8 @@ def test_the_prometheus_client_parser_reads_every_family_and_the_latency_summary
     assert {name: f.type for name, f in families.items()} == {
         "ohd_uptime_seconds": "gauge", "ohd_tasks": "gauge", "ohd_tasks_completed_last_hour": "gauge",
         "ohd_throughput_tasks_per_minute": "gauge", "ohd_model_calls": "counter", "ohd_model_tokens": "counter",
-        "ohd_model_cost_usd": "counter", "ohd_model_success_ratio": "gauge", "ohd_model_latency_seconds": "summary"}
+        "ohd_model_cost_usd": "counter", "ohd_model_success_ratio": "gauge", "ohd_model_latency_seconds": "summary",
+        "ohd_model_requests_saved": "counter", "ohd_accepted_outputs_per_request": "gauge"}
     latency = {(s.name, s.labels.get("quantile")): s.value for s in families["ohd_model_latency_seconds"].samples
                if s.labels["model"] == MODEL_A}
     assert latency == {("ohd_model_latency_seconds", "0.5"): 1.1, ("ohd_model_latency_seconds", "0.95"): 5.0,

@@ -35,11 +35,12 @@ def test_a_new_task_keeps_every_column_the_task_file_names(store: Store) -> None
     spec = TaskSpec.model_validate({
         "type": "custom", "target": "src/a.py", "description": "d", "priority": "high", "output": "out.md",
         "models": ["m1", "m2"], "min_quality": 0.5, "max_attempts": 2, "timeout_s": 30.0, "prompt": "p",
-        "rule_levels": {"lint": "error", "coverage_delta": "off"}})
+        "rule_levels": {"lint": "error", "coverage_delta": "off"}, "cache": False})
     now = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
     task = store.get_task(store.enqueue(REPO, spec, now, source="tasks.d/a.yaml"))
     assert set(schema.SPEC_COLUMNS) == {"description", "output", "models", "min_quality", "max_attempts",
-                                        "timeout_s", "prompt", "rule_levels", "runner", "check_command", "deliver"}
+                                        "timeout_s", "prompt", "rule_levels", "runner", "check_command", "deliver",
+                                        "cache"}
     for name in schema.SPEC_COLUMNS:
         expected = getattr(spec, name)
         expected = expected.value if hasattr(expected, "value") else expected

@@ -395,8 +395,9 @@ def test_totals_today_count_since_utc_midnight(store: Store, clock: FakeClock) -
     store.record_execution(task_id, 1, "a", yesterday, yesterday, 1000, 1000, 1.0, "accepted")
     store.record_execution(task_id, 1, "a", clock.now(), clock.now(), 10, 20, 0.5, "accepted")
     store.record_execution(task_id, 2, "b", clock.now(), clock.now(), 1, 2, None, "error")
+    store.record_execution(task_id, 3, "a", clock.now(), clock.now(), 0, 0, 0.0, "accepted", cached=True)
     assert store.totals_today(clock.now()) == {"calls": 2, "prompt_tokens": 11, "completion_tokens": 22,
-                                               "cost": 0.5}
+                                               "cost": 0.5, "saved": 1}   # a replay is no call
 
 
 def test_written_hash_is_the_last_thing_ohd_wrote(store: Store, clock: FakeClock) -> None:

@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runner", choices=RUNNERS, help="who does it: one model call (llm, the default) or an agent")
     p.add_argument("--check-command", help="an agent runner's check, run in its worktree (must exit 0)")
     p.add_argument("--deliver", choices=DELIVERIES, help="where an agent's diff goes (default patch)")
+    p.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="always ask a model: replay no earlier accepted answer to the same request")
     p = command("tasks", cmd_tasks, "list tasks (reads the store; works while the daemon is down)")
     p.add_argument("--status", choices=STATUSES)
     p.add_argument("--limit", type=int, default=50)
@@ -284,6 +286,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     for key in ("output", "models", "prompt", "runner", "check_command", "deliver"):
         if getattr(args, key):
             body[key] = getattr(args, key)
+    if not args.cache:
+        body["cache"] = False
     answer = client(args).post("/tasks", body)
     emit(answer, args.json, lambda a: str(a["id"]))
     return EXIT_OK

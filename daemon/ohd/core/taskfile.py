@@ -154,6 +154,10 @@ class TaskSpec(pydantic.BaseModel, extra="forbid", frozen=True, json_schema_extr
                              description="the whole task's time limit, in seconds")
     prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS,
                                description="the prompt, for `type: custom` (required there)")
+    cache: bool = Field(default=True, strict=True,
+                        description="replay an answer a model gave to the very same request (model, prompt, "
+                                    "parameters) and that was accepted, instead of asking again; `false` always "
+                                    "asks (see Replay cache)")
     rule_levels: dict[str, Literal["error", "warning", "info", "off"]] = Field(
         default_factory=dict, description="this task's validation rule levels over the configuration's "
                                           "`rule_levels`, e.g. `{lint: error, coverage_delta: off}` "

@@ -43,6 +43,7 @@ def status_text(status: dict[str, Any]) -> str:
     budget = status.get("budget")
     if budget is not None:
         lines.append("budget:  " + _budget_line(budget))
+    lines.extend(efficiency_lines(status.get("efficiency")))
     throughput = status.get("throughput")
     if throughput is not None:
         eta = status.get("eta_s")
@@ -98,6 +99,21 @@ def _budget_line(budget: dict[str, Any]) -> str:
     allowed = budget.get("paid_models") or []
     return line + "; paid models refused (strict free-only" + (f", except {', '.join(allowed)}" if allowed
                                                                else "") + ")"
+
+
+def efficiency_lines(efficiency: dict[str, Any] | None) -> list[str]:
+    """`quota:` and a line per model and task type: requests sent, accepted outputs per request, and
+    the requests the replay cache saved (nothing before the first call)."""
+    if not efficiency or not efficiency.get("by_model"):
+        return []
+
+    def figures(row: dict[str, Any]) -> str:
+        per = row.get("accepted_per_request")
+        return (f"{row.get('requests', 0)} requests, {row.get('accepted', 0)} accepted outputs"
+                f" ({'-' if per is None else f'{per:.2f}'} per request), {row.get('saved', 0)} saved by the cache")
+
+    return ["quota:   " + figures(efficiency)] + [f"  {row['model']} {row['task_type']}: {figures(row)}"
+                                                   for row in efficiency["by_model"]]
 
 
 def eta_seconds(queue: dict[str, int], per_minute: float, wait_s: float = 0.0) -> float | None:
@@ -177,7 +193,8 @@ def _execution_line(e: dict[str, Any]) -> str:
     line = (f"#{e.get('attempt', '?')} {e['model']}: {e['outcome']}, {e.get('latency_ms', 0)} ms, "
             f"{e.get('prompt_tokens', 0)}+{e.get('completion_tokens', 0)} tokens"
             + (f", ${cost:.6f}" if isinstance(cost, (int, float)) else "")
-            + (f", validated in {e['validation_ms']} ms" if e.get("validation_ms") is not None else ""))
+            + (f", validated in {e['validation_ms']} ms" if e.get("validation_ms") is not None else "")
+            + (", cached: replayed, no request sent" if e.get("cached") else ""))
     if e.get("error"):
         line += f" ({e['error']})"
     return line

@@ -161,7 +161,8 @@ class Daemon:
                         lease=timedelta(seconds=self.settings.lease_s), governor=governor,
                         rank=rank_of(self.settings, self.store), ladder=ladder_of(self.settings, self.test_runs),
                         calls=CallHistory(self.store.db, self.settings.call_history_max_bytes,
-                                          self.settings.call_history), agents=agents)
+                                          self.settings.call_history), agents=agents,
+                        request_params=self._request_params())
             self.pool = self.view.pool = pool
             self.view.fleet = self.fleet_status
             live = Live(pool)     # from now on the one writer of its models, policy, ranking and ladder
@@ -402,6 +403,14 @@ class Daemon:
             return await client.relay(model, messages, params, min(timeout_s, request_timeout_s))
 
         return relay
+
+    def _request_params(self) -> dict[str, Any]:
+        """What a model request is made of besides its model and messages: the replay cache's key
+        has them, so another server or another max_tokens or temperature asks anew."""
+        if self.settings.use_offline:
+            return {"provider": OFFLINE_MODEL}
+        return {"base_url": self.settings.base_url, "max_tokens": self.settings.max_tokens,
+                "temperature": self.settings.temperature}
 
     def _catalogue(self, pool: Pool, live: Live) -> Catalogue | None:
         """Online only: GET /models for prices, revivals of relisted models and (discovery) the list."""

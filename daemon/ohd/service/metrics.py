@@ -10,7 +10,9 @@ Definitions: success rate = accepted / calls (every call, 429s included, but not
 agent's requests, which get no verdict of their own: `agent_requests` counts them); latency
 percentiles are nearest-rank over calls that got an answer (accepted, rejected,
 malformed, agent requests), so fast refusals do not make a model look quick; cost is in USD,
-with an unknown cost counted as 0.
+with an unknown cost counted as 0. An answer the replay cache replayed is no call (it sent no
+request): `efficiency` gives, per model and task type, the requests sent, the accepted outputs
+(replayed ones included), accepted outputs per request, and the requests the cache saved.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ohd.store.history import AGENT_REQUEST, History, Usage, percentile
+from ohd.store.history import AGENT_REQUEST, Efficiency, History, Usage, percentile
 
 log = logging.getLogger("ohd.metrics")
 
@@ -113,6 +115,7 @@ class Metrics:
     totals: CallStats
     throughput: Throughput
     models: tuple[ModelMetrics, ...]
+    efficiency: tuple[Efficiency, ...] = ()    # per (model, task type): requests, accepted, saved
 
     def model(self, model_id: str) -> ModelMetrics | None:
         return next((m for m in self.models if m.model == model_id), None)
@@ -121,7 +124,17 @@ class Metrics:
         uptime = None if self.uptime_s is None else round(self.uptime_s, 3)
         return {"generated_at": self.generated_at.isoformat(), "uptime_s": uptime,
                 "tasks": dict(self.tasks), "totals": self.totals.as_dict(),
-                "throughput": self.throughput.as_dict(), "models": [m.as_dict() for m in self.models]}
+                "throughput": self.throughput.as_dict(), "models": [m.as_dict() for m in self.models],
+                "efficiency": efficiency_dict(self.efficiency)}
+
+
+def efficiency_dict(rows: Sequence[Efficiency]) -> dict[str, Any]:
+    """The quota's efficiency as JSON: the totals (accepted outputs per request sent, requests saved
+    by the replay cache) and the same per model and task type."""
+    total = Efficiency("*", "*", sum(r.requests for r in rows), sum(r.accepted for r in rows),
+                       sum(r.saved for r in rows))
+    return {"requests": total.requests, "accepted": total.accepted, "saved": total.saved,
+            "accepted_per_request": total.accepted_per_request, "by_model": [r.as_dict() for r in rows]}
 
 
 # -- building a snapshot ----------------------------------------------------------------
@@ -135,7 +148,7 @@ def collect(history: History, now: datetime, uptime_s: float | None,
                             window_s=window.total_seconds(),
                             completed_in_window=history.completed_between(now - window, now))
     return Metrics(generated_at=now, uptime_s=uptime_s, tasks=history.task_counts(), totals=totals,
-                   throughput=throughput, models=models)
+                   throughput=throughput, models=models, efficiency=tuple(history.efficiency()))
 
 
 def summarize(usage: Sequence[Usage], latencies: Mapping[tuple[str, str], Sequence[int]]
@@ -212,6 +225,19 @@ class SnapshotCollector(Collector):
                 success.add_metric([model.model], rate)
         yield success
         yield self._latency()
+        yield from self._efficiency()
+
+    def _efficiency(self) -> Iterator[Metric]:
+        saved = CounterMetricFamily("ohd_model_requests_saved", "Requests the replay cache did not send (an "
+                                    "accepted answer to the same request replayed), by model and task type.",
+                                    labels=["model", "task_type"])
+        ratio = GaugeMetricFamily("ohd_accepted_outputs_per_request", "Accepted outputs (replayed ones included) "
+                                  "per model request sent, by model and task type.", labels=["model", "task_type"])
+        for row in self.metrics.efficiency:
+            saved.add_metric([row.model, row.task_type], row.saved)
+            if (per := row.accepted_per_request) is not None:
+                ratio.add_metric([row.model, row.task_type], per)
+        yield from (saved, ratio)
 
     def _calls(self) -> Iterator[Metric]:
         calls = CounterMetricFamily("ohd_model_calls", "Model calls, by model, task type and outcome.",

@@ -17,7 +17,7 @@ from typing import Any
 from ohd import __version__
 from ohd.clock import Clock
 from ohd.core.views import eta_seconds
-from ohd.service.metrics import DEFAULT_WINDOW, HOUR, Metrics, Throughput, collect
+from ohd.service.metrics import DEFAULT_WINDOW, HOUR, Metrics, Throughput, collect, efficiency_dict
 from ohd.store.history import History
 from ohd.store.outbox import Outbox
 from ohd.store.store import Store
@@ -78,7 +78,8 @@ class StatusView:
         return {"error": str(trouble), "reason": trouble.reason, "path": trouble.path}
 
     def _progress(self) -> dict[str, Any]:
-        """Now, today's tokens and cost, recent throughput and the queue's ETA (`ohd status`)."""
+        """Now, today's tokens and cost, recent throughput, the quota's efficiency (accepted outputs per
+        request, requests saved by the replay cache) and the queue's ETA (`ohd status`)."""
         now = self.clock.now()
         history = self.history
         window = DEFAULT_WINDOW
@@ -87,6 +88,7 @@ class StatusView:
                                 completed_in_window=history.completed_between(now - window, now))
         today = self.store.totals_today(now)
         return {"now": now.isoformat(), "today": today, "throughput": throughput.as_dict(),
+                "efficiency": efficiency_dict(history.efficiency()),
                 "eta_s": eta_seconds(self.store.counts(), throughput.per_minute,
                                      (last - now).total_seconds() if (last := self.store.last_wait()) else 0.0),
                 **({"budget": self._budget(self.pool, now, float(today["cost"]))} if self.pool else {})}

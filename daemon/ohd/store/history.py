@@ -4,7 +4,9 @@ Takes the database and the tables a `Store` was built with (`History(store.db, s
 `schema`'s models bound to it); it is a sibling of `store` in the edge layer, so it does not import it.
 Invariant: nothing here writes. Every query groups in SQL except latencies, which come
 back as sorted lists so that percentiles are exact (`percentile`, nearest rank).
-Datetimes are timezone-aware UTC in and out, like the store's.
+Datetimes are timezone-aware UTC in and out, like the store's. An execution marked `cached` (an
+answer the replay cache replayed: no request was sent) is no call: `usage`, the latencies and
+`measured` leave it out, and `efficiency` counts it as a request saved.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import peewee
 
@@ -30,6 +33,28 @@ AGENT_REQUEST = "agent_request"   # an answer to a coding agent's request (throu
 # (a 429 or a refused connection comes back at once and would make a model look fast).
 ANSWERED = ("accepted", "rejected", "malformed", AGENT_REQUEST)
 UNJUDGED = ("rate_limited", AGENT_REQUEST)   # left out of a model's success on a task type (selection)
+
+
+@dataclass(frozen=True, slots=True)
+class Efficiency:
+    """What the quota bought on one task type from one model: `requests` sent (every call recorded,
+    429s and errors included, replays not), `accepted` outputs (replayed ones included) and
+    `saved`, the requests the replay cache did not send."""
+
+    model: str
+    task_type: str
+    requests: int
+    accepted: int
+    saved: int
+
+    @property
+    def accepted_per_request(self) -> float | None:
+        """Accepted outputs per request sent; None before the first request."""
+        return round(self.accepted / self.requests, 4) if self.requests else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "task_type": self.task_type, "requests": self.requests,
+                "accepted": self.accepted, "saved": self.saved, "accepted_per_request": self.accepted_per_request}
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +95,7 @@ class History:
         query = (e.select(e.model, t.type, e.outcome, fn.COUNT(e.id), fn.SUM(e.prompt_tokens),
                           fn.SUM(e.completion_tokens), fn.SUM(e.cost))
                  .join(t, peewee.JOIN.LEFT_OUTER, on=(e.task_id == t.id))
+                 .where(e.cached == False)  # noqa: E712 (SQL)
                  .group_by(e.model, t.type, e.outcome)
                  .order_by(e.model, t.type, e.outcome))
         return [Usage(str(model), str(kind or UNKNOWN_TYPE), str(outcome), int(calls), int(prompt or 0),
@@ -82,7 +108,7 @@ class History:
         e, t = self.m.execution, self.m.task
         query = (e.select(e.model, t.type, e.latency_ms)
                  .join(t, peewee.JOIN.LEFT_OUTER, on=(e.task_id == t.id))
-                 .where(e.outcome.in_(ANSWERED)))
+                 .where(e.outcome.in_(ANSWERED) & (e.cached == False)))  # noqa: E712
         found: dict[tuple[str, str], list[int]] = {}
         for model, kind, latency in tuple_rows(query):
             found.setdefault((str(model), str(kind or UNKNOWN_TYPE)), []).append(int(latency))
@@ -98,7 +124,8 @@ class History:
         window = self._newer_than(recent)
         query = (e.select(e.model, e.outcome, fn.COUNT(e.id), fn.COUNT(e.score), fn.SUM(e.score))
                  .join(t, on=(e.task_id == t.id))
-                 .where((t.type == task_type) & e.outcome.not_in(UNJUDGED) & (e.id > window))
+                 .where((t.type == task_type) & e.outcome.not_in(UNJUDGED) & (e.id > window)
+                        & (e.cached == False))  # noqa: E712 (a replay is no new evidence of the model)
                  .group_by(e.model, e.outcome))
         rows: dict[str, list[tuple[str, int, int, float]]] = {}
         for model, outcome, calls, scored, total in tuple_rows(query):
@@ -122,11 +149,25 @@ class History:
     def _latencies_of(self, task_type: str, window: int = 0) -> dict[str, list[int]]:
         e, t = self.m.execution, self.m.task
         query = (e.select(e.model, e.latency_ms).join(t, on=(e.task_id == t.id))
-                 .where((t.type == task_type) & e.outcome.in_(ANSWERED) & (e.id > window)))
+                 .where((t.type == task_type) & e.outcome.in_(ANSWERED) & (e.id > window)
+                        & (e.cached == False)))  # noqa: E712
         found: dict[str, list[int]] = {}
         for model, latency in tuple_rows(query):
             found.setdefault(str(model), []).append(int(latency))
         return {model: sorted(values) for model, values in found.items()}
+
+    def efficiency(self) -> list[Efficiency]:
+        """Per (model, task type): requests sent, accepted outputs and requests saved by the replay cache."""
+        self._read()
+        e, t, fn = self.m.execution, self.m.task, peewee.fn
+        sent = fn.SUM(peewee.Case(None, [(e.cached == False, 1)], 0))  # noqa: E712
+        accepted = fn.SUM(peewee.Case(None, [(e.outcome == "accepted", 1)], 0))
+        saved = fn.SUM(peewee.Case(None, [(e.cached == True, 1)], 0))  # noqa: E712
+        query = (e.select(e.model, t.type, sent, accepted, saved)
+                 .join(t, peewee.JOIN.LEFT_OUTER, on=(e.task_id == t.id))
+                 .group_by(e.model, t.type).order_by(e.model, t.type))
+        return [Efficiency(str(model), str(kind or UNKNOWN_TYPE), int(n or 0), int(ok or 0), int(hits or 0))
+                for model, kind, n, ok, hits in tuple_rows(query)]
 
     def task_counts(self) -> dict[str, int]:
         """Tasks per status; every status present."""

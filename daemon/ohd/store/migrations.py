@@ -346,3 +346,20 @@ def webhook_outbox(db: peewee.Database) -> None:
             indexes = ((("hook", "delivered_at", "dead_at", "id"), False),)
 
     WebhookOutbox.create_table()
+
+
+def replay_cache(db: peewee.Database) -> None:
+    """The replay cache (issue 16): model_call gains request_key (the hash of the request's model,
+    messages and parameters; NULL when the response was cut, so it is never replayed) and replay_of
+    (the model_call whose answer it replays; NULL for an answer the model gave), indexed on the key;
+    execution gains cached (a replayed answer: no request was sent); task gains cache (false: never
+    replay an answer for it)."""
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as alter
+
+    migrator = SchemaMigrator.from_database(db)
+    alter(migrator.add_column("model_call", "request_key", peewee.CharField(max_length=64, null=True)),
+          migrator.add_column("model_call", "replay_of", peewee.IntegerField(null=True)),
+          migrator.add_column("execution", "cached", peewee.BooleanField(default=False)),
+          migrator.add_column("task", "cache", peewee.BooleanField(default=True)),
+          migrator.add_index("model_call", ("request_key",), False))

@@ -37,6 +37,7 @@ class Execution:
     score: float | None = None        # the validation score, when the result got a verdict
     validation_ms: int | None = None  # how long judging the answer took (latency_ms is the call's own)
     source_sha256: str | None = None  # the target text an answer was judged against (None: no answer)
+    cached: bool = False              # a replayed answer (the replay cache): no request was sent
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: iso(getattr(self, f.name)) for f in fields(self)}

@@ -89,6 +89,7 @@ class TaskRow(peewee.Model):
     check_command = JsonField(null=True, load=tuple)  # an argv run in an agent's worktree after it
     deliver = peewee.CharField(default="patch")       # where an agent's diff goes
     base_commit = peewee.CharField(null=True)         # the repo's HEAD at creation (agent runners only)
+    cache = peewee.BooleanField(default=True)         # false: no answer is replayed for it (replay cache)
 
     class Meta:
         table_name = "task"
@@ -111,6 +112,7 @@ class ExecutionRow(peewee.Model):
     score = peewee.FloatField(null=True)
     validation_ms = peewee.IntegerField(null=True)
     source_sha256 = peewee.CharField(null=True)
+    cached = peewee.BooleanField(default=False)       # a replayed answer: no request was sent
 
     class Meta:
         table_name = "execution"
@@ -151,6 +153,8 @@ class ModelCallRow(peewee.Model):
     response = peewee.TextField()
     execution_id = peewee.IntegerField(null=True)
     pending = JsonField(null=True)
+    request_key = peewee.CharField(null=True)     # the replay cache's key (`calls.request_key`)
+    replay_of = peewee.IntegerField(null=True)    # the call whose answer this one replays
 
     class Meta:
         table_name = "model_call"
@@ -351,6 +355,7 @@ class Task:
     check_command: tuple[str, ...] | None = None   # run in an agent's worktree after it; must exit 0
     deliver: str = "patch"   # an agent's diff: patch, branch or apply
     base_commit: str | None = None   # the repo's HEAD when the task was created (agent runners)
+    cache: bool = True   # an answer accepted for the same request may be replayed (README: Replay cache)
 
     @property
     def agent(self) -> bool:
@@ -406,6 +411,7 @@ MIGRATIONS: tuple[tuple[str, migrations.Migration], ...] = (
     ("0011_agent_runs", migrations.agent_runs),
     ("0012_daemons", migrations.daemons),
     ("0013_webhook_outbox", migrations.webhook_outbox),
+    ("0014_replay_cache", migrations.replay_cache),
 )
 
 

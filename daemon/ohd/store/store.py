@@ -463,14 +463,15 @@ class Store:
                          cost: float | None, outcome: str, error_class: str | None = None,
                          error: str | None = None, score: float | None = None, *,
                          latency_ms: int | None = None, validation_ms: int | None = None,
-                         counts: bool = False, source_sha256: str | None = None) -> int:
+                         counts: bool = False, source_sha256: str | None = None, cached: bool = False) -> int:
         """One model call, successful or not. `latency_ms` is the call's own time (None: derived
         from the two instants); `score` and `validation_ms` are its result's validation score and
         how long judging it took (None when it got no verdict). `counts`: an answer that spends an
         attempt; task.attempts goes up in the same transaction and the row gets the new number, so
         attempts are recorded executions and a crash before the verdict spends none; the task's pending
         call (`calls`) is closed and linked to this row in that transaction. `source_sha256`: the
-        target text the answer was judged against."""
+        target text the answer was judged against. `cached`: the answer was replayed from the call
+        history (the replay cache): no request was sent, so it is no call of today's nor a request."""
         if latency_ms is None:
             latency_ms = round((finished_at - started_at).total_seconds() * 1000)
         t = self.m.task
@@ -484,7 +485,7 @@ class Store:
                 completion_tokens=completion_tokens, cost=cost, outcome=outcome,
                 error_class=error_class, error=error, score=score,
                 validation_ms=None if validation_ms is None else max(0, validation_ms),
-                source_sha256=source_sha256).execute())
+                source_sha256=source_sha256, cached=cached).execute())
             if counts:      # the answer has its verdict: never judged again after a crash
                 c = self.m.model_call
                 c.update(pending=None, execution_id=execution_id).where(
@@ -600,16 +601,18 @@ class Store:
                                     & t.error.startswith(QUARANTINED)).count())
 
     def totals_today(self, now: datetime) -> dict[str, Any]:
-        """Model calls, tokens and cost since UTC midnight of `now`."""
+        """Model calls, tokens and cost since UTC midnight of `now`; `saved`: the answers replayed
+        instead (the replay cache), which are no calls."""
         self._read()
         e = self.m.execution
         midnight = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         fn = peewee.fn
         [(calls, prompt, completion, cost)] = tuple_rows(
             e.select(fn.COUNT(e.id), fn.SUM(e.prompt_tokens), fn.SUM(e.completion_tokens), fn.SUM(e.cost))
-            .where(e.started_at >= midnight))
+            .where((e.started_at >= midnight) & (e.cached == False)))  # noqa: E712 (SQL, not Python)
+        saved = e.select().where((e.started_at >= midnight) & (e.cached == True)).count()  # noqa: E712
         return {"calls": int(calls), "prompt_tokens": int(prompt or 0),
-                "completion_tokens": int(completion or 0), "cost": float(cost or 0.0)}
+                "completion_tokens": int(completion or 0), "cost": float(cost or 0.0), "saved": int(saved)}
 
     # -- files ohd wrote -------------------------------------------------------------
 

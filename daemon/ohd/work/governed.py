@@ -67,6 +67,7 @@ class Means(Protocol):
     models: list[str]       # what `auto` expands to
     rank: Callable[[str, list[str]], list[str]] | None   # (task type, models) -> best first; None: as configured
     unreachable: dict[str, str]   # model -> why its server could not be reached (until it answers)
+    request_params: dict[str, Any]   # what else a request is made of (server, max_tokens, ...): the cache key's
 
     def wake(self) -> None: ...
 
@@ -109,16 +110,17 @@ async def failed(means: Means, model: str, exc: ModelError) -> None:
 async def record(means: Means, task_id: int, attempt: int, model: str, started: datetime,
                  completion: Completion | None, outcome: str, exc: ModelError | None, *,
                  score: float | None = None, validation_ms: int | None = None, counts: bool = False,
-                 source_sha256: str | None = None) -> None:
+                 source_sha256: str | None = None, cached: bool = False) -> None:
     """One execution row under the model the server says answered: latency is the call's own (the
-    answer's, else the call's span), never the validation's, which is recorded beside it."""
+    answer's, else the call's span), never the validation's, which is recorded beside it; `cached`:
+    an answer replayed from the call history (no request was sent)."""
     c = completion
     await in_thread(functools.partial(
         means.store.record_execution, task_id, attempt, c.answered_by if c else model, started, means.clock.now(),
         c.prompt_tokens if c else 0, c.completion_tokens if c else 0, c.cost if c else None, outcome,
         exc.error_class if exc else None, str(exc) if exc else None, score,
         latency_ms=c.latency_ms if c else None, validation_ms=validation_ms, counts=counts,
-        source_sha256=source_sha256))
+        source_sha256=source_sha256, cached=cached))
 
 
 def outcome_of(exc: ModelError) -> str:

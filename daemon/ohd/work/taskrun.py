@@ -12,12 +12,21 @@ store) and moves to the next model without spending an attempt; when no model ca
 now the round ends `pending` until the earliest instant one can. What a run uses of its pool
 (`Means`) is read when it is used, so a reload (the ladder, the models, the ranking) applies
 from the next step on. Store calls run in a thread, so a busy SQLite lock never stalls the loop.
+
+The replay cache comes before the governor: a request whose key (`calls.request_key`: the model,
+the messages, the request's parameters) was answered before and that answer was accepted is not
+sent; that answer, from the call history, is judged again and delivered like a fresh one, with an
+execution row marked `cached` (no request slot reserved, no quota, no tokens). A task with
+`cache: false` never replays. One part of a prompt is left out of the key: the text at the output
+path when it is what ohd itself wrote there (its own earlier answer, which replaying reproduces),
+so a rule re-run on an unchanged target finds the first run's key; a test file you edited is in it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -42,6 +51,7 @@ from ohd.ladder import ladder, validate
 from ohd.ladder.ladder import Ladder
 from ohd.models.llm import Completion
 from ohd.repo import gitrepo, outputs
+from ohd.store.calls import Replay, request_key
 from ohd.store.store import Task, TaskStatus
 from ohd.work import delivery
 from ohd.work.delivery import Outcome, Run
@@ -105,6 +115,7 @@ class Round:
         self.task = run.task
         self.pool = means
         self.candidates: list[str] = []
+        self.replayed: set[str] = set()   # the keys whose answer this round replayed (each at most once)
 
     async def outcome(self) -> Outcome:
         return await asyncio.to_thread(self._redeliver) or await self._attempts()
@@ -160,6 +171,8 @@ class Round:
         if not self.candidates:
             return Outcome(TaskStatus.FAILED, error="every model failed: " + "; ".join(self.run.model_errors.values())
                            if self.run.model_errors else "every model failed; see the executions")
+        if (found := await in_thread(self._cached)) is not None:
+            return await self._replay(*found)
         choice = await in_thread(self.pool.governor.acquire, self.candidates, self.pool.clock.now())
         if choice.model is None:
             return await self._wait(choice)
@@ -190,7 +203,7 @@ class Round:
         found = await self._pending_answer()
         if found is None:
             return None
-        completion, started = found
+        completion, started, cached = found
         model, response = completion.model, completion.content
         log.info("task %d: judging the answer %s gave before the daemon stopped (not asked again)", self.task.id,
                  completion.answered_by)
@@ -198,14 +211,16 @@ class Round:
             content = tasktypes.extract(self.run.job.task_type, response)
         except MalformedAnswer as exc:
             exc.model, exc.answer = completion.answered_by, response
-            await self._record(model, started, completion, "malformed", exc, counts=True)
+            await self._record(model, started, completion, "malformed", exc, counts=True, cached=cached)
             return await self._unusable(model, exc)
-        self.run.history.append({"model": completion.answered_by, "completion": completion, "started": started})
+        self.run.history.append({"model": completion.answered_by, "completion": completion, "started": started,
+                                 "cached": cached})
         return await self._judge(model, content)
 
-    async def _pending_answer(self) -> tuple[Completion, datetime] | None:
-        """The answer received before a crash and never judged, with when it was asked for; None:
-        none, no attempt left, or not for the target's current text or not readable (asked again)."""
+    async def _pending_answer(self) -> tuple[Completion, datetime, bool] | None:
+        """The answer received before a crash and never judged, with when it was asked for and whether
+        it was a replay (the replay cache); None: none, no attempt left, or not for the target's
+        current text or not readable (asked again)."""
         found = await in_thread(self.pool.calls.pending_answer, self.task.id)
         if found is None or self.run.attempts >= self.task.max_attempts:
             return None
@@ -215,7 +230,8 @@ class Round:
                      self.task.id, self.task.target)
             return None
         try:
-            return Completion(content=response, **pending["completion"]), datetime.fromisoformat(pending["started"])
+            return (Completion(content=response, **pending["completion"]), datetime.fromisoformat(pending["started"]),
+                    pending.get("replay_of") is not None)
         except (KeyError, TypeError, ValueError) as exc:    # written by another version of ohd
             log.warning("task %d: the answer received before the crash cannot be read back (%s); asking again",
                         self.task.id, exc)
@@ -323,7 +339,7 @@ class Round:
         run = self.run
         verdict = run.verdict = run.rejected[content]
         await self._record(model, run.history[-1]["started"], run.history[-1]["completion"], "rejected", None,
-                           verdict, counts=True)
+                           verdict, counts=True, cached=run.history[-1].get("cached", False))
         self.candidates.remove(model)
         log.info("task %d: %s gave an answer it gave before (rejected: %s); %s", self.task.id, model,
                  "; ".join(verdict.feedback()), "next model" if self.candidates else "giving up")
@@ -335,6 +351,7 @@ class Round:
     async def _ask(self, model: str) -> str:
         """Call one model and record the execution; returns the extracted candidate."""
         run, started = self.run, self.pool.clock.now()
+        key = await in_thread(self._key, model)
         try:
             completion = await self.pool.call(model, messages := tasktypes.messages(run.job), self.task.timeout_s,
                                               run.job)
@@ -342,8 +359,9 @@ class Round:
             # an answer, if a useless one, costs an attempt (counted with its execution row)
             await self._record(model, started, None, outcome_of(exc), exc, counts=isinstance(exc, MalformedAnswer))
             raise
-        await in_thread(self.pool.calls.record, self.task.id, completion.answered_by, started, messages,
-                     completion.content, _pending(completion, started, run.job.source))
+        await in_thread(functools.partial(self.pool.calls.record, self.task.id, completion.answered_by, started,
+                                          messages, completion.content, _pending(completion, started, run.job.source),
+                                          key=key))
         try:
             content = tasktypes.extract(run.job.task_type, completion.content)
         except MalformedAnswer as exc:
@@ -369,7 +387,8 @@ class Round:
         validation_ms = round((clock.monotonic() - judging) * 1000)
         answered = run.history[-1]
         await self._record(model, answered["started"], answered["completion"],
-                           "accepted" if verdict.accepted else "rejected", None, verdict, validation_ms, counts=True)
+                           "accepted" if verdict.accepted else "rejected", None, verdict, validation_ms, counts=True,
+                           cached=answered.get("cached", False))
         if not verdict.accepted:
             self._rejected(model, content, verdict)
             return None
@@ -390,17 +409,66 @@ class Round:
 
     async def _record(self, model: str, started: datetime, completion: Completion | None,
                       outcome: str, exc: ModelError | None, verdict: validate.Verdict | None = None,
-                      validation_ms: int | None = None, counts: bool = False) -> None:
+                      validation_ms: int | None = None, counts: bool = False, cached: bool = False) -> None:
         """One execution row under the model the server says answered: latency is the call's own (the
         answer's, else the call's span), never the validation's, which is recorded beside it.
         `counts`: an answer, which spends an attempt in the same transaction (a crash before its
-        verdict spends none)."""
+        verdict spends none); `cached`: a replayed answer (no request was sent)."""
         run = self.run
         if counts:
             run.attempts += 1
         await record(self.pool, self.task.id, run.attempts, model, started, completion, outcome, exc,
                      score=verdict.score if verdict else None, validation_ms=validation_ms, counts=counts,
-                     source_sha256=outputs.sha256_text(run.job.source) if counts else None)
+                     source_sha256=outputs.sha256_text(run.job.source) if counts else None, cached=cached)
+
+    # -- the replay cache ----------------------------------------------------------
+
+    def _key(self, model: str) -> str:
+        """The replay cache's key of the next request to `model` (a thread: it reads the store and
+        the output file). The output file's text is left out of it when it is what ohd wrote there."""
+        job = self.run.job
+        if job.context:
+            written = self.pool.store.written(self.task.repo, job.output)
+            current = outputs.current_sha(outputs.resolve_inside(self.run.repo, job.output))
+            if written is not None and written.holds(current):
+                job = dataclasses.replace(job, context=tuple((p, t) for p, t in job.context if p != job.output))
+        return request_key(model, tasktypes.messages(job), self.pool.request_params)
+
+    def _cached(self) -> tuple[str, str, Replay] | None:
+        """The first candidate whose next request was answered before and accepted: (model, key, the
+        answer); None: ask a model (also with `cache: false`). A thread: it reads the store."""
+        if not self.task.cache:
+            return None
+        for model in self.candidates:
+            key = self._key(model)
+            if key not in self.replayed and (found := self.pool.calls.replay(key)) is not None:
+                return model, key, found
+        return None
+
+    async def _replay(self, model: str, key: str, found: Replay) -> Outcome | None:
+        """Judge (and deliver) the answer `found` instead of asking `model`: no request slot, no
+        quota, no tokens; the call history records it as a replay of its call. None: go on."""
+        run, started = self.run, self.pool.clock.now()
+        self.replayed.add(key)
+        completion = Completion(model=model, content=found.response, prompt_tokens=0, completion_tokens=0, cost=0.0,
+                                latency_ms=0, finish_reason=None, generation_id=None, served=found.model)
+        log.info("task %d: replaying the answer %s gave to the same request (call %d, accepted then); "
+                 "no request sent", self.task.id, found.model, found.call_id)
+        pending = {**_pending(completion, started, run.job.source), "replay_of": found.call_id}
+        await in_thread(functools.partial(self.pool.calls.record, self.task.id, completion.answered_by, started,
+                                          tasktypes.messages(run.job), found.response, pending, key=key,
+                                          replay_of=found.call_id))
+        try:
+            content = tasktypes.extract(run.job.task_type, found.response)
+        except MalformedAnswer as exc:    # another version of ohd accepted it
+            exc.model, exc.answer = completion.answered_by, found.response
+            await self._record(model, started, completion, "malformed", exc, counts=True, cached=True)
+            return await self._unusable(model, exc)
+        run.history.append({"model": completion.answered_by, "completion": completion, "started": started,
+                            "cached": True})
+        if content in run.rejected:
+            return await self._repeated(model, content)
+        return await self._judge(model, content)
 
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -51,11 +51,13 @@ class Pool:
                  governor: Governor | None = None, policy: Policy | None = None, key_id: str = "default",
                  hold_s: float = 1.0, rank: Callable[[str, list[str]], list[str]] | None = None,
                  calls: CallHistory | None = None, ladder: Ladder | None = None,
-                 agents: AgentSetup | None = None) -> None:
+                 agents: AgentSetup | None = None, request_params: Mapping[str, Any] | None = None) -> None:
         """`governor`: the quotas (the daemon's also paces its model client's retries, `pace_retries`);
         by default one over `store` with `policy` and `key_id`. `calls`: where prompts and responses
         go (default: kept in full); `ladder`: how candidates are judged (default: `Ladder()`); `agents`:
-        how agent runners' tasks run (None: they fail, saying so)."""
+        how agent runners' tasks run (None: they fail, saying so); `request_params`: what a request
+        is made of besides the model and messages (the server, max_tokens, temperature), part of the
+        replay cache's key."""
         self.store = store
         self.call = call
         self.clock = clock
@@ -69,6 +71,7 @@ class Pool:
         self.rank = rank            # (task type, models) -> best first (`auto`); None: configured order
         self.calls = calls if calls is not None else CallHistory(store.db)   # prompts and responses
         self.agents = agents        # the agent runners' state dir, [agents] settings and proxy
+        self.request_params = dict(request_params or {})   # in the replay cache's key (`calls.request_key`)
         self.unreachable: dict[str, str] = {}   # model -> why its server could not be reached (until it answers)
         self.busy: dict[str, int] = {}
         self.wake_event = asyncio.Event()
