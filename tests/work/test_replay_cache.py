@@ -21,11 +21,13 @@ from ohd.intake.ingest import Ingestor
 from ohd.intake.rules import RuleBook
 from ohd.models.llm import Completion, ModelClient
 from ohd.service.metrics import collect, prometheus
-from ohd.store.calls import CallHistory, calls_text
+from ohd.store.calls import CallHistory, calls_text, request_key
 from ohd.store.history import History
+from ohd.store.schema import TaskStatus
 from ohd.store.store import Store
 from ohd.work.worker import Pool
 from tests.support.clock import FakeClock
+from tests.support.databases import BACKENDS, store_on
 from tests.support.fake_openrouter import FakeOpenRouter, ok
 from tests.support.governed import GOOD
 
@@ -186,3 +188,39 @@ def test_an_answer_accepted_once_and_rejected_since_is_not_replayed(
     completed(store, third)
     assert len(server.completions()) == 2
     assert [e.cached for e in store.executions(third)] == [False]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_key_lookup_and_the_figures_on_each_backend(backend: str, tmp_path: Path, clock: FakeClock) -> None:
+    """The SQL of the cache (the newest verdict of a key decides) and of the efficiency figures, on
+    SQLite and PostgreSQL."""
+    messages = [{"role": "user", "content": "write tests"}]
+    key = request_key(MODEL, messages, PARAMS)
+    assert key == request_key(MODEL, [dict(m) for m in messages], dict(reversed(list(PARAMS.items()))))
+    assert key != request_key("model-b", messages, PARAMS)
+    with store_on(backend, tmp_path) as store:
+        calls, now = CallHistory(store.db), clock.now()
+        task_id = store.enqueue("/repo", TaskSpec.model_validate({"type": "unit_test", "target": "a.py"}), now)
+
+        def answer(response: str, outcome: str, replay_of: int | None = None) -> None:
+            calls.record(task_id, MODEL, now, messages, response, {"p": 1}, key=key, replay_of=replay_of)
+            store.record_execution(task_id, 0, MODEL, now, now, 0 if replay_of else 10, 0 if replay_of else 5,
+                                   0.0, outcome, counts=True, cached=replay_of is not None)
+
+        calls.record(task_id, MODEL, now, messages, "unjudged", {"p": 1}, key=key)
+        assert calls.replay(key) is None                   # no verdict yet
+        store.finish(task_id, None, TaskStatus.FAILED, now)    # closes it unjudged
+        answer("first", "accepted")
+        found = calls.replay(key)
+        assert found is not None and (found.model, found.response) == (MODEL, "first")
+        answer("first", "accepted", replay_of=found.call_id)
+        answer("first", "rejected", replay_of=found.call_id)
+        assert calls.replay(key) is None                   # the newest verdict: rejected
+        assert CallHistory(store.db, enabled=False).replay(key) is None
+        [row] = History(store.db, store.m).efficiency()
+        assert (row.requests, row.accepted, row.saved, row.accepted_per_request) == (1, 2, 2, 2.0)
+        assert store.totals_today(now) == {"calls": 1, "prompt_tokens": 10, "completion_tokens": 5, "cost": 0.0,
+                                           "saved": 2}
+        [usage] = History(store.db, store.m).usage()        # replays are no calls
+        assert (usage.outcome, usage.calls) == ("accepted", 1)
+        assert History(store.db, store.m).measured("unit_test")[MODEL].calls == 1
