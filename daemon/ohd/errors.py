@@ -208,7 +208,8 @@ class StorageUnavailable(OhdError):
     READ_ONLY = "the file system is read-only"
     LOCKED = "the database is locked by another process"
     IO = "an I/O error (see the kernel log)"
-    REASONS = (FULL, READ_ONLY, LOCKED, IO)
+    UNREACHABLE = "its server cannot be reached (down, restarting or cut off)"
+    REASONS = (FULL, READ_ONLY, LOCKED, IO, UNREACHABLE)
 
     def __init__(self, path: str, reason: str, detail: str = "", what: str = "the store") -> None:
         self.path = path
@@ -220,6 +221,14 @@ class StorageUnavailable(OhdError):
     def locked(self) -> bool:
         return self.reason == self.LOCKED
 
+    @property
+    def unreachable(self) -> bool:
+        return self.reason == self.UNREACHABLE
+
+    def as_dict(self) -> dict[str, str]:
+        """What `ohd status` shows of it (`storage`)."""
+        return {"error": str(self), "reason": self.reason, "path": self.path}
+
 
 _ERRNO_REASONS = {28: StorageUnavailable.FULL, 122: StorageUnavailable.FULL,   # ENOSPC, EDQUOT
                   30: StorageUnavailable.READ_ONLY, 5: StorageUnavailable.IO}   # EROFS, EIO
@@ -228,7 +237,10 @@ _SQLITE_REASONS = (("SQLITE_FULL", StorageUnavailable.FULL), ("SQLITE_READONLY",
                    ("SQLITE_BUSY", StorageUnavailable.LOCKED), ("SQLITE_LOCKED", StorageUnavailable.LOCKED),
                    ("SQLITE_IOERR", StorageUnavailable.IO), ("SQLITE_CANTOPEN", StorageUnavailable.IO))
 _PG_REASONS = {"53100": StorageUnavailable.FULL, "25006": StorageUnavailable.READ_ONLY,   # disk_full, read only
-               "55P03": StorageUnavailable.LOCKED}                                          # lock_not_available
+               "55P03": StorageUnavailable.LOCKED,                                          # lock_not_available
+               # admin_shutdown (a restart), crash_shutdown, cannot_connect_now (starting or stopping)
+               "57P01": StorageUnavailable.UNREACHABLE, "57P02": StorageUnavailable.UNREACHABLE,
+               "57P03": StorageUnavailable.UNREACHABLE}
 
 
 def unwritable_reason(exc: BaseException) -> str | None:
@@ -258,7 +270,16 @@ def _reason_of(exc: BaseException) -> str | None:
     if isinstance(name, str):
         return next((reason for prefix, reason in _SQLITE_REASONS if name.startswith(prefix)), None)
     code = getattr(exc, "pgcode", None)
-    return _PG_REASONS.get(code) if isinstance(code, str) else None
+    if isinstance(code, str):
+        return StorageUnavailable.UNREACHABLE if code.startswith("08") else _PG_REASONS.get(code)
+    return StorageUnavailable.UNREACHABLE if _lost_connection(exc) else None
+
+
+def _lost_connection(exc: BaseException) -> bool:
+    """psycopg2's OperationalError or InterfaceError without a server's code: the connection could not
+    be made or broke (refused, closed by the server, timed out), as the driver names it."""
+    return any(cls.__module__.split(".")[0] == "psycopg2" and cls.__name__ in ("OperationalError", "InterfaceError")
+               for cls in type(exc).__mro__)
 
 
 class ApiError(OhdError):
@@ -281,8 +302,8 @@ def http_answer(exc: OhdError) -> tuple[int, dict[str, Any]]:
         return 404, {**body, "what": exc.kind, "id": str(exc.ident)}
     if isinstance(exc, InvalidTransition):
         return 409, {**body, "task_id": exc.task_id, "status": exc.status, "action": exc.action}
-    if isinstance(exc, StorageUnavailable):     # 507 Insufficient Storage; a lock passes: 503
-        return 503 if exc.locked else 507, {**body, "reason": exc.reason}
+    if isinstance(exc, StorageUnavailable):     # 507 Insufficient Storage; a lock or a server's restart passes: 503
+        return 503 if exc.locked or exc.unreachable else 507, {**body, "reason": exc.reason}
     if isinstance(exc, TargetError):
         return 400, {**body, "path": exc.path}
     if isinstance(exc, ModelError):

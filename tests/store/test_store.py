@@ -454,7 +454,8 @@ def test_postgresql_url_gives_a_postgres_database() -> None:
     assert isinstance(db, peewee.PostgresqlDatabase)
     assert db.database == "ohd"
     assert db.connect_params == {"user": "ohd", "password": "s@cret", "host": "db.example", "port": 5433,
-                                 "sslmode": "require"}
+                                 "sslmode": "require", "connect_timeout": "10"}   # a cut-off server fails in 10 s
+    assert open_database("postgresql://db.example/ohd?connect_timeout=3").connect_params["connect_timeout"] == "3"
 
 
 def test_an_unknown_url_scheme_is_a_config_error() -> None:

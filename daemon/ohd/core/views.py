@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from ohd.errors import StorageUnavailable
+
 QUEUE_ORDER = ("pending", "queued", "running", "completed", "failed", "cancelled")
 
 
@@ -26,8 +28,13 @@ def status_text(status: dict[str, Any]) -> str:
         f"workers: {workers.get('busy', 0)}/{workers.get('size', 0)} busy",
     ]
     if status.get("storage"):
-        lines.append(f"storage: waiting for storage: {status['storage']['error']}; held tasks go on once "
-                     "the store can be written")
+        storage = status["storage"]
+        if storage.get("reason") == StorageUnavailable.UNREACHABLE:
+            lines.append(f"storage: waiting for the database: {storage['error']}; no task is claimed until it "
+                         "answers, held tasks go on then")
+        else:
+            lines.append(f"storage: waiting for storage: {storage['error']}; held tasks go on once "
+                         "the store can be written")
     if status.get("sandbox"):
         lines.append(f"tests:   {status['sandbox']['level']} sandbox ({status['sandbox']['description']})")
     lines.extend(fleet_lines(status.get("fleet") or [], now))

@@ -39,7 +39,15 @@ import pydantic
 from ohd.clock import Clock
 from ohd.core import layout
 from ohd.core.taskfile import TaskSpec
-from ohd.errors import ApiError, DaemonAlreadyRunning, NotFound, OhdError, TargetError, http_answer
+from ohd.errors import (
+    ApiError,
+    DaemonAlreadyRunning,
+    NotFound,
+    OhdError,
+    StorageUnavailable,
+    TargetError,
+    http_answer,
+)
 from ohd.repo import worktrees
 from ohd.repo.outputs import check_output, check_reports, resolve_inside
 from ohd.service.metrics import collect, prometheus
@@ -206,10 +214,13 @@ class ApiServer:
 
     def get_status(self, request: Request) -> Reply:
         data = dict(self.status())
-        data["queue"] = self.store.counts()
-        data["quarantined"] = self.store.quarantined_count()   # of the completed ones
         data["repos"] = [str(repo) for repo in self.repos]
-        data["running"] = [running_entry(task) for task in self.store.running()]
+        try:
+            data["queue"] = self.store.counts()
+            data["quarantined"] = self.store.quarantined_count()   # of the completed ones
+            data["running"] = [running_entry(task) for task in self.store.running()]
+        except StorageUnavailable as exc:    # its server is down: the status says so, without the queue
+            data["storage"] = data.get("storage") or exc.as_dict()
         return json_reply(200, data)
 
     def list_tasks(self, request: Request) -> Reply:

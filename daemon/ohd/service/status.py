@@ -17,6 +17,7 @@ from typing import Any
 from ohd import __version__
 from ohd.clock import Clock
 from ohd.core.views import eta_seconds
+from ohd.errors import StorageUnavailable
 from ohd.service.metrics import DEFAULT_WINDOW, HOUR, Metrics, Throughput, collect, efficiency_dict
 from ohd.store.history import History
 from ohd.store.outbox import Outbox
@@ -49,21 +50,25 @@ class StatusView:
         return collect(self.history, self.clock.now(), self.clock.monotonic() - self.started)
 
     def status(self) -> dict[str, Any]:
+        """The status; while the store cannot be read (its server down), what is known without it,
+        with the reason (`storage`) and no queue, models, fleet or progress."""
         pool = self.pool
-        return {
+        known = {
             "version": __version__,
             "pid": os.getpid(),
             "uptime_s": round(self.clock.monotonic() - self.started, 1),
             "workers": pool.snapshot() if pool else {"size": 0, "busy": 0},
-            "models": pool.model_states() if pool else [],
             "offline": self.offline,
             "sandbox": pool.ladder.tests.sandbox().as_dict() if pool else None,
             "database": self.database,
-            "storage": self._storage(),
-            "fleet": self.fleet() if self.fleet is not None else [],
-            "webhooks": self._webhooks(),
-            **self._progress(),
         }
+        try:
+            read = {"models": pool.model_states() if pool else [],
+                    "fleet": self.fleet() if self.fleet is not None else [],
+                    "webhooks": self._webhooks(), **self._progress(), "storage": self._storage()}
+        except StorageUnavailable as exc:
+            read = {"models": [], "fleet": [], "webhooks": [], "storage": (self.store.trouble or exc).as_dict()}
+        return {**known, **read}
 
     def _webhooks(self) -> list[dict[str, Any]]:
         """Each hook's deliveries (pending, delivered, dead) and its last error."""
@@ -73,9 +78,7 @@ class StatusView:
     def _storage(self) -> dict[str, Any] | None:
         """Why the daemon waits for storage (the last write the store refused), None when it can write."""
         trouble = self.store.trouble
-        if trouble is None:
-            return None
-        return {"error": str(trouble), "reason": trouble.reason, "path": trouble.path}
+        return None if trouble is None else trouble.as_dict()
 
     def _progress(self) -> dict[str, Any]:
         """Now, today's tokens and cost, recent throughput, the quota's efficiency (accepted outputs per

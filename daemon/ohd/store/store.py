@@ -16,7 +16,7 @@ import logging
 import operator
 import os
 from collections.abc import Collection, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -76,6 +76,7 @@ class _Guarded:
 
     where: str
     trouble: StorageUnavailable | None = None
+    generation = 0    # one more each time a thread finds the server gone (`_drop_broken`)
 
     def _storage(self, exc: Exception) -> Exception:
         reason = unwritable_reason(exc)
@@ -84,6 +85,8 @@ class _Guarded:
         if reason == StorageUnavailable.IO and os.path.isabs(self.where):
             reason = disk_reason(Path(self.where).parent) or reason
         failure = StorageUnavailable(self.where, reason, str(exc))
+        if reason == StorageUnavailable.UNREACHABLE and getattr(self._state, "ohd_generation", None) == self.generation:
+            self.generation += 1     # the server went away: every thread's connection of before is stale
         if reason != StorageUnavailable.LOCKED or self.trouble is None:
             if self.trouble is None or self.trouble.reason != reason:
                 log.warning("%s", failure)
@@ -100,13 +103,45 @@ class _Guarded:
             raise failure from exc
 
     def connect(self, reuse_if_open: bool = False) -> bool:
-        return bool(self._guard(super().connect, reuse_if_open))   # type: ignore[misc]
+        self._drop_broken()
+        opened = bool(self._guard(super().connect, reuse_if_open))   # type: ignore[misc]
+        if opened:
+            self._state.ohd_generation = self.generation
+        return opened
+
+    def is_closed(self) -> bool:
+        self._drop_broken()
+        return bool(super().is_closed())   # type: ignore[misc]
+
+    def _drop_broken(self) -> None:
+        """This thread's connection is forgotten once its driver saw it break (PostgreSQL restarted,
+        or the network cut it: psycopg2's `closed`), or once any thread's did after it was opened
+        (`generation`), outside a transaction: the next statement opens a new one, so the threads'
+        connections come back with the server without each failing once first. SQLite's never break so."""
+        if self._state.transactions or getattr(self._state, "conn", None) is None:
+            return
+        if _broken(self._state):
+            self._state.reset()
+        elif getattr(self._state, "ohd_generation", self.generation) != self.generation:
+            with suppress(Exception):     # opened before another thread saw the server go: stale too
+                self._state.conn.close()
+            self._state.reset()
 
     def execute_sql(self, sql: str, params: Any = None) -> Any:
         return self._guard(super().execute_sql, sql, params)   # type: ignore[misc]
 
     def begin(self, *args: Any, **kwargs: Any) -> None:
-        self._guard(super().begin, *args, **kwargs)   # type: ignore[misc]
+        try:
+            super().begin(*args, **kwargs)   # type: ignore[misc]
+        except (peewee.DatabaseError, OSError) as exc:
+            if not (unwritable_reason(exc) == StorageUnavailable.UNREACHABLE and _broken(self._state)):
+                failure = self._storage(exc)
+                if failure is exc:
+                    raise
+                raise failure from exc
+            # the connection had gone stale (the server restarted since): BEGIN did nothing; a new one, once
+            self._state.reset()
+            self._guard(super().begin, *args, **kwargs)   # type: ignore[misc]
         self._state.ohd_changes = self._total_changes()    # per thread, as peewee's connection state
 
     def commit(self) -> None:
@@ -117,6 +152,9 @@ class _Guarded:
             self.trouble = None
 
     def rollback(self) -> None:
+        if _broken(self._state):
+            self._state.reset()     # the server ended the transaction with the connection: nothing to roll back
+            return
         self._guard(super().rollback)   # type: ignore[misc]
 
     def _total_changes(self) -> int | None:
@@ -127,6 +165,12 @@ class _Guarded:
         return changes if isinstance(changes, int) else None
 
     _state: Any
+
+
+def _broken(state: Any) -> bool:
+    """The connection of peewee's connection state `state` broke (psycopg2 sets `closed` non-zero)."""
+    conn = getattr(state, "conn", None)
+    return conn is not None and bool(getattr(conn, "closed", False))
 
 
 class GuardedSqlite(_Guarded, peewee.SqliteDatabase):
@@ -161,6 +205,7 @@ def open_database(url: str, busy_timeout_s: float = 5.0) -> peewee.Database:
                                   "host": parts.hostname, "port": parts.port}
         params = {k: unquote(v) if isinstance(v, str) else v for k, v in params.items() if v is not None}
         params.update(parse_qsl(parts.query))
+        params.setdefault("connect_timeout", "10")   # a server cut off fails a connect in 10 s, not the TCP timeout
         postgres = GuardedPostgres(unquote(parts.path.lstrip("/")), **params)
         postgres.where = f"{parts.scheme}://{parts.hostname or ''}/{unquote(parts.path.lstrip('/'))}"
         return postgres

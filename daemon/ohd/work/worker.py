@@ -41,6 +41,7 @@ log = logging.getLogger("ohd.worker")
 
 T = TypeVar("T")
 STORAGE_WAIT_S = 2.0   # the longest wait between two tries of a write the store refused (a full disk)
+CLAIM_WAIT_S = 5.0     # the longest wait between two claims while the store cannot be reached
 
 
 class Pool:
@@ -147,19 +148,48 @@ class Pool:
             count += 1
         return count
 
-    async def run_once(self, worker_id: str, renew: bool = True) -> bool:
-        claim = await self._store(self.store.claim_next, worker_id, self.clock.now(), self.lease)
+    async def run_once(self, worker_id: str, renew: bool = True, patient: bool = False) -> bool:
+        """Claim one task and run it; False if none is ready. `patient` (the workers): a store that
+        cannot be read is waited for (`_claim`) instead of raising."""
+        claim = await (self._claim(worker_id) if patient else
+                       self._store(self.store.claim_next, worker_id, self.clock.now(), self.lease))
         if claim is None:
             return False
         await self.execute(claim, renew=renew)
         return True
+
+    async def _claim(self, worker_id: str) -> Claim | None:
+        """The next ready task under a lease, or None. While the store cannot be read or written (its
+        PostgreSQL server restarting, down or cut off; a full disk) nothing is claimed: the claim is
+        tried again with exponential backoff up to `CLAIM_WAIT_S` apart (tenacity), a line logged at
+        the first failure and one when it answers again, until it does or the pool stops."""
+        failed: list[StorageUnavailable] = []
+
+        def stopping(_state: RetryCallState) -> bool:
+            return self.stop is not None and self.stop.is_set()
+
+        def waiting(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            if not failed and isinstance(exc, StorageUnavailable):
+                log.warning("worker %s: %s; claiming nothing until it answers (tried again with backoff)",
+                            worker_id, exc)
+                failed.append(exc)
+
+        async for attempt in AsyncRetrying(retry=retry_if_exception_type(StorageUnavailable), stop=stopping,
+                                           wait=wait_exponential(multiplier=0.25, max=CLAIM_WAIT_S),
+                                           sleep=self.clock.sleep, before_sleep=waiting, reraise=True):
+            with attempt:
+                claim = await self._store(self.store.claim_next, worker_id, self.clock.now(), self.lease)
+        if failed:
+            log.info("worker %s: the store answers again; claiming", worker_id)
+        return claim
 
     async def _worker(self, worker_id: str, stop: asyncio.Event) -> None:
         try:
             while not stop.is_set() and worker_id not in self.retiring:
                 self.wake_event.clear()     # before the claim: a wake during it is not lost
                 try:
-                    if await self.run_once(worker_id):
+                    if await self.run_once(worker_id, patient=True):
                         continue
                 except StorageUnavailable as exc:     # one line a try, not a traceback a second
                     log.warning("worker %s: %s; trying again", worker_id, exc)
