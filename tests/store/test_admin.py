@@ -159,7 +159,7 @@ def test_db_check_reports_the_version_references_and_leases_no_live_daemon_holds
         backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with database_url(backend, tmp_path) as url:
         assert main(["db", "check", "--url", url]) == 1        # a fresh database: no schema
-        assert "the schema is not up to date: 13 migration(s) not applied" in capsys.readouterr().out
+        assert f"the schema is not up to date: {len(schema.MIGRATIONS)} migration(s) not applied" in capsys.readouterr().out
         db = open_database(url)
         store = Store(db)
         store.migrate()
