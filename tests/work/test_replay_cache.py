@@ -19,6 +19,7 @@ from ohd.core.taskfile import TaskSpec
 from ohd.core.tasktypes import Job
 from ohd.intake.ingest import Ingestor
 from ohd.intake.rules import RuleBook
+from ohd.ladder import ladder
 from ohd.models.llm import Completion, ModelClient
 from ohd.service.metrics import collect, prometheus
 from ohd.store.calls import CallHistory, calls_text, request_key
@@ -224,3 +225,48 @@ def test_the_key_lookup_and_the_figures_on_each_backend(backend: str, tmp_path: 
         [usage] = History(store.db, store.m).usage()        # replays are no calls
         assert (usage.outcome, usage.calls) == ("accepted", 1)
         assert History(store.db, store.m).measured("unit_test")[MODEL].calls == 1
+
+
+class Killed(BaseException):
+    """The process dying in the middle of a validation (nothing after it runs, as after kill -9)."""
+
+
+def test_a_replay_whose_validation_a_crash_interrupted_is_judged_after_the_restart_and_stays_a_replay(
+        repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The crash-recovery path (README: Crash recovery) judges the replayed answer left pending, as it
+    judges a model's: no request before, during or after the crash, and the execution is a replay."""
+    first = submit(store, repo, clock)
+    run_pool(store, server, clock)
+    completed(store, first)
+    judge = ladder.judge
+
+    def dies(*args: object, **kwargs: object) -> object:
+        raise Killed
+
+    second = submit(store, repo, clock)
+    monkeypatch.setattr(ladder, "judge", dies)
+    with pytest.raises(Killed):
+        run_pool(store, server, clock)
+    assert store.executions(second) == [] and store.recover(clock.now()) == [second]
+    monkeypatch.setattr(ladder, "judge", judge)
+    run_pool(store, server, clock)
+    completed(store, second)
+    assert len(server.completions()) == 1
+    assert [(e.outcome, e.cached, e.attempt) for e in store.executions(second)] == [("accepted", True, 1)]
+    [row] = History(store.db, store.m).efficiency()
+    assert (row.requests, row.saved) == (1, 1)
+
+
+def test_a_rule_with_cache_false_asks_on_every_firing(repo: Path, store: Store, server: FakeOpenRouter,
+                                                      clock: FakeClock) -> None:
+    book = RuleBook(store, clock, timezone=UTC, grace=timedelta(hours=1))
+    (repo / "tasks.d" / "nightly.yaml").write_text(NIGHTLY + "cache: false\n")
+    Ingestor(store, clock, settle_s=0.1, on_rule=book.register).ingest_file(repo.resolve(),
+                                                                            repo / "tasks.d" / "nightly.yaml")
+    assert book.due(clock.now()) == []                   # registered at 12:00; it fires at 03:00
+    for hours in (15, 24):
+        task_id = fire(book, clock, hours)
+        assert store.get_task(task_id).cache is False
+        run_pool(store, server, clock)
+        completed(store, task_id)
+    assert len(server.completions()) == 2
