@@ -25,7 +25,8 @@ from ohd.repo.gitrepo import (commit_paths, hook_script, hooks_dir, install_hook
 from ohd.core.layout import CHAINED_SUFFIX
 from ohd.core.taskfile import parse
 from ohd.intake.rules import RuleBook
-from ohd.intake.spool import EventError, SpoolEvent, SpoolReader, parse_event, read_event, spool_dir, unquote
+from ohd.intake.spool import (EventError, SpoolEvent, SpoolReader, Unfinished, parse_event, read_event, spool_dir,
+                              unquote)
 from ohd.intake.watch import SpoolWatcher
 from ohd.store.store import Store, open_database
 from tests.e2e.helpers import DaemonProcess, daemon_env
@@ -510,3 +511,66 @@ def test_commits_made_while_the_daemon_is_down_are_handled_after_it_starts(repo:
         assert daemon.stop() == 0
     assert sorted(t["target"] for t in tasks) == ["shop/a.py", "shop/b.py"]
     assert not (spool_dir(repo) / "rejected").exists()
+
+
+# -- sealed events: the hooks write in place, no temp file, no mv (issue 17) ----------------
+
+
+def only_git_on_path(tmp_path: Path) -> str:
+    """A PATH holding git and nothing else: no mv, no rm, no mkdir."""
+    folder = tmp_path / "only-git"
+    folder.mkdir()
+    (folder / "git").symlink_to(shutil.which("git") or "git")
+    return str(folder)
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_the_hooks_record_with_nothing_but_git_on_the_path(repo: Path, tmp_path: Path, shell: str) -> None:
+    """git runs the hooks with GIT_INDEX_FILE set: post-commit then forks nothing, pre-commit only git."""
+    spool_dir(repo).mkdir(parents=True)
+    (repo / "a.py").write_text("")
+    git(repo, "add", "a.py")
+    git(repo, "commit", "-q", "-m", "a")
+    shell_path = shutil.which(shell) or shell
+    env = {"PATH": only_git_on_path(tmp_path), "GIT_INDEX_FILE": ".git/index"}
+    (repo / "b.py").write_text("")
+    git(repo, "add", "b.py")
+    for name in ("pre-commit", "post-commit"):
+        done = run_hook(shell_path, name, repo, env)
+        assert (done.returncode, done.stderr) == (0, "")
+    pre, post = events(repo, "pre-commit"), events(repo, "post-commit")
+    assert [e.paths for e in pre] == [("b.py",)]
+    assert [e.head for e in post] == [git(repo, "rev-parse", "HEAD").strip()]
+    assert not [p for p in spool_dir(repo).iterdir() if p.name.startswith(".")], "temp file left"
+
+
+def test_a_sealed_event_parses_without_its_seal_and_is_unfinished_without_it() -> None:
+    event = parse_event("ohd-event 1\nsealed 1\nkind pre-commit\npaths\na.py\nb.py\n.\n")
+    assert event.paths == ("a.py", "b.py")
+    event = parse_event(f"ohd-event 1\nsealed 1\nkind post-commit\nhead {SHA}\n.\n")
+    assert event.head == SHA and event.paths is None
+    for text in ("ohd-event 1\nsealed 1\n", "ohd-event 1\nsealed 1\nkind pre-commit\npaths\na.py\n",
+                 f"ohd-event 1\nsealed 1\nkind post-commit\nhead {SHA}\n"):
+        with pytest.raises(Unfinished):
+            parse_event(text)
+
+
+def test_an_unfinished_event_waits_for_its_seal_and_is_rejected_once_stale(repo: Path) -> None:
+    spool = spool_dir(repo)
+    spool.mkdir(parents=True)
+    empty, half = spool / "pre-commit-1.event", spool / "pre-commit-2.event"
+    empty.write_text("")
+    half.write_text("ohd-event 1\nsealed 1\nkind pre-commit\npaths\na.py\n")
+    recorder = Recorder()
+    reader = SpoolReader(recorder)
+    assert reader.scan(repo, now=datetime.now(UTC)) == 0
+    assert empty.exists() and half.exists() and not (spool / "rejected").exists()
+    with half.open("a") as handle:                # the hook writes its last line
+        handle.write("b.py\n.\n")
+    assert reader.process(repo, half) and not half.exists()
+    assert [paths for _r, paths, _o in recorder.calls] == [["a.py", "b.py"]]
+    two_hours_ago = time.time() - 7200
+    os.utime(empty, (two_hours_ago, two_hours_ago))
+    assert reader.scan(repo, now=datetime.now(UTC)) == 0
+    assert not empty.exists()
+    assert "unfinished" in (spool / "rejected" / "pre-commit-1.event.error.txt").read_text()

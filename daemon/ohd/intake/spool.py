@@ -1,7 +1,11 @@
 """The git-hook spool: event files left by `hooks/pre-commit` and `hooks/post-commit` → changed paths.
 
-The hooks write one event file per hook run, atomically (temp file, then `mv`), into
-`<git common dir>/ohd/inbox/` and never talk to the daemon. This room reads them:
+The hooks write one event file per hook run into `<git common dir>/ohd/inbox/` and never
+talk to the daemon. They write it in place, sealed (`sealed 1` as its second line, `.` as its
+last): a sealed event without its `.` is `Unfinished` (a hook is still writing it) and stays
+where it is until a later look, or is rejected once older than an hour (a killed hook); so
+the hooks need no temp file and no `mv` fork. An unsealed event (hooks of an older ohd, which
+renamed a temp file in) is complete as it is. This room reads them:
 `parse_event` (pure) turns a file's text into a `SpoolEvent`; `SpoolReader.process`
 completes it (a post-commit event names only its commit: the changed paths are read
 from git here, so the hook itself runs no git), hands the paths to
@@ -32,6 +36,8 @@ from ohd.repo.gitrepo import commit_paths, git_dir
 log = logging.getLogger("ohd.spool")
 
 MAGIC = "ohd-event 1"
+SEALED = "sealed 1"                    # the second line of an event the hook writes in place
+SEAL = "."                             # ... and its last line: the hook has finished it (never a path)
 KINDS = frozenset({"pre-commit", "post-commit"})
 MAX_EVENT_BYTES = 64 * 1024 * 1024
 STALE_TEMP = timedelta(hours=1)        # a hook's temp file this old was left by a killed hook
@@ -44,6 +50,10 @@ Resolve = Callable[[Path, str], list[str]]     # (repo, commit id) → the paths
 
 class EventError(OhdError):
     """A spool file that is not a valid ohd event."""
+
+
+class Unfinished(EventError):
+    """A sealed event whose seal is not there yet, or an empty file: a hook is still writing it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +101,8 @@ def parse_event(text: str, received: datetime | None = None) -> SpoolEvent:
     lines = text.split("\n")
     if not lines or lines[0].rstrip("\r") != MAGIC:
         raise EventError(f"not an ohd event: the first line is not {MAGIC!r}")
+    if len(lines) > 1 and lines[1] == SEALED:
+        lines = _unsealed(lines)
     header, rest = _split_header(lines[1:])
     kind = header.get("kind", "")
     if kind not in KINDS:
@@ -101,6 +113,16 @@ def parse_event(text: str, received: datetime | None = None) -> SpoolEvent:
                          "the event is incomplete")
     when = _time(header["time"]) if "time" in header else received
     return SpoolEvent(kind=kind, head=head, paths=None if rest is None else _paths(rest), time=when)
+
+
+def _unsealed(lines: list[str]) -> list[str]:
+    """A sealed event's lines without its seal; `Unfinished` when the seal is not there yet."""
+    end = len(lines)
+    while end and not lines[end - 1]:
+        end -= 1
+    if lines[end - 1] != SEAL:
+        raise Unfinished(f"unfinished: a sealed event without its last line {SEAL!r} (a hook is writing it)")
+    return lines[:end - 1]
 
 
 def _split_header(lines: list[str]) -> tuple[dict[str, str], list[str] | None]:
@@ -201,20 +223,26 @@ class SpoolReader:
         if now is not None:
             remove_stale_temp_files(spool, now)
         found = [(_mtime(p), p.name) for p in spool.iterdir() if is_event_name(p.name)]
-        return sum(self.process(repo, spool / name) for _when, name in sorted(found))
+        return sum(self.process(repo, spool / name, now) for _when, name in sorted(found))
 
-    def process(self, repo: Path, path: Path) -> bool:
-        """Handle one event file; True if its paths were handed on (and the file deleted)."""
+    def process(self, repo: Path, path: Path, now: datetime | None = None) -> bool:
+        """Handle one event file; True if its paths were handed on (and the file deleted).
+        An unfinished one stays for a later call; with `now`, one older than STALE_TEMP (its
+        hook was killed) is rejected."""
         if not is_event_name(path.name):
             return False
         with self._lock:
-            return self._process_locked(repo, path)
+            return self._process_locked(repo, path, now)
 
-    def _process_locked(self, repo: Path, path: Path) -> bool:
+    def _process_locked(self, repo: Path, path: Path, now: datetime | None) -> bool:
         try:
             event = read_event(path)
         except FileNotFoundError:
             return False                          # handled already (or never finished)
+        except Unfinished as exc:                 # its hook is writing it: the close is seen next
+            if now is not None and now.timestamp() - _mtime(path) > STALE_TEMP.total_seconds():
+                reject(path, str(exc))
+            return False
         except (EventError, OSError) as exc:
             reject(path, str(exc))
             return False
@@ -247,6 +275,8 @@ def read_event(path: Path) -> SpoolEvent:
         data = handle.read(MAX_EVENT_BYTES + 1)
     if len(data) > MAX_EVENT_BYTES:
         raise EventError(f"larger than {MAX_EVENT_BYTES} bytes")
+    if not data:
+        raise Unfinished("unfinished: empty (a hook has just created it)")
     return parse_event(data.decode("utf-8", "surrogateescape"), received)
 
 

@@ -134,8 +134,8 @@ def _is_spool_event(path: Path) -> bool:
 
 class SpoolWatcher(_ObserverOwner):
     """A watchdog Observer on each repo's hook spool (`<git dir>/ohd/inbox`, top level only):
-    a finished event file (`*.event`, renamed in by a hook) → `callback(repo, path)`,
-    on the observer thread. A file may be reported more than once; the reader copes."""
+    an event file (`*.event`, written in place by a hook, or renamed in by an older one) →
+    `callback(repo, path)`, on the observer thread. A file may be reported more than once; the reader copes."""
 
     def watch(self, repo: Path, spool: Path) -> None:
         """Watch `spool` (created if missing) for `repo`; before or after `start`."""
