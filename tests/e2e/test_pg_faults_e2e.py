@@ -179,3 +179,50 @@ def test_a_restart_and_an_outage_of_postgresql_lose_nothing_and_status_says_why(
     assert "Traceback" not in log, log
     held = log.count("holding the task until the store can be written")
     print(f"{len(ids)} tasks, {len(requests)} model requests, {held} run(s) held and run again")
+
+
+def test_two_daemons_ride_out_a_restart_and_an_outage_without_running_a_task_twice(
+        tmp_path: Path, cluster: Cluster) -> None:
+    """A fleet of two on the private cluster: the restart and the outage cut both daemons' connections
+    at once; no task is completed by both, none is lost, every output is written once."""
+    repo = make_repo(tmp_path / "repo")
+    daemons = []
+    with FakeOpenRouter(models=[MODEL], latency_s=0.3) as server:
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            env = daemon_env(tmp_path / name, Path(tempfile.mkdtemp(prefix="ohd-rt-")), OPENROUTER_API_KEY="sk-f",
+                             OHD_BASE_URL=server.url, OHD_MODELS=MODEL, OHD_TEST_RUNS="0", OHD_WORKERS="2",
+                             OHD_DATABASE_URL=cluster.url, OHD_DAEMON_LOST_S="120", OHD_LEASE_S="120")
+            daemons.append(DaemonProcess(env, repo, tmp_path / f"{name}.log").launch())
+        try:
+            for daemon in daemons:
+                wait_for(lambda d=daemon: d.ohd("status", "--json").returncode == 0 or d._died(), timeout=120,
+                         what="the daemon to answer on its socket")
+            clients = [Client(Path(d.env["OHD_RUNTIME_DIR"]) / "ohd.sock", timeout=60.0) for d in daemons]
+            ids = [_submit(clients[i % 2], i) for i in range(2 * TASKS)]
+            wait_for(lambda: _completed(daemons[0]) >= 4, timeout=300, what="4 tasks to complete")
+            cluster.restart()
+            wait_for(lambda: _completed(daemons[1]) >= 12, timeout=300, what="12 tasks done after the restart")
+            cluster.stop()
+            for daemon in daemons:
+                _down(daemon)
+            cluster.start()
+            wait_for(lambda: _completed(daemons[0]) == 2 * TASKS, timeout=300, what="every task to complete")
+        finally:
+            codes = [d.stop() for d in daemons if d.proc is not None]
+        assert codes == [0, 0], codes
+        requests = server.completions()
+    logs = [d.log.read_text() for d in daemons]
+    db = open_database(cluster.url)
+    store = Store(db)
+    tasks = [store.get_task(i) for i in ids]
+    assert [t.status for t in tasks] == ["completed"] * len(ids), [(t.id, t.status, t.error) for t in tasks]
+    for task in tasks:
+        assert [e.outcome for e in store.executions(task.id)] == ["accepted"], (task.id, store.executions(task.id))
+        assert task.output_path is not None and (repo / task.output_path).is_file(), task
+    finished = [line for log in logs for line in log.splitlines() if " completed: model=" in line]
+    assert len(finished) == len(ids), finished           # each task completed by one daemon, once
+    assert schema.bind(db).model_request.select().count() == len(requests)
+    for log in logs:
+        assert "Traceback" not in log, log
+    print(f"{len(ids)} tasks on 2 daemons, {len(requests)} model requests")

@@ -101,6 +101,12 @@ def test_db_copy_moves_every_row_of_every_table_from_sqlite_to_postgresql(
     new_id = Store(target).enqueue("/repo", TaskSpec.model_validate({"type": "docstring", "target": "a.py"}), NOW)
     assert new_id == ROWS + 1
     assert main(["db", "check", "--url", pg_url]) == 0
+    capsys.readouterr()
+    # and back: PostgreSQL to a new SQLite file (read from one REPEATABLE READ snapshot)
+    back = f"sqlite:///{db_path.parent / 'back.db'}"
+    assert main(["db", "copy", "--from", pg_url, "--to", back]) == 0
+    assert "every table's count matches" in capsys.readouterr().out
+    assert everything(open_database(back)) == everything(target)
 
 
 @postgres_only
@@ -159,7 +165,8 @@ def test_db_check_reports_the_version_references_and_leases_no_live_daemon_holds
         backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with database_url(backend, tmp_path) as url:
         assert main(["db", "check", "--url", url]) == 1        # a fresh database: no schema
-        assert f"the schema is not up to date: {len(schema.MIGRATIONS)} migration(s) not applied" in capsys.readouterr().out
+        missing = len(schema.MIGRATIONS)
+        assert f"the schema is not up to date: {missing} migration(s) not applied" in capsys.readouterr().out
         db = open_database(url)
         store = Store(db)
         store.migrate()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from enum import StrEnum
@@ -22,6 +22,7 @@ from typing import Any, TypeVar, cast
 import peewee
 
 from ohd.core.taskfile import TaskSpec
+from ohd.errors import StorageUnavailable
 from ohd.store import migrations
 from ohd.store.fields import JsonField, UtcDateTimeField
 from ohd.store.transactions import atomic_write, connect
@@ -465,4 +466,5 @@ def _migrating(db: peewee.Database) -> Iterator[None]:
     try:
         yield
     finally:
-        run("SELECT pg_advisory_unlock(%s, hashtext(current_schema()))", key)
+        with suppress(StorageUnavailable):    # the connection is gone, and its session's lock with it
+            run("SELECT pg_advisory_unlock(%s, hashtext(current_schema()))", key)
