@@ -134,3 +134,73 @@ def test_an_agents_requests_go_through_the_governor_and_rotate_on_429(tmp_path: 
         store.close()
     assert "ANSWER" not in (repo / "shop" / "pricing.py").read_text()
     assert worktrees.base_commit(repo) == shown["base_commit"]
+
+
+TOOL_AGENT = """\
+import json, os, pathlib, sys
+from openai import OpenAI
+base_url, prompt = sys.argv[1], pathlib.Path(sys.argv[2]).read_text()
+client = OpenAI(base_url=base_url, api_key=os.environ["OHD_AGENT_KEY"], max_retries=0, timeout=60)
+tools = [{"type": "function", "function": {"name": "append_to_file", "parameters": {"type": "object", "properties": {
+    "path": {"type": "string"}, "text": {"type": "string"}}, "required": ["path", "text"]}}}]
+messages = [{"role": "user", "content": prompt}]
+for turn in range(5):
+    with client.chat.completions.stream(model="any", messages=messages, tools=tools, temperature=0) as events:
+        for _ in events:
+            pass
+        message = events.get_final_completion().choices[0].message
+    messages.append({"role": "assistant", "content": message.content, "tool_calls": [
+        {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+        for c in message.tool_calls or []]} if message.tool_calls else {"role": "assistant", "content": message.content})
+    if not message.tool_calls:
+        break
+    for call in message.tool_calls:
+        args = json.loads(call.function.arguments)
+        path = pathlib.Path(args["path"])
+        path.write_text(path.read_text() + args["text"])
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": "appended"})
+print("finished after", turn + 1, "turns:", message.content)
+"""
+
+
+def test_a_tool_calling_agent_edits_through_the_proxy(tmp_path: Path) -> None:
+    """An agent that works by native tool calls (as OpenHands' SDK does), on the OpenAI SDK, streaming:
+    the model's tool call comes back through a real daemon's proxy, the agent runs it in its worktree,
+    the tool's result goes back to the model, and the edit is the delivered diff."""
+    from tests.support.databases import open_store
+    from tests.support.fake_openrouter import FakeOpenRouter, ok, tool_calls
+
+    a, key = "vendor/model-a", "sk-or-v1-e2e-tools"
+    runtime = Path(tempfile.mkdtemp(prefix="ohd-rt-"))
+    repo = make_repo(tmp_path / "repo")
+    agent = tmp_path / "agent.py"
+    agent.write_text(TOOL_AGENT)
+    (tmp_path / "config.toml").write_text("[agents]\ncommand = " + json.dumps(
+        [sys.executable, str(agent), "{base_url}", "{prompt_file}"]) + "\n")
+    with FakeOpenRouter(api_key=key, models=[a]) as server:
+        server.script(a, [tool_calls([("append_to_file", {"path": "shop/pricing.py", "text": "\nTOOL = 1\n"})]),
+                          ok("Appended the constant.")])
+        env = daemon_env(tmp_path, runtime, OPENROUTER_API_KEY=key, OHD_BASE_URL=server.url, OHD_MODELS=a,
+                         OHD_MODEL_SELECTION="false")
+        daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
+        try:
+            (repo / "tasks.d" / "change.yaml").write_text(
+                "type: change\ntarget: shop/pricing.py\ndescription: add TOOL = 1\nrunner: command\n")
+            wait_for(lambda: daemon.json("show", "1")["status"] in ("completed", "failed"), timeout=120,
+                     what="the agent task's end")
+            shown = daemon.json("show", "1")
+            diff = daemon.ohd("show", "1", "--diff").stdout
+        finally:
+            assert daemon.stop() == 0
+        bodies = [request.body for request in server.completions()]
+    assert shown["status"] == "completed", (shown["error"], (tmp_path / "daemon.log").read_text()[-3000:])
+    assert "+TOOL = 1" in diff
+    assert [b["model"] for b in bodies] == [a, a] and all(b["tools"][0]["function"]["name"] == "append_to_file"
+                                                          for b in bodies)
+    assert [m["role"] for m in bodies[1]["messages"]] == ["user", "assistant", "tool"]
+    assert bodies[1]["messages"][1]["tool_calls"][0]["function"]["name"] == "append_to_file"
+    store = open_store(tmp_path / "state" / "ohd.db")
+    try:
+        assert [(e.model, e.outcome) for e in store.executions(1)] == [(a, "agent_request"), (a, "agent_request")]
+    finally:
+        store.close()
