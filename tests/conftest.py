@@ -30,6 +30,7 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Ite
     monkeypatch.setenv("OHD_RUNTIME_DIR", str(runtime))
     monkeypatch.setenv("OHD_CONFIG", str(tmp_path / "config.toml"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))   # the CLI's fast path (cli/fastpath.py)
     yield runtime
     for child in sorted(runtime.glob("**/*"), reverse=True):
         if child.is_dir():

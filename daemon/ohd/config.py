@@ -1,7 +1,7 @@
 """Settings: one TOML file, overridden by `OHD_*` environment variables, then by flags.
 
 The file is `--config`, else `$OHD_CONFIG`, else `<user config dir>/ohd/config.toml`
-(platformdirs). Every key can be set as `OHD_<KEY>` (lists as JSON or comma-separated).
+(platformdirs, through `ohd.userdirs`). Every key can be set as `OHD_<KEY>` (lists as JSON or comma-separated).
 The API key is read from the environment variable named by `api_key_env`
 (default `OPENROUTER_API_KEY`), held as a `SecretStr`, and never logged or stored.
 Only `cli` and `daemon` import this module; everything below gets plain values.
@@ -13,13 +13,11 @@ import difflib
 import json
 import os
 import tomllib
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import platformdirs
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -31,10 +29,11 @@ from pydantic import (
     model_validator,
 )
 
+from ohd import userdirs
 from ohd.core import events, layout
 from ohd.errors import ConfigError
 
-APP = "ohd"
+APP = userdirs.APP
 OPENROUTER_URL = "https://openrouter.ai/api/v1"
 # Free models tried in order when a task says `models: [auto]`; override with `models`.
 DEFAULT_MODELS = (
@@ -127,8 +126,8 @@ class Settings(BaseModel):
     workers: int = Field(default=4, ge=1, le=256)
     database_url: str = ""
     store_lock_wait_s: float = Field(default=30.0, ge=0)   # a write's wait for another process's SQLite lock
-    state_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_state_dir(APP)))
-    runtime_dir: Path = Field(default_factory=lambda: _runtime_dir())
+    state_dir: Path = Field(default_factory=userdirs.state_dir)
+    runtime_dir: Path = Field(default_factory=userdirs.runtime_dir)
     repos: list[Path] = Field(default_factory=list)
     lease_s: float = Field(default=60.0, gt=0)
     crash_limit: int = Field(default=3, ge=1)   # runs of one task crashes may interrupt before it fails
@@ -270,23 +269,13 @@ def listen_address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _runtime_dir() -> Path:
-    # Without XDG_RUNTIME_DIR (cron, su, CI) platformdirs falls back to /tmp/runtime-<uid>
-    # and warns; the fallback is what we want, the warning is noise.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return Path(platformdirs.user_runtime_dir(APP))
-
-
 def key_file() -> Path:
     """`<user config dir>/ohd/env`: the file systemd's unit reads the API key from (`EnvironmentFile`)."""
-    return Path(platformdirs.user_config_dir(APP)) / "env"
+    return userdirs.config_dir() / "env"
 
 
 def default_config_path(env: Mapping[str, str]) -> Path:
-    if env.get("OHD_CONFIG"):
-        return Path(env["OHD_CONFIG"]).expanduser()
-    return Path(platformdirs.user_config_dir(APP)) / "config.toml"
+    return userdirs.config_path(env)
 
 
 def load(config_file: Path | None = None, env: Mapping[str, str] | None = None,

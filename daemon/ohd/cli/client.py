@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import logging
 import os
 import socket
 import struct
@@ -20,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from ohd.errors import ApiError, DaemonNotRunning, OhdError, from_http
-
-log = logging.getLogger("ohd.client")
 
 # How long the CLI waits for the daemon's answer: a bound on a hang. A daemon that is
 # running but busy (50 `ohd submit` at once on a loaded machine) took over 10 s for `ohd status`.
@@ -126,7 +123,10 @@ class Client:
             conn.close()
 
     def _not_running(self, reason: str) -> DaemonNotRunning:
-        log.debug("no daemon on %s: %s", self.socket_path, reason)
+        # imported here: `logging` would cost `ohd status` more than the rest of this module
+        import logging
+
+        logging.getLogger("ohd.client").debug("no daemon on %s: %s", self.socket_path, reason)
         return DaemonNotRunning(str(self.socket_path), reason)
 
 

@@ -3,7 +3,9 @@
 Exit codes: 0 ok, 1 error, 2 usage (and bad configuration), 3 daemon not running, 141 when
 stdout's reader went away (`| head`).
 Errors become messages and exit codes in `main()` only. Heavy rooms are imported
-inside the commands that need them, so `ohd status` loads little more than `client`.
+inside the commands that need them, so `ohd status` loads little more than `client`; the
+read-only commands take their socket and database from `fastpath` when the same inputs
+built the full settings before (`known`), without importing the settings model.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ohd.errors import ConfigError, DaemonNotRunning, OhdError, TaskFileError
 
 if TYPE_CHECKING:     # for the annotations only: the commands import what they use when they run
     from ohd.cli.client import Client
+    from ohd.cli.fastpath import Known
     from ohd.config import Settings
     from ohd.store.store import Store
 
@@ -186,6 +189,29 @@ def settings(args: argparse.Namespace, env_warnings: bool = True, **overrides: A
     return conf
 
 
+def known(args: argparse.Namespace) -> Known:
+    """The socket and database of the settings, as `settings(args)` gives them, with its warnings:
+    remembered by `fastpath` under a digest of the inputs, else built (and remembered)."""
+    from ohd.cli import fastpath
+
+    found = fastpath.inputs(args.config, os.environ)
+    recalled = fastpath.recall(found)
+    if recalled is not None:
+        for problem in recalled.warnings:
+            if problem not in _WARNED:
+                _WARNED.add(problem)
+                print(f"ohd: warning: {problem}", file=sys.stderr)
+        return recalled
+    conf = settings(args)
+    from ohd import config
+
+    problems = config.unknown_variables(os.environ, conf.api_key_env, conf.hook_secret_envs)
+    recalled = fastpath.Known(socket_path=conf.socket_path, database=conf.database,
+                              store_lock_wait_s=conf.store_lock_wait_s, warnings=tuple(problems))
+    fastpath.remember(found, fastpath.inputs(args.config, os.environ), recalled)
+    return recalled
+
+
 def warn_unknown_variables(conf: Settings) -> None:
     """Log the `OHD_*` variables ohd ignores (the daemon, once its log is set up)."""
     import logging
@@ -262,10 +288,11 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from ohd.cli.client import Client
     from ohd.core import views
 
     if args.watch is None:
-        emit(client(args).get("/status"), args.json, views.status_text)
+        emit(Client(known(args).socket_path).get("/status"), args.json, views.status_text)
         return EXIT_OK
     import time
 
