@@ -4,12 +4,15 @@
 proxy (`models/proxy.py`) forwards. It does for that one request what a `taskrun.Round` does around
 each of its calls: the governor reserves a request slot on the first candidate that may be sent one
 (quotas counted in the same transaction); a slot within `hold_s` is waited for in place on the
-clock, a later one raises `RateLimited` with its instant (the proxy answers 429 + Retry-After); a
-429 from the server cools the model down and asks the next candidate at once; a refused connection
-opens the model's breaker; a model that is gone, fails or answers with nothing usable is dropped
-for this request. Every call becomes an execution row (`agent_request` for an answer, which spends
-no attempt: the agent's run is judged by its diff), and every answer goes into the call history,
-so `ohd show --calls`, the cost, latency and budget figures include the agent's requests.
+clock, a later one, or one an older pending task may take (FIFO, `Store.waits_before`), raises
+`RateLimited` with its instant (the proxy answers 429 + Retry-After); a 429 from the server cools
+the model down and asks the next candidate at once; a refused connection opens the model's breaker;
+a model that is gone, fails or answers with nothing usable is dropped for this request. With a
+`Relay` (the daemon's model client) the request is sent as the agent made it (tools, parameters) and
+its answer keeps its choices (tool calls); without one, only its text. Every call becomes an
+execution row (`agent_request` for an answer, which spends no attempt: the agent's run is judged by
+its diff), and every answer goes into the call history, so `ohd show --calls`, the cost, latency and
+budget figures include the agent's requests.
 
 The helpers beside it (the store in a thread, the governor's notes after a call, the execution row)
 are the ones `taskrun.Round` uses too: both paths note a call's outcome the same way.
