@@ -18,12 +18,12 @@ from typing import Any
 
 import httpx
 import pytest
-
-from ohd.core import layout
 from tests.e2e.helpers import DaemonProcess, daemon_env, fake_openrouter
 from tests.e2e.test_web_e2e import answers, free_port
 from tests.support.gitrepo import make_repo
 from tests.support.waiting import wait_for
+
+from ohd.core import layout
 
 CHROMEDRIVER = shutil.which("chromedriver")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -59,6 +59,18 @@ class Site:
     def task(self, task_id: int) -> dict[str, Any]:
         return httpx.get(f"{self.url}/api/tasks/{task_id}", timeout=30,
                          headers={"Authorization": f"Bearer {self.token}"}).json()  # type: ignore[no-any-return]
+
+    def a_completed_task(self) -> int:
+        """A task that completed: one the other tests ran, or (xdist ran them on another worker, with
+        its own daemon) one run now."""
+        done = [t["id"] for t in self.daemon.json("tasks")["tasks"] if t["status"] == "completed"]
+        if done:
+            return int(done[0])
+        task_id = self.submit()
+        wait_for(lambda: self.task(task_id)["status"] in ("completed", "failed"), timeout=SETTLE_S,
+                 what=f"task {task_id} to finish")
+        assert self.task(task_id)["status"] == "completed", self.task(task_id)
+        return task_id
 
     def idle(self) -> bool:
         return all(t["status"] in ("completed", "failed", "cancelled")
@@ -117,6 +129,33 @@ def running_cells(driver: WebDriver) -> list[str]:
         "return row ? Array.from(row.cells).map(c => c.textContent) : [];"))
 
 
+def model_calls(driver: WebDriver) -> int:
+    """The calls column of MODEL's row in the overview's model table."""
+    cells = driver.execute_script(
+        "var row = Array.from(document.querySelectorAll('#models tbody tr'))"
+        ".find(r => r.cells[0].textContent === arguments[0]);"
+        "return row ? Array.from(row.cells).map(c => c.textContent) : [];", MODEL)
+    return int(cells[5]) if cells else -1
+
+
+def charted(driver: WebDriver) -> tuple[int, int]:
+    """(tasks completed in the throughput chart's hours, MODEL's accepted calls in the per-model chart)."""
+    done, accepted = driver.execute_script(
+        "var hours = Array.from(document.querySelectorAll('#throughput-chart g.hour'));"
+        "var model = Array.from(document.querySelectorAll('#models-chart g.model'))"
+        ".find(g => g.getAttribute('data-model') === arguments[0]);"
+        "return [hours.reduce((n, g) => n + Number(g.getAttribute('data-completed')), 0),"
+        "        model ? Number(model.getAttribute('data-accepted')) : 0];", MODEL)
+    return int(done), int(accepted)
+
+
+def login(site: Site, browser: WebDriver) -> None:
+    """The token's URL once: the cookie for the pages (each test its own: xdist may run them apart,
+    and the refusal test deletes the cookies)."""
+    browser.get(f"{site.url}/?token={site.token}")
+    assert browser.current_url == site.url + "/"
+
+
 def test_without_the_token_every_page_is_refused(site: Site, browser: WebDriver) -> None:
     browser.get(site.url + "/metrics")          # on the listener's origin, to clear its cookies
     browser.delete_all_cookies()
@@ -139,6 +178,8 @@ def test_the_overview_shows_a_task_go_queued_running_completed_without_a_reload(
     wait_for(lambda: "live" in text(browser, "#live") and "stopped" not in text(browser, "#live"),
              what="the first live update")
     completed = int(text(browser, '[data-queue="completed"]'))
+    calls, (charted_done, charted_accepted) = model_calls(browser), charted(browser)
+    assert calls >= 0 and len(browser.find_elements(By.CSS_SELECTOR, "#throughput-chart g.hour")) == 24
     first, second = site.submit(), site.submit()             # one worker: the second waits for the first
     wait_for(lambda: text(browser, '[data-queue="queued"]') == "1" and f"#{first}" in running_ids(browser),
              timeout=30, what=f"task {second} queued behind task {first} on the page")
@@ -148,16 +189,26 @@ def test_the_overview_shows_a_task_go_queued_running_completed_without_a_reload(
     assert cells[0] == f"#{second}" and cells[3].endswith("s"), cells          # its elapsed time
     wait_for(lambda: text(browser, '[data-queue="completed"]') == str(completed + 2) and not running_ids(browser),
              timeout=SETTLE_S, what=f"task {second} completed on the page")
+    # the model table and both charts follow without a reload: two more tasks completed, and the
+    # model's accepted calls (one or two: the second task's same request may be answered by a
+    # replay, which is no call)
+    wait_for(lambda: model_calls(browser) > calls and charted(browser)[0] == charted_done + 2
+             and charted(browser)[1] > charted_accepted,
+             timeout=60, what="the model table and the charts to show the two tasks")
     assert browser.execute_script("return window.ohdNotReloaded === true;")
     assert site.task(second)["status"] == "completed"
     assert text(browser, '[data-queue="queued"]') == "0"
+    browser.execute_script("document.getElementById('charts').scrollIntoView();")
+    browser.save_screenshot(str(site.shots / "dashboard-charts.png"))
 
 
 @pytest.mark.timeout(900)
 def test_the_task_list_filters_and_opens_a_task(site: Site, browser: WebDriver) -> None:
     wait_for(site.idle, timeout=SETTLE_S, what="no task in flight")
+    site.a_completed_task()
     cancelled = site.submit()
     assert site.daemon.ohd("cancel", str(cancelled)).returncode == 0
+    login(site, browser)
     browser.get(site.url + "/tasks")
     assert f"#{cancelled}" in text(browser, "#tasks")
     Select(browser.find_element(By.ID, "filter-status")).select_by_value("completed")
@@ -189,7 +240,9 @@ def test_the_task_list_filters_and_opens_a_task(site: Site, browser: WebDriver) 
 def test_cancel_a_held_task_and_retry_it_with_the_buttons(site: Site, browser: WebDriver) -> None:
     wait_for(site.idle, timeout=SETTLE_S, what="no task in flight")
     busy, held = site.submit(), site.submit()            # `held` waits in the queue behind `busy`
+    login(site, browser)
     browser.get(f"{site.url}/tasks/{held}")
+    browser.execute_script("window.ohdNotReloaded = true;")  # gone if the page were loaded again
     assert text(browser, "#task-status") == "queued"
     assert text(browser, "#action-note") == ""           # the script enabled the buttons
     browser.find_element(By.ID, "cancel").click()
@@ -201,6 +254,11 @@ def test_cancel_a_held_task_and_retry_it_with_the_buttons(site: Site, browser: W
     done = wait_for(lambda: site.task(held)["status"] in ("completed", "failed") and site.task(held),
                     timeout=SETTLE_S, what=f"task {held} retried to the end")
     assert done["status"] == "completed"
+    # the page followed it to the end by itself: its status, its executions and its output
+    wait_for(lambda: text(browser, "#task-status") == "completed" and MODEL in text(browser, "#executions")
+             and "accepted" in text(browser, "#validation") and bool(text(browser, "#output")),
+             timeout=60, what=f"task {held}'s page to show it completed")
+    assert browser.execute_script("return window.ohdNotReloaded === true;")
     # a second cancel of a finished task is refused, and the page says why
     browser.get(f"{site.url}/tasks/{held}")
     browser.find_element(By.ID, "cancel").click()

@@ -33,6 +33,7 @@ from ohd.ladder.testrun import Options as TestRunOptions
 from ohd.ladder.testrun import Processes as TestProcesses
 from ohd.logfmt import Redactor
 from ohd.store.history import History
+from ohd.store.ledger import KeptHistory
 from ohd.store.quotas import Governor
 from ohd.store.store import Store, sqlite_path
 from ohd.webhooks.sender import Retry, Target
@@ -163,6 +164,12 @@ def selection_of(settings: Settings) -> selection.Config:
 def history_of(store: Store) -> History:
     """The store's read-only history (executions, usage, throughput)."""
     return History(store.db, store.m)
+
+
+def kept_history_of(store: Store) -> KeptHistory:
+    """The history a running daemon's status and metrics read: its whole-history sums kept up to
+    date, each request reading only the executions since the last (`store/ledger.py`)."""
+    return KeptHistory(store.db, store.m)
 
 
 def ranker(history: History, config: selection.Config,

@@ -60,8 +60,8 @@ from ohd.service.assemble import (
     OFFLINE_MODEL,
     agents_of,
     discovers,
-    history_of,
     hooks_of,
+    kept_history_of,
     key_id_of,
     ladder_of,
     log_sandbox,
@@ -116,7 +116,7 @@ class Daemon:
         self.test_runs = TestProcesses()    # every pytest run of the ladder; killed at the grace deadline
         # SIGHUP: `reload` reads the configuration again; the reloader holds the running settings
         self.reloader = Reloader(settings, self.store, self.clock, self.repos, self.test_runs, self.notifier, reload)
-        self.view = StatusView(self.store, history_of(self.store), self.clock, offline=settings.use_offline,
+        self.view = StatusView(self.store, kept_history_of(self.store), self.clock, offline=settings.use_offline,
                                database=settings.database, webhooks=[(t.key, t.label) for t in self.hooks])
         self.pool: Pool | None = None
         self.model_client: ModelClient | None = None
@@ -202,7 +202,8 @@ class Daemon:
                                metrics_json=lambda: self.view.metrics().as_dict(),
                                annotate_models=lambda states: with_stats(states, self.view.metrics()),
                                status=self.view.status, wake=lambda: loop.call_soon_threadsafe(pool.wake),
-                               models=pool.model_states, daemons=self.fleet_status)
+                               models=pool.model_states, daemons=self.fleet_status,
+                               activity=self.view.history.activity)
             server.start()
             stack.callback(server.stop)
             if (address := self.settings.http_address) is not None:

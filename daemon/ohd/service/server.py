@@ -28,6 +28,7 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -51,7 +52,7 @@ from ohd.errors import (
 from ohd.repo import worktrees
 from ohd.repo.outputs import check_output, check_reports, resolve_inside
 from ohd.service.metrics import collect, prometheus
-from ohd.store.history import History
+from ohd.store.history import Activity, History
 from ohd.store.store import Store, Task, TaskStatus
 from ohd.work import delivery
 
@@ -61,6 +62,8 @@ JSON_TYPE = "application/json"
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_BODY = 1_000_000
 MAX_LIMIT = 10_000
+ACTIVITY_HOURS = 24           # the hours `GET /activity` (the dashboard's charts) covers unless told
+MAX_ACTIVITY_HOURS = 24 * 7
 MAX_CONNECTIONS = 64    # open connections (each holds a thread); see `_UnixHTTPServer.admit`
 REQUEST_S = 20.0        # a request line, headers and body must arrive within this (else 408)
 MAX_TASK_ID = 2**63 - 1     # SQLite's INTEGER: a larger id names no task
@@ -118,6 +121,7 @@ class ApiServer:
                  metrics_json: Callable[[], dict[str, Any]] | None = None,
                  annotate_models: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
                  daemons: Callable[[], list[dict[str, Any]]] | None = None,
+                 activity: Callable[[datetime, int], Activity] | None = None,
                  request_s: float = REQUEST_S, max_connections: int = MAX_CONNECTIONS) -> None:
         self.socket_path = socket_path
         self.request_s = request_s
@@ -132,6 +136,7 @@ class ApiServer:
         self.metrics_json = metrics_json
         self.annotate_models = annotate_models  # adds measured stats to the model states
         self.daemons = daemons                  # the fleet: the daemons on this database
+        self.activity = activity or History(store.db, store.m).activity   # the daemon's: kept between requests
         self.routes: tuple[tuple[str, re.Pattern[str], Handler], ...] = (
             ("GET", re.compile(r"/status"), self.get_status),
             ("GET", re.compile(r"/tasks"), self.list_tasks),
@@ -143,6 +148,7 @@ class ApiServer:
             ("GET", re.compile(r"/metrics\.json"), self.get_metrics_json),
             ("GET", re.compile(r"/models"), self.get_models),
             ("GET", re.compile(r"/daemons"), self.get_daemons),
+            ("GET", re.compile(r"/activity"), self.get_activity),
         )
         self._httpd: _UnixHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -280,6 +286,12 @@ class ApiServer:
     def get_metrics_json(self, request: Request) -> Reply:
         return json_reply(200, self.metrics_json() if self.metrics_json is not None else {"tasks": self.store.counts()})
 
+    def get_activity(self, request: Request) -> Reply:
+        """The last `hours` (24) clock hours: tasks completed and failed per hour, each model's calls,
+        tokens and cost (the dashboard's charts)."""
+        hours = parse_bounded("hours", request.query.get("hours"), ACTIVITY_HOURS, MAX_ACTIVITY_HOURS)
+        return json_reply(200, self.activity(self.clock.now(), hours).as_dict())
+
     def get_models(self, request: Request) -> Reply:
         models = self.models()
         return json_reply(200, {"models": self.annotate_models(models) if self.annotate_models else models})
@@ -315,15 +327,20 @@ def running_entry(task: Task) -> dict[str, Any]:
 
 
 def parse_limit(raw: str | None) -> int:
+    return parse_bounded("limit", raw, 100, MAX_LIMIT)
+
+
+def parse_bounded(name: str, raw: str | None, default: int, most: int) -> int:
+    """A query parameter that is an integer from 1 to `most` (`default` when absent)."""
     if raw is None or raw == "":
-        return 100
+        return default
     try:
-        limit = int(raw)
+        value = int(raw)
     except ValueError:
-        raise ApiError(400, f"limit must be an integer, not {raw!r}") from None
-    if not 1 <= limit <= MAX_LIMIT:
-        raise ApiError(400, f"limit must be between 1 and {MAX_LIMIT}")
-    return limit
+        raise ApiError(400, f"{name} must be an integer, not {raw!r}") from None
+    if not 1 <= value <= most:
+        raise ApiError(400, f"{name} must be between 1 and {most}")
+    return value
 
 
 def parse_task_id(raw: str) -> int:

@@ -44,6 +44,23 @@ class UtcDateTimeField(_DateTimeField):
         return value
 
 
+def hour_of(field: peewee.Field) -> peewee.Node:
+    """The clock hour (UTC) a `UtcDateTimeField`'s value falls in, as the database computes it (to
+    GROUP BY; `read_hour` makes it an instant): SQLite's fixed-width text cut after the hour,
+    PostgreSQL's date_trunc."""
+    if isinstance(field.model._meta.database, peewee.SqliteDatabase):
+        return peewee.fn.substr(field, 1, 13)
+    return peewee.fn.date_trunc("hour", field)
+
+
+def read_hour(value: Any) -> datetime:
+    """What `hour_of` gave, as the aware UTC instant the hour begins."""
+    if isinstance(value, str):
+        return datetime.strptime(value[:13].replace("T", " "), "%Y-%m-%d %H").replace(tzinfo=UTC)
+    hour = cast(datetime, value)
+    return hour.replace(tzinfo=UTC) if hour.tzinfo is None else hour.astimezone(UTC)
+
+
 class JsonField(_TextField):
     """A JSON value in a text column. `sort_keys`: objects are written with sorted keys; `empty`: an
     empty value is written as NULL, and NULL read back as `empty()`; `load`: what the JSON becomes."""

@@ -15,12 +15,13 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import peewee
 
 from ohd.core.selection import Measured
+from ohd.store.fields import hour_of, read_hour
 from ohd.store.records import tuple_rows
 from ohd.store.schema import Tables, TaskStatus
 from ohd.store.transactions import connect
@@ -33,6 +34,7 @@ AGENT_REQUEST = "agent_request"   # an answer to a coding agent's request (throu
 # (a 429 or a refused connection comes back at once and would make a model look fast).
 ANSWERED = ("accepted", "rejected", "malformed", AGENT_REQUEST)
 UNJUDGED = ("rate_limited", AGENT_REQUEST)   # left out of a model's success on a task type (selection)
+HOUR = timedelta(hours=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,54 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cost: float
+
+
+@dataclass(frozen=True, slots=True)
+class HourCount:
+    """Tasks that finished in the hour from `start` (UTC, on the hour), by how they ended."""
+
+    start: datetime
+    completed: int
+    failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelActivity:
+    """One model's calls that started in a window: accepted, rejected, any other outcome (errors,
+    429s, malformed answers, agent requests), their tokens and cost (unknown counts as 0); replays
+    left out (no request was sent), as in `usage`."""
+
+    model: str
+    accepted: int
+    rejected: int
+    other: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+
+    @property
+    def calls(self) -> int:
+        return self.accepted + self.rejected + self.other
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """The last hours as the dashboard's charts draw them: `hours`, one per clock hour from `since`
+    (the last one the current, partial hour); `models`, each model's calls since `since`."""
+
+    since: datetime
+    until: datetime
+    hours: tuple[HourCount, ...]
+    models: tuple[ModelActivity, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"since": self.since.isoformat(), "until": self.until.isoformat(),
+                "hours": [{"start": h.start.isoformat(), "completed": h.completed, "failed": h.failed}
+                          for h in self.hours],
+                "models": [{"model": m.model, "calls": m.calls, "accepted": m.accepted, "rejected": m.rejected,
+                            "other": m.other, "prompt_tokens": m.prompt_tokens,
+                            "completion_tokens": m.completion_tokens, "cost": round(m.cost, 10)}
+                           for m in self.models]}
 
 
 def percentile(sorted_values: Sequence[int], q: float) -> int | None:
@@ -186,3 +236,38 @@ class History:
                    .where((t.status == TaskStatus.COMPLETED.value) & (t.finished_at >= since)
                           & (t.finished_at <= until))
                    .count())
+
+    def activity(self, now: datetime, hours: int) -> Activity:
+        """The `hours` clock hours up to `now` (the last one partial): tasks completed and failed per
+        hour, and each model's calls, tokens and cost since the first hour began. Two grouped queries,
+        each an index range over the window only (0015's indexes), not over the whole history."""
+        self._read()
+        first = now.replace(minute=0, second=0, microsecond=0) - (hours - 1) * HOUR
+        starts = [first + n * HOUR for n in range(hours)]
+        t, e, fn = self.m.task, self.m.execution, peewee.fn
+        ended = (TaskStatus.COMPLETED.value, TaskStatus.FAILED.value)
+        counts: dict[str, list[int]] = {status: [0] * hours for status in ended}
+        index = {start: n for n, start in enumerate(starts)}
+        hour = hour_of(t.finished_at)
+        for status, key, count in tuple_rows(t.select(t.status, hour, fn.COUNT(t.id))
+                                             .where(t.status.in_(ended) & (t.finished_at >= first))
+                                             .group_by(t.status, hour)):
+            if (n := index.get(read_hour(key))) is not None:
+                counts[str(status)][n] = int(count)
+        buckets = tuple(HourCount(start, done, failed)
+                        for start, done, failed in zip(starts, counts["completed"], counts["failed"], strict=True))
+        calls: dict[str, dict[str, Any]] = {}
+        query = (e.select(e.model, e.outcome, fn.COUNT(e.id), fn.SUM(e.prompt_tokens), fn.SUM(e.completion_tokens),
+                          fn.SUM(e.cost))
+                 .where((e.started_at >= first) & (e.cached == False))  # noqa: E712 (a replay sent no request)
+                 .group_by(e.model, e.outcome))
+        for model, outcome, n, prompt, completion, cost in tuple_rows(query):
+            row = calls.setdefault(str(model), {"accepted": 0, "rejected": 0, "other": 0, "prompt": 0,
+                                                "completion": 0, "cost": 0.0})
+            row[outcome if outcome in ("accepted", "rejected") else "other"] += int(n)
+            row["prompt"] += int(prompt or 0)
+            row["completion"] += int(completion or 0)
+            row["cost"] += float(cost or 0.0)
+        models = tuple(ModelActivity(model, r["accepted"], r["rejected"], r["other"], r["prompt"], r["completion"],
+                                     round(r["cost"], 10)) for model, r in sorted(calls.items()))
+        return Activity(since=first, until=now, hours=buckets, models=models)

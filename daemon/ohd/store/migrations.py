@@ -10,6 +10,7 @@ order and `schema.migrate(db)` applies the missing ones, each in one transaction
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, cast
 
 import peewee
 
@@ -363,3 +364,21 @@ def replay_cache(db: peewee.Database) -> None:
           migrator.add_column("execution", "cached", peewee.BooleanField(default=False)),
           migrator.add_column("task", "cache", peewee.BooleanField(default=True)),
           migrator.add_index("model_call", ("request_key",), False))
+
+
+def read_indexes(db: peewee.Database) -> None:
+    """Indexes for the status and the dashboard's charts (issue 14): task (status, finished_at), so
+    tasks finished in a window are counted from the index alone; task (status, the first 13
+    characters of error in lower case: the length of "quarantined: "), so the quarantined
+    completions are counted from the index (the expression keeps the entries short: an error can
+    be long, and PostgreSQL's btree entries are bounded); execution (started_at, model,
+    outcome, prompt_tokens, completion_tokens, cost, cached), so a window's calls (today's totals,
+    the per-model chart) are summed from the index alone."""
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as alter
+
+    migrator = SchemaMigrator.from_database(db)
+    alter(migrator.add_index("task", ("status", "finished_at")),
+          migrator.add_index("execution", ("started_at", "model", "outcome", "prompt_tokens", "completion_tokens",
+                                           "cost", "cached")))
+    cast(Any, db).execute_sql("CREATE INDEX task_status_error_prefix ON task (status, lower(substr(error, 1, 13)))")

@@ -413,6 +413,7 @@ MIGRATIONS: tuple[tuple[str, migrations.Migration], ...] = (
     ("0012_daemons", migrations.daemons),
     ("0013_webhook_outbox", migrations.webhook_outbox),
     ("0014_replay_cache", migrations.replay_cache),
+    ("0015_read_indexes", migrations.read_indexes),
 )
 
 

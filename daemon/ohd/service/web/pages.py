@@ -35,6 +35,7 @@ from starlette.staticfiles import StaticFiles
 from ohd.core.taskfile import TaskType
 from ohd.core.views import QUEUE_ORDER, status_label
 from ohd.service.server import Reply
+from ohd.service.web.charts import charts_section
 
 Dispatch = Callable[[str, str, bytes, str], Reply]
 Calls = Callable[[int], list[dict[str, Any]]]
@@ -65,8 +66,8 @@ def page_routes(api: Dispatch, calls: Calls, diff: Diff, token: str) -> list[Bas
         return data
 
     def overview_html(request: Request) -> str:
-        status, models = get("/status"), get("/models")["models"]
-        return page("ohd", token, overview(status, models))
+        status, models, activity = get("/status"), get("/models")["models"], get("/activity")
+        return page("ohd", token, overview(status, models, activity))
 
     def tasks_html(request: Request) -> str:
         chosen = {key: request.query_params.get(key, "").strip() for key in FILTERS}
@@ -151,7 +152,7 @@ def task_link(task: Mapping[str, Any]) -> str:
     return f'<a href="/tasks/{int(task["id"])}">#{int(task["id"])}</a>'
 
 
-def overview(status: Mapping[str, Any], models: Sequence[Mapping[str, Any]]) -> str:
+def overview(status: Mapping[str, Any], models: Sequence[Mapping[str, Any]], activity: Mapping[str, Any]) -> str:
     queue, now = status.get("queue", {}), when_of(status.get("now"))
     counts = "".join(f'<div class="count {name}"><a href="/tasks?status={name}"><span class=n data-queue="{name}">'
                      f'{int(queue.get(name, 0))}</span><span class=label>{name}</span></a></div>'
@@ -185,10 +186,10 @@ def overview(status: Mapping[str, Any], models: Sequence[Mapping[str, Any]]) -> 
             f'<span id=live class=live>(live updates need JavaScript)</span></p>'
             f'<section><h2>Queue</h2><div class=counts id=queue>{counts}</div></section>'
             f"<section><h2>Running</h2>{running}</section>"
-            f"<section><h2>Models</h2>"
+            f"<section id=models-section data-live><h2>Models</h2>"
             + table(["model", "state", "cooldown left", "requests left this minute", "requests left today", "calls",
                      "success", "p50 latency"], model_rows, ident="models", empty="no models")
-            + "</section>")
+            + "</section>" + charts_section(activity))
 
 
 def passes(task: Mapping[str, Any], chosen: Mapping[str, str]) -> bool:
@@ -267,26 +268,29 @@ def task_page(task: Mapping[str, Any], calls: Sequence[Mapping[str, Any]], diff:
                         f'{e["score"]:g}' if isinstance(e.get("score"), (int, float)) else "-",
                         f'{e["validation_ms"]} ms' if e.get("validation_ms") is not None else "-",
                         escape(str(e.get("error_class") or ""))] for e in executions)
-    sections = [f"<h1>Task {task_id}</h1><dl class=facts>{dl}</dl>{buttons}",
-                "<section><h2>Executions</h2>" + table(["attempt", "model", "started", "latency", "tokens", "cost",
-                                                        "outcome", "error"], exec_rows, ident="executions",
-                                                       empty="no model calls yet") + "</section>",
-                "<section><h2>Validation</h2>" + table(["attempt", "model", "verdict", "score", "judged in", "class"],
-                                                       validation_rows, ident="validation",
-                                                       empty="nothing judged yet") + "</section>"]
+    exec_table = table(["attempt", "model", "started", "latency", "tokens", "cost", "outcome", "error"], exec_rows,
+                       ident="executions", empty="no model calls yet")
+    validation_table = table(["attempt", "model", "verdict", "score", "judged in", "class"], validation_rows,
+                             ident="validation", empty="nothing judged yet")
+    sections = [f"<h1>Task {task_id}</h1><dl class=facts id=facts data-live>{dl}</dl>{buttons}",
+                f"<section id=executions-section data-live><h2>Executions</h2>{exec_table}</section>",
+                f"<section id=validation-section data-live><h2>Validation</h2>{validation_table}</section>"]
     report = shown_file(task.get("repo"), task.get("report_path"))
-    sections.append("<section><h2>Report</h2>" + (f"<pre id=report>{escape(report)}</pre>" if report is not None
-                                                  else "<p class=meta>no report</p>") + "</section>")
+    sections.append("<section id=report-section data-live><h2>Report</h2>"
+                    + (f"<pre id=report>{escape(report)}</pre>" if report is not None
+                       else "<p class=meta>no report</p>")
+                    + "</section>")
     output = shown_file(task.get("repo"), task.get("output_path"))
-    sections.append("<section><h2>Output</h2>" + (f"<pre id=output>{escape(output)}</pre>" if output is not None
-                                                  else "<p class=meta>no output file</p>")
+    sections.append("<section id=output-section data-live><h2>Output</h2>"
+                    + (f"<pre id=output>{escape(output)}</pre>" if output is not None
+                       else "<p class=meta>no output file</p>")
                     + (f"<h3>diff (the agent's accepted change)</h3><pre id=diff>{escape(diff)}</pre>" if diff else "")
                     + "</section>")
     history = "".join(f'<details class=call><summary>call {n}: {escape(str(c.get("model")))} at '
                       f'{escape(str(c.get("started_at", ""))[:19])}</summary><h3>prompt</h3><pre>'
                       f'{escape(str(c.get("prompt") or ""))}</pre><h3>response</h3><pre>'
                       f'{escape(str(c.get("response") or ""))}</pre></details>' for n, c in enumerate(calls, 1))
-    sections.append("<section id=calls><h2>Prompts and responses</h2>"
+    sections.append("<section id=calls data-live><h2>Prompts and responses</h2>"
                     + (history or "<p class=meta>no recorded calls (call_history off, or the task made none)</p>")
                     + "</section>")
     return "".join(sections)

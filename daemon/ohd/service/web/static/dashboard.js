@@ -1,10 +1,15 @@
-// ohd dashboard: live updates of the overview (polls /api/status every 2 s) and the task page's
-// cancel and retry buttons. The pages read without it; it only adds. The token comes from the
-// page's <meta name="ohd-token">: the listener refuses a change that carries the cookie alone.
+// ohd dashboard: live updates of the overview (polls /api/status every 2 s: the queue, running
+// tasks), of every part of a page marked data-live (the model table and the charts, a task page's
+// facts, executions, validation, report, output and calls: the page itself is fetched again every
+// 3 s and each such part whose markup changed is swapped for its fresh copy, so one renderer, the
+// server's, draws them), and the task page's cancel and retry buttons. The pages read without it;
+// it only adds. The token comes from the page's <meta name="ohd-token">: the listener refuses a
+// change that carries the cookie alone.
 "use strict";
 
 (function () {
   var POLL_MS = 2000;
+  var LIVE_MS = 3000;
   var meta = document.querySelector('meta[name="ohd-token"]');
   var token = meta ? meta.getAttribute("content") : "";
 
@@ -74,6 +79,34 @@
       .finally(function () { setTimeout(poll, POLL_MS); });
   }
 
+  // Swap each [data-live] part for its copy in a fresh fetch of this page; the <details> a reader
+  // opened stay open. Resolves once done (or failed: the next round tries again).
+  function refreshLive() {
+    return fetch(window.location.href, { headers: { Authorization: "Bearer " + token }, cache: "no-store" })
+      .then(function (answer) {
+        if (!answer.ok) throw new Error("status " + answer.status);
+        return answer.text();
+      })
+      .then(function (html) {
+        var fresh = new DOMParser().parseFromString(html, "text/html");
+        document.querySelectorAll("[data-live][id]").forEach(function (old) {
+          var next = fresh.getElementById(old.id);
+          if (!next || next.innerHTML === old.innerHTML) return;
+          var open = [];
+          old.querySelectorAll("details").forEach(function (d, i) { if (d.open) open.push(i); });
+          var details = next.querySelectorAll("details");
+          open.forEach(function (i) { if (details[i]) details[i].open = true; });
+          old.replaceWith(document.importNode(next, true));
+        });
+        document.body.setAttribute("data-live-at", new Date().toISOString());
+      })
+      .catch(function () {});
+  }
+
+  function liveLoop() {
+    refreshLive().finally(function () { setTimeout(liveLoop, LIVE_MS); });
+  }
+
   function act(button) {
     var note = document.getElementById("action-note");
     var id = button.getAttribute("data-task"), action = button.getAttribute("data-action");
@@ -83,9 +116,9 @@
         return answer.json().then(function (data) { return { ok: answer.ok, data: data }; });
       })
       .then(function (result) {
-        if (result.ok) { window.location.reload(); return; }
-        note.textContent = action + " refused: " + (result.data.error || "error");
         button.disabled = false;
+        if (result.ok) { note.textContent = action + ": done"; return refreshLive(); }
+        note.textContent = action + " refused: " + (result.data.error || "error");
       })
       .catch(function (error) {
         note.textContent = action + " failed: " + error.message;
@@ -95,6 +128,7 @@
 
   document.addEventListener("DOMContentLoaded", function () {
     if (document.getElementById("queue")) poll();
+    if (document.querySelector("[data-live][id]")) setTimeout(liveLoop, LIVE_MS);
     var note = document.getElementById("action-note");
     if (note) note.textContent = "";
     document.querySelectorAll("button[data-action]").forEach(function (button) {
