@@ -4,7 +4,7 @@ as the full settings, under config files and variables that move the socket or t
 Real `python -m ohd` processes (each builds its settings from scratch, as a user's shell does),
 the isolated directories of tests/conftest.py; the first run of given inputs takes the full
 path and remembers, the next takes the fast one: the test compares the two, and asks the
-process itself whether it imported pydantic (the settings model) to know which path it took.
+process itself whether it imported `ohd.config` (the settings model) to know which path it took.
 """
 
 from __future__ import annotations
@@ -22,20 +22,23 @@ from ohd.cli import fastpath
 from ohd.config import load
 
 ROOT = Path(__file__).resolve().parents[2]
-# runs the command line in-process and says on stderr's last line whether pydantic was imported
+# runs the command line in-process and says on stderr's last line whether the settings model was loaded
 PROBE = ("import sys\nfrom ohd.cli.commands import main\ncode = main(sys.argv[1:])\n"
-         "print('pydantic' in sys.modules, file=sys.stderr)\nraise SystemExit(code)\n")
+         "print('ohd.config' in sys.modules, 'peewee' in sys.modules, file=sys.stderr)\nraise SystemExit(code)\n")
 
 
-def ohd(*args: str, env: dict[str, str] | None = None, unset: tuple[str, ...] = ()) -> tuple[int, str, str, bool]:
-    """(exit code, stdout, stderr without the probe's line, whether the settings model was built)."""
+def ohd(*args: str, env: dict[str, str] | None = None,
+        unset: tuple[str, ...] = ()) -> tuple[int, str, str, bool, bool]:
+    """(exit code, stdout, stderr without the probe's line, whether the settings model was built,
+    whether the store's database code was loaded)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     for name in unset:
         full_env.pop(name, None)
     done = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=120,
                           env=full_env)
     *err, probe = done.stderr.splitlines()
-    return done.returncode, done.stdout, "\n".join(err), probe == "True"
+    config, peewee = probe.split()
+    return done.returncode, done.stdout, "\n".join(err), config == "True", peewee == "True"
 
 
 def full_then_fast(*args: str, env: dict[str, str] | None = None,
@@ -105,3 +108,64 @@ def test_the_remembered_values_are_the_settings_and_a_password_is_not_written_do
     assert entry["digest"] == found.digest
     shutil.rmtree(found.slot.parent)
     assert fastpath.recall(found) is None          # losing the folder costs one slow run
+
+
+# -- ohd tasks / ohd show: the daemon's answer when it reads the same database, else the store ----
+
+
+def store_output(url: str, show: int | None = None, as_json: bool = True) -> str:
+    """What `ohd tasks` (or `ohd show ID`) printed before the fast path: read from the store itself."""
+    from ohd.core import views
+    from ohd.store.store import Store, open_database
+
+    store = Store(open_database(url))
+    if show is None:
+        data: dict[str, object] = {"tasks": [t.as_dict() for t in store.list_tasks(None, 50)]}
+        text = views.tasks_text(data["tasks"])  # type: ignore[arg-type]
+    else:
+        data = store.get_task(show).as_dict()
+        data["executions"] = [e.as_dict() for e in store.executions(show)]
+        text = views.task_text(data)
+    return (json.dumps(data, indent=2, default=str) if as_json else text) + "\n"
+
+
+def test_tasks_and_show_answer_as_the_store_with_the_daemon_up_down_and_on_another_database(
+        tmp_path: Path) -> None:
+    from ohd.store.schema import TERMINAL
+    from tests.e2e.helpers import DaemonProcess, daemon_env
+    from tests.support.gitrepo import make_repo
+    from tests.support.waiting import wait_for
+
+    repo = make_repo(tmp_path / "repo")
+    env = daemon_env(tmp_path, Path(os.environ["OHD_RUNTIME_DIR"]))
+    url = f"sqlite:///{tmp_path / 'state' / 'ohd.db'}"
+    daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
+    try:
+        for target in ("shop/pricing.py", "shop/__init__.py"):
+            done = daemon.ohd("submit", "--type", "docstring", "--target", target, "--repo", str(repo))
+            assert done.returncode == 0, done.stderr
+        terminal = {s.value for s in TERMINAL}
+        wait_for(lambda: all(t["status"] in terminal for t in daemon.json("tasks")["tasks"]), timeout=120,
+                 what="both tasks to finish")
+        up = {args: ohd(*args, env=env) for args in (("tasks", "--json"), ("tasks",), ("show", "1", "--json"),
+                                                     ("show", "2"))}
+        up = {args: ohd(*args, env=env) for args in up}          # now all on the fast path
+        assert not any(run[3] or run[4] for run in up.values()), "no settings model, no store: the socket"
+        assert up[("tasks", "--json")][:2] == (0, store_output(url))
+        assert up[("tasks",)][:2] == (0, store_output(url, as_json=False))
+        assert up[("show", "1", "--json")][:2] == (0, store_output(url, show=1))
+        assert up[("show", "2")][:2] == (0, store_output(url, show=2, as_json=False))
+        missing = ohd("show", "99", env=env)
+        assert missing[:3] == (1, "", "ohd: no task 99")        # the store's word, as before
+        # the same socket, another state dir: the daemon's answers are not this command's
+        other = {**env, "OHD_STATE_DIR": str(tmp_path / "other-state")}
+        ohd("tasks", "--json", env=other)
+        assert ohd("tasks", "--json", env=other)[:2] == (0, '{\n  "tasks": []\n}\n')
+    finally:
+        daemon.stop()
+    first = ohd("tasks", "--json", env=env)    # the other state dir's run took the slot of this config path
+    down = ohd("tasks", "--json", env=env)
+    assert first[3] and not down[3]
+    assert first[:2] == down[:2] == (0, store_output(url))
+    assert ohd("show", "2", env=env)[:2] == (0, store_output(url, show=2, as_json=False))
+    assert ohd("show", "99", env=env)[:3] == missing[:3]

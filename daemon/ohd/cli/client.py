@@ -18,6 +18,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from ohd.core import storeid
 from ohd.errors import ApiError, DaemonNotRunning, OhdError, from_http
 
 # How long the CLI waits for the daemon's answer: a bound on a hang. A daemon that is
@@ -72,6 +73,14 @@ class Client:
     def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
         return self._json(*self._exchange("POST", path, body))
 
+    def get_from_store(self, path: str, database_url: str) -> Any:
+        """GET `path` if the daemon's answer comes from the database at `database_url` (its
+        `X-Ohd-Store` header, core/storeid.py); None when it names another (or none)."""
+        status, data, headers = self._send("GET", path, None)
+        if status >= 400:
+            raise error_from(status, data, path)
+        return self._json(status, data) if storeid.same_store(headers.get(storeid.HEADER), database_url) else None
+
     def get_text(self, path: str) -> str:
         _, data = self._exchange("GET", path, None)
         return data.decode("utf-8", errors="replace")
@@ -84,12 +93,13 @@ class Client:
 
     def _exchange(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[int, bytes]:
         """Send one request; (status, body) of a success, else the mapped exception."""
-        status, data = self._send(method, path, body)
+        status, data, _headers = self._send(method, path, body)
         if status >= 400:
             raise error_from(status, data, path)
         return status, data
 
-    def _send(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[int, bytes]:
+    def _send(self, method: str, path: str,
+              body: dict[str, Any] | None) -> tuple[int, bytes, http.client.HTTPMessage]:
         headers = {"Accept": "application/json"}
         payload = None
         if body is not None:
@@ -99,7 +109,7 @@ class Client:
         try:
             conn.request(method, path, body=payload, headers=headers)
             response = conn.getresponse()
-            return response.status, response.read()
+            return response.status, response.read(), response.headers
         except FileNotFoundError:
             raise self._not_running("no socket file") from None
         except ConnectionRefusedError:

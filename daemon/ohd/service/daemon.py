@@ -41,7 +41,7 @@ from typing import Any
 from ohd import __version__
 from ohd.clock import Clock, SystemClock, first
 from ohd.config import Settings
-from ohd.core import layout
+from ohd.core import layout, storeid
 from ohd.core.taskfile import TaskSpec
 from ohd.core.tasktypes import Job
 from ohd.errors import StorageUnavailable
@@ -203,7 +203,8 @@ class Daemon:
                                annotate_models=lambda states: with_stats(states, self.view.metrics()),
                                status=self.view.status, wake=lambda: loop.call_soon_threadsafe(pool.wake),
                                models=pool.model_states, daemons=self.fleet_status,
-                               activity=self.view.history.activity)
+                               activity=self.view.history.activity,
+                               store_id=storeid.store_id(self.settings.database))
             server.start()
             stack.callback(server.stop)
             if (address := self.settings.http_address) is not None:

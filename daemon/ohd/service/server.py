@@ -38,7 +38,7 @@ from urllib.parse import parse_qs, urlsplit
 import pydantic
 
 from ohd.clock import Clock
-from ohd.core import layout
+from ohd.core import layout, storeid
 from ohd.core.taskfile import TaskSpec
 from ohd.errors import (
     ApiError,
@@ -122,6 +122,7 @@ class ApiServer:
                  annotate_models: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
                  daemons: Callable[[], list[dict[str, Any]]] | None = None,
                  activity: Callable[[datetime, int], Activity] | None = None,
+                 store_id: str = "",
                  request_s: float = REQUEST_S, max_connections: int = MAX_CONNECTIONS) -> None:
         self.socket_path = socket_path
         self.request_s = request_s
@@ -137,6 +138,7 @@ class ApiServer:
         self.annotate_models = annotate_models  # adds measured stats to the model states
         self.daemons = daemons                  # the fleet: the daemons on this database
         self.activity = activity or History(store.db, store.m).activity   # the daemon's: kept between requests
+        self.store_id = store_id                # sent as X-Ohd-Store (core/storeid.py): whose answers these are
         self.routes: tuple[tuple[str, re.Pattern[str], Handler], ...] = (
             ("GET", re.compile(r"/status"), self.get_status),
             ("GET", re.compile(r"/tasks"), self.list_tasks),
@@ -638,6 +640,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self.send_response(reply.status)
             self.send_header("Content-Type", reply.content_type)
             self.send_header("Content-Length", str(len(reply.body)))
+            if self.server.api.store_id:
+                self.send_header(storeid.HEADER, self.server.api.store_id)
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
