@@ -22,6 +22,7 @@ from ohd.intake.rules import RuleBook
 from ohd.ladder import ladder
 from ohd.models.llm import Completion, ModelClient
 from ohd.service.metrics import collect, prometheus
+from ohd.service.web.pages import task_page
 from ohd.store.calls import CallHistory, calls_text, request_key
 from ohd.store.history import History
 from ohd.store.schema import TaskStatus
@@ -109,6 +110,9 @@ def test_a_rule_firing_twice_on_an_unchanged_target_sends_no_second_request(
     [original] = CallHistory(store.db).for_task(first)
     assert [c["replay_of"] for c in calls] == [original["id"]]
     assert "no request sent" in calls_text(calls)
+    page = task_page(store.get_task(second).as_dict() | {"executions": [execution.as_dict()]}, calls, None)
+    assert "accepted (cached: replayed, no request sent)" in page      # the dashboard's task page
+    assert f"(replayed from call id {original['id']}: no request sent)" in page
 
     # no quota: the governor counted one request in all; today (the second night) no call, one saved
     assert store.m.model_request.select().count() == 1

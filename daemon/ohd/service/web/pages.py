@@ -263,7 +263,8 @@ def task_page(task: Mapping[str, Any], calls: Sequence[Mapping[str, Any]], diff:
                   f'{int(e.get("latency_ms") or 0)} ms',
                   f'{int(e.get("prompt_tokens") or 0)}+{int(e.get("completion_tokens") or 0)}',
                   f'${e["cost"]:.6f}' if isinstance(e.get("cost"), (int, float)) else "-",
-                  escape(str(e.get("outcome"))), escape(str(e.get("error") or ""))] for e in executions)
+                  escape(str(e.get("outcome"))) + (" (cached: replayed, no request sent)" if e.get("cached") else ""),
+                  escape(str(e.get("error") or ""))] for e in executions)
     validation_rows = ([str(int(e.get("attempt") or 0)), escape(str(e.get("model"))), escape(str(e.get("outcome"))),
                         f'{e["score"]:g}' if isinstance(e.get("score"), (int, float)) else "-",
                         f'{e["validation_ms"]} ms' if e.get("validation_ms") is not None else "-",
@@ -287,7 +288,10 @@ def task_page(task: Mapping[str, Any], calls: Sequence[Mapping[str, Any]], diff:
                     + (f"<h3>diff (the agent's accepted change)</h3><pre id=diff>{escape(diff)}</pre>" if diff else "")
                     + "</section>")
     history = "".join(f'<details class=call><summary>call {n}: {escape(str(c.get("model")))} at '
-                      f'{escape(str(c.get("started_at", ""))[:19])}</summary><h3>prompt</h3><pre>'
+                      f'{escape(str(c.get("started_at", ""))[:19])}'
+                      + (f' (replayed from call id {int(c["replay_of"])}: no request sent)'
+                         if c.get("replay_of") is not None else "")
+                      + '</summary><h3>prompt</h3><pre>'
                       f'{escape(str(c.get("prompt") or ""))}</pre><h3>response</h3><pre>'
                       f'{escape(str(c.get("response") or ""))}</pre></details>' for n, c in enumerate(calls, 1))
     sections.append("<section id=calls data-live><h2>Prompts and responses</h2>"
