@@ -88,6 +88,10 @@ class WebhookSettings(BaseModel):
     events: list[str] = Field(default_factory=lambda: list(events.EVENTS), min_length=1)
     secret_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     format: Literal["json", "slack", "discord"] = "json"
+    # this hook's own delivery time limit and backoff; None: webhook_timeout_s, webhook_retry_s, webhook_retry_max_s
+    timeout_s: float | None = Field(default=None, gt=0)
+    retry_s: float | None = Field(default=None, gt=0)
+    retry_max_s: float | None = Field(default=None, gt=0)
     secret: SecretStr | None = Field(default=None, exclude=True, repr=False)   # from $secret_env, by `load`
 
     @field_validator("url")

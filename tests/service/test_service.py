@@ -307,3 +307,42 @@ def test_a_notify_socket_nobody_reads_never_blocks_the_daemon(tmp_path: Path) ->
 
         threading.Thread(target=flood, daemon=True).start()
         assert done.wait(30), "a send blocked on a full notify socket"
+
+
+def test_a_reload_applies_the_webhooks_with_the_secrets_read_at_the_start(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import json
+
+    from ohd import config
+    from ohd.service import daemon
+    from ohd.service.live import Live
+    from ohd.work.worker import Pool
+    from tests.support.clock import FakeClock
+
+    signed = {"url": "https://ci.example.com/ohd", "secret_env": "TEST_HOOK_SECRET"}
+    start = config.load(env={**os.environ, "OHD_WEBHOOKS": json.dumps([signed]), "TEST_HOOK_SECRET": "s3"})
+    running = daemon.Daemon(start)
+    pool = Pool(running.store, call=None, clock=FakeClock(), models=["m"])  # type: ignore[arg-type]
+    try:
+        [hook] = running.hooks
+        assert hook.secret is not None and hook.retry is not None and hook.retry.timeout_s == 10
+        # read again after the start took the variable away: the same hook and one more, of its own timeout
+        added = {"url": "https://hooks.example.org/x", "events": ["task.failed"], "timeout_s": 2, "retry_s": 1}
+        env = {**os.environ, "OHD_WEBHOOKS": json.dumps([signed, added])}
+        running.reloader.apply(config.load(env=env), Live(pool))
+        assert [t.url for t in running.hooks] == [signed["url"], added["url"]]
+        assert running.hooks[0].secret is not None and running.hooks[0].secret.get_secret_value() == "s3"
+        assert running.hooks[1].retry is not None and (running.hooks[1].retry.timeout_s,
+                                                       running.hooks[1].retry.first_s) == (2, 1)
+        assert {h.key for h in running.store.hooks} == {t.key for t in running.hooks}   # rows written for both
+        assert [key for key, _label in running.view.webhooks] == [t.key for t in running.hooks]   # ohd status
+        # a hook signed with a variable the daemon never read: the running hooks stay
+        unknown = {"url": "https://other.example.net/y", "secret_env": "TEST_HOOK_NEVER_SET"}
+        with caplog.at_level("ERROR"):
+            running.reloader.apply(config.load(env={**os.environ, "OHD_WEBHOOKS": json.dumps([unknown])}),
+                                   Live(pool))
+        assert "keeping the running webhooks" in caplog.text and "TEST_HOOK_NEVER_SET" in caplog.text
+        assert [t.url for t in running.hooks] == [signed["url"], added["url"]]
+        assert len(running.reloader.settings.webhooks) == 2
+    finally:
+        running.store.close()

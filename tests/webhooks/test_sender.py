@@ -219,3 +219,77 @@ async def hanging_hook(tmp_path: Path, receiver: Receiver) -> None:
     assert views[hang.key]["pending"] == 1 and views[hang.key]["last_error"] is None, views   # still waiting
     assert views[good.key]["delivered"] == 1, views
     assert json.loads(receiver.delivered()[0].body)["event"] == events.TASK_COMPLETED
+
+
+def test_each_hook_keeps_its_own_backoff(store: Store, clock: FakeClock, receiver: Receiver,
+                                         other: Receiver) -> None:
+    slow = Target(receiver.url, retry=Retry(first_s=1000, max_s=1000, max_age=timedelta(hours=1), timeout_s=5))
+    quick = Target(other.url, retry=Retry(first_s=4, max_s=4, max_age=timedelta(hours=1), timeout_s=5))
+    receiver.answer = other.answer = 500
+    with_hooks(store, slow, quick)
+    finish(store, clock)
+    s = Rounds(store, clock, [slow, quick], random.Random(4))     # the sender's own: RETRY, 10 s first
+    assert s.run_once() == 2
+    clock.advance(4.5)                   # past quick's backoff (2 to 4 s), before the sender's and slow's
+    assert s.run_once() == 1
+    assert (len(receiver.tried()), len(other.tried())) == (1, 2)
+    clock.advance(60)                    # past the sender's 5-10 s, before slow's 500-1000 s
+    s.run_once()
+    assert len(receiver.tried()) == 1
+
+
+def test_a_hook_with_a_short_timeout_of_its_own_gives_up_on_a_hung_receiver(tmp_path: Path) -> None:
+    asyncio.run(own_timeout(tmp_path))
+
+
+async def own_timeout(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "ohd.db")
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(8)                       # accepted by the kernel, never answered
+    hung = Target(f"http://127.0.0.1:{hole.getsockname()[1]}/hook", retry=Retry(timeout_s=0.5))
+    with_hooks(store, hung)
+    clock = SystemClock()
+    finish(store, FakeClock(clock.now()))
+    try:
+        async with sender.http_client() as http:
+            s = Sender(Outbox(store.db), http, clock, [hung], Retry(timeout_s=600))
+            assert await asyncio.wait_for(s.run_once(), timeout=120) == 1    # a hang bound far below 600 s
+    finally:
+        hole.close()
+    [view] = Outbox(store.db).summary([hung.key])
+    assert view["pending"] == 1 and "Timeout" in view["last_error"], view
+
+
+def test_the_hooks_change_while_the_sender_runs(tmp_path: Path, receiver: Receiver, other: Receiver) -> None:
+    asyncio.run(hooks_change(tmp_path, receiver, other))
+
+
+async def hooks_change(tmp_path: Path, receiver: Receiver, other: Receiver) -> None:
+    store = open_store(tmp_path / "ohd.db")
+    old, new = Target(receiver.url), Target(other.url, "slack")
+    clock = SystemClock()
+
+    async def until(what: str, done: Any) -> None:
+        began = time.monotonic()
+        while not done():
+            await asyncio.sleep(0.05)
+            assert time.monotonic() - began < 120, what
+
+    with_hooks(store, old)
+    stop = asyncio.Event()
+    async with sender.http_client() as http:
+        s = Sender(Outbox(store.db), http, clock, [old], RETRY)
+        running = asyncio.ensure_future(s.run(stop))
+        first_task = finish(store, FakeClock(clock.now()))
+        await until("the old hook's event", lambda: receiver.delivered())
+        with_hooks(store, new)           # as a SIGHUP does: the store's hooks, then the sender's
+        s.use([new])
+        await until("the old hook's loop gone and the new one's running", lambda: s.running == {new})
+        second_task = finish(store, FakeClock(clock.now()))
+        await until("the new hook's event", lambda: other.delivered())
+        stop.set()
+        await asyncio.wait_for(running, timeout=60)
+    assert [r.json["data"]["id"] for r in receiver.delivered()] == [first_task]
+    assert [r.json for r in other.delivered()] and f"task {second_task}" in other.delivered()[0].json["text"]
+    assert s.running == frozenset()

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import threading
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -56,13 +57,18 @@ def hooks_of(settings: Settings) -> list[Hook]:
 
 
 def webhook_targets(settings: Settings) -> list[Target]:
-    """The webhooks as the sender posts to them; a `secret_env` that is not set is a ConfigError
-    (the daemon's: the commands that only read need no secret)."""
+    """The webhooks as the sender posts to them, each with its timeout and backoff (its own, else
+    the `webhook_*` settings); a `secret_env` that is not set is a ConfigError (the daemon's: the
+    commands that only read need no secret)."""
     for number, hook in enumerate(settings.webhooks):
         if hook.secret_env and hook.secret is None:
             raise ConfigError(f"webhooks[{number}] ({hook.key}): secret_env names {hook.secret_env}, "
                               "which is not set (or empty) in the daemon's environment")
-    return [Target(hook.url, hook.format, hook.secret) for hook in settings.webhooks]
+    default = webhook_retry(settings)
+    return [Target(hook.url, hook.format, hook.secret,
+                   replace(default, timeout_s=hook.timeout_s or default.timeout_s,
+                           first_s=hook.retry_s or default.first_s, max_s=hook.retry_max_s or default.max_s))
+            for hook in settings.webhooks]
 
 
 def webhook_retry(settings: Settings) -> Retry:

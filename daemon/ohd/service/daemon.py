@@ -116,6 +116,8 @@ class Daemon:
         self.test_runs = TestProcesses()    # every pytest run of the ladder; killed at the grace deadline
         # SIGHUP: `reload` reads the configuration again; the reloader holds the running settings
         self.reloader = Reloader(settings, self.store, self.clock, self.repos, self.test_runs, self.notifier, reload)
+        self.reloader.webhooks = self.use_webhooks
+        self.sender: webhooks.Sender | None = None     # set once it runs (always: a reload may add hooks)
         self.view = StatusView(self.store, kept_history_of(self.store), self.clock, offline=settings.use_offline,
                                database=settings.database, webhooks=[(t.key, t.label) for t in self.hooks])
         self.pool: Pool | None = None
@@ -221,8 +223,7 @@ class Daemon:
                      self.settings.socket_path)
             self.notifier.ready(await asyncio.to_thread(self.view.summary, pool.snapshot()))
             extra = [self._report_status(pool)] if self.notifier.enabled else []
-            if self.hooks:
-                extra.append(await self._webhooks(stack))
+            extra.append(await self._webhooks(stack))
             if self.watchdog_s is not None:
                 extra.append(self.notifier.keep_alive(self.stop_event, self.watchdog_s, self.clock))
             await asyncio.gather(
@@ -299,9 +300,22 @@ class Daemon:
         in the store for the next start)."""
         http = await stack.enter_async_context(webhooks.http_client())
         outbox = Outbox(self.store.db, self.settings.store_lock_wait_s)
-        sender = webhooks.Sender(outbox, http, self.clock, self.hooks, webhook_retry(self.settings))
-        log.info("webhooks: %s", ", ".join(target.label for target in self.hooks))
+        sender = self.sender = webhooks.Sender(outbox, http, self.clock, self.hooks, webhook_retry(self.settings))
+        if self.hooks:
+            log.info("webhooks: %s", ", ".join(target.label for target in self.hooks))
         return sender.run(self.stop_event)
+
+    def use_webhooks(self, settings: Settings) -> None:
+        """A reload's `webhooks` and their timeouts and backoff: from now on the store writes the rows
+        of these hooks, the sender posts to them and `ohd status` shows them. A ConfigError, with
+        nothing changed, for a hook whose `secret_env` the daemon did not read at its start."""
+        targets = webhook_targets(settings)
+        self.hooks = targets
+        self.store.hooks = tuple(hooks_of(settings))
+        self.view.webhooks = tuple((t.key, t.label) for t in targets)
+        if self.sender is not None:
+            self.sender.use(targets)
+        log.info("reload: webhooks %s", ", ".join(t.label for t in targets) or "none")
 
     def _recover(self) -> None:
         """The tasks our dead predecessor was running: on SQLite every one back to the queue now (we

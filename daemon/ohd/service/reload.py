@@ -27,7 +27,17 @@ from ohd.ladder.testrun import Processes as TestProcesses
 from ohd.service.assemble import agent_config_of, ladder_of, log_sandbox, policy_of, rank_of
 from ohd.service.live import Live
 from ohd.service.notify import Notifier
-from ohd.service.supervision import LADDER_KEYS, POLICY_KEYS, SELECTION_KEYS, apply_logging, live_changes, reread_rules
+from ohd.service.supervision import (
+    LADDER_KEYS,
+    POLICY_KEYS,
+    SELECTION_KEYS,
+    WEBHOOK_KEYS,
+    apply_logging,
+    hook_secrets,
+    live_changes,
+    reread_rules,
+    with_secrets,
+)
 from ohd.store.store import Store
 
 log = logging.getLogger("ohd.daemon")   # a reload's lines are the daemon's, as they always were
@@ -47,6 +57,8 @@ class Reloader:
         self.test_runs = test_runs  # where the ladder's test runs are registered (the daemon's)
         self.notifier = notifier
         self.read = read            # reads the configuration again; None: only the rules are re-read
+        self.secrets = hook_secrets(settings)   # the webhooks' secrets: their variables leave the environment
+        self.webhooks: Callable[[Settings], None] | None = None    # applies `webhooks` (the daemon's)
         self.event = asyncio.Event()
 
     def request(self) -> None:
@@ -77,7 +89,7 @@ class Reloader:
     def apply(self, new: Settings, live: Live) -> None:
         """The live keys of `new` onto the running pool (see `supervision.LIVE_KEYS`)."""
         pool = live.pool
-        changes = live_changes(self.settings, new)
+        changes = live_changes(self.settings, with_secrets(new, self.secrets))
         apply_logging(self.settings, changes)     # level, format, file (reopened: a rotated one is let go)
         if "workers" in changes:
             log.info("reload: workers %d -> %d", pool.size, new.workers)
@@ -93,6 +105,12 @@ class Reloader:
             except ConfigError as exc:
                 log.error("reload: keeping the running validation settings: %s", exc)
                 changes = {key: value for key, value in changes.items() if key not in LADDER_KEYS}
+        if WEBHOOK_KEYS & changes.keys() and self.webhooks is not None:
+            try:
+                self.webhooks(self.settings.model_copy(update={k: v for k, v in changes.items() if k in WEBHOOK_KEYS}))
+            except ConfigError as exc:
+                log.error("reload: keeping the running webhooks: %s", exc)
+                changes = {key: value for key, value in changes.items() if key not in WEBHOOK_KEYS}
         self.settings = self.settings.model_copy(update=changes)
         if POLICY_KEYS & changes.keys():
             live.use_policy(policy_of(self.settings))

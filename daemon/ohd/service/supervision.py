@@ -12,6 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
 from ohd import logfmt
 from ohd.config import Settings
 from ohd.intake.rules import RuleBook
@@ -28,7 +30,24 @@ SELECTION_KEYS = frozenset({"model_selection", "model_priors", "model_tags", "se
 LADDER_KEYS = frozenset({"test_runs", "test_timeout_s", "test_python", "test_parallel", "rule_levels",
                          "test_sandbox", "test_memory_mb", "allow_risky_tests"})   # how candidates are judged
 LOG_KEYS = frozenset({"log_level", "log_format", "log_file"})
-LIVE_KEYS = frozenset({"workers", "models", "agents"}) | LOG_KEYS | POLICY_KEYS | LADDER_KEYS | SELECTION_KEYS
+WEBHOOK_KEYS = frozenset({"webhooks", "webhook_timeout_s", "webhook_retry_s", "webhook_retry_max_s",
+                          "webhook_max_age_s"})
+LIVE_KEYS = (frozenset({"workers", "models", "agents"}) | LOG_KEYS | POLICY_KEYS | LADDER_KEYS | SELECTION_KEYS
+             | WEBHOOK_KEYS)
+
+
+def hook_secrets(settings: Settings) -> dict[str, SecretStr]:
+    """The webhooks' secrets by the variable they were read from (at the daemon's start)."""
+    return {hook.secret_env: hook.secret for hook in settings.webhooks if hook.secret_env and hook.secret is not None}
+
+
+def with_secrets(settings: Settings, secrets: dict[str, SecretStr]) -> Settings:
+    """`settings` read again, each hook given the secret its `secret_env` held at the start: the
+    daemon removed those variables from its environment once read, so a reload finds them unset.
+    A hook naming a variable the daemon never read keeps no secret (and is refused)."""
+    hooks = [hook.model_copy(update={"secret": secrets[hook.secret_env]})
+             if hook.secret is None and hook.secret_env in secrets else hook for hook in settings.webhooks]
+    return settings.model_copy(update={"webhooks": hooks}) if hooks != settings.webhooks else settings
 
 
 def live_changes(old: Settings, new: Settings) -> dict[str, Any]:

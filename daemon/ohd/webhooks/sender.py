@@ -35,12 +35,23 @@ PRUNE_S = 3600.0           # how often a hook's loop deletes them
 
 
 @dataclass(frozen=True, slots=True)
+class Retry:
+    """The backoff of failed deliveries and their bound."""
+
+    first_s: float = 5.0
+    max_s: float = 900.0
+    max_age: timedelta = timedelta(hours=24)
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class Target:
     """One hook as the sender posts to it."""
 
     url: str
     fmt: str = "json"                  # json, slack or discord (`events.body`)
     secret: SecretStr | None = None    # signs the body (X-Ohd-Signature) when set
+    retry: Retry | None = None         # this hook's timeout and backoff; None: the sender's
 
     @property
     def key(self) -> str:
@@ -49,16 +60,6 @@ class Target:
     @property
     def label(self) -> str:
         return events.hook_label(self.url)
-
-
-@dataclass(frozen=True, slots=True)
-class Retry:
-    """The backoff of failed deliveries and their bound."""
-
-    first_s: float = 5.0
-    max_s: float = 900.0
-    max_age: timedelta = timedelta(hours=24)
-    timeout_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +96,10 @@ async def post(http: httpx.AsyncClient, target: Target, event: str, delivery: in
 
 
 class Sender:
-    """Delivers the outbox to `targets`; `run` until the stop event, or `run_once` a round (tests)."""
+    """Delivers the outbox to `targets`; `run` until the stop event, or `run_once` a round (tests).
+    `use` replaces the targets while it runs (a SIGHUP): a hook gone or changed (its URL, format,
+    secret or retry) has its loop cancelled (a post in flight is sent again later: at least once),
+    a new or changed one gets a loop; the others go on undisturbed."""
 
     def __init__(self, outbox: Outbox, http: httpx.AsyncClient, clock: Clock, targets: Sequence[Target],
                  retry: Retry | None = None, rng: random.Random | None = None) -> None:
@@ -105,9 +109,32 @@ class Sender:
         self.targets = tuple(targets)
         self.retry = retry or Retry()
         self.rng = rng or random.Random()
+        self._changed = asyncio.Event()
+        self._loops: dict[Target, asyncio.Task[None]] = {}
+
+    @property
+    def running(self) -> frozenset[Target]:
+        """The targets whose loops run now."""
+        return frozenset(target for target, loop in self._loops.items() if not loop.done())
+
+    def use(self, targets: Sequence[Target]) -> None:
+        """From now on deliver to `targets` (on the event loop's thread)."""
+        self.targets = tuple(targets)
+        self._changed.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        await asyncio.gather(*(self._loop(target, stop) for target in self.targets))
+        try:
+            while not stop.is_set():
+                self._changed.clear()
+                wanted = set(self.targets)
+                for target in [t for t in self._loops if t not in wanted]:
+                    self._loops.pop(target).cancel()
+                for target in wanted - self._loops.keys():
+                    self._loops[target] = asyncio.ensure_future(self._loop(target, stop))
+                await first(self.clock, stop, self._changed)
+        finally:
+            await asyncio.gather(*self._loops.values(), return_exceptions=True)
+            self._loops.clear()
 
     async def run_once(self) -> int:
         """One round of every hook at once; how many deliveries were tried."""
@@ -141,20 +168,21 @@ class Sender:
         return len(due)
 
     async def _deliver(self, target: Target, delivery: Delivery) -> None:
+        retry = target.retry or self.retry
         raw = events.body(delivery.id, delivery.event, delivery.created_at.isoformat(), delivery.payload, target.fmt)
-        answer = await post(self.http, target, delivery.event, delivery.id, raw, self.retry.timeout_s)
+        answer = await post(self.http, target, delivery.event, delivery.id, raw, retry.timeout_s)
         now = self.clock.now()
         if answer.error is None:
             await asyncio.to_thread(self.outbox.delivered, delivery.id, now)
             log.debug("webhook %s: %s %d delivered", target.label, delivery.event, delivery.id)
             return
-        deadline = delivery.created_at + self.retry.max_age
+        deadline = delivery.created_at + retry.max_age
         if now >= deadline:
             await asyncio.to_thread(self.outbox.failed, delivery.id, now, answer.error, None)
             log.warning("webhook %s: %s %d dead after %d tries over %s: %s", target.label, delivery.event,
-                        delivery.id, delivery.attempts + 1, self.retry.max_age, answer.error)
+                        delivery.id, delivery.attempts + 1, retry.max_age, answer.error)
             return
-        wait = events.backoff_s(delivery.attempts + 1, self.retry.first_s, self.retry.max_s, self.rng.random())
+        wait = events.backoff_s(delivery.attempts + 1, retry.first_s, retry.max_s, self.rng.random())
         retry_at = min(now + timedelta(seconds=wait), deadline)    # the last try falls on the bound
         await asyncio.to_thread(self.outbox.failed, delivery.id, now, answer.error, retry_at)
         log.info("webhook %s: %s %d failed (%s); next try at %s", target.label, delivery.event, delivery.id,
