@@ -49,7 +49,8 @@ _LIST_KEYS = {"models", "repos", "paid_models"}
 NOT_SETTINGS = frozenset({"OHD_CONFIG", "OHD_HOOKS", "OHD_TEST_POSTGRES_URL", "OHD_AGENT_KEY",
                           "OHD_DASHBOARD_SCREENSHOTS"})   # the dashboard test saves its screenshots there
 # JSON objects in OHD_* variables
-_DICT_KEYS = {"rate_limits", "daily_limits", "model_priors", "model_tags", "rule_levels", "agents", "webhooks"}
+_DICT_KEYS = {"repo_names", "rate_limits", "daily_limits", "model_priors", "model_tags", "rule_levels", "agents",
+              "webhooks"}
 
 
 class ModelPrior(BaseModel):
@@ -133,6 +134,9 @@ class Settings(BaseModel):
     state_dir: Path = Field(default_factory=userdirs.state_dir)
     runtime_dir: Path = Field(default_factory=userdirs.runtime_dir)
     repos: list[Path] = Field(default_factory=list)
+    # repo path -> its name: the repo's identity in a fleet (README "A fleet of clones"); unnamed: its
+    # root commit and origin URL, else its path
+    repo_names: dict[str, str] = Field(default_factory=dict)
     lease_s: float = Field(default=60.0, gt=0)
     crash_limit: int = Field(default=3, ge=1)   # runs of one task crashes may interrupt before it fails
     grace_s: float = Field(default=30.0, ge=0)
@@ -204,6 +208,14 @@ class Settings(BaseModel):
     @classmethod
     def _absolute_repos(cls, repos: list[Path]) -> list[Path]:
         return [Path(r).expanduser().resolve() for r in repos]
+
+    @field_validator("repo_names")
+    @classmethod
+    def _named_repos(cls, names: dict[str, str]) -> dict[str, str]:
+        for name in names.values():
+            if not name.strip():
+                raise ValueError("a repo's name is not empty")
+        return {str(Path(path).expanduser().resolve()): name.strip() for path, name in names.items()}
 
     @field_validator("http_listen")
     @classmethod

@@ -262,6 +262,10 @@ class RuleBook:
                     continue
                 task_id = self.firings.fire_schedule(rule.repo, rule.relpath, rule.task_spec(rule.spec.file),
                                                      decision.fire, now, base)
+                if task_id is None:
+                    log.info("rule %s: the firing of %s has its task already (another daemon of the fleet made it)",
+                             rule.relpath, decision.fire.isoformat())
+                    continue
                 log.info("task %d queued by rule %s (firing of %s%s)", task_id, rule.relpath,
                          decision.fire.isoformat(), "; earlier missed firings collapsed" if decision.skipped else "",
                          extra={"task_id": task_id, "status": "queued"})

@@ -290,3 +290,21 @@ def commit_paths(repo: Path, commit: str) -> list[str]:
         message = done.stderr.decode("utf-8", "replace").strip()
         raise OhdError(f"cannot list the paths of commit {commit[:12]} in {repo}: {message}")
     return [p for p in done.stdout.decode("utf-8", "surrogateescape").split("\0") if p]
+
+
+def repo_identity(repo: Path, name: str | None = None) -> str:
+    """What a task of `repo` belongs to, the same for every clone of one repository (README "A fleet of
+    clones"): `name:<name>` when the configuration names the repo; else `git:<root commit>@<origin's URL>`
+    (the oldest root commit; the URL without a trailing `/` or `.git`); else, with no commit or no
+    `origin` remote, the repo's path (a repo nobody cloned is its only copy)."""
+    if name:
+        return f"name:{name}"
+    try:
+        roots = git(repo, "rev-list", "--max-parents=0", "HEAD").split()
+        url = git(repo, "remote", "get-url", "origin")
+    except OhdError:
+        return str(repo)
+    url = url.rstrip("/").removesuffix(".git").rstrip("/")
+    if not roots or not url:
+        return str(repo)
+    return f"git:{sorted(roots)[0]}@{url}"

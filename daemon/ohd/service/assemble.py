@@ -33,6 +33,7 @@ from ohd.ladder.ladder import Ladder
 from ohd.ladder.testrun import Options as TestRunOptions
 from ohd.ladder.testrun import Processes as TestProcesses
 from ohd.logfmt import Redactor
+from ohd.repo import gitrepo
 from ohd.store.history import History
 from ohd.store.ledger import KeptHistory
 from ohd.store.quotas import Governor
@@ -49,6 +50,12 @@ OFFLINE_MODEL = "offline"
 def repos_of(settings: Settings) -> list[Path]:
     """The repos to serve: those configured, else the current directory."""
     return list(settings.repos) or [Path.cwd().resolve()]
+
+
+def identities_of(settings: Settings, repos: list[Path]) -> dict[str, str]:
+    """Each repo's identity (`gitrepo.repo_identity`: its configured name, else its root commit and
+    origin, else its path), by path; computed once, at the daemon's start."""
+    return {str(repo): gitrepo.repo_identity(repo, settings.repo_names.get(str(repo))) for repo in repos}
 
 
 def hooks_of(settings: Settings) -> list[Hook]:

@@ -61,6 +61,7 @@ from ohd.service.assemble import (
     agents_of,
     discovers,
     hooks_of,
+    identities_of,
     kept_history_of,
     key_id_of,
     ladder_of,
@@ -151,6 +152,7 @@ class Daemon:
             governor = Governor(self.store, policy_of(self.settings), key_id_of(self.settings))
             call, models = await self._models(stack, pace_retries(governor, self.clock))  # retries count too
             self.store.migrate()
+            self._adopt_clones()
             self._register()
             self._recover()
             agents = agents_of(self.settings)
@@ -256,6 +258,14 @@ class Daemon:
                             workers=self.settings.workers, now=self.clock.now())
         log.info("daemon %s registered (heartbeat every %gs; lost after %gs without one)", self.daemon_id,
                  self.settings.heartbeat_s, self.settings.daemon_lost_s)
+
+    def _adopt_clones(self) -> None:
+        """Our repos' identities (issue 15): we claim only their tasks and run each in our clone."""
+        identities = identities_of(self.settings, self.repos)
+        self.store.adopt_clones(identities)
+        for path, identity in identities.items():
+            if identity != path:
+                log.info("repo %s is %s (its tasks are every clone's)", path, identity)
 
     def _deregister(self) -> None:
         """A clean stop: our row says so, and the fleet lists us as stopped (never fails the stop)."""

@@ -382,3 +382,25 @@ def read_indexes(db: peewee.Database) -> None:
           migrator.add_index("execution", ("started_at", "model", "outcome", "prompt_tokens", "completion_tokens",
                                            "cost", "cached")))
     cast(Any, db).execute_sql("CREATE INDEX task_status_error_prefix ON task (status, lower(substr(error, 1, 13)))")
+
+
+def repo_identity(db: peewee.Database) -> None:
+    """Repo identities (issue 15): task and ingested_file gain repo_id (the repo's identity, shared by
+    its clones; every row so far gets its path, which a daemon serving that path replaces with the
+    repo's identity at start-up), indexed on task (status, repo_id) for the claims; ingested_file
+    gains fleet_key and rule_firing firing_key, each unique (NULL allowed many times), so one task
+    file in two clones and one schedule's firing seen by two daemons make one task."""
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as alter
+
+    migrator = SchemaMigrator.from_database(db)
+    alter(migrator.add_column("task", "repo_id", peewee.TextField(null=True)),
+          migrator.add_column("ingested_file", "repo_id", peewee.TextField(null=True)),
+          migrator.add_column("ingested_file", "fleet_key", peewee.TextField(null=True)),
+          migrator.add_column("rule_firing", "firing_key", peewee.TextField(null=True)),
+          migrator.add_index("task", ("status", "repo_id")),
+          migrator.add_index("ingested_file", ("fleet_key",), True),
+          migrator.add_index("rule_firing", ("firing_key",), True))
+    run = cast(Any, db).execute_sql
+    run("UPDATE task SET repo_id = repo")
+    run("UPDATE ingested_file SET repo_id = repo")

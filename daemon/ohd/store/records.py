@@ -74,3 +74,14 @@ def tuple_rows(query: Any) -> list[tuple[Any, ...]]:
 
 def pending_key(repo: str, sha256: str) -> str:
     return f"{sha256}:{repo}"
+
+
+def fleet_key(repo_id: str, relpath: str, sha256: str, drop: int) -> str:
+    """The fleet-wide key of a task file: the `drop`-th time this content came to `relpath` in a
+    clone of the repo `repo_id` (every clone's n-th drop of it is the one task of that key)."""
+    return f"{repo_id}\x1f{relpath}\x1f{sha256}\x1f{drop}"
+
+
+def firing_key(repo_id: str, rule: str, instant: str) -> str:
+    """The fleet-wide key of one firing of a schedule rule: its repo's identity, rule file, instant."""
+    return f"{repo_id}\x1f{rule}\x1f{instant}"

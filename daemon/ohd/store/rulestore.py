@@ -5,7 +5,10 @@ created: rule file, changed path, content hash at firing time, task id, origin) 
 `rule_clock` (per schedule rule, the last firing acted on). Invariant: the checks that
 decide whether a change fires (an open task for the same (rule, path), the hash of the
 last accepted run) and the task it creates are one writer transaction, so two callers
-(the watcher and the hook spool) never queue the same (rule, path) twice.
+(the watcher and the hook spool) never queue the same (rule, path) twice. Both tables name a rule's
+repo by its identity (`Store.identity_of`, issue 15), so the clones of one repo share their rules'
+clocks and firings, and one schedule's firing is one task (`firing_key`, unique) whichever daemon
+of the fleet sees it first.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import peewee
+
 from ohd.core.taskfile import TaskSpec
-from ohd.store.records import dict_rows
+from ohd.store.records import dict_rows, firing_key
 from ohd.store.schema import Task, TaskStatus, task_from_row
 from ohd.store.store import Store
 from ohd.store.transactions import atomic_write, connect
@@ -48,13 +53,17 @@ class RuleStore:
         with atomic_write(self.db, self.store.lock_wait_s):
             yield
 
+    def _id(self, repo: Path) -> str:
+        """The rule tables' name of the repo at `repo`: its identity."""
+        return self.store.identity_of(str(repo))
+
     # -- schedules ------------------------------------------------------------------
 
     def last_fire(self, repo: Path, rule: str) -> datetime | None:
         """The last firing acted on (or the rule's first sighting), if recorded."""
         connect(self.db)
         c = self.clocks
-        row = c.select(c.last_fire).where((c.repo == str(repo)) & (c.rule == rule)).first()
+        row = c.select(c.last_fire).where((c.repo == self._id(repo)) & (c.rule == rule)).first()
         return None if row is None else row.last_fire
 
     def baseline(self, repo: Path, rule: str, now: datetime) -> datetime:
@@ -68,17 +77,24 @@ class RuleStore:
     def set_last_fire(self, repo: Path, rule: str, when: datetime) -> None:
         c = self.clocks
         with self._write():
-            (c.insert(repo=str(repo), rule=rule, last_fire=when)
+            (c.insert(repo=self._id(repo), rule=rule, last_fire=when)
              .on_conflict(conflict_target=[c.repo, c.rule], update={c.last_fire: when})
              .execute())
 
     def fire_schedule(self, repo: Path, rule: str, spec: TaskSpec, fire_time: datetime,
-                      now: datetime, base_commit: str | None = None) -> int:
-        """The task of one firing, its record and the new `last_fire`, in one transaction."""
-        with self._write():
-            task_id = self.store.enqueue(str(repo), spec, now, source=source_of(rule), base_commit=base_commit)
-            self._record(repo, rule, spec.file, None, task_id, "schedule", fire_time)
-            self.set_last_fire(repo, rule, fire_time)
+                      now: datetime, base_commit: str | None = None) -> int | None:
+        """The task of one firing, its record and the new `last_fire`, in one transaction; None when
+        a daemon of the fleet (another clone's, or ours) made this firing's task already."""
+        key = firing_key(self._id(repo), rule, fire_time.astimezone(UTC).isoformat())
+        try:
+            with self._write():
+                if self.firing.select(self.firing.id).where(self.firing.firing_key == key).exists():
+                    return None
+                task_id = self.store.enqueue(str(repo), spec, now, source=source_of(rule), base_commit=base_commit)
+                self._record(self._id(repo), rule, spec.file, None, task_id, "schedule", fire_time, key)
+                self.set_last_fire(repo, rule, fire_time)
+        except peewee.IntegrityError:      # another daemon recorded this firing just now
+            return None
         return task_id
 
     # -- changes --------------------------------------------------------------------
@@ -93,7 +109,7 @@ class RuleStore:
         nothing running, the last accepted run was for this content.
         """
         with self._write():
-            open_, running, running_until = self._open(repo, rule, spec.file)
+            open_, running, running_until = self._open(self._id(repo), rule, spec.file)
             if open_:
                 # The queued task will read the newest content: remember that one for it.
                 self.firing.update(sha256=sha256).where(self.firing.id.in_(open_)).execute()
@@ -101,10 +117,10 @@ class RuleStore:
             if running is not None:
                 if running == sha256:
                     return None
-            elif self._last_accepted(repo, rule, spec.file) == sha256:
+            elif self._last_accepted(self._id(repo), rule, spec.file) == sha256:
                 return None
             task_id = self.store.enqueue(str(repo), spec, now, source=source_of(rule), base_commit=base_commit)
-            self._record(repo, rule, spec.file, sha256, task_id, origin, now)
+            self._record(self._id(repo), rule, spec.file, sha256, task_id, origin, now)
             if running_until is not None:
                 self._hold(task_id, running_until, now)
         return task_id, TaskStatus.PENDING if running_until is not None else TaskStatus.QUEUED
@@ -127,7 +143,7 @@ class RuleStore:
                                 & (t.not_before > now)))
         released = []
         for row in held:
-            ahead = self._firings(Path(row["repo"]), row["rule"], row["path"]).where(
+            ahead = self._firings(row["repo"], row["rule"], row["path"]).where(
                 t.status == TaskStatus.RUNNING.value)
             if ahead.exists():
                 continue
@@ -139,7 +155,7 @@ class RuleStore:
                 released.append(int(row["task_id"]))
         return released
 
-    def _open(self, repo: Path, rule: str, path: str) -> tuple[list[int], str | None, datetime | None]:
+    def _open(self, repo: str, rule: str, path: str) -> tuple[list[int], str | None, datetime | None]:
         """(firings whose task is pending/queued, the content hash of a running one, the time
         by which that one has ended: started_at + its time limit)."""
         rows = self._firings(repo, rule, path).where(
@@ -155,21 +171,22 @@ class RuleStore:
                 until = None if started is None else started + timedelta(seconds=row["timeout_s"] + HOLD_MARGIN_S)
         return open_, running, until
 
-    def _last_accepted(self, repo: Path, rule: str, path: str) -> str | None:
+    def _last_accepted(self, repo: str, rule: str, path: str) -> str | None:
         t = self.store.m.task
         rows = dict_rows(self._firings(repo, rule, path).where(t.status == TaskStatus.COMPLETED.value)
                          .order_by(self.firing.id.desc()).limit(1))
         return rows[0]["sha256"] if rows else None
 
-    def _firings(self, repo: Path, rule: str, path: str) -> Any:
+    def _firings(self, repo: str, rule: str, path: str) -> Any:
+        """The firings of (rule, path) in the repo of identity `repo`, with their tasks."""
         f, t = self.firing, self.store.m.task
         return (f.select(f.id, f.sha256, t.status, t.started_at, t.timeout_s).join(t, on=(f.task_id == t.id))
-                .where((f.repo == str(repo)) & (f.rule == rule) & (f.path == path)))
+                .where((f.repo == repo) & (f.rule == rule) & (f.path == path)))
 
-    def _record(self, repo: Path, rule: str, path: str, sha256: str | None, task_id: int,
-                origin: str, fired_at: datetime) -> None:
-        self.firing.insert(repo=str(repo), rule=rule, path=path, sha256=sha256, task_id=task_id,
-                           origin=origin, fired_at=fired_at).execute()
+    def _record(self, repo: str, rule: str, path: str, sha256: str | None, task_id: int,
+                origin: str, fired_at: datetime, key: str | None = None) -> None:
+        self.firing.insert(repo=repo, rule=rule, path=path, sha256=sha256, task_id=task_id,
+                           origin=origin, fired_at=fired_at, firing_key=key).execute()
 
     # -- listing --------------------------------------------------------------------
 
@@ -177,7 +194,7 @@ class RuleStore:
         """The newest task the rule created."""
         connect(self.db)
         f = self.firing
-        row = (f.select(f.task_id).where((f.repo == str(repo)) & (f.rule == rule))
+        row = (f.select(f.task_id).where((f.repo == self._id(repo)) & (f.rule == rule))
                .order_by(f.id.desc()).first())
         if row is None:
             return None

@@ -91,6 +91,7 @@ class TaskRow(peewee.Model):
     deliver = peewee.CharField(default="patch")       # where an agent's diff goes
     base_commit = peewee.CharField(null=True)         # the repo's HEAD at creation (agent runners only)
     cache = peewee.BooleanField(default=True)         # false: no answer is replayed for it (replay cache)
+    repo_id = peewee.TextField(null=True)             # the repo's identity (every clone's); `repo`: a clone's path
 
     class Meta:
         table_name = "task"
@@ -127,6 +128,8 @@ class IngestedFileRow(peewee.Model):
     task_id = peewee.IntegerField(null=True)
     ingested_at = UtcDateTimeField()
     pending_key = peewee.TextField(null=True)   # `pending_key(repo, sha256)` until moved to .done/
+    repo_id = peewee.TextField(null=True)       # the repo's identity; `repo` is the clone's path
+    fleet_key = peewee.TextField(null=True)     # unique: `fleet_key(...)` on the row that made the task
 
     class Meta:
         table_name = "ingested_file"
@@ -195,6 +198,7 @@ class RuleFiringRow(peewee.Model):
     task_id = peewee.IntegerField()
     origin = peewee.CharField()
     fired_at = UtcDateTimeField()
+    firing_key = peewee.TextField(null=True)    # unique: a schedule's firing (identity, rule, instant)
 
     class Meta:
         table_name = "rule_firing"
@@ -357,6 +361,7 @@ class Task:
     deliver: str = "patch"   # an agent's diff: patch, branch or apply
     base_commit: str | None = None   # the repo's HEAD when the task was created (agent runners)
     cache: bool = True   # an answer accepted for the same request may be replayed (README: Replay cache)
+    repo_id: str | None = None   # the repo's identity, shared by its clones; `repo` is the clone that runs it
 
     @property
     def agent(self) -> bool:
@@ -380,14 +385,14 @@ SPEC_COLUMNS = tuple(name for name in TaskRow._meta.fields
 
 
 def task_row(repo: str, spec: TaskSpec, now: datetime, source: str | None,
-             base_commit: str | None = None) -> dict[str, Any]:
+             base_commit: str | None = None, repo_id: str | None = None) -> dict[str, Any]:
     """The row of a new task: the spec's values of `SPEC_COLUMNS` (their fields store them; enums as
     their values), these, and the columns' defaults (queued, no attempt, no crash)."""
     spec_values = {name: getattr(spec, name) for name in SPEC_COLUMNS}
     return {**{k: v.value if isinstance(v, StrEnum) else v for k, v in spec_values.items()},
             "repo": repo, "type": spec.type.value, "target": spec.file, "priority": spec.priority.value,
             "rank": spec.priority.rank, "source": source, "created_at": now, "updated_at": now,
-            "base_commit": base_commit}
+            "base_commit": base_commit, "repo_id": repo_id or repo}
 
 
 def task_from_row(row: dict[str, Any]) -> Task:
@@ -414,6 +419,7 @@ MIGRATIONS: tuple[tuple[str, migrations.Migration], ...] = (
     ("0013_webhook_outbox", migrations.webhook_outbox),
     ("0014_replay_cache", migrations.replay_cache),
     ("0015_read_indexes", migrations.read_indexes),
+    ("0016_repo_identity", migrations.repo_identity),
 )
 
 

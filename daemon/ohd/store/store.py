@@ -29,7 +29,7 @@ from ohd.core.events import Hook
 from ohd.core.taskfile import Priority, TaskSpec
 from ohd.errors import ConfigError, InvalidTransition, NotFound, StorageUnavailable, unwritable_reason
 from ohd.store import outbox, schema
-from ohd.store.records import Claim, Execution, Written, dict_rows, pending_key, tuple_rows
+from ohd.store.records import Claim, Execution, Written, dict_rows, fleet_key, pending_key, tuple_rows
 from ohd.store.schema import QUARANTINED, TERMINAL, Task, TaskStatus, task_from_row, task_row
 from ohd.store.transactions import LOCK_WAIT_S, atomic_write, connect
 
@@ -222,6 +222,33 @@ class Store:
         self.lock_wait_s = lock_wait_s   # a write waits this long for another process's writer lock
         self.hooks = tuple(hooks)        # the webhooks: a task's end writes their outbox rows with it
         self._sqlite = isinstance(db, peewee.SqliteDatabase)
+        # the clones this process serves: repo identity -> its path here (`adopt_clones`); empty: none
+        # given, and a claim takes any repo's task (the tools and tests that are no daemon)
+        self.clones: dict[str, str] = {}
+        self._identities: dict[str, str] = {}     # a clone's path -> its repo's identity
+
+    def identity_of(self, repo: str) -> str:
+        """The identity of the repo at path `repo` (`adopt_clones`); a path not adopted is its own."""
+        return self._identities.get(repo, repo)
+
+    def adopt_clones(self, identities: dict[str, str]) -> None:
+        """Serve these clones (path -> repo identity, `gitrepo.repo_identity`): from now on a claim takes
+        only their repos' tasks and runs each in its clone here, and the rows that still name one of
+        these paths as their identity (older rows, or made by a process that knew no identity) get
+        the repo's, in one transaction."""
+        clones = {identity: path for path, identity in identities.items()}
+        t, files, f, c = self.m.task, self.m.ingested_file, self.m.rule_firing, self.m.rule_clock
+        with self._write():
+            for path, identity in identities.items():
+                if identity == path:
+                    continue
+                t.update(repo_id=identity).where(t.repo_id == path).execute()
+                files.update(repo_id=identity).where(files.repo_id == path).execute()
+                f.update(repo=identity).where(f.repo == path).execute()
+                known = c.select(c.rule).where(c.repo == identity)
+                c.delete().where((c.repo == path) & c.rule.in_(known)).execute()   # another clone's clock wins
+                c.update(repo=identity).where(c.repo == path).execute()
+        self._identities, self.clones = dict(identities), clones
 
     @property
     def trouble(self) -> StorageUnavailable | None:
@@ -264,28 +291,39 @@ class Store:
 
     def _insert_task(self, repo: str, spec: TaskSpec, now: datetime, source: str | None,
                      base_commit: str | None = None) -> int:
-        return int(self.m.task.insert(**task_row(repo, spec, now, source, base_commit)).execute())
+        row = task_row(repo, spec, now, source, base_commit, self.identity_of(repo))
+        return int(self.m.task.insert(**row).execute())
 
     def ingest_file(self, repo: str, relpath: str, sha256: str, spec: TaskSpec, now: datetime,
                     base_commit: str | None = None) -> int:
-        """The ingested_file row and its task in one transaction; a pending duplicate returns its task."""
+        """The ingested_file row and its task in one transaction; a pending duplicate returns its task,
+        and so does the same file (content at `relpath`, as many drops of it) in another clone of the
+        repo (`records.fleet_key`): one task per fleet, ingested by whichever daemon came first."""
         try:
             return self._ingest(repo, relpath, sha256, spec, now, base_commit)
         except peewee.IntegrityError:      # another process ingested the same content just now
             existing = self.pending_ingest(repo, sha256)
-            if existing is None:
-                raise
-            return existing
+            if existing is not None:
+                return existing
+            return self._ingest(repo, relpath, sha256, spec, now, base_commit)   # another clone's: linked
 
     def _ingest(self, repo: str, relpath: str, sha256: str, spec: TaskSpec, now: datetime,
                 base_commit: str | None) -> int:
-        files, key = self.m.ingested_file, pending_key(repo, sha256)
+        files, key, repo_id = self.m.ingested_file, pending_key(repo, sha256), self.identity_of(repo)
         with self._write():
             existing = files.select(files.task_id).where(files.pending_key == key).first()
             if existing is not None and existing.task_id is not None:
                 return int(existing.task_id)
-            file_id = files.insert(repo=repo, relpath=relpath, sha256=sha256, ingested_at=now,
-                                   pending_key=key).execute()
+            drops = files.select().where((files.repo == repo) & (files.repo_id == repo_id) & (files.relpath == relpath)
+                                         & (files.sha256 == sha256)).count()
+            fleet = fleet_key(repo_id, relpath, sha256, drops + 1)
+            twin = files.select(files.task_id).where(files.fleet_key == fleet).first()
+            row = {"repo": repo, "repo_id": repo_id, "relpath": relpath, "sha256": sha256, "ingested_at": now,
+                   "pending_key": key}
+            if twin is not None and twin.task_id is not None:    # another clone's copy of this file: its task
+                files.insert(**row, task_id=twin.task_id).execute()
+                return int(twin.task_id)
+            file_id = files.insert(**row, fleet_key=fleet).execute()
             task_id = self._insert_task(repo, spec, now, relpath, base_commit)
             files.update(task_id=task_id).where(files.id == file_id).execute()
             return task_id
@@ -313,22 +351,28 @@ class Store:
     # -- the lease cycle -------------------------------------------------------------
 
     def claim_next(self, worker_id: str, now: datetime, lease: timedelta) -> Claim | None:
-        """Take the highest-priority, oldest ready task and lease it to `worker_id`."""
+        """Take the highest-priority, oldest ready task of a repo we have a clone of (`adopt_clones`;
+        none adopted: any repo's) and lease it to `worker_id`; its `repo` becomes our clone's path,
+        where it runs and writes."""
         t = self.m.task
         is_ready = (t.status == TaskStatus.QUEUED.value) & (t.not_before.is_null() | (t.not_before <= now))
+        clones = self.clones
+        if clones:
+            is_ready &= t.repo_id.in_(list(clones))
         self._read()
         if not t.select(t.id).where(is_ready).exists():
             return None            # a plain read: idle workers never queue for the writer lock
         with self._write():
-            ready = t.select(t.id).where(is_ready).order_by(t.rank.desc(), t.id).limit(1)
+            ready = t.select(t.id, t.repo_id).where(is_ready).order_by(t.rank.desc(), t.id).limit(1)
             if not self._sqlite:
                 ready = ready.for_update(skip_locked=True)
             row = ready.first()
             if row is None:
                 return None
             until = now + lease
+            here = {"repo": clones[row.repo_id]} if clones else {}
             t.update(status=TaskStatus.RUNNING.value, lease_owner=worker_id, lease_until=until,
-                     started_at=now, updated_at=now).where(t.id == row.id).execute()
+                     started_at=now, updated_at=now, **here).where(t.id == row.id).execute()
             return Claim(self.get_task(row.id), worker_id, until)
 
     def renew(self, task_id: int, worker_id: str, now: datetime, lease: timedelta) -> bool:
