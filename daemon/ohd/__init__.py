@@ -6,9 +6,11 @@ and the hooks do not pay for it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+TYPE_CHECKING = False   # not `typing`'s: importing typing costs `ohd status` more than this module (issue 17)
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from ohd.cli.api import Client
 
 __version__ = "0.1.0"

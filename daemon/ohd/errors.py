@@ -9,7 +9,10 @@ message to be parsed. Classification of model failures happens once, in `llm.py`
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+
+TYPE_CHECKING = False   # not `typing`'s: importing typing costs `ohd status` more than this module (issue 17)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class OhdError(Exception):

@@ -16,10 +16,13 @@ import os
 import socket
 import struct
 from pathlib import Path
-from typing import Any
 
 from ohd.core import storeid
 from ohd.errors import ApiError, DaemonNotRunning, OhdError, from_http
+
+TYPE_CHECKING = False   # not `typing`'s: importing typing costs `ohd status` more than this module (issue 17)
+if TYPE_CHECKING:
+    from typing import Any
 
 # How long the CLI waits for the daemon's answer: a bound on a hang. A daemon that is
 # running but busy (50 `ohd submit` at once on a loaded machine) took over 10 s for `ohd status`.

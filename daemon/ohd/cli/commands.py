@@ -17,13 +17,15 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from ohd import __version__
 from ohd.core import layout
 from ohd.errors import ConfigError, DaemonNotRunning, OhdError, TaskFileError
 
+TYPE_CHECKING = False   # not `typing`'s: importing typing costs `ohd status` more than this module (issue 17)
 if TYPE_CHECKING:     # for the annotations only: the commands import what they use when they run
+    from typing import Any
+
     from ohd.cli.client import Client
     from ohd.cli.fastpath import Known
     from ohd.config import Settings
@@ -322,12 +324,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def open_store(args: argparse.Namespace) -> Store:
+    from ohd.cli.fastpath import Known
     from ohd.store.store import Store, open_database
 
     remembered = known(args)
     if remembered.database is None:                   # not written down (a password in it)
         conf = settings(args)
-        remembered = remembered._replace(database=conf.database, store_lock_wait_s=conf.store_lock_wait_s)
+        remembered = Known(remembered.socket_path, conf.database, conf.store_lock_wait_s, remembered.warnings)
     assert remembered.database is not None
     store = Store(open_database(remembered.database), lock_wait_s=remembered.store_lock_wait_s)
     store.migrate()

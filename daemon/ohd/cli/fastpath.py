@@ -24,7 +24,6 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
 
 from ohd import __version__, userdirs
 
@@ -34,20 +33,31 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 _CODE = ("config.py", "userdirs.py", "core/layout.py", "cli/fastpath.py")
 
 
-class Inputs(NamedTuple):     # NamedTuple, not a dataclass: `dataclasses` imports `inspect`
+# Plain classes: a dataclass imports `inspect`, a NamedTuple `typing`, each more than this module costs.
+class Inputs:
     """What the settings of one run are a function of, as a digest; `slot` is where its entry lives."""
 
-    slot: Path
-    digest: str
+    __slots__ = ("slot", "digest")
+
+    def __init__(self, slot: Path, digest: str) -> None:
+        self.slot = slot
+        self.digest = digest
+
+    def same(self, other: Inputs | None) -> bool:
+        return other is not None and (other.slot, other.digest) == (self.slot, self.digest)
 
 
-class Known(NamedTuple):
+class Known:
     """The remembered values: the socket, the database (None: not written down), the warnings."""
 
-    socket_path: Path
-    database: str | None
-    store_lock_wait_s: float
-    warnings: tuple[str, ...]
+    __slots__ = ("socket_path", "database", "store_lock_wait_s", "warnings")
+
+    def __init__(self, socket_path: Path, database: str | None, store_lock_wait_s: float,
+                 warnings: tuple[str, ...]) -> None:
+        self.socket_path = socket_path
+        self.database = database
+        self.store_lock_wait_s = store_lock_wait_s
+        self.warnings = warnings
 
 
 def inputs(config: Path | None, env: Mapping[str, str]) -> Inputs | None:
@@ -100,7 +110,7 @@ def recall(found: Inputs | None) -> Known | None:
 def remember(found: Inputs | None, after: Inputs | None, known: Known) -> None:
     """Write `known` down under `found` if the inputs did not change while the settings were built
     (`after`, computed again then). Best effort: a folder that cannot be written is no error."""
-    if found is None or after != found:
+    if found is None or not found.same(after):
         return
     database = known.database
     if database is not None and _has_password(database):

@@ -20,7 +20,10 @@ from __future__ import annotations
 import posixpath
 import re
 from pathlib import Path, PurePosixPath
-from typing import Final
+
+TYPE_CHECKING = False   # not `typing`'s: importing typing costs `ohd status` more than this module (issue 17)
+if TYPE_CHECKING:
+    from typing import Final
 
 # -- a repo's working tree -----------------------------------------------------------------
 

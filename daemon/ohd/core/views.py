@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 from ohd.errors import StorageUnavailable
+
+TYPE_CHECKING = False   # not `typing`'s: importing typing costs `ohd status` more than this module (issue 17)
+if TYPE_CHECKING:
+    from typing import Any
 
 QUEUE_ORDER = ("pending", "queued", "running", "completed", "failed", "cancelled")
 
