@@ -106,6 +106,13 @@ def _completed(daemon: DaemonProcess) -> int:
     return int(queue["completed"]) if isinstance(queue, dict) else -1
 
 
+def _ended(daemon: DaemonProcess) -> int:
+    """Tasks in a final state (completed, failed or cancelled): a wait on them ends on a failure too."""
+    status = _status(daemon)
+    queue = status.get("queue") if status else None
+    return sum(int(queue[s]) for s in ("completed", "failed", "cancelled")) if isinstance(queue, dict) else -1
+
+
 def _submit(client: Client, i: int) -> int:
     return int(client.post("/tasks", {"type": "unit_test", "target": "shop/pricing.py", "models": [MODEL],
                                       "output": f"tests/test_t{i}.py", "max_attempts": 1})["id"])
@@ -146,7 +153,7 @@ def test_a_restart_and_an_outage_of_postgresql_lose_nothing_and_status_says_why(
             _down(daemon)
             time.sleep(3)                     # the outage lasts a while (nothing is asserted of its length)
             cluster.start()
-            wait_for(lambda: _completed(daemon) == TASKS, timeout=300, what="every task to complete")
+            wait_for(lambda: _ended(daemon) == TASKS, timeout=300, what="every task to end")
 
             cluster.stop()                    # down while the workers are idle: they stop claiming
             _down(daemon)
@@ -160,7 +167,7 @@ def test_a_restart_and_an_outage_of_postgresql_lose_nothing_and_status_says_why(
             wait_for(lambda: "the store answers again; claiming" in daemon.log.read_text(), timeout=120,
                      what="the workers to claim again")
             ids += [_submit(client, i) for i in range(TASKS, TASKS + 4)]
-            wait_for(lambda: _completed(daemon) == TASKS + 4, timeout=300, what="the new tasks to complete")
+            wait_for(lambda: _ended(daemon) == TASKS + 4, timeout=300, what="the new tasks to end")
             wait_for(lambda: (s := _status(daemon)) and s.get("storage") is None, timeout=120,
                      what="the status to clear the outage")
         finally:
@@ -176,6 +183,7 @@ def test_a_restart_and_an_outage_of_postgresql_lose_nothing_and_status_says_why(
         assert task.output_path is not None and (repo / task.output_path).is_file(), task
     counted = schema.bind(db).model_request.select().count()
     assert counted == len(requests), (counted, len(requests))   # every request sent was counted, once
+    assert len(requests) == len(ids), (len(requests), len(ids))  # and no model was asked twice for a task
     assert "Traceback" not in log, log
     held = log.count("holding the task until the store can be written")
     print(f"{len(ids)} tasks, {len(requests)} model requests, {held} run(s) held and run again")
@@ -207,7 +215,7 @@ def test_two_daemons_ride_out_a_restart_and_an_outage_without_running_a_task_twi
             for daemon in daemons:
                 _down(daemon)
             cluster.start()
-            wait_for(lambda: _completed(daemons[0]) == 2 * TASKS, timeout=300, what="every task to complete")
+            wait_for(lambda: _ended(daemons[0]) == 2 * TASKS, timeout=300, what="every task to end")
         finally:
             codes = [d.stop() for d in daemons if d.proc is not None]
         assert codes == [0, 0], codes
@@ -223,6 +231,7 @@ def test_two_daemons_ride_out_a_restart_and_an_outage_without_running_a_task_twi
     finished = [line for log in logs for line in log.splitlines() if " completed: model=" in line]
     assert len(finished) == len(ids), finished           # each task completed by one daemon, once
     assert schema.bind(db).model_request.select().count() == len(requests)
+    assert len(requests) == len(ids), (len(requests), len(ids))  # no model asked twice for a task
     for log in logs:
         assert "Traceback" not in log, log
     print(f"{len(ids)} tasks on 2 daemons, {len(requests)} model requests")

@@ -17,6 +17,7 @@ from tests.support.databases import POSTGRES_URL, database_url
 from ohd.core.taskfile import TaskSpec
 from ohd.errors import StorageUnavailable, http_answer
 from ohd.store.store import Store, open_database
+from ohd.store.transactions import atomic_write
 
 pytestmark = pytest.mark.skipif(not POSTGRES_URL, reason="OHD_TEST_POSTGRES_URL is not set")
 NOW = datetime(2026, 5, 1, tzinfo=UTC)
@@ -103,3 +104,33 @@ def test_once_one_thread_saw_the_server_go_the_other_threads_connections_are_ren
     assert done.wait(60)
     thread.join(60)
     assert errors == []
+
+
+def test_a_transaction_open_while_another_thread_finds_the_server_gone_still_commits(store: Store) -> None:
+    """The renewal of stale connections waits for a transaction's end: a thread whose connection is
+    fine commits what it wrote even though another thread found the server gone meanwhile (before,
+    its COMMIT found its connection dropped: 'Cannot commit, database connection not open')."""
+    errors: list[BaseException] = []
+    inside, go = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        try:
+            with atomic_write(store.db):
+                store.enqueue("/repo", SPEC, NOW)
+                inside.set()
+                go.wait(60)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            store.close()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert inside.wait(60)
+    terminate(backend_pid(store))
+    with pytest.raises(StorageUnavailable):
+        store.counts()               # this thread finds the server gone: the writer's connection is older
+    go.set()
+    thread.join(60)
+    assert errors == []
+    assert store.counts()["queued"] == 1

@@ -118,8 +118,9 @@ class _Guarded:
         or the network cut it: psycopg2's `closed`), or once any thread's did after it was opened
         (`generation`), outside a transaction: the next statement opens a new one, so the threads'
         connections come back with the server without each failing once first. SQLite's never break so."""
-        if self._state.transactions or getattr(self._state, "conn", None) is None:
-            return
+        if (self._state.transactions or getattr(self._state, "ohd_open", False)
+                or getattr(self._state, "conn", None) is None):
+            return     # within a transaction (up to its COMMIT or ROLLBACK, which peewee runs after popping it)
         if _broken(self._state):
             self._state.reset()
         elif getattr(self._state, "ohd_generation", self.generation) != self.generation:
@@ -142,20 +143,25 @@ class _Guarded:
             # the connection had gone stale (the server restarted since): BEGIN did nothing; a new one, once
             self._state.reset()
             self._guard(super().begin, *args, **kwargs)   # type: ignore[misc]
+        self._state.ohd_open = True      # a transaction is open on this connection until its commit or rollback
         self._state.ohd_changes = self._total_changes()    # per thread, as peewee's connection state
 
     def commit(self) -> None:
-        self._guard(super().commit)   # type: ignore[misc]
+        self._guard(super().commit)   # type: ignore[misc]  # (failed: peewee rolls back next)
+        self._state.ohd_open = False
         after = self._total_changes()
         if self.trouble is not None and (after is None or after != getattr(self._state, "ohd_changes", None)):
             log.info("%s can be written again", self.where)
             self.trouble = None
 
     def rollback(self) -> None:
-        if _broken(self._state):
-            self._state.reset()     # the server ended the transaction with the connection: nothing to roll back
-            return
-        self._guard(super().rollback)   # type: ignore[misc]
+        try:
+            if _broken(self._state):
+                self._state.reset()     # the server ended the transaction with the connection: nothing to roll back
+                return
+            self._guard(super().rollback)   # type: ignore[misc]
+        finally:
+            self._state.ohd_open = False
 
     def _total_changes(self) -> int | None:
         """Rows this thread's connection changed so far (SQLite); None where it is not known (any

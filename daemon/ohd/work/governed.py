@@ -27,6 +27,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
+
 from ohd.clock import Clock
 from ohd.core.routing import Choice
 from ohd.core.taskfile import TaskType
@@ -40,6 +42,7 @@ from ohd.errors import (
     ModelGone,
     RateLimited,
     Refused,
+    StorageUnavailable,
     Unreachable,
 )
 from ohd.ladder.ladder import Ladder
@@ -72,12 +75,33 @@ class Means(Protocol):
     unreachable: dict[str, str]   # model -> why its server could not be reached (until it answers)
     request_params: dict[str, Any]   # what else a request is made of (server, max_tokens, ...): the cache key's
 
+    stop: asyncio.Event | None   # set when the pool stops
+
     def wake(self) -> None: ...
 
 
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
     """Run a store call in a thread so a busy SQLite lock never stalls the loop."""
     return await asyncio.to_thread(fn, *args)
+
+
+KEEP_TRIES = 12   # about 15 s of backoff (0.1 s doubling, at most 2 s apart)
+
+
+async def kept(means: Means, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a thread, tried again while the store refuses it (its PostgreSQL server
+    restarting: a second or two), for at most `KEEP_TRIES` tries or until the pool stops, then the
+    refusal is raised (the run is held, as any refused write). For the write of an answer the model
+    gave: a held run asks the model again for one that was never recorded."""
+    def stopping(state: RetryCallState) -> bool:
+        return state.attempt_number >= KEEP_TRIES or (means.stop is not None and means.stop.is_set())
+
+    async for attempt in AsyncRetrying(retry=retry_if_exception_type(StorageUnavailable), stop=stopping,
+                                       wait=wait_exponential(multiplier=0.1, max=2.0), sleep=means.clock.sleep,
+                                       reraise=True):
+        with attempt:
+            return await in_thread(fn, *args)
+    raise AssertionError("unreachable: tenacity re-raises the last failure")
 
 
 # -- the governor's notes after a call -------------------------------------------------------

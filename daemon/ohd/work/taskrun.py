@@ -57,7 +57,17 @@ from ohd.work import delivery
 from ohd.work.delivery import Outcome, Run
 from ohd.work.governed import Caller as Caller  # re-exported: the pool's and the daemon's type
 from ohd.work.governed import Means as Means  # re-exported: what a run uses of its pool
-from ohd.work.governed import answered, failed, in_thread, outcome_of, prompt_tokens, rate_limited, record, unreachable
+from ohd.work.governed import (
+    answered,
+    failed,
+    in_thread,
+    kept,
+    outcome_of,
+    prompt_tokens,
+    rate_limited,
+    record,
+    unreachable,
+)
 
 log = logging.getLogger("ohd.worker")
 
@@ -359,9 +369,10 @@ class Round:
             # an answer, if a useless one, costs an attempt (counted with its execution row)
             await self._record(model, started, None, outcome_of(exc), exc, counts=isinstance(exc, MalformedAnswer))
             raise
-        await in_thread(functools.partial(self.pool.calls.record, self.task.id, completion.answered_by, started,
-                                          messages, completion.content, _pending(completion, started, run.job.source),
-                                          key=key))
+        # kept: the answer is recorded even across a database restart, so a held run is not asked again
+        await kept(self.pool, functools.partial(self.pool.calls.record, self.task.id, completion.answered_by,
+                                                started, messages, completion.content,
+                                                _pending(completion, started, run.job.source), key=key))
         try:
             content = tasktypes.extract(run.job.task_type, completion.content)
         except MalformedAnswer as exc:
