@@ -89,6 +89,7 @@ def same_as_read(store: Store, kept: KeptHistory) -> None:
         [(u.model, u.task_type, u.outcome, u.calls, u.prompt_tokens, u.completion_tokens, round(u.cost, 10))
          for u in read.usage()]
     assert kept.latencies() == read.latencies()
+    assert kept.efficiency() == read.efficiency()
 
 
 def test_kept_sums_follow_every_new_execution(store: Store) -> None:

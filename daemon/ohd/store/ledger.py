@@ -1,10 +1,10 @@
-"""A History whose aggregates (usage, latencies, the charts' activity) are kept, not re-read each time.
+"""A History whose aggregates (usage, latencies, efficiency, the charts' activity) are kept, not re-read each time.
 
-`History.usage` and `History.latencies` read every execution each time (the latencies as rows, for
+`History.usage`, `History.latencies` and `History.efficiency` read every execution each time (the latencies as rows, for
 exact percentiles): the daemon's status, `/models`, `/metrics` and the dashboard asked for them on
 every request, and at 10,000 executions that was most of their time. `KeptHistory` answers the
 same from sums and sorted latency lists it holds, and each call reads only the executions it has
-not counted yet (replays left out, as there). That is exact because ohd only ever inserts
+not counted yet (replays left out of the usage and latencies, as there). That is exact because ohd only ever inserts
 executions (never updates or deletes one, nor changes whether one is a replay) and a task's type
 never changes. Ids are not committed in order on PostgreSQL with several
 daemons (a lower id may commit after a higher one was read), so the ids of the newest `OVERLAP`
@@ -25,7 +25,7 @@ from typing import Any, cast
 
 import peewee
 
-from ohd.store.history import ANSWERED, HOUR, UNKNOWN_TYPE, Activity, History, Usage
+from ohd.store.history import ANSWERED, HOUR, UNKNOWN_TYPE, Activity, Efficiency, History, Usage
 from ohd.store.records import tuple_rows
 from ohd.store.schema import Tables, TaskStatus
 
@@ -34,7 +34,7 @@ CHUNK = 500         # ids per `IN (...)` when reading the executions not yet cou
 
 
 class KeptHistory(History):
-    """History with `usage` and `latencies` kept incrementally, and `activity` kept until the store
+    """History with `usage`, `latencies` and `efficiency` kept incrementally, and `activity` kept until the store
     says it changed (see the module's docstring)."""
 
     def __init__(self, db: peewee.Database, models: Tables) -> None:
@@ -42,6 +42,7 @@ class KeptHistory(History):
         self._lock = threading.Lock()
         self._usage: dict[tuple[str, str, str], list[float]] = {}   # calls, prompt, completion, cost
         self._latencies: dict[tuple[str, str], list[int]] = {}
+        self._efficiency: dict[tuple[str, str], list[int]] = {}    # requests sent, accepted, replays
         self._recent: set[int] = set()      # counted ids above `_high - OVERLAP`
         self._high = 0                      # the highest id counted
         self._activity: tuple[tuple[object, ...], Activity] | None = None   # (its marker, the answer)
@@ -56,6 +57,12 @@ class KeptHistory(History):
         with self._lock:
             self._catch_up()
             return {key: list(values) for key, values in self._latencies.items()}
+
+    def efficiency(self) -> list[Efficiency]:
+        with self._lock:
+            self._catch_up()
+            return [Efficiency(model, kind, sent, accepted, saved)
+                    for (model, kind), (sent, accepted, saved) in sorted(self._efficiency.items())]
 
     def activity(self, now: datetime, hours: int) -> Activity:
         """`History.activity`, read again only when its marker moved: the window's first hour, the
@@ -86,8 +93,13 @@ class KeptHistory(History):
         self._read()
         e = self.m.execution
         floor = max(0, self._high - OVERLAP)
+        db = cast(Any, self.db)
+        # one row first (an index count): the ids themselves only when something new committed
+        above, high = db.execute(e.select(peewee.fn.COUNT(e.id), peewee.fn.MAX(e.id)).where(e.id > floor)).fetchone()
+        if int(above) == len(self._recent) and int(high or 0) <= self._high:     # every id above floor counted
+            return
         # plain tuples from the cursor: no row objects for the ids looked at again
-        ids = cast(Any, self.db).execute(e.select(e.id).where(e.id > floor)).fetchall()
+        ids = db.execute(e.select(e.id).where(e.id > floor)).fetchall()
         unseen = [int(i) for (i,) in ids if int(i) not in self._recent]
         if not unseen:
             return
@@ -100,13 +112,17 @@ class KeptHistory(History):
     def _rows(self, ids: list[int]) -> Iterable[tuple[object, ...]]:
         e, t = self.m.execution, self.m.task
         return tuple_rows(e.select(e.model, t.type, e.outcome, e.prompt_tokens, e.completion_tokens, e.cost,
-                                   e.latency_ms)
-                          .join(t, peewee.JOIN.LEFT_OUTER, on=(e.task_id == t.id))
-                          .where(e.id.in_(ids) & (e.cached == False)))  # noqa: E712 (SQL; a replay sent no request)
+                                   e.latency_ms, e.cached)
+                          .join(t, peewee.JOIN.LEFT_OUTER, on=(e.task_id == t.id)).where(e.id.in_(ids)))
 
     def _count(self, rows: Iterable[tuple[object, ...]]) -> None:
-        for model, kind, outcome, prompt, completion, cost, latency in rows:
+        for model, kind, outcome, prompt, completion, cost, latency, cached in rows:
             key = (str(model), str(kind or UNKNOWN_TYPE))
+            counts = self._efficiency.setdefault(key, [0, 0, 0])
+            counts[2 if cached else 0] += 1
+            counts[1] += outcome == "accepted"
+            if cached:      # a replay sent no request: in the efficiency only, as in History
+                continue
             sums = self._usage.setdefault((*key, str(outcome)), [0, 0, 0, 0.0])
             sums[0] += 1
             sums[1] += int(prompt or 0)             # type: ignore[call-overload]
