@@ -34,8 +34,8 @@ def pg_url(tmp_path: Path) -> Iterator[str]:
 
 
 def value(model: type[peewee.Model], field: peewee.Field, i: int) -> Any:
-    """Row `i`'s value of `field`, of its type (distinct per row; ids and task ids are `i`)."""
-    if isinstance(field, peewee.AutoField) or field.name in ("task_id", "execution_id", "attempt"):
+    """Row `i`'s value of `field`, of its type (distinct per row; ids and the ids rows name are `i`)."""
+    if isinstance(field, peewee.AutoField) or field.name in ("task_id", "execution_id", "replay_of", "attempt"):
         return i
     if isinstance(field, UtcDateTimeField):
         return NOW + timedelta(seconds=i, microseconds=i)
@@ -184,13 +184,15 @@ def test_db_check_reports_the_version_references_and_leases_no_live_daemon_holds
         fleet.deregister("gone-1-aaaa", now)                   # stopped, yet its lease is still on task 1
         calls = schema.bind(db).model_call
         calls.insert(task_id=999, model="m", started_at=now, prompt="p", response="r").execute()
+        calls.insert(task_id=ids[1], model="m", started_at=now, prompt="p", response="r", replay_of=77).execute()
 
         assert main(["db", "check", "--url", url, "--json"]) == 1
         report = json.loads(capsys.readouterr().out)
         assert report["ok"] is False and report["version"] == schema.MIGRATIONS[-1][0]
-        assert report["counts"]["task"] == 3 and report["counts"]["model_call"] == 1
+        assert report["counts"]["task"] == 3 and report["counts"]["model_call"] == 2
         assert report["problems"] == [
             "1 model_call row(s) name a task that does not exist (task_id 999)",
+            "1 model_call row(s) name a model_call that does not exist (replay_of 77)",
             f"task {ids[0]} is leased to daemon gone-1-aaaa, which is stopped: the next daemon to heartbeat "
             "returns it to the queue"]
         db.close()

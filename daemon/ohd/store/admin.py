@@ -30,7 +30,8 @@ TABLES = tuple(model._meta.table_name for model in schema.MODELS if model is not
 # (table, column, the table whose id it names): the references `check` follows
 REFERENCES = (("execution", "task_id", "task"), ("ingested_file", "task_id", "task"),
               ("written_file", "task_id", "task"), ("model_call", "task_id", "task"),
-              ("model_call", "execution_id", "execution"), ("agent_run", "task_id", "task"),
+              ("model_call", "execution_id", "execution"), ("model_call", "replay_of", "model_call"),
+              ("agent_run", "task_id", "task"),
               ("rule_firing", "task_id", "task"), ("webhook_outbox", "task_id", "task"))
 
 
