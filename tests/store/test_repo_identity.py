@@ -12,10 +12,12 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from ohd.config import Settings
 from ohd.core.taskfile import TaskSpec
 from ohd.intake.ingest import Ingestor
 from ohd.intake.rules import RuleBook
 from ohd.repo.gitrepo import repo_identity
+from ohd.service.assemble import identities_of
 from ohd.store import schema
 from ohd.store.rulestore import RuleStore
 from ohd.store.store import Store, open_database
@@ -73,6 +75,16 @@ def test_two_clones_of_one_repo_have_one_identity_and_other_repos_their_own(
     other = make_repo(tmp_path / "other")      # no origin: its path (its only copy)
     assert repo_identity(other) == str(other)
     assert repo_identity(tmp_path / "not-a-repo") == str(tmp_path / "not-a-repo")
+
+
+def test_a_repo_named_in_the_configuration_has_that_name_as_its_identity(
+        clones: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = clones
+    monkeypatch.chdir(a.parent)
+    settings = Settings(repos=[a, b], repo_names={"shop": "shop"})     # relative to the current directory
+    assert identities_of(settings, [a, b]) == {str(a): "name:shop", str(b): repo_identity(b)}
+    with pytest.raises(ValueError, match="not empty"):
+        Settings(repo_names={str(a): " "})
 
 
 # -- claims ---------------------------------------------------------------------------------

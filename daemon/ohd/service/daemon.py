@@ -263,7 +263,12 @@ class Daemon:
         """Our repos' identities (issue 15): we claim only their tasks and run each in our clone."""
         identities = identities_of(self.settings, self.repos)
         self.store.adopt_clones(identities)
+        seen: dict[str, str] = {}
         for path, identity in identities.items():
+            if identity in seen:
+                log.warning("repos %s and %s are clones of one repo (%s): its tasks run in %s only; name them "
+                            "apart in repo_names to serve both", seen[identity], path, identity, path)
+            seen[identity] = path
             if identity != path:
                 log.info("repo %s is %s (its tasks are every clone's)", path, identity)
 
