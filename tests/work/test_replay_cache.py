@@ -46,7 +46,8 @@ def server() -> Iterator[FakeOpenRouter]:
         yield fake
 
 
-def run_pool(store: Store, server: FakeOpenRouter, clock: FakeClock, params: dict[str, Any] | None = None) -> None:
+def run_pool(store: Store, server: FakeOpenRouter, clock: FakeClock, params: dict[str, Any] | None = None,
+             calls: CallHistory | None = None) -> None:
     """A pool over a real httpx client to the fake server, run until no task is ready."""
 
     async def main() -> None:
@@ -56,7 +57,8 @@ def run_pool(store: Store, server: FakeOpenRouter, clock: FakeClock, params: dic
             async def call(model: str, messages: list[dict[str, str]], timeout_s: float, job: Job) -> Completion:
                 return await client.complete(model, messages, timeout_s)
 
-            pool = Pool(store, call, clock, models=[MODEL], size=1, request_params=PARAMS if params is None else params)
+            pool = Pool(store, call, clock, models=[MODEL], size=1, request_params=PARAMS if params is None else params,
+                        calls=calls)
             await pool.run_until_idle()
 
     asyncio.run(main())
@@ -272,5 +274,18 @@ def test_a_rule_with_cache_false_asks_on_every_firing(repo: Path, store: Store, 
         task_id = fire(book, clock, hours)
         assert store.get_task(task_id).cache is False
         run_pool(store, server, clock)
+        completed(store, task_id)
+    assert len(server.completions()) == 2
+
+
+@pytest.mark.parametrize("history", ["cut", "off"])
+def test_an_answer_not_kept_whole_or_call_history_off_is_asked_for_again(
+        history: str, repo: Path, store: Store, server: FakeOpenRouter, clock: FakeClock) -> None:
+    """A response cut at call_history_max_bytes keeps no key; with call_history off nothing is kept."""
+    server.default = ok(GOOD + "\n\nNotes: " + "x" * 3000)   # over 1000 bytes: the cut keeps the code block whole
+    calls = CallHistory(store.db, max_bytes=1000) if history == "cut" else CallHistory(store.db, enabled=False)
+    for _ in range(2):
+        task_id = submit(store, repo, clock)
+        run_pool(store, server, clock, calls=calls)
         completed(store, task_id)
     assert len(server.completions()) == 2
