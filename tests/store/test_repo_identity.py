@@ -7,6 +7,7 @@ per test); each "daemon" is a `Store` of its own on the shared database that ado
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -197,3 +198,27 @@ def test_a_schedule_firing_recorded_by_another_daemon_meanwhile_makes_no_second_
     assert made is not None and again is None
     later = on_a.fire_schedule(a, "tasks.d/nightly.yaml", spec(), at + timedelta(days=1), clock.now())
     assert later is not None and sum(on_a.store.counts().values()) == 2
+
+
+def test_two_daemons_ingesting_one_task_file_at_the_same_moment_make_one_task(
+        url: str, clones: tuple[Path, Path], clock: FakeClock) -> None:
+    """The insert-or-ignore itself: both ingest each file at once (a barrier), neither saw the other's."""
+    a, b = clones
+    stores = {a: daemon_store(url, a), b: daemon_store(url, b)}
+    files = 12
+    barrier = threading.Barrier(2)
+    made: dict[Path, list[int]] = {a: [], b: []}
+
+    def ingest_all(repo: Path) -> None:
+        for n in range(files):
+            barrier.wait(timeout=60)
+            made[repo].append(stores[repo].ingest_file(str(repo), f"tasks.d/t{n}.yaml", f"{n:064x}",
+                                                       spec(), clock.now()))
+
+    threads = [threading.Thread(target=ingest_all, args=(repo,)) for repo in (a, b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert made[a] == made[b] and len(set(made[a])) == files
+    assert sum(stores[a].counts().values()) == files
