@@ -169,3 +169,39 @@ def test_tasks_and_show_answer_as_the_store_with_the_daemon_up_down_and_on_anoth
     assert first[:2] == down[:2] == (0, store_output(url))
     assert ohd("show", "2", env=env)[:2] == (0, store_output(url, show=2, as_json=False))
     assert ohd("show", "99", env=env)[:3] == missing[:3]
+
+
+# -- the parser: a read-only command builds its own subcommand's parser alone -------------------
+
+PARSED = [["status"], ["status", "--json"], ["--config", "x.toml", "status", "--watch"], ["--config=x.toml", "tasks"],
+          ["tasks", "--status", "queued", "--limit", "3", "--json"], ["show", "7", "--calls", "--diff"],
+          ["status", "-h"], ["tasks", "--help"], ["show", "-h"], ["show"], ["show", "abc"], ["status", "--bogus"],
+          ["tasks", "--status", "nonsense"], ["tasks", "--limit"], ["--config", "x.toml", "show", "1", "extra"]]
+
+
+@pytest.mark.parametrize("argv", PARSED, ids=" ".join)
+def test_the_read_only_commands_parse_print_and_fail_as_with_the_full_parser(
+        argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from ohd.cli.commands import build_parser, fast_command
+
+    monkeypatch.setenv("COLUMNS", "100")      # the same help width on both sides
+    only = fast_command(argv)
+    assert only == next(a for a in argv if not a.startswith("-") and a != "x.toml")
+    outcomes = []
+    for parser in (build_parser(), build_parser(only=only)):
+        try:
+            parsed = vars(parser.parse_args(argv))
+            code = None
+        except SystemExit as exc:
+            parsed, code = {}, exc.code
+        out = capsys.readouterr()
+        outcomes.append((parsed, code, out.out, out.err))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_every_other_command_line_gets_the_full_parser() -> None:
+    from ohd.cli.commands import fast_command
+
+    for argv in ([], ["-h"], ["--version"], ["--conf", "x", "status"], ["submit", "--type", "docstring"],
+                 ["--config"], ["models"], ["--", "status"]):
+        assert fast_command(argv) is None, argv
