@@ -43,9 +43,10 @@ def server() -> Iterator[FakeOpenRouter]:
 
 
 def submit(store: Store, repo: Path, clock: Clock, n: int = 1, **fields: Any) -> list[int]:
+    """`n` like tasks; `cache: false`: each is a request (these tests count requests per model)."""
     return [store.enqueue(str(repo), TaskSpec.model_validate(
         {"type": "unit_test", "target": "shop/pricing.py", "output": f"tests/test_g{store.counts()['queued']}_{i}.py",
-         **fields}), clock.now()) for i in range(n)]
+         "cache": False, **fields}), clock.now()) for i in range(n)]
 
 
 def run(store: Store, server: FakeOpenRouter, clock: Clock, models: list[str], *, policy: Policy | None = None,
