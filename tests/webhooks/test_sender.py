@@ -207,10 +207,12 @@ async def hanging_hook(tmp_path: Path, receiver: Receiver) -> None:
         running = asyncio.ensure_future(s.run(stop))
         finish(store, FakeClock(clock.now()))
         began = time.monotonic()
-        while not (held and receiver.delivered()):   # a hang bound far below the hung hook's 600 s timeout
-            await asyncio.sleep(0.05)
-            assert time.monotonic() - began < 300, "the good hook was not delivered"
-        views = {v["key"]: v for v in Outbox(store.db).summary([hang.key, good.key])}
+        while True:     # the receiver has it, and the sender has recorded the delivery (after the answer)
+            views = {v["key"]: v for v in Outbox(store.db).summary([hang.key, good.key])}
+            if held and receiver.delivered() and views[good.key]["delivered"]:
+                break
+            await asyncio.sleep(0.05)          # a hang bound far below the hung hook's 600 s timeout
+            assert time.monotonic() - began < 300, ("the good hook was not delivered", views)
         stop.set()
         running.cancel()
     for conn in held:
