@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -189,3 +191,17 @@ def test_every_yaml_example_of_the_readme_is_a_valid_task_file() -> None:
     assert "rule_levels: {lint: error, coverage_delta: off}" in inline
     for snippet in inline:
         parse("type: unit_test\ntarget: shop/pricing.py\n" + snippet + "\n", "README.md")
+
+
+@pytest.mark.parametrize(("script", "flags"), [
+    ("bench/fleet.py", ("--tasks", "--quick", "--daemons", "--workers", "--postgres-url", "--no-floor")),
+    ("bench/ratelimit.py", ("--tasks", "--quick", "--workers")),
+])
+def test_a_bench_the_readme_cites_answers_help_with_its_options(script: str, flags: tuple[str, ...]) -> None:
+    """(argparse answers before any server, daemon or database is started)"""
+    assert f"python {script}" in README.read_text()
+    done = subprocess.run([sys.executable, str(README.parent / script), "--help"], capture_output=True, text=True,
+                          timeout=120, cwd=README.parent)
+    assert done.returncode == 0, done.stderr
+    for flag in flags:
+        assert flag in done.stdout, flag
