@@ -29,7 +29,7 @@ from ohd.work.worker import Pool, pace_retries
 from tests.support.clock import FakeClock
 from tests.support.databases import open_store
 from tests.support.fake_openrouter import FakeOpenRouter, ok, rate_limited, server_error
-from tests.support.governed import GOOD
+from tests.support.governed import GOOD, STATIC_ONLY
 
 S = timedelta(seconds=1)
 AB = ["model-a", "model-b"]
@@ -60,7 +60,8 @@ def run(store: Store, server: FakeOpenRouter, clock: Clock, models: list[str], *
             async def call(model: str, messages: list[dict[str, str]], timeout_s: float, job: Job) -> Completion:
                 return await client.complete(model, messages, timeout_s)
 
-            pool = Pool(store, call, clock, models=models, size=2, policy=policy, hold_s=hold_s)
+            pool = Pool(store, call, clock, models=models, size=2, policy=policy, hold_s=hold_s,
+                        ladder=STATIC_ONLY)
             if forever:
                 await _run_until(pool, store, forever)
             else:
@@ -272,7 +273,7 @@ def test_retries_inside_one_call_are_paced_too(repo: Path, store: Store, server:
             async def call(model: str, messages: list[dict[str, str]], timeout_s: float, job: Job) -> Completion:
                 return await client.complete(model, messages, timeout_s)
 
-            await Pool(store, call, clock, models=AB, governor=governor).run_until_idle()
+            await Pool(store, call, clock, models=AB, governor=governor, ladder=STATIC_ONLY).run_until_idle()
 
     asyncio.run(main())
     assert store.get_task(task_id).status == "completed"

@@ -18,6 +18,8 @@ from ohd.clock import Clock
 from ohd.core.routing import Policy
 from ohd.core.taskfile import TaskSpec
 from ohd.core.tasktypes import Job
+from ohd.ladder import testrun
+from ohd.ladder.ladder import Ladder
 from ohd.models.catalogue import Catalogue
 from ohd.models.llm import Completion, ModelClient
 from ohd.service.live import Live
@@ -32,6 +34,10 @@ from shop.pricing import total
 def test_total_sums() -> None:
     assert total([1.0, 2.0]) == 3.0
 ```"""
+
+# The static rules only, no pytest run: for tests of scheduling, quotas and routing, where the
+# ladder's two pytest runs per candidate (~1.5 s of CPU each) would only cost time.
+STATIC_ONLY = Ladder(tests=testrun.Options(runs=0))
 
 
 class PricedOpenRouter(FakeOpenRouter):
@@ -73,7 +79,7 @@ def drive(store: Store, server: FakeOpenRouter, clock: Clock, models: list[str],
             async def call(model: str, messages: list[dict[str, str]], timeout_s: float, job: Job) -> Completion:
                 return await client.complete(model, messages, timeout_s)
 
-            pool = Pool(store, call, clock, models=models, size=1, policy=policy)
+            pool = Pool(store, call, clock, models=models, size=1, policy=policy, ladder=STATIC_ONLY)
             catalogue = Catalogue(client.list_models, pool.governor, clock, pool, discover=discover,
                                   use_models=Live(pool).use_models)
             await step(pool, catalogue)

@@ -37,7 +37,7 @@ from tests.support.fake_openrouter import (
     server_error,
     slow,
 )
-from tests.support.governed import GOOD
+from tests.support.governed import GOOD, STATIC_ONLY
 from tests.support.waiting import wait_for
 
 BROKEN = "```python\ndef test_x(:\n    pass\n```"
@@ -55,8 +55,10 @@ def spec(**fields: Any) -> TaskSpec:
 
 
 def run_pool(store: Store, server: FakeOpenRouter | str, clock: Any, models: list[str], size: int = 1,
-             until_idle: bool = True, stop_after: int = 0, retries: int = 0) -> Pool:
-    """Build a pool over a real httpx client (to the server, or a base URL) and run it until no task is ready."""
+             until_idle: bool = True, stop_after: int = 0, retries: int = 0,
+             judged: ladder.Ladder | None = None) -> Pool:
+    """Build a pool over a real httpx client (to the server, or a base URL) and run it until no task is ready;
+    `judged`: its ladder (default: the real one, pytest runs included)."""
 
     async def main() -> Pool:
         async with httpx.AsyncClient() as http:
@@ -66,7 +68,7 @@ def run_pool(store: Store, server: FakeOpenRouter | str, clock: Any, models: lis
             async def call(model: str, messages: list[dict[str, str]], timeout_s: float, job: Job) -> Completion:
                 return await client.complete(model, messages, timeout_s)
 
-            pool = Pool(store, call, clock, models=models, size=size)
+            pool = Pool(store, call, clock, models=models, size=size, ladder=judged)
             if until_idle:
                 await pool.run_until_idle()
             else:
@@ -95,7 +97,7 @@ def test_priority_order_then_fifo_with_one_worker(repo: Path, store: Store, serv
                            ("high-2", "high"), ("critical-1", "critical")):
         store.enqueue(str(repo), spec(priority=priority, description=name, output=f"tests/test_{name[:3]}{name[-1]}.py"),
                       clock.now())
-    run_pool(store, server, clock, ["m"])
+    run_pool(store, server, clock, ["m"], judged=STATIC_ONLY)
     order = [_description(r.body) for r in server.completions()]
     assert order == ["critical-1", "high-1", "high-2", "normal-1", "low-1"]
 
@@ -153,7 +155,8 @@ def test_a_model_server_that_is_down_loses_no_task_and_they_resume_once_it_answe
         repo: Path, store: Store, clock: FakeClock) -> None:
     port = closed_port()
     ids = [store.enqueue(str(repo), spec(output=f"tests/test_down{i}.py"), clock.now()) for i in range(5)]
-    pool = run_pool(store, f"http://127.0.0.1:{port}/api/v1", clock, ["model-a", "model-b"], retries=2)
+    pool = run_pool(store, f"http://127.0.0.1:{port}/api/v1", clock, ["model-a", "model-b"], retries=2,
+                    judged=STATIC_ONLY)
     tasks = [store.get_task(i) for i in ids]        # more tasks than breaker_failures (3): none failed
     assert [t.status for t in tasks] == ["pending"] * 5, [t.error for t in tasks]
     assert all(t.attempts == 0 and "waiting for the model server" in (t.error or "")
@@ -163,7 +166,7 @@ def test_a_model_server_that_is_down_loses_no_task_and_they_resume_once_it_answe
     with FakeOpenRouter(port=port) as server:
         server.default = ok(GOOD)
         clock.advance(pool.governor.policy.breaker_reset.total_seconds())   # the probe is due
-        run_pool(store, server, clock, ["model-a", "model-b"])
+        run_pool(store, server, clock, ["model-a", "model-b"], judged=STATIC_ONLY)
         assert [store.get_task(i).status for i in ids] == ["completed"] * 5
         assert [store.get_task(i).attempts for i in ids] == [1] * 5
         assert len(server.completions()) == 5       # one probe, then the others at once
@@ -177,7 +180,7 @@ def test_a_probe_that_gets_an_answer_resumes_the_tasks_waiting_for_that_server_a
     store.defer(waiting, "w-other", clock.now() + timedelta(seconds=60), clock.now(), "waiting for the probe")
     Governor(store).unreachable("model-a", clock.now() - timedelta(seconds=60), "Connection refused")  # half-open
     probe = store.enqueue(str(repo), spec(output="tests/test_probe.py"), clock.now())
-    run_pool(store, server, clock, ["model-a"])         # the clock does not move
+    run_pool(store, server, clock, ["model-a"], judged=STATIC_ONLY)         # the clock does not move
     assert [store.get_task(i).status for i in (probe, waiting)] == ["completed", "completed"]
     assert len(server.completions()) == 2
 
@@ -194,7 +197,7 @@ def test_a_newer_task_does_not_take_the_slot_that_older_pending_tasks_wait_for(
             async def call(model: str, messages: list[dict[str, str]], timeout_s: float, job: Job) -> Completion:
                 return await client.complete(model, messages, timeout_s)
 
-            pool = Pool(store, call, clock, models=["m"], size=1, policy=Policy(rpm={"m": 1}))
+            pool = Pool(store, call, clock, models=["m"], size=1, policy=Policy(rpm={"m": 1}), ladder=STATIC_ONLY)
             for step in steps:
                 clock.advance(step)
                 if step == 59.5:
@@ -296,9 +299,9 @@ def test_a_missing_target_fails_with_a_clear_error(repo: Path, store: Store, ser
 
 
 def test_many_workers_run_each_task_exactly_once(repo: Path, store: Store, server: FakeOpenRouter) -> None:
-    server.latency_s = 0.01
+    server.latency_s = 0.2       # the six workers' calls overlap (no pytest run: the static rules judge)
     ids = [store.enqueue(str(repo), spec(output=f"tests/test_p{i}.py"), SystemClock().now()) for i in range(24)]
-    run_pool(store, server, SystemClock(), ["m"], size=6, until_idle=False, stop_after=len(ids))
+    run_pool(store, server, SystemClock(), ["m"], size=6, until_idle=False, stop_after=len(ids), judged=STATIC_ONLY)
     assert all(store.get_task(i).status == "completed" for i in ids)
     assert len(server.completions()) == len(ids)
     assert sorted(e.task_id for i in ids for e in store.executions(i)) == sorted(ids)
