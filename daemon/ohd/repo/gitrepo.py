@@ -304,7 +304,7 @@ def repo_identity(repo: Path, name: str | None = None) -> str:
         url = git(repo, "remote", "get-url", "origin")
     except OhdError:
         return str(repo)
-    url = url.rstrip("/").removesuffix(".git").rstrip("/")
+    url = re.sub(r"/*(?:\.git)?/*$", "", url)       # what the URLs of one repository's clones may differ in
     if not roots or not url:
         return str(repo)
     return f"git:{sorted(roots)[0]}@{url}"
