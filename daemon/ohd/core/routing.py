@@ -84,7 +84,8 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class Choice:
-    """The model to send to now, or (model None) the earliest instant one can be (None: never)."""
+    """The model to send to now (or at `at`: a slot held for the asker), or (model None) the earliest
+    instant one can be (None: never)."""
 
     model: str | None
     at: datetime | None = None

@@ -23,7 +23,7 @@ import peewee
 from ohd.core import events, routing
 from ohd.core.routing import Choice, ModelState, Policy, Usage
 from ohd.store import outbox
-from ohd.store.schema import TaskStatus
+from ohd.store.schema import Task, TaskStatus
 from ohd.store.store import Store
 from ohd.store.transactions import atomic_write, connect
 
@@ -77,13 +77,19 @@ class Governor:
 
     # -- reservations --------------------------------------------------------------------
 
-    def acquire(self, models: Sequence[str], now: datetime) -> Choice:
+    def acquire(self, models: Sequence[str], now: datetime, hold: timedelta | None = None,
+                task: Task | None = None) -> Choice:
         """Pick the first model that may be sent a request now and record that request.
 
         Returns the choice; when none can be sent, `Choice(None, at)` with the earliest
-        instant one can (None: every candidate is dead).
+        instant one can (None: every candidate is dead). With `hold`: a slot that frees within
+        `hold` is taken now for its instant, `Choice(model, at)` (send at `at`), unless an older
+        pending task of `task`'s priority waits for it (FIFO). So workers waiting in place for
+        slots each hold their own, in this daemon or any other on the database, and do not all
+        ask again when one frees (each freed slot was a round of transactions under the lock).
         """
         earliest: datetime | None = None
+        soonest: tuple[datetime, ModelState] | None = None
         allowed = self._permitted(models)
         if models and not allowed:
             return Choice(None, None, reason=f"no allowed model: every candidate has a price ({', '.join(models)}) "
@@ -99,6 +105,16 @@ class Governor:
                     return choice
                 if choice.at is not None:
                     earliest = choice.at if earliest is None else min(earliest, choice.at)
+                    # only a slot of the window (a cooldown or a breaker's probe is asked for again)
+                    ready = routing.health(state, now, self.policy) is routing.Health.READY
+                    if ready and (soonest is None or choice.at < soonest[0]):
+                        soonest = (choice.at, state)
+            if (hold is not None and soonest is not None and soonest[0] - now <= hold
+                    and not (task is not None and self.store.waits_before(task, soonest[0]))):
+                at, state = soonest
+                held = Choice(state.model, at)
+                self._take(held, state, at)
+                return held
         return Choice(None, earliest)
 
     def _permitted(self, models: Sequence[str]) -> list[str]:

@@ -183,9 +183,15 @@ class Round:
                            if self.run.model_errors else "every model failed; see the executions")
         if (found := await in_thread(self._cached)) is not None:
             return await self._replay(*found)
-        choice = await in_thread(self.pool.governor.acquire, self.candidates, self.pool.clock.now())
+        now = self.pool.clock.now()
+        down = any(m in self.pool.unreachable for m in self.candidates)
+        # a slot within `hold_s` is held for this task (not when a server is down: its probe decides)
+        hold = None if down else timedelta(seconds=self.pool.hold_s)
+        choice = await in_thread(self.pool.governor.acquire, self.candidates, now, hold, self.task)
         if choice.model is None:
             return await self._wait(choice)
+        if choice.at is not None:       # its slot, held: sent when it frees
+            await self.pool.clock.sleep(max(0.0, (choice.at - self.pool.clock.now()).total_seconds()))
         return await self._try_model(choice.model)
 
     async def _wait(self, choice: Choice) -> Outcome | None:
