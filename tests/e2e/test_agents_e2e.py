@@ -9,6 +9,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from ohd.clock import SystemClock
 from ohd.core import layout
@@ -32,6 +33,21 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
     except (ProcessLookupError, FileNotFoundError):
         return False
+
+
+
+def run_change(env: dict[str, str], repo: Path, log: Path, description: str) -> tuple[dict[str, Any], str]:
+    """One `type: change` task by the `command` runner in a real daemon: `ohd show` of it once it
+    ended, and its diff."""
+    daemon = DaemonProcess(env, repo, log).start()
+    try:
+        (repo / "tasks.d" / "change.yaml").write_text(
+            f"type: change\ntarget: shop/pricing.py\ndescription: {description}\nrunner: command\n")
+        wait_for(lambda: daemon.json("show", "1")["status"] in ("completed", "failed"), timeout=120,
+                 what="the agent task's end")
+        return daemon.json("show", "1"), daemon.ohd("show", "1", "--diff").stdout
+    finally:
+        assert daemon.stop() == 0
 
 
 def test_a_daemon_killed_mid_run_leaves_no_worktree_and_no_agent_after_restart(tmp_path: Path) -> None:
@@ -104,16 +120,7 @@ def test_an_agents_requests_go_through_the_governor_and_rotate_on_429(tmp_path: 
         server.script(b, [ok("42")])
         env = daemon_env(tmp_path, runtime, OPENROUTER_API_KEY=key, OHD_BASE_URL=server.url,
                          OHD_MODELS=f"{a},{b}", OHD_MODEL_SELECTION="false")
-        daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
-        try:
-            (repo / "tasks.d" / "change.yaml").write_text(
-                "type: change\ntarget: shop/pricing.py\ndescription: add the answer\nrunner: command\n")
-            wait_for(lambda: daemon.json("show", "1")["status"] in ("completed", "failed"), timeout=120,
-                     what="the agent task's end")
-            shown = daemon.json("show", "1")
-            diff = daemon.ohd("show", "1", "--diff").stdout
-        finally:
-            assert daemon.stop() == 0
+        shown, diff = run_change(env, repo, tmp_path / "daemon.log", "add the answer")
         sent = [request.model for request in server.completions()]
         relayed = server.completions()[-1].body
         assert all(request.headers.get("authorization") == f"Bearer {key}" for request in server.completions())
@@ -182,16 +189,7 @@ def test_a_tool_calling_agent_edits_through_the_proxy(tmp_path: Path) -> None:
                           ok("Appended the constant.")])
         env = daemon_env(tmp_path, runtime, OPENROUTER_API_KEY=key, OHD_BASE_URL=server.url, OHD_MODELS=a,
                          OHD_MODEL_SELECTION="false")
-        daemon = DaemonProcess(env, repo, tmp_path / "daemon.log").start()
-        try:
-            (repo / "tasks.d" / "change.yaml").write_text(
-                "type: change\ntarget: shop/pricing.py\ndescription: add TOOL = 1\nrunner: command\n")
-            wait_for(lambda: daemon.json("show", "1")["status"] in ("completed", "failed"), timeout=120,
-                     what="the agent task's end")
-            shown = daemon.json("show", "1")
-            diff = daemon.ohd("show", "1", "--diff").stdout
-        finally:
-            assert daemon.stop() == 0
+        shown, diff = run_change(env, repo, tmp_path / "daemon.log", "add TOOL = 1")
         bodies = [request.body for request in server.completions()]
     assert shown["status"] == "completed", (shown["error"], (tmp_path / "daemon.log").read_text()[-3000:])
     assert "+TOOL = 1" in diff
