@@ -12,7 +12,9 @@ package `shop/` with ohd's example `pricing.py`), submitted over the daemon's so
 agent pointed at ohd's proxy as the README says (`[agents] aider` / `openhands_python`):
 - `fake`: the fake OpenRouter, whose answer is a whole-file edit of `shop/pricing.py` (Aider runs
   with `--edit-format whole` so that answer is an edit it applies); its first model answers 429
-  to the first request, so the agent's request is rotated to the second model;
+  to the first request, so the agent's request is rotated to the second model; for OpenHands,
+  which works by tool calls, the second model calls its `terminal` tool (a shell edit appending
+  the constant) and then its `finish` tool;
 - `local`: llama.cpp's server with SmolLM2-135M (bench/localmodel.py's cached venv; the first
   run compiles it, about ten minutes).
 It prints per run: the model requests through the proxy (and those that reached the server),
@@ -39,13 +41,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.daemonproc import BenchDaemon  # noqa: E402
-from tests.support.fake_openrouter import FakeOpenRouter, ok, rate_limited  # noqa: E402
+from tests.support.fake_openrouter import FakeOpenRouter, ok, rate_limited, tool_calls  # noqa: E402
 from tests.support.gitrepo import PRICING, make_repo  # noqa: E402
 
 PACKAGES = {"aider": ["aider-chat"], "openhands": ["openhands-sdk", "openhands-tools"]}
 FAKE_MODELS = ["bench/first-429", "bench/second"]
 DESCRIPTION = "Add a module-level constant BENCH = 1 at the end of shop/pricing.py. Change nothing else."
 WHOLE_EDIT = f"shop/pricing.py\n```python\n{PRICING.rstrip()}\n\nBENCH = 1\n```\n"
+SHELL_EDIT = "printf '\\nBENCH = 1\\n' >> shop/pricing.py"   # OpenHands' terminal tool, in its workspace
 
 
 def agent_venv(agent: str, base_python: str) -> Path:
@@ -124,6 +127,9 @@ def main() -> int:
                     with FakeOpenRouter(models=FAKE_MODELS) as fake:
                         fake.script(FAKE_MODELS[0], [rate_limited(retry_after=600)])
                         fake.default = ok(WHOLE_EDIT)
+                        if agent == "openhands":        # it works by tool calls: a shell edit, then finish
+                            fake.script(FAKE_MODELS[1], [tool_calls([("terminal", {"command": SHELL_EDIT})]),
+                                                         tool_calls([("finish", {"message": "Added BENCH."})])])
                         results.append(run_one(agent, server, fake.url, FAKE_MODELS, Path(tmp),
                                                lambda f=fake: len(f.completions()), python_for(agent)))
                 else:
