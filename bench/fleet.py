@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.daemonproc import BenchDaemon, add_daemon_env, daemon_env  # noqa: E402
+from bench import ratelimit  # noqa: E402
 from bench.ratelimit import ANSWER, SETTLE_S, Result, Workload, governor_env, server_counts, timeline  # noqa: E402
 from tests.support.databases import postgres_schema  # noqa: E402
 from tests.support.fake_openrouter import FakeOpenRouter, ok  # noqa: E402
@@ -107,30 +108,8 @@ def run_fleet(label: str, daemons: int, work: Workload, base: Path, server_url: 
 
 def report(result: Result, work: Workload, goal: bool) -> bool:
     """Print one run against its ideal; the verdict only for the fleet (`goal`)."""
-    ideal = work.ideal_s()
-    ratio = ideal / result.elapsed_s if result.elapsed_s > 0 else 0.0
-    all_done = result.completed == work.tasks
-    fast = ratio >= TARGET_RATIO and not result.timed_out
-    frugal = result.rate_limited <= MAX_WASTED_429
-    print(f"[{result.label}]")
-    print(f"  completion time: {result.elapsed_s:6.1f} s{' (TIMED OUT)' if result.timed_out else ''}"
-          f" against the ideal {ideal:.1f} s ({work.workers} workers in all) -> {ratio * 100:.1f}% of the ideal")
-    print(f"  requests the server received: {result.requests} (minimum {work.tasks})")
-    print(f"  429s the server sent (wasted): {result.rate_limited}")
-    print(f"  tasks: {result.completed} completed, {result.failed} failed"
-          f"{f', {work.tasks - result.completed - result.failed} unfinished' if result.timed_out else ''}"
-          f" of {work.tasks}")
-    print("  per model (requests/429s): " + ", ".join(f"{m.split('/')[-1]} {r}/{w}"
-                                                      for m, (r, w) in result.per_model.items()))
-    if result.note:
-        print(f"  {result.note}")
-    passed = all_done and fast and frugal
-    if goal:
-        verdicts = [f"all {work.tasks} completed: {'yes' if all_done else 'NO'}",
-                    f">= {TARGET_RATIO * 100:.0f}% of the ideal: {'yes' if fast else 'NO'}",
-                    f"{MAX_WASTED_429} wasted 429s: {'yes' if frugal else 'NO'}"]
-        print(f"  {'PASS' if passed else 'FAIL'} ({'; '.join(verdicts)})")
-    return passed
+    return ratelimit.report(result, work, work.ideal_s(), of=f" ({work.workers} workers in all)", verdict=goal,
+                            target=TARGET_RATIO, wasted=MAX_WASTED_429)
 
 
 def main() -> int:
