@@ -177,7 +177,7 @@ def test_the_overview_shows_a_task_go_queued_running_completed_without_a_reload(
     browser.execute_script("window.ohdNotReloaded = true;")  # gone if the page were loaded again
     wait_for(lambda: "live" in text(browser, "#live") and "stopped" not in text(browser, "#live"),
              what="the first live update")
-    completed = int(text(browser, '[data-queue="completed"]'))
+    completed, last_hour = int(text(browser, '[data-queue="completed"]')), int(text(browser, "#last-hour"))
     calls, (charted_done, charted_accepted) = model_calls(browser), charted(browser)
     assert calls >= 0 and len(browser.find_elements(By.CSS_SELECTOR, "#throughput-chart g.hour")) == 24
     first, second = site.submit(), site.submit()             # one worker: the second waits for the first
@@ -193,8 +193,8 @@ def test_the_overview_shows_a_task_go_queued_running_completed_without_a_reload(
     # model's accepted calls (one or two: the second task's same request may be answered by a
     # replay, which is no call)
     wait_for(lambda: model_calls(browser) > calls and charted(browser)[0] == charted_done + 2
-             and charted(browser)[1] > charted_accepted,
-             timeout=60, what="the model table and the charts to show the two tasks")
+             and charted(browser)[1] > charted_accepted and text(browser, "#last-hour") == str(last_hour + 2),
+             timeout=60, what="the model table, the charts and the last hour's count to show the two tasks")
     assert browser.execute_script("return window.ohdNotReloaded === true;")
     assert site.task(second)["status"] == "completed"
     assert text(browser, '[data-queue="queued"]') == "0"

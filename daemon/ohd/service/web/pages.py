@@ -182,7 +182,8 @@ def overview(status: Mapping[str, Any], models: Sequence[Mapping[str, Any]], act
     return (f'<h1>Overview</h1><p class=meta>ohd {escape(str(status.get("version", "?")))}, up '
             f'<span id=uptime>{duration(status.get("uptime_s"))}</span>, workers <span id=workers>'
             f'{int(workers.get("busy", 0))}/{int(workers.get("size", 0))}</span> busy, '
-            f'{throughput.get("completed_last_hour", 0)} completed in the last hour '
+            f'<span id=last-hour data-live>{int(throughput.get("completed_last_hour", 0))}</span> '
+            'completed in the last hour '
             f'<span id=live class=live>(live updates need JavaScript)</span></p>'
             f'<section><h2>Queue</h2><div class=counts id=queue>{counts}</div></section>'
             f"<section><h2>Running</h2>{running}</section>"
